@@ -1,0 +1,76 @@
+"""Building blocks of the CLI and the evaluation runner: scan heads, caption images with or without EAH."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from eah_interp import hf
+from eah_interp.config import EAHConfig
+from eah_interp.models.bundle import ModelBundle
+from eah_interp.stats import HeadStats
+
+
+def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def scan_images(
+    bundle: ModelBundle,
+    images: Sequence[Any],
+    *,
+    layers: str | Sequence[int] = "all",
+    threshold: float | None = None,
+    normalise: str = "causal",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> HeadStats:
+    """Head statistics of the caption prompt over ``images`` (all layers by default), streamed."""
+    stats = HeadStats(threshold=bundle.threshold if threshold is None else threshold, normalise=normalise)  # type: ignore[arg-type]
+    model, processor = bundle.model, bundle.processor
+    with hf.record_attention(model, layers, stats=stats), torch.no_grad():
+        for chunk in tqdm(_batches(images, batch_size), desc="scan", disable=not progress):
+            model(**processor([bundle.caption_prompt] * len(chunk), list(chunk)), use_cache=False)
+    return stats
+
+
+def generate_texts(
+    bundle: ModelBundle,
+    prompts: Sequence[str],
+    images: Sequence[Any],
+    *,
+    config: EAHConfig | None = None,
+    max_new_tokens: int = 30,
+    num_beams: int = 1,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "generate",
+) -> tuple[list[str], list[list[int]]]:
+    """Greedy (or beam) generation for prompt/image pairs, with EAH when ``config`` is given.
+
+    Returns:
+        ``(texts, source_heads)``: the decoded continuations and, per item, the source head EAH used
+        in each edited layer (empty lists without EAH).
+    """
+    model, processor = bundle.model, bundle.processor
+    texts: list[str] = []
+    heads: list[list[int]] = []
+    pairs = list(zip(prompts, images, strict=True))
+    for chunk in tqdm(_batches(pairs, batch_size), desc=desc, disable=not progress):
+        inputs = processor([p for p, _ in chunk], [i for _, i in chunk])
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams)
+        with torch.no_grad():
+            if config is None:
+                out = model.generate(**inputs, **kwargs)
+                heads += [[] for _ in chunk]
+            else:
+                with hf.eah(model, config) as run:
+                    out = model.generate(**inputs, **kwargs)
+                prefill = [r for r in run.records if r.q_len == r.k_len]
+                per_layer = [r.source_head.view(len(chunk), -1)[:, 0].tolist() for r in prefill]
+                heads += [[layer_heads[i] for layer_heads in per_layer] for i in range(len(chunk))]
+        texts += processor.batch_decode(out[:, inputs["input_ids"].shape[1] :])
+    return [t.strip() for t in texts], heads

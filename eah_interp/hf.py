@@ -1,0 +1,371 @@
+"""HF transformers backend: EAH and attention recording inside ``forward`` / ``generate``.
+
+Both context managers register a uniquely named function with transformers' `AttentionInterface`
+(and the eager mask function under the same name with `AttentionMaskInterface`, or the function
+would receive no causal mask), set it on the language model's config only, and dispatch on
+``module.layer_idx``: the chosen layers compute eager attention (the model family's own eager
+function) and hand the probabilities to the core; every other layer runs the implementation the model
+had before (e.g. SDPA). On exit, even by exception, the config, the registries and the hooks are
+restored exactly.
+
+Example:
+    >>> config = EAHConfig.paper()
+    >>> with eah_interp.hf.eah(model, config) as run:
+    ...     out = model.generate(**inputs, max_new_tokens=30, do_sample=False)
+    >>> run.records[0].source_head  # the head whose map was broadcast, per row
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from eah_interp.config import EAHConfig
+from eah_interp.edit import EditRecord, apply_eah_to_probs, should_edit
+from eah_interp.errors import (
+    AttentionImplementationError,
+    LayerIndexError,
+    LayoutError,
+    UnsupportedModelError,
+)
+from eah_interp.layout import TokenLayout
+from eah_interp.sinks import Normalise
+from eah_interp.stats import HeadStats, head_statistics
+
+_names = itertools.count()
+_names_lock = threading.Lock()
+
+#: Attention implementations whose layers can run next to an eager-mask edited layer.
+_COMPATIBLE = ("eager", "sdpa")
+
+
+# ---------------------------------------------------------------------------- model introspection
+def text_config(model: nn.Module):
+    """The language model's config (the text sub-config of an LVLM, the config itself of an LM)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "get_text_config"):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not an HF PreTrainedModel (no .config); eah_interp.hf needs one."
+        )
+    return config.get_text_config(decoder=True)
+
+
+def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
+    """The language model's attention modules by ``layer_idx`` (those whose config is the text config)."""
+    cfg = text_config(model)
+    found: dict[int, nn.Module] = {}
+    for module in model.modules():
+        if getattr(module, "config", None) is cfg and isinstance(getattr(module, "layer_idx", None), int):
+            if hasattr(module, "num_key_value_groups") or hasattr(module, "scaling"):
+                found.setdefault(module.layer_idx, module)
+    if not found:
+        raise UnsupportedModelError(
+            f"Found no attention modules with a layer_idx in {type(model).__name__}'s language model. eah_interp.hf "
+            "works with transformers models whose decoder uses the AttentionInterface (LLaMA, Qwen2, Gemma, ...); "
+            "see docs/new_model.md to add one."
+        )
+    return found
+
+
+def model_shape(model: nn.Module) -> tuple[int, int, int]:
+    """``(decoder layers, attention heads, key/value heads)`` of the language model."""
+    cfg = text_config(model)
+    n_heads = cfg.num_attention_heads
+    return cfg.num_hidden_layers, n_heads, getattr(cfg, "num_key_value_heads", None) or n_heads
+
+
+def image_token_id(model: nn.Module) -> int | None:
+    """The image placeholder id of an HF LVLM config (``image_token_id`` / ``image_token_index``), or None."""
+    config = model.config
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _eager_function(module: nn.Module) -> Callable:
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        from transformers.models.llama.modeling_llama import eager_attention_forward as fn
+    return fn
+
+
+def _past_length(input_ids: Tensor | None, kwargs: dict[str, Any]) -> int:
+    """Tokens already in the KV cache at a forward call (0 for a prompt forward)."""
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))  # renamed `cache` in transformers 5.2x
+    if cache is not None and hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    mask = kwargs.get("attention_mask")
+    if input_ids is not None and isinstance(mask, Tensor) and mask.ndim == 2:
+        return mask.shape[1] - input_ids.shape[1]
+    return 0
+
+
+# ---------------------------------------------------------------------------- the shared mechanism
+@dataclass
+class _State:
+    layout: TokenLayout | None = None
+    user_layout: TokenLayout | None = None
+    token_id: int | None = None
+    step: int = -1
+
+
+class _AttentionOverride:
+    """Registers a per-context attention function; subclasses say which calls to intercept."""
+
+    kind = "override"
+
+    def __init__(self, model: nn.Module, layout: TokenLayout | None) -> None:
+        self.model = model
+        self.config = text_config(model)
+        self.modules = attention_modules(model)
+        self.state = _State(user_layout=layout, token_id=image_token_id(model))
+        if layout is None and self.state.token_id is None:
+            raise LayoutError(
+                f"{type(model).__name__} has no image_token_id in its config: pass layout=TokenLayout(...) "
+                "(e.g. TokenLayout.from_spans) so eah-interp knows which positions are image tokens."
+            )
+        self._name: str | None = None
+        self._previous_impl: Any = None
+        self._previous_fn: Callable | None = None
+        self._hook = None
+
+    # subclasses ------------------------------------------------------
+    def wants(self, layer: int, q_len: int, k_len: int) -> bool:
+        raise NotImplementedError
+
+    def on_probs(self, layer: int, probs: Tensor, layout: TokenLayout) -> Tensor | None:
+        """Return edited probabilities, or None to keep the layer's output as computed."""
+        raise NotImplementedError
+
+    # context ---------------------------------------------------------
+    def __enter__(self):
+        previous = self.config._attn_implementation
+        if previous is None:
+            previous = "eager"
+        if previous not in _COMPATIBLE and not str(previous).startswith("eah_interp."):
+            raise AttentionImplementationError(
+                f"The language model uses attn_implementation={previous!r}, which cannot expose attention "
+                "probabilities. Load the model with attn_implementation='sdpa' or 'eager' "
+                "(model.set_attn_implementation('sdpa')) to use eah-interp."
+            )
+        self._previous_impl = previous
+        self._previous_fn = None if previous == "eager" else ALL_ATTENTION_FUNCTIONS[previous]
+        with _names_lock:
+            self._name = f"eah_interp.{self.kind}.{next(_names)}"
+        AttentionInterface.register(self._name, self._attention)
+        AttentionMaskInterface.register(self._name, eager_mask)
+        self._hook = self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        self.config._attn_implementation_internal = self._name
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.config._attn_implementation_internal = self._previous_impl
+        AttentionInterface._global_mapping.pop(self._name, None)
+        AttentionMaskInterface._global_mapping.pop(self._name, None)
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    # hooks -----------------------------------------------------------
+    def _pre_forward(self, module, args, kwargs) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if _past_length(input_ids, kwargs) > 0:
+            return  # a decode step: the prompt layout is extended in _layout_for
+        self.state.step += 1
+        if self.state.user_layout is not None:
+            layout = self.state.user_layout
+            batch = input_ids.shape[0] if input_ids is not None else kwargs["inputs_embeds"].shape[0]
+            if batch != layout.batch_size and batch % layout.batch_size == 0:
+                layout = layout.repeat_interleave(batch // layout.batch_size)  # generate() expanded the rows
+            self.state.layout = layout
+        elif input_ids is not None:
+            self.state.layout = TokenLayout.from_input_ids(
+                input_ids, self.state.token_id, kwargs.get("attention_mask")  # type: ignore[arg-type]
+            )
+        else:
+            self.state.layout = None
+
+    def _layout_for(self, batch: int, k_len: int) -> TokenLayout:
+        layout = self.state.layout or self.state.user_layout
+        if layout is None:
+            raise LayoutError(
+                "No token layout: the model was called without input_ids (inputs_embeds only). Pass "
+                "layout=TokenLayout(...) to the context manager."
+            )
+        if layout.seq_len < k_len:  # decode steps: the generated tokens are text
+            layout = layout.extend(k_len - layout.seq_len)
+            self.state.layout = layout
+        if layout.batch_size != batch or layout.seq_len != k_len:
+            raise LayoutError(
+                f"The layout ({layout.batch_size} rows x {layout.seq_len} positions) does not fit the attention "
+                f"call ({batch} rows x {k_len} key positions)."
+            )
+        return layout
+
+    def _attention(self, module, query, key, value, attention_mask, **kwargs):
+        layer = getattr(module, "layer_idx", None)
+        q_len, k_len = query.shape[-2], key.shape[-2]
+        if not isinstance(layer, int) or getattr(module, "config", None) is not self.config or not self.wants(
+            layer, q_len, k_len
+        ):
+            fn = self._previous_fn or _eager_function(module)
+            return fn(module, query, key, value, attention_mask, **kwargs)
+        out, probs = _eager_function(module)(module, query, key, value, attention_mask, **kwargs)
+        layout = self._layout_for(query.shape[0], k_len)
+        edited = self.on_probs(layer, probs, layout)
+        if edited is None:
+            return out, probs
+        values = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+        out = torch.matmul(edited.to(values.dtype), values).transpose(1, 2).contiguous()
+        return out, edited
+
+
+# ---------------------------------------------------------------------------- EAH
+@dataclass
+class EAHRun:
+    """What happened inside an `eah` context: one `EditRecord` per edited attention call."""
+
+    config: EAHConfig
+    records: list[EditRecord] = field(default_factory=list)
+
+    def source_heads(self, layer: int | None = None) -> list[list[int]]:
+        """Source head per row of each edited call (optionally of one layer), ``-1`` where none."""
+        return [r.source_head.tolist() for r in self.records if layer is None or r.layer == layer]
+
+
+class eah(_AttentionOverride):  # noqa: N801 - used as a function-style context manager
+    """Apply EAH to an HF LVLM inside the ``with`` block (``forward`` and ``generate``).
+
+    Args:
+        model: an HF LVLM (or LM) whose language model uses the AttentionInterface.
+        config: the edit (`EAHConfig`); its layers and heads are checked against the model.
+        layout: optional explicit layout of the prompt; by default it is rebuilt from ``input_ids``
+            at every prompt forward (``input_ids == config.image_token_id``, padding from the mask).
+
+    Yields:
+        An `EAHRun` whose ``records`` list every edited call (chosen source heads, sink counts).
+    """
+
+    kind = "eah"
+
+    def __init__(self, model: nn.Module, config: EAHConfig, layout: TokenLayout | None = None) -> None:
+        if not isinstance(config, EAHConfig):
+            raise TypeError(f"config must be an EAHConfig; got {type(config).__name__}.")
+        super().__init__(model, layout)
+        n_layers, n_heads, _ = model_shape(model)
+        config.validate_for(n_layers, n_heads)
+        self.eah_config = config
+        self.run = EAHRun(config)
+
+    def __enter__(self) -> EAHRun:  # type: ignore[override]
+        super().__enter__()
+        return self.run
+
+    def wants(self, layer: int, q_len: int, k_len: int) -> bool:
+        return should_edit(self.eah_config, layer, q_len, k_len)
+
+    def on_probs(self, layer: int, probs: Tensor, layout: TokenLayout) -> Tensor | None:
+        edited, record = apply_eah_to_probs(probs, layout, self.eah_config, layer)
+        self.run.records.append(record)
+        return edited
+
+
+# ---------------------------------------------------------------------------- recording
+@dataclass
+class Recording:
+    """What `record_attention` collected: prompt patterns per layer (if kept) and the `HeadStats`."""
+
+    layers: tuple[int, ...]
+    stats: HeadStats | None
+    patterns: dict[int, list[Tensor]] = field(default_factory=dict)
+    layouts: list[TokenLayout] = field(default_factory=list)
+
+
+class record_attention(_AttentionOverride):  # noqa: N801
+    """Collect prompt attention statistics (into `HeadStats`) and/or patterns of chosen layers.
+
+    Only the chosen layers run eager attention; the others keep their implementation (e.g. SDPA).
+    Outputs are unchanged (up to eager-vs-SDPA rounding in the chosen layers).
+
+    Args:
+        model: an HF LVLM.
+        layers: ``"all"`` or layer indices.
+        stats: a `HeadStats` to feed (one update per prompt forward and layer), or None.
+        keep_patterns: keep each prompt's probabilities (``[batch, heads, q, k]``, on CPU) per layer.
+        layout: optional explicit layout (see `eah`).
+
+    Yields:
+        A `Recording`.
+    """
+
+    kind = "record"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: str | Iterable[int] = "all",
+        *,
+        stats: HeadStats | None = None,
+        keep_patterns: bool = False,
+        layout: TokenLayout | None = None,
+    ) -> None:
+        super().__init__(model, layout)
+        n_layers, _, _ = model_shape(model)
+        chosen = tuple(range(n_layers)) if layers == "all" else tuple(int(x) for x in layers)  # type: ignore[union-attr]
+        bad = [x for x in chosen if not 0 <= x < n_layers]
+        if bad:
+            raise LayerIndexError(f"Layers {bad} out of range: the language model has {n_layers} layers.")
+        if stats is None and not keep_patterns:
+            raise ValueError("record_attention needs stats=HeadStats(...) and/or keep_patterns=True.")
+        self._keep_patterns = keep_patterns
+        self.recording = Recording(layers=chosen, stats=stats)
+
+    def __enter__(self) -> Recording:  # type: ignore[override]
+        super().__enter__()
+        return self.recording
+
+    def wants(self, layer: int, q_len: int, k_len: int) -> bool:
+        return layer in self.recording.layers and q_len == k_len
+
+    def on_probs(self, layer: int, probs: Tensor, layout: TokenLayout) -> Tensor | None:
+        rec = self.recording
+        if rec.stats is not None:
+            rec.stats.update_from_stats(
+                layer, head_statistics(probs, layout, rec.stats.threshold, rec.stats.normalise)
+            )
+        if self._keep_patterns:
+            rec.patterns.setdefault(layer, []).append(probs.detach().to("cpu"))
+        if not rec.layouts or rec.layouts[-1] is not layout:
+            rec.layouts.append(layout)
+        return None
+
+
+def scan_heads(
+    model: nn.Module,
+    batches: Iterable[dict[str, Any]],
+    *,
+    layers: str | Iterable[int] = "all",
+    threshold: float = 0.0008,
+    normalise: Normalise = "causal",
+    progress: bool = True,
+) -> HeadStats:
+    """Stream head statistics of every prompt forward over an iterable of model input dicts."""
+    from tqdm.auto import tqdm
+
+    stats = HeadStats(threshold=threshold, normalise=normalise)
+    with record_attention(model, layers, stats=stats), torch.no_grad():
+        for inputs in tqdm(batches, desc="scanning heads", disable=not progress):
+            model(**inputs)
+    return stats

@@ -1,0 +1,201 @@
+"""Token layout: which key positions of each batch row are image tokens, which are padding."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from eah_interp.errors import LayoutError, NoImageTokensError
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Image and padding positions of a batch of token sequences.
+
+    Positions are absolute key positions ``0 .. seq - 1`` of each row, padding included (so a
+    left-padded row has its image tokens shifted right by its padding length).
+
+    Attributes:
+        image_mask: ``Bool[batch, seq]``, True where the token is an image (or visual-query) token.
+        attention_mask: ``Bool[batch, seq]``, True where the token is real (not padding).
+    """
+
+    image_mask: Bool[Tensor, "batch seq"]
+    attention_mask: Bool[Tensor, "batch seq"]
+
+    def __post_init__(self) -> None:
+        if self.image_mask.ndim != 2 or self.attention_mask.shape != self.image_mask.shape:
+            raise LayoutError(
+                "TokenLayout needs image_mask and attention_mask of the same shape [batch, seq]; got "
+                f"{tuple(self.image_mask.shape)} and {tuple(self.attention_mask.shape)}."
+            )
+        if self.image_mask.dtype != torch.bool or self.attention_mask.dtype != torch.bool:
+            raise LayoutError("TokenLayout masks must be torch.bool tensors.")
+        if bool((self.image_mask & ~self.attention_mask).any()):
+            raise LayoutError("An image token sits on a padding position (attention_mask is 0 there).")
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_input_ids(
+        cls,
+        input_ids: Int[Tensor, "batch seq"],
+        image_token_id: int | Sequence[int],
+        attention_mask: Int[Tensor, "batch seq"] | None = None,
+        *,
+        require_images: bool = True,
+    ) -> TokenLayout:
+        """Layout from token ids: image tokens are those equal to ``image_token_id`` (one id or several).
+
+        Args:
+            input_ids: ``Int[batch, seq]`` token ids with the image placeholders expanded (HF LLaVA style).
+            image_token_id: the placeholder id(s), e.g. ``model.config.image_token_id``.
+            attention_mask: ``Int[batch, seq]`` (1 = real token) or None for no padding.
+            require_images: raise `NoImageTokensError` if a row has no image token.
+
+        Returns:
+            The layout of the batch.
+        """
+        if input_ids.ndim != 2:
+            raise LayoutError(f"input_ids must be [batch, seq]; got shape {tuple(input_ids.shape)}.")
+        ids = torch.as_tensor([image_token_id] if isinstance(image_token_id, int) else list(image_token_id))
+        image_mask = torch.isin(input_ids, ids.to(input_ids.device))
+        if attention_mask is None:
+            mask = torch.ones_like(input_ids, dtype=torch.bool)
+        else:
+            if attention_mask.shape != input_ids.shape:
+                raise LayoutError(
+                    f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids shape "
+                    f"{tuple(input_ids.shape)}."
+                )
+            mask = attention_mask.bool()
+        image_mask = image_mask & mask
+        layout = cls(image_mask, mask)
+        if require_images:
+            layout.check_has_images(f"token id {image_token_id}")
+        return layout
+
+    @classmethod
+    def from_spans(
+        cls,
+        spans: Sequence[tuple[int, int] | Sequence[tuple[int, int]]],
+        seq_len: int,
+        attention_mask: Int[Tensor, "batch seq"] | None = None,
+    ) -> TokenLayout:
+        """Layout from explicit image spans ``[start, end)``, one span (or a list of spans) per row.
+
+        Example: the official EAH code's hard-coded LLaVA-1.5 span is ``from_spans([(36, 611)], seq_len)``,
+        for which the official sink normaliser is ``647 - j``.
+        """
+        batch = len(spans)
+        image_mask = torch.zeros(batch, seq_len, dtype=torch.bool)
+        for row, row_spans in enumerate(spans):
+            if len(row_spans) == 2 and all(isinstance(x, int) for x in row_spans):
+                row_spans = [row_spans]  # type: ignore[list-item]
+            for start, end in row_spans:  # type: ignore[misc]
+                if not 0 <= start < end <= seq_len:
+                    raise LayoutError(f"Image span [{start}, {end}) of row {row} is not inside [0, {seq_len}).")
+                image_mask[row, start:end] = True
+        mask = torch.ones_like(image_mask) if attention_mask is None else attention_mask.bool().cpu()
+        return cls(image_mask.to(mask.device), mask)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def batch_size(self) -> int:
+        return self.image_mask.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.image_mask.shape[1]
+
+    @property
+    def n_image_tokens(self) -> Int[Tensor, " batch"]:
+        """Number of image tokens per row."""
+        return self.image_mask.sum(-1)
+
+    def image_positions(self, row: int) -> Int[Tensor, " n_image"]:
+        """Absolute positions of the image tokens of one row."""
+        return self.image_mask[row].nonzero().flatten()
+
+    def image_extent(self) -> tuple[Int[Tensor, " batch"], Int[Tensor, " batch"]]:
+        """First image position and last image position + 1 of each row (``(0, 0)`` for a row without images)."""
+        pos = torch.arange(self.seq_len, device=self.image_mask.device)
+        has = self.image_mask.any(-1)
+        start = torch.where(self.image_mask, pos, self.seq_len).min(-1).values
+        end = torch.where(self.image_mask, pos + 1, 0).max(-1).values
+        return torch.where(has, start, 0), torch.where(has, end, 0)
+
+    def first_real_position(self) -> Int[Tensor, " batch"]:
+        """Index of the first real (non-padding) token of each row: the left-padding length."""
+        pos = torch.arange(self.seq_len, device=self.attention_mask.device)
+        return torch.where(self.attention_mask, pos, self.seq_len).min(-1).values
+
+    # ------------------------------------------------------------------ transforms
+    def check_has_images(self, what: str = "the image token") -> None:
+        """Raise `NoImageTokensError` naming the rows that have no image token."""
+        empty = (~self.image_mask.any(-1)).nonzero().flatten().tolist()
+        if empty:
+            raise NoImageTokensError(
+                f"Batch row(s) {empty} contain no image tokens ({what}). EAH finds vision sinks among image "
+                "tokens: pass a prompt with an image (the processor expands the image placeholder), or build "
+                "the layout with TokenLayout.from_spans(...) if your model marks images differently."
+            )
+
+    def extend(self, n_new: int, attention_mask: Bool[Tensor, "batch seq_new"] | None = None) -> TokenLayout:
+        """Layout after appending ``n_new`` generated (non-image) tokens to every row.
+
+        Args:
+            n_new: number of appended positions.
+            attention_mask: the full ``[batch, seq + n_new]`` mask if it is known (else new tokens are real).
+        """
+        new_image = torch.zeros(self.batch_size, n_new, dtype=torch.bool, device=self.image_mask.device)
+        image_mask = torch.cat([self.image_mask, new_image], dim=1)
+        if attention_mask is None:
+            mask = torch.cat([self.attention_mask, ~new_image], dim=1)
+        else:
+            if attention_mask.shape != image_mask.shape:
+                raise LayoutError(
+                    f"attention_mask of shape {tuple(attention_mask.shape)} does not fit the extended layout "
+                    f"{tuple(image_mask.shape)}."
+                )
+            mask = attention_mask.to(self.attention_mask.device).bool()
+        return TokenLayout(image_mask, mask)
+
+    def select(self, rows: Sequence[int] | Tensor) -> TokenLayout:
+        """Layout of a subset (or a reordering / repetition) of the batch rows."""
+        index = torch.as_tensor(rows, device=self.image_mask.device, dtype=torch.long)
+        return TokenLayout(self.image_mask[index], self.attention_mask[index])
+
+    def repeat_interleave(self, repeats: int) -> TokenLayout:
+        """Each row repeated ``repeats`` times in place (as `generate` expands rows for beams)."""
+        return TokenLayout(
+            self.image_mask.repeat_interleave(repeats, 0), self.attention_mask.repeat_interleave(repeats, 0)
+        )
+
+    def to(self, device: torch.device | str) -> TokenLayout:
+        return TokenLayout(self.image_mask.to(device), self.attention_mask.to(device))
+
+    def describe(self) -> str:
+        """One line per row: length, padding, image-token count and spans."""
+        lines = []
+        for row in range(self.batch_size):
+            pos = self.image_positions(row).tolist()
+            spans: list[tuple[int, int]] = []
+            for p in pos:
+                if spans and spans[-1][1] == p:
+                    spans[-1] = (spans[-1][0], p + 1)
+                else:
+                    spans.append((p, p + 1))
+            n_pad = int((~self.attention_mask[row]).sum())
+            span_text = ", ".join(f"[{s}, {e})" for s, e in spans) or "none"
+            lines.append(
+                f"row {row}: {self.seq_len} positions, {n_pad} padding, {len(pos)} image tokens at {span_text}"
+            )
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        counts = self.n_image_tokens.tolist()
+        return f"TokenLayout(batch={self.batch_size}, seq={self.seq_len}, image_tokens_per_row={counts})"

@@ -1,0 +1,166 @@
+"""Vision sinks: image tokens that draw attention from many query rows.
+
+All functions take post-softmax attention probabilities ``attn: Float[batch, heads, q, k]`` of one
+layer. Query row ``i`` sits at absolute position ``k - q + i`` (prefill: ``q == k``; a decode step
+with a KV cache: ``q == 1``), and `TokenLayout` describes the ``k`` key positions.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from eah_interp.errors import ConfigError, LayoutError
+from eah_interp.layout import TokenLayout
+
+Normalise = Literal["causal", "official"]
+NORMALISE_CHOICES = ("causal", "official")
+
+#: Query rows summed per chunk when column sums are accumulated (bounds the float32 working copy).
+QUERY_CHUNK = 512
+
+
+def _check(attn: Tensor, layout: TokenLayout) -> None:
+    if attn.ndim != 4:
+        raise LayoutError(f"Attention probabilities must be [batch, heads, q, k]; got shape {tuple(attn.shape)}.")
+    b, _, q, k = attn.shape
+    if layout.batch_size != b or layout.seq_len != k:
+        raise LayoutError(
+            f"The layout covers {layout.batch_size} rows x {layout.seq_len} positions but the attention has "
+            f"{b} rows x {k} key positions. Build the layout from the same input_ids (or extend it for decode steps)."
+        )
+    if q > k:
+        raise LayoutError(f"Attention has more query rows ({q}) than key positions ({k}).")
+
+
+def query_positions(q_len: int, k_len: int, device: torch.device | None = None) -> Int[Tensor, " q"]:
+    """Absolute positions of the query rows: the last ``q_len`` of ``k_len`` positions."""
+    return torch.arange(k_len - q_len, k_len, device=device)
+
+
+def column_sums(attn: Float[Tensor, "batch heads q k"], layout: TokenLayout) -> Float[Tensor, "batch heads k"]:
+    """Column sums ``sum_{q != j} P[b, h, q, j]`` over real (non-padding) query rows, diagonal removed.
+
+    Accumulated in float32, ``QUERY_CHUNK`` query rows at a time.
+    """
+    _check(attn, layout)
+    b, h, q, k = attn.shape
+    qpos = query_positions(q, k, attn.device)
+    real_rows = layout.attention_mask.to(attn.device)[:, qpos]  # [b, q]
+    sums = torch.zeros(b, h, k, dtype=torch.float32, device=attn.device)
+    for start in range(0, q, QUERY_CHUNK):
+        chunk = attn[:, :, start : start + QUERY_CHUNK].float()
+        weights = real_rows[:, None, start : start + QUERY_CHUNK, None].float()
+        sums += (chunk * weights).sum(-2)
+    diagonal = attn[:, :, torch.arange(q, device=attn.device), qpos].float() * real_rows[:, None].float()
+    sums.index_add_(2, qpos, -diagonal)
+    return sums
+
+
+def sink_denominator(
+    layout: TokenLayout, q_len: int, normalise: Normalise = "causal"
+) -> Float[Tensor, "batch k"]:
+    """The normaliser ``d(j)`` of the sink score, per row and key position.
+
+    ``"causal"``: the number of real query rows strictly after ``j`` (``q_len - 1 - j`` in an unpadded
+    prefill). ``"official"``: ``s + e - j`` for the row's image extent ``[s, e)``, positions counted from
+    the row's first real token (the official code's ``647 - j`` for LLaVA-1.5's span ``[36, 611)``).
+    """
+    if normalise not in NORMALISE_CHOICES:
+        raise ConfigError(f"normalise must be one of {NORMALISE_CHOICES}; got {normalise!r}.")
+    k = layout.seq_len
+    device = layout.attention_mask.device
+    pos = torch.arange(k, device=device)
+    if normalise == "causal":
+        qpos = query_positions(q_len, k, device)
+        real_query = torch.zeros(layout.batch_size, k, device=device)
+        real_query[:, qpos] = layout.attention_mask[:, qpos].float()
+        return real_query.sum(-1, keepdim=True) - real_query.cumsum(-1)
+    start, end = layout.image_extent()
+    first = layout.first_real_position()
+    return (start + end - first)[:, None].float() - pos[None, :].float()
+
+
+def sink_scores(
+    attn: Float[Tensor, "batch heads q k"], layout: TokenLayout, normalise: Normalise = "causal"
+) -> Float[Tensor, "batch heads k"]:
+    """Sink score ``c[b, h, j] = sum_{q != j} P[b, h, q, j] / d(j)`` of every image key ``j``.
+
+    Column sums run over all real query rows (system, image and text rows), the diagonal removed;
+    ``d(j)`` is `sink_denominator`. Non-image keys (and keys with ``d(j) <= 0``) score 0.
+
+    Args:
+        attn: post-softmax probabilities of one layer, ``[batch, heads, q, k]``.
+        layout: the layout of the ``k`` key positions.
+        normalise: ``"causal"`` (true row count) or ``"official"`` (the official code's formula).
+
+    Returns:
+        ``Float[batch, heads, k]`` in float32.
+    """
+    sums = column_sums(attn, layout)
+    denom = sink_denominator(layout, attn.shape[-2], normalise).to(attn.device)
+    valid = layout.image_mask.to(attn.device) & (denom > 0)
+    scores = sums / denom.clamp_min(1e-12)[:, None, :]
+    return torch.where(valid[:, None, :], scores, torch.zeros_like(scores))
+
+
+def detect_sinks(
+    attn: Float[Tensor, "batch heads q k"],
+    layout: TokenLayout,
+    threshold: float = 0.0008,
+    normalise: Normalise = "causal",
+) -> Bool[Tensor, "batch heads k"]:
+    """Vision sinks: image keys whose sink score is strictly above ``threshold``.
+
+    Returns:
+        ``Bool[batch, heads, k]``, True at sink positions (always False at non-image keys).
+    """
+    if threshold < 0:
+        raise ConfigError(f"threshold must be >= 0; got {threshold}.")
+    scores = sink_scores(attn, layout, normalise)
+    return (scores > threshold) & layout.image_mask.to(attn.device)[:, None, :]
+
+
+def sink_counts_from_scores(
+    scores: Float[Tensor, "batch heads k"], layout: TokenLayout, threshold: float
+) -> Int[Tensor, "batch heads"]:
+    """Number of sinks per head, from precomputed sink scores."""
+    return ((scores > threshold) & layout.image_mask.to(scores.device)[:, None, :]).sum(-1)
+
+
+def sink_density(
+    attn: Float[Tensor, "batch heads q k"],
+    layout: TokenLayout,
+    threshold: float = 0.0008,
+    normalise: Normalise = "causal",
+) -> Float[Tensor, "batch heads"]:
+    """Fraction of a row's image tokens that are sinks, per head (0 for rows without image tokens)."""
+    counts = detect_sinks(attn, layout, threshold, normalise).sum(-1).float()
+    n_image = layout.n_image_tokens.to(attn.device).clamp_min(1).float()
+    return counts / n_image[:, None]
+
+
+def select_source_heads(counts: Int[Tensor, "batch heads"], top_k: int = 1) -> Int[Tensor, "batch top_k"]:
+    """Heads with the most sinks, per row: ``argmax_h |S[b, h]|``, lowest head index on ties.
+
+    Args:
+        counts: sink count per row and head.
+        top_k: how many heads to return (the EAH source is the first).
+
+    Returns:
+        ``Long[batch, top_k]``; ``-1`` marks a slot with no sink head (a row where no head has a sink
+        is all ``-1``: nothing is broadcast there).
+    """
+    if not 1 <= top_k <= counts.shape[-1]:
+        raise ConfigError(f"top_k must be in [1, {counts.shape[-1]}] (the number of heads); got {top_k}.")
+    values, heads = torch.sort(counts, dim=-1, descending=True, stable=True)
+    values, heads = values[:, :top_k], heads[:, :top_k]
+    return torch.where(values > 0, heads, torch.full_like(heads, -1))
+
+
+def select_fewest_sink_heads(counts: Int[Tensor, "batch heads"]) -> Int[Tensor, "batch 1"]:
+    """Head with the fewest sinks per row (lowest index on ties): a control for EAH's choice."""
+    return torch.sort(counts, dim=-1, stable=True).indices[:, :1]

@@ -1,0 +1,180 @@
+"""Per-layer, per-head attention statistics, streamed over a dataset without keeping attention maps."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from eah_interp.config import OFFICIAL_THRESHOLD
+from eah_interp.errors import ConfigError, LayoutError
+from eah_interp.layout import TokenLayout
+from eah_interp.sinks import QUERY_CHUNK, Normalise, query_positions, sink_counts_from_scores, sink_scores
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+#: Statistics computed by `head_statistics`, in column order.
+STATISTICS = ("sink_count", "sink_density", "max_sink_score", "image_mass_text", "entropy")
+
+
+def head_statistics(
+    probs: Float[Tensor, "batch heads q k"],
+    layout: TokenLayout,
+    threshold: float = OFFICIAL_THRESHOLD,
+    normalise: Normalise = "causal",
+) -> dict[str, Float[Tensor, "batch heads"]]:
+    """Per-example, per-head statistics of one layer's probabilities (float32).
+
+    Returns a dict with (each ``Float[batch, heads]``):
+        ``sink_count``: number of vision sinks; ``sink_density``: sinks / image tokens of the row;
+        ``max_sink_score``: the largest sink score; ``image_mass_text``: mean over text query rows
+        after the first image token of the attention mass on image keys (NaN if the row has none);
+        ``entropy``: mean over real query rows of the row entropy (nats).
+    """
+    b, h, q, k = probs.shape
+    layout = layout.to(probs.device)
+    scores = sink_scores(probs, layout, normalise)
+    counts = sink_counts_from_scores(scores, layout, threshold).float()
+    n_image = layout.n_image_tokens.clamp_min(1).float()
+    qpos = query_positions(q, k, probs.device)
+    real = layout.attention_mask[:, qpos]  # [b, q]
+    start, _ = layout.image_extent()
+    text_rows = real & ~layout.image_mask[:, qpos] & (qpos[None, :] >= start[:, None]) & layout.image_mask.any(-1, keepdim=True)
+    image_cols = layout.image_mask[:, None, None, :].float()
+    mass_sum = torch.zeros(b, h, device=probs.device)
+    entropy_sum = torch.zeros(b, h, device=probs.device)
+    for s in range(0, q, QUERY_CHUNK):
+        chunk = probs[:, :, s : s + QUERY_CHUNK].float()
+        mass = (chunk * image_cols).sum(-1)  # [b, h, qc]
+        ent = -(chunk * chunk.clamp_min(1e-30).log()).sum(-1)
+        mass_sum += (mass * text_rows[:, None, s : s + QUERY_CHUNK]).sum(-1)
+        entropy_sum += (ent * real[:, None, s : s + QUERY_CHUNK]).sum(-1)
+    n_text = text_rows.sum(-1).float()
+    image_mass = torch.where(n_text[:, None] > 0, mass_sum / n_text.clamp_min(1)[:, None], torch.nan)
+    return {
+        "sink_count": counts,
+        "sink_density": counts / n_image[:, None],
+        "max_sink_score": scores.max(-1).values,
+        "image_mass_text": image_mass,
+        "entropy": entropy_sum / real.sum(-1).clamp_min(1).float()[:, None],
+    }
+
+
+class _Welford:
+    """Streaming mean / variance per head, in float64; NaN values are skipped."""
+
+    def __init__(self, n_heads: int) -> None:
+        self.n = torch.zeros(n_heads, dtype=torch.float64)
+        self.mean = torch.zeros(n_heads, dtype=torch.float64)
+        self.m2 = torch.zeros(n_heads, dtype=torch.float64)
+
+    def update(self, values: Float[Tensor, "batch heads"]) -> None:
+        for row in values.detach().to("cpu", torch.float64):
+            ok = ~torch.isnan(row)
+            self.n += ok
+            delta = torch.where(ok, row - self.mean, 0.0)
+            self.mean += torch.where(ok, delta / self.n.clamp_min(1), 0.0)
+            self.m2 += torch.where(ok, delta * (row - self.mean), 0.0)
+
+    @property
+    def std(self) -> Tensor:
+        return torch.where(self.n > 1, (self.m2 / (self.n - 1).clamp_min(1)).sqrt(), torch.nan)
+
+
+class HeadStats:
+    """Streaming accumulator of per-layer, per-head statistics (mean and std over examples).
+
+    Feed it one batch at a time with `update` (from probabilities) or `update_from_stats` (from a
+    `head_statistics` result); it keeps only running sums, never attention maps.
+
+    Example:
+        >>> stats = HeadStats(threshold=0.0008)
+        >>> with eah_interp.hf.record_attention(model, layers="all", stats=stats):
+        ...     model(**inputs)
+        >>> stats.rank(by="sink_density").head()
+    """
+
+    def __init__(self, threshold: float = OFFICIAL_THRESHOLD, normalise: Normalise = "causal") -> None:
+        if threshold < 0:
+            raise ConfigError(f"threshold must be >= 0; got {threshold}.")
+        self.threshold = threshold
+        self.normalise = normalise
+        self._acc: dict[int, dict[str, _Welford]] = {}
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self._acc)
+
+    def n_examples(self, layer: int) -> int:
+        return int(self._acc[layer]["sink_count"].n.max()) if layer in self._acc else 0
+
+    def update(self, layer: int, probs: Float[Tensor, "batch heads q k"], layout: TokenLayout) -> None:
+        """Add one batch of one layer's probabilities (prefill: ``q == k``)."""
+        if probs.shape[-2] != probs.shape[-1]:
+            raise LayoutError("HeadStats.update expects prompt (prefill) probabilities with q == k.")
+        self.update_from_stats(layer, head_statistics(probs, layout, self.threshold, self.normalise))
+
+    def update_from_stats(self, layer: int, stats: dict[str, Float[Tensor, "batch heads"]]) -> None:
+        """Add precomputed per-example statistics (a `head_statistics` result) of one layer."""
+        n_heads = stats["sink_count"].shape[-1]
+        acc = self._acc.setdefault(layer, {name: _Welford(n_heads) for name in STATISTICS})
+        if acc["sink_count"].n.shape[0] != n_heads:
+            raise LayoutError(f"Layer {layer} was fed {acc['sink_count'].n.shape[0]} heads before, now {n_heads}.")
+        for name in STATISTICS:
+            acc[name].update(stats[name])
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (layer, head): ``n`` and ``<stat>_mean`` / ``<stat>_std`` for every statistic."""
+        import pandas as pd
+
+        rows = []
+        for layer in self.layers:
+            acc = self._acc[layer]
+            for head in range(acc["sink_count"].n.shape[0]):
+                row: dict[str, float | int] = {"layer": layer, "head": head, "n": int(acc["sink_count"].n[head])}
+                for name in STATISTICS:
+                    row[f"{name}_mean"] = float(acc[name].mean[head]) if acc[name].n[head] > 0 else float("nan")
+                    row[f"{name}_std"] = float(acc[name].std[head])
+                rows.append(row)
+        return pd.DataFrame(rows, columns=["layer", "head", "n"] + [f"{s}_{m}" for s in STATISTICS for m in ("mean", "std")])
+
+    def rank(self, by: str = "sink_density", layer: int | None = None, ascending: bool = False) -> pd.DataFrame:
+        """Heads sorted by a statistic's mean (``by`` is a name from `STATISTICS`), optionally of one layer."""
+        if by not in STATISTICS:
+            raise ConfigError(f"Unknown statistic {by!r}; choose from {STATISTICS}.")
+        frame = self.to_frame()
+        if layer is not None:
+            frame = frame[frame.layer == layer]
+        return frame.sort_values(f"{by}_mean", ascending=ascending, kind="stable").reset_index(drop=True)
+
+    def matrix(self, stat: str = "sink_density") -> Float[Tensor, "layers heads"]:
+        """The mean of a statistic as a ``[len(layers), heads]`` tensor (rows in `layers` order)."""
+        if stat not in STATISTICS:
+            raise ConfigError(f"Unknown statistic {stat!r}; choose from {STATISTICS}.")
+        return torch.stack([self._acc[layer][stat].mean for layer in self.layers])
+
+    def plot_heatmap(self, stat: str = "sink_density", ax=None, title: str | None = None) -> Figure:
+        """Heatmap of a statistic's mean, layers (rows) x heads (columns). Returns the matplotlib Figure."""
+        import matplotlib.pyplot as plt
+
+        data = self.matrix(stat).numpy()
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(1.2 + 0.35 * data.shape[1], 1.0 + 0.25 * data.shape[0]))
+        else:
+            fig = ax.figure
+        im = ax.imshow(data, aspect="auto", cmap="viridis")
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_yticks(range(len(self.layers)), [str(layer) for layer in self.layers])
+        ax.set_title(title or f"{stat} (mean over {max(self.n_examples(la) for la in self.layers)} examples)")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        return fig
+
+    def __repr__(self) -> str:
+        n = max((self.n_examples(layer) for layer in self.layers), default=0)
+        return f"HeadStats(layers={self.layers}, examples={n}, threshold={self.threshold}, normalise={self.normalise!r})"

@@ -1,0 +1,96 @@
+"""The synthetic scene world: reproducible, exact ground truth, controllable co-occurrence."""
+
+import random
+
+import numpy as np
+import pytest
+
+from eah_interp.scenes import (
+    HELDOUT_SEED_OFFSET,
+    KINDS,
+    PAIRS,
+    SYNONYMS,
+    absent_kinds,
+    caption_for,
+    iter_scenes,
+    make_scene,
+    question_for,
+    scene_seeds,
+)
+
+
+def test_vocabulary_is_rich_enough_and_consistent():
+    assert len(KINDS) >= 12
+    assert set(SYNONYMS) == set(KINDS)
+    assert all(kind in SYNONYMS[kind] for kind in KINDS)
+    assert all(a in KINDS and b in KINDS for a, b in PAIRS.items())
+
+
+def test_scenes_are_reproducible_from_their_seed():
+    a, b = make_scene(123), make_scene(123)
+    assert a.objects == b.objects
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert make_scene(124).objects != a.objects or not np.array_equal(np.asarray(make_scene(124).image), np.asarray(a.image))
+
+
+def test_object_lists_are_exact_and_drawn():
+    for seed in range(40):
+        s = make_scene(seed)
+        assert 1 <= len(s.objects) <= 4
+        assert len(s.kinds) == len(s.objects)  # each kind at most once
+        assert [o.x for o in s.objects] == sorted(o.x for o in s.objects)
+        arr = np.asarray(s.image).astype(int)
+        for o in s.objects:  # the object's box differs from a plain background: something is drawn there
+            box = arr[max(0, o.y - o.size // 2) : o.y + o.size // 2, max(0, o.x - o.size // 2) : o.x + o.size // 2]
+            assert box.reshape(-1, 3).std(axis=0).max() > 5
+
+
+def test_forced_kinds_and_errors():
+    s = make_scene(5, kinds=["house", "star"])
+    assert s.kinds == {"house", "star"}
+    with pytest.raises(ValueError, match="unknown kinds"):
+        make_scene(5, kinds=["dragon"])
+    with pytest.raises(ValueError, match="1-4 distinct"):
+        make_scene(5, kinds=["star", "star"])
+
+
+def test_pair_strength_controls_cooccurrence():
+    def partner_rate(strength):
+        hits = total = 0
+        for s in iter_scenes("train", 400, pair_strength=strength):
+            for lead, partner in PAIRS.items():
+                if lead in s.kinds:
+                    total += 1
+                    hits += partner in s.kinds
+        return hits / total
+
+    strong, none = partner_rate(0.95), partner_rate(0.0)
+    assert strong > 0.85
+    assert none < 0.4  # only chance co-occurrence left
+
+
+def test_captions_and_questions():
+    assert caption_for(["house"]) == "A house."
+    assert caption_for(["umbrella", "tree"]) == "An umbrella and a tree."
+    assert caption_for(["circle", "arrow", "star"]) == "A circle, an arrow and a star."
+    assert question_for("arrow") == "Is there an arrow in the image?"
+    s = make_scene(7, kinds=["moon", "cross"])
+    assert s.caption() in {"A moon and a cross.", "A cross and a moon."}
+    assert s.question("moon") == ("Is there a moon in the image?", "Yes")
+    assert s.question("star")[1] == "No"
+
+
+def test_splits_never_overlap():
+    train = scene_seeds("train", 1000)
+    held = scene_seeds("heldout", 1000)
+    assert set(train).isdisjoint(held)
+    assert min(held) == HELDOUT_SEED_OFFSET
+    with pytest.raises(ValueError):
+        scene_seeds("val", 3)  # type: ignore[arg-type]
+
+
+def test_adversarial_absent_kinds_put_partners_first():
+    s = make_scene(1, kinds=["house", "circle"])
+    adv = absent_kinds(s, "adversarial", random.Random(0))
+    assert adv[0] == "tree"
+    assert set(adv) == set(absent_kinds(s)) == set(KINDS) - {"house", "circle"}
