@@ -171,6 +171,33 @@ def demo(
     console.print(f"wrote {out}/head_stats.csv, sink_density.png, demo_summary.json")
 
 
+@app.command("eval")
+def evaluate(
+    model: ModelOpt = "organism",
+    n: Annotated[int, typer.Option(help="held-out scenes")] = 100,
+    out: Annotated[Path, typer.Option(help="output folder (rerun to resume)")] = Path("runs/eval"),
+    beams: Annotated[int, typer.Option(help="beam width of the beam-search arms (1 = none)")] = 3,
+    conditions: Annotated[list[str] | None, typer.Option("--condition", help="run only these arms")] = None,
+    tasks: Annotated[list[str] | None, typer.Option("--task", help="caption and/or pope")] = None,
+    batch_size: int = 8,
+    bootstrap: Annotated[int, typer.Option(help="bootstrap resamples")] = 5000,
+) -> None:
+    """Baseline vs EAH (paper, reference) vs controls: CHAIR, POPE, logit probe, paired CIs. Resumable."""
+    from eah_interp.evaluation import default_conditions, run_experiment, write_report
+
+    bundle = _load(model)
+    arms = default_conditions(bundle, beams=beams)
+    if conditions:
+        unknown = set(conditions) - {c.name for c in arms}
+        if unknown:
+            raise typer.BadParameter(f"unknown condition(s) {sorted(unknown)}; known: {[c.name for c in arms]}")
+        arms = [c for c in arms if c.name in conditions or c.name == "baseline"]
+    items = run_experiment(bundle, out, n=n, conditions=arms, batch_size=batch_size, tasks=tasks or ("caption", "pope"))
+    summary = write_report(items, out, title=f"EAH on {bundle.name}: baseline vs EAH vs controls", n_resamples=bootstrap)
+    console.print((out / "report.md").read_text())
+    console.print(f"wrote {out}/items.jsonl, results.csv, report.md, effects.png ({len(summary)} rows)")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from eah_interp.errors import UnsupportedModelError
@@ -37,25 +37,32 @@ class ModelBundle:
     threshold: float
     trained: bool
     note: str
+    yes_ids: list[int] = field(default_factory=list)
+    no_ids: list[int] = field(default_factory=list)
 
 
 def load_model(name: str = "organism") -> ModelBundle:
     """Load a model by registry name: ``"organism"`` (the bundled trained LVLM) or ``"tiny-llava"`` (random)."""
     if name == "organism":
+        from eah_interp.metrics import answer_token_ids
         from eah_interp.models.organism import caption_prompt, load_organism, yes_no_prompt
 
         model, processor = load_organism()
+        ids = answer_token_ids(processor.tokenizer)
         return ModelBundle(
             name, model, processor, caption_prompt(), yes_no_prompt, ORGANISM_THRESHOLD, True,
             "the bundled organism: EfficientNet-Lite0 + SmolLM2-135M-Instruct, trained on the synthetic scene world",
+            ids["yes"], ids["no"],
         )
     if name == "tiny-llava":
         from eah_interp._testing import TinyProcessor, tiny_llava
         from eah_interp.models.organism.processor import caption_prompt, yes_no_prompt
 
         model = tiny_llava()
+        processor = TinyProcessor(model)
         return ModelBundle(
-            name, model, TinyProcessor(model), caption_prompt(), yes_no_prompt, 0.0008 * 576 / 16, False,
+            name, model, processor, caption_prompt(), yes_no_prompt, 0.0008 * 576 / 16, False,
             "a tiny RANDOM-WEIGHT LLaVA (real HF classes, no training): the pipeline runs, the text is noise",
+            processor.encode_text("Yes")[1:2], processor.encode_text("No")[1:2],
         )
     raise UnsupportedModelError(f"Unknown model {name!r}; choose 'organism' or 'tiny-llava'.")

@@ -1,0 +1,33 @@
+"""Hallucination metrics: CHAIR, POPE, logit probes and paired statistics."""
+
+from eah_interp.metrics.chair import chair_scores, load_coco_objects
+from eah_interp.metrics.pope import parse_yes_no, pope_questions, pope_scores
+from eah_interp.metrics.probes import answer_token_ids, probe_scores, yes_no_logit_diff
+from eah_interp.metrics.stats import (
+    bootstrap_ci,
+    mcnemar,
+    paired_bootstrap,
+    paired_permutation_test,
+    sign_flip_p_value,
+)
+from eah_interp.metrics.vocabulary import COCO_SYNONYMS, Vocabulary, get_vocabulary, plural_forms
+
+__all__ = [
+    "COCO_SYNONYMS",
+    "Vocabulary",
+    "answer_token_ids",
+    "bootstrap_ci",
+    "chair_scores",
+    "get_vocabulary",
+    "load_coco_objects",
+    "mcnemar",
+    "paired_bootstrap",
+    "paired_permutation_test",
+    "parse_yes_no",
+    "plural_forms",
+    "pope_questions",
+    "pope_scores",
+    "probe_scores",
+    "sign_flip_p_value",
+    "yes_no_logit_diff",
+]
