@@ -181,9 +181,11 @@ def evaluate(
     tasks: Annotated[list[str] | None, typer.Option("--task", help="caption and/or pope")] = None,
     batch_size: int = 8,
     bootstrap: Annotated[int, typer.Option(help="bootstrap resamples")] = 5000,
+    scan: Annotated[int, typer.Option(help="also scan head statistics over this many scenes (0 = no)")] = 0,
 ) -> None:
     """Baseline vs EAH (paper, reference) vs controls: CHAIR, POPE, logit probe, paired CIs. Resumable."""
-    from eah_interp.evaluation import default_conditions, run_experiment, write_report
+    from eah_interp.evaluation import default_conditions, load_items, run_experiment, source_head_table, write_report
+    from eah_interp.experiments import scan_images
 
     bundle = _load(model)
     arms = default_conditions(bundle, beams=beams)
@@ -194,6 +196,19 @@ def evaluate(
         arms = [c for c in arms if c.name in conditions or c.name == "baseline"]
     items = run_experiment(bundle, out, n=n, conditions=arms, batch_size=batch_size, tasks=tasks or ("caption", "pope"))
     summary = write_report(items, out, title=f"EAH on {bundle.name}: baseline vs EAH vs controls", n_resamples=bootstrap)
+    extra = ["## Source heads chosen (prompt forward, per scene)", "", source_head_table(load_items(items)), ""]
+    if scan:
+        stats = scan_images(bundle, [img for _, img, _ in _images(scan, [], [])])
+        console.print(_write_scan(stats, out, f"{bundle.name}: sink density (n={scan})"))
+        frame = stats.to_frame()
+        per_layer = frame.groupby("layer").agg(
+            sink_density=("sink_density_mean", "mean"), max_head_density=("sink_density_mean", "max"),
+            image_mass_text=("image_mass_text_mean", "mean"), entropy=("entropy_mean", "mean"),
+        )
+        extra += [f"## Head statistics over {scan} held-out scenes (threshold {stats.threshold})", "",
+                  "![sink density](sink_density.png)", "", per_layer.round(3).to_markdown(), ""]
+    with (out / "report.md").open("a") as f:
+        f.write("\n".join(extra) + "\n")
     console.print((out / "report.md").read_text())
     console.print(f"wrote {out}/items.jsonl, results.csv, report.md, effects.png ({len(summary)} rows)")
 

@@ -276,6 +276,17 @@ def summarise(items, *, baseline: str = "baseline", n_resamples: int = 5000, see
     return pd.DataFrame(rows)
 
 
+def source_head_table(items) -> str:
+    """Markdown table: for each EAH condition, how often each head was the (first-layer) source."""
+    caps = items[(items["task"] == "caption") & items["source_heads"].map(lambda h: isinstance(h, list) and len(h) > 0)]
+    if caps.empty:
+        return "(no EAH condition)"
+    counts = caps.assign(head=caps["source_heads"].map(lambda h: h[0])).groupby(["condition", "head"]).size()
+    table = counts.unstack(fill_value=0)
+    table.columns = [f"head {h}" if h >= 0 else "none" for h in table.columns]
+    return table.to_markdown()
+
+
 def write_report(items_path: Path, out: Path, *, title: str = "EAH vs baseline vs controls", n_resamples: int = 5000):
     """Write ``results.csv`` (tidy), ``report.md`` (tables with CIs) and ``effects.png`` into ``out``."""
     import matplotlib.pyplot as plt
