@@ -126,12 +126,12 @@ class _AttentionOverride:
 
     kind = "override"
 
-    def __init__(self, model: nn.Module, layout: TokenLayout | None) -> None:
+    def __init__(self, model: nn.Module, layout: TokenLayout | None, *, needs_layout: bool = True) -> None:
         self.model = model
         self.config = text_config(model)
         self.modules = attention_modules(model)
         self.state = _State(user_layout=layout, token_id=image_token_id(model))
-        if layout is None and self.state.token_id is None:
+        if needs_layout and layout is None and self.state.token_id is None:
             raise LayoutError(
                 f"{type(model).__name__} has no image_token_id in its config: pass layout=TokenLayout(...) "
                 "(e.g. TokenLayout.from_spans) so eah-interp knows which positions are image tokens."
@@ -350,6 +350,89 @@ class record_attention(_AttentionOverride):  # noqa: N801
         if not rec.layouts or rec.layouts[-1] is not layout:
             rec.layouts.append(layout)
         return None
+
+
+# ---------------------------------------------------------------------------- an editable site for other frameworks
+class AttentionProbs(nn.Module):
+    """Identity module through which exposed layers pass their post-softmax probabilities.
+
+    Added as ``<attention module>.attn_probs`` by `expose_attention_probs`: frameworks that hook
+    modules (nnsight envoys, plain forward hooks) read its output ``[batch, heads, q, k]`` and may
+    replace it; the layer then recomputes ``P @ V`` from the replacement.
+    """
+
+    def forward(self, probs: Tensor) -> Tensor:
+        return probs
+
+
+class expose_attention_probs(_AttentionOverride):  # noqa: N801
+    """Make the probabilities of chosen layers an editable module output (``self_attn.attn_probs``).
+
+    The chosen layers run the family's eager attention and pass the probabilities through an
+    `AttentionProbs` child module; if a hook replaces its output, ``P @ V`` is recomputed with the
+    replacement. All other layers keep their implementation. Used by `eah_interp.nnsight`.
+
+    Args:
+        model: an HF LVLM (or LM).
+        layers: layer indices to expose.
+        decode: also expose decode steps (one query row over the KV cache).
+    """
+
+    kind = "expose"
+
+    def __init__(self, model: nn.Module, layers: Iterable[int], *, decode: bool = True) -> None:
+        self.layers = tuple(int(x) for x in layers)
+        self.decode = decode
+        n_layers = model_shape(model)[0]
+        bad = [x for x in self.layers if not 0 <= x < n_layers]
+        if bad:
+            raise LayerIndexError(f"Layers {bad} out of range: the language model has {n_layers} layers.")
+        super().__init__(model, None, needs_layout=False)
+        self._added: list[nn.Module] = []
+
+    def __enter__(self):
+        for layer in self.layers:
+            module = self.modules[layer]
+            if hasattr(module, "attn_probs"):
+                raise RuntimeError(f"Layer {layer} already exposes attn_probs (nested expose_attention_probs?).")
+            module.add_module("attn_probs", AttentionProbs())
+            self._added.append(module)
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._remove()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            self._remove()
+
+    def _remove(self) -> None:
+        for module in self._added:
+            del module._modules["attn_probs"]
+        self._added.clear()
+
+    def _pre_forward(self, module, args, kwargs) -> None:  # no layout needed
+        return None
+
+    def wants(self, layer: int, q_len: int, k_len: int) -> bool:
+        return layer in self.layers and (self.decode or q_len == k_len)
+
+    def _attention(self, module, query, key, value, attention_mask, **kwargs):
+        layer = getattr(module, "layer_idx", None)
+        if not isinstance(layer, int) or getattr(module, "config", None) is not self.config or not self.wants(
+            layer, query.shape[-2], key.shape[-2]
+        ):
+            return super()._attention(module, query, key, value, attention_mask, **kwargs)
+        out, probs = _eager_function(module)(module, query, key, value, attention_mask, **kwargs)
+        edited = module.attn_probs(probs)
+        if edited is probs:
+            return out, probs
+        values = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+        out = torch.matmul(edited.to(values.dtype), values).transpose(1, 2).contiguous()
+        return out, edited
 
 
 def scan_heads(
