@@ -76,7 +76,9 @@ def set_attention_probs(nn_model: Any, layer: int, probs: Tensor) -> None:
 def apply_eah(nn_model: Any, config: EAHConfig, layout: TokenLayout) -> list[EditRecord]:
     """Inside a trace: apply EAH to every layer of ``config`` (the prompt forward), in layer order.
 
-    Each layer's probabilities are read, edited with `apply_eah_to_probs` and written back.
+    Each layer's probabilities are read, edited with `apply_eah_to_probs` and written back. Other
+    interventions in the same trace must address modules in forward order around these layers; to
+    interleave, call `apply_eah_layer` per layer at the right point.
 
     Returns:
         One `EditRecord` per edited layer (filled in as the trace runs).
@@ -85,14 +87,21 @@ def apply_eah(nn_model: Any, config: EAHConfig, layout: TokenLayout) -> list[Edi
     config.validate_for(n_layers, n_heads)
     records: list[EditRecord] = []
     for layer in sorted(config.layers):
-        site = _site(nn_model, layer)
-        probs = site.output
-        if not should_edit(config, layer, probs.shape[-2], probs.shape[-1]):
-            continue
-        edited, record = apply_eah_to_probs(probs, layout, config, layer)
-        site.output = edited
-        records.append(record)
+        record = apply_eah_layer(nn_model, config, layout, layer)
+        if record is not None:
+            records.append(record)
     return records
+
+
+def apply_eah_layer(nn_model: Any, config: EAHConfig, layout: TokenLayout, layer: int) -> EditRecord | None:
+    """Inside a trace: apply EAH to one exposed layer; returns its `EditRecord` (None if not edited)."""
+    site = _site(nn_model, layer)
+    probs = site.output
+    if not should_edit(config, layer, probs.shape[-2], probs.shape[-1]):
+        return None
+    edited, record = apply_eah_to_probs(probs, layout, config, layer)
+    site.output = edited
+    return record
 
 
 def feed_head_stats(nn_model: Any, stats: HeadStats, layout: TokenLayout, layers: Iterable[int]) -> None:
