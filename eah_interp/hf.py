@@ -197,14 +197,14 @@ class _AttentionOverride:
         else:
             self.state.layout = None
 
-    def _layout_for(self, batch: int, k_len: int) -> TokenLayout:
+    def _layout_for(self, batch: int, q_len: int, k_len: int) -> TokenLayout:
         layout = self.state.layout or self.state.user_layout
         if layout is None:
             raise LayoutError(
                 "No token layout: the model was called without input_ids (inputs_embeds only). Pass "
                 "layout=TokenLayout(...) to the context manager."
             )
-        if layout.seq_len < k_len:  # decode steps: the generated tokens are text
+        if q_len < k_len and layout.seq_len < k_len:  # decode steps: the generated tokens are text
             layout = layout.extend(k_len - layout.seq_len)
             self.state.layout = layout
         if layout.batch_size != batch or layout.seq_len != k_len:
@@ -223,7 +223,7 @@ class _AttentionOverride:
             fn = self._previous_fn or _eager_function(module)
             return fn(module, query, key, value, attention_mask, **kwargs)
         out, probs = _eager_function(module)(module, query, key, value, attention_mask, **kwargs)
-        layout = self._layout_for(query.shape[0], k_len)
+        layout = self._layout_for(query.shape[0], q_len, k_len)
         edited = self.on_probs(layer, probs, layout)
         if edited is None:
             return out, probs
