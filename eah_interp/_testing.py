@@ -68,6 +68,15 @@ def tiny_llava(
     return model
 
 
+def sharp_tiny_llava(seed: int = 0, **kwargs) -> LlavaForConditionalGeneration:
+    """`tiny_llava` with sharper attention (queries scaled by 4), so that heads differ in their vision sinks."""
+    model = tiny_llava(seed=seed, **kwargs)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+    return model
+
+
 def n_image_tokens(model: LlavaForConditionalGeneration) -> int:
     """Image tokens one image yields in a tiny LLaVA (CLS dropped by the "default" strategy)."""
     v = model.config.vision_config

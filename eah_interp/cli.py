@@ -184,7 +184,13 @@ def evaluate(
     scan: Annotated[int, typer.Option(help="also scan head statistics over this many scenes (0 = no)")] = 0,
 ) -> None:
     """Baseline vs EAH (paper, reference) vs controls: CHAIR, POPE, logit probe, paired CIs. Resumable."""
-    from eah_interp.evaluation import default_conditions, load_items, run_experiment, source_head_table, write_report
+    from eah_interp.evaluation import (
+        default_conditions,
+        load_items,
+        run_experiment,
+        source_head_table,
+        write_report,
+    )
     from eah_interp.experiments import scan_images
 
     bundle = _load(model)

@@ -94,7 +94,8 @@ def image_token_id(model: nn.Module) -> int | None:
     return None
 
 
-def _eager_function(module: nn.Module) -> Callable:
+def eager_function(module: nn.Module) -> Callable:
+    """The model family's own ``eager_attention_forward`` for an attention module (Llama's as a fallback)."""
     fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if fn is None:
         from transformers.models.llama.modeling_llama import eager_attention_forward as fn
@@ -185,11 +186,7 @@ class _AttentionOverride:
             return  # a decode step: the prompt layout is extended in _layout_for
         self.state.step += 1
         if self.state.user_layout is not None:
-            layout = self.state.user_layout
-            batch = input_ids.shape[0] if input_ids is not None else kwargs["inputs_embeds"].shape[0]
-            if batch != layout.batch_size and batch % layout.batch_size == 0:
-                layout = layout.repeat_interleave(batch // layout.batch_size)  # generate() expanded the rows
-            self.state.layout = layout
+            self.state.layout = self.state.user_layout  # fitted to each call (beams, decode) in _layout_for
         elif input_ids is not None:
             self.state.layout = TokenLayout.from_input_ids(
                 input_ids, self.state.token_id, kwargs.get("attention_mask")  # type: ignore[arg-type]
@@ -204,15 +201,10 @@ class _AttentionOverride:
                 "No token layout: the model was called without input_ids (inputs_embeds only). Pass "
                 "layout=TokenLayout(...) to the context manager."
             )
-        if q_len < k_len and layout.seq_len < k_len:  # decode steps: the generated tokens are text
-            layout = layout.extend(k_len - layout.seq_len)
-            self.state.layout = layout
-        if layout.batch_size != batch or layout.seq_len != k_len:
-            raise LayoutError(
-                f"The layout ({layout.batch_size} rows x {layout.seq_len} positions) does not fit the attention "
-                f"call ({batch} rows x {k_len} key positions)."
-            )
-        return layout
+        fitted = layout.fit(batch, q_len, k_len)
+        if fitted is not layout:  # keep the extension for the next layers of this step
+            self.state.layout = fitted
+        return fitted
 
     def _attention(self, module, query, key, value, attention_mask, **kwargs):
         layer = getattr(module, "layer_idx", None)
@@ -220,9 +212,9 @@ class _AttentionOverride:
         if not isinstance(layer, int) or getattr(module, "config", None) is not self.config or not self.wants(
             layer, q_len, k_len
         ):
-            fn = self._previous_fn or _eager_function(module)
+            fn = self._previous_fn or eager_function(module)
             return fn(module, query, key, value, attention_mask, **kwargs)
-        out, probs = _eager_function(module)(module, query, key, value, attention_mask, **kwargs)
+        out, probs = eager_function(module)(module, query, key, value, attention_mask, **kwargs)
         layout = self._layout_for(query.shape[0], q_len, k_len)
         edited = self.on_probs(layer, probs, layout)
         if edited is None:
@@ -350,89 +342,6 @@ class record_attention(_AttentionOverride):  # noqa: N801
         if not rec.layouts or rec.layouts[-1] is not layout:
             rec.layouts.append(layout)
         return None
-
-
-# ---------------------------------------------------------------------------- an editable site for other frameworks
-class AttentionProbs(nn.Module):
-    """Identity module through which exposed layers pass their post-softmax probabilities.
-
-    Added as ``<attention module>.attn_probs`` by `expose_attention_probs`: frameworks that hook
-    modules (nnsight envoys, plain forward hooks) read its output ``[batch, heads, q, k]`` and may
-    replace it; the layer then recomputes ``P @ V`` from the replacement.
-    """
-
-    def forward(self, probs: Tensor) -> Tensor:
-        return probs
-
-
-class expose_attention_probs(_AttentionOverride):  # noqa: N801
-    """Make the probabilities of chosen layers an editable module output (``self_attn.attn_probs``).
-
-    The chosen layers run the family's eager attention and pass the probabilities through an
-    `AttentionProbs` child module; if a hook replaces its output, ``P @ V`` is recomputed with the
-    replacement. All other layers keep their implementation. Used by `eah_interp.nnsight`.
-
-    Args:
-        model: an HF LVLM (or LM).
-        layers: layer indices to expose.
-        decode: also expose decode steps (one query row over the KV cache).
-    """
-
-    kind = "expose"
-
-    def __init__(self, model: nn.Module, layers: Iterable[int], *, decode: bool = True) -> None:
-        self.layers = tuple(int(x) for x in layers)
-        self.decode = decode
-        n_layers = model_shape(model)[0]
-        bad = [x for x in self.layers if not 0 <= x < n_layers]
-        if bad:
-            raise LayerIndexError(f"Layers {bad} out of range: the language model has {n_layers} layers.")
-        super().__init__(model, None, needs_layout=False)
-        self._added: list[nn.Module] = []
-
-    def __enter__(self):
-        for layer in self.layers:
-            module = self.modules[layer]
-            if hasattr(module, "attn_probs"):
-                raise RuntimeError(f"Layer {layer} already exposes attn_probs (nested expose_attention_probs?).")
-            module.add_module("attn_probs", AttentionProbs())
-            self._added.append(module)
-        try:
-            return super().__enter__()
-        except BaseException:
-            self._remove()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        try:
-            super().__exit__(*exc)
-        finally:
-            self._remove()
-
-    def _remove(self) -> None:
-        for module in self._added:
-            del module._modules["attn_probs"]
-        self._added.clear()
-
-    def _pre_forward(self, module, args, kwargs) -> None:  # no layout needed
-        return None
-
-    def wants(self, layer: int, q_len: int, k_len: int) -> bool:
-        return layer in self.layers and (self.decode or q_len == k_len)
-
-    def _attention(self, module, query, key, value, attention_mask, **kwargs):
-        layer = getattr(module, "layer_idx", None)
-        if not isinstance(layer, int) or getattr(module, "config", None) is not self.config or not self.wants(
-            layer, query.shape[-2], key.shape[-2]
-        ):
-            return super()._attention(module, query, key, value, attention_mask, **kwargs)
-        out, probs = _eager_function(module)(module, query, key, value, attention_mask, **kwargs)
-        edited = module.attn_probs(probs)
-        if edited is probs:
-            return out, probs
-        values = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
-        out = torch.matmul(edited.to(values.dtype), values).transpose(1, 2).contiguous()
-        return out, edited
 
 
 def scan_heads(

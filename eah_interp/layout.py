@@ -164,6 +164,30 @@ class TokenLayout:
             mask = attention_mask.to(self.attention_mask.device).bool()
         return TokenLayout(image_mask, mask)
 
+    def fit(self, batch: int, q_len: int, k_len: int) -> TokenLayout:
+        """This prompt layout fitted to an attention call of ``batch`` rows, ``q_len`` queries, ``k_len`` keys.
+
+        Rows are repeated in place when the call has a multiple of the layout's rows (``generate``
+        expands rows for beams); on a decode step (``q_len < k_len``) the generated positions are
+        appended as text. A prompt forward (``q_len == k_len``) must fit exactly: a layout is never
+        silently stretched over a prompt it does not describe.
+
+        Raises:
+            LayoutError: the layout does not fit the call.
+        """
+        layout = self
+        if layout.batch_size != batch and batch % layout.batch_size == 0:
+            layout = layout.repeat_interleave(batch // layout.batch_size)
+        if q_len < k_len and layout.seq_len < k_len:
+            layout = layout.extend(k_len - layout.seq_len)
+        if layout.batch_size != batch or layout.seq_len != k_len:
+            raise LayoutError(
+                f"The layout ({layout.batch_size} rows x {layout.seq_len} positions) does not fit the attention "
+                f"call ({batch} rows x {k_len} key positions). Build it from the same input_ids (or pass the "
+                "layout of the rows this call sees)."
+            )
+        return layout
+
     def select(self, rows: Sequence[int] | Tensor) -> TokenLayout:
         """Layout of a subset (or a reordering / repetition) of the batch rows."""
         index = torch.as_tensor(rows, device=self.image_mask.device, dtype=torch.long)

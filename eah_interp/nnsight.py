@@ -1,111 +1,288 @@
-"""nnsight backend: sinks, head statistics and EAH as interventions inside ``model.trace`` / ``model.generate``.
+"""nnsight 0.8 backend: attention probabilities, head statistics and EAH as interventions in a trace.
 
-The probabilities of a layer are not a value of HF's SDPA path, so the layers you want to read or edit
-are *exposed* first (`expose`): they run the family's eager attention and pass the probabilities through
-an identity module ``self_attn.attn_probs`` whose output nnsight can read and assign; the layer then
-recomputes ``P @ V`` from what you assigned. Every other layer keeps SDPA. Inside the trace, the
-building blocks are ordinary nnsight reads and writes, so they stack with anything else you do in the
-same trace (ablate a head, patch a residual, save a value).
+Everything here is called **inside** ``with nn_model.trace(...)`` (or a traced ``generate``), where
+``nn_model = nnsight.NNsight(hf_model)``. The functions are ordinary nnsight reads and writes, so they
+stack with whatever else the trace does (ablate a head at ``o_proj``'s input, save a residual, ...).
+
+How the probabilities are reached (``.source``)
+------------------------------------------------
+HF attention modules pick their attention function at run time::
+
+    attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(...)   # op attention_interface_0
+    attn_output, attn_weights = attention_interface(self, query_states, ...)     # op attention_interface_1
+
+SDPA never materialises the probabilities, so for each layer we read or edit, `eager_attention_probs`
+**assigns** the output of the binding op (``self_attn.source.attention_interface_0.output =
+eager_attention``): that layer, in this trace only, calls `eager_attention`, which runs the model
+family's own ``eager_attention_forward``. The probabilities are then the output of the eager
+function's dropout call, right before ``@ V``::
+
+    self_attn.source.attention_interface_1            # the call, now to `eager_attention`
+        .source.family_1                              # its call of the family's eager function
+        .source.nn_functional_dropout_0.output        # post-softmax (post-dropout) probabilities
+
+Writing that ``.output`` changes ``P @ V`` and thus the layer output. Labels are resolved at run time
+from the ``.source`` listings (an error lists the available names). Nothing outside the trace is
+changed: no config, no registry, no other layer (every other layer keeps SDPA), so there is nothing to
+restore and an exception cannot leave the model modified. `eager_attention` converts whatever mask the
+model built for SDPA (``None`` = causal, or boolean) into eager's additive mask, so it is correct
+whatever implementation the rest of the model uses.
+
+nnsight caches a drilled-into call for the rest of the run: in a traced ``generate`` the chosen layer
+keeps calling `eager_attention` at every decode step (numerically equal to SDPA up to float
+rounding; edits apply only where you write, and `apply_eah` writes only in the prefill unless
+``config.apply_to_decode``).
 
 Example:
-    >>> from nnsight import NNsight
-    >>> nn_model = NNsight(hf_model)
-    >>> layout = TokenLayout.from_input_ids(inputs["input_ids"], hf_model.config.image_token_id, inputs["attention_mask"])
-    >>> with eah_interp.nnsight.expose(nn_model, layers=[1]):
-    ...     with nn_model.trace(**inputs):
-    ...         records = eah_interp.nnsight.apply_eah(nn_model, EAHConfig.paper(), layout)
-    ...         logits = nn_model.output.logits.save()
+    >>> import nnsight, torch
+    >>> from eah_interp import EAHConfig, TokenLayout
+    >>> from eah_interp import nnsight as eah_nn
+    >>> nn_model = nnsight.NNsight(hf_model)
+    >>> layout = TokenLayout.from_input_ids(inputs["input_ids"], hf_model.config.image_token_id,
+    ...                                     inputs["attention_mask"])
+    >>> with torch.no_grad(), nn_model.trace(**inputs):
+    ...     records = eah_nn.apply_eah(nn_model, EAHConfig.paper(), layout)
+    ...     logits = nn_model.output.logits.save()
+    >>> records[0].source_head  # the head broadcast per row
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
-from torch import Tensor
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
 
 from eah_interp import hf
 from eah_interp.config import EAHConfig
 from eah_interp.edit import EditRecord, apply_eah_to_probs, should_edit
-from eah_interp.errors import UnsupportedModelError
+from eah_interp.errors import (
+    AttentionImplementationError,
+    LayerIndexError,
+    UnsupportedModelError,
+)
 from eah_interp.layout import TokenLayout
 from eah_interp.stats import HeadStats, head_statistics
 
-
-def _hf_model(nn_model: Any):
-    """The wrapped torch module of an nnsight model (or the module itself)."""
-    inner = getattr(nn_model, "_module", None)
-    if inner is None:
-        inner = getattr(nn_model, "_model", None)
-    return inner if inner is not None else nn_model
-
-
-def expose(nn_model: Any, layers: Iterable[int], *, decode: bool = True) -> hf.expose_attention_probs:
-    """Context manager exposing the probabilities of ``layers`` as ``self_attn.attn_probs`` (see module doc)."""
-    return hf.expose_attention_probs(_hf_model(nn_model), layers, decode=decode)
+__all__ = [
+    "apply_eah",
+    "attention_probs",
+    "eager_attention",
+    "eager_attention_probs",
+    "feed_head_stats",
+    "hf_model",
+    "self_attn",
+]
 
 
-def _site(nn_model: Any, layer: int):
-    """The envoy of layer ``layer``'s ``attn_probs`` module."""
-    model = _hf_model(nn_model)
-    modules = hf.attention_modules(model)
-    if layer not in modules:
-        raise UnsupportedModelError(f"Layer {layer} has no attention module; layers: {sorted(modules)}.")
-    target = modules[layer]
-    if not hasattr(target, "attn_probs"):
-        raise RuntimeError(
-            f"Layer {layer} is not exposed: wrap the trace in `with eah_interp.nnsight.expose(nn_model, layers=[{layer}]):`."
-        )
-    name = next(n for n, m in model.named_modules() if m is target)
-    envoy = nn_model
-    for part in name.split("."):
-        envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
-    return envoy.attn_probs
+# ---------------------------------------------------------------------------- the function we swap in
+def additive_mask(
+    attention_mask: Tensor | None, q_len: int, k_len: int, dtype: torch.dtype, device: torch.device | None = None
+) -> Float[Tensor, "batch 1 q k"] | None:
+    """The additive (eager) form of whatever mask the model built for its own implementation.
 
-
-def attention_probs(nn_model: Any, layer: int) -> Tensor:
-    """Inside a trace: the post-softmax probabilities ``[batch, heads, q, k]`` of an exposed layer."""
-    return _site(nn_model, layer).output
-
-
-def set_attention_probs(nn_model: Any, layer: int, probs: Tensor) -> None:
-    """Inside a trace: replace the probabilities of an exposed layer (the layer recomputes ``P @ V``)."""
-    _site(nn_model, layer).output = probs
-
-
-def apply_eah(nn_model: Any, config: EAHConfig, layout: TokenLayout) -> list[EditRecord]:
-    """Inside a trace: apply EAH to every layer of ``config`` (the prompt forward), in layer order.
-
-    Each layer's probabilities are read, edited with `apply_eah_to_probs` and written back. Other
-    interventions in the same trace must address modules in forward order around these layers; to
-    interleave, call `apply_eah_layer` per layer at the right point.
+    Args:
+        attention_mask: ``None`` (SDPA's "causal, no padding" shortcut), a boolean mask (True = attend)
+            or an additive float mask ``[batch, 1, q, k]``.
+        q_len, k_len: query rows and key positions of the call (query row ``i`` sits at ``k - q + i``).
+        dtype: the query dtype.
+        device: where to build the causal mask when ``attention_mask`` is None (the query's device).
 
     Returns:
-        One `EditRecord` per edited layer (filled in as the trace runs).
+        An additive mask (0 = attend, dtype minimum = masked), or ``None`` when every key is visible
+        (a single query row without padding).
     """
-    n_layers, n_heads, _ = hf.model_shape(_hf_model(nn_model))
+    if attention_mask is None:
+        if q_len == 1:
+            return None
+        qpos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+        allowed = torch.arange(k_len, device=device)[None, :] <= qpos
+        attention_mask = allowed[None, None]
+    if attention_mask.dtype == torch.bool:
+        zeros = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+        return zeros.masked_fill(~attention_mask, torch.finfo(dtype).min)
+    return attention_mask
+
+
+def eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs):
+    """The model family's eager attention, whatever mask format the model built (see `additive_mask`).
+
+    This is the function `eager_attention_probs` makes a layer call inside a trace; its op
+    ``family_1`` is the family's ``eager_attention_forward``, whose dropout output holds the probabilities.
+    """
+    mask = additive_mask(attention_mask, query.shape[-2], key.shape[-2], query.dtype, query.device)
+    family = hf.eager_function(module)
+    return family(module, query, key, value, mask, **kwargs)
+
+
+# ---------------------------------------------------------------------------- model navigation
+def hf_model(nn_model: Any) -> nn.Module:
+    """The HF model an nnsight model wraps (``NNsight``, ``TransformersModel``); a torch module is returned as is."""
+    if isinstance(nn_model, nn.Module):
+        return nn_model
+    module = getattr(nn_model, "_module", None)
+    if not isinstance(module, nn.Module):
+        raise UnsupportedModelError(
+            f"{type(nn_model).__name__} is not an nnsight model (no wrapped torch module): wrap the HF model with "
+            "nnsight.NNsight(hf_model)."
+        )
+    return module
+
+
+def self_attn(nn_model: Any, layer: int) -> Any:
+    """The envoy of the language model's attention module of decoder layer ``layer``."""
+    modules = hf.attention_modules(hf_model(nn_model))
+    if layer not in modules:
+        raise LayerIndexError(
+            f"Layer {layer} out of range: the language model has attention modules for layers "
+            f"{min(modules)}..{max(modules)}."
+        )
+    target = modules[layer]
+    for envoy in nn_model.modules(include_fn=lambda e: e._module is target):
+        return envoy
+    raise UnsupportedModelError(f"The attention module of layer {layer} is not in {type(nn_model).__name__}'s envoy tree.")
+
+
+def _op_name(source: Any, prefix: str, *, what: str, last: bool = True) -> str:
+    """The label of an op whose name starts with ``prefix`` (the last or first occurrence), or a clear error."""
+    names = [n for n in source.names if n.startswith(prefix) and n[len(prefix) :].isdigit()]
+    if not names:
+        raise AttentionImplementationError(
+            f"Cannot find {what} (an op named {prefix}<n>) in {source.prefix!r}; available ops: "
+            f"{', '.join(source.names) or '(none)'}. eah_interp.nnsight supports attention modules that pick their "
+            "function with `attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(...)` (transformers 5)."
+        )
+    return names[-1] if last else names[0]
+
+
+def _probability_op(source: Any) -> str:
+    """The dropout op of an eager attention function (the probabilities right before ``@ V``)."""
+    names = [n for n in source.names if "dropout" in n]
+    if not names:
+        raise AttentionImplementationError(
+            f"The eager attention function at {source.prefix!r} has no dropout op to read probabilities from; "
+            f"available ops: {', '.join(source.names)}."
+        )
+    return names[0]
+
+
+def eager_attention_probs(nn_model: Any, layer: int) -> Any:
+    """Inside a trace: make ``layer`` run eager attention and return the op holding its probabilities.
+
+    The returned op's ``.output`` is ``Float[batch, heads, q, k]`` (post-softmax, pre-``@ V``); reading
+    it gives the tensor, assigning it changes the layer's output. Calling this several times for the
+    same layer in one trace is fine (the swap is done once per run).
+
+    Args:
+        nn_model: the nnsight model (``nnsight.NNsight(hf_model)``).
+        layer: 0-based decoder layer of the language model.
+
+    Returns:
+        The nnsight operation (``...attention_interface_1.source.family_1.source.nn_functional_dropout_0``).
+
+    Example:
+        >>> with nn_model.trace(**inputs):
+        ...     op = eah_interp.nnsight.eager_attention_probs(nn_model, 1)
+        ...     op.output = op.output.flip(1)   # swap the heads' maps
+    """
+    source = self_attn(nn_model, layer).source
+    call = source.node(_op_name(source, "attention_interface_", what="the attention function call"))
+    interleaver = nn_model.interleaver
+    entry = interleaver.sourced.get(call.path)
+    if entry is None:  # this run has not drilled into the call yet: swap in eager_attention first
+        binding = _op_name(source, "attention_interface_", what="the attention function binding", last=False)
+        if binding == call.name:
+            raise AttentionImplementationError(
+                f"{source.prefix!r} calls attention_interface without binding it in forward; available ops: "
+                f"{', '.join(source.names)}."
+            )
+        source.node(binding).output = eager_attention
+    elif getattr(entry[0], "__qualname__", None) != eager_attention.__qualname__:
+        raise AttentionImplementationError(
+            f"Layer {layer}'s attention call was already drilled into ({call.path}.source) with "
+            f"{getattr(entry[0], '__qualname__', entry[0])!r} in this trace, so its probabilities cannot be exposed. "
+            "Call eah_interp.nnsight functions for a layer before reading `.source` of its attention call yourself."
+        )
+    inner = call.source
+    family = inner.node(_op_name(inner, "family_", what="the family's eager attention call")).source
+    return family.node(_probability_op(family))
+
+
+def attention_probs(nn_model: Any, layer: int) -> Float[Tensor, "batch heads q k"]:
+    """Inside a trace: the post-softmax attention probabilities of ``layer`` (``[batch, heads, q, k]``).
+
+    To edit them, assign ``eager_attention_probs(nn_model, layer).output``.
+    """
+    return eager_attention_probs(nn_model, layer).output
+
+
+# ---------------------------------------------------------------------------- EAH and statistics
+def _save(value: Any) -> Any:
+    """Mark ``value`` to survive the trace (nnsight only returns saved objects)."""
+    import nnsight
+
+    return nnsight.save(value)
+
+
+def apply_eah(
+    nn_model: Any, config: EAHConfig, layout: TokenLayout, layers: Iterable[int] | None = None
+) -> list[EditRecord]:
+    """Inside a trace: apply EAH to the configured layers of this forward.
+
+    For each layer in increasing order: read its probabilities (`eager_attention_probs`), edit them with
+    `apply_eah_to_probs` when `should_edit` says so (prefill; decode steps too with
+    ``config.apply_to_decode``), and write them back. Call it where those layers run in your trace body:
+    after interventions on earlier modules, before later ones. In a traced ``generate`` it edits the
+    first forward (the prefill); call it inside ``for step in tracer.iter[:]`` for every step.
+
+    Args:
+        nn_model: the nnsight model.
+        config: the edit; its layers and heads are checked against the model.
+        layout: layout of the prompt rows this trace (invoke) sees; it is extended for decode steps.
+        layers: edit these layers instead of ``config.layers``.
+
+    Returns:
+        A list (saved, so it survives the trace) receiving one `EditRecord` per edited layer.
+    """
+    if not isinstance(config, EAHConfig):
+        raise TypeError(f"config must be an EAHConfig; got {type(config).__name__}.")
+    if layers is not None:
+        config = dataclasses.replace(config, layers=tuple(sorted({int(x) for x in layers})))
+    n_layers, n_heads, _ = hf.model_shape(hf_model(nn_model))
     config.validate_for(n_layers, n_heads)
-    records: list[EditRecord] = []
+    records: list[EditRecord] = _save([])
     for layer in sorted(config.layers):
-        record = apply_eah_layer(nn_model, config, layout, layer)
-        if record is not None:
-            records.append(record)
+        op = eager_attention_probs(nn_model, layer)
+        probs = op.output
+        b, _, q, k = probs.shape
+        if not should_edit(config, layer, q, k):
+            continue
+        edited, record = apply_eah_to_probs(probs, layout.fit(b, q, k), config, layer)
+        op.output = edited
+        records.append(record)
     return records
 
 
-def apply_eah_layer(nn_model: Any, config: EAHConfig, layout: TokenLayout, layer: int) -> EditRecord | None:
-    """Inside a trace: apply EAH to one exposed layer; returns its `EditRecord` (None if not edited)."""
-    site = _site(nn_model, layer)
-    probs = site.output
-    if not should_edit(config, layer, probs.shape[-2], probs.shape[-1]):
-        return None
-    edited, record = apply_eah_to_probs(probs, layout, config, layer)
-    site.output = edited
-    return record
-
-
 def feed_head_stats(nn_model: Any, stats: HeadStats, layout: TokenLayout, layers: Iterable[int]) -> None:
-    """Inside a trace: add the prompt statistics of exposed ``layers`` to ``stats`` (no maps are kept)."""
-    for layer in sorted(layers):
-        probs = _site(nn_model, layer).output
-        stats.update_from_stats(layer, head_statistics(probs, layout, stats.threshold, stats.normalise))
+    """Inside a trace: add the prompt statistics of ``layers`` to ``stats`` (no attention map is kept).
+
+    Only prompt (prefill) forwards are counted; decode steps are ignored. Call it before `apply_eah` on
+    the same layer to get pre-edit statistics (the order of calls is the order in the forward).
+
+    Args:
+        nn_model: the nnsight model.
+        stats: the accumulator (its ``threshold`` / ``normalise`` are used).
+        layout: layout of the prompt rows this trace (invoke) sees.
+        layers: decoder layers to read.
+    """
+    for layer in sorted({int(x) for x in layers}):
+        probs = attention_probs(nn_model, layer)
+        if probs.shape[-2] != probs.shape[-1]:
+            continue
+        with torch.no_grad():
+            values = head_statistics(probs.detach(), layout.fit(probs.shape[0], probs.shape[-2], probs.shape[-1]),
+                                     stats.threshold, stats.normalise)  # type: ignore[arg-type]
+        stats.update_from_stats(layer, values)

@@ -1,342 +1,546 @@
-"""Activation patching stacked with EAH: which components carry the broadcast's effect on a metric?
+"""Activation patching stacked with EAH: which components carry the change EAH makes to an answer.
 
-Two runs of the same inputs — the **baseline** and the **EAH** run — and one site at a time:
+Two runs of the same inputs are compared: the **baseline** (the plain model) and the **EAH** run (the
+model with `EAHConfig` applied). A *patch* copies one site's activation, at a group of positions, from
+one run into the other, and the metric (default: the yes-minus-no logit difference at the last real
+position) is measured on the patched run:
 
-* ``direction="eah->baseline"`` (sufficiency, "which component carries the fix?"): run the baseline
-  and overwrite one site with its value from the EAH run;
-* ``direction="baseline->eah"`` (necessity, "which component is needed?"): run EAH and overwrite one
-  site with its baseline value.
+* ``"eah_into_baseline"`` (sufficiency): the baseline run receives the EAH activation. An effect near 1
+  means this site alone carries the change EAH makes to the metric.
+* ``"baseline_into_eah"`` (necessity): the EAH run receives the baseline activation. An effect near 0
+  means the change cannot happen without this site (restoring it undoes EAH); near 1, it is not needed.
 
-Sites, per decoder layer: ``attn_out`` (the attention module's output), ``mlp_out`` (the MLP's
-output), ``resid`` (the decoder layer's output, the residual stream after the layer) and, per head,
-``head`` (the head's slice of the output projection's input, i.e. its ``P @ V`` result), each
-restricted to a position group: ``image`` (image tokens), ``text`` (real prompt tokens that are
-not image tokens, except the last), ``last`` (the last position) or ``all``.
+``normalised_effect = (patched - baseline) / (eah - baseline)`` in both directions (metrics are means
+over the batch rows), so 0 is the baseline metric and 1 the EAH metric.
 
-The metric is a function of the last-position logits ``[batch, vocab]`` returning one number per row
-(default: ``log p(yes) - log p(no)``, `yes_no_metric`); rows are averaged. Results are tidy
-DataFrames with the metric and the normalised effect ``(patched - baseline) / (eah - baseline)``
-(1 = the patch moves the metric all the way to the EAH value, 0 = not at all).
+Sites (`SITES`), for every decoder layer ``l`` of the language model:
 
-Two implementations with the same results: `patch_sites` runs through nnsight (the primary one) and
-`patch_sites_lens` through TransformerLens hooks on a `TransformerBridge`.
+* ``"attn_out"``: the attention block's output (after ``o_proj``), ``blocks.{l}.hook_attn_out``;
+* ``"mlp_out"``: the MLP output, ``blocks.{l}.hook_mlp_out``;
+* ``"resid"``: the decoder layer's output (residual stream after the layer), ``blocks.{l}.hook_resid_post``;
+* ``"head"``: one head's output = its slice of ``o_proj``'s input, ``blocks.{l}.attn.hook_z[:, :, h]``.
+
+Position groups (`POSITION_GROUPS`), per row from its `TokenLayout`: ``"image"`` (image tokens),
+``"text"`` (real non-image tokens except the last), ``"last"`` (the last real token), ``"all"`` (every
+position, padding included).
+
+Two implementations share the sweep and the tables: `NNsightPatcher` (primary: nnsight interventions,
+EAH by `eah_interp.nnsight.apply_eah`) and `LensPatcher` (TransformerLens hooks, EAH by
+`eah_interp.lens.eah_hooks`). The tests check they agree.
+
+Example:
+    >>> metric = LogitDiff(yes=yes_id, no=no_id)
+    >>> frame = patch_nnsight(nnsight.NNsight(model), inputs, EAHConfig.paper(), metric)
+    >>> plot_sites(frame, direction="eah_into_baseline", positions="all")
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-import eah_interp.nnsight as ens
-from eah_interp import hf
 from eah_interp.config import EAHConfig
+from eah_interp.errors import ConfigError, HeadIndexError, LayerIndexError, LayoutError, UnsupportedModelError
 from eah_interp.layout import TokenLayout
 
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
 SITES = ("attn_out", "mlp_out", "resid", "head")
-POSITIONS = ("image", "text", "last", "all")
-DIRECTIONS = ("eah->baseline", "baseline->eah")
+LAYER_SITES = ("attn_out", "mlp_out", "resid")
+POSITION_GROUPS = ("image", "text", "last", "all")
+DIRECTIONS = ("eah_into_baseline", "baseline_into_eah")
+#: Columns of the tables `sweep` returns.
+COLUMNS = (
+    "direction", "site", "layer", "head", "positions", "metric", "normalised_effect", "baseline_metric", "eah_metric",
+)
 
-Metric = Callable[[Tensor], Tensor]
+__all__ = [
+    "COLUMNS",
+    "DIRECTIONS",
+    "LAYER_SITES",
+    "POSITION_GROUPS",
+    "SITES",
+    "LensPatcher",
+    "LogitDiff",
+    "NNsightPatcher",
+    "Patch",
+    "TokenLogProb",
+    "last_positions",
+    "patch_lens",
+    "patch_nnsight",
+    "plot_heads",
+    "plot_sites",
+    "position_masks",
+    "run_with_patches",
+    "sweep",
+]
 
 
-def yes_no_metric(yes_ids: Sequence[int], no_ids: Sequence[int]) -> Metric:
-    """``log p(yes) - log p(no)`` of the last-position logits, per row."""
-    from eah_interp.metrics import yes_no_logit_diff
+# ---------------------------------------------------------------------------- metrics
+class Metric(Protocol):
+    """A metric maps logits and each row's last real position to one number per row."""
 
-    return lambda logits: yes_no_logit_diff(logits, yes_ids, no_ids)
-
-
-def token_logprob_metric(token_id: int) -> Metric:
-    """``log p(token)`` of the last-position logits, per row (e.g. a hallucinated object word)."""
-    return lambda logits: torch.log_softmax(logits.float(), -1)[:, token_id]
+    def __call__(self, logits: Float[Tensor, "batch seq vocab"], last: Int[Tensor, " batch"]) -> Float[Tensor, " batch"]: ...
 
 
-def position_mask(layout: TokenLayout, group: str) -> Tensor:
-    """``Bool[batch, seq]`` of the positions of a group (``image``, ``text``, ``last``, ``all``)."""
-    if group not in POSITIONS:
-        raise ValueError(f"position group must be one of {POSITIONS}; got {group!r}.")
-    real = layout.attention_mask
-    last = torch.zeros_like(real)
-    last[:, -1] = True
+def _at_last(logits: Float[Tensor, "batch seq vocab"], last: Int[Tensor, " batch"]) -> Float[Tensor, "batch vocab"]:
+    return logits[torch.arange(logits.shape[0], device=logits.device), last.to(logits.device)].float()
+
+
+@dataclass(frozen=True)
+class LogitDiff:
+    """``log p(yes) - log p(no)`` at the last real position; with one id each, the logit difference.
+
+    Attributes:
+        yes, no: token id(s); several ids are pooled (``logsumexp`` of their log-probabilities), as in
+            `eah_interp.metrics.yes_no_logit_diff`.
+    """
+
+    yes: int | tuple[int, ...]
+    no: int | tuple[int, ...]
+
+    def __call__(self, logits: Float[Tensor, "batch seq vocab"], last: Int[Tensor, " batch"]) -> Float[Tensor, " batch"]:
+        from eah_interp.metrics.probes import yes_no_logit_diff
+
+        yes = [self.yes] if isinstance(self.yes, int) else list(self.yes)
+        no = [self.no] if isinstance(self.no, int) else list(self.no)
+        return yes_no_logit_diff(_at_last(logits, last), yes, no)
+
+
+@dataclass(frozen=True)
+class TokenLogProb:
+    """``log p(token)`` at the last real position."""
+
+    token: int
+
+    def __call__(self, logits: Float[Tensor, "batch seq vocab"], last: Int[Tensor, " batch"]) -> Float[Tensor, " batch"]:
+        return torch.log_softmax(_at_last(logits, last), dim=-1)[:, self.token]
+
+
+def _as_metric(metric: Metric | tuple[int, int]) -> Metric:
+    if isinstance(metric, tuple) and len(metric) == 2 and all(isinstance(t, int) for t in metric):
+        return LogitDiff(yes=metric[0], no=metric[1])
+    if not callable(metric):
+        raise ConfigError(f"metric must be a callable (LogitDiff, TokenLogProb) or a (yes_id, no_id) pair; got {metric!r}.")
+    return metric
+
+
+# ---------------------------------------------------------------------------- positions and patches
+def last_positions(layout: TokenLayout) -> Int[Tensor, " batch"]:
+    """Index of the last real (non-padding) token of each row."""
+    pos = torch.arange(layout.seq_len, device=layout.attention_mask.device)
+    return torch.where(layout.attention_mask, pos, -1).max(-1).values
+
+
+def position_masks(layout: TokenLayout) -> dict[str, Bool[Tensor, "batch seq"]]:
+    """The `POSITION_GROUPS` of each row as boolean masks ``[batch, seq]``."""
+    last = torch.zeros_like(layout.attention_mask)
+    last[torch.arange(layout.batch_size), last_positions(layout)] = True
     return {
         "image": layout.image_mask,
-        "text": real & ~layout.image_mask & ~last,
+        "text": layout.attention_mask & ~layout.image_mask & ~last,
         "last": last,
-        "all": real,
-    }[group]
+        "all": torch.ones_like(layout.attention_mask),
+    }
 
 
-# ---------------------------------------------------------------------------- nnsight
-def _layers(nn_model: Any):
-    """The envoys of the language model's decoder layers."""
-    model = ens._hf_model(nn_model)
-    modules = hf.attention_modules(model)
-    first = modules[min(modules)]
-    name = next(n for n, m in model.named_modules() if m is first)
-    parent_name = name.rsplit(".", 2)[0]  # "<...>.layers.<i>.self_attn" -> "<...>.layers"
-    envoy = nn_model
-    for part in parent_name.split("."):
-        envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
-    return [envoy[i] for i in range(len(modules))]
+@dataclass(frozen=True)
+class Patch:
+    """One patched site: ``site`` of ``layer`` (and ``head`` for ``site="head"``) at ``positions``."""
+
+    site: str
+    layer: int
+    head: int | None = None
+    positions: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.site not in SITES:
+            raise ConfigError(f"Unknown site {self.site!r}; choose from {SITES}.")
+        if self.positions not in POSITION_GROUPS:
+            raise ConfigError(f"Unknown position group {self.positions!r}; choose from {POSITION_GROUPS}.")
+        if (self.site == "head") != (self.head is not None):
+            raise ConfigError(f"A head index goes with site='head' and only with it; got {self}.")
 
 
-def _site_value(layer_envoy: Any, site: str):
-    if site == "attn_out":
-        return layer_envoy.self_attn.output[0]
-    if site == "mlp_out":
-        return layer_envoy.mlp.output
-    if site == "resid":
-        return layer_envoy.output
-    if site == "head":
-        return layer_envoy.self_attn.o_proj.input
-    raise ValueError(f"site must be one of {SITES}; got {site!r}.")
-
-
-def _set_site(layer_envoy: Any, site: str, value: Tensor) -> None:
-    if site == "attn_out":
-        layer_envoy.self_attn.output = (value, layer_envoy.self_attn.output[1])
-    elif site == "mlp_out":
-        layer_envoy.mlp.output = value
-    elif site == "resid":
-        layer_envoy.output = value
-    else:
-        layer_envoy.self_attn.o_proj.input = value
-
-
-def _run(nn_model, inputs, config, layout, metric, *, cache=None, patches=()):
-    """One nnsight trace: baseline (config None) or EAH; optionally cache every site; apply patches.
-
-    ``patches``: (layer, site, head or None, positions mask, replacement tensor).
-    Returns (metric per row, cache dict {(layer, site): tensor} or None).
-    """
-    import nnsight
-
-    layers = _layers(nn_model)
-    by_layer: dict[int, list] = {}
+def _patched(
+    current: Float[Tensor, "batch seq ..."],
+    donor: Float[Tensor, "batch seq ..."],
+    patches: Sequence[Patch],
+    masks: dict[str, Tensor],
+    head_dim: int | None = None,
+) -> Tensor:
+    """``current`` with the donor's values at each patch's positions (and head slice)."""
+    out = current.clone()
     for patch in patches:
-        by_layer.setdefault(patch[0], []).append(patch)
-    n_heads = hf.model_shape(ens._hf_model(nn_model))[1]
-    order = ("head", "attn_out", "mlp_out", "resid")  # the order the forward pass produces them
-    if config is not None:
-        config.validate_for(len(layers), n_heads)
-    saved: dict = {}  # filled inside the trace (an outer object survives it; locals do not)
-    with torch.no_grad(), nn_model.trace(**inputs, use_cache=False):
-        for index, layer in enumerate(layers):
-            if config is not None and index in config.layers:  # interleaved in forward order
-                ens.apply_eah_layer(nn_model, config, layout, index)
-            for site in order:
-                todo = [p for p in by_layer.get(index, []) if p[1] == site]
-                if cache is None and not todo:
-                    continue
-                value = _site_value(layer, site)
-                if todo:
-                    value = value.clone()
-                    for _, _, head, mask, replacement in todo:
-                        m = mask.to(value.device)[..., None]
-                        if head is None:
-                            value = torch.where(m, replacement, value)
-                        else:
-                            d = value.shape[-1] // n_heads
-                            part = slice(head * d, (head + 1) * d)
-                            value[..., part] = torch.where(m, replacement[..., part], value[..., part])
-                    _set_site(layer, site, value)
-                if cache is not None:
-                    saved[(index, site)] = nnsight.save(value.detach().clone())
-        result = nnsight.save(metric(nn_model.output.logits[:, -1]))
-    return result, (saved if cache is not None else None)
+        where = masks[patch.positions].to(out.device)
+        if patch.site == "head":
+            if out.ndim == 4:  # [b, seq, heads, d_head] (TransformerLens hook_z)
+                cols = (slice(None), slice(None), patch.head)
+            else:  # [b, seq, heads * d_head] (o_proj input)
+                cols = (slice(None), slice(None), slice(patch.head * head_dim, (patch.head + 1) * head_dim))
+            sel = where[..., None].expand_as(out[cols])
+            out[cols] = torch.where(sel, donor[cols].to(out.dtype), out[cols])
+        else:
+            sel = where.view(*where.shape, *([1] * (out.ndim - 2))).expand_as(out)
+            out = torch.where(sel, donor.to(out.dtype), out)
+    return out
 
 
-def patch_sites(
-    nn_model: Any,
-    inputs: dict[str, Tensor],
-    config: EAHConfig,
-    layout: TokenLayout,
-    metric: Metric,
-    *,
-    sites: Iterable[str] = ("attn_out", "mlp_out", "resid"),
-    positions: Iterable[str] = ("all",),
-    layers: Iterable[int] | None = None,
-    heads: bool = False,
-    directions: Iterable[str] = DIRECTIONS,
-    progress: bool = True,
-):
-    """Patch one site at a time between the baseline and the EAH run (through nnsight).
+# ---------------------------------------------------------------------------- backends
+class Patcher(Protocol):
+    """What `sweep` needs from a backend."""
+
+    n_layers: int
+    n_heads: int
+    layout: TokenLayout
+    config: EAHConfig
+
+    def collect(self, eah: bool) -> tuple[dict[tuple[str, int], Tensor], Tensor]:
+        """All site activations (keyed ``(site, layer)``) and the logits of the baseline/EAH run."""
+        ...
+
+    def run(self, patches: Sequence[Patch], direction: str) -> Float[Tensor, "batch seq vocab"]:
+        """Logits of the run receiving ``patches`` (``direction`` says which run receives them)."""
+        ...
+
+
+def _default_layout(model: Any, inputs: dict[str, Tensor], layout: TokenLayout | None) -> TokenLayout:
+    from eah_interp import hf
+
+    if layout is not None:
+        return layout
+    token = hf.image_token_id(model)
+    if token is None or "input_ids" not in inputs:
+        raise LayoutError(
+            "Cannot derive the token layout (no image_token_id in the config or no input_ids): pass layout=TokenLayout(...)."
+        )
+    return TokenLayout.from_input_ids(inputs["input_ids"], token, inputs.get("attention_mask"))
+
+
+@dataclass
+class NNsightPatcher:
+    """Patching runs as nnsight traces; EAH by `eah_interp.nnsight.apply_eah` in the same trace.
 
     Args:
-        nn_model: an ``nnsight.NNsight`` wrapping the HF LVLM.
-        inputs: the model inputs (one processor call; several rows are averaged).
+        nn_model: ``nnsight.NNsight(hf_model)``.
+        inputs: the model inputs (``input_ids``, ``attention_mask``, ``pixel_values``, ...).
         config: the EAH edit.
-        layout: layout of ``inputs``.
-        metric: logits ``[batch, vocab]`` -> ``[batch]``.
-        sites: layer-level sites (subset of ``attn_out``, ``mlp_out``, ``resid``).
-        positions: position groups to patch.
-        layers: layers to patch (default all).
-        heads: also patch every head's output (site ``head``) per layer and position group.
-        directions: ``eah->baseline`` and/or ``baseline->eah``.
-
-    Returns:
-        A tidy DataFrame: direction, site, layer, head, positions, metric, baseline, eah, effect.
+        layout: the prompt layout (default: from ``input_ids`` and the config's image token id).
     """
-    import pandas as pd
-    from tqdm.auto import tqdm
 
-    n_layers, n_heads, _ = hf.model_shape(ens._hf_model(nn_model))
-    chosen = list(range(n_layers)) if layers is None else list(layers)
-    with ens.expose(nn_model, config.layers):
-        base_metric, base_cache = _run(nn_model, inputs, None, layout, metric, cache=True)
-        eah_metric, eah_cache = _run(nn_model, inputs, config, layout, metric, cache=True)
-        b, e = float(base_metric.mean()), float(eah_metric.mean())
-        jobs = [(layer, site, None, group) for layer in chosen for site in sites for group in positions]
-        if heads:
-            jobs += [(layer, "head", h, group) for layer in chosen for h in range(n_heads) for group in positions]
-        rows = []
-        for direction in directions:
-            if direction not in DIRECTIONS:
-                raise ValueError(f"direction must be one of {DIRECTIONS}; got {direction!r}.")
-            run_config, source = (None, eah_cache) if direction == "eah->baseline" else (config, base_cache)
-            for layer, site, head, group in tqdm(jobs, desc=f"patching {direction}", disable=not progress):
-                mask = position_mask(layout, group)
-                value, _ = _run(
-                    nn_model, inputs, run_config, layout, metric,
-                    patches=[(layer, site, head, mask, source[(layer, site)])],
-                )
-                v = float(value.mean())
-                rows.append({
-                    "direction": direction, "site": site, "layer": layer, "head": -1 if head is None else head,
-                    "positions": group, "metric": v, "baseline": b, "eah": e,
-                    "effect": (v - b) / (e - b) if e != b else float("nan"),
-                })
-    return pd.DataFrame(rows)
+    nn_model: Any
+    inputs: dict[str, Tensor]
+    config: EAHConfig
+    layout: TokenLayout | None = None
+    _donors: dict[bool, dict[tuple[str, int], Tensor]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        from eah_interp import hf
+        from eah_interp.nnsight import hf_model
+
+        model = hf_model(self.nn_model)
+        self.n_layers, self.n_heads, _ = hf.model_shape(model)
+        self.config.validate_for(self.n_layers, self.n_heads)
+        text = hf.text_config(model)
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // self.n_heads
+        self.layout = _default_layout(model, self.inputs, self.layout)
+        self._layers = [self._layer_envoy(i) for i in range(self.n_layers)]
+
+    def _layer_envoy(self, layer: int) -> Any:
+        from eah_interp.nnsight import self_attn
+
+        return self_attn(self.nn_model, layer).parent
+
+    def _trace(self, eah: bool, edit: Callable[[int, str, Any, Callable[[], Tensor], Callable[[Tensor], None]], None]) -> Tensor:
+        """One forward; ``edit(layer, site, envoy, read, write)`` is called at each site in forward order."""
+        from eah_interp.nnsight import apply_eah
+
+        with torch.no_grad(), self.nn_model.trace(**self.inputs):
+            for layer, block in enumerate(self._layers):
+                if eah and layer in self.config.layers:
+                    apply_eah(self.nn_model, self.config, self.layout, layers=[layer])
+                attn, mlp = block.self_attn, block.mlp
+
+                def write_z(v, attn=attn):
+                    attn.o_proj.input = v
+
+                def write_attn(v, attn=attn):
+                    out = attn.output
+                    attn.output = (v, *out[1:]) if isinstance(out, tuple) else v
+
+                def write_mlp(v, mlp=mlp):
+                    mlp.output = v
+
+                def write_resid(v, block=block):
+                    out = block.output
+                    block.output = (v, *out[1:]) if isinstance(out, tuple) else v
+
+                edit(layer, "head", attn, lambda attn=attn: attn.o_proj.input, write_z)
+                edit(layer, "attn_out", attn, lambda attn=attn: _first(attn.output), write_attn)
+                edit(layer, "mlp_out", mlp, lambda mlp=mlp: mlp.output, write_mlp)
+                edit(layer, "resid", block, lambda block=block: _first(block.output), write_resid)
+            logits = self.nn_model.output.logits.save()
+        return logits
+
+    def collect(self, eah: bool) -> tuple[dict[tuple[str, int], Tensor], Tensor]:
+        import nnsight
+
+        acts: dict[tuple[str, int], Tensor] = {}
+
+        def edit(layer, site, envoy, read, write):
+            acts[(site, layer)] = nnsight.save(read().clone())
+
+        logits = self._trace(eah, edit)
+        self._donors[eah] = acts
+        return acts, logits
+
+    def run(self, patches: Sequence[Patch], direction: str) -> Float[Tensor, "batch seq vocab"]:
+        receiver_eah = direction == "baseline_into_eah"
+        donor = self._donors.get(not receiver_eah) or self.collect(not receiver_eah)[0]
+        masks = position_masks(self.layout)
+        by_site: dict[tuple[str, int], list[Patch]] = {}
+        for patch in patches:
+            by_site.setdefault(("head" if patch.site == "head" else patch.site, patch.layer), []).append(patch)
+
+        def edit(layer, site, envoy, read, write):
+            chosen = by_site.get((site, layer))
+            if chosen:
+                write(_patched(read(), donor[(site, layer)], chosen, masks, self.head_dim))
+
+        return self._trace(receiver_eah, edit)
 
 
-def run_metric(nn_model: Any, inputs, config: EAHConfig | None, layout: TokenLayout, metric: Metric, patches=()) -> Tensor:
-    """The metric of one (optionally patched) run through nnsight; ``patches`` as in `_run`."""
-    with ens.expose(nn_model, config.layers if config is not None else ()):
-        value, _ = _run(nn_model, inputs, config, layout, metric, patches=patches)
-    return value
+def _first(value: Any) -> Tensor:
+    return value[0] if isinstance(value, tuple) else value
 
 
-def cache_sites(nn_model: Any, inputs, config: EAHConfig | None, layout: TokenLayout, metric: Metric) -> dict:
-    """Every site's value of the baseline (config None) or EAH run, keyed by (layer, site)."""
-    with ens.expose(nn_model, config.layers if config is not None else ()):
-        return _run(nn_model, inputs, config, layout, metric, cache=True)[1]
+_LENS_HOOKS = {
+    "attn_out": "blocks.{}.hook_attn_out",
+    "mlp_out": "blocks.{}.hook_mlp_out",
+    "resid": "blocks.{}.hook_resid_post",
+    "head": "blocks.{}.attn.hook_z",
+}
 
 
-# ---------------------------------------------------------------------------- TransformerLens
-_LENS_HOOKS = {"attn_out": "blocks.{l}.hook_attn_out", "mlp_out": "blocks.{l}.hook_mlp_out", "resid": "blocks.{l}.hook_resid_post", "head": "blocks.{l}.attn.hook_z"}
+@dataclass
+class LensPatcher:
+    """Patching runs as TransformerLens hooks on a `TransformerBridge`; EAH by `eah_interp.lens.eah_hooks`.
 
+    Args:
+        bridge: from `eah_interp.lens.boot_bridge`.
+        inputs: ``input_ids`` (or a float ``inputs_embeds``) plus the bridge's keyword inputs
+            (``attention_mask``, ``pixel_values``, ...).
+        config: the EAH edit.
+        layout: the prompt layout (default: from ``input_ids`` and the config's image token id).
+    """
 
-def patch_sites_lens(
-    bridge: Any,
-    inputs: dict[str, Tensor],
-    config: EAHConfig,
-    layout: TokenLayout,
-    metric: Metric,
-    *,
-    sites: Iterable[str] = ("attn_out", "mlp_out", "resid"),
-    positions: Iterable[str] = ("all",),
-    layers: Iterable[int] | None = None,
-    heads: bool = False,
-    directions: Iterable[str] = DIRECTIONS,
-):
-    """`patch_sites` through TransformerLens hooks on a `TransformerBridge` (same table)."""
-    import pandas as pd
+    bridge: Any
+    inputs: dict[str, Tensor]
+    config: EAHConfig
+    layout: TokenLayout | None = None
+    _donors: dict[bool, dict[tuple[str, int], Tensor]] = field(default_factory=dict, repr=False)
 
-    from eah_interp.lens import eah_hooks
+    def __post_init__(self) -> None:
+        cfg = self.bridge.cfg
+        self.n_layers, self.n_heads = cfg.n_layers, cfg.n_heads
+        self.config.validate_for(self.n_layers, self.n_heads)
+        self.layout = _default_layout(self.bridge.original_model, self.inputs, self.layout)
+        missing = [n.format(0) for n in _LENS_HOOKS.values() if n.format(0) not in self.bridge.hook_dict]
+        if missing:
+            raise UnsupportedModelError(
+                f"The bridge has no hook(s) {missing}; patching needs {list(_LENS_HOOKS.values())}."
+            )
 
-    ids = inputs["input_ids"]
-    kwargs = {k: v for k, v in inputs.items() if k != "input_ids"}
-    n_layers, n_heads = bridge.cfg.n_layers, bridge.cfg.n_heads
-    chosen = list(range(n_layers)) if layers is None else list(layers)
-    site_list = list(sites) + (["head"] if heads else [])
-    names = [_LENS_HOOKS[s].format(l=layer) for layer in chosen for s in site_list]
+    def _call(self, eah: bool, hooks: list) -> Tensor:
+        from eah_interp.lens import eah_hooks
 
-    def run(edit: bool, fwd: list) -> Tensor:
-        hooks = (eah_hooks(bridge, config, layout) if edit else []) + fwd
+        kwargs = dict(self.inputs)
+        first = kwargs.pop("inputs_embeds", None)
+        if first is None:
+            first = kwargs.pop("input_ids")
+        all_hooks = (eah_hooks(self.bridge, self.config, self.layout) if eah else []) + hooks
         with torch.no_grad():
-            logits = bridge.run_with_hooks(ids, fwd_hooks=hooks, **kwargs)
-        return metric(logits[:, -1])
+            return self.bridge.run_with_hooks(first, fwd_hooks=all_hooks, return_type="logits", **kwargs)
 
-    def caching(store: dict):
-        def make(name: str):  # keyed by the name we asked for (TL reports aliases by their canonical name)
-            def hook(value, hook):
-                store[name] = value.detach().clone()
+    def collect(self, eah: bool) -> tuple[dict[tuple[str, int], Tensor], Tensor]:
+        acts: dict[tuple[str, int], Tensor] = {}
+
+        def make(site: str, layer: int):
+            def hook(value: Tensor, hook: Any) -> None:
+                acts[(site, layer)] = value.detach().clone()
 
             return hook
 
-        return [(n, make(n)) for n in names]
+        hooks = [(name.format(layer), make(site, layer)) for site, name in _LENS_HOOKS.items() for layer in range(self.n_layers)]
+        logits = self._call(eah, hooks)
+        self._donors[eah] = acts
+        return acts, logits
 
-    base_cache: dict = {}
-    eah_cache: dict = {}
-    b = float(run(False, caching(base_cache)).mean())
-    e = float(run(True, caching(eah_cache)).mean())
+    def run(self, patches: Sequence[Patch], direction: str) -> Float[Tensor, "batch seq vocab"]:
+        receiver_eah = direction == "baseline_into_eah"
+        donor = self._donors.get(not receiver_eah) or self.collect(not receiver_eah)[0]
+        masks = position_masks(self.layout)
+        by_site: dict[tuple[str, int], list[Patch]] = {}
+        for patch in patches:
+            by_site.setdefault((patch.site, patch.layer), []).append(patch)
+
+        def make(key: tuple[str, int], chosen: list[Patch]):
+            def hook(value: Tensor, hook: Any) -> Tensor:
+                return _patched(value, donor[key], chosen, masks)
+
+            return hook
+
+        hooks = [(_LENS_HOOKS[site].format(layer), make((site, layer), chosen)) for (site, layer), chosen in by_site.items()]
+        return self._call(receiver_eah, hooks)
+
+
+# ---------------------------------------------------------------------------- the sweep
+def _check_direction(direction: str) -> None:
+    if direction not in DIRECTIONS:
+        raise ConfigError(f"Unknown direction {direction!r}; choose from {DIRECTIONS}.")
+
+
+def run_with_patches(patcher: Patcher, patches: Iterable[Patch], direction: str) -> Float[Tensor, "batch seq vocab"]:
+    """Logits of one run receiving several patches at once (e.g. every site, or nothing)."""
+    _check_direction(direction)
+    patches = list(patches)
+    for patch in patches:
+        if not 0 <= patch.layer < patcher.n_layers:
+            raise LayerIndexError(f"Patch layer {patch.layer} out of range (0..{patcher.n_layers - 1}).")
+        if patch.head is not None and not 0 <= patch.head < patcher.n_heads:
+            raise HeadIndexError(f"Patch head {patch.head} out of range (0..{patcher.n_heads - 1}).")
+    return patcher.run(patches, direction)
+
+
+def sweep(
+    patcher: Patcher,
+    metric: Metric | tuple[int, int],
+    *,
+    sites: Sequence[str] = SITES,
+    positions: Sequence[str] = POSITION_GROUPS,
+    layers: Iterable[int] | None = None,
+    heads: Iterable[int] | None = None,
+    directions: Sequence[str] = DIRECTIONS,
+) -> pd.DataFrame:
+    """Patch one site at a time, in each direction, and tabulate the metric.
+
+    Args:
+        patcher: `NNsightPatcher` or `LensPatcher`.
+        metric: `LogitDiff`, `TokenLogProb`, any ``(logits, last) -> [batch]`` callable, or a
+            ``(yes_id, no_id)`` pair.
+        sites, positions, directions: subsets of `SITES`, `POSITION_GROUPS`, `DIRECTIONS`.
+        layers: decoder layers to patch (default: all).
+        heads: heads patched for ``site="head"`` (default: all).
+
+    Returns:
+        A tidy frame with `COLUMNS`: one row per (direction, site, layer, head, positions); ``head`` is
+        ``<NA>`` for layer sites; ``metric`` is the batch mean; ``normalised_effect`` is
+        ``(metric - baseline_metric) / (eah_metric - baseline_metric)``.
+    """
+    import pandas as pd
+
+    metric = _as_metric(metric)
+    for name, given, allowed in (("site", sites, SITES), ("position group", positions, POSITION_GROUPS)):
+        unknown = [x for x in given if x not in allowed]
+        if unknown:
+            raise ConfigError(f"Unknown {name}(s) {unknown}; choose from {allowed}.")
+    for direction in directions:
+        _check_direction(direction)
+    layer_list = list(range(patcher.n_layers)) if layers is None else sorted({int(x) for x in layers})
+    head_list = list(range(patcher.n_heads)) if heads is None else sorted({int(x) for x in heads})
+    last = last_positions(patcher.layout)
+
+    def score(logits: Tensor) -> float:
+        return float(metric(logits, last).float().mean())
+
+    baseline = score(patcher.collect(eah=False)[1])
+    eah = score(patcher.collect(eah=True)[1])
+    if math.isclose(eah, baseline, rel_tol=0.0, abs_tol=1e-12):
+        warnings.warn(
+            "EAH does not change the metric on these inputs (eah == baseline): normalised effects are NaN. Check the "
+            "config (threshold, layers) with eah_interp.hf.eah(...) records.",
+            stacklevel=2,
+        )
     rows = []
     for direction in directions:
-        edit, source = (False, eah_cache) if direction == "eah->baseline" else (True, base_cache)
-        jobs = [(layer, s, None, g) for layer in chosen for s in sites for g in positions]
-        if heads:
-            jobs += [(layer, "head", h, g) for layer in chosen for h in range(n_heads) for g in positions]
-        for layer, site, head, group in jobs:
-            name = _LENS_HOOKS[site].format(l=layer)
-            mask = position_mask(layout, group)
-            replacement = source[name]
+        for site in sites:
+            for layer in layer_list:
+                for head in head_list if site == "head" else [None]:
+                    for group in positions:
+                        value = score(run_with_patches(patcher, [Patch(site, layer, head, group)], direction))
+                        denominator = eah - baseline
+                        effect = (value - baseline) / denominator if denominator != 0 else float("nan")
+                        rows.append((direction, site, layer, head, group, value, effect, baseline, eah))
+    frame = pd.DataFrame(rows, columns=list(COLUMNS))
+    frame["head"] = frame["head"].astype("Int64")
+    frame.attrs.update(baseline_metric=baseline, eah_metric=eah, config=patcher.config.to_dict(), metric=repr(metric))
+    return frame
 
-            def patch(value, hook, mask=mask, replacement=replacement, head=head):
-                m = mask.to(value.device)
-                if head is None:
-                    return torch.where(m[..., None], replacement, value)
-                value = value.clone()  # hook_z: [batch, pos, heads, d_head]
-                value[:, :, head] = torch.where(m[..., None], replacement[:, :, head], value[:, :, head])
-                return value
 
-            v = float(run(edit, [(name, patch)]).mean())
-            rows.append({
-                "direction": direction, "site": site, "layer": layer, "head": -1 if head is None else head,
-                "positions": group, "metric": v, "baseline": b, "eah": e,
-                "effect": (v - b) / (e - b) if e != b else float("nan"),
-            })
-    return pd.DataFrame(rows)
+def patch_nnsight(
+    nn_model: Any, inputs: dict[str, Tensor], config: EAHConfig, metric: Metric | tuple[int, int], *,
+    layout: TokenLayout | None = None, **options: Any,
+) -> pd.DataFrame:
+    """`sweep` with an `NNsightPatcher` (``options``: ``sites``, ``positions``, ``layers``, ``heads``, ``directions``)."""
+    return sweep(NNsightPatcher(nn_model, inputs, config, layout), metric, **options)
+
+
+def patch_lens(
+    bridge: Any, inputs: dict[str, Tensor], config: EAHConfig, metric: Metric | tuple[int, int], *,
+    layout: TokenLayout | None = None, **options: Any,
+) -> pd.DataFrame:
+    """`sweep` with a `LensPatcher` (``options``: ``sites``, ``positions``, ``layers``, ``heads``, ``directions``)."""
+    return sweep(LensPatcher(bridge, inputs, config, layout), metric, **options)
 
 
 # ---------------------------------------------------------------------------- plots
-def plot_patching(frame, *, direction: str = "eah->baseline", positions: str = "all", ax=None):
-    """Heatmap of the normalised effect: layer (rows) x site (columns). Returns the Figure."""
+def _heatmap(data, row_labels, col_labels, xlabel: str, title: str, ax=None) -> Figure:
     import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import TwoSlopeNorm
 
-    sub = frame[(frame["direction"] == direction) & (frame["positions"] == positions) & (frame["site"] != "head")]
-    table = sub.pivot_table(index="layer", columns="site", values="effect")
     if ax is None:
-        fig, ax = plt.subplots(figsize=(1.5 + 1.2 * table.shape[1], 1 + 0.25 * table.shape[0]))
+        fig, ax = plt.subplots(figsize=(1.6 + 0.6 * len(col_labels), 1.2 + 0.3 * len(row_labels)))
     else:
         fig = ax.figure
-    im = ax.imshow(table.to_numpy(), aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1)
-    ax.set_xticks(range(table.shape[1]), table.columns)
-    ax.set_yticks(range(table.shape[0]), table.index)
-    ax.set_xlabel("site")
+    finite = np.abs(data[np.isfinite(data)])
+    limit = max(1.0, float(finite.max())) if finite.size else 1.0
+    im = ax.imshow(data, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -limit, limit))
+    ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels])
+    ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels])
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("layer")
-    ax.set_title(f"patching {direction} ({positions} positions): normalised effect")
-    fig.colorbar(im, ax=ax)
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="normalised effect")
     fig.tight_layout()
     return fig
 
 
-def plot_head_patching(frame, *, direction: str = "eah->baseline", positions: str = "all", ax=None):
-    """Heatmap of per-head effects: layer x head. Returns the Figure."""
-    import matplotlib.pyplot as plt
+def plot_sites(frame: pd.DataFrame, direction: str = "eah_into_baseline", positions: str = "all", ax=None) -> Figure:
+    """Heatmap of the normalised effect, layer (rows) x layer site (columns), for one direction and position group."""
+    sub = frame[(frame.direction == direction) & (frame.positions == positions) & frame.site.isin(LAYER_SITES)]
+    if sub.empty:
+        raise ConfigError(f"No layer-site rows for direction={direction!r}, positions={positions!r} in the frame.")
+    table = sub.pivot_table(index="layer", columns="site", values="normalised_effect", dropna=False)
+    table = table[[s for s in LAYER_SITES if s in table.columns]]
+    return _heatmap(table.to_numpy(), list(table.index), list(table.columns), "site",
+                    f"{direction}, positions={positions}", ax)
 
-    sub = frame[(frame["direction"] == direction) & (frame["positions"] == positions) & (frame["site"] == "head")]
-    table = sub.pivot_table(index="layer", columns="head", values="effect")
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(1.5 + 0.45 * table.shape[1], 1 + 0.25 * table.shape[0]))
-    else:
-        fig = ax.figure
-    im = ax.imshow(table.to_numpy(), aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1)
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_title(f"head patching {direction} ({positions})")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    return fig
+
+def plot_heads(frame: pd.DataFrame, direction: str = "eah_into_baseline", positions: str = "all", ax=None) -> Figure:
+    """Heatmap of the normalised effect of patching single heads, layer (rows) x head (columns)."""
+    sub = frame[(frame.direction == direction) & (frame.positions == positions) & (frame.site == "head")]
+    if sub.empty:
+        raise ConfigError(f"No head rows for direction={direction!r}, positions={positions!r} in the frame.")
+    table = sub.astype({"head": int}).pivot_table(index="layer", columns="head", values="normalised_effect", dropna=False)
+    return _heatmap(table.to_numpy(), list(table.index), list(table.columns), "head",
+                    f"heads, {direction}, positions={positions}", ax)

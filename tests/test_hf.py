@@ -8,17 +8,13 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from eah_interp import EAHConfig, HeadStats, LayerIndexError, NoImageTokensError, TokenLayout, hf, sink_scores
-from eah_interp._testing import TINY_IMAGE_TOKEN_ID, tiny_llava, tiny_llava_inputs
+from eah_interp._testing import TINY_IMAGE_TOKEN_ID, sharp_tiny_llava, tiny_llava, tiny_llava_inputs
 from tests.reference import explicit_eah_layer
 
 
 @pytest.fixture(scope="module")
 def model():
-    m = tiny_llava(seed=0)
-    with torch.no_grad():  # sharper attention than random init gives, so heads differ in their sinks
-        for layer in m.model.language_model.layers:
-            layer.self_attn.q_proj.weight.mul_(4.0)
-    return m
+    return sharp_tiny_llava(seed=0)  # sharper attention than random init, so heads differ in their sinks
 
 
 @pytest.fixture(scope="module")

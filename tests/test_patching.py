@@ -1,90 +1,209 @@
-"""Activation patching stacked with EAH, against hand-written HF-hook references; nnsight vs TransformerLens."""
+"""Activation patching stacked with EAH: endpoints, hand-written HF-hook references, nnsight vs TransformerLens."""
 
 from __future__ import annotations
 
+import math
+
+import matplotlib
 import pytest
 import torch
 from nnsight import NNsight
 
 import eah_interp.lens as lens
-from eah_interp import EAHConfig, TokenLayout, hf
-from eah_interp._testing import TINY_IMAGE_TOKEN_ID, tiny_llava_inputs
+from eah_interp import EAHConfig
+from eah_interp._testing import sharp_tiny_llava
 from eah_interp.patching import (
-    patch_sites,
-    patch_sites_lens,
-    plot_head_patching,
-    plot_patching,
-    position_mask,
-    yes_no_metric,
+    COLUMNS,
+    LAYER_SITES,
+    LensPatcher,
+    LogitDiff,
+    NNsightPatcher,
+    Patch,
+    TokenLogProb,
+    last_positions,
+    plot_heads,
+    plot_sites,
+    position_masks,
+    run_with_patches,
+    sweep,
 )
-from tests.test_backends import sharp_tiny_llava
+from tests.test_nnsight_backend import hf_logits, preset, real, tiny_inputs, tiny_layout
 
-CONFIG = EAHConfig.paper(threshold=0.05)
-METRIC = yes_no_metric([5, 7], [6])
+matplotlib.use("Agg")
+torch.set_num_threads(1)
+
+N_LAYERS, N_HEADS = 4, 4
 
 
 @pytest.fixture(scope="module")
 def setup():
+    """Model, inputs, the EAH config and a metric whose value EAH moves (tokens chosen on the EAH change)."""
     model = sharp_tiny_llava()
-    inputs = tiny_llava_inputs(model, prefix_lengths=(3, 6), suffix_lengths=(5, 2), seed=1)
-    layout = TokenLayout.from_input_ids(inputs["input_ids"], TINY_IMAGE_TOKEN_ID, inputs["attention_mask"])
-    table = patch_sites(NNsight(model), inputs, CONFIG, layout, METRIC, positions=("all", "image", "last"),
-                        heads=True, progress=False)
-    return model, inputs, layout, table
+    inputs = tiny_inputs(model)
+    config = preset("paper", model, inputs)
+    want, _ = hf_logits(model, inputs, config)
+    change = (want[:, -1] - hf_logits(model, inputs)[:, -1]).mean(0)  # left padding: -1 is the last real token
+    metric = LogitDiff(yes=int(change.argmax()), no=int(change.argmin()))
+    return model, inputs, config, metric
 
 
-def hf_metric(model, inputs, config=None, hook=None):
-    """The metric with plain HF forward hooks (the hand-written reference)."""
-    handles = [] if hook is None else [hook[0].register_forward_hook(hook[1])]
-    try:
-        with torch.no_grad():
-            if config is None:
-                logits = model(**inputs, use_cache=False).logits
-            else:
-                with hf.eah(model, config):
-                    logits = model(**inputs, use_cache=False).logits
-    finally:
-        for h in handles:
-            h.remove()
-    return METRIC(logits[:, -1]).mean().item()
+@pytest.fixture(scope="module")
+def patcher(setup):
+    model, inputs, config, _ = setup
+    return NNsightPatcher(NNsight(model), inputs, config)
 
 
-def test_endpoints_patch_everything_or_nothing(setup):
-    model, inputs, layout, table = setup
-    base, eah = hf_metric(model, inputs), hf_metric(model, inputs, CONFIG)
-    assert table["baseline"].iloc[0] == pytest.approx(base, abs=1e-5)
-    assert table["eah"].iloc[0] == pytest.approx(eah, abs=1e-5)
-    assert abs(eah - base) > 1e-4
-    last = model.config.text_config.num_hidden_layers - 1
-    full = table[(table.site == "resid") & (table.layer == last) & (table.positions == "all")].set_index("direction")
-    # the whole residual stream after the last layer carries everything: effect 1 one way, 0 the other
-    assert full.loc["eah->baseline", "metric"] == pytest.approx(eah, abs=1e-5)
-    assert full.loc["baseline->eah", "metric"] == pytest.approx(base, abs=1e-5)
-    # layer 0 runs before the edited layer 1: patching it changes nothing
-    early = table[(table.layer == 0) & (table.site != "head") & (table.positions == "all")]
-    assert early["metric"].tolist() == pytest.approx([base] * 3 + [eah] * 3, abs=1e-5)
+@pytest.fixture(scope="module")
+def table(setup, patcher):
+    return sweep(patcher, setup[3])
 
 
-def test_one_site_equals_a_hand_written_hook_reference(setup):
-    model, inputs, layout, table = setup
+@pytest.fixture(scope="module")
+def lens_patcher(setup):
+    _, inputs, config, _ = setup
+    return LensPatcher(lens.boot_bridge(sharp_tiny_llava()), inputs, config)
+
+
+def value(logits, inputs, metric):
+    return float(metric(logits, last_positions(tiny_layout(inputs))).mean())
+
+
+def row(table, **where):
+    sub = table
+    for key, v in where.items():
+        sub = sub[sub[key].isna()] if v is None else sub[sub[key] == v]
+    assert len(sub) == 1, where
+    return sub.iloc[0]
+
+
+# ---------------------------------------------------------------------------- endpoints
+@pytest.mark.parametrize("which", ["nnsight", "lens"])
+def test_patching_everything_gives_the_other_run_and_nothing_gives_its_own(setup, patcher, lens_patcher, which):
+    model, inputs, config, _ = setup
+    p = patcher if which == "nnsight" else lens_patcher
+    baseline, (eah, _) = hf_logits(model, inputs), hf_logits(model, inputs, config)
+    last = N_LAYERS - 1
+    for direction, own, other in (("eah_into_baseline", baseline, eah), ("baseline_into_eah", eah, baseline)):
+        nothing = run_with_patches(p, [], direction)
+        assert torch.allclose(real(nothing, inputs), real(own, inputs), atol=1e-5)
+        resid = run_with_patches(p, [Patch("resid", last, positions="all")], direction)
+        assert torch.allclose(real(resid, inputs), real(other, inputs), atol=1e-5)
+        every = [Patch(site, layer, positions="all") for layer in range(N_LAYERS) for site in ("attn_out", "mlp_out")]
+        assert torch.allclose(real(run_with_patches(p, every, direction), inputs), real(other, inputs), atol=1e-5)
+        # EAH edits only layer 1's attention: all of layer 1's heads carry the whole change
+        heads = [Patch("head", 1, head, "all") for head in range(N_HEADS)]
+        assert torch.allclose(real(run_with_patches(p, heads, direction), inputs), real(other, inputs), atol=1e-5)
+
+
+def test_table_endpoints_and_layout(setup, table):
+    model, inputs, config, metric = setup
+    base = value(hf_logits(model, inputs), inputs, metric)
+    eah = value(hf_logits(model, inputs, config)[0], inputs, metric)
+    assert abs(eah - base) > 1e-3
+    assert list(table.columns) == list(COLUMNS)
+    assert len(table) == 2 * (N_LAYERS * len(LAYER_SITES) + N_LAYERS * N_HEADS) * 4
+    assert table.attrs["baseline_metric"] == pytest.approx(base, abs=1e-5)
+    assert table.attrs["eah_metric"] == pytest.approx(eah, abs=1e-5)
+    effect = (table.metric - table.baseline_metric) / (table.eah_metric - table.baseline_metric)
+    assert torch.allclose(torch.tensor(effect.values), torch.tensor(table.normalised_effect.values))
+    for direction, want in (("eah_into_baseline", 1.0), ("baseline_into_eah", 0.0)):
+        assert row(table, direction=direction, site="resid", layer=N_LAYERS - 1, positions="all",
+                   head=None).normalised_effect == pytest.approx(want, abs=1e-4)
+        # layer 0 runs before the edited layer 1: patching it changes nothing
+        early = table[(table.direction == direction) & (table.layer == 0)]
+        assert early.normalised_effect.tolist() == pytest.approx([1.0 - want] * len(early), abs=1e-4)
+    assert table[table.site != "head"]["head"].isna().all() and not table[table.site == "head"]["head"].isna().any()
+
+
+# ---------------------------------------------------------------------------- hand-written references
+def test_one_layer_site_equals_a_hand_written_hf_hook_reference(setup, table):
+    """mlp_out of layer 2 at the image tokens, EAH -> baseline, with plain torch hooks and hf.eah."""
+    model, inputs, config, metric = setup
     mlp = model.model.language_model.layers[2].mlp
+    image = position_masks(tiny_layout(inputs))["image"][..., None]
     cached = {}
-    hf_metric(model, inputs, CONFIG, hook=(mlp, lambda m, a, out: cached.setdefault("eah", out.detach().clone())))
-    mask = position_mask(layout, "image")[..., None]
-    want = hf_metric(model, inputs, hook=(mlp, lambda m, a, out: torch.where(mask, cached["eah"], out)))
-    row = table[(table.direction == "eah->baseline") & (table.site == "mlp_out") & (table.layer == 2) & (table.positions == "image")]
-    assert row["metric"].item() == pytest.approx(want, abs=1e-5)
+    handle = mlp.register_forward_hook(lambda m, a, out: cached.setdefault("eah", out.detach().clone()))
+    try:
+        hf_logits(model, inputs, config)
+    finally:
+        handle.remove()
+    handle = mlp.register_forward_hook(lambda m, a, out: torch.where(image, cached["eah"], out))
+    try:
+        want = value(hf_logits(model, inputs), inputs, metric)
+    finally:
+        handle.remove()
+    got = row(table, direction="eah_into_baseline", site="mlp_out", layer=2, positions="image", head=None)
+    assert got.metric == pytest.approx(want, abs=1e-6)
+    assert not math.isclose(want, got.baseline_metric, abs_tol=1e-6)  # the reference is not trivially the baseline
 
 
-def test_nnsight_and_transformer_lens_agree(setup):
-    _, inputs, layout, table = setup
-    bridge = lens.boot_bridge(sharp_tiny_llava())
-    lens_table = patch_sites_lens(bridge, inputs, CONFIG, layout, METRIC, positions=("all", "image", "last"), heads=True)
-    merged = table.merge(lens_table, on=["direction", "site", "layer", "head", "positions"], suffixes=("", "_lens"))
+def test_one_head_equals_a_hand_written_hf_hook_reference(setup, table):
+    """Head 1 of layer 1 (its slice of o_proj's input) at the last token, baseline -> EAH."""
+    model, inputs, config, metric = setup
+    o_proj = model.model.language_model.layers[1].self_attn.o_proj
+    head_dim = model.config.text_config.hidden_size // N_HEADS
+    cols = slice(1 * head_dim, 2 * head_dim)
+    cached = {}
+    handle = o_proj.register_forward_pre_hook(lambda m, a: cached.setdefault("base", a[0].detach().clone()))
+    try:
+        hf_logits(model, inputs)
+    finally:
+        handle.remove()
+
+    def patch(module, args):
+        x = args[0].clone()
+        x[:, -1, cols] = cached["base"][:, -1, cols]  # left padding: -1 is every row's last token
+        return (x,)
+
+    handle = o_proj.register_forward_pre_hook(patch)
+    try:
+        want = value(hf_logits(model, inputs, config)[0], inputs, metric)
+    finally:
+        handle.remove()
+    got = row(table, direction="baseline_into_eah", site="head", layer=1, head=1, positions="last")
+    assert got.metric == pytest.approx(want, abs=1e-6)
+    assert not math.isclose(want, got.eah_metric, abs_tol=1e-6)
+
+
+# ---------------------------------------------------------------------------- the two implementations agree
+def test_nnsight_and_transformer_lens_agree(setup, table, lens_patcher):
+    lens_table = sweep(lens_patcher, setup[3])
+    keys = ["direction", "site", "layer", "head", "positions"]
+    merged = table.merge(lens_table, on=keys, suffixes=("", "_lens"))
     assert len(merged) == len(table) == len(lens_table)
-    assert torch.allclose(torch.tensor(merged["metric"].values), torch.tensor(merged["metric_lens"].values), atol=1e-4)
+    assert torch.allclose(torch.tensor(merged.metric.values), torch.tensor(merged.metric_lens.values), atol=1e-5)
 
 
-def test_plots(setup):
-    *_, table = setup
-    assert plot_patching(table).axes and plot_head_patching(table).axes
+# ---------------------------------------------------------------------------- options, metrics, plots, errors
+def test_subsets_other_metrics_and_a_null_edit(setup, patcher):
+    model, inputs, config, metric = setup
+    logprob = sweep(patcher, TokenLogProb(metric.yes), sites=("resid",), layers=[1], positions=("all", "last"),
+                    directions=("eah_into_baseline",))
+    assert len(logprob) == 2 and logprob.site.unique().tolist() == ["resid"]
+    assert row(logprob, positions="all").normalised_effect == pytest.approx(1.0, abs=1e-4)
+    pair = sweep(patcher, (metric.yes, metric.no), sites=("attn_out",), layers=[1], positions=("all",))
+    assert len(pair) == 2
+    null = NNsightPatcher(patcher.nn_model, inputs, EAHConfig(layers=(1,), source=2, target_heads=(2,)))
+    with pytest.warns(UserWarning, match="does not change the metric"):
+        frame = sweep(null, metric, sites=("resid",), layers=[3], positions=("all",))
+    assert frame.normalised_effect.isna().all()
+
+
+def test_plots(table):
+    fig = plot_sites(table, direction="eah_into_baseline", positions="all")
+    assert fig.axes and fig.axes[0].get_xlabel() == "site"
+    fig = plot_heads(table, direction="baseline_into_eah", positions="image")
+    assert fig.axes and fig.axes[0].get_xlabel() == "head"
+
+
+def test_errors_name_the_problem(setup, patcher):
+    with pytest.raises(ValueError, match="Unknown site"):
+        Patch("embed", 0)
+    with pytest.raises(ValueError, match="head index goes with site='head'"):
+        Patch("head", 0)
+    with pytest.raises(ValueError, match="Unknown direction"):
+        run_with_patches(patcher, [], "sideways")
+    with pytest.raises(IndexError, match="out of range"):
+        run_with_patches(patcher, [Patch("resid", 9)], "eah_into_baseline")
+    with pytest.raises(ValueError, match="Unknown position group"):
+        sweep(patcher, setup[3], positions=("middle",))

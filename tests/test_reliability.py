@@ -17,8 +17,7 @@ from eah_interp import (
     hf,
     sink_scores,
 )
-from eah_interp._testing import TINY_IMAGE_TOKEN_ID, tiny_llava, tiny_llava_inputs
-from tests.test_backends import sharp_tiny_llava
+from eah_interp._testing import TINY_IMAGE_TOKEN_ID, sharp_tiny_llava, tiny_llava, tiny_llava_inputs
 
 CONFIG = EAHConfig.paper(threshold=0.05)
 
