@@ -25,8 +25,9 @@ class EAHConfig:
         layers: 0-based decoder layers to edit (one or several).
         threshold: sink threshold ``tau``: image key ``j`` is a sink of head ``h`` if its sink score
             is strictly above it.
-        normalise: ``d(j)`` of the sink score: ``"causal"`` (real query rows after ``j``) or
-            ``"official"`` (``s + e - j``, the official code).
+        normalise: ``d(j)`` of the sink score: ``"causal"`` (real query rows after ``j``),
+            ``"official"`` (``s + e - j``, the official code) or ``"rows"`` (all other real rows: for
+            models with bidirectional image attention, Gemma 3 and PaliGemma).
         region: ``"full"`` (copy the whole map, EAH) or ``"image"`` (only image-key columns, rows
             keep their image mass).
         alpha: blend weight in ``(0, 1]``; 1 = plain copy (EAH).
@@ -167,7 +168,9 @@ class EAHConfig:
             "fewest": "the head with the fewest vision sinks (control)",
             "random": f"a random head (seed {self.seed}, control)",
         }.get(self.source, f"head {self.source}")  # type: ignore[arg-type]
-        d = "real query rows after j" if self.normalise == "causal" else "s + e - j (official)"
+        d = {"causal": "real query rows after j", "rows": "all other real query rows", "official": "s + e - j (official)"}[
+            self.normalise
+        ]
         what = "its whole attention map" if self.region == "full" else "its image-key attention (mass-preserving)"
         parts = [
             f"[{self.name}] At layer(s) {list(self.layers)}, find vision sinks (score = column sum / {d} "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,10 +70,12 @@ def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
             if hasattr(module, "num_key_value_groups") or hasattr(module, "scaling"):
                 found.setdefault(module.layer_idx, module)
     if not found:
+        from eah_interp.models.adapters import known_families
+
         raise UnsupportedModelError(
-            f"Found no attention modules with a layer_idx in {type(model).__name__}'s language model. eah_interp.hf "
-            "works with transformers models whose decoder uses the AttentionInterface (LLaMA, Qwen2, Gemma, ...); "
-            "see docs/new_model.md to add one."
+            f"Found no attention modules with a layer_idx in {type(model).__name__}'s language model, so "
+            "eah-interp cannot instrument it. It works with transformers models whose text decoder uses the "
+            f"AttentionInterface; known families: {known_families()}. To add a model, see docs/new_model.md."
         )
     return found
 
@@ -84,14 +87,15 @@ def model_shape(model: nn.Module) -> tuple[int, int, int]:
     return cfg.num_hidden_layers, n_heads, getattr(cfg, "num_key_value_heads", None) or n_heads
 
 
-def image_token_id(model: nn.Module) -> int | None:
-    """The image placeholder id of an HF LVLM config (``image_token_id`` / ``image_token_index``), or None."""
-    config = model.config
-    for name in ("image_token_id", "image_token_index"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    return None
+def image_token_ids(model: nn.Module) -> tuple[int, ...]:
+    """Placeholder ids that mark visual positions in ``input_ids``, from the model's family adapter.
+
+    ``(config.image_token_id,)`` for most families (``image_token_index`` in older configs); Qwen adds
+    ``video_token_id``. Empty when the config has none (then pass an explicit `TokenLayout`).
+    """
+    from eah_interp.models.adapters import adapter_for
+
+    return adapter_for(model).visual_token_ids(model)
 
 
 def eager_function(module: nn.Module) -> Callable:
@@ -113,12 +117,26 @@ def _past_length(input_ids: Tensor | None, kwargs: dict[str, Any]) -> int:
     return 0
 
 
+def _warn_if_causal_normaliser_on_bidirectional(model: nn.Module, normalise: str) -> None:
+    """Warn when sink scores would divide by later rows only, but image tokens also attend backwards."""
+    from eah_interp.models.adapters import adapter_for
+
+    adapter = adapter_for(model)
+    if adapter.bidirectional_image_attention and normalise == "causal":
+        warnings.warn(
+            f"{adapter.family}: image tokens attend to each other bidirectionally, so earlier rows also attend to "
+            "an image token and normalise='causal' (later rows only) inflates sink scores of late image tokens. "
+            "Use normalise='rows'.",
+            stacklevel=3,
+        )
+
+
 # ---------------------------------------------------------------------------- the shared mechanism
 @dataclass
 class _State:
     layout: TokenLayout | None = None
     user_layout: TokenLayout | None = None
-    token_id: int | None = None
+    token_ids: tuple[int, ...] = ()
     step: int = -1
 
 
@@ -131,8 +149,8 @@ class _AttentionOverride:
         self.model = model
         self.config = text_config(model)
         self.modules = attention_modules(model)
-        self.state = _State(user_layout=layout, token_id=image_token_id(model))
-        if needs_layout and layout is None and self.state.token_id is None:
+        self.state = _State(user_layout=layout, token_ids=image_token_ids(model))
+        if needs_layout and layout is None and not self.state.token_ids:
             raise LayoutError(
                 f"{type(model).__name__} has no image_token_id in its config: pass layout=TokenLayout(...) "
                 "(e.g. TokenLayout.from_spans) so eah-interp knows which positions are image tokens."
@@ -189,7 +207,7 @@ class _AttentionOverride:
             self.state.layout = self.state.user_layout  # fitted to each call (beams, decode) in _layout_for
         elif input_ids is not None:
             self.state.layout = TokenLayout.from_input_ids(
-                input_ids, self.state.token_id, kwargs.get("attention_mask")  # type: ignore[arg-type]
+                input_ids, self.state.token_ids, kwargs.get("attention_mask")  # type: ignore[arg-type]
             )
         else:
             self.state.layout = None
@@ -244,7 +262,8 @@ class eah(_AttentionOverride):  # noqa: N801 - used as a function-style context 
         model: an HF LVLM (or LM) whose language model uses the AttentionInterface.
         config: the edit (`EAHConfig`); its layers and heads are checked against the model.
         layout: optional explicit layout of the prompt; by default it is rebuilt from ``input_ids``
-            at every prompt forward (``input_ids == config.image_token_id``, padding from the mask).
+            at every prompt forward (positions holding the family's image token ids, see
+            `image_token_ids`; padding from the mask).
 
     Yields:
         An `EAHRun` whose ``records`` list every edited call (chosen source heads, sink counts).
@@ -258,6 +277,7 @@ class eah(_AttentionOverride):  # noqa: N801 - used as a function-style context 
         super().__init__(model, layout)
         n_layers, n_heads, _ = model_shape(model)
         config.validate_for(n_layers, n_heads)
+        _warn_if_causal_normaliser_on_bidirectional(model, config.normalise)
         self.eah_config = config
         self.run = EAHRun(config)
 
@@ -321,6 +341,8 @@ class record_attention(_AttentionOverride):  # noqa: N801
             raise LayerIndexError(f"Layers {bad} out of range: the language model has {n_layers} layers.")
         if stats is None and not keep_patterns:
             raise ValueError("record_attention needs stats=HeadStats(...) and/or keep_patterns=True.")
+        if stats is not None:
+            _warn_if_causal_normaliser_on_bidirectional(model, stats.normalise)
         self._keep_patterns = keep_patterns
         self.recording = Recording(layers=chosen, stats=stats)
 

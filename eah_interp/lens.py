@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import copy as copy_module
+import inspect
 import tempfile
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -106,7 +107,8 @@ def language_model_as_causal_lm(hf_model: Any) -> Any:
     bridge can wrap the language model; feed it `multimodal_embeds` as ``inputs_embeds``.
 
     Args:
-        hf_model: an HF LVLM with ``model.language_model`` and ``lm_head`` (LLaVA style).
+        hf_model: an HF LVLM; its decoder and head are found by its family adapter
+            (`eah_interp.models.adapter_for`).
 
     Returns:
         A causal LM (the class `AutoModelForCausalLM` maps the text config to) whose decoder and head are
@@ -114,14 +116,10 @@ def language_model_as_causal_lm(hf_model: Any) -> Any:
     """
     from transformers import AutoModelForCausalLM
 
-    inner = getattr(hf_model, "model", None)
-    decoder = getattr(inner, "language_model", None)
-    head = getattr(hf_model, "lm_head", None)
-    if decoder is None or head is None:
-        raise UnsupportedModelError(
-            f"{type(hf_model).__name__} has no model.language_model / lm_head (LLaVA layout): wrap its language "
-            "model yourself and pass it to boot_bridge."
-        )
+    from eah_interp.models.adapters import adapter_for
+
+    adapter = adapter_for(hf_model)
+    decoder, head = adapter.decoder(hf_model), adapter.head(hf_model)
     text_config = hf_model.config.get_text_config(decoder=True)
     mapping = AutoModelForCausalLM._model_mapping
     if type(text_config) not in mapping:
@@ -218,7 +216,10 @@ def multimodal_embeds(
     if isinstance(features, (list, tuple)):
         features = torch.cat(list(features), dim=0)
     features = features.to(embeds.device, embeds.dtype)
-    mask = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=features)
+    if "image_features" in inspect.signature(inner.get_placeholder_mask).parameters:
+        mask = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=features)
+    else:  # InstructBLIP
+        mask = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds)
     return embeds.masked_scatter(mask, features)
 
 

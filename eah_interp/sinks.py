@@ -16,8 +16,8 @@ from torch import Tensor
 from eah_interp.errors import ConfigError, LayoutError
 from eah_interp.layout import TokenLayout
 
-Normalise = Literal["causal", "official"]
-NORMALISE_CHOICES = ("causal", "official")
+Normalise = Literal["causal", "official", "rows"]
+NORMALISE_CHOICES = ("causal", "official", "rows")
 
 #: Query rows summed per chunk when column sums are accumulated (bounds the float32 working copy).
 QUERY_CHUNK = 512
@@ -68,16 +68,21 @@ def sink_denominator(
     ``"causal"``: the number of real query rows strictly after ``j`` (``q_len - 1 - j`` in an unpadded
     prefill). ``"official"``: ``s + e - j`` for the row's image extent ``[s, e)``, positions counted from
     the row's first real token (the official code's ``647 - j`` for LLaVA-1.5's span ``[36, 611)``).
+    ``"rows"``: the number of real query rows other than ``j``, before or after it: the right count for
+    models whose image tokens attend to each other bidirectionally (Gemma 3, PaliGemma), where earlier
+    rows also attend to ``j``.
     """
     if normalise not in NORMALISE_CHOICES:
         raise ConfigError(f"normalise must be one of {NORMALISE_CHOICES}; got {normalise!r}.")
     k = layout.seq_len
     device = layout.attention_mask.device
     pos = torch.arange(k, device=device)
-    if normalise == "causal":
+    if normalise in ("causal", "rows"):
         qpos = query_positions(q_len, k, device)
         real_query = torch.zeros(layout.batch_size, k, device=device)
         real_query[:, qpos] = layout.attention_mask[:, qpos].float()
+        if normalise == "rows":
+            return real_query.sum(-1, keepdim=True) - real_query
         return real_query.sum(-1, keepdim=True) - real_query.cumsum(-1)
     start, end = layout.image_extent()
     first = layout.first_real_position()

@@ -28,7 +28,12 @@ def explicit_sink_scores(p, image_pos, real, normalise, first_real):
                 total += float(p[i, j])
             if i > j:
                 rows_after += 1
-        d = rows_after if normalise == "causal" else (s - first_real) + (e - first_real) - (j - first_real)
+        if normalise == "causal":
+            d = rows_after
+        elif normalise == "rows":  # every other real row (bidirectional image attention)
+            d = sum(1 for i in range(n) if real[i] and i != j)
+        else:
+            d = (s - first_real) + (e - first_real) - (j - first_real)
         scores[j] = total / d if d > 0 else 0.0
     return scores
 

@@ -103,6 +103,20 @@ def test_sink_scores_hand_computed_causal_and_official():
     assert official[0, 2].item() == pytest.approx(0.5 / 2)
 
 
+def test_rows_normaliser_counts_earlier_rows_too():
+    """Bidirectional image attention (Gemma 3): row 1 attends to image key 2 *before* it."""
+    probs, layout = example()
+    probs[0, 0, 1, 2] = 0.25  # an earlier row now attends to key 2 (rows no longer sum to 1: irrelevant here)
+    rows = sink_scores(probs, layout, "rows")[0]
+    # column 2: rows 1, 3, 4, 5 (not 2 itself): .25 + .3 + .1 + .1 = .75 over the 5 other real rows
+    assert rows[0, 2].item() == pytest.approx(0.75 / 5)
+    # column 1: rows 0, 2..5: 0 + .6 + .5 + .4 + .3 over 5
+    assert rows[0, 1].item() == pytest.approx(1.8 / 5)
+    padded_probs, padded = example(pad=2)
+    padded_probs[0, 0, 3, 4] = 0.25
+    assert torch.allclose(sink_scores(padded_probs, padded, "rows")[0][:, 2:], rows)  # padding rows never count
+
+
 def test_official_denominator_matches_llava_647_minus_j():
     from eah_interp import sink_denominator
 

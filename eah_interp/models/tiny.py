@@ -1,0 +1,335 @@
+"""Tiny random-weight models of every supported LVLM family, with inputs shaped as their processors make them.
+
+Each builder constructs the **real** transformers class from a small config (no weights, no hub), so
+that tests, notebooks and benchmarks exercise the family's own forward: its placeholder scatter, its
+rotary embedding (M-RoPE for Qwen), its attention masks (bidirectional image blocks for Gemma 3 and
+PaliGemma) and its GQA layout.
+
+    >>> model, inputs = tiny_family("qwen2_vl")
+    >>> model(**inputs).logits.shape
+    torch.Size([2, 30, 160])
+
+`TINY_FAMILIES` lists the names; each entry builds ``(model, inputs)`` for a batch of two left-padded
+rows with different prefix lengths (so image positions differ between rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+TINY_VOCAB = 160
+TINY_IMAGE_ID = 150
+TINY_VIDEO_ID = 151  # also [IMG_BREAK] in tiny_mistral3
+TINY_BOI_ID = 152  # begin-of-image (Gemma 3), <fake_token_around_image> (Idefics3)
+TINY_EOI_ID = 153
+TINY_GLOBAL_IMG_ID = 154  # Idefics3 "<global-img>"
+TINY_PAD_ID = 0
+TINY_BOS_ID = 1
+TINY_EOS_ID = 2
+
+_TEXT = dict(
+    vocab_size=TINY_VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    pad_token_id=TINY_PAD_ID,
+    bos_token_id=TINY_BOS_ID,
+    eos_token_id=TINY_EOS_ID,
+)
+
+
+def _text(**overrides: Any) -> dict[str, Any]:
+    return {**_TEXT, **overrides}
+
+
+def _finish(model, attn_implementation: str):
+    model.set_attn_implementation({"text_config": attn_implementation, "vision_config": "eager"})
+    model.eval()
+    model.generation_config.pad_token_id = TINY_PAD_ID
+    return model
+
+
+def _rows(prefix_lengths: Sequence[int], middle: Callable[[int], list[int]], seed: int) -> list[list[int]]:
+    """Rows ``[bos, prefix text, middle(row), suffix text]`` with random text ids in ``3..99``."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i, pre in enumerate(prefix_lengths):
+        text = torch.randint(3, 100, (pre + 4,), generator=g).tolist()
+        rows.append([TINY_BOS_ID, *text[:pre], *middle(i), *text[pre:]])
+    return rows
+
+
+def _pad_left(rows: list[list[int]], **per_token: list[list[int]]) -> dict[str, Tensor]:
+    """Left-pad rows to one width: ``input_ids``, ``attention_mask`` (and per-token extras, padded with 0)."""
+    width = max(len(r) for r in rows)
+    out = {"input_ids": torch.full((len(rows), width), TINY_PAD_ID), "attention_mask": torch.zeros(len(rows), width, dtype=torch.long)}
+    for name in per_token:
+        out[name] = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out["input_ids"][i, width - len(r) :] = torch.tensor(r)
+        out["attention_mask"][i, width - len(r) :] = 1
+        for name, values in per_token.items():
+            out[name][i, width - len(r) :] = torch.tensor(values[i])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- LLaVA
+def tiny_llava_family(seed: int = 0, attn_implementation: str = "sdpa", prefix_lengths: Sequence[int] = (3, 6)):
+    """`LlavaForConditionalGeneration`: Llama (4 heads / 2 KV) + CLIP, 16 image tokens per image."""
+    from eah_interp._testing import tiny_llava, tiny_llava_inputs
+
+    model = tiny_llava(seed=seed, n_layers=3, attn_implementation=attn_implementation, vocab_size=TINY_VOCAB)
+    inputs = tiny_llava_inputs(model, prefix_lengths=prefix_lengths, suffix_lengths=[4] * len(prefix_lengths), seed=seed)
+    return model, inputs
+
+
+def tiny_llava_next(seed: int = 0, attn_implementation: str = "sdpa", prefix_lengths: Sequence[int] = (3, 6)):
+    """`LlavaNextForConditionalGeneration` with AnyRes tiling: a 28x56 image → base view + 2 tiles + newlines."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = LlavaNextConfig(
+        text_config=LlamaConfig(**_text()),
+        vision_config=CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=7
+        ),
+        image_token_index=TINY_IMAGE_ID,
+        image_grid_pinpoints=[[28, 28], [28, 56], [56, 28]],
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    model = _finish(LlavaNextForConditionalGeneration(config), attn_implementation)
+    batch = len(prefix_lengths)
+    g = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(batch, 3, 3, 28, 28, generator=g)  # [images, base + tiles, C, H, W]
+    image_sizes = torch.tensor([[28, 56]] * batch)
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes)
+    counts = [f.shape[0] for f in getattr(features, "pooler_output", features)]
+    inputs = _pad_left(_rows(prefix_lengths, lambda i: [TINY_IMAGE_ID] * counts[i], seed))
+    return model, {**inputs, "pixel_values": pixel_values, "image_sizes": image_sizes}
+
+
+# ---------------------------------------------------------------------------------------------- Qwen
+def _qwen(kind: str, seed: int, attn_implementation: str, prefix_lengths: Sequence[int]):
+    import transformers
+
+    if kind == "qwen2_vl":
+        config_cls, model_cls = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+        vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=4, patch_size=2, spatial_merge_size=2, temporal_patch_size=2)
+    else:
+        config_cls, model_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+        vision = dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=2,
+            spatial_merge_size=2, temporal_patch_size=2, window_size=8, fullatt_block_indexes=[1],
+        )
+    torch.manual_seed(seed)
+    text = _text(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    config = config_cls(
+        text_config=text, vision_config=vision, image_token_id=TINY_IMAGE_ID, video_token_id=TINY_VIDEO_ID,
+        vision_start_token_id=TINY_BOI_ID, vision_end_token_id=TINY_EOI_ID,
+    )
+    model = _finish(model_cls(config), attn_implementation)
+    batch, (t, h, w) = len(prefix_lengths), (1, 8, 8)  # patches of one image; merged 2x2 → 16 tokens
+    g = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(batch * t * h * w, 3 * 2 * 2 * 2, generator=g)
+    grid = torch.tensor([[t, h, w]] * batch)
+    n_tokens = t * h * w // 4
+    rows = _rows(prefix_lengths, lambda i: [TINY_BOI_ID, *[TINY_IMAGE_ID] * n_tokens, TINY_EOI_ID], seed)
+    types = [[1 if x == TINY_IMAGE_ID else 0 for x in r] for r in rows]
+    inputs = _pad_left(rows, mm_token_type_ids=types)
+    return model, {**inputs, "pixel_values": pixel_values, "image_grid_thw": grid}
+
+
+def tiny_qwen2_vl(seed: int = 0, attn_implementation: str = "sdpa", prefix_lengths: Sequence[int] = (3, 6)):
+    """`Qwen2VLForConditionalGeneration`: M-RoPE decoder, 8x8 patches merged 2x2 → 16 image tokens."""
+    return _qwen("qwen2_vl", seed, attn_implementation, prefix_lengths)
+
+
+def tiny_qwen2_5_vl(seed: int = 0, attn_implementation: str = "sdpa", prefix_lengths: Sequence[int] = (3, 6)):
+    """`Qwen2_5_VLForConditionalGeneration`: as Qwen2-VL, with windowed vision attention."""
+    return _qwen("qwen2_5_vl", seed, attn_implementation, prefix_lengths)
+
+
+# ---------------------------------------------------------------------------------------------- InstructBLIP
+def tiny_instructblip(seed: int = 0, attn_implementation: str = "sdpa", prefix_lengths: Sequence[int] = (3, 6)):
+    """`InstructBlipForConditionalGeneration` with a Llama decoder: 16 Q-Former query tokens stand for the image."""
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
+
+    torch.manual_seed(seed)
+    n_query = 16
+    config = InstructBlipConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28, patch_size=7),
+        qformer_config=dict(
+            vocab_size=TINY_VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+            encoder_hidden_size=32, max_position_embeddings=64, pad_token_id=TINY_PAD_ID,
+        ),
+        text_config={"model_type": "llama", **_text()},
+        num_query_tokens=n_query,
+        image_token_index=TINY_IMAGE_ID,
+    )
+    model = _finish(InstructBlipForConditionalGeneration(config), attn_implementation)
+    batch = len(prefix_lengths)
+    g = torch.Generator().manual_seed(seed)
+    # InstructBLIP's processor puts the query placeholders first, then the text.
+    rows = [[*[TINY_IMAGE_ID] * n_query, *r] for r in _rows(prefix_lengths, lambda i: [], seed)]
+    inputs = _pad_left(rows)
+    qformer_ids = torch.randint(3, 100, (batch, 5), generator=g)
+    return model, {
+        **inputs,
+        "pixel_values": torch.randn(batch, 3, 28, 28, generator=g),
+        "qformer_input_ids": qformer_ids,
+        "qformer_attention_mask": torch.ones_like(qformer_ids),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- Gemma family
+def tiny_paligemma(seed: int = 0, attn_implementation: str = "sdpa", prefix_lengths: Sequence[int] = (3, 6)):
+    """`PaliGemmaForConditionalGeneration`: Gemma (GQA 4/2) + SigLIP; image + prompt form a bidirectional prefix."""
+    from transformers import (
+        GemmaConfig,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        SiglipVisionConfig,
+    )
+
+    torch.manual_seed(seed)
+    config = PaliGemmaConfig(
+        vision_config=SiglipVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28, patch_size=7,
+            projection_dim=64,
+        ),
+        text_config=GemmaConfig(**_text(head_dim=16)),
+        image_token_index=TINY_IMAGE_ID,
+        projection_dim=64,
+    )
+    config.text_config.num_image_tokens = 16
+    config.vision_config.projection_dim = 64
+    model = _finish(PaliGemmaForConditionalGeneration(config), attn_implementation)
+    batch = len(prefix_lengths)
+    g = torch.Generator().manual_seed(seed)
+    # PaliGemma's processor: image tokens first, then bos + prompt; token_type_ids 0 on the prefix.
+    rows = [[*[TINY_IMAGE_ID] * 16, *r] for r in _rows(prefix_lengths, lambda i: [], seed)]
+    inputs = _pad_left(rows, token_type_ids=[[0] * len(r) for r in rows])
+    return model, {**inputs, "pixel_values": torch.randn(batch, 3, 28, 28, generator=g)}
+
+
+def tiny_gemma3(seed: int = 0, attn_implementation: str = "sdpa", prefix_lengths: Sequence[int] = (3, 6)):
+    """`Gemma3ForConditionalGeneration`: sliding/global layers, 16 image tokens attended bidirectionally."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+
+    torch.manual_seed(seed)
+    n_image = 16
+    config = Gemma3Config(
+        text_config=Gemma3TextConfig(**_text(head_dim=16, sliding_window=16, layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
+        vision_config=SiglipVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28, patch_size=7
+        ),
+        mm_tokens_per_image=n_image,
+        image_token_index=TINY_IMAGE_ID,
+        boi_token_index=TINY_BOI_ID,
+        eoi_token_index=TINY_EOI_ID,
+    )
+    model = _finish(Gemma3ForConditionalGeneration(config), attn_implementation)
+    batch = len(prefix_lengths)
+    g = torch.Generator().manual_seed(seed)
+    rows = _rows(prefix_lengths, lambda i: [TINY_BOI_ID, *[TINY_IMAGE_ID] * n_image, TINY_EOI_ID], seed)
+    inputs = _pad_left(rows, token_type_ids=[[1 if x == TINY_IMAGE_ID else 0 for x in r] for r in rows])
+    return model, {**inputs, "pixel_values": torch.randn(batch, 3, 28, 28, generator=g)}
+
+
+# ---------------------------------------------------------------------------------------------- Idefics3 / SmolVLM
+def _idefics(kind: str, seed: int, attn_implementation: str, prefix_lengths: Sequence[int]):
+    import transformers
+
+    if kind == "idefics3":
+        config_cls, model_cls = transformers.Idefics3Config, transformers.Idefics3ForConditionalGeneration
+    else:
+        config_cls, model_cls = transformers.SmolVLMConfig, transformers.SmolVLMForConditionalGeneration
+    torch.manual_seed(seed)
+    config = config_cls(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=56, patch_size=7),
+        text_config={"model_type": "llama", **_text()},
+        image_token_id=TINY_IMAGE_ID,
+        scale_factor=2,
+    )
+    model = _finish(model_cls(config), attn_implementation)
+    batch = len(prefix_lengths)
+    n_image = (56 // 7) ** 2 // 4  # 64 patches, pixel shuffle by scale_factor 2 → 16 tokens per image
+    g = torch.Generator().manual_seed(seed)
+    # The processor wraps each image as <fake_token_around_image><global-img><image>*n<fake_token_around_image>.
+    rows = _rows(prefix_lengths, lambda i: [TINY_BOI_ID, TINY_GLOBAL_IMG_ID, *[TINY_IMAGE_ID] * n_image, TINY_BOI_ID], seed)
+    inputs = _pad_left(rows)
+    pixel_values = torch.randn(batch, 1, 3, 56, 56, generator=g)  # [batch, images, C, H, W]
+    return model, {**inputs, "pixel_values": pixel_values, "pixel_attention_mask": torch.ones(batch, 1, 56, 56, dtype=torch.bool)}
+
+
+def tiny_idefics3(seed: int = 0, attn_implementation: str = "sdpa", prefix_lengths: Sequence[int] = (3, 6)):
+    """`Idefics3ForConditionalGeneration`: Llama + SigLIP-like encoder, pixel shuffle (scale factor 2), 16 image tokens."""
+    return _idefics("idefics3", seed, attn_implementation, prefix_lengths)
+
+
+def tiny_smolvlm(seed: int = 0, attn_implementation: str = "sdpa", prefix_lengths: Sequence[int] = (3, 6)):
+    """`SmolVLMForConditionalGeneration` (the Idefics3 architecture as SmolVLM ships it)."""
+    return _idefics("smolvlm", seed, attn_implementation, prefix_lengths)
+
+
+# ---------------------------------------------------------------------------------------------- not a listed family
+def tiny_mistral3(seed: int = 0, attn_implementation: str = "sdpa"):
+    """`Mistral3ForConditionalGeneration`, a family with **no** adapter (docs/new_model.md's worked example).
+
+    Pixtral-style prompts: 4 rows of 4 image tokens (56 px, 7 px patches merged 2x2), an ``[IMG_BREAK]``
+    text token after each row but the last, then ``[IMG_END]``; two left-padded rows.
+    """
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    torch.manual_seed(seed)
+    config = Mistral3Config(
+        vision_config=PixtralVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=56,
+            patch_size=7, head_dim=8,
+        ),
+        text_config=MistralConfig(**_text(head_dim=16)),
+        image_token_index=TINY_IMAGE_ID,
+        spatial_merge_size=2,
+        vision_feature_layer=-1,
+    )
+    model = _finish(Mistral3ForConditionalGeneration(config), attn_implementation)
+    image: list[int] = []
+    for row in range(4):
+        image += [TINY_IMAGE_ID] * 4 + [TINY_VIDEO_ID if row < 3 else TINY_EOI_ID]  # [IMG_BREAK] / [IMG_END]
+    inputs = _pad_left(_rows((3, 6), lambda i: image, seed))
+    g = torch.Generator().manual_seed(seed)
+    return model, {**inputs, "pixel_values": torch.randn(2, 3, 56, 56, generator=g), "image_sizes": torch.tensor([[56, 56]] * 2)}
+
+
+TINY_FAMILIES: dict[str, Callable[..., tuple[Any, dict[str, Tensor]]]] = {
+    "llava": tiny_llava_family,
+    "llava_next": tiny_llava_next,
+    "qwen2_vl": tiny_qwen2_vl,
+    "qwen2_5_vl": tiny_qwen2_5_vl,
+    "instructblip": tiny_instructblip,
+    "paligemma": tiny_paligemma,
+    "gemma3": tiny_gemma3,
+    "idefics3": tiny_idefics3,
+    "smolvlm": tiny_smolvlm,
+}
+
+
+def tiny_family(name: str, seed: int = 0, attn_implementation: str = "sdpa", prefix_lengths: Sequence[int] = (3, 6)):
+    """``(model, inputs)`` of a tiny random-weight model of family ``name`` (see `TINY_FAMILIES`)."""
+    if name not in TINY_FAMILIES:
+        raise KeyError(f"No tiny builder for {name!r}; available: {', '.join(TINY_FAMILIES)}.")
+    return TINY_FAMILIES[name](seed=seed, attn_implementation=attn_implementation, prefix_lengths=prefix_lengths)
