@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import sys
 import threading
@@ -43,6 +44,7 @@ from eah_interp.layout import TokenLayout
 from eah_interp.sinks import Normalise
 from eah_interp.stats import HeadStats, head_statistics
 
+_MISSING = object()
 _names = itertools.count()
 _names_lock = threading.Lock()
 
@@ -137,6 +139,7 @@ class _State:
     layout: TokenLayout | None = None
     user_layout: TokenLayout | None = None
     token_ids: tuple[int, ...] = ()
+    generate_layout: TokenLayout | None = None
     step: int = -1
 
 
@@ -159,6 +162,7 @@ class _AttentionOverride:
         self._previous_impl: Any = None
         self._previous_fn: Callable | None = None
         self._hook = None
+        self._previous_generate: Any = None
 
     # subclasses ------------------------------------------------------
     def wants(self, layer: int, q_len: int, k_len: int) -> bool:
@@ -186,6 +190,8 @@ class _AttentionOverride:
         AttentionInterface.register(self._name, self._attention)
         AttentionMaskInterface.register(self._name, eager_mask)
         self._hook = self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        self._previous_generate = vars(self.model).get("generate", _MISSING)  # an outer context's wrapper
+        self.model.generate = self._generate_wrapper(self.model.generate)
         self.config._attn_implementation_internal = self._name
         return self
 
@@ -196,6 +202,11 @@ class _AttentionOverride:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self._previous_generate is _MISSING:
+            vars(self.model).pop("generate", None)
+        elif self._previous_generate is not None:
+            self.model.generate = self._previous_generate
+        self._previous_generate = None
 
     # hooks -----------------------------------------------------------
     def _pre_forward(self, module, args, kwargs) -> None:
@@ -209,8 +220,28 @@ class _AttentionOverride:
             self.state.layout = TokenLayout.from_input_ids(
                 input_ids, self.state.token_ids, kwargs.get("attention_mask")  # type: ignore[arg-type]
             )
-        else:
-            self.state.layout = None
+        else:  # inputs_embeds only: the layout `generate` noted from its input_ids, else none (`_layout_for` raises)
+            self.state.layout = self.state.generate_layout
+
+    def _generate_wrapper(self, generate: Callable) -> Callable:
+        """``model.generate`` that notes the prompt layout first: some LVLMs (InstructBLIP) never call their
+        own ``forward`` in ``generate`` but hand ``inputs_embeds`` to the language model's ``generate``."""
+
+        @functools.wraps(generate)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], Tensor) else None)
+            if self.state.user_layout is None and isinstance(input_ids, Tensor) and input_ids.ndim == 2:
+                self.state.generate_layout = TokenLayout.from_input_ids(
+                    input_ids, self.state.token_ids, kwargs.get("attention_mask")  # type: ignore[arg-type]
+                )
+                self.state.layout = self.state.generate_layout
+            try:
+                return generate(*args, **kwargs)
+            finally:  # never reused by a later forward
+                self.state.generate_layout = None
+                self.state.layout = None
+
+        return wrapped
 
     def _layout_for(self, batch: int, q_len: int, k_len: int) -> TokenLayout:
         layout = self.state.layout or self.state.user_layout

@@ -278,3 +278,29 @@ def test_causal_normaliser_on_bidirectional_family_warns(name):
         hf.eah(model, EAHConfig.paper())
     with pytest.warns(UserWarning, match="normalise='rows'"):
         hf.record_attention(model, [1], stats=HeadStats())
+
+
+def test_generate_under_eah_edits_the_prompt_once(ref):
+    """`generate` works under EAH for every family (M-RoPE, bidirectional masks, tiles): the prompt forward
+    is edited once, decode steps are not, and the first new token is the argmax of the edited prompt logits."""
+    want, _, _ = eah_run(ref)
+    with torch.no_grad(), hf.eah(ref.model, ref.config()) as run:
+        out = ref.model.generate(**ref.inputs, max_new_tokens=3, do_sample=False)
+    assert len(run.records) == 1 and run.records[0].q_len == run.records[0].k_len
+    prompt_len = ref.inputs["input_ids"].shape[1]
+    assert out[:, prompt_len].tolist() == want[:, -1].argmax(-1).tolist()
+
+
+def test_nested_contexts_during_generate_of_a_delegating_model():
+    """InstructBLIP's generate hands inputs_embeds to its language model's generate, never calling its own
+    forward: both nested contexts still see the prompt layout, and the wrappers unwind in order."""
+    model, inputs = tiny_family("instructblip")
+    stats = HeadStats(threshold=0.0)
+    with torch.no_grad(), hf.record_attention(model, [0], stats=stats), hf.eah(model, EAHConfig.paper(threshold=0.0)) as run:
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert len(run.records) == 1 and stats.n_examples(0) == 2
+    assert "generate" not in vars(model)
+    with pytest.raises(Exception, match="No token layout"):  # a later inputs_embeds-only call reuses nothing
+        with hf.eah(model, EAHConfig.paper(threshold=0.0)), torch.no_grad():
+            embeds = model.get_input_embeddings()(inputs["input_ids"])
+            model.language_model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])

@@ -128,6 +128,7 @@ def test_model_is_restored_exactly_also_after_an_exception(model, inputs):
     assert model.config.text_config._attn_implementation == impl
     assert (set(AttentionInterface._global_mapping), set(AttentionMaskInterface._global_mapping)) == keys
     assert not model._forward_pre_hooks
+    assert "generate" not in vars(model)  # the layout-noting generate wrapper is gone
     assert all(torch.equal(v, before_state[k]) for k, v in model.state_dict().items())
     assert torch.equal(logits(model, inputs), before)
 
