@@ -10,7 +10,9 @@ import torch
 
 from eah_interp import EAHConfig, HeadStats, hf
 from eah_interp.models import ADAPTERS, Adapter, adapter_for, check_model, describe, register_adapter
-from eah_interp.models.tiny import tiny_mistral3  # step 1: the model and a batch laid out as its processor does
+from eah_interp.models.tiny import (
+    tiny_mistral3,  # step 1: the model and a batch laid out as its processor does
+)
 
 torch.set_num_threads(1)
 

@@ -293,7 +293,12 @@ def tiny_mistral3(seed: int = 0, attn_implementation: str = "sdpa"):
     Pixtral-style prompts: 4 rows of 4 image tokens (56 px, 7 px patches merged 2x2), an ``[IMG_BREAK]``
     text token after each row but the last, then ``[IMG_END]``; two left-padded rows.
     """
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+    from transformers import (
+        Mistral3Config,
+        Mistral3ForConditionalGeneration,
+        MistralConfig,
+        PixtralVisionConfig,
+    )
 
     torch.manual_seed(seed)
     config = Mistral3Config(
