@@ -14,6 +14,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
 
 ModelOpt = Annotated[str, typer.Option(help="'organism' (bundled, trained) or 'tiny-llava' (random weights).")]
+#: The file in ``scan --out`` that makes a scan resumable.
+SCAN_CHECKPOINT = "scan_checkpoint.safetensors"
 
 
 def _load(name: str, *, fallback: bool = False):
@@ -87,18 +89,87 @@ def scan(
     model: ModelOpt = "organism",
     n: Annotated[int, typer.Option(help="held-out scenes to scan")] = 32,
     threshold: Annotated[float | None, typer.Option(help="sink threshold (default: the model's)")] = None,
-    normalise: Annotated[str, typer.Option(help="'causal' or 'official'")] = "causal",
+    normalise: Annotated[str, typer.Option(help="'causal', 'official' or 'rows' (bidirectional image attention: Gemma 3, PaliGemma)")] = "causal",
     batch_size: int = 8,
-    out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/scan"),
+    out: Annotated[Path, typer.Option(help="output folder (rerun to resume)")] = Path("runs/scan"),
+    resume: Annotated[bool, typer.Option(
+        "--resume/--no-resume",
+        help=f"continue from OUT/{SCAN_CHECKPOINT} (same model, threshold, normalisation; default), or start over",
+    )] = True,
 ) -> None:
-    """Head statistics over scene images → head_stats.csv + sink_density.png, and a per-layer table."""
-    from eah_interp.experiments import scan_images
+    """Head statistics over scene images → head_stats.csv + sink_density.png, and a per-layer table. Resumable.
 
+    After every batch the running statistics and the names of the counted images are written, atomically,
+    to OUT/scan_checkpoint.safetensors. Rerunning the same command continues from there without counting
+    an image twice; a larger --n extends a finished scan. A checkpoint written with another model,
+    threshold or normalisation is an error (use another --out, or --no-resume to discard it).
+    """
     bundle = _load(model)
     items = _images(n, [], [])
-    stats = scan_images(bundle, [img for _, img, _ in items], threshold=threshold, normalise=normalise, batch_size=batch_size)
+    stats = _scan_resumable(bundle, items, out, threshold=threshold, normalise=normalise, batch_size=batch_size,
+                            resume=resume)
     console.print(_write_scan(stats, out, f"{bundle.name}: sink density (n={n})"))
-    console.print(f"wrote {out / 'head_stats.csv'} and {out / 'sink_density.png'}")
+    console.print(f"wrote {out / 'head_stats.csv'} and {out / 'sink_density.png'} (checkpoint: {out / SCAN_CHECKPOINT})")
+
+
+def _scan_config(bundle, threshold: float, normalise: str) -> dict:
+    """What a scan checkpoint must agree on to be resumed (the batch size may differ)."""
+    return {"model": bundle.name, "threshold": float(threshold), "normalise": normalise, "layers": "all",
+            "prompt": bundle.caption_prompt, "images": "held-out scenes, pair strength 0.9"}
+
+
+def _scan_resumable(bundle, items, out: Path, *, threshold: float | None, normalise: str, batch_size: int,
+                    resume: bool = True, progress: bool = True):
+    """`scan_images` over ``(name, image, kinds)`` items with a checkpoint after every batch; returns the `HeadStats`.
+
+    The checkpoint (``out/scan_checkpoint.safetensors``, `HeadStats.save`) holds the running sums and, in
+    its metadata, the scan config and the names of the images counted so far; it is replaced atomically,
+    so an interruption at any point leaves the state after the last finished batch.
+    """
+    import torch
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+
+    from eah_interp import hf
+    from eah_interp.stats import HeadStats
+
+    stats = HeadStats(threshold=bundle.threshold if threshold is None else threshold, normalise=normalise)  # type: ignore[arg-type]
+    config = _scan_config(bundle, stats.threshold, normalise)
+    path = out / SCAN_CHECKPOINT
+    names = [name for name, _, _ in items]
+    done: list[str] = []
+    if not resume:
+        path.unlink(missing_ok=True)
+    elif path.exists():
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        saved = json.loads(meta.get("scan_config", "{}"))
+        if saved != config:
+            diff = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in config.items() if saved.get(k) != v)
+            raise typer.BadParameter(
+                f"{path} was written by a different scan ({diff}). Use another --out, or --no-resume to discard it.",
+                param_hint="--out",
+            )
+        done = json.loads(meta["scan_done"])
+        extra = [name for name in done if name not in set(names)]
+        if extra:
+            raise typer.BadParameter(
+                f"{path} has already counted {len(extra)} image(s) this run does not ask for (e.g. {extra[0]!r}): "
+                f"a scan cannot un-count them. Pass --n {len(done)} or more, use another --out, or --no-resume.",
+                param_hint="--n",
+            )
+        stats = HeadStats.load(path)
+        console.print(f"resuming {path}: {len(done)} of {len(names)} images already counted")
+    finished = set(done)
+    todo = [(name, image) for name, image, _ in items if name not in finished]
+    model, processor = bundle.model, bundle.processor
+    with hf.record_attention(model, "all", stats=stats), torch.no_grad():
+        for start in tqdm(range(0, len(todo), batch_size), desc="scan", disable=not progress):
+            chunk = todo[start : start + batch_size]
+            model(**processor([bundle.caption_prompt] * len(chunk), [image for _, image in chunk]), use_cache=False)
+            done += [name for name, _ in chunk]
+            stats.save(path, metadata={"scan_config": json.dumps(config), "scan_done": json.dumps(done)})
+    return stats
 
 
 @app.command()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,6 +21,20 @@ if TYPE_CHECKING:
 
 #: Statistics computed by `head_statistics`, in column order.
 STATISTICS = ("sink_count", "sink_density", "max_sink_score", "image_mass_text", "entropy")
+#: The running sums of one statistic of one layer (`HeadStats.state_dict` keys end in these).
+_STATE_PARTS = ("n", "mean", "m2")
+_STATE_FORMAT = "eah_interp.HeadStats/1"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def head_statistics(
@@ -174,6 +190,70 @@ class HeadStats:
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
         return fig
+
+    # ------------------------------------------------------------------ exact save / load
+    def state_dict(self) -> dict[str, Tensor]:
+        """The running sums as float64 CPU tensors, keyed ``"<layer>.<statistic>.<n|mean|m2>"`` (``[heads]`` each).
+
+        With `load_state_dict` (and the same ``threshold`` / ``normalise``) it restores the accumulator
+        exactly: further updates give bit-for-bit the same results as the original would.
+        """
+        state: dict[str, Tensor] = {}
+        for layer in self.layers:
+            for name, acc in self._acc[layer].items():
+                for part in _STATE_PARTS:
+                    state[f"{layer}.{name}.{part}"] = getattr(acc, part).detach().to("cpu", torch.float64).clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Replace the running sums by a `state_dict` (every layer needs all statistics and parts)."""
+        acc: dict[int, dict[str, _Welford]] = {}
+        for key, value in state.items():
+            parts = key.split(".")
+            if len(parts) != 3 or not parts[0].isdigit() or parts[1] not in STATISTICS or parts[2] not in _STATE_PARTS:
+                raise ConfigError(f"Not a HeadStats state key: {key!r} (expected '<layer>.<statistic>.<n|mean|m2>').")
+            if value.ndim != 1:
+                raise LayoutError(f"HeadStats state {key!r} must be 1-d [heads]; got shape {tuple(value.shape)}.")
+            layer, name, part = int(parts[0]), parts[1], parts[2]
+            welford = acc.setdefault(layer, {}).setdefault(name, _Welford(value.shape[0]))
+            if welford.n.shape != value.shape:
+                raise LayoutError(f"HeadStats state {key!r} has {value.shape[0]} heads; layer {layer} has {welford.n.shape[0]}.")
+            setattr(welford, part, value.detach().to("cpu", torch.float64).clone())
+        for layer in acc:
+            missing = [f"{layer}.{s}.{p}" for s in STATISTICS for p in _STATE_PARTS if f"{layer}.{s}.{p}" not in state]
+            if missing:
+                raise ConfigError(f"Incomplete HeadStats state: missing {missing}.")
+            if len({w.n.shape[0] for w in acc[layer].values()}) != 1:
+                raise LayoutError(f"HeadStats state of layer {layer}: the statistics disagree on the number of heads.")
+        self._acc = {layer: {name: acc[layer][name] for name in STATISTICS} for layer in sorted(acc)}
+
+    def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+        """Write the accumulator to a safetensors file, atomically (a temporary file, then ``os.replace``).
+
+        ``threshold`` and ``normalise`` go into the file's metadata, with any extra ``metadata`` strings;
+        `HeadStats.load` restores it exactly (float64 sums, the threshold as its exact ``repr``).
+        """
+        from safetensors.torch import save
+
+        meta = dict(metadata or {})
+        meta.update(format=_STATE_FORMAT, threshold=repr(float(self.threshold)), normalise=str(self.normalise))
+        path = Path(path)
+        _atomic_write(path, save(self.state_dict(), metadata=meta))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> HeadStats:
+        """Read a file written by `save` (the inverse of `save`, exactly)."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != _STATE_FORMAT:
+                raise ConfigError(f"{path} is not a HeadStats file written by HeadStats.save (format {meta.get('format')!r}).")
+            state = {key: f.get_tensor(key) for key in f.keys()}
+        stats = cls(threshold=float(meta["threshold"]), normalise=meta["normalise"])  # type: ignore[arg-type]
+        stats.load_state_dict(state)
+        return stats
 
     def __repr__(self) -> str:
         n = max((self.n_examples(layer) for layer in self.layers), default=0)
