@@ -18,6 +18,18 @@ ModelOpt = Annotated[str, typer.Option(help="'organism' (bundled, trained) or 't
 SCAN_CHECKPOINT = "scan_checkpoint.safetensors"
 
 
+#: Set by the app-level ``--device`` option.
+_OPTIONS = {"device": None}
+
+
+@app.callback()
+def _options(
+    device: Annotated[str | None, typer.Option(help="run the model on this torch device (cuda, cuda:1, mps); default: CPU")] = None,
+) -> None:
+    """Options shared by every command (give them before the command: eah-interp --device cuda scan)."""
+    _OPTIONS["device"] = device
+
+
 def _load(name: str, *, fallback: bool = False):
     import torch
 
@@ -25,13 +37,13 @@ def _load(name: str, *, fallback: bool = False):
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
-        bundle = load_model(name)
+        bundle = load_model(name, device=_OPTIONS["device"])
     except (FileNotFoundError, ImportError) as err:
         if not fallback:
             raise
         console.print(f"[bold red]Could not load {name!r}: {err}[/]")
         console.print("[bold red]Falling back to a tiny RANDOM-WEIGHT LLaVA: the captions below are noise.[/]")
-        bundle = load_model("tiny-llava")
+        bundle = load_model("tiny-llava", device=_OPTIONS["device"])
     console.print(f"[bold]model:[/] {bundle.note}")
     return bundle
 
@@ -162,11 +174,11 @@ def _scan_resumable(bundle, items, out: Path, *, threshold: float | None, normal
         console.print(f"resuming {path}: {len(done)} of {len(names)} images already counted")
     finished = set(done)
     todo = [(name, image) for name, image, _ in items if name not in finished]
-    model, processor = bundle.model, bundle.processor
+    model = bundle.model
     with hf.record_attention(model, "all", stats=stats), torch.no_grad():
         for start in tqdm(range(0, len(todo), batch_size), desc="scan", disable=not progress):
             chunk = todo[start : start + batch_size]
-            model(**processor([bundle.caption_prompt] * len(chunk), [image for _, image in chunk]), use_cache=False)
+            model(**bundle.encode([bundle.caption_prompt] * len(chunk), [image for _, image in chunk]), use_cache=False)
             done += [name for name, _ in chunk]
             stats.save(path, metadata={"scan_config": json.dumps(config), "scan_done": json.dumps(done)})
     return stats

@@ -108,7 +108,7 @@ def first_token_answers(
     """Greedy first answer token (decoded) and ``log p(yes) - log p(no)`` at the last prompt position."""
     from eah_interp.metrics import yes_no_logit_diff
 
-    inputs = bundle.processor(list(prompts), list(images))
+    inputs = bundle.encode(prompts, images)
     with torch.no_grad():
         if config is None:
             logits = bundle.model(**inputs, use_cache=False).logits[:, -1]

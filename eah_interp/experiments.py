@@ -30,10 +30,10 @@ def scan_images(
 ) -> HeadStats:
     """Head statistics of the caption prompt over ``images`` (all layers by default), streamed."""
     stats = HeadStats(threshold=bundle.threshold if threshold is None else threshold, normalise=normalise)  # type: ignore[arg-type]
-    model, processor = bundle.model, bundle.processor
+    model = bundle.model
     with hf.record_attention(model, layers, stats=stats), torch.no_grad():
         for chunk in tqdm(_batches(images, batch_size), desc="scan", disable=not progress):
-            model(**processor([bundle.caption_prompt] * len(chunk), list(chunk)), use_cache=False)
+            model(**bundle.encode([bundle.caption_prompt] * len(chunk), list(chunk)), use_cache=False)
     return stats
 
 
@@ -60,7 +60,7 @@ def generate_texts(
     heads: list[list[int]] = []
     pairs = list(zip(prompts, images, strict=True))
     for chunk in tqdm(_batches(pairs, batch_size), desc=desc, disable=not progress):
-        inputs = processor([p for p, _ in chunk], [i for _, i in chunk])
+        inputs = bundle.encode([p for p, _ in chunk], [i for _, i in chunk])
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams)
         with torch.no_grad():
             if config is None:

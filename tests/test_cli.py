@@ -7,6 +7,7 @@ import socket
 
 import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from eah_interp.cli import app
@@ -48,3 +49,19 @@ def test_demo_runs_offline_on_the_bundled_model(tmp_path, no_network):
     assert "RANDOM" not in result.output
     frame = pd.read_csv(tmp_path / "head_stats.csv")
     assert len(frame) == 30 * 9  # SmolLM2: 30 layers x 9 heads
+
+
+def test_device_option_places_model_and_inputs(tmp_path, no_network):
+    """`eah-interp --device D cmd` loads the model on D and every runner feeds it inputs on D (CPU here: the
+    only device CI has; the code path is the one a GPU takes)."""
+    from eah_interp.models import load_model
+    from eah_interp.scenes import make_scene
+
+    result = CliRunner().invoke(app, ["--device", "cpu", "scan", "--model", "tiny-llava", "--n", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    bundle = load_model("tiny-llava", device="cpu")
+    inputs = bundle.encode([bundle.caption_prompt], [make_scene(0).image])
+    assert {v.device for v in inputs.values()} == {bundle.device}
+    assert bundle.device == torch.device("cpu")
+    bad = CliRunner().invoke(app, ["--device", "nonsense", "scan", "--model", "tiny-llava", "--n", "1", "--out", str(tmp_path)])
+    assert bad.exit_code != 0 and "nonsense" in str(bad.exception)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,9 +40,31 @@ class ModelBundle:
     yes_ids: list[int] = field(default_factory=list)
     no_ids: list[int] = field(default_factory=list)
 
+    @property
+    def device(self):
+        """Where the model takes its inputs: the device of its input embeddings (first device under ``device_map``)."""
+        return self.model.get_input_embeddings().weight.device
 
-def load_model(name: str = "organism") -> ModelBundle:
-    """Load a model by registry name: ``"organism"`` (the bundled trained LVLM) or ``"tiny-llava"`` (random)."""
+    def encode(self, prompts: Sequence[str], images: Sequence[Any]) -> dict[str, Any]:
+        """``processor(prompts, images)`` with every tensor moved to `device`: what the runners feed the model."""
+        inputs = self.processor(list(prompts), list(images))
+        return {k: v.to(self.device) if hasattr(v, "to") else v for k, v in inputs.items()}
+
+
+def load_model(name: str = "organism", device: str | None = None) -> ModelBundle:
+    """Load a model by registry name: ``"organism"`` (the bundled trained LVLM) or ``"tiny-llava"`` (random).
+
+    Args:
+        name: the registry name.
+        device: move the model there (``"cuda"``, ``"cuda:1"``, ...); default: stay on the CPU.
+    """
+    bundle = _load_bundle(name)
+    if device is not None:
+        bundle.model.to(device)
+    return bundle
+
+
+def _load_bundle(name: str) -> ModelBundle:
     if name == "organism":
         from eah_interp.metrics import answer_token_ids
         from eah_interp.models.organism import caption_prompt, load_organism, yes_no_prompt
