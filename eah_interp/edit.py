@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from eah_interp.broadcast import broadcast_heads, drop_columns, source_map
+from eah_interp.chunked import chunked_attention
 from eah_interp.config import EAHConfig
 from eah_interp.layout import TokenLayout
 from eah_interp.sinks import (
@@ -16,6 +18,7 @@ from eah_interp.sinks import (
     select_source_heads,
     sink_counts_from_scores,
     sink_scores,
+    sink_scores_from_column_sums,
 )
 
 
@@ -60,6 +63,26 @@ def should_edit(config: EAHConfig, layer: int, q_len: int, k_len: int) -> bool:
     return layer in config.layers and (config.apply_to_decode or is_prefill(q_len, k_len))
 
 
+def choose_source_heads(counts: Int[Tensor, "batch heads"], config: EAHConfig, layer: int) -> Int[Tensor, "batch top_k"]:
+    """The source head(s) per row under ``config.source`` (``-1``: nothing to broadcast in that row).
+
+    ``"auto"``: the most sinks (``source_top_k`` heads; none from head 0 with ``skip_if_head0``);
+    ``"fewest"``: the fewest sinks; ``"random"``: seeded by ``config.seed`` and ``layer``; an int: that head.
+    """
+    b, h = counts.shape
+    if config.source == "auto":
+        heads = select_source_heads(counts, config.source_top_k)
+        if config.skip_if_head0:
+            heads = torch.where(heads[:, :1] == 0, torch.full_like(heads, -1), heads)
+        return heads
+    if config.source == "fewest":
+        return select_fewest_sink_heads(counts)
+    if config.source == "random":
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + layer)
+        return torch.randint(0, h, (b, 1), generator=generator).to(counts.device)
+    return torch.full((b, 1), int(config.source), dtype=torch.long, device=counts.device)
+
+
 def apply_eah_to_probs(
     probs: Float[Tensor, "batch heads q k"], layout: TokenLayout, config: EAHConfig, layer: int
 ) -> tuple[Float[Tensor, "batch heads q k"], EditRecord]:
@@ -83,17 +106,7 @@ def apply_eah_to_probs(
     layout = layout.to(probs.device)
     scores = sink_scores(probs, layout, config.normalise)
     counts = sink_counts_from_scores(scores, layout, config.threshold)
-    if config.source == "auto":
-        heads = select_source_heads(counts, config.source_top_k)
-        if config.skip_if_head0:
-            heads = torch.where(heads[:, :1] == 0, torch.full_like(heads, -1), heads)
-    elif config.source == "fewest":
-        heads = select_fewest_sink_heads(counts)
-    elif config.source == "random":
-        generator = torch.Generator().manual_seed(config.seed * 100_003 + layer)
-        heads = torch.randint(0, h, (b, 1), generator=generator).to(probs.device)
-    else:
-        heads = torch.full((b, 1), int(config.source), dtype=torch.long, device=probs.device)
+    heads = choose_source_heads(counts, config, layer)
     edited_rows = (heads >= 0).any(-1)
     source = None
     if config.drop_sinks:
@@ -112,3 +125,68 @@ def apply_eah_to_probs(
     )
     record = EditRecord(layer=layer, q_len=q, k_len=k, sink_counts=counts, source_heads=heads, edited=edited_rows)
     return edited, record
+
+
+def is_plain_copy(config: EAHConfig) -> bool:
+    """Whether the edit gives every head the source head's whole map (the paper's EAH), so that
+    `apply_eah_to_attention` can compute it without a probability map."""
+    one_source = config.source != "auto" or config.source_top_k == 1
+    return config.region == "full" and config.alpha == 1.0 and config.target_heads is None and not config.drop_sinks and one_source
+
+
+def apply_eah_to_attention(
+    query: Float[Tensor, "batch heads q d"],
+    key: Float[Tensor, "batch kv_heads q d"],
+    value: Float[Tensor, "batch kv_heads q d"],
+    mask: Tensor | None,
+    scaling: float,
+    layout: TokenLayout,
+    config: EAHConfig,
+    layer: int,
+) -> tuple[Float[Tensor, "batch q heads d"], EditRecord]:
+    """EAH on one prompt layer from its projections, never materialising a ``[batch, heads, q, q]`` map.
+
+    A chunked pass (`eah_interp.chunked.chunked_attention`) accumulates the column sums, hence the sink
+    scores and the source head per row (as `apply_eah_to_probs` would choose it). Every head then
+    attends with the source head's map: head ``h`` outputs ``P_src @ V_g(h)``, computed per KV group
+    ``g`` as one SDPA call with the source head's query and key. Only for `is_plain_copy` configs and
+    prompt forwards (``q == k``).
+
+    Args:
+        query, key, value: the layer's projections after rotary embedding.
+        mask: the model's mask for SDPA: None (causal, no padding), boolean or additive ``[batch, 1, q, q]``.
+        scaling: the logit scale.
+        layout, config, layer: as in `apply_eah_to_probs`.
+
+    Returns:
+        ``(attention output [batch, q, heads, d], EditRecord)``.
+    """
+    if not is_plain_copy(config):
+        raise ValueError("apply_eah_to_attention only computes plain-copy edits (see is_plain_copy).")
+    b, h, q, _ = query.shape
+    if key.shape[-2] != q:
+        raise ValueError("apply_eah_to_attention is for prompt forwards (as many keys as queries).")
+    layout = layout.to(query.device)
+    _, sums = chunked_attention(query, key, value, mask, scaling, layout, output=False, statistics=False)
+    scores = sink_scores_from_column_sums(sums.column_sums, layout, q, config.normalise)
+    counts = sink_counts_from_scores(scores, layout, config.threshold)
+    heads = choose_source_heads(counts, config, layer)
+    n_kv = key.shape[1]
+    groups = h // n_kv
+    outputs = []
+    for row in range(b):
+        source = int(heads[row, 0])
+        row_mask = None if mask is None else mask[row : row + 1]
+        if source < 0:  # nothing to broadcast in this row: plain attention
+            q_row, k_row = query[row : row + 1], key[row : row + 1].repeat_interleave(groups, 1)
+            v_row = value[row : row + 1].repeat_interleave(groups, 1)
+        else:  # the source head's query and key for every KV group, each group's own values
+            q_row = query[row : row + 1, source : source + 1].expand(1, n_kv, q, -1)
+            k_row = key[row : row + 1, source // groups : source // groups + 1].expand(1, n_kv, q, -1)
+            v_row = value[row : row + 1]
+        out = F.scaled_dot_product_attention(
+            q_row, k_row, v_row, attn_mask=row_mask, is_causal=mask is None and q > 1, scale=scaling
+        )
+        outputs.append(out if source < 0 else out.repeat_interleave(groups, 1))
+    record = EditRecord(layer=layer, q_len=q, k_len=q, sink_counts=counts, source_heads=heads, edited=(heads >= 0).any(-1))
+    return torch.cat(outputs).transpose(1, 2).contiguous(), record

@@ -1,12 +1,23 @@
 """HF transformers backend: EAH and attention recording inside ``forward`` / ``generate``.
 
 Both context managers register a uniquely named function with transformers' `AttentionInterface`
-(and the eager mask function under the same name with `AttentionMaskInterface`, or the function
-would receive no causal mask), set it on the language model's config only, and dispatch on
-``module.layer_idx``: the chosen layers compute eager attention (the model family's own eager
-function) and hand the probabilities to the core; every other layer runs the implementation the model
-had before (e.g. SDPA). On exit, even by exception, the config, the registries and the hooks are
-restored exactly.
+(and a mask function under the same name with `AttentionMaskInterface`, or the function would receive
+no causal mask: SDPA's own for an SDPA model, so the other layers keep their fast causal path), set it
+on the language model's config only, and dispatch on ``module.layer_idx``. Every layer not chosen runs
+the implementation the model had before (e.g. SDPA). A chosen layer takes one of two paths:
+
+* **map-free** (default, for decoders whose attention is softmax of scaled ``Q K^T`` + mask, without
+  soft-capping or attention sinks): `record_attention` with ``stats`` computes the layer a chunk of query
+  rows at a time and accumulates the statistics' sums (`eah_interp.chunked`); `eah` with a plain-copy
+  edit (`eah_interp.edit.is_plain_copy`, e.g. the paper preset) gets the sink scores from chunked column
+  sums and the output from one SDPA call with the source head's query and key. No ``[batch, heads, q,
+  k]`` map exists;
+* **eager**: the model family's own eager function computes the probabilities, the core edits or reads
+  them (`apply_eah_to_probs`, `head_statistics`) and ``P @ V`` is recomputed: for kept patterns, blends,
+  image-region or dropped-sink edits, decode steps and other attention variants.
+
+Both give the same numbers (tests compare them with explicit computations within 1e-5). On exit, even
+by exception, the config, the registries and the hooks are restored exactly.
 
 Example:
     >>> config = EAHConfig.paper()
@@ -27,13 +38,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor, nn
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from eah_interp.chunked import chunked_attention
 from eah_interp.config import EAHConfig
-from eah_interp.edit import EditRecord, apply_eah_to_probs, should_edit
+from eah_interp.edit import EditRecord, apply_eah_to_attention, apply_eah_to_probs, is_plain_copy, should_edit
 from eah_interp.errors import (
     AttentionImplementationError,
     LayerIndexError,
@@ -42,7 +55,7 @@ from eah_interp.errors import (
 )
 from eah_interp.layout import TokenLayout
 from eah_interp.sinks import Normalise
-from eah_interp.stats import HeadStats, head_statistics
+from eah_interp.stats import HeadStats, head_statistics, head_statistics_from_sums
 
 _MISSING = object()
 _names = itertools.count()
@@ -106,6 +119,41 @@ def eager_function(module: nn.Module) -> Callable:
     if fn is None:
         from transformers.models.llama.modeling_llama import eager_attention_forward as fn
     return fn
+
+
+def additive_mask(
+    attention_mask: Tensor | None, q_len: int, k_len: int, dtype: torch.dtype, device: torch.device | None = None
+) -> Float[Tensor, "batch 1 q k"] | None:
+    """The additive (eager) form of whatever mask the model built for its own implementation.
+
+    Args:
+        attention_mask: ``None`` (SDPA's "causal, no padding" shortcut), a boolean mask (True = attend)
+            or an additive float mask ``[batch, 1, q, k]``.
+        q_len, k_len: query rows and key positions of the call (query row ``i`` sits at ``k - q + i``).
+        dtype: the query dtype.
+        device: where to build the causal mask when ``attention_mask`` is None (the query's device).
+
+    Returns:
+        An additive mask (0 = attend, dtype minimum = masked), or ``None`` when every key is visible
+        (a single query row without padding).
+    """
+    if attention_mask is None:
+        if q_len == 1:
+            return None
+        qpos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+        allowed = torch.arange(k_len, device=device)[None, :] <= qpos
+        attention_mask = allowed[None, None]
+    if attention_mask.dtype == torch.bool:
+        zeros = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+        return zeros.masked_fill(~attention_mask, torch.finfo(dtype).min)
+    return attention_mask
+
+
+def _plain_attention(module: nn.Module, kwargs: dict[str, Any]) -> bool:
+    """Softmax of scaled ``Q K^T`` + mask, nothing else: what `eah_interp.chunked` reproduces exactly."""
+    if any(kwargs.get(name) is not None for name in ("softcap", "s_aux", "sinks")):
+        return False
+    return not (module.training and kwargs.get("dropout", 0.0))
 
 
 def _past_length(input_ids: Tensor | None, kwargs: dict[str, Any]) -> int:
@@ -172,6 +220,14 @@ class _AttentionOverride:
         """Return edited probabilities, or None to keep the layer's output as computed."""
         raise NotImplementedError
 
+    def on_projections(
+        self, module, layer: int, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
+        layout: TokenLayout, kwargs: dict[str, Any],
+    ) -> tuple[Tensor, None] | None:
+        """The layer's ``(output [batch, q, heads, d], None)`` computed without a full probability map
+        (`eah_interp.chunked`), or None to take the eager path through `on_probs`."""
+        return None
+
     # context ---------------------------------------------------------
     def __enter__(self):
         previous = self.config._attn_implementation
@@ -188,7 +244,13 @@ class _AttentionOverride:
         with _names_lock:
             self._name = f"eah_interp.{self.kind}.{next(_names)}"
         AttentionInterface.register(self._name, self._attention)
-        AttentionMaskInterface.register(self._name, eager_mask)
+        # Layers that keep SDPA get SDPA's own mask (None for a causal prompt without padding, so SDPA
+        # takes its fast causal path); the chosen layers convert it (`additive_mask`). A nested context
+        # keeps the outer context's mask function.
+        mask_fn = {"sdpa": sdpa_mask, "eager": eager_mask}.get(previous) or AttentionMaskInterface._global_mapping.get(
+            previous, eager_mask
+        )
+        AttentionMaskInterface.register(self._name, mask_fn)
         self._hook = self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         self._previous_generate = vars(self.model).get("generate", _MISSING)  # an outer context's wrapper
         self.model.generate = self._generate_wrapper(self.model.generate)
@@ -263,8 +325,13 @@ class _AttentionOverride:
         ):
             fn = self._previous_fn or eager_function(module)
             return fn(module, query, key, value, attention_mask, **kwargs)
-        out, probs = eager_function(module)(module, query, key, value, attention_mask, **kwargs)
         layout = self._layout_for(query.shape[0], q_len, k_len)
+        if _plain_attention(module, kwargs):
+            fast = self.on_projections(module, layer, query, key, value, attention_mask, layout, kwargs)
+            if fast is not None:
+                return fast
+        mask = additive_mask(attention_mask, q_len, k_len, query.dtype, query.device)
+        out, probs = eager_function(module)(module, query, key, value, mask, **kwargs)
         edited = self.on_probs(layer, probs, layout)
         if edited is None:
             return out, probs
@@ -323,6 +390,14 @@ class eah(_AttentionOverride):  # noqa: N801 - used as a function-style context 
         edited, record = apply_eah_to_probs(probs, layout, self.eah_config, layer)
         self.run.records.append(record)
         return edited
+
+    def on_projections(self, module, layer, query, key, value, mask, layout, kwargs):
+        if query.shape[-2] != key.shape[-2] or not is_plain_copy(self.eah_config):
+            return None  # decode steps and blends / image-region / dropped-sink edits take the eager path
+        scaling = kwargs.get("scaling", module.scaling)
+        out, record = apply_eah_to_attention(query, key, value, mask, scaling, layout, self.eah_config, layer)
+        self.run.records.append(record)
+        return out, None
 
 
 # ---------------------------------------------------------------------------- recording
@@ -383,6 +458,19 @@ class record_attention(_AttentionOverride):  # noqa: N801
 
     def wants(self, layer: int, q_len: int, k_len: int) -> bool:
         return layer in self.recording.layers and q_len == k_len
+
+    def on_projections(self, module, layer, query, key, value, mask, layout, kwargs):
+        rec = self.recording
+        if self._keep_patterns or rec.stats is None:
+            return None  # kept patterns need the full map
+        scaling = kwargs.get("scaling", module.scaling)
+        out, sums = chunked_attention(query, key, value, mask, scaling, layout, output=True, statistics=True)
+        rec.stats.update_from_stats(
+            layer, head_statistics_from_sums(sums, layout, query.shape[-2], rec.stats.threshold, rec.stats.normalise)
+        )
+        if not rec.layouts or rec.layouts[-1] is not layout:
+            rec.layouts.append(layout)
+        return out, None
 
     def on_probs(self, layer: int, probs: Tensor, layout: TokenLayout) -> Tensor | None:
         rec = self.recording

@@ -79,41 +79,13 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------- the function we swap in
-def additive_mask(
-    attention_mask: Tensor | None, q_len: int, k_len: int, dtype: torch.dtype, device: torch.device | None = None
-) -> Float[Tensor, "batch 1 q k"] | None:
-    """The additive (eager) form of whatever mask the model built for its own implementation.
-
-    Args:
-        attention_mask: ``None`` (SDPA's "causal, no padding" shortcut), a boolean mask (True = attend)
-            or an additive float mask ``[batch, 1, q, k]``.
-        q_len, k_len: query rows and key positions of the call (query row ``i`` sits at ``k - q + i``).
-        dtype: the query dtype.
-        device: where to build the causal mask when ``attention_mask`` is None (the query's device).
-
-    Returns:
-        An additive mask (0 = attend, dtype minimum = masked), or ``None`` when every key is visible
-        (a single query row without padding).
-    """
-    if attention_mask is None:
-        if q_len == 1:
-            return None
-        qpos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
-        allowed = torch.arange(k_len, device=device)[None, :] <= qpos
-        attention_mask = allowed[None, None]
-    if attention_mask.dtype == torch.bool:
-        zeros = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
-        return zeros.masked_fill(~attention_mask, torch.finfo(dtype).min)
-    return attention_mask
-
-
 def eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs):
-    """The model family's eager attention, whatever mask format the model built (see `additive_mask`).
+    """The model family's eager attention, whatever mask format the model built (see `eah_interp.hf.additive_mask`).
 
     This is the function `eager_attention_probs` makes a layer call inside a trace; its op
     ``family_1`` is the family's ``eager_attention_forward``, whose dropout output holds the probabilities.
     """
-    mask = additive_mask(attention_mask, query.shape[-2], key.shape[-2], query.dtype, query.device)
+    mask = hf.additive_mask(attention_mask, query.shape[-2], key.shape[-2], query.dtype, query.device)
     family = hf.eager_function(module)
     return family(module, query, key, value, mask, **kwargs)
 

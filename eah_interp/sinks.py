@@ -105,9 +105,15 @@ def sink_scores(
     Returns:
         ``Float[batch, heads, k]`` in float32.
     """
-    sums = column_sums(attn, layout)
-    denom = sink_denominator(layout, attn.shape[-2], normalise).to(attn.device)
-    valid = layout.image_mask.to(attn.device) & (denom > 0)
+    return sink_scores_from_column_sums(column_sums(attn, layout), layout, attn.shape[-2], normalise)
+
+
+def sink_scores_from_column_sums(
+    sums: Float[Tensor, "batch heads k"], layout: TokenLayout, q_len: int, normalise: Normalise = "causal"
+) -> Float[Tensor, "batch heads k"]:
+    """`sink_scores` from precomputed `column_sums` (e.g. accumulated chunk by chunk in `eah_interp.chunked`)."""
+    denom = sink_denominator(layout, q_len, normalise).to(sums.device)
+    valid = layout.image_mask.to(sums.device) & (denom > 0)
     scores = sums / denom.clamp_min(1e-12)[:, None, :]
     return torch.where(valid[:, None, :], scores, torch.zeros_like(scores))
 

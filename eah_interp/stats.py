@@ -10,10 +10,18 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from eah_interp.chunked import AttentionSums, text_rows_after_image
 from eah_interp.config import OFFICIAL_THRESHOLD
 from eah_interp.errors import ConfigError, LayoutError
 from eah_interp.layout import TokenLayout
-from eah_interp.sinks import QUERY_CHUNK, Normalise, query_positions, sink_counts_from_scores, sink_scores
+from eah_interp.sinks import (
+    QUERY_CHUNK,
+    Normalise,
+    column_sums,
+    query_positions,
+    sink_counts_from_scores,
+    sink_scores_from_column_sums,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -51,15 +59,16 @@ def head_statistics(
         after the first image token of the attention mass on image keys (NaN if the row has none);
         ``entropy``: mean over real query rows of the row entropy (nats).
     """
+    return head_statistics_from_sums(attention_sums(probs, layout), layout, probs.shape[-2], threshold, normalise)
+
+
+def attention_sums(probs: Float[Tensor, "batch heads q k"], layout: TokenLayout) -> AttentionSums:
+    """The `AttentionSums` of a full probability map (``QUERY_CHUNK`` rows at a time, in float32)."""
     b, h, q, k = probs.shape
     layout = layout.to(probs.device)
-    scores = sink_scores(probs, layout, normalise)
-    counts = sink_counts_from_scores(scores, layout, threshold).float()
-    n_image = layout.n_image_tokens.clamp_min(1).float()
     qpos = query_positions(q, k, probs.device)
     real = layout.attention_mask[:, qpos]  # [b, q]
-    start, _ = layout.image_extent()
-    text_rows = real & ~layout.image_mask[:, qpos] & (qpos[None, :] >= start[:, None]) & layout.image_mask.any(-1, keepdim=True)
+    text_rows = text_rows_after_image(layout, q)
     image_cols = layout.image_mask[:, None, None, :].float()
     mass_sum = torch.zeros(b, h, device=probs.device)
     entropy_sum = torch.zeros(b, h, device=probs.device)
@@ -69,14 +78,31 @@ def head_statistics(
         ent = -(chunk * chunk.clamp_min(1e-30).log()).sum(-1)
         mass_sum += (mass * text_rows[:, None, s : s + QUERY_CHUNK]).sum(-1)
         entropy_sum += (ent * real[:, None, s : s + QUERY_CHUNK]).sum(-1)
-    n_text = text_rows.sum(-1).float()
-    image_mass = torch.where(n_text[:, None] > 0, mass_sum / n_text.clamp_min(1)[:, None], torch.nan)
+    return AttentionSums(
+        column_sums(probs, layout), mass_sum, entropy_sum, text_rows.sum(-1).float(), real.sum(-1).float()
+    )
+
+
+def head_statistics_from_sums(
+    sums: AttentionSums,
+    layout: TokenLayout,
+    q_len: int,
+    threshold: float = OFFICIAL_THRESHOLD,
+    normalise: Normalise = "causal",
+) -> dict[str, Float[Tensor, "batch heads"]]:
+    """`head_statistics` from running sums (`attention_sums` of a full map, or `eah_interp.chunked`)."""
+    layout = layout.to(sums.column_sums.device)
+    scores = sink_scores_from_column_sums(sums.column_sums, layout, q_len, normalise)
+    counts = sink_counts_from_scores(scores, layout, threshold).float()
+    n_image = layout.n_image_tokens.clamp_min(1).float()
+    n_text = sums.n_text
+    image_mass = torch.where(n_text[:, None] > 0, sums.image_mass / n_text.clamp_min(1)[:, None], torch.nan)
     return {
         "sink_count": counts,
         "sink_density": counts / n_image[:, None],
         "max_sink_score": scores.max(-1).values,
         "image_mass_text": image_mass,
-        "entropy": entropy_sum / real.sum(-1).clamp_min(1).float()[:, None],
+        "entropy": sums.entropy / sums.n_real.clamp_min(1)[:, None],
     }
 
 

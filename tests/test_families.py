@@ -78,6 +78,11 @@ class Reference:
         self.mask = self.inputs["attention_mask"].bool()
         self.image = _image_mask(self.model, self.inputs["input_ids"]) & self.mask
         self.threshold = self._discriminative_threshold()
+        # Logits after the edited layer: the HF backend computes the edited layer with SDPA kernels (no
+        # full map), the references with explicit matmuls; the ~5e-7 difference in that layer's output
+        # (checked at 1e-5) grows through the organism's 28 further trained layers to ~5e-5 on logits up
+        # to |34|. The tiny random models stay within 1e-5.
+        self.logit_atol = 2e-4 if name == "organism" else 1e-5
 
     def scores(self, row: int, head: int) -> dict[int, float]:
         real = self.mask[row].tolist()
@@ -191,9 +196,9 @@ def test_eah_equals_explicit_computation(ref):
     _, got_o_in, records = eah_run(ref)  # the SDPA model: only the edited layer runs eager attention
     assert records[0].source_head.tolist() == chosen
     assert torch.allclose(real(got_o_in, ref.mask), real(o_in, ref.mask), atol=1e-5)
-    # end to end on the eager copy (the SDPA model's other layers round differently over 30 trained layers)
+    # end to end on the eager copy (the SDPA model's other layers round differently)
     got_logits, _, _ = eah_run(ref, ref.eager)
-    assert torch.allclose(real(got_logits, ref.mask), real(logits, ref.mask), atol=1e-5)
+    assert torch.allclose(real(got_logits, ref.mask), real(logits, ref.mask), atol=ref.logit_atol)
     # the edit is not a no-op on these models
     assert (real(o_in, ref.mask) - real(ref.plain_o_in, ref.mask)).abs().max() > 1e-3
 
@@ -210,7 +215,7 @@ def test_nnsight_equals_hf_backend(ref):
     with torch.no_grad(), nn_model.trace(**ref.inputs, use_cache=False):
         records = ens.apply_eah(nn_model, ref.config(), layout)
         logits = nn_model.output.logits.save()
-    assert torch.allclose(real(logits, ref.mask), real(want, ref.mask), atol=1e-5)
+    assert torch.allclose(real(logits, ref.mask), real(want, ref.mask), atol=ref.logit_atol)
     assert [r.source_head.tolist() for r in records] == [r.source_head.tolist() for r in hf_records]
 
 
@@ -238,7 +243,7 @@ def test_lens_support_is_as_documented(ref):
         extra = {"attention_mask": ref.inputs["attention_mask"]}
     with torch.no_grad():
         got = bridge.run_with_hooks(source, fwd_hooks=lens.eah_hooks(bridge, ref.config(), layout), **extra)
-    assert torch.allclose(real(got, ref.mask), real(want, ref.mask), atol=1e-5)
+    assert torch.allclose(real(got, ref.mask), real(want, ref.mask), atol=ref.logit_atol)
 
 
 def bridge_source(ref):

@@ -194,3 +194,29 @@ def test_errors_name_the_problem(model, inputs):
                 pass
     finally:
         model.config.text_config._attn_implementation_internal = "sdpa"
+
+
+def test_layers_that_keep_sdpa_keep_its_causal_shortcut(model):
+    """Inside a context, the layers not chosen get SDPA's own mask: None for an unpadded causal prompt (so
+    SDPA takes its is_causal path; a materialised float mask halves its speed at 2,900 tokens,
+    docs/benchmarks.md), and the chosen layer still computes the causal attention right."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    unpadded = tiny_llava_inputs(model, prefix_lengths=(3, 3), seed=2)
+    plain = logits(model, unpadded)
+    seen = []
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append((module.layer_idx, attention_mask))
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface._global_mapping["sdpa"] = spy
+    try:
+        with hf.eah(model, EAHConfig(layers=(1,), source=2, target_heads=(2,))):  # identity edit
+            got = logits(model, unpadded)
+    finally:
+        AttentionInterface._global_mapping["sdpa"] = sdpa
+    assert sorted({layer for layer, _ in seen}) == [0, 2, 3]
+    assert all(mask is None for _, mask in seen)
+    assert torch.allclose(got, plain, atol=1e-5)

@@ -291,7 +291,7 @@ def test_eah_equals_hf_eah_on_the_bundled_model():
     want, hf_records = hf_logits(model, x, config)
     got, records = nnsight_eah(NNsight(model), x, config, layout)
     assert [r.source_head.tolist() for r in records] == [r.source_head.tolist() for r in hf_records]
-    assert torch.allclose(real(got, x), real(want, x), atol=1e-5)
+    assert torch.allclose(real(got, x), real(want, x), atol=2e-4)  # HF: SDPA kernels in the edited layer; nnsight: eager; 29 trained layers after it
 
 
 def test_unpadded_prompt_where_sdpa_builds_no_mask(model, nn_model):
