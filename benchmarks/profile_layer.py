@@ -1,0 +1,93 @@
+"""Where the time of one instrumented layer goes (SmolLM2-135M shape: 9 heads, 3 KV heads, head dim 64).
+
+    python benchmarks/profile_layer.py [--tokens 600 2904] [--repeats 5]
+
+Times (median, one thread) the pieces `eah_interp.hf` runs in a chosen layer, against the SDPA call the
+layer would otherwise make, on random q/k/v: SDPA with ``is_causal`` (what a plain forward uses),
+SDPA with a materialised float mask (what every non-chosen layer got inside an ``hf`` context before the fix, see
+docs/benchmarks.md), the family's eager attention (full ``[b, h, q, k]`` maps), `stats.head_statistics`,
+`edit.apply_eah_to_probs` (the eager path), and the map-free path the HF backend takes by default
+(`chunked.chunked_attention`, `edit.apply_eah_to_attention`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, nargs="+", default=[600, 2904])
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    from eah_interp import EAHConfig, TokenLayout
+
+    print("| piece (one layer, batch 1) | " + " | ".join(f"{n} tokens" for n in args.tokens) + " |")
+    print("| --- |" + " ---: |" * len(args.tokens))
+    results: dict[str, list[str]] = {}
+    for seq in args.tokens:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(1, 9, seq, 64, generator=g)
+        k = torch.randn(1, 3, seq, 64, generator=g)
+        v = torch.randn(1, 3, seq, 64, generator=g)
+        n_image = seq - 24
+        layout = TokenLayout.from_spans([(4, 4 + n_image)], seq)
+        config = EAHConfig.paper(threshold=0.0008 * 576 / n_image)
+        allowed = torch.ones(seq, seq, dtype=torch.bool).tril()
+        float_mask = torch.zeros(seq, seq).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+        for name, fn in pieces(q, k, v, float_mask, layout, config).items():
+            results.setdefault(name, []).append(f"{median_time(fn, args.repeats) * 1000:.0f} ms")
+    for name, cells in results.items():
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def pieces(q, k, v, float_mask, layout, config) -> dict:
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from eah_interp.chunked import chunked_attention
+    from eah_interp.edit import apply_eah_to_attention, apply_eah_to_probs
+    from eah_interp.stats import head_statistics
+
+    class Module:  # what eager_attention_forward reads from the attention module
+        num_key_value_groups = 3
+        training = False
+
+    kr, vr = k.repeat_interleave(3, 1), v.repeat_interleave(3, 1)
+    _, probs = eager_attention_forward(Module(), q, k, v, float_mask, scaling=0.125, dropout=0.0)
+    return {
+        "SDPA, is_causal (plain forward)": lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=True),
+        "SDPA, materialised float mask (what the other layers got inside hf.* before the fix)": lambda: F.scaled_dot_product_attention(
+            q, kr, vr, attn_mask=float_mask),
+        "eager attention, full maps (chosen layer)": lambda: eager_attention_forward(
+            Module(), q, k, v, float_mask, scaling=0.125, dropout=0.0),
+        "stats.head_statistics on the full map": lambda: head_statistics(probs, layout),
+        "edit.apply_eah_to_probs on the full map": lambda: apply_eah_to_probs(probs, layout, config, 1),
+        "chunked attention + statistics sums (record_attention)": lambda: chunked_attention(
+            q, k, v, None, 0.125, layout, output=True, statistics=True),
+        "map-free EAH: chunked column sums + SDPA with the source head (hf.eah)": lambda: apply_eah_to_attention(
+            q, k, v, None, 0.125, layout, config, 1),
+    }
+
+
+if __name__ == "__main__":
+    main()
