@@ -138,11 +138,9 @@ def _scan_resumable(bundle, items, out: Path, *, threshold: float | None, normal
     its metadata, the scan config and the names of the images counted so far; it is replaced atomically,
     so an interruption at any point leaves the state after the last finished batch.
     """
-    import torch
     from safetensors import safe_open
-    from tqdm.auto import tqdm
 
-    from eah_interp import hf
+    from eah_interp.experiments import scan_images
     from eah_interp.stats import HeadStats
 
     stats = HeadStats(threshold=bundle.threshold if threshold is None else threshold, normalise=normalise)  # type: ignore[arg-type]
@@ -174,14 +172,13 @@ def _scan_resumable(bundle, items, out: Path, *, threshold: float | None, normal
         console.print(f"resuming {path}: {len(done)} of {len(names)} images already counted")
     finished = set(done)
     todo = [(name, image) for name, image, _ in items if name not in finished]
-    model = bundle.model
-    with hf.record_attention(model, "all", stats=stats), torch.no_grad():
-        for start in tqdm(range(0, len(todo), batch_size), desc="scan", disable=not progress):
-            chunk = todo[start : start + batch_size]
-            model(**bundle.encode([bundle.caption_prompt] * len(chunk), [image for _, image in chunk]), use_cache=False)
-            done += [name for name, _ in chunk]
-            stats.save(path, metadata={"scan_config": json.dumps(config), "scan_done": json.dumps(done)})
-    return stats
+
+    def checkpoint(counted: int) -> None:
+        names_done = done + [name for name, _ in todo[:counted]]
+        stats.save(path, metadata={"scan_config": json.dumps(config), "scan_done": json.dumps(names_done)})
+
+    return scan_images(bundle, [image for _, image in todo], stats=stats, batch_size=batch_size, progress=progress,
+                       on_batch=checkpoint)
 
 
 @app.command()

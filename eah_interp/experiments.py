@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,13 +27,27 @@ def scan_images(
     normalise: str = "causal",
     batch_size: int = 8,
     progress: bool = True,
+    stats: HeadStats | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> HeadStats:
-    """Head statistics of the caption prompt over ``images`` (all layers by default), streamed."""
-    stats = HeadStats(threshold=bundle.threshold if threshold is None else threshold, normalise=normalise)  # type: ignore[arg-type]
+    """Head statistics of the caption prompt over ``images`` (all layers by default), streamed.
+
+    Args:
+        stats: accumulate into this `HeadStats` (e.g. one loaded from a checkpoint) instead of a new one
+            built from ``threshold`` / ``normalise``.
+        on_batch: called after every batch with the number of images counted so far in this call
+            (the CLI writes its resumable checkpoint there).
+    """
+    if stats is None:
+        stats = HeadStats(threshold=bundle.threshold if threshold is None else threshold, normalise=normalise)  # type: ignore[arg-type]
     model = bundle.model
+    counted = 0
     with hf.record_attention(model, layers, stats=stats), torch.no_grad():
         for chunk in tqdm(_batches(images, batch_size), desc="scan", disable=not progress):
             model(**bundle.encode([bundle.caption_prompt] * len(chunk), list(chunk)), use_cache=False)
+            counted += len(chunk)
+            if on_batch is not None:
+                on_batch(counted)
     return stats
 
 

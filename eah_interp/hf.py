@@ -149,6 +149,17 @@ def additive_mask(
     return attention_mask
 
 
+def eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs):
+    """The model family's eager attention, whatever mask format the model built (see `additive_mask`).
+
+    Returns ``(output [batch, q, heads, d], probabilities [batch, heads, q, k])``. The eager path of a
+    chosen layer, and the function `eah_interp.nnsight` points a layer's attention call at in a trace.
+    """
+    mask = additive_mask(attention_mask, query.shape[-2], key.shape[-2], query.dtype, query.device)
+    family = eager_function(module)
+    return family(module, query, key, value, mask, **kwargs)
+
+
 def _plain_attention(module: nn.Module, kwargs: dict[str, Any]) -> bool:
     """Softmax of scaled ``Q K^T`` + mask, nothing else: what `eah_interp.chunked` reproduces exactly."""
     if any(kwargs.get(name) is not None for name in ("softcap", "s_aux", "sinks")):
@@ -167,20 +178,6 @@ def _past_length(input_ids: Tensor | None, kwargs: dict[str, Any]) -> int:
     return 0
 
 
-def _warn_if_causal_normaliser_on_bidirectional(model: nn.Module, normalise: str) -> None:
-    """Warn when sink scores would divide by later rows only, but image tokens also attend backwards."""
-    from eah_interp.models.adapters import adapter_for
-
-    adapter = adapter_for(model)
-    if adapter.bidirectional_image_attention and normalise == "causal":
-        warnings.warn(
-            f"{adapter.family}: image tokens attend to each other bidirectionally, so earlier rows also attend to "
-            "an image token and normalise='causal' (later rows only) inflates sink scores of late image tokens. "
-            "Use normalise='rows'.",
-            stacklevel=3,
-        )
-
-
 # ---------------------------------------------------------------------------- the shared mechanism
 @dataclass
 class _State:
@@ -197,10 +194,13 @@ class _AttentionOverride:
     kind = "override"
 
     def __init__(self, model: nn.Module, layout: TokenLayout | None, *, needs_layout: bool = True) -> None:
+        from eah_interp.models.adapters import adapter_for
+
         self.model = model
         self.config = text_config(model)
         self.modules = attention_modules(model)
-        self.state = _State(user_layout=layout, token_ids=image_token_ids(model))
+        self.adapter = adapter_for(model)
+        self.state = _State(user_layout=layout, token_ids=self.adapter.visual_token_ids(model))
         if needs_layout and layout is None and not self.state.token_ids:
             raise LayoutError(
                 f"{type(model).__name__} has no image_token_id in its config: pass layout=TokenLayout(...) "
@@ -211,6 +211,20 @@ class _AttentionOverride:
         self._previous_fn: Callable | None = None
         self._hook = None
         self._previous_generate: Any = None
+
+    def _warn_if_causal_normaliser(self, normalise: str) -> None:
+        """Warn when sink scores would divide by later rows only, but image tokens also attend backwards."""
+        if self.adapter.bidirectional_image_attention and normalise == "causal":
+            warnings.warn(
+                f"{self.adapter.family}: image tokens attend to each other bidirectionally, so earlier rows also "
+                "attend to an image token and normalise='causal' (later rows only) inflates sink scores of late "
+                "image tokens. Use normalise='rows'.",
+                stacklevel=3,
+            )
+
+    def _prompt_layout(self, input_ids: Tensor, attention_mask: Tensor | None) -> TokenLayout:
+        """The layout of a prompt from its ids: positions holding the family's visual token ids."""
+        return TokenLayout.from_input_ids(input_ids, self.state.token_ids, attention_mask)  # type: ignore[arg-type]
 
     # subclasses ------------------------------------------------------
     def wants(self, layer: int, q_len: int, k_len: int) -> bool:
@@ -279,9 +293,7 @@ class _AttentionOverride:
         if self.state.user_layout is not None:
             self.state.layout = self.state.user_layout  # fitted to each call (beams, decode) in _layout_for
         elif input_ids is not None:
-            self.state.layout = TokenLayout.from_input_ids(
-                input_ids, self.state.token_ids, kwargs.get("attention_mask")  # type: ignore[arg-type]
-            )
+            self.state.layout = self._prompt_layout(input_ids, kwargs.get("attention_mask"))
         else:  # inputs_embeds only: the layout `generate` noted from its input_ids, else none (`_layout_for` raises)
             self.state.layout = self.state.generate_layout
 
@@ -293,9 +305,7 @@ class _AttentionOverride:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], Tensor) else None)
             if self.state.user_layout is None and isinstance(input_ids, Tensor) and input_ids.ndim == 2:
-                self.state.generate_layout = TokenLayout.from_input_ids(
-                    input_ids, self.state.token_ids, kwargs.get("attention_mask")  # type: ignore[arg-type]
-                )
+                self.state.generate_layout = self._prompt_layout(input_ids, kwargs.get("attention_mask"))
                 self.state.layout = self.state.generate_layout
             try:
                 return generate(*args, **kwargs)
@@ -330,8 +340,7 @@ class _AttentionOverride:
             fast = self.on_projections(module, layer, query, key, value, attention_mask, layout, kwargs)
             if fast is not None:
                 return fast
-        mask = additive_mask(attention_mask, q_len, k_len, query.dtype, query.device)
-        out, probs = eager_function(module)(module, query, key, value, mask, **kwargs)
+        out, probs = eager_attention(module, query, key, value, attention_mask, **kwargs)
         edited = self.on_probs(layer, probs, layout)
         if edited is None:
             return out, probs
@@ -375,7 +384,7 @@ class eah(_AttentionOverride):  # noqa: N801 - used as a function-style context 
         super().__init__(model, layout)
         n_layers, n_heads, _ = model_shape(model)
         config.validate_for(n_layers, n_heads)
-        _warn_if_causal_normaliser_on_bidirectional(model, config.normalise)
+        self._warn_if_causal_normaliser(config.normalise)
         self.eah_config = config
         self.run = EAHRun(config)
 
@@ -448,7 +457,7 @@ class record_attention(_AttentionOverride):  # noqa: N801
         if stats is None and not keep_patterns:
             raise ValueError("record_attention needs stats=HeadStats(...) and/or keep_patterns=True.")
         if stats is not None:
-            _warn_if_causal_normaliser_on_bidirectional(model, stats.normalise)
+            self._warn_if_causal_normaliser(stats.normalise)
         self._keep_patterns = keep_patterns
         self.recording = Recording(layers=chosen, stats=stats)
 
@@ -468,8 +477,7 @@ class record_attention(_AttentionOverride):  # noqa: N801
         rec.stats.update_from_stats(
             layer, head_statistics_from_sums(sums, layout, query.shape[-2], rec.stats.threshold, rec.stats.normalise)
         )
-        if not rec.layouts or rec.layouts[-1] is not layout:
-            rec.layouts.append(layout)
+        self._note_layout(layout)
         return out, None
 
     def on_probs(self, layer: int, probs: Tensor, layout: TokenLayout) -> Tensor | None:
@@ -480,9 +488,13 @@ class record_attention(_AttentionOverride):  # noqa: N801
             )
         if self._keep_patterns:
             rec.patterns.setdefault(layer, []).append(probs.detach().to("cpu"))
-        if not rec.layouts or rec.layouts[-1] is not layout:
-            rec.layouts.append(layout)
+        self._note_layout(layout)
         return None
+
+    def _note_layout(self, layout: TokenLayout) -> None:
+        """Keep each prompt's layout once (the layers of one forward share it)."""
+        if not self.recording.layouts or self.recording.layouts[-1] is not layout:
+            self.recording.layouts.append(layout)
 
 
 def scan_heads(

@@ -79,15 +79,10 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------- the function we swap in
-def eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs):
-    """The model family's eager attention, whatever mask format the model built (see `eah_interp.hf.additive_mask`).
-
-    This is the function `eager_attention_probs` makes a layer call inside a trace; its op
-    ``family_1`` is the family's ``eager_attention_forward``, whose dropout output holds the probabilities.
-    """
-    mask = hf.additive_mask(attention_mask, query.shape[-2], key.shape[-2], query.dtype, query.device)
-    family = hf.eager_function(module)
-    return family(module, query, key, value, mask, **kwargs)
+# `eager_attention` (defined in `eah_interp.hf`, which uses it for its eager path too): a layer calls it in
+# place of its attention function; its op ``family_1`` is the family's ``eager_attention_forward``, whose
+# dropout output holds the probabilities.
+eager_attention = hf.eager_attention
 
 
 # ---------------------------------------------------------------------------- model navigation

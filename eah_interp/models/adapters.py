@@ -64,10 +64,6 @@ class Adapter:
     support: Mapping[str, str] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ lookups
-    def matches(self, model: nn.Module) -> bool:
-        """True when the model's class, or one of its base classes, is one of ``architectures``."""
-        return any(cls.__name__ in self.architectures for cls in type(model).__mro__)
-
     def visual_token_ids(self, model: nn.Module) -> tuple[int, ...]:
         """Placeholder ids that mark visual positions in ``input_ids`` (empty if the config has none)."""
         config = model.config
