@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up (median reported)")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--images", type=int, nargs="+", default=[576, 1152, 2880], help="image-token counts (batch 1)")
-    ap.add_argument("--batches", type=int, nargs="+", default=[2, 4], help="extra batch sizes at the first image count")
+    ap.add_argument("--batches", type=int, nargs="*", default=[2, 4], help="extra batch sizes at the first image count")
     ap.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
     ap.add_argument("--memory", choices=["fresh", "inline", "none"], default=None,
                     help="fresh: one process per mode (default); inline: growth inside the timing process")

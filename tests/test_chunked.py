@@ -106,3 +106,59 @@ def test_map_free_eah_refuses_what_it_cannot_compute():
         apply_eah_to_attention(q, k, v, None, SCALE, layout(0), EAHConfig(layers=(1,), alpha=0.5), 1)
     with pytest.raises(ValueError, match="prompt forwards"):
         apply_eah_to_attention(q[:, :, -1:], k, v, None, SCALE, layout(0), EAHConfig(layers=(1,)), 1)
+
+
+def float64_reference(q, k, v, allowed):
+    """`explicit` in float64: probabilities [b, h, q, k] and output [b, q, h, d]."""
+    probs, out = explicit(q.double(), k.double(), v.double(), allowed)
+    return probs, out
+
+
+def test_logits_far_below_the_row_maximum_stay_exact_enough():
+    # logits spread over hundreds of nats: most exp(x - max) underflow; the floor must not change the
+    # statistics, and entries a row cannot see must contribute exactly 0
+    q, k, v = projections(3)
+    q = q * 40
+    lay = layout(0)
+    allowed, _ = masks(lay)
+    probs, want = float64_reference(q, k, v, allowed)
+    spread = ((q @ k.repeat_interleave(H // KV, 1).transpose(-1, -2)) * SCALE).masked_fill(~allowed, 0)
+    assert (spread.amax(-1) - spread.amin(-1)).amax() > 300  # the case this test is about
+    out, sums = chunked_attention(q, k, v, None, SCALE, lay, chunk=5)
+    assert torch.allclose(out.double(), want, atol=1e-5)
+    got = head_statistics_from_sums(sums, lay, N, threshold=0.05)
+    ref = head_statistics(probs, lay, threshold=0.05)
+    for name, value in ref.items():
+        assert torch.allclose(got[name].double(), value.double(), atol=1e-5), name
+    # the last key is seen by the last row only, and that is the removed diagonal
+    assert (sums.column_sums[..., -1] == 0).all()
+
+
+def test_fewer_queries_than_keys_and_low_precision_inputs():
+    q, k, v = projections(4)
+    lay = layout(0)
+    allowed, _ = masks(lay)
+    probs, want = float64_reference(q, k, v, allowed)
+    # the last 6 query rows against all N keys (a prompt continued after a cache), mask None = causal
+    out, sums = chunked_attention(q[:, :, -6:], k, v, None, SCALE, lay, chunk=4)
+    assert torch.allclose(out.double(), want[:, -6:], atol=1e-5)
+    col = probs[:, :, -6:].sum(-2)  # over the 6 rows, minus each row's own (diagonal) entry
+    col[..., -6:] -= torch.diagonal(probs[:, :, -6:, -6:], dim1=-2, dim2=-1)
+    assert torch.allclose(sums.column_sums.double(), col, atol=1e-5)
+    # bfloat16 projections: computed in float32, output returned in bfloat16
+    out16, _ = chunked_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, SCALE, lay)
+    assert out16.dtype == torch.bfloat16
+    assert torch.allclose(out16.double(), want, atol=0.05)
+
+
+def test_rows_that_see_no_key_output_zero_and_count_nothing():
+    q, k, v = projections(5)
+    lay = layout(4)
+    allowed, additive = masks(lay)
+    allowed = allowed.clone()
+    allowed[0, :, :4] = False  # row 0's padding positions see nothing (as a padded SDPA mask can say)
+    for mask in (allowed, additive.masked_fill(~allowed, torch.finfo(torch.float32).min)):
+        out, sums = chunked_attention(q, k, v, mask, SCALE, lay, chunk=3)
+        assert (out[0, :4] == 0).all() and out.isfinite().all()
+        assert sums.column_sums.isfinite().all() and sums.entropy.isfinite().all()
+        assert (sums.column_sums[0, :, :4] == 0).all()  # padding keys: seen by no real row
