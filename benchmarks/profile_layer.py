@@ -6,8 +6,9 @@ Times (median, one thread) the pieces `eah_interp.hf` runs in a chosen layer, ag
 layer would otherwise make, on random q/k/v: SDPA with ``is_causal`` (what a plain forward uses),
 SDPA with a materialised float mask (what every non-chosen layer got inside an ``hf`` context before the fix, see
 docs/benchmarks.md), the family's eager attention (full ``[b, h, q, k]`` maps), `stats.head_statistics`,
-`edit.apply_eah_to_probs` (the eager path), and the map-free path the HF backend takes by default
-(`chunked.chunked_attention`, `edit.apply_eah_to_attention`).
+`edit.apply_eah_to_probs` (the eager path), the map-free path the HF backend takes by default
+(`chunked.chunked_attention`, `edit.apply_eah_to_attention`), and two floors for any exact statistics
+pass: the causal ``Q K^T`` products alone, and with their ``exp``.
 """
 
 from __future__ import annotations
@@ -74,6 +75,15 @@ def pieces(q, k, v, float_mask, layout, config) -> dict:
 
     kr, vr = k.repeat_interleave(3, 1), v.repeat_interleave(3, 1)
     _, probs = eager_attention_forward(Module(), q, k, v, float_mask, scaling=0.125, dropout=0.0)
+    q3, kt3 = q[0] * 0.125, kr[0].transpose(1, 2).contiguous()
+
+    def logits_only(exp: bool) -> None:
+        """The floor of any exact statistics pass: every probability needs its logit (and an exp)."""
+        for s in range(0, q3.shape[1], 32):
+            logits = torch.bmm(q3[:, s : s + 32], kt3[..., : s + 32])
+            if exp:
+                logits.exp_()
+
     return {
         "SDPA, is_causal (plain forward)": lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=True),
         "SDPA, materialised float mask (what the other layers got inside hf.* before the fix)": lambda: F.scaled_dot_product_attention(
@@ -86,6 +96,8 @@ def pieces(q, k, v, float_mask, layout, config) -> dict:
             q, k, v, None, 0.125, layout, output=True, statistics=True),
         "map-free EAH: chunked column sums + SDPA with the source head (hf.eah)": lambda: apply_eah_to_attention(
             q, k, v, None, 0.125, layout, config, 1),
+        "floor: causal Q K^T alone, 32-row chunks (no softmax, no sums)": lambda: logits_only(False),
+        "floor: causal Q K^T + exp, 32-row chunks (no sums)": lambda: logits_only(True),
     }
 
 
