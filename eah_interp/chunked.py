@@ -31,8 +31,9 @@ from torch import Tensor
 from eah_interp.layout import TokenLayout
 from eah_interp.sinks import query_positions
 
-#: Query rows per chunk: 32 keeps a chunk's logits in a core's L2 cache for LLaVA-sized prompts and was
-#: the fastest of 16 / 32 / 64 / 128 at 600 and 2,904 tokens (benchmarks/profile_layer.py).
+#: Query rows per chunk: 32 keeps a chunk's logits in a core's L2 cache for LLaVA-sized prompts; of 16,
+#: 24, 32, 48, 64 and 96 rows, 32-64 were fastest (within noise) at 600, 1,176 and 2,904 tokens
+#: (SmolLM2-135M shapes, one thread; docs/benchmarks.md).
 ATTENTION_CHUNK = 32
 
 #: Logits minus their row's largest are clamped here before ``exp``: ``log`` of the smallest normal
