@@ -130,14 +130,16 @@ def chunked_attention(
     keys_t.copy_(key.transpose(-1, -2)[:, :, None].expand_as(keys_t))
     keys_t = keys_t.view(b * h, d, k)
     # one matmul per chunk gives the output rows and, in extra columns, each row's total (a column of
-    # ones) and its mass on image keys (the image mask as a column)
+    # ones) and, for the statistics, its mass on image keys (the image mask as a column)
     d_out = d if output else 0
-    values_plus = torch.empty(b, h // groups, groups, k, d_out + 2, device=query.device)
+    columns = d_out + 1 + int(statistics)
+    values_plus = torch.empty(b, h // groups, groups, k, columns, device=query.device)
     if output:
         values_plus[..., :d] = value[:, :, None]
     values_plus[..., d_out] = 1.0
-    values_plus[..., d_out + 1] = layout.image_mask[:, None, None, :]
-    values_plus = values_plus.view(b * h, k, d_out + 2)
+    if statistics:
+        values_plus[..., d_out + 1] = layout.image_mask[:, None, None, :]
+    values_plus = values_plus.view(b * h, k, columns)
     out = torch.empty(b, q, h, d, device=query.device) if output else None  # the layout HF returns
     column_sums = sums.column_sums.view(b * h, 1, k)
     weights = real[:, None, :].expand(b, h, q).reshape(b * h, q)  # real query rows
@@ -166,7 +168,7 @@ def chunked_attention(
             u[..., offset + s : visible].masked_fill_(above[:c, :c], 0.0)
         else:
             u.view(b, h, c, visible).masked_fill_(blocked, 0.0)
-        reduced = torch.bmm(u, values_plus[:, :visible])  # [b * h, c, d_out + 2]
+        reduced = torch.bmm(u, values_plus[:, :visible])  # [b * h, c, columns]
         total = reduced[..., d_out]  # P = u / total; a row that sees no key: total 1, u = 0
         total.masked_fill_(total == 0, 1.0)
         w = weights[:, s:e] / total  # each real row's weight in the column sums
