@@ -7,7 +7,8 @@ layer would otherwise make, on random q/k/v: SDPA with ``is_causal`` (what a pla
 SDPA with a materialised float mask (what every non-chosen layer got inside an ``hf`` context before the fix, see
 docs/benchmarks.md), the family's eager attention (full ``[b, h, q, k]`` maps), `stats.head_statistics`,
 `edit.apply_eah_to_probs` (the eager path), the map-free path the HF backend takes by default
-(`chunked.chunked_attention`, `edit.apply_eah_to_attention`), and two floors for any exact statistics
+(`chunked.chunked_attention`, with the native row kernel and with PyTorch rows;
+`edit.apply_eah_to_attention`), and two floors for any exact statistics
 pass: the causal ``Q K^T`` products alone, and with their ``exp``.
 """
 
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
 def pieces(q, k, v, float_mask, layout, config) -> dict:
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
+    from eah_interp import native
     from eah_interp.chunked import chunked_attention
     from eah_interp.edit import apply_eah_to_attention, apply_eah_to_probs
     from eah_interp.stats import head_statistics
@@ -84,6 +86,17 @@ def pieces(q, k, v, float_mask, layout, config) -> dict:
             if exp:
                 logits.exp_()
 
+    def without_native(fn):
+        def run() -> None:
+            available = native.available
+            native.available = lambda: False  # what chunked_attention asks before using the kernel
+            try:
+                fn()
+            finally:
+                native.available = available
+
+        return run
+
     return {
         "SDPA, is_causal (plain forward)": lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=True),
         "SDPA, materialised float mask (what the other layers got inside hf.* before the fix)": lambda: F.scaled_dot_product_attention(
@@ -94,6 +107,8 @@ def pieces(q, k, v, float_mask, layout, config) -> dict:
         "edit.apply_eah_to_probs on the full map": lambda: apply_eah_to_probs(probs, layout, config, 1),
         "chunked attention + statistics sums (record_attention)": lambda: chunked_attention(
             q, k, v, None, 0.125, layout, output=True, statistics=True),
+        "same, PyTorch rows instead of the native kernel (EAH_INTERP_NATIVE=0, or no C compiler)": without_native(
+            lambda: chunked_attention(q, k, v, None, 0.125, layout, output=True, statistics=True)),
         "map-free EAH: chunked column sums + SDPA with the source head (hf.eah)": lambda: apply_eah_to_attention(
             q, k, v, None, 0.125, layout, config, 1),
         "floor: causal Q K^T alone, 32-row chunks (no softmax, no sums)": lambda: logits_only(False),

