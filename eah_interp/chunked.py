@@ -55,6 +55,7 @@ def attention_rows(
     column_sums: Float[Tensor, "n k"],
     diagonal_start: int,
     log_floor: float = LOG_FLOOR,
+    masked_from: int = 0,
 ) -> tuple[Float[Tensor, "n rows"], Float[Tensor, "n rows"]]:
     """The softmax rows of a chunk of logits and their sums, in PyTorch (any device).
 
@@ -71,15 +72,18 @@ def attention_rows(
         column_sums: ``[n, k]``, ``k >= cols``; accumulated into its first ``cols`` columns.
         diagonal_start: the key index of row 0.
         log_floor: the clamp of ``x - m`` (see `LOG_FLOOR`).
+        masked_from: no masked entry lies left of this column (a causal chunk: its diagonal block), so
+            only the columns from here on are searched for masked entries.
 
     Returns:
         ``(totals, ylogu)``: each row's ``sum exps`` (the softmax denominator) and ``sum exps * y``
         (the row's entropy is ``log(total) - ylogu / total``).
     """
     n, rows, cols = logits.shape
-    masked = logits <= LOWEST / 2
+    masked = logits[..., masked_from:] <= LOWEST / 2
     logits.sub_(logits.amax(-1, keepdim=True)).clamp_min_(log_floor)
-    torch.exp(logits, out=exps).masked_fill_(masked, 0.0)
+    torch.exp(logits, out=exps)
+    exps[..., masked_from:].masked_fill_(masked, 0.0)
     totals = exps.sum(-1)
     w = torch.where(totals > 0, weights / totals, 0.0)
     column_sums[:, :cols] += torch.bmm(w[:, None], exps)[:, 0]
@@ -208,7 +212,8 @@ def chunked_attention(
         else:  # HF's additive masks hold finfo.min where blocked
             x.view(b, h, c, visible).add_(mask[:, :, s:e, :visible].float()).clamp_min_(LOWEST)
         u = exp_buffer[:size].view(b * h, c, visible)
-        total, ylogu = rows(x, u, weights[:, s:e], column_sums, offset + s, LOG_FLOOR)
+        masked_from = offset + s if mask is None else 0  # causal: only the diagonal block is masked
+        total, ylogu = rows(x, u, weights[:, s:e], column_sums, offset + s, LOG_FLOOR, masked_from)
         total = total.masked_fill_(total == 0, 1.0)  # P = u / total; a row that sees no key: u = 0
         if columns:
             reduced = torch.bmm(u.view(b * kv, groups * c, visible), values_plus[:, :visible])

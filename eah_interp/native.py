@@ -153,6 +153,7 @@ def attention_rows(
     column_sums: Float[Tensor, "n k"],
     diagonal_start: int,
     log_floor: float,
+    masked_from: int = 0,
 ) -> tuple[Float[Tensor, "n rows"], Float[Tensor, "n rows"]]:
     """The kernel on one chunk (CPU float32, ``logits`` and ``exps`` contiguous; check `available` first).
 
@@ -166,6 +167,8 @@ def attention_rows(
             to its first ``cols`` columns, except at each row's own key ``diagonal_start + row``.
         diagonal_start: the key index of row 0.
         log_floor: the clamp of ``x - row max``.
+        masked_from: unused (the kernel tests every entry at no extra cost); there for the signature of
+            `eah_interp.chunked.attention_rows`, which uses it.
 
     Returns:
         ``(totals, ylogu)``: each row's ``sum exps`` and ``sum exps * max(x - row max, log_floor)``.

@@ -56,17 +56,24 @@ def reference(x, masked, weights, k: int, diagonal_start: int):
     return probs, totals, entropy, column_sums
 
 
+@pytest.mark.parametrize("masking", ["scattered", "causal"])
 @pytest.mark.parametrize("diagonal_start", [-3, 0, 9, 16, 40])
 @pytest.mark.parametrize("implementation", ["native", "pytorch"])
-def test_rows_equal_an_explicit_softmax(implementation, diagonal_start):
+def test_rows_equal_an_explicit_softmax(implementation, diagonal_start, masking):
     assert native.available(), native.status()
     x, masked, weights = chunk()
+    masked_from = 0
+    if masking == "causal":  # row i sees keys up to diagonal_start + i, as in a causal chunk
+        keys = torch.arange(x.shape[-1])
+        masked = (keys[None, :] > diagonal_start + torch.arange(x.shape[1])[:, None]).expand_as(x)
+        x = torch.randn(x.shape, generator=torch.Generator().manual_seed(9)).mul(60).masked_fill(masked, LOWEST)
+        masked_from = max(diagonal_start, 0)  # no masked entry left of it
     k = x.shape[-1] + 4  # column sums wider than the chunk: only the first cols are touched
     probs, totals, entropy, want_sums = reference(x, masked, weights, k, diagonal_start)
     exps = torch.full_like(x, float("nan"))
     column_sums = torch.zeros(x.shape[0], k)
     run = native.attention_rows if implementation == "native" else attention_rows
-    got_totals, ylogu = run(x.clone(), exps, weights, column_sums, diagonal_start, LOG_FLOOR)
+    got_totals, ylogu = run(x.clone(), exps, weights, column_sums, diagonal_start, LOG_FLOOR, masked_from)
     safe = got_totals.double().clamp_min(1e-30)
     assert (exps[masked] == 0).all() and exps.isfinite().all()
     assert torch.allclose(exps.double() / safe[..., None], probs, atol=1e-6)
