@@ -112,11 +112,12 @@ def build(directory: Path | None = None) -> Path:
 
 @functools.cache
 def _kernel() -> ctypes._CFuncPtr | str:
-    """The loaded C function, or why there is none (warned about once per process)."""
+    """The loaded C function (its library path in ``.path``), or why there is none (warned once)."""
     if not enabled():
         return "turned off by EAH_INTERP_NATIVE"
     try:
-        library = ctypes.CDLL(str(build()))  # CDLL: the GIL is released during calls
+        path = build()
+        library = ctypes.CDLL(str(path))  # CDLL: the GIL is released during calls
     except (NativeBuildError, OSError, subprocess.SubprocessError) as e:
         reason = f"unavailable ({e})"
         warnings.warn(f"eah-interp: the native attention kernel is {reason}; the PyTorch path runs instead "
@@ -126,6 +127,7 @@ def _kernel() -> ctypes._CFuncPtr | str:
     p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     function.argtypes = [p, p, i, i, i, p, i, f, f, p, p, p, i, i]
     function.restype = None
+    function.path = path
     return function
 
 
@@ -137,7 +139,7 @@ def available() -> bool:
 def status() -> str:
     """One line: the library in use, or why the PyTorch path runs."""
     kernel = _kernel()
-    return f"native kernel: {kernel}" if isinstance(kernel, str) else f"native kernel: loaded from {build()}"
+    return f"native kernel: {kernel}" if isinstance(kernel, str) else f"native kernel: loaded from {kernel.path}"
 
 
 @functools.cache
