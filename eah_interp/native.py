@@ -179,11 +179,13 @@ def attention_rows(
     if isinstance(kernel, str):
         raise RuntimeError(f"the native attention kernel is {kernel}")
     n, rows, cols = logits.shape
-    for name, t in (("logits", logits), ("exps", exps)):
-        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
+    for name, t in (("logits", logits), ("exps", exps), ("weights", weights), ("column_sums", column_sums)):
+        if t.device.type != "cpu" or t.dtype != torch.float32 or t.stride(-1) != 1:
             raise ValueError(f"attention_rows needs contiguous float32 CPU tensors; {name} is not")
-    if column_sums.stride(-1) != 1 or weights.stride(-1) != 1 or column_sums.shape[-1] < cols:
-        raise ValueError("attention_rows: weights and column_sums need contiguous rows, column_sums >= cols")
+    if not (logits.is_contiguous() and exps.is_contiguous() and exps.shape == logits.shape):
+        raise ValueError("attention_rows: logits and exps must be contiguous and of one shape")
+    if weights.shape != (n, rows) or column_sums.shape[0] != n or column_sums.shape[-1] < cols:
+        raise ValueError(f"attention_rows: weights must be [{n}, {rows}] and column_sums [{n}, >= {cols}]")
     totals = torch.empty(n, rows)
     ylogu = torch.empty(n, rows)
     lowest = torch.finfo(torch.float32).min

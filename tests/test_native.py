@@ -131,6 +131,10 @@ def test_native_rows_refuse_tensors_they_cannot_read():
         native.attention_rows(x.transpose(1, 2), torch.empty_like(x), weights, torch.zeros(5, 30), 0, LOG_FLOOR)
     with pytest.raises(ValueError, match="contiguous float32"):
         native.attention_rows(x.double(), torch.empty_like(x), weights, torch.zeros(5, 30), 0, LOG_FLOOR)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        native.attention_rows(x, torch.empty_like(x), weights.double(), torch.zeros(5, 30), 0, LOG_FLOOR)
+    with pytest.raises(ValueError, match=r"column_sums \[5, >= 23\]"):
+        native.attention_rows(x, torch.empty_like(x), weights, torch.zeros(5, 20), 0, LOG_FLOOR)
 
 
 def test_loading_the_kernel_keeps_subnormal_floats():
