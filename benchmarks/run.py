@@ -23,7 +23,8 @@ Modes (each timed against the baseline named in ``BASELINE``, in the same proces
 * ``forward_eah_hf`` / ``forward_eah_nnsight`` / ``forward_eah_lens``: one EAH prompt forward through each
   backend (full logits);
 
-Every measured process runs ``torch.set_num_threads(1)`` (the machine has 2 shared cores). Times: one
+Every measured process runs ``torch.set_num_threads(1)`` (the machine has 2 shared cores; ``--threads N``
+sets another count). Times: one
 warm-up per mode, then ``--repeats`` rounds, each running every mode of the group once (order rotated
 per round); the median per mode is reported. Memory (``--memory fresh``, default): for each mode a fresh
 process builds the model and inputs, reads its RSS (``rss_ready``), resets the kernel's peak-RSS mark
@@ -393,6 +394,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--quick", action="store_true", help="smoke run: random 2-layer model, 56 tokens, in-process")
     ap.add_argument("--model", choices=["smollm", "random"], default=None, help="default: smollm (random with --quick)")
     ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of every measured process (default 1)")
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up (median reported)")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--images", type=int, nargs="+", default=[576, 1152, 2880], help="image-token counts (batch 1)")
@@ -426,7 +428,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         groups = [g for g in args.groups if g != "backends" or (n_image, batch) == plan[0]]
         for group in groups:
             spec = dict(model=model, layers=layers, n_image=n_image, batch=batch, repeats=repeats,
-                        new_tokens=new_tokens, modes=GROUPS[group])
+                        new_tokens=new_tokens, modes=GROUPS[group], threads=args.threads)
             t0 = time.perf_counter()
             result = time_group(spec) if inprocess else _subprocess("time", spec, timeout=3600)
             if isinstance(result, dict):  # the whole group failed
@@ -444,7 +446,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     lines = summary(rows, plan)
     print("\n".join(lines))
     if args.out:
-        args.out.write_text(json.dumps({"command": " ".join(sys.argv), "machine": machine(), "threads": 1,
+        args.out.write_text(json.dumps({"command": " ".join(sys.argv), "machine": machine(), "threads": args.threads,
                                         "repeats": repeats, "new_tokens": new_tokens, "model": model, "layers": layers,
                                         "rows": rows, "summary": lines}, indent=1))
     if args.plot:

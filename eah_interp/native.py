@@ -25,7 +25,6 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -44,6 +43,17 @@ PORTABLE_FLAGS = (
 )
 #: Tried first: the machine's own vector width (AVX-512 where there is one).
 NATIVE_FLAGS = ("-march=native", "-mprefer-vector-width=512")
+#: Matrices split over torch's threads. PyTorch's Linux wheels ship ``libgomp.so.1``, and a library
+#: linked against that name reuses the copy already loaded, so the kernel shares PyTorch's thread pool.
+OPENMP_FLAGS = ("-fopenmp",)
+#: Tried in this order until one builds (a compiler without OpenMP or without those x86 flags still gets
+#: a serial, portable build).
+FLAG_SETS = (
+    PORTABLE_FLAGS + NATIVE_FLAGS + OPENMP_FLAGS,
+    PORTABLE_FLAGS + OPENMP_FLAGS,
+    PORTABLE_FLAGS + NATIVE_FLAGS,
+    PORTABLE_FLAGS,
+)
 
 
 class NativeBuildError(RuntimeError):
@@ -92,10 +102,10 @@ def build(directory: Path | None = None) -> Path:
         raise NativeBuildError(f"C compiler {compiler[0]!r} does not run: {e}") from e
     source = SOURCE.read_bytes()
     message = ""
-    for flags in (PORTABLE_FLAGS + NATIVE_FLAGS, PORTABLE_FLAGS):
+    for flags in FLAG_SETS:
         key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags).encode(),
                                          _cpu_signature().encode()])).hexdigest()[:16]
-        target = directory / f"attention_rows-{key}.so"
+        target = directory / f"attention_rows{'-openmp' if OPENMP_FLAGS[0] in flags else ''}-{key}.so"
         if target.exists():
             return target
         directory.mkdir(parents=True, exist_ok=True)
@@ -117,7 +127,7 @@ def _kernel() -> ctypes._CFuncPtr | str:
         return "turned off by EAH_INTERP_NATIVE"
     try:
         path = build()
-        library = ctypes.CDLL(str(path))  # CDLL: the GIL is released during calls
+        library = ctypes.CDLL(str(path))  # CDLL: calls release the GIL
     except (NativeBuildError, OSError, subprocess.SubprocessError) as e:
         reason = f"unavailable ({e})"
         warnings.warn(f"eah-interp: the native attention kernel is {reason}; the PyTorch path runs instead "
@@ -125,7 +135,7 @@ def _kernel() -> ctypes._CFuncPtr | str:
         return reason
     function = library.attention_rows
     p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    function.argtypes = [p, p, i, i, i, p, i, f, f, p, p, p, i, i]
+    function.argtypes = [p, p, i, i, i, p, i, f, f, p, p, p, i, i, ctypes.c_int]
     function.restype = None
     function.path = path
     return function
@@ -142,12 +152,6 @@ def status() -> str:
     return f"native kernel: {kernel}" if isinstance(kernel, str) else f"native kernel: loaded from {kernel.path}"
 
 
-@functools.cache
-def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
-    """Worker threads for the kernel; per process id, since a forked child has none of its parent's."""
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="eah-interp-native")
-
-
 def attention_rows(
     logits: Float[Tensor, "n rows cols"],
     exps: Float[Tensor, "n rows cols"],
@@ -159,7 +163,8 @@ def attention_rows(
 ) -> tuple[Float[Tensor, "n rows"], Float[Tensor, "n rows"]]:
     """The kernel on one chunk (CPU float32, ``logits`` and ``exps`` contiguous; check `available` first).
 
-    Masked logits must hold the float32 minimum (anything below half of it counts as masked).
+    Masked logits must hold the float32 minimum (anything below half of it counts as masked). The
+    ``n`` matrices are split over ``torch.get_num_threads()`` threads when the build has OpenMP.
 
     Args:
         logits: the chunk's scaled, masked logits; left unchanged.
@@ -188,20 +193,9 @@ def attention_rows(
         raise ValueError(f"attention_rows: weights must be [{n}, {rows}] and column_sums [{n}, >= {cols}]")
     totals = torch.empty(n, rows)
     ylogu = torch.empty(n, rows)
-    lowest = torch.finfo(torch.float32).min
 
-    def run(a: int, e: int) -> None:
-        kernel(logits[a].data_ptr(), exps[a].data_ptr(), e - a, rows, cols, weights[a].data_ptr(),
-               weights.stride(0), log_floor, lowest / 2, totals[a].data_ptr(), ylogu[a].data_ptr(),
-               column_sums[a].data_ptr(), column_sums.stride(0), diagonal_start)
-
-    workers = min(torch.get_num_threads(), n)
-    if workers <= 1:
-        run(0, n)
-    else:  # split the matrices over threads (each owns its column-sum rows: no races)
-        bounds = [n * w // workers for w in range(workers + 1)]
-        pool = _pool(workers, os.getpid())
-        jobs = [pool.submit(run, a, e) for a, e in zip(bounds[:-1], bounds[1:], strict=True) if e > a]
-        for job in jobs:
-            job.result()
+    blocked = torch.finfo(torch.float32).min / 2  # masked entries hold the float32 minimum (chunked.LOWEST)
+    kernel(logits.data_ptr(), exps.data_ptr(), n, rows, cols, weights.data_ptr(), weights.stride(0), log_floor,
+           blocked, totals.data_ptr(), ylogu.data_ptr(), column_sums.data_ptr(), column_sums.stride(0),
+           diagonal_start, torch.get_num_threads())
     return totals, ylogu

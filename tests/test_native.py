@@ -9,7 +9,6 @@ build that must not switch the process to flush-to-zero (what ``-ffast-math`` do
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -101,20 +100,26 @@ def test_native_rows_are_the_same_split_over_threads():
         assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
-def test_a_forked_child_gets_threads_of_its_own():
-    # a thread pool made before a fork has no threads in the child: reusing it would hang
+def test_the_kernel_shares_pytorchs_openmp_runtime_and_its_fork_rule():
+    # one OpenMP runtime in the process (PyTorch's); after a fork the kernel follows PyTorch's own rule
+    # (GNU OpenMP is not fork-safe: a child whose parent ran parallel regions must use one thread, as
+    # PyTorch's DataLoader workers do; PyTorch's own bmm hangs there otherwise)
     code = """
 import os, torch
 from eah_interp import native
 from eah_interp.chunked import LOG_FLOOR
+assert native.available(), native.status()
 torch.set_num_threads(2)
-x = torch.randn(4, 8, 50)
+x = torch.randn(4, 8, 5000)
 def run():
-    native.attention_rows(x, torch.empty_like(x), torch.ones(4, 8), torch.zeros(4, 50), 0, LOG_FLOOR)
+    native.attention_rows(x, torch.empty_like(x), torch.ones(4, 8), torch.zeros(4, 5000), 0, LOG_FLOOR)
+    torch.bmm(x, x.transpose(1, 2))
 run()
+runtimes = {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line or "libiomp" in line}
+assert len(runtimes) <= 1, runtimes
 pid = os.fork()
 if pid == 0:
+    torch.set_num_threads(1)
     run()
     os._exit(0)
 assert os.waitpid(pid, 0)[1] == 0

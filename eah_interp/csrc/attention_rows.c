@@ -39,7 +39,11 @@ static inline float exp_nonpositive(float y) {
 void attention_rows(const float *restrict x, float *restrict u, int64_t n, int64_t rows, int64_t cols,
                     const float *restrict weights, int64_t weight_stride, float log_floor, float blocked,
                     float *restrict total, float *restrict ylogu,
-                    float *restrict column_sums, int64_t column_stride, int64_t diag_start) {
+                    float *restrict column_sums, int64_t column_stride, int64_t diag_start, int threads) {
+    /* matrices are independent (each owns its column sums): split over `threads` when built with
+     * OpenMP, which in a process that loaded PyTorch's libgomp.so.1 is PyTorch's own thread pool */
+    (void)threads;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n > 1)
     for (int64_t a = 0; a < n; a++) {
         float *restrict sums = column_sums + a * column_stride;
         for (int64_t i = 0; i < rows; i++) {
