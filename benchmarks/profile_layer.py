@@ -1,8 +1,8 @@
 """Where the time of one instrumented layer goes (SmolLM2-135M shape: 9 heads, 3 KV heads, head dim 64).
 
-    python benchmarks/profile_layer.py [--tokens 600 2904] [--repeats 5]
+    python benchmarks/profile_layer.py [--tokens 600 2904] [--repeats 5] [--threads 1]
 
-Times (median, one thread) the pieces `eah_interp.hf` runs in a chosen layer, against the SDPA call the
+Times (median, one thread unless ``--threads``) the pieces `eah_interp.hf` runs in a chosen layer, against the SDPA call the
 layer would otherwise make, on random q/k/v: SDPA with ``is_causal`` (what a plain forward uses),
 SDPA with a materialised float mask (what every non-chosen layer got inside an ``hf`` context before the fix, see
 docs/benchmarks.md), the family's eager attention (full ``[b, h, q, k]`` maps), `stats.head_statistics`,
@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="+", default=[600, 2904])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     from eah_interp import EAHConfig, TokenLayout
 
     print("| piece (one layer, batch 1) | " + " | ".join(f"{n} tokens" for n in args.tokens) + " |")
