@@ -9,6 +9,7 @@ build that must not switch the process to flush-to-zero (what ``-ffast-math`` do
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -100,6 +101,7 @@ def test_native_rows_are_the_same_split_over_threads():
         assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
 
 
+@pytest.mark.skipif(not (hasattr(os, "fork") and os.path.exists("/proc/self/maps")), reason="Linux only")
 def test_the_kernel_shares_pytorchs_openmp_runtime_and_its_fork_rule():
     # one OpenMP runtime in the process (PyTorch's); after a fork the kernel follows PyTorch's own rule
     # (GNU OpenMP is not fork-safe: a child whose parent ran parallel regions must use one thread, as
