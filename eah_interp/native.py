@@ -74,6 +74,14 @@ def _compiler() -> list[str]:
     raise NativeBuildError("no C compiler found (set $CC, or install gcc or clang)")
 
 
+def has_compiler() -> bool:
+    """Whether a C compiler is there to build the kernel (``$CC``, ``cc``, ``gcc`` or ``clang``)."""
+    try:
+        return shutil.which(_compiler()[0]) is not None
+    except NativeBuildError:
+        return False
+
+
 def _cpu_signature() -> str:
     """What the build depends on besides the source: the machine type and, on Linux, the CPU flags."""
     flags = ""

@@ -10,7 +10,6 @@ build that must not switch the process to flush-to-zero (what ``-ffast-math`` do
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import warnings
@@ -21,9 +20,7 @@ import torch
 from eah_interp import TokenLayout, native
 from eah_interp.chunked import LOG_FLOOR, LOWEST, attention_rows, chunked_attention
 
-pytestmark = pytest.mark.skipif(
-    not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")), reason="no C compiler on this machine"
-)
+pytestmark = pytest.mark.skipif(not native.has_compiler(), reason="no C compiler on this machine")
 
 
 def chunk(seed: int = 0, n: int = 5, rows: int = 7, cols: int = 23):
