@@ -1,6 +1,7 @@
 """Hallucination metrics: CHAIR, POPE, logit probes and paired statistics."""
 
-from eah_interp.metrics.chair import chair_scores, load_coco_objects
+from eah_interp.metrics.chair import PROTOCOLS, chair_scores, load_coco_objects
+from eah_interp.metrics.chair_reference import reference_mentions
 from eah_interp.metrics.pope import parse_yes_no, pope_questions, pope_scores
 from eah_interp.metrics.probes import answer_token_ids, probe_scores, yes_no_logit_diff
 from eah_interp.metrics.stats import (
@@ -10,10 +11,12 @@ from eah_interp.metrics.stats import (
     paired_permutation_test,
     sign_flip_p_value,
 )
-from eah_interp.metrics.vocabulary import COCO_SYNONYMS, Vocabulary, get_vocabulary, plural_forms
+from eah_interp.metrics.vocabulary import COCO_SYNONYMS, Mention, Vocabulary, get_vocabulary, plural_forms
 
 __all__ = [
     "COCO_SYNONYMS",
+    "PROTOCOLS",
+    "Mention",
     "Vocabulary",
     "answer_token_ids",
     "bootstrap_ci",
@@ -28,6 +31,7 @@ __all__ = [
     "pope_questions",
     "pope_scores",
     "probe_scores",
+    "reference_mentions",
     "sign_flip_p_value",
     "yes_no_logit_diff",
 ]

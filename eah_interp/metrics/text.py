@@ -1,0 +1,211 @@
+"""Text handling for CHAIR's reference protocol: a word tokenizer with character spans and a singulariser.
+
+Both reproduce, without their dependencies, what the original CHAIR code (Rohrbach et al. 2018,
+``utils/chair.py`` in github.com/LisaAnne/Hallucination) calls: ``nltk.word_tokenize`` (nltk 3.2.5) on
+the lower-cased caption and ``pattern.en.singularize`` (Pattern 3.6) on every token. Only what can change
+which words CHAIR sees is reproduced; every rule and every known difference is listed in docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Token:
+    """One word of a caption: its text and its character span ``text[start:end]``."""
+
+    text: str
+    start: int
+    end: int
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+# nltk.word_tokenize = Punkt sentence splitting, then the Treebank-style word tokenizer on each sentence.
+# The word tokenizer only *inserts* boundaries, so each rule below is written as "where does a boundary go"
+# on one whitespace-separated chunk, and every token keeps its exact span in the caption.
+
+_ALWAYS_SPLIT = re.compile(r"[;@#$%&?!*\[\](){}<>\"`«»“”‘’„\u2012-\u2015]|\.{2,}|--")
+"""Characters the word tokenizer always makes tokens of their own (runs of dots and '--' as one token)."""
+
+_COMMA_COLON = re.compile(r"[:,](?!\d)")
+"""',' and ':' split unless a digit follows (``1,000`` and ``10:30`` stay one token)."""
+
+_CLITIC = re.compile(r"(?<=[^'])('s|'m|'d|'ll|'re|'ve|n't|')$", re.IGNORECASE)
+"""Word endings split off as their own token ("dog's" -> "dog" "'s", "dogs'" -> "dogs" "'")."""
+
+_LEADING_QUOTE = re.compile(r"^'(?!(?:re|ve|ll|m|t|s|d|n)\b)(?=\w)", re.IGNORECASE)
+"""An opening single quote before a word ("'dog" -> "'" "dog")."""
+
+_TRAILING_CLOSERS = re.compile(r"[\])}>\"']*$")
+
+
+def _split_chunk(chunk: str, offset: int, sentence_final: bool) -> list[Token]:
+    """Tokens of one whitespace-free chunk starting at ``offset`` in the caption."""
+    pieces: list[tuple[int, int]] = []
+    position = 0
+    separators = sorted(
+        [(m.start(), m.end()) for m in _ALWAYS_SPLIT.finditer(chunk)]
+        + [(m.start(), m.end()) for m in _COMMA_COLON.finditer(chunk)]
+    )
+    for start, end in separators:
+        if start < position:  # overlapping alternatives ("..." inside a longer run): keep the first
+            continue
+        if start > position:
+            pieces.append((position, start))
+        pieces.append((start, end))
+        position = end
+    if position < len(chunk):
+        pieces.append((position, len(chunk)))
+
+    # The sentence-final period: split when a non-period precedes it (closing quotes/brackets may follow).
+    if sentence_final and pieces:
+        last_word = max((i for i, (s, e) in enumerate(pieces) if not _ALWAYS_SPLIT.fullmatch(chunk[s:e])), default=None)
+        if last_word is not None:
+            s, e = pieces[last_word]
+            text = chunk[s:e]
+            closers = _TRAILING_CLOSERS.search(text)
+            core_end = e - (closers.end() - closers.start()) if closers else e
+            if core_end - s >= 2 and chunk[core_end - 1] == "." and chunk[core_end - 2] != ".":
+                pieces[last_word: last_word + 1] = [(s, core_end - 1), (core_end - 1, e)]
+
+    tokens: list[Token] = []
+    for s, e in pieces:
+        text = chunk[s:e]
+        lead = _LEADING_QUOTE.search(text)
+        if lead:
+            tokens.append(Token("'", offset + s, offset + s + 1))
+            s, text = s + 1, text[1:]
+        clitic = _CLITIC.search(text)
+        if clitic and clitic.start() > 0:
+            cut = s + clitic.start()
+            tokens.append(Token(chunk[s:cut], offset + s, offset + cut))
+            tokens.append(Token(chunk[cut:e], offset + cut, offset + e))
+        elif text:
+            tokens.append(Token(text, offset + s, offset + e))
+    return tokens
+
+
+def word_tokenize(text: str) -> list[Token]:
+    """Split a caption into words as ``nltk.word_tokenize`` would, keeping each word's character span.
+
+    Rules (nltk's Treebank-style tokenizer, applied per sentence): whitespace separates; ``; @ # $ % & ? !
+    * ( ) [ ] { } < >``, double quotes, dashes and runs of dots are tokens of their own; ``,`` and ``:``
+    split unless a digit follows; clitics ``'s 'm 'd 'll 're 've n't`` and a trailing ``'`` split off; a
+    sentence's final period splits off. Hyphens, slashes and periods inside a word do not split
+    ("hot-dog", "cat/dog", "dog.the" are single tokens).
+
+    Sentence ends (Punkt): a chunk ending in a period, "?" or "!" ends a sentence, so its period splits off.
+    Punkt would keep the period of an abbreviation ("mr.", "st.", "ok.") attached; none of those is a CHAIR
+    word, so this never changes which objects are found. The tokens are not lower-cased.
+
+    Args:
+        text: the caption.
+
+    Returns:
+        the tokens, each with ``text[start:end] == token.text``.
+    """
+    tokens: list[Token] = []
+    for chunk in re.finditer(r"\S+", text):
+        tokens.extend(_split_chunk(chunk.group(), chunk.start(), sentence_final=True))
+    return tokens
+
+
+# ---------------------------------------------------------------------------------------------- singulariser
+# Pattern 3.6's ``pattern.en.singularize`` (github.com/clips/pattern, pattern/text/en/inflect.py), the
+# version pinned in LisaAnne/Hallucination's requirements.txt. Its word lists are reproduced as data; the
+# order of the checks below is the order Pattern applies them, quirks included (see docs/metrics.md).
+
+_UNINFLECTED = frozenset(
+    "bison debris headquarters pincers trout bream diabetes herpes pliers tuna breeches djinn high-jinks "
+    "proceedings whiting britches eland homework rabies wildebeest carp elk innings salmon chassis flounder "
+    "jackanapes scissors christmas gallows mackerel series clippers georgia measles shears cod graffiti mews "
+    "species contretemps mumps swine corps news swiss".split()
+)
+_UNCOUNTABLE = frozenset(
+    "advice equipment happiness luggage news software bread fruit information mathematics progress "
+    "understanding butter furniture ketchup mayonnaise research water cheese garbage knowledge meat rice "
+    "electricity gravel love mustard sand".split()
+)
+_IE_WORDS = (  # "-ies" plurals of these are kept as they are; "^pie", "^tie" are literal in Pattern: never match
+    "alergie cutie hoagie newbie softie veggie auntie doggie hottie nightie sortie weenie beanie eyrie indie "
+    "oldie stoolie yuppie birdie freebie junkie ^pie sweetie zombie bogie goonie laddie pixie techie bombie "
+    "groupie laramie quickie ^tie collie hankie lingerie reverie toughie cookie hippie meanie rookie valkyrie"
+).split()
+_IRREGULAR = {
+    "atlantes": "atlas", "atlases": "atlas", "axes": "axe", "beeves": "beef", "brethren": "brother",
+    "children": "child", "corpora": "corpus", "corpuses": "corpus", "ephemerides": "ephemeris", "feet": "foot",
+    "ganglia": "ganglion", "geese": "goose", "genera": "genus", "genii": "genie", "graffiti": "graffito",
+    "helves": "helve", "kine": "cow", "leaves": "leaf", "loaves": "loaf", "men": "man", "mongooses": "mongoose",
+    "monies": "money", "moves": "move", "mythoi": "mythos", "numena": "numen", "occipita": "occiput",
+    "octopodes": "octopus", "opera": "opus", "opuses": "opus", "our": "my", "oxen": "ox", "penes": "penis",
+    "penises": "penis", "people": "person", "sexes": "sex", "soliloquies": "soliloquy", "teeth": "tooth",
+    "testes": "testis", "trilbys": "trilby", "turves": "turf", "zoa": "zoon",
+}
+_PREPOSITIONS = frozenset(
+    "about before during of till above behind except off to across below for on under after beneath from onto "
+    "until among beside in out unto around besides into over upon at between near since with athwart betwixt "
+    "beyond but by".split()
+)
+_RULES: list[tuple[str, str]] = [  # (suffix pattern, replacement), first match wins
+    (r"(.)ae$", r"\1a"), (r"(.)itis$", r"\1itis"), (r"(.)eaux$", r"\1eau"), (r"(quiz)zes$", r"\1"),
+    (r"(matr)ices$", r"\1ix"), (r"(ap|vert|ind)ices$", r"\1ex"), (r"^(ox)en", r"\1"), (r"(alias|status)es$", r"\1"),
+    (r"([octop|vir])i$", r"\1us"),  # a character class in Pattern: "taxi"-like words ending in [ciooprtv|]i
+    (r"(cris|ax|test)es$", r"\1is"), (r"(shoe)s$", r"\1"), (r"(o)es$", r"\1"), (r"(bus)es$", r"\1"),
+    (r"([m|l])ice$", r"\1ouse"), (r"(x|ch|ss|sh)es$", r"\1"), (r"(m)ovies$", r"\1ovie"), (r"(.)ombies$", r"\1ombie"),
+    (r"(s)eries$", r"\1eries"), (r"([^aeiouy]|qu)ies$", r"\1y"),
+    (r"([aeo]l)ves$", r"\1f"), (r"([^d]ea)ves$", r"\1f"), (r"arves$", "arf"), (r"erves$", "erve"),
+    (r"([nlw]i)ves$", r"\1fe"), (r"([lr])ves$", r"\1f"), (r"([aeo])ves$", r"\1ve"), (r"(sive)s$", r"\1"),
+    (r"(tive)s$", r"\1"), (r"(hive)s$", r"\1"), (r"([^f])ves$", r"\1fe"),
+    (r"(^analy)ses$", r"\1sis"),
+    (r"((a)naly|(b)a|(d)iagno|(p)arenthe|(p)rogno|(s)ynop|(t)he)ses$", r"\1\2sis"),
+    (r"(.)opses$", r"\1opsis"), (r"(.)yses$", r"\1ysis"), (r"(h|d|r|o|n|b|cl|p)oses$", r"\1ose"),
+    (r"(fruct|gluc|galact|lact|ket|malt|rib|sacchar|cellul)ose$", r"\1ose"), (r"(.)oses$", r"\1osis"),
+    (r"([ti])a$", r"\1um"), (r"(n)ews$", r"\1ews"), (r"s$", ""),
+]
+_COMPILED_RULES = [(re.compile(pattern, re.IGNORECASE), replacement) for pattern, replacement in _RULES]
+
+
+def _expand(match: re.Match, replacement: str) -> str:
+    """``match.expand`` where a group that did not take part counts as empty (as Pattern does)."""
+    return re.sub(r"\\(\d)", lambda g: match.group(int(g.group(1))) or "", replacement)
+
+
+def singularize(word: str) -> str:
+    """The singular Pattern 3.6's ``singularize`` gives for a noun, quirks included.
+
+    The checks run in Pattern's order: a hyphenated compound whose second part is a preposition
+    ("mothers-in-law") singularises its first part; a trailing apostrophe becomes "'s"; a word that is
+    the *end* of an uninflected or uncountable word stays as it is ("a" stays "a" because of "tuna"); the
+    "-ies" plural of a listed "-ie" word is returned unchanged ("doggies", "collies"); an irregular plural ending
+    is replaced ("women" -> "woman", "people" -> "person"); otherwise the first matching suffix rule
+    applies, the last of which drops any final "s" -- so "bus" -> "bu", "glass" -> "glas", "tennis" ->
+    "tenni", "sports" -> "sport" and "ties" -> "ty" (the "-ies" rule).
+
+    Args:
+        word: one token (already lower-cased by the caller in CHAIR).
+
+    Returns:
+        its singular as Pattern computes it.
+    """
+    if "-" in word:
+        parts = word.split("-")
+        if len(parts) > 1 and parts[1] in _PREPOSITIONS:
+            return singularize(parts[0]) + "-" + "-".join(parts[1:])
+    if word.endswith("'"):
+        return singularize(word[:-1]) + "'s"
+    lower = word.lower()
+    if any(x.endswith(lower) for x in _UNINFLECTED) or any(x.endswith(lower) for x in _UNCOUNTABLE):
+        return word
+    for ie_word in _IE_WORDS:
+        if lower.endswith(ie_word + "s"):
+            return lower
+    for plural, singular in _IRREGULAR.items():
+        if lower.endswith(plural):
+            return re.sub("(?i)" + plural + "$", singular, word)
+    for pattern, replacement in _COMPILED_RULES:
+        match = pattern.search(word)
+        if match:
+            return word[: match.start()] + _expand(match, replacement) + word[match.end():]
+    return word
