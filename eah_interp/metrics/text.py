@@ -26,7 +26,7 @@ class Token:
 # The word tokenizer only *inserts* boundaries, so each rule below is written as "where does a boundary go"
 # on one whitespace-separated chunk, and every token keeps its exact span in the caption.
 
-_ALWAYS_SPLIT = re.compile(r"[;@#$%&?!*\[\](){}<>\"`«»“”‘’„\u2012-\u2015]|\.{2,}|--")
+_ALWAYS_SPLIT = re.compile(r"[;@#$%&?!*\[\](){}<>\"`«»“”‘’„\u2012-\u2015]|\.{2,}|--|''")
 """Characters the word tokenizer always makes tokens of their own (runs of dots and '--' as one token)."""
 
 _COMMA_COLON = re.compile(r"[:,](?!\d)")
@@ -38,19 +38,57 @@ _CLITIC = re.compile(r"(?<=[^'])('s|'m|'d|'ll|'re|'ve|n't|')$", re.IGNORECASE)
 _LEADING_QUOTE = re.compile(r"^'(?!(?:re|ve|ll|m|t|s|d|n)\b)(?=\w)", re.IGNORECASE)
 """An opening single quote before a word ("'dog" -> "'" "dog")."""
 
-_TRAILING_CLOSERS = re.compile(r"[\])}>\"']*$")
+_FINAL_PERIOD = re.compile(r"(?<=[^.])\.[\])}>\"'»”’]*$")
+"""A sentence's final period: after a non-period, followed only by closing brackets and quotes."""
+
+_AFTER_TOKEN = set("?!)\";}]*:@'({[")
+"""A '.', '?' or '!' directly followed by one of these may end a Punkt sentence inside a chunk."""
+
+_CLOSER_CHUNK = re.compile(r"[\"')\]}“”’»]+")
+"""A chunk of closing quotes/brackets alone, which Punkt moves onto the end of the sentence before it."""
+
+_AFTER_FINAL_PERIOD = set("])}>'»”’ ")
+"""What may stand between a sentence's final period and its end for the period to split off."""
 
 
-def _split_chunk(chunk: str, offset: int, sentence_final: bool) -> list[Token]:
-    """Tokens of one whitespace-free chunk starting at ``offset`` in the caption."""
+def _sentence_period(chunk: str, followed: bool, closers_ok: bool) -> int | None:
+    """Index of the period in ``chunk`` that ends a sentence and so splits off, if any.
+
+    Punkt ends a sentence at the *last* '.', '?' or '!' of a chunk that is directly followed by one of
+    `_AFTER_TOKEN` or, at the chunk's end, by more text (``followed``); at the end of the text the word
+    tokenizer splits the final period itself. Only a period after a non-period splits ("..." is a token).
+    """
+    ends = [i for i, c in enumerate(chunk) if c in ".?!" and (
+        (i + 1 < len(chunk) and chunk[i + 1] in _AFTER_TOKEN) or (i == len(chunk) - 1 and followed))]
+    if ends:
+        i = max(ends)
+        if chunk[i] == "." and i > 0 and chunk[i - 1] != "." and (i < len(chunk) - 1 or closers_ok):
+            return i
+    if not followed:
+        final = _FINAL_PERIOD.search(chunk)
+        if final:
+            return final.start()
+    return None
+
+
+def _split_chunk(chunk: str, offset: int, followed: bool, closers_ok: bool) -> list[Token]:
+    """Tokens of one whitespace-free chunk starting at ``offset`` in the caption.
+
+    Args:
+        chunk: the chunk.
+        offset: its position in the caption.
+        followed: whether more text follows the chunk.
+        closers_ok: whether a period ending the chunk may split (see `word_tokenize`).
+    """
+    cuts = [(m.start(), m.end()) for m in _ALWAYS_SPLIT.finditer(chunk)]
+    cuts += [(m.start(), m.end()) for m in _COMMA_COLON.finditer(chunk)]
+    period = _sentence_period(chunk, followed, closers_ok)
+    if period is not None:
+        cuts.append((period, period + 1))
     pieces: list[tuple[int, int]] = []
     position = 0
-    separators = sorted(
-        [(m.start(), m.end()) for m in _ALWAYS_SPLIT.finditer(chunk)]
-        + [(m.start(), m.end()) for m in _COMMA_COLON.finditer(chunk)]
-    )
-    for start, end in separators:
-        if start < position:  # overlapping alternatives ("..." inside a longer run): keep the first
+    for start, end in sorted(cuts):
+        if start < position:  # overlapping alternatives: keep the first
             continue
         if start > position:
             pieces.append((position, start))
@@ -58,17 +96,6 @@ def _split_chunk(chunk: str, offset: int, sentence_final: bool) -> list[Token]:
         position = end
     if position < len(chunk):
         pieces.append((position, len(chunk)))
-
-    # The sentence-final period: split when a non-period precedes it (closing quotes/brackets may follow).
-    if sentence_final and pieces:
-        last_word = max((i for i, (s, e) in enumerate(pieces) if not _ALWAYS_SPLIT.fullmatch(chunk[s:e])), default=None)
-        if last_word is not None:
-            s, e = pieces[last_word]
-            text = chunk[s:e]
-            closers = _TRAILING_CLOSERS.search(text)
-            core_end = e - (closers.end() - closers.start()) if closers else e
-            if core_end - s >= 2 and chunk[core_end - 1] == "." and chunk[core_end - 2] != ".":
-                pieces[last_word: last_word + 1] = [(s, core_end - 1), (core_end - 1, e)]
 
     tokens: list[Token] = []
     for s, e in pieces:
@@ -106,9 +133,17 @@ def word_tokenize(text: str) -> list[Token]:
     Returns:
         the tokens, each with ``text[start:end] == token.text``.
     """
+    chunks = list(re.finditer(r"\S+", text))
     tokens: list[Token] = []
-    for chunk in re.finditer(r"\S+", text):
-        tokens.extend(_split_chunk(chunk.group(), chunk.start(), sentence_final=True))
+    for i, chunk in enumerate(chunks):
+        closers_ok = True
+        following = chunks[i + 1] if i + 1 < len(chunks) else None
+        if following and _CLOSER_CHUNK.fullmatch(following.group()):
+            # Punkt joins the closers to this sentence; the period splits only if spaces and ' ) ] } ’ ” »
+            # alone follow it (a '"' after a space has become an opening quote, and a newline is not a space).
+            between = text[chunk.end(): following.start()] + following.group()
+            closers_ok = set(between) <= _AFTER_FINAL_PERIOD
+        tokens.extend(_split_chunk(chunk.group(), chunk.start(), following is not None, closers_ok))
     return tokens
 
 

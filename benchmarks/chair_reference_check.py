@@ -1,0 +1,112 @@
+"""Check CHAIR's reference protocol against the original code, caption by caption.
+
+Two steps, because the original needs nltk and Pattern and this package needs torch:
+
+1. ``python benchmarks/chair_reference_check.py original --hallucination PATH`` runs the original CHAIR code
+   (``utils/chair.py`` of a checkout of github.com/LisaAnne/Hallucination, which reads its
+   ``data/synonyms.txt``) on ``tests/data/chair_reference/captions.json`` and writes what it finds for every
+   caption to ``tests/data/chair_reference/expected.json``. It needs ``nltk`` (with the ``punkt`` or
+   ``punkt_tab`` English model) and ``pattern.en.singularize`` importable. The original is Python 2 code;
+   its ``print`` statements are turned into calls in memory, nothing else is changed. No COCO files are
+   read: each item's ground truth is its ``instances`` (mapped through the original's synonym dict) plus
+   the objects the original finds in its ``references``, exactly as its ``get_annotations`` does.
+2. ``python benchmarks/chair_reference_check.py compare`` runs ``chair_scores(..., protocol="reference")``
+   on the same captions and reports, per caption, whether the mentions (words and objects) and the
+   hallucinations agree with ``expected.json``; differing captions are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import types
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "chair_reference"
+
+
+def load_original(root: Path) -> types.ModuleType:
+    """The original ``utils/chair.py`` as a module (Python 2 prints made calls; ``from misc import *`` dropped)."""
+    source = (root / "utils" / "chair.py").read_text()
+    source = re.sub(r"^(\s*)print (.+)$", r"\1print(\2)", source, flags=re.MULTILINE)
+    source = source.replace("from misc import *", "import os")
+    module = types.ModuleType("original_chair")
+    module.__file__ = str(root / "utils" / "chair.py")
+    exec(compile(source, module.__file__, "exec"), module.__dict__)  # noqa: S102 - the user's own checkout
+    return module
+
+
+def run_original(root: Path) -> list[dict]:
+    """What the original finds in each fixture caption, and its hallucinations against the fixture's truth."""
+    items = json.loads((DATA / "captions.json").read_text())["items"]
+    original = load_original(root)
+    cwd = os.getcwd()
+    os.chdir(root)  # the original reads data/synonyms.txt relative to the working directory
+    try:
+        evaluator = original.CHAIR([item["id"] for item in items], "unused")
+    finally:
+        os.chdir(cwd)
+    results = []
+    for item in items:
+        truth = {evaluator.inverse_synonym_dict[name] for name in item["instances"]}
+        for reference in item["references"]:
+            truth.update(evaluator.caption_to_words(reference)[1])
+        words, node_words = evaluator.caption_to_words(item["caption"])[:2]
+        hallucinated = [[w, n] for w, n in zip(words, node_words, strict=True) if n not in truth]
+        results.append({"id": item["id"], "words": list(words), "objects": list(node_words),
+                        "hallucinated": hallucinated, "truth": sorted(truth)})
+    return results
+
+
+def compare() -> int:
+    """Print per-caption agreement of the reference protocol with ``expected.json``; returns the disagreements."""
+    from eah_interp.metrics import chair_scores
+
+    items = json.loads((DATA / "captions.json").read_text())["items"]
+    expected = {e["id"]: e for e in json.loads((DATA / "expected.json").read_text())["captions"]}
+    from eah_interp.metrics import load_coco_objects
+
+    differ = 0
+    for item in items:
+        categories = [{"id": i, "name": name} for i, name in enumerate(sorted(set(item["instances"])))]
+        instances = {"categories": categories, "images": [{"id": 0}],
+                     "annotations": [{"image_id": 0, "category_id": c["id"]} for c in categories]}
+        captions = {"annotations": [{"image_id": 0, "caption": ref} for ref in item["references"]]}
+        truth = load_coco_objects(instances, captions)[0]
+        scores = chair_scores([item["caption"]], [truth], vocabulary="coco", protocol="reference")
+        ours = scores["per_caption"][0]
+        words = [m["lemma"] for m in ours["mentions"] if m["counted"]]
+        halluc = [[m["lemma"], m["object"]] for m in ours["mentions"] if m["hallucinated"]]
+        exp = expected[item["id"]]
+        same = (words, ours["mentioned"], halluc, sorted(truth)) == (exp["words"], exp["objects"], exp["hallucinated"], exp["truth"])
+        if not same:
+            differ += 1
+            print(f"caption {item['id']} differs:\n  original: {exp['words']} -> {exp['hallucinated']} (truth {exp['truth']})"
+                  f"\n  ours:     {words} -> {halluc} (truth {sorted(truth)})")
+    n = len(items)
+    print(f"{n - differ} of {n} captions agree with the original (mentions, objects, hallucinations, ground truth).")
+    return differ
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("original", help="run the original code and write expected.json")
+    run.add_argument("--hallucination", type=Path, required=True, help="root of a LisaAnne/Hallucination checkout")
+    run.add_argument("--note", default="", help="what was run (versions), stored in expected.json")
+    sub.add_parser("compare", help="compare the reference protocol with expected.json")
+    args = parser.parse_args(argv)
+    if args.command == "original":
+        results = run_original(args.hallucination)
+        out = {"generated_by": "benchmarks/chair_reference_check.py original", "note": args.note, "captions": results}
+        (DATA / "expected.json").write_text(json.dumps(out, indent=1) + "\n")
+        print(f"wrote {len(results)} captions to {DATA / 'expected.json'}")
+    else:
+        sys.exit(1 if compare() else 0)
+
+
+if __name__ == "__main__":
+    main()
