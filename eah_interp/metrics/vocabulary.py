@@ -104,9 +104,11 @@ def _negation_cue(text: str, start: int, previous_end: int) -> str | None:
     """The negation cue that scopes over a mention starting at ``start``, if any.
 
     Looks back from ``start`` (not past ``previous_end``, the end of the previous object mention) for a
-    cue: "no"/"without" within ``_WINDOW`` words; "not"/"n't"/"never" within the window with "any", "a",
-    "an", "one" or "single" between cue and object ("is not holding a cup", "there aren't any dogs"). A
-    clause boundary (. ; : ! ? brackets, "but", "however", ...) closes the scope.
+    cue: "no"/"without" within ``_WINDOW`` words, with no determiner after the cue's first word ("without
+    a hat holds an umbrella" leaves the umbrella); "not"/"n't"/"never" within the window with exactly one
+    determiner between cue and object, and that one "any", "a", "an", "one" or "single" ("is not holding
+    a cup", "there aren't any dogs", but not "is not on the couch"). A clause boundary (. ; : ! ?
+    brackets, "but", "however", ...) closes the scope; "no" followed by punctuation is not a cue.
     """
     words = _words(text[:start])
     between: list[str] = []
@@ -116,10 +118,15 @@ def _negation_cue(text: str, start: int, previous_end: int) -> str | None:
         token = w.group()
         cue = "not" if token.endswith("n't") else token
         if cue in _NEGATION_CUES:
-            if between and not between[-1][0].isalnum():  # "No, there is a dog": an answer, not a determiner
+            forward = between[::-1]  # the words from the cue to the mention
+            if forward and not forward[0][0].isalnum():  # "No, there is a dog": an answer, not a determiner
                 return None
-            if _NEGATION_CUES[cue] == "not" and not (between and set(between) & _NOT_DETERMINERS):
-                return None
+            determiners = [t for t in forward if t in _DETERMINERS | _NOT_DETERMINERS]
+            if _NEGATION_CUES[cue] == "not":
+                if len(determiners) != 1 or determiners[0] not in _NOT_DETERMINERS:
+                    return None
+            elif any(t in _DETERMINERS | _NOT_DETERMINERS for t in forward[1:]):
+                return None  # "without a hat holds an umbrella": a second noun phrase
             return "n't" if token.endswith("n't") else token
         if token in ".;:!?()[]" or token in _CLAUSE_ENDS:
             return None
@@ -241,18 +248,21 @@ class Vocabulary:
             text: a caption.
 
         Returns:
-            the matches in order. Not counted: phrases that name no object, colour uses of colour
+            the matches in order. Hyphens read as spaces ("hot-dog" is a hot dog). Not counted: phrases
+            that name no object, a word hyphenated to the next ("dog-shaped"), colour uses of colour
             words, words excluded by `unless_present`, negated mentions, and repeats of an object
             already counted in this caption.
         """
         lower = text.lower()
         found: list[Mention] = []
-        for match in self._pattern.finditer(lower):
+        for match in self._pattern.finditer(lower.replace("-", " ")):  # "hot-dog" is a hot dog
             start, end = match.span()
             word = text[start:end]
             obj = self._phrases[match.group(1)]
             if obj is None:
                 found.append(Mention(word, start, end, None, False, f"{match.group(1)!r} names no object"))
+            elif re.match(r"-[a-z]", lower[end:]):
+                found.append(Mention(word, start, end, obj, False, "compound modifier (word-word)"))
             elif match.group(1) in self.colour_words and _is_colour(lower, start, end):
                 found.append(Mention(word, start, end, obj, False, "colour"))
             else:
