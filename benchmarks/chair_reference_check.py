@@ -12,7 +12,11 @@ Two steps, because the original needs nltk and Pattern and this package needs to
    the objects the original finds in its ``references``, exactly as its ``get_annotations`` does.
 2. ``python benchmarks/chair_reference_check.py compare`` runs ``chair_scores(..., protocol="reference")``
    on the same captions and reports, per caption, whether the mentions (words and objects) and the
-   hallucinations agree with ``expected.json``; differing captions are printed.
+   hallucinations agree with ``expected.json``; differing captions are printed, then CHAIR_s/CHAIR_i of the
+   original, of the reference protocol and of the strict protocol on these captions.
+3. ``python benchmarks/chair_reference_check.py fuzz --hallucination PATH -n 2000 --seed 0`` (an environment
+   with nltk, Pattern *and* this package) feeds random captions made of published words, inflections and
+   punctuation to both and prints every caption whose object words differ.
 """
 
 from __future__ import annotations
@@ -88,6 +92,54 @@ def compare() -> int:
                   f"\n  ours:     {words} -> {halluc} (truth {sorted(truth)})")
     n = len(items)
     print(f"{n - differ} of {n} captions agree with the original (mentions, objects, hallucinations, ground truth).")
+    mentions = sum(len(e["words"]) for e in expected.values())
+    halluc = sum(len(e["hallucinated"]) for e in expected.values())
+    bad = sum(bool(e["hallucinated"]) for e in expected.values())
+    print(f"original:  CHAIR_s {bad / n:.3f}  CHAIR_i {halluc / mentions:.3f}  ({halluc} of {mentions} mentions)")
+    truths = [set(e["truth"]) for e in expected.values()]
+    captions = [item["caption"] for item in items]
+    for protocol in ("reference", "strict"):
+        s = chair_scores(captions, truths, vocabulary="coco", protocol=protocol)
+        print(f"{protocol + ':':<10} CHAIR_s {s['chair_s']:.3f}  CHAIR_i {s['chair_i']:.3f}  "
+              f"({s['n_hallucinated']} of {s['n_mentions']} mentions)  recall {s['recall']:.3f}")
+    return differ
+
+
+def fuzz(root: Path, n: int, seed: int) -> int:
+    """Random captions of published words, inflections and punctuation: does the reference protocol find
+    exactly the original's words? Needs the original, nltk and Pattern importable next to this package."""
+    import random
+
+    import nltk
+
+    from eah_interp.metrics import reference_mentions
+
+    original = load_original(root)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        evaluator = original.CHAIR([], "unused")
+    finally:
+        os.chdir(cwd)
+    vocab = sorted({w.strip() for w in evaluator.mscoco_objects} | {w for p in evaluator.double_word_dict for w in p.split()})
+    filler = ("a an the is are on in with and or of no not isn't don't there two 1,000 3.5 man's it's very big red "
+              "orange while , , , . . ; : ! ? ... ( ) \" ' - -- / & $ % # @ * ’ “ ” 's mr. st. e.g.").split()
+    endings = ["", "", "", "s", "es", "'s", "s'", ".", ",", "-", "/dog", ".the", "ies", "en", "'", "?", ".?", ".)", ".:"]
+    rng = random.Random(seed)
+    differ = 0
+    for _ in range(n):
+        parts = []
+        for _ in range(rng.randint(3, 25)):
+            word = rng.choice(vocab) + rng.choice(endings) if rng.random() < 0.5 else rng.choice(filler)
+            parts.append(word.capitalize() if rng.random() < 0.2 else word)
+        caption = "".join(p + rng.choice([" "] * 18 + ["", "\n"]) for p in parts)
+        words, objects = evaluator.caption_to_words(caption)[:2]
+        ours = [m for m in reference_mentions(caption) if m.counted]
+        if (list(words), list(objects)) != ([m.lemma for m in ours], [m.object for m in ours]):
+            differ += 1
+            print(f"differs: {caption!r}\n  original {list(zip(words, objects, strict=True))}\n  ours     "
+                  f"{[(m.lemma, m.object) for m in ours]}")
+    print(f"{n - differ} of {n} random captions: the same object words as the original (nltk {nltk.__version__}).")
     return differ
 
 
@@ -98,12 +150,18 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--hallucination", type=Path, required=True, help="root of a LisaAnne/Hallucination checkout")
     run.add_argument("--note", default="", help="what was run (versions), stored in expected.json")
     sub.add_parser("compare", help="compare the reference protocol with expected.json")
+    rand = sub.add_parser("fuzz", help="random captions through both (needs the original and this package)")
+    rand.add_argument("--hallucination", type=Path, required=True, help="root of a LisaAnne/Hallucination checkout")
+    rand.add_argument("-n", type=int, default=2000)
+    rand.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "original":
         results = run_original(args.hallucination)
         out = {"generated_by": "benchmarks/chair_reference_check.py original", "note": args.note, "captions": results}
         (DATA / "expected.json").write_text(json.dumps(out, indent=1) + "\n")
         print(f"wrote {len(results)} captions to {DATA / 'expected.json'}")
+    elif args.command == "fuzz":
+        sys.exit(1 if fuzz(args.hallucination, args.n, args.seed) else 0)
     else:
         sys.exit(1 if compare() else 0)
 

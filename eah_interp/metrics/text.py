@@ -33,7 +33,8 @@ _COMMA_COLON = re.compile(r"[:,](?!\d)")
 """',' and ':' split unless a digit follows (``1,000`` and ``10:30`` stay one token)."""
 
 _CLITIC = re.compile(r"(?<=[^'])('s|'m|'d|'ll|'re|'ve|n't|')$", re.IGNORECASE)
-"""Word endings split off as their own token ("dog's" -> "dog" "'s", "dogs'" -> "dogs" "'")."""
+"""Word endings split off as their own token ("dog's" -> "dog" "'s", "dogs'" -> "dogs" "'"); a trailing
+"'" goes first, so "man's'" -> "man" "'s" "'"."""
 
 _LEADING_QUOTE = re.compile(r"^'(?!(?:re|ve|ll|m|t|s|d|n)\b)(?=\w)", re.IGNORECASE)
 """An opening single quote before a word ("'dog" -> "'" "dog")."""
@@ -41,34 +42,44 @@ _LEADING_QUOTE = re.compile(r"^'(?!(?:re|ve|ll|m|t|s|d|n)\b)(?=\w)", re.IGNORECA
 _FINAL_PERIOD = re.compile(r"(?<=[^.])\.[\])}>\"'»”’]*$")
 """A sentence's final period: after a non-period, followed only by closing brackets and quotes."""
 
-_AFTER_TOKEN = set("?!)\";}]*:@'({[")
+_AFTER_TOKEN = set("?!)\";}]*:@'({[‘’“”«»")
 """A '.', '?' or '!' directly followed by one of these may end a Punkt sentence inside a chunk."""
 
-_CLOSER_CHUNK = re.compile(r"[\"')\]}“”’»]+")
+_CLOSER_CHUNK = re.compile(r"[\"')\]}‘’“”«»]+")
 """A chunk of closing quotes/brackets alone, which Punkt moves onto the end of the sentence before it."""
 
 _AFTER_FINAL_PERIOD = set("])}>'»”’ ")
 """What may stand between a sentence's final period and its end for the period to split off."""
 
 
-def _sentence_period(chunk: str, followed: bool, closers_ok: bool) -> int | None:
-    """Index of the period in ``chunk`` that ends a sentence and so splits off, if any.
+def _sentence_periods(chunk: str, followed: bool, closers_ok: bool) -> list[int]:
+    """Indices of the periods in ``chunk`` that end a sentence and so split off.
 
     Punkt ends a sentence at the *last* '.', '?' or '!' of a chunk that is directly followed by one of
-    `_AFTER_TOKEN` or, at the chunk's end, by more text (``followed``); at the end of the text the word
-    tokenizer splits the final period itself. Only a period after a non-period splits ("..." is a token).
+    `_AFTER_TOKEN` or, at the chunk's end, by more text (``followed``); closing quotes and brackets right
+    after it stay in that sentence, and the period splits off only if those are ``) ] } > ' " ’ ” »``. At
+    the end of the text the word tokenizer splits the final period as well. Only a period after a
+    non-period splits ("..." is one token).
     """
+    periods = []
     ends = [i for i, c in enumerate(chunk) if c in ".?!" and (
         (i + 1 < len(chunk) and chunk[i + 1] in _AFTER_TOKEN) or (i == len(chunk) - 1 and followed))]
-    if ends:
-        i = max(ends)
-        if chunk[i] == "." and i > 0 and chunk[i - 1] != "." and (i < len(chunk) - 1 or closers_ok):
-            return i
+    if ends and chunk[ends[-1]] == "." and ends[-1] > 0 and chunk[ends[-1] - 1] != ".":
+        i = ends[-1]
+        rest = chunk[i + 1:]
+        if not rest:
+            ok = closers_ok
+        elif _CLOSER_CHUNK.fullmatch(rest):  # closers Punkt keeps in this sentence: only these let the period go
+            ok = set(rest) <= _AFTER_FINAL_PERIOD | {'"'}
+        else:
+            ok = True
+        if ok:
+            periods.append(i)
     if not followed:
         final = _FINAL_PERIOD.search(chunk)
-        if final:
-            return final.start()
-    return None
+        if final and final.start() not in periods:
+            periods.append(final.start())
+    return periods
 
 
 def _split_chunk(chunk: str, offset: int, followed: bool, closers_ok: bool) -> list[Token]:
@@ -82,9 +93,7 @@ def _split_chunk(chunk: str, offset: int, followed: bool, closers_ok: bool) -> l
     """
     cuts = [(m.start(), m.end()) for m in _ALWAYS_SPLIT.finditer(chunk)]
     cuts += [(m.start(), m.end()) for m in _COMMA_COLON.finditer(chunk)]
-    period = _sentence_period(chunk, followed, closers_ok)
-    if period is not None:
-        cuts.append((period, period + 1))
+    cuts += [(i, i + 1) for i in _sentence_periods(chunk, followed, closers_ok)]
     pieces: list[tuple[int, int]] = []
     position = 0
     for start, end in sorted(cuts):
@@ -104,6 +113,10 @@ def _split_chunk(chunk: str, offset: int, followed: bool, closers_ok: bool) -> l
         if lead:
             tokens.append(Token("'", offset + s, offset + s + 1))
             s, text = s + 1, text[1:]
+        ending: list[Token] = []
+        if len(text) > 1 and text.endswith("'") and text[-2] != "'":
+            ending.append(Token("'", offset + e - 1, offset + e))
+            e, text = e - 1, text[:-1]
         clitic = _CLITIC.search(text)
         if clitic and clitic.start() > 0:
             cut = s + clitic.start()
@@ -111,6 +124,7 @@ def _split_chunk(chunk: str, offset: int, followed: bool, closers_ok: bool) -> l
             tokens.append(Token(chunk[cut:e], offset + cut, offset + e))
         elif text:
             tokens.append(Token(text, offset + s, offset + e))
+        tokens.extend(ending)
     return tokens
 
 
