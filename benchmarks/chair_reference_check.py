@@ -43,10 +43,18 @@ def load_original(root: Path) -> types.ModuleType:
     return module
 
 
-def run_original(root: Path) -> list[dict]:
-    """What the original finds in each fixture caption, and its hallucinations against the fixture's truth."""
+def run_original(root: Path, wordnet_nouns: bool = False) -> list[dict]:
+    """What the original finds in each fixture caption, and its hallucinations against the fixture's truth.
+
+    With ``wordnet_nouns`` Pattern's singulariser is swapped for nltk's WordNet lemmatizer on every word as
+    a noun: an estimate of the OPERA-derived copies, which lemmatize after POS tagging.
+    """
     items = json.loads((DATA / "captions.json").read_text())["items"]
     original = load_original(root)
+    if wordnet_nouns:
+        from nltk.stem import WordNetLemmatizer
+
+        original.singularize = WordNetLemmatizer().lemmatize
     cwd = os.getcwd()
     os.chdir(root)  # the original reads data/synonyms.txt relative to the working directory
     try:
@@ -149,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     run = sub.add_parser("original", help="run the original code and write expected.json")
     run.add_argument("--hallucination", type=Path, required=True, help="root of a LisaAnne/Hallucination checkout")
     run.add_argument("--note", default="", help="what was run (versions), stored in expected.json")
+    run.add_argument("--wordnet-nouns", action="store_true", help="swap in WordNet noun lemmas (OPERA-like)")
+    run.add_argument("--out", type=Path, default=DATA / "expected.json", help="where to write")
     sub.add_parser("compare", help="compare the reference protocol with expected.json")
     rand = sub.add_parser("fuzz", help="random captions through both (needs the original and this package)")
     rand.add_argument("--hallucination", type=Path, required=True, help="root of a LisaAnne/Hallucination checkout")
@@ -156,10 +166,10 @@ def main(argv: list[str] | None = None) -> None:
     rand.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "original":
-        results = run_original(args.hallucination)
+        results = run_original(args.hallucination, args.wordnet_nouns)
         out = {"generated_by": "benchmarks/chair_reference_check.py original", "note": args.note, "captions": results}
-        (DATA / "expected.json").write_text(json.dumps(out, indent=1) + "\n")
-        print(f"wrote {len(results)} captions to {DATA / 'expected.json'}")
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
+        print(f"wrote {len(results)} captions to {args.out}")
     elif args.command == "fuzz":
         sys.exit(1 if fuzz(args.hallucination, args.n, args.seed) else 0)
     else:
