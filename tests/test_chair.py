@@ -271,3 +271,19 @@ def test_load_coco_objects_adds_reference_caption_objects():
     # reference reading: puppy -> dog, couch, cat (negation ignored); buses -> bus, man -> person
     assert load_coco_objects(instances, captions) == {1: {"dog", "couch", "cat"}, 2: {"bus", "person"}}
     assert load_coco_objects(instances, captions, protocol="strict") == {1: {"dog", "couch"}, 2: {"bus", "person"}}
+
+
+def test_custom_vocabulary_rules_are_validated_and_applied():
+    from eah_interp.metrics import Vocabulary
+
+    with pytest.raises(ValueError, match="'unicorn' is not an object"):
+        Vocabulary({"horse": ["pony"]}, phrases={"baby unicorn": "unicorn"})
+    vocab = Vocabulary({"horse": ["pony"], "lamp": []}, phrases={"pony tail": None}, unless_present={"pony": "lamp"})
+    found = vocab.find("A pony tail, no horse, a pony and a lamp.")
+    assert [(m.word, m.object, m.counted, m.note) for m in found] == [
+        ("pony tail", None, False, "'pony tail' names no object"),
+        ("horse", "horse", False, "negated by 'no'"),
+        ("pony", "horse", False, "'pony' with a lamp"),
+        ("lamp", "lamp", True, ""),
+    ]
+    assert Vocabulary({"horse": []}, negation=False).mentions("no horse") == ["horse"]

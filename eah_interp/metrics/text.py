@@ -1,9 +1,11 @@
 """Text handling for CHAIR's reference protocol: a word tokenizer with character spans and a singulariser.
 
 Both reproduce, without their dependencies, what the original CHAIR code (Rohrbach et al. 2018,
-``utils/chair.py`` in github.com/LisaAnne/Hallucination) calls: ``nltk.word_tokenize`` (nltk 3.2.5) on
-the lower-cased caption and ``pattern.en.singularize`` (Pattern 3.6) on every token. Only what can change
-which words CHAIR sees is reproduced; every rule and every known difference is listed in docs/metrics.md.
+``utils/chair.py`` in github.com/LisaAnne/Hallucination) calls: ``nltk.word_tokenize`` on the lower-cased
+caption (as nltk 3.9+ does it; the nltk 3.2.5 the original pinned differs in rare cases) and
+``pattern.en.singularize`` (Pattern 3.6) on every token. Only what can change which words CHAIR sees is
+reproduced; every rule and every known difference is listed in docs/metrics.md, and
+benchmarks/chair_reference_check.py compares both with the original code.
 """
 
 from __future__ import annotations
@@ -137,9 +139,12 @@ def word_tokenize(text: str) -> list[Token]:
     sentence's final period splits off. Hyphens, slashes and periods inside a word do not split
     ("hot-dog", "cat/dog", "dog.the" are single tokens).
 
-    Sentence ends (Punkt): a chunk ending in a period, "?" or "!" ends a sentence, so its period splits off.
-    Punkt would keep the period of an abbreviation ("mr.", "st.", "ok.") attached; none of those is a CHAIR
-    word, so this never changes which objects are found. The tokens are not lower-cased.
+    Sentence ends (Punkt) decide which periods split: the period ending a chunk that more text follows,
+    or a period directly followed by ``?!)";}]*:@'({[`` or a curly quote, when it is the chunk's last
+    such '.', '?' or '!' (`_sentence_periods`); a chunk of closing quotes/brackets alone after it joins
+    that sentence, and then only ``) ] } ’ ” »`` after spaces let the period split. Punkt would keep the
+    period of an abbreviation it knows ("mr.", "st.", "e.g.") attached; none of those is a CHAIR word, so
+    this never changes which objects are found. Tokens are not lower-cased.
 
     Args:
         text: the caption.
