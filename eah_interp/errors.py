@@ -33,3 +33,7 @@ class UnsupportedModelError(EAHError, TypeError):
 
 class AttentionImplementationError(EAHError, RuntimeError):
     """The model's attention implementation cannot expose (or accept) attention probabilities."""
+
+
+class DataFormatError(EAHError, ValueError):
+    """A dataset file (COCO instances, POPE questions) or image folder is missing or malformed."""
