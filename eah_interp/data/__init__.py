@@ -12,7 +12,7 @@ Example:
     (['scene 100000000', 'scene 100000001'], ['random', 'adversarial'])
 """
 
-from eah_interp.data.items import Dataset, ImageSource, Item, Question, sample_items
+from eah_interp.data.items import Dataset, ImageSource, Item, LazyImages, Question, sample_items
 from eah_interp.data.pope import POPE_SPLITS, POPE_TEMPLATE, generate_pope, read_pope, split_name, write_pope
 from eah_interp.data.readers import (
     OPERA_CHAIR,
@@ -32,6 +32,7 @@ __all__ = [
     "Dataset",
     "ImageSource",
     "Item",
+    "LazyImages",
     "Question",
     "chair_sample",
     "coco_instances",

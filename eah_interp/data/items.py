@@ -140,3 +140,18 @@ def sample_items(items: Sequence[Item], n: int, seed: int = 0) -> list[Item]:
         return list(items)
     chosen = set(random.Random(seed).sample(sorted(item.id for item in items), n))
     return [item for item in items if item.id in chosen]
+
+
+class LazyImages(Sequence[Image.Image]):
+    """The items' images as a sequence that reads each image only when indexed (slices read a batch)."""
+
+    def __init__(self, items: Sequence[Item]) -> None:
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [item.load_image() for item in self.items[index]]
+        return self.items[index].load_image()
