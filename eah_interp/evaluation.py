@@ -502,6 +502,8 @@ def summarise(items, *, baseline: str = "baseline", n_resamples: int = 5000, see
 
 def source_head_table(items) -> str:
     """Markdown table: for each EAH condition, how often each head was the (first-layer) source."""
+    if "source_heads" not in items:
+        return "(no captions)"
     caps = items[(items["task"] == "caption") & items["source_heads"].map(lambda h: isinstance(h, list) and len(h) > 0)]
     if caps.empty:
         return "(no EAH condition)"
