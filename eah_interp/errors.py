@@ -33,3 +33,7 @@ class UnsupportedModelError(EAHError, TypeError):
 
 class AttentionImplementationError(EAHError, RuntimeError):
     """The model's attention implementation cannot expose (or accept) attention probabilities."""
+
+
+class ModelLoadError(EAHError, ValueError):
+    """A model could not be loaded (no such folder, no processor, no image token, remote code needed)."""
