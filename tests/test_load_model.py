@@ -1,0 +1,246 @@
+"""`load_model` on hub-style checkpoint folders: prompts, encode/decode, yes/no ids, threshold, errors.
+
+The folders come from `save_tiny_checkpoint` (tests/conftest.py): real transformers model and processor
+classes, SmolLM2's real tokenizer, the families' chat templates. Expected values are written by hand
+from the fixtures' configs (16 image tokens per image, LLaVA-1.5's and SmolVLM's prompt formats).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from eah_interp.errors import EAHError, ModelLoadError
+from eah_interp.models import ModelBundle, load_model
+from eah_interp.models.bundle import default_threshold
+
+
+def photos(n: int = 2) -> list[Image.Image]:
+    """Real photos of different sizes (one greyscale) from scikit-image."""
+    arrays = [data.astronaut(), data.camera(), data.chelsea(), data.coffee()]
+    return [Image.fromarray(a) for a in arrays[:n]]
+
+
+@pytest.fixture(scope="module")
+def llava(llava_checkpoint) -> ModelBundle:
+    return load_model(llava_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def idefics3(idefics3_checkpoint) -> ModelBundle:
+    return load_model(idefics3_checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def test_llava_folder_loads_as_the_real_classes(llava, llava_checkpoint):
+    assert type(llava.model).__name__ == "LlavaForConditionalGeneration"
+    assert type(llava.processor).__name__ == "LlavaProcessor"
+    assert llava.name == str(llava_checkpoint)
+    assert not llava.model.training
+    assert llava.trained is False and "RANDOM" in llava.note  # the fixture says its weights are random
+
+
+def test_idefics3_folder_loads_as_the_real_classes(idefics3):
+    assert type(idefics3.model).__name__ == "Idefics3ForConditionalGeneration"
+    assert type(idefics3.processor).__name__ == "Idefics3Processor"
+
+
+def test_prompts_follow_each_family_chat_template(llava, idefics3):
+    # LLaVA-1.5's conversation format and SmolVLM's, written out by hand.
+    assert llava.caption_prompt == "USER: <image>\nPlease describe this image in detail. ASSISTANT:"
+    assert llava.yes_no_prompt("Is there a dog in the image?") == (
+        "USER: <image>\nIs there a dog in the image? Please answer this question with one word. ASSISTANT:"
+    )
+    assert llava.prompt("What is this?") == "USER: <image>\nWhat is this? ASSISTANT:"
+    assert idefics3.caption_prompt == (
+        "<|im_start|>User:<image>Please describe this image in detail.<end_of_utterance>\nAssistant:"
+    )
+
+
+def test_threshold_scales_the_paper_value_by_the_image_token_count(llava, idefics3):
+    # LLaVA fixture: 28 px / 7 px patches = 4 x 4 = 16 features; Idefics3: (56 / 7)^2 = 64 patches,
+    # pixel shuffle by 2 -> 16 tokens. The rule: 0.0008 * 576 / 16 = 0.0288.
+    for bundle in (llava, idefics3):
+        assert bundle.image_tokens == 16
+        assert bundle.threshold == pytest.approx(0.0288)
+    assert default_threshold(576) == pytest.approx(0.0008)
+    with pytest.raises(ValueError, match="at least 1"):
+        default_threshold(0)
+
+
+def test_yes_no_ids_are_the_tokenizer_yes_and_no(llava):
+    tokenizer = llava.processor.tokenizer
+    assert llava.yes_ids and llava.no_ids
+    assert {tokenizer.decode([i]).strip().lower() for i in llava.yes_ids} == {"yes"}
+    assert {tokenizer.decode([i]).strip().lower() for i in llava.no_ids} == {"no"}
+
+
+def test_registry_names_still_load():
+    bundle = load_model("tiny-llava")
+    assert bundle.name == "tiny-llava" and bundle.trained is False
+    assert bundle.threshold == pytest.approx(0.0008 * 576 / 16)
+    assert bundle.caption_prompt == "<|im_start|>user\n<image>\nDescribe the image.<|im_end|>\n<|im_start|>assistant\n"
+    assert bundle.yes_no_prompt("Is there a star?").endswith("Is there a star? Answer yes or no.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_bfloat16_load_casts_pixel_values(llava_checkpoint):
+    bundle = load_model(llava_checkpoint, dtype="bfloat16")
+    assert bundle.model.dtype == torch.bfloat16
+    inputs = bundle.encode([bundle.caption_prompt], photos(1))
+    assert inputs["pixel_values"].dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.isfinite(bundle.model(**inputs).logits).all()
+
+
+# ---------------------------------------------------------------------------------------------- encode / decode
+@pytest.mark.parametrize("family", ["llava", "idefics3"])
+def test_encode_calls_the_processor_by_keyword_and_pads_left(family, request):
+    """Trap 1: HF processors take ``images=`` first; a positional call fails with "Incorrect image source"."""
+    bundle = request.getfixturevalue(family)
+    short, long = bundle.prompt("Hi."), bundle.prompt("Please describe this image in detail, every object in it.")
+    inputs = bundle.encode([short, long], photos(2))
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    image_id = bundle.model.config.image_token_id
+    assert (ids == image_id).sum(1).tolist() == [16, 16]
+    n_short = len(bundle.processor.tokenizer(short.replace("<image>", "<image>" * 16), add_special_tokens=False)["input_ids"])
+    lengths = mask.sum(1).tolist()
+    assert lengths[0] < lengths[1]
+    pad = ids.shape[1] - lengths[0]
+    assert mask[0, :pad].sum() == 0 and mask[0, pad:].all()  # left padding: generation continues each row
+    if family == "llava":  # "<image>" expands to 16 copies inside a plain tokenization of the prompt
+        assert lengths[0] == n_short
+    assert {v.device for v in inputs.values() if isinstance(v, torch.Tensor)} == {torch.device("cpu")}
+
+
+def test_encode_rejects_mismatched_lengths(llava):
+    with pytest.raises(ValueError, match="one image per prompt"):
+        llava.encode([llava.caption_prompt] * 2, photos(1))
+
+
+def test_decode_cuts_the_prompt_and_skips_special_tokens(llava):
+    tokenizer = llava.processor.tokenizer
+    inputs = llava.encode([llava.caption_prompt, llava.prompt("Hi.")], photos(2))
+    answer = tokenizer("A cat on a mat.", add_special_tokens=False)["input_ids"]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    rows = [answer + [eos], answer[:2] + [eos, pad]]
+    width = max(len(r) for r in rows)
+    new = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    output_ids = torch.cat([inputs["input_ids"], new], dim=1)
+    assert llava.decode(output_ids, inputs) == ["A cat on a mat.", tokenizer.decode(answer[:2]).strip()]
+
+
+@pytest.mark.parametrize("family", ["llava", "idefics3"])
+def test_generate_then_decode_returns_only_the_continuation(family, request):
+    bundle = request.getfixturevalue(family)
+    inputs = bundle.encode([bundle.caption_prompt] * 2, photos(2))
+    with torch.no_grad():
+        out = bundle.model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    texts = bundle.decode(out, inputs)
+    assert len(texts) == 2
+    tokenizer = bundle.processor.tokenizer
+    for text, row in zip(texts, out[:, inputs["input_ids"].shape[1] :], strict=True):
+        assert text == tokenizer.decode(row, skip_special_tokens=True).strip()
+        assert "Please describe" not in text and "<image>" not in text
+
+
+def test_generate_texts_uses_decode(llava):
+    from eah_interp.experiments import generate_texts
+
+    texts, heads = generate_texts(llava, [llava.caption_prompt] * 2, photos(2), max_new_tokens=3, progress=False)
+    inputs = llava.encode([llava.caption_prompt] * 2, photos(2))
+    with torch.no_grad():
+        out = llava.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert texts == [t.strip() for t in llava.processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)]
+    assert heads == [[], []]
+
+
+def test_processor_without_chat_template_falls_back_to_the_plain_format(llava_checkpoint, tmp_path):
+    folder = tmp_path / "no-template"
+    shutil.copytree(llava_checkpoint, folder)
+    (folder / "chat_template.jinja").unlink()
+    config = json.loads((folder / "processor_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "processor_config.json").write_text(json.dumps(config))
+    tok_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tok_config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    with pytest.warns(UserWarning, match="no chat template"):
+        bundle = load_model(folder)
+    assert bundle.caption_prompt == "USER: <image>\nPlease describe this image in detail. ASSISTANT:"
+    assert bundle.image_tokens == 16
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_missing_folder_is_a_one_sentence_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="No model folder at") as info:
+        load_model(str(tmp_path / "nowhere"))
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_name_offline_is_a_load_error():
+    with pytest.raises(EAHError, match="Could not load the config of 'no-such-org/no-such-model'"):
+        load_model("no-such-org/no-such-model")
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(tmp_path)
+
+
+def test_folder_without_processor(llava_checkpoint, tmp_path):
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(llava_checkpoint / name, folder / name)
+    with pytest.raises(ModelLoadError, match="processor.save_pretrained"):
+        load_model(folder)
+
+
+def test_template_without_image_is_an_error(llava_checkpoint, tmp_path):
+    folder = tmp_path / "blind-template"
+    shutil.copytree(llava_checkpoint, folder)
+    (folder / "chat_template.jinja").write_text(
+        "{% for m in messages %}USER: {% for p in m['content'] %}{% if p['type'] == 'text' %}{{ p['text'] }}{% endif %}"
+        "{% endfor %}{% endfor %} ASSISTANT:"
+    )
+    with pytest.raises(ModelLoadError, match="processor failed on a caption prompt with one image .*0 <image> tokens"):
+        load_model(folder)
+
+
+def test_remote_code_needs_the_flag(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "eah_custom_lvlm",
+        "auto_map": {"AutoConfig": "configuration_custom.CustomConfig", "AutoModelForImageTextToText": "modeling_custom.Custom"},
+    }))
+    with pytest.raises(ModelLoadError, match="trust_remote_code=True .CLI: --trust-remote-code") as info:
+        load_model(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_dtype_and_device_with_device_map():
+    with pytest.raises(ModelLoadError, match="Unknown dtype 'float8'"):
+        load_model("tiny-llava", dtype="float8")
+    with pytest.raises(ModelLoadError, match="not both"):
+        load_model("tiny-llava", device="cpu", device_map="auto")
+
+
+def test_empty_yes_no_ids_are_refused(llava):
+    with pytest.raises(ModelLoadError, match="no token ids for 'yes'"):
+        ModelBundle("x", llava.model, llava.processor, 0.01, True, "", [], [1], llava.template)
+
+
+def test_photos_are_real():
+    # Guard the fixture images: real photos, different sizes, one greyscale (converted to RGB by encode).
+    sizes = {p.size for p in photos(4)}
+    assert len(sizes) >= 3
+    assert np.asarray(photos(2)[1]).ndim == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert photos(1)[0].mode == "RGB"
