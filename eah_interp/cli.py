@@ -30,7 +30,7 @@ SeedOpt = Annotated[int, typer.Option(help="seed of the image draw (--n)")]
 PromptOpt = Annotated[str | None, typer.Option(
     help="the caption request, wrapped by the model's chat template (default: the model's caption prompt)",
 )]
-DtypeOpt = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the checkpoint's)")]
+DtypeOpt = Annotated[str | None, typer.Option(help="float32, bfloat16, float16 or auto (default: float32 for registry models, transformers' default for checkpoints)")]
 DeviceOpt = Annotated[str | None, typer.Option(
     "--device", help="run the model on this torch device (cuda, cuda:1, mps); overrides the app-level --device",
 )]
@@ -59,8 +59,8 @@ def _options(
 def _dtype(name: str | None):
     import torch
 
-    if name is None:
-        return None
+    if name is None or name == "auto":
+        return name
     dtype = getattr(torch, name.removeprefix("torch."), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise typer.BadParameter(f"{name!r} is not a torch floating-point dtype; use float32, bfloat16 or float16.",
@@ -97,16 +97,14 @@ def _load(
 
 
 def _with_prompt(bundle, prompt: str | None):
-    """The bundle, or a copy whose caption prompt is ``bundle.prompt(prompt)`` (what scan and generate use)."""
+    """The bundle, or a copy whose caption request is ``prompt`` (wrapped by its chat template: scan, generate)."""
     if prompt is None:
         return bundle
-    if not callable(getattr(bundle, "prompt", None)):
-        raise typer.BadParameter(f"model {bundle.name!r} cannot wrap a custom prompt; drop --prompt.", param_hint="--prompt")
-    import copy
+    import dataclasses
 
-    edited = copy.copy(bundle)
-    edited.caption_prompt = bundle.prompt(prompt)
-    return edited
+    if not dataclasses.is_dataclass(bundle) or "caption_request" not in {f.name for f in dataclasses.fields(bundle)}:
+        raise typer.BadParameter(f"model {bundle.name!r} cannot wrap a custom prompt; drop --prompt.", param_hint="--prompt")
+    return dataclasses.replace(bundle, caption_request=prompt)
 
 
 def _dataset(

@@ -116,3 +116,30 @@ def test_scan_and_generate_take_a_dataset(files, tmp_path):
                     "--max-new-tokens", "2", "--no-eah")
     assert result.exit_code == 0, result.output
     assert sum(name in result.output for name in PHOTOS) == 2
+
+
+@pytest.mark.parametrize("family", ["llava_checkpoint", "idefics3_checkpoint"])
+def test_scan_generate_eval_on_a_checkpoint_folder(family, request, files, tmp_path):
+    """A save_pretrained folder (tiny random model, real tokenizer, chat template, image processor) end to end."""
+    folder = request.getfixturevalue(family)
+    common = ["--model", folder, "--dtype", "float32"]
+    scan = invoke("scan", *common, *data_args(files, pope=False), "--n", "2", "--batch-size", "2", "--out", tmp_path / "s")
+    assert scan.exit_code == 0, scan.output
+    frame = pd.read_csv(tmp_path / "s" / "head_stats.csv")
+    assert (frame["n"] == 2).all() and frame["layer"].nunique() >= 2
+    generate = invoke("generate", *common, "--images", files["images"], "--n", "2", "--max-new-tokens", "3",
+                      "--prompt", "Please describe this image in detail.")
+    assert generate.exit_code == 0, generate.output
+    assert "source head" in generate.output and sum(name in generate.output for name in PHOTOS) == 2
+    out = tmp_path / "e"
+    result = invoke(
+        "eval", *common, *data_args(files), "--n", "2", "--condition", "eah_paper", "--condition", "control_sink_free",
+        "--beams", "1", "--max-new-tokens", "3", "--bootstrap", "50", "--out", out,
+    )
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+    assert {r["condition"] for r in records} == {"baseline", "eah_paper", "control_sink_free"}
+    assert len({r["item"] for r in records}) == 2
+    prompt = json.loads((out / "run.json").read_text())["settings"]["prompt"]
+    assert "Please describe this image in detail." in prompt and prompt != "Please describe this image in detail."
+    assert "split `random`" in (out / "report.md").read_text() or "split `adversarial`" in (out / "report.md").read_text()
