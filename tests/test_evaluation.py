@@ -231,3 +231,27 @@ def test_a_model_too_shallow_for_the_deep_control_leaves_it_out(monkeypatch):
         names = [c.name for c in default_conditions(fake, beams=1)]
     assert "control_deep_layer" not in names and "eah_paper" in names
     assert any("control_deep_layer left out" in str(w.message) for w in caught)
+
+
+def test_chair_protocol_is_passed_when_chair_scores_takes_it_and_recorded(tmp_path, bundle, monkeypatch):
+    import eah_interp.metrics as metrics
+
+    seen = []
+    real = metrics.chair_scores
+
+    def with_protocol(captions, objects, vocabulary="scenes", protocol="reference"):
+        seen.append(protocol)
+        return real(captions, objects, vocabulary=vocabulary)
+
+    monkeypatch.setattr(metrics, "chair_scores", with_protocol)
+    assert evaluation.chair_protocol_supported()
+    arms = [Condition("baseline")]
+    path = run_experiment(bundle, scene_dataset(2), tmp_path / "s", conditions=arms, tasks=("caption",),
+                          max_new_tokens=2, progress=False)
+    assert seen == ["strict"]  # the scene world's default
+    assert {json.loads(line)["chair_protocol"] for line in path.read_text().splitlines()} == {"strict"}
+    run_experiment(bundle, scene_dataset(2), tmp_path / "r", conditions=arms, tasks=("caption",), max_new_tokens=2,
+                   chair_protocol="reference", progress=False)
+    assert seen == ["strict", "reference"]
+    with pytest.raises(ConfigError, match="'reference' or 'strict'"):
+        run_experiment(bundle, scene_dataset(1), tmp_path / "x", conditions=arms, chair_protocol="loose", progress=False)
