@@ -394,10 +394,12 @@ def item_table(items):
         if rec["task"] == "caption":
             row.update(one=1.0, n_words=float(rec["n_words"]))
             if isinstance(rec.get("mentioned"), list) and isinstance(rec.get("truth"), list):
-                truth, mentioned, halluc = set(rec["truth"]), set(rec["mentioned"]), rec["hallucinated"]
+                # counted mentions as the CHAIR protocol lists them (once per object, or every mention)
+                mentioned, halluc, truth = rec["mentioned"], rec["hallucinated"], set(rec["truth"])
                 row.update(
                     chair_n=1.0, any_hallucination=float(len(halluc) > 0), n_hallucinated=float(len(halluc)),
-                    n_mentioned=float(len(mentioned)), n_recalled=float(len(mentioned & truth)), n_truth=float(len(truth)),
+                    n_mentioned=float(len(mentioned)), n_recalled=float(len(set(mentioned) & truth)),
+                    n_truth=float(len(truth)),
                 )
             continue
         said, label, split = _said_yes(rec["said_yes"]), bool(rec["label"]), rec["split"]

@@ -170,6 +170,14 @@ def test_a_zero_denominator_metric_is_reported_as_undefined(tmp_path):
     assert "* `chair_i` for `eah`: undefined (no mentions)" in report
 
 
+def test_chair_i_counts_mentions_as_the_protocol_lists_them():
+    # the reference protocol lists every mention: "two dogs ... a dog ... a cat" with truth {cat}
+    items = pd.DataFrame([caption(c, "a", ["cat"], ["dog", "dog", "cat"]) for c in ("baseline", "eah")])
+    s = summarise(items, n_resamples=50).set_index(["condition", "metric"])
+    assert s.loc[("eah", "chair_i"), "value"] == pytest.approx(2 / 3)
+    assert s.loc[("eah", "recall"), "value"] == 1.0 and s.loc[("eah", "chair_s"), "value"] == 1.0
+
+
 def test_captions_without_ground_truth_report_chair_undefined():
     items = pd.DataFrame([caption(c, i, None, None, words=3) for c in ("baseline", "eah") for i in ("a", "b")])
     summary = summarise(items, n_resamples=100).set_index(["condition", "metric"])
