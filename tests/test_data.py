@@ -48,6 +48,8 @@ def test_image_folder_reads_images_only_in_name_order_as_rgb(files):
     image = data.items[1].load_image()
     assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (451, 300)  # chelsea
     assert data.vocabulary is None and data.splits == []
+    more = image_folder(files["images"], n=10)
+    assert len(more) == 3 and "asked for 10: only 3 available" in more.describe()
 
 
 def test_grey_image_files_load_as_rgb(tmp_path):

@@ -114,16 +114,20 @@ class Dataset:
 
     def sample(self, n: int | None, seed: int = 0) -> Dataset:
         """`sample_items` on this dataset's items; records ``n`` and ``seed`` in `source`."""
-        if n is None or n >= len(self.items):
+        if n is None:
             return self
+        if n >= len(self.items):  # fewer than asked for: keep all, and say so in describe()
+            return replace(self, source={**self.source, "n_requested": n}) if n > len(self.items) else self
         return replace(self, items=tuple(sample_items(self.items, n, seed)), source={**self.source, "n": n, "seed": seed})
 
     def describe(self) -> str:
         """One sentence: what the dataset holds."""
         with_objects = sum(item.objects is not None for item in self.items)
         splits = ", ".join(f"{s}" for s in self.splits) or "none"
+        short = self.source.get("n_requested")
+        asked = f" (asked for {short}: only {len(self.items)} available)" if short else ""
         return (
-            f"{self.name}: {len(self.items)} images ({with_objects} with ground-truth objects), "
+            f"{self.name}: {len(self.items)} images{asked} ({with_objects} with ground-truth objects), "
             f"{self.n_questions} yes/no questions (splits: {splits})."
         )
 
