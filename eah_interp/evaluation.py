@@ -277,6 +277,8 @@ def _run_captions(bundle, dataset: Dataset, cond: Condition, store: _Store, prom
 
 def _run_questions(bundle, dataset: Dataset, cond: Condition, store: _Store, batch_size: int, progress: bool) -> None:
     """Ask every unanswered question; a question text asked twice about one item (in two splits) runs once."""
+    from eah_interp.metrics import parse_yes_no
+
     todo: dict[tuple[str, str], list[tuple[Item, Question]]] = {}
     for item in dataset:
         for q in item.questions:
@@ -289,8 +291,6 @@ def _run_questions(bundle, dataset: Dataset, cond: Condition, store: _Store, bat
         answers, diffs = first_token_answers(
             bundle, [bundle.yes_no_prompt(text) for _, text in chunk], [item.load_image() for item in firsts], cond.config
         )
-        from eah_interp.metrics import parse_yes_no
-
         store.add([
             {
                 "condition": cond.name, "task": "pope", "item": item.id, "question": q.id, "split": q.split,

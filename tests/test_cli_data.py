@@ -100,11 +100,14 @@ def test_eval_generates_pope_from_coco_and_runs_on_a_plain_folder(files, tmp_pat
     assert all(f"split `{s}`" in report for s in ("random", "popular", "adversarial"))
     folder = invoke(
         "eval", "--model", "tiny-llava", "--images", files["images"], "--n", "2", "--task", "caption",
-        "--condition", "eah_paper", "--beams", "1", "--max-new-tokens", "2", "--bootstrap", "50", "--out", tmp_path / "f",
+        "--condition", "eah_paper", "--beams", "1", "--max-new-tokens", "2", "--bootstrap", "50", "--scan", "2",
+        "--out", tmp_path / "f",
     )
     assert folder.exit_code == 0, folder.output
     report = (tmp_path / "f" / "report.md").read_text()
     assert "undefined (no ground-truth objects)" in report and "length" in report
+    assert "Head statistics over 2 images of the dataset" in report
+    assert (pd.read_csv(tmp_path / "f" / "head_stats.csv")["n"] == 2).all()
 
 
 def test_scan_and_generate_take_a_dataset(files, tmp_path):
