@@ -244,3 +244,11 @@ def test_photos_are_real():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert photos(1)[0].mode == "RGB"
+
+
+def test_device_map_without_accelerate_says_what_to_install(monkeypatch):
+    import eah_interp.models.bundle as bundle_module
+
+    monkeypatch.setattr(bundle_module, "find_spec", lambda name: None if name == "accelerate" else object())
+    with pytest.raises(ModelLoadError, match=r"need accelerate; install it with pip install 'eah-interp\[devices\]'"):
+        load_model("tiny-llava", device_map="auto")

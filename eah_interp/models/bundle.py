@@ -17,6 +17,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +192,11 @@ def load_model(
     if device is not None and device_map is not None:
         raise ModelLoadError("Pass device or device_map, not both (device_map places the model itself).")
     torch_dtype = _resolve_dtype(dtype)
+    if (device_map is not None or offload_folder is not None or max_memory is not None) and find_spec("accelerate") is None:
+        raise ModelLoadError(
+            "device_map, offload_folder and max_memory need accelerate; install it with "
+            "pip install 'eah-interp[devices]' (or pip install accelerate)."
+        )
     name = str(name_or_path)
     if name in REGISTRY:
         if device_map is not None:
