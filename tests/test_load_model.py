@@ -184,9 +184,11 @@ def test_missing_folder_is_a_one_sentence_error(tmp_path):
     assert "\n" not in str(info.value)
 
 
-def test_unknown_name_offline_is_a_load_error():
-    with pytest.raises(EAHError, match="Could not load the config of 'no-such-org/no-such-model'"):
-        load_model("no-such-org/no-such-model")
+@pytest.mark.parametrize("name", ["no-such-org/no-such-model", "llava-hf/llava-1.5-7b-hf", "organismm"])
+def test_uncached_hub_id_or_unknown_name_offline_is_a_load_error(name):
+    with pytest.raises(EAHError, match=f"Could not load the config of '{name}'") as info:
+        load_model(name)  # a hub id (dots in the name included), not a missing folder
+    assert "registry name (organism, tiny-llava)" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_folder_without_config(tmp_path):
@@ -252,3 +254,15 @@ def test_device_map_without_accelerate_says_what_to_install(monkeypatch):
     monkeypatch.setattr(bundle_module, "find_spec", lambda name: None if name == "accelerate" else object())
     with pytest.raises(ModelLoadError, match=r"need accelerate; install it with pip install 'eah-interp\[devices\]'"):
         load_model("tiny-llava", device_map="auto")
+
+
+def test_loading_a_folder_touches_no_network(llava_checkpoint, monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    bundle = load_model(llava_checkpoint)
+    assert bundle.image_tokens == 16

@@ -36,6 +36,7 @@ from torch import nn
 
 from eah_interp.config import EAHConfig
 from eah_interp.models.adapters import adapter_for
+from eah_interp.models.introspect import text_config
 
 #: Multiple of the SDPA-vs-eager logit difference accepted as rounding (see the module docstring).
 FLOOR_FACTOR = 4.0
@@ -87,7 +88,7 @@ class ModelCheck:
         return (
             f"check_model ({self.family}, {self.dtype}): {verdict}\n"
             f"  image tokens per row: {self.image_tokens_per_row}\n"
-            f"  SDPA vs eager logits (rounding floor): {self.sdpa_eager_floor:.2e}\n"
+            f"  logits as loaded vs eager (rounding floor): {self.sdpa_eager_floor:.2e}\n"
             f"  recorded vs eager probabilities: max error {self.recording_prob_error:.2e} (tolerance {self.prob_atol:.1e})\n"
             f"  logits while recording vs eager: max error {self.recording_logit_error:.2e} (tolerance {self.logit_atol:.1e})\n"
             f"  identity edit vs eager logits:   max error {self.identity_logit_error:.2e} (tolerance {self.logit_atol:.1e})"
@@ -165,7 +166,9 @@ def check_model(
     prob_error = per_layer[worst]
     logit_error = float((recorded_logits - reference.logits)[mask].abs().max())
     identity_error = float((edited - reference.logits)[mask].abs().max())
-    how = f"tolerance {{:.1e}} for {dtype_name}" + (" (fixed atol)" if atol is not None else f"; SDPA vs eager differ by {floor:.1e}")
+    implementation = str(text_config(model)._attn_implementation)
+    loaded = "SDPA" if implementation == "sdpa" else f"{implementation} (as loaded)"
+    how = f"tolerance {{:.1e}} for {dtype_name}" + (" (fixed atol)" if atol is not None else f"; {loaded} vs eager differ by {floor:.1e}")
     if prob_error > prob_atol:
         problems.append(
             f"recorded probabilities differ from eager output_attentions by {prob_error:.2e} in layer {worst} "
