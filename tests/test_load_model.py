@@ -266,3 +266,24 @@ def test_loading_a_folder_touches_no_network(llava_checkpoint, monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
     bundle = load_model(llava_checkpoint)
     assert bundle.image_tokens == 16
+
+
+@pytest.mark.parametrize("family", ["llava", "idefics3"])
+def test_scan_and_eah_run_on_a_loaded_checkpoint(family, request):
+    from eah_interp.config import EAHConfig
+    from eah_interp.experiments import generate_texts, scan_images
+    from eah_interp.models import check_model, model_shape
+
+    bundle = request.getfixturevalue(family)
+    n_layers, n_heads, n_kv = model_shape(bundle.model)
+    assert (n_heads, n_kv) == (4, 2) and n_layers == {"llava": 4, "idefics3": 3}[family]
+    stats = scan_images(bundle, photos(3), batch_size=2, progress=False)
+    assert stats.layers == list(range(n_layers)) and stats.n_examples(0) == 3
+    assert stats.matrix("sink_density").shape == (n_layers, n_heads)
+    texts, heads = generate_texts(
+        bundle, [bundle.caption_prompt] * 2, photos(2), config=EAHConfig.paper(threshold=bundle.threshold),
+        max_new_tokens=3, progress=False,
+    )
+    assert len(texts) == 2 and all(len(h) == 1 for h in heads)  # one edited layer (the paper's layer 1) per item
+    report = check_model(bundle.model, bundle.encode([bundle.caption_prompt, bundle.prompt("Hi.")], photos(2)))
+    assert report.ok, str(report)
