@@ -287,3 +287,47 @@ def test_scan_and_eah_run_on_a_loaded_checkpoint(family, request):
     assert len(texts) == 2 and all(len(h) == 1 for h in heads)  # one edited layer (the paper's layer 1) per item
     report = check_model(bundle.model, bundle.encode([bundle.caption_prompt, bundle.prompt("Hi.")], photos(2)))
     assert report.ok, str(report)
+
+
+def test_llava_next_anyres_counts_follow_the_image(llava_next_checkpoint):
+    bundle = load_model(llava_next_checkpoint)
+    assert type(bundle.model).__name__ == "LlavaNextForConditionalGeneration"
+    # The 336x336 probe picks the 56x56 pinpoint: base view 4x4 = 16, tiles (2*4) x (2*4) = 64 features
+    # (square: nothing unpadded), plus one image-newline per feature row (8): 88.
+    assert bundle.image_tokens == 88
+    assert bundle.threshold == pytest.approx(0.0008 * 576 / 88)
+    # astronaut 512x512: square, 88 as above; coffee 400x600 (h x w): counted by an independent formula.
+    images = [Image.fromarray(data.astronaut()), Image.fromarray(data.coffee())]
+    inputs = bundle.encode([bundle.caption_prompt] * 2, images)
+    counts = (inputs["input_ids"] == bundle.model.config.image_token_id).sum(1).tolist()
+    assert counts[0] == 88
+    assert counts[1] == _anyres_tokens(400, 600)
+    with torch.no_grad():
+        out = bundle.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert len(bundle.decode(out, inputs)) == 2
+
+
+def _anyres_tokens(height: int, width: int, patch: int = 7, base: int = 28) -> int:
+    """LLaVA-NeXT's image token count for the fixture's grid, written from the AnyRes description.
+
+    Best pinpoint: the one keeping the most of the image's resolution (then the least waste); the
+    feature grid of the tiles is unpadded back to the image's aspect ratio; one newline per row.
+    """
+    pinpoints = [(28, 28), (28, 56), (56, 28), (56, 56)]  # (height, width)
+    best, best_key = None, None
+    for ph, pw in pinpoints:
+        scale = min(pw / width, ph / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        key = (effective, -(pw * ph - effective))
+        if best_key is None or key > best_key:
+            best, best_key = (ph, pw), key
+    rows, cols = best[0] // base * (base // patch), best[1] // base * (base // patch)
+    if width / height > cols / rows:  # wider than the grid: rows are cut
+        new_rows = int(round(height * cols / width, 7))
+        pad = (rows - new_rows) // 2
+        rows = rows - 2 * pad
+    else:
+        new_cols = int(round(width * rows / height, 7))
+        pad = (cols - new_cols) // 2
+        cols = cols - 2 * pad
+    return (base // patch) ** 2 + rows * cols + rows
