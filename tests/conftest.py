@@ -21,6 +21,14 @@ def llava_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def llava_next_checkpoint(tmp_path_factory):
+    """A hub-style LLaVA-NeXT folder (AnyRes tiles; LLaVA-1.5's chat format, SmolLM2's tokenizer)."""
+    from eah_interp.models.tiny import save_tiny_checkpoint
+
+    return save_tiny_checkpoint("llava_next", tmp_path_factory.mktemp("llava-next-checkpoint"))
+
+
+@pytest.fixture(scope="session")
 def idefics3_checkpoint(tmp_path_factory):
     """A hub-style Idefics3 (SmolVLM v1 format) folder: tiny random model, SmolLM2's tokenizer, SmolVLM's template."""
     from eah_interp.models.tiny import save_tiny_checkpoint

@@ -184,9 +184,11 @@ def test_missing_folder_is_a_one_sentence_error(tmp_path):
     assert "\n" not in str(info.value)
 
 
-def test_unknown_name_offline_is_a_load_error():
-    with pytest.raises(EAHError, match="Could not load the config of 'no-such-org/no-such-model'"):
-        load_model("no-such-org/no-such-model")
+@pytest.mark.parametrize("name", ["no-such-org/no-such-model", "llava-hf/llava-1.5-7b-hf", "organismm"])
+def test_uncached_hub_id_or_unknown_name_offline_is_a_load_error(name):
+    with pytest.raises(EAHError, match=f"Could not load the config of '{name}'") as info:
+        load_model(name)  # a hub id (dots in the name included), not a missing folder
+    assert "registry name (organism, tiny-llava)" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_folder_without_config(tmp_path):
@@ -244,3 +246,88 @@ def test_photos_are_real():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert photos(1)[0].mode == "RGB"
+
+
+def test_device_map_without_accelerate_says_what_to_install(monkeypatch):
+    import eah_interp.models.bundle as bundle_module
+
+    monkeypatch.setattr(bundle_module, "find_spec", lambda name: None if name == "accelerate" else object())
+    with pytest.raises(ModelLoadError, match=r"need accelerate; install it with pip install 'eah-interp\[devices\]'"):
+        load_model("tiny-llava", device_map="auto")
+
+
+def test_loading_a_folder_touches_no_network(llava_checkpoint, monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    bundle = load_model(llava_checkpoint)
+    assert bundle.image_tokens == 16
+
+
+@pytest.mark.parametrize("family", ["llava", "idefics3"])
+def test_scan_and_eah_run_on_a_loaded_checkpoint(family, request):
+    from eah_interp.config import EAHConfig
+    from eah_interp.experiments import generate_texts, scan_images
+    from eah_interp.models import check_model, model_shape
+
+    bundle = request.getfixturevalue(family)
+    n_layers, n_heads, n_kv = model_shape(bundle.model)
+    assert (n_heads, n_kv) == (4, 2) and n_layers == {"llava": 4, "idefics3": 3}[family]
+    stats = scan_images(bundle, photos(3), batch_size=2, progress=False)
+    assert stats.layers == list(range(n_layers)) and stats.n_examples(0) == 3
+    assert stats.matrix("sink_density").shape == (n_layers, n_heads)
+    texts, heads = generate_texts(
+        bundle, [bundle.caption_prompt] * 2, photos(2), config=EAHConfig.paper(threshold=bundle.threshold),
+        max_new_tokens=3, progress=False,
+    )
+    assert len(texts) == 2 and all(len(h) == 1 for h in heads)  # one edited layer (the paper's layer 1) per item
+    report = check_model(bundle.model, bundle.encode([bundle.caption_prompt, bundle.prompt("Hi.")], photos(2)))
+    assert report.ok, str(report)
+
+
+def test_llava_next_anyres_counts_follow_the_image(llava_next_checkpoint):
+    bundle = load_model(llava_next_checkpoint)
+    assert type(bundle.model).__name__ == "LlavaNextForConditionalGeneration"
+    # The 336x336 probe picks the 56x56 pinpoint: base view 4x4 = 16, tiles (2*4) x (2*4) = 64 features
+    # (square: nothing unpadded), plus one image-newline per feature row (8): 88.
+    assert bundle.image_tokens == 88
+    assert bundle.threshold == pytest.approx(0.0008 * 576 / 88)
+    # astronaut 512x512: square, 88 as above; coffee 400x600 (h x w): counted by an independent formula.
+    images = [Image.fromarray(data.astronaut()), Image.fromarray(data.coffee())]
+    inputs = bundle.encode([bundle.caption_prompt] * 2, images)
+    counts = (inputs["input_ids"] == bundle.model.config.image_token_id).sum(1).tolist()
+    assert counts[0] == 88
+    assert counts[1] == _anyres_tokens(400, 600)
+    with torch.no_grad():
+        out = bundle.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert len(bundle.decode(out, inputs)) == 2
+
+
+def _anyres_tokens(height: int, width: int, patch: int = 7, base: int = 28) -> int:
+    """LLaVA-NeXT's image token count for the fixture's grid, written from the AnyRes description.
+
+    Best pinpoint: the one keeping the most of the image's resolution (then the least waste); the
+    feature grid of the tiles is unpadded back to the image's aspect ratio; one newline per row.
+    """
+    pinpoints = [(28, 28), (28, 56), (56, 28), (56, 56)]  # (height, width)
+    best, best_key = None, None
+    for ph, pw in pinpoints:
+        scale = min(pw / width, ph / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        key = (effective, -(pw * ph - effective))
+        if best_key is None or key > best_key:
+            best, best_key = (ph, pw), key
+    rows, cols = best[0] // base * (base // patch), best[1] // base * (base // patch)
+    if width / height > cols / rows:  # wider than the grid: rows are cut
+        new_rows = int(round(height * cols / width, 7))
+        pad = (rows - new_rows) // 2
+        rows = rows - 2 * pad
+    else:
+        new_cols = int(round(width * rows / height, 7))
+        pad = (cols - new_cols) // 2
+        cols = cols - 2 * pad
+    return (base // patch) ** 2 + rows * cols + rows

@@ -17,6 +17,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +192,11 @@ def load_model(
     if device is not None and device_map is not None:
         raise ModelLoadError("Pass device or device_map, not both (device_map places the model itself).")
     torch_dtype = _resolve_dtype(dtype)
+    if (device_map is not None or offload_folder is not None or max_memory is not None) and find_spec("accelerate") is None:
+        raise ModelLoadError(
+            "device_map, offload_folder and max_memory need accelerate; install it with "
+            "pip install 'eah-interp[devices]' (or pip install accelerate)."
+        )
     name = str(name_or_path)
     if name in REGISTRY:
         if device_map is not None:
@@ -255,7 +261,7 @@ def _registry_bundle(name: str) -> ModelBundle:
 
 def _looks_like_path(name: str) -> bool:
     """A local path rather than a hub id (``org/name``)."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or Path(name).suffix != ""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def _checkpoint_bundle(
@@ -282,7 +288,7 @@ def _checkpoint_bundle(
         source = str(path)
     elif _looks_like_path(name):
         raise ModelLoadError(
-            f"No model folder at {path}; pass an existing save_pretrained folder, a hub id (org/name) or a "
+            f"No model folder at {name}; pass an existing save_pretrained folder, a hub id (org/name) or a "
             f"registry name ({', '.join(REGISTRY)})."
         )
     else:
@@ -308,8 +314,8 @@ def _load_error(name: str, what: str, error: Exception) -> ModelLoadError:
             f"{name} needs its own modelling code; if you trust it, pass trust_remote_code=True (CLI: --trust-remote-code)."
         )
     return ModelLoadError(
-        f"Could not load the {what} of {name!r} ({first[:200]}); pass a save_pretrained folder or a hub id that is "
-        "in the local cache (no network is used when HF_HUB_OFFLINE=1)."
+        f"Could not load the {what} of {name!r} ({first[:200]}); pass a save_pretrained folder, a hub id that is "
+        f"in the local cache (no network is used when HF_HUB_OFFLINE=1) or a registry name ({', '.join(REGISTRY)})."
     )
 
 

@@ -344,7 +344,7 @@ def tiny_family(name: str, seed: int = 0, attn_implementation: str = "sdpa", pre
 #: The families `save_tiny_checkpoint` can write. ``"idefics3"`` is the format SmolVLM (v1) ships in
 #: (``Idefics3ForConditionalGeneration`` + ``Idefics3Processor``); Qwen2-VL and SmolVLM-2 processors need
 #: a video processor, which needs torchvision (not installable beside the CPU torch wheel used here).
-CHECKPOINT_FAMILIES = ("llava", "idefics3")
+CHECKPOINT_FAMILIES = ("llava", "llava_next", "idefics3")
 
 #: The conversation format of LLaVA-1.5 (``USER: <image>\n{request} ASSISTANT:``) as a chat template,
 #: written for these fixtures after the one llava-hf ships (llava-hf/llava-1.5-7b-hf, chat_template.json).
@@ -381,8 +381,8 @@ def save_tiny_checkpoint(family: str, path, *, seed: int = 0):
     """Write a hub-style checkpoint folder: a tiny random LVLM that ``load_model(path)`` loads like a real one.
 
     The folder is what ``save_pretrained`` writes for a released model: the real transformers model class
-    (random weights from a small config: 4 decoder layers for LLaVA, 3 for Idefics3; 4 heads / 2 KV heads;
-    16 image tokens per image), SmolLM2-135M-Instruct's real tokenizer (from its GGUF, see
+    (random weights from a small config: 4 decoder layers for LLaVA, 3 for the others; 4 heads / 2 KV
+    heads; 16 image tokens per image, LLaVA-NeXT more), SmolLM2-135M-Instruct's real tokenizer (from its GGUF, see
     `eah_interp.models.organism.loading.load_smollm_tokenizer`) with the family's image tokens added, the
     family's chat template and its real image processor class. ``AutoModelForImageTextToText`` and
     ``AutoProcessor`` load it offline. Its config carries ``eah_interp_random_weights: true``, so
@@ -390,6 +390,9 @@ def save_tiny_checkpoint(family: str, path, *, seed: int = 0):
 
     * ``"llava"``: ``LlavaForConditionalGeneration`` (Llama + CLIP, 28 px images in 7 px patches) with
       ``LlavaProcessor`` (``CLIPImageProcessor``), ``<image>`` and LLaVA-1.5's conversation format;
+    * ``"llava_next"``: ``LlavaNextForConditionalGeneration`` with ``LlavaNextProcessor`` (AnyRes: a 28 px
+      base view plus tiles from the grid pinpoints 28/56 px, an image-newline token per tile row; a
+      336x336 image gives 16 + 64 + 8 = 88 image tokens), ``<image>`` and LLaVA-1.5's format, 3 layers;
     * ``"idefics3"`` (SmolVLM v1's format): ``Idefics3ForConditionalGeneration`` (Llama + SigLIP-like,
       56 px, pixel shuffle 2) with ``Idefics3Processor`` (no image splitting) and SmolVLM's format.
 
@@ -413,7 +416,28 @@ def save_tiny_checkpoint(family: str, path, *, seed: int = 0):
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = load_smollm_tokenizer()
     torch.manual_seed(seed)
-    if family == "llava":
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=7)
+    if family == "llava_next":
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+        pinpoints = [[28, 28], [28, 56], [56, 28], [56, 56]]
+        image_processor = tf.LlavaNextImageProcessor(
+            size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, image_grid_pinpoints=pinpoints
+        )
+        processor = tf.LlavaNextProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=7, vision_feature_select_strategy="default",
+            chat_template=LLAVA_15_CHAT_TEMPLATE, image_token="<image>", num_additional_image_tokens=1,
+        )
+        config = tf.LlavaNextConfig(
+            text_config=tf.LlamaConfig(**_checkpoint_text(tokenizer, 3)),
+            vision_config=tf.CLIPVisionConfig(**vision),
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            image_grid_pinpoints=pinpoints,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+            tie_word_embeddings=False,
+        )
+        model = tf.LlavaNextForConditionalGeneration(config)
+    elif family == "llava":
         tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
         image_processor = tf.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
         processor = tf.LlavaProcessor(
@@ -422,10 +446,7 @@ def save_tiny_checkpoint(family: str, path, *, seed: int = 0):
         )
         config = tf.LlavaConfig(
             text_config=tf.LlamaConfig(**_checkpoint_text(tokenizer, 4)),
-            vision_config=tf.CLIPVisionConfig(
-                hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
-                patch_size=7, projection_dim=32,
-            ),
+            vision_config=tf.CLIPVisionConfig(**vision, projection_dim=32),
             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
             vision_feature_layer=-1,
             vision_feature_select_strategy="default",
