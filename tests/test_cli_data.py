@@ -146,3 +146,17 @@ def test_scan_generate_eval_on_a_checkpoint_folder(family, request, files, tmp_p
     prompt = json.loads((out / "run.json").read_text())["settings"]["prompt"]
     assert "Please describe this image in detail." in prompt and prompt != "Please describe this image in detail."
     assert "split `random`" in (out / "report.md").read_text() or "split `adversarial`" in (out / "report.md").read_text()
+
+
+def test_model_options_reach_load_model_and_their_errors_are_usage_errors(tmp_path):
+    ok = invoke("generate", "--model", "tiny-llava", "--device", "cpu", "--dtype", "float32", "--scenes", "1",
+                "--max-new-tokens", "1", "--no-eah")
+    assert ok.exit_code == 0, ok.output
+    for args, needle in (
+        (["--dtype", "float8"], "--dtype"),  # not a floating-point dtype torch knows
+        (["--device-map", "auto"], "device"),  # a registry model takes device=, not device_map=
+        (["--device", "cpu", "--device-map", "auto"], "device_map"),
+    ):
+        bad = invoke("scan", "--model", "tiny-llava", *args, "--n", "1", "--out", tmp_path)
+        assert bad.exit_code == 2 and "Traceback" not in bad.output, (args, bad.output)
+        assert needle in flat(bad.output)
