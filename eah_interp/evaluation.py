@@ -175,7 +175,8 @@ def _chair(captions: list[str], truths: list[frozenset[str]], vocabulary: str, p
 
 def _settings(bundle: ModelBundle, dataset: Dataset, prompt: str, max_new_tokens: int, chair_protocol: str) -> dict:
     """What every result of a run depends on besides the condition: a resumed run must agree on it."""
-    return {"model": bundle.name, "dataset": dataset.name, "prompt": prompt, "max_new_tokens": max_new_tokens,
+    return {"model": bundle.name, "dataset": dataset.name, "prompt": prompt,
+            "yes_no_prompt": bundle.yes_no_prompt("<question>"), "max_new_tokens": max_new_tokens,
             "chair_protocol": chair_protocol, "vocabulary": dataset.vocabulary}
 
 
@@ -224,8 +225,10 @@ def run_experiment(
         raise ConfigError(f"model {bundle.name!r} cannot wrap a custom prompt (its bundle has no .prompt); drop --prompt.")
     settings = _settings(bundle, dataset, caption_prompt, max_new_tokens, protocol)
     run_file = out / "run.json"
+    arms = {c.name: c.to_dict() for c in conditions}
     if run_file.exists() and (out / "items.jsonl").exists():
-        saved = json.loads(run_file.read_text()).get("settings", {})
+        saved_run = json.loads(run_file.read_text())
+        saved = saved_run.get("settings", {})
         diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
         if diff:
             raise ConfigError(
@@ -233,9 +236,17 @@ def run_experiment(
                 + "; ".join(f"{k}: then {a!r}, now {b!r}" for k, (a, b) in diff.items())
                 + "). Use another --out, or delete its items.jsonl."
             )
+        before = {c["name"]: c for c in saved_run.get("conditions", [])}
+        changed = [name for name, arm in arms.items() if name in before and before[name] != arm]
+        if changed:
+            raise ConfigError(
+                f"{out} holds results of condition(s) {changed} with another configuration; results are keyed by "
+                "condition name: give the new configuration another name, or use another --out."
+            )
+        arms = {**before, **arms}
     run_file.write_text(json.dumps({
         "settings": settings, "dataset": {"description": dataset.describe(), "source": dataset.source},
-        "chair_protocol_applied": chair_protocol_supported(), "conditions": [c.to_dict() for c in conditions],
+        "chair_protocol_applied": chair_protocol_supported(), "conditions": list(arms.values()),
         "tasks": list(tasks),
     }, indent=1, default=str))
     store = _Store(out / "items.jsonl")

@@ -56,6 +56,10 @@ def test_runner_resumes_without_losing_or_duplicating_items(tmp_path, bundle):
     assert settings["dataset"] == "scenes" and settings["max_new_tokens"] == 2 and settings["chair_protocol"] == "strict"
     with pytest.raises(ConfigError, match="max_new_tokens: then 2, now 3"):  # other settings: not mixed in
         run_experiment(bundle, data, tmp_path, conditions=arms, max_new_tokens=3, progress=False)
+    other = [Condition("eah_paper", EAHConfig.paper(threshold=bundle.threshold, layers=(2,)))]
+    with pytest.raises(ConfigError, match=r"condition\(s\) \['eah_paper'\] with another configuration"):
+        run_experiment(bundle, data, tmp_path, conditions=other, max_new_tokens=2, progress=False)
+    assert path.read_text().splitlines() == [json.dumps(r) for r in resumed]  # refused runs write nothing
 
 
 def test_a_question_in_two_splits_is_asked_once(tmp_path, bundle, monkeypatch):
