@@ -331,3 +331,15 @@ def _anyres_tokens(height: int, width: int, patch: int = 7, base: int = 28) -> i
         pad = (cols - new_cols) // 2
         cols = cols - 2 * pad
     return (base // patch) ** 2 + rows * cols + rows
+
+
+def test_flash_attention_is_refused_at_load():
+    with pytest.raises(ModelLoadError, match="cannot expose attention probabilities"):
+        load_model("tiny-llava", attn_implementation="flash_attention_2")
+
+
+def test_registry_model_takes_eager_attention():
+    from eah_interp.models import text_config
+
+    assert text_config(load_model("tiny-llava").model)._attn_implementation == "sdpa"
+    assert text_config(load_model("tiny-llava", attn_implementation="eager").model)._attn_implementation == "eager"

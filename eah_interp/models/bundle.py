@@ -191,6 +191,11 @@ def load_model(
     """
     if device is not None and device_map is not None:
         raise ModelLoadError("Pass device or device_map, not both (device_map places the model itself).")
+    if attn_implementation not in ("sdpa", "eager"):
+        raise ModelLoadError(
+            f"attn_implementation={attn_implementation!r} cannot expose attention probabilities to eah-interp; "
+            "pass 'sdpa' (default) or 'eager'."
+        )
     torch_dtype = _resolve_dtype(dtype)
     if (device_map is not None or offload_folder is not None or max_memory is not None) and find_spec("accelerate") is None:
         raise ModelLoadError(
@@ -202,6 +207,8 @@ def load_model(
         if device_map is not None:
             raise ModelLoadError(f"{name!r} is a small registry model: pass device=..., not device_map.")
         bundle = _registry_bundle(name)
+        if attn_implementation != "sdpa":  # registry models are built with SDPA in the decoder
+            bundle.model.set_attn_implementation({"text_config": attn_implementation})
         if isinstance(torch_dtype, torch.dtype):
             bundle.model.to(torch_dtype)
             if hasattr(bundle.processor, "dtype"):
