@@ -34,3 +34,11 @@ def idefics3_checkpoint(tmp_path_factory):
     from eah_interp.models.tiny import save_tiny_checkpoint
 
     return save_tiny_checkpoint("idefics3", tmp_path_factory.mktemp("idefics3-checkpoint"))
+
+
+@pytest.fixture(scope="session")
+def gemma3_checkpoint(tmp_path_factory):
+    """A hub-style Gemma 3 folder (bidirectional attention within an image; Gemma 3's turn format)."""
+    from eah_interp.models.tiny import save_tiny_checkpoint
+
+    return save_tiny_checkpoint("gemma3", tmp_path_factory.mktemp("gemma3-checkpoint"))

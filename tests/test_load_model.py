@@ -38,6 +38,22 @@ def idefics3(idefics3_checkpoint) -> ModelBundle:
     return load_model(idefics3_checkpoint)
 
 
+@pytest.fixture(scope="module")
+def gemma3(gemma3_checkpoint) -> ModelBundle:
+    return load_model(gemma3_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def llava_next(llava_next_checkpoint) -> ModelBundle:
+    return load_model(llava_next_checkpoint)
+
+
+FAMILIES = ["llava", "llava_next", "idefics3", "gemma3"]
+#: Image tokens per 512x512 photo: 16 (LLaVA: (28 / 7)^2; Idefics3: (56 / 7)^2 / 2^2; Gemma 3: 16 soft
+#: tokens), LLaVA-NeXT 88 (see test_llava_next_anyres_counts_follow_the_image).
+SQUARE_TOKENS = {"llava": 16, "llava_next": 88, "idefics3": 16, "gemma3": 16}
+
+
 # ---------------------------------------------------------------------------------------------- loading
 def test_llava_folder_loads_as_the_real_classes(llava, llava_checkpoint):
     assert type(llava.model).__name__ == "LlavaForConditionalGeneration"
@@ -50,6 +66,16 @@ def test_llava_folder_loads_as_the_real_classes(llava, llava_checkpoint):
 def test_idefics3_folder_loads_as_the_real_classes(idefics3):
     assert type(idefics3.model).__name__ == "Idefics3ForConditionalGeneration"
     assert type(idefics3.processor).__name__ == "Idefics3Processor"
+
+
+def test_gemma3_folder_loads_as_the_real_classes(gemma3):
+    assert type(gemma3.model).__name__ == "Gemma3ForConditionalGeneration"
+    assert type(gemma3.processor).__name__ == "Gemma3Processor"
+    assert gemma3.caption_prompt == (  # SmolLM2's bos token, then Gemma 3's turns
+        "<|im_start|><start_of_turn>user\n<start_of_image>Please describe this image in detail.<end_of_turn>\n"
+        "<start_of_turn>model\n"
+    )
+    assert gemma3.image_tokens == 16
 
 
 def test_prompts_follow_each_family_chat_template(llava, idefics3):
@@ -100,7 +126,7 @@ def test_bfloat16_load_casts_pixel_values(llava_checkpoint):
 
 
 # ---------------------------------------------------------------------------------------------- encode / decode
-@pytest.mark.parametrize("family", ["llava", "idefics3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_encode_calls_the_processor_by_keyword_and_pads_left(family, request):
     """Trap 1: HF processors take ``images=`` first; a positional call fails with "Incorrect image source"."""
     bundle = request.getfixturevalue(family)
@@ -108,13 +134,13 @@ def test_encode_calls_the_processor_by_keyword_and_pads_left(family, request):
     inputs = bundle.encode([short, long], photos(2))
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     image_id = bundle.model.config.image_token_id
-    assert (ids == image_id).sum(1).tolist() == [16, 16]
+    assert (ids == image_id).sum(1).tolist() == [SQUARE_TOKENS[family]] * 2  # astronaut and camera: 512x512
     n_short = len(bundle.processor.tokenizer(short.replace("<image>", "<image>" * 16), add_special_tokens=False)["input_ids"])
     lengths = mask.sum(1).tolist()
     assert lengths[0] < lengths[1]
     pad = ids.shape[1] - lengths[0]
     assert mask[0, :pad].sum() == 0 and mask[0, pad:].all()  # left padding: generation continues each row
-    if family == "llava":  # "<image>" expands to 16 copies inside a plain tokenization of the prompt
+    if family == "llava":  # "<image>" expands to 16 copies of itself in the prompt, nothing else is added
         assert lengths[0] == n_short
     assert {v.device for v in inputs.values() if isinstance(v, torch.Tensor)} == {torch.device("cpu")}
 
@@ -136,7 +162,7 @@ def test_decode_cuts_the_prompt_and_skips_special_tokens(llava):
     assert llava.decode(output_ids, inputs) == ["A cat on a mat.", tokenizer.decode(answer[:2]).strip()]
 
 
-@pytest.mark.parametrize("family", ["llava", "idefics3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_generate_then_decode_returns_only_the_continuation(family, request):
     bundle = request.getfixturevalue(family)
     inputs = bundle.encode([bundle.caption_prompt] * 2, photos(2))
@@ -268,7 +294,7 @@ def test_loading_a_folder_touches_no_network(llava_checkpoint, monkeypatch):
     assert bundle.image_tokens == 16
 
 
-@pytest.mark.parametrize("family", ["llava", "idefics3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_scan_and_eah_run_on_a_loaded_checkpoint(family, request):
     from eah_interp.config import EAHConfig
     from eah_interp.experiments import generate_texts, scan_images
@@ -276,12 +302,13 @@ def test_scan_and_eah_run_on_a_loaded_checkpoint(family, request):
 
     bundle = request.getfixturevalue(family)
     n_layers, n_heads, n_kv = model_shape(bundle.model)
-    assert (n_heads, n_kv) == (4, 2) and n_layers == {"llava": 4, "idefics3": 3}[family]
-    stats = scan_images(bundle, photos(3), batch_size=2, progress=False)
+    assert (n_heads, n_kv) == (4, 2) and n_layers == (4 if family == "llava" else 3)
+    normalise = "rows" if family == "gemma3" else "causal"  # bidirectional image attention
+    stats = scan_images(bundle, photos(3), batch_size=2, progress=False, normalise=normalise)
     assert stats.layers == list(range(n_layers)) and stats.n_examples(0) == 3
     assert stats.matrix("sink_density").shape == (n_layers, n_heads)
     texts, heads = generate_texts(
-        bundle, [bundle.caption_prompt] * 2, photos(2), config=EAHConfig.paper(threshold=bundle.threshold),
+        bundle, [bundle.caption_prompt] * 2, photos(2), config=EAHConfig.paper(threshold=bundle.threshold, normalise=normalise),
         max_new_tokens=3, progress=False,
     )
     assert len(texts) == 2 and all(len(h) == 1 for h in heads)  # one edited layer (the paper's layer 1) per item
@@ -289,8 +316,8 @@ def test_scan_and_eah_run_on_a_loaded_checkpoint(family, request):
     assert report.ok, str(report)
 
 
-def test_llava_next_anyres_counts_follow_the_image(llava_next_checkpoint):
-    bundle = load_model(llava_next_checkpoint)
+def test_llava_next_anyres_counts_follow_the_image(llava_next):
+    bundle = llava_next
     assert type(bundle.model).__name__ == "LlavaNextForConditionalGeneration"
     # The 336x336 probe picks the 56x56 pinpoint: base view 4x4 = 16, tiles (2*4) x (2*4) = 64 features
     # (square: nothing unpadded), plus one image-newline per feature row (8): 88.
@@ -331,3 +358,15 @@ def _anyres_tokens(height: int, width: int, patch: int = 7, base: int = 28) -> i
         pad = (cols - new_cols) // 2
         cols = cols - 2 * pad
     return (base // patch) ** 2 + rows * cols + rows
+
+
+def test_flash_attention_is_refused_at_load():
+    with pytest.raises(ModelLoadError, match="cannot expose attention probabilities"):
+        load_model("tiny-llava", attn_implementation="flash_attention_2")
+
+
+def test_registry_model_takes_eager_attention():
+    from eah_interp.models import text_config
+
+    assert text_config(load_model("tiny-llava").model)._attn_implementation == "sdpa"
+    assert text_config(load_model("tiny-llava", attn_implementation="eager").model)._attn_implementation == "eager"

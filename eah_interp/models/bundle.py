@@ -77,6 +77,7 @@ class ModelBundle:
         caption_request: the request behind `caption_prompt`.
         yes_no_suffix: appended to a yes/no question by `yes_no_prompt`.
         processor_kwargs: extra keywords of every processor call (``return_tensors``, ``padding``).
+        images_per_prompt: pass images as one list per prompt (``[[image], ...]``, HF processors).
         image_tokens: image tokens in the caption prompt (what the threshold was scaled by).
     """
 
@@ -92,6 +93,7 @@ class ModelBundle:
     caption_request: str = CAPTION_REQUEST
     yes_no_suffix: str = POPE_SUFFIX
     processor_kwargs: dict[str, Any] = field(default_factory=dict)
+    images_per_prompt: bool = False
     image_tokens: int | None = None
 
     def __post_init__(self) -> None:
@@ -140,6 +142,8 @@ class ModelBundle:
         if len(prompts) != len(images):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} images; pass one image per prompt.")
         images = [image.convert("RGB") if hasattr(image, "convert") else image for image in images]
+        if self.images_per_prompt:  # HF processors: one list of images per prompt (Gemma 3 reads a flat list as one sample)
+            images = [[image] for image in images]
         inputs = self.processor(text=prompts, images=images, **self.processor_kwargs)
         device, dtype = self.device, getattr(self.model, "dtype", None)
         out = {}
@@ -191,6 +195,11 @@ def load_model(
     """
     if device is not None and device_map is not None:
         raise ModelLoadError("Pass device or device_map, not both (device_map places the model itself).")
+    if attn_implementation not in ("sdpa", "eager"):
+        raise ModelLoadError(
+            f"attn_implementation={attn_implementation!r} cannot expose attention probabilities to eah-interp; "
+            "pass 'sdpa' (default) or 'eager'."
+        )
     torch_dtype = _resolve_dtype(dtype)
     if (device_map is not None or offload_folder is not None or max_memory is not None) and find_spec("accelerate") is None:
         raise ModelLoadError(
@@ -202,6 +211,8 @@ def load_model(
         if device_map is not None:
             raise ModelLoadError(f"{name!r} is a small registry model: pass device=..., not device_map.")
         bundle = _registry_bundle(name)
+        if attn_implementation != "sdpa":  # registry models are built with SDPA in the decoder
+            bundle.model.set_attn_implementation({"text_config": attn_implementation})
         if isinstance(torch_dtype, torch.dtype):
             bundle.model.to(torch_dtype)
             if hasattr(bundle.processor, "dtype"):
@@ -424,10 +435,11 @@ def _bundle_for(name: str, model: Any, processor: Any) -> ModelBundle:
         name, model, processor, OFFICIAL_THRESHOLD, not random_weights,
         f"{type(model).__name__} from {name}" + (" (RANDOM weights: the text is noise)" if random_weights else ""),
         ids["yes"], ids["no"], template, processor_kwargs={"return_tensors": "pt", "padding": True},
+        images_per_prompt=True,
     )
     probe = Image.new("RGB", (336, 336), (128, 128, 128))  # LLaVA-1.5's input size; dynamic-resolution processors use it as is
     try:
-        inputs = bundle.processor(text=[bundle.caption_prompt], images=[probe], **bundle.processor_kwargs)
+        inputs = bundle.processor(text=[bundle.caption_prompt], images=[[probe]], **bundle.processor_kwargs)
     except EAHError:
         raise
     except Exception as error:

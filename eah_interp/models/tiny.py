@@ -344,7 +344,7 @@ def tiny_family(name: str, seed: int = 0, attn_implementation: str = "sdpa", pre
 #: The families `save_tiny_checkpoint` can write. ``"idefics3"`` is the format SmolVLM (v1) ships in
 #: (``Idefics3ForConditionalGeneration`` + ``Idefics3Processor``); Qwen2-VL and SmolVLM-2 processors need
 #: a video processor, which needs torchvision (not installable beside the CPU torch wheel used here).
-CHECKPOINT_FAMILIES = ("llava", "llava_next", "idefics3")
+CHECKPOINT_FAMILIES = ("llava", "llava_next", "idefics3", "gemma3")
 
 #: The conversation format of LLaVA-1.5 (``USER: <image>\n{request} ASSISTANT:``) as a chat template,
 #: written for these fixtures after the one llava-hf ships (llava-hf/llava-1.5-7b-hf, chat_template.json).
@@ -365,6 +365,17 @@ SMOLVLM_CHAT_TEMPLATE = (
     "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
     "{% elif part['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}{% endif %}"
     "{{ '<end_of_utterance>\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+#: Gemma 3's turn format (``<bos><start_of_turn>user\n<start_of_image>{request}<end_of_turn>\n<start_of_turn>model\n``),
+#: written for these fixtures after google/gemma-3-4b-it's chat template.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<start_of_turn>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<start_of_image>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
 
 
@@ -393,6 +404,9 @@ def save_tiny_checkpoint(family: str, path, *, seed: int = 0):
     * ``"llava_next"``: ``LlavaNextForConditionalGeneration`` with ``LlavaNextProcessor`` (AnyRes: a 28 px
       base view plus tiles from the grid pinpoints 28/56 px, an image-newline token per tile row; a
       336x336 image gives 16 + 64 + 8 = 88 image tokens), ``<image>`` and LLaVA-1.5's format, 3 layers;
+    * ``"gemma3"``: ``Gemma3ForConditionalGeneration`` (sliding-window and global layers, bidirectional
+      attention within an image) with ``Gemma3Processor`` (no pan-and-scan, 16 soft tokens per image)
+      and Gemma 3's turn format;
     * ``"idefics3"`` (SmolVLM v1's format): ``Idefics3ForConditionalGeneration`` (Llama + SigLIP-like,
       56 px, pixel shuffle 2) with ``Idefics3Processor`` (no image splitting) and SmolVLM's format.
 
@@ -414,7 +428,9 @@ def save_tiny_checkpoint(family: str, path, *, seed: int = 0):
         raise KeyError(f"No tiny checkpoint for {family!r}; available: {', '.join(CHECKPOINT_FAMILIES)}.")
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_smollm_tokenizer()
+    tokenizer = load_smollm_tokenizer(
+        extra_special_tokens={"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"}
+    ) if family == "gemma3" else load_smollm_tokenizer()
     torch.manual_seed(seed)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=7)
     if family == "llava_next":
@@ -437,6 +453,25 @@ def save_tiny_checkpoint(family: str, path, *, seed: int = 0):
             tie_word_embeddings=False,
         )
         model = tf.LlavaNextForConditionalGeneration(config)
+    elif family == "gemma3":
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+        image_processor = tf.Gemma3ImageProcessor(size={"height": 28, "width": 28}, do_pan_and_scan=False)
+        processor = tf.Gemma3Processor(
+            image_processor=image_processor, tokenizer=tokenizer, chat_template=GEMMA3_CHAT_TEMPLATE, image_seq_length=16
+        )
+        config = tf.Gemma3Config(
+            text_config=dict(
+                _checkpoint_text(tokenizer, 3), head_dim=16, sliding_window=8,
+                layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            ),
+            vision_config=dict(vision, num_hidden_layers=1),
+            mm_tokens_per_image=16,
+            image_token_id=tokenizer.image_token_id,
+            boi_token_id=tokenizer.boi_token_id,
+            eoi_token_id=tokenizer.eoi_token_id,
+            tie_word_embeddings=False,
+        )
+        model = tf.Gemma3ForConditionalGeneration(config)
     elif family == "llava":
         tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
         image_processor = tf.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
