@@ -2,7 +2,11 @@
 
 The core is pure tensor functions (`sink_scores`, `detect_sinks`, `broadcast_heads`, `HeadStats`);
 backends (`eah_interp.hf`, `eah_interp.nnsight`, `eah_interp.lens`) apply them to models.
+The backends and `eah_interp.patching` are imported on first attribute access
+(``import eah_interp; eah_interp.hf.eah(...)``), so ``import eah_interp`` stays light.
 """
+
+import importlib
 
 from eah_interp.broadcast import broadcast_heads, drop_columns, source_map
 from eah_interp.config import EAHConfig
@@ -14,6 +18,7 @@ from eah_interp.errors import (
     HeadIndexError,
     LayerIndexError,
     LayoutError,
+    ModelLoadError,
     NoImageTokensError,
     UnsupportedModelError,
 )
@@ -41,6 +46,7 @@ __all__ = [
     "HeadStats",
     "LayerIndexError",
     "LayoutError",
+    "ModelLoadError",
     "NoImageTokensError",
     "TokenLayout",
     "UnsupportedModelError",
@@ -56,3 +62,17 @@ __all__ = [
     "sink_scores",
     "source_map",
 ]
+
+#: Submodules reachable as attributes without an explicit import (loaded on first access).
+_LAZY_SUBMODULES = ("hf", "nnsight", "lens", "patching")
+
+
+def __getattr__(name: str):
+    """``eah_interp.hf`` / ``.nnsight`` / ``.lens`` / ``.patching``: import the submodule on first access."""
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")  # the import also binds it as an attribute
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))

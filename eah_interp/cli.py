@@ -13,7 +13,33 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
 
-ModelOpt = Annotated[str, typer.Option(help="'organism' (bundled, trained) or 'tiny-llava' (random weights).")]
+ModelOpt = Annotated[str, typer.Option(
+    help="a registry name ('organism': bundled, trained; 'tiny-llava': random weights), a hub id or a local "
+         "checkpoint folder (saved with save_pretrained)",
+)]
+ImagesOpt = Annotated[Path | None, typer.Option(
+    "--images", help="a folder of images; with --coco-instances / --pope, the folder their file names refer to",
+)]
+CocoOpt = Annotated[Path | None, typer.Option(
+    "--coco-instances", help="a COCO instances_*.json: ground-truth objects (CHAIR) of the images in --images",
+)]
+PopeOpt = Annotated[list[Path] | None, typer.Option(
+    "--pope", help="a POPE question file (JSON lines: question_id, image, text, label); repeat for several splits",
+)]
+SeedOpt = Annotated[int, typer.Option(help="seed of the image draw (--n)")]
+PromptOpt = Annotated[str | None, typer.Option(
+    help="the caption request, wrapped by the model's chat template (default: the model's caption prompt)",
+)]
+DtypeOpt = Annotated[str | None, typer.Option(help="float32, bfloat16, float16 or auto (default: float32 for registry models, transformers' default for checkpoints)")]
+DeviceOpt = Annotated[str | None, typer.Option(
+    "--device", help="run the model on this torch device (cuda, cuda:1, mps); overrides the app-level --device",
+)]
+DeviceMapOpt = Annotated[str | None, typer.Option(
+    "--device-map", help="accelerate's device_map, e.g. 'auto' (splits a large model over the GPUs and the CPU)",
+)]
+TrustOpt = Annotated[bool, typer.Option(
+    "--trust-remote-code/--no-trust-remote-code", help="allow a checkpoint's own Python code (only for sources you trust)",
+)]
 #: The file in ``scan --out`` that makes a scan resumable.
 SCAN_CHECKPOINT = "scan_checkpoint.safetensors"
 
@@ -30,22 +56,106 @@ def _options(
     _OPTIONS["device"] = device
 
 
-def _load(name: str, *, fallback: bool = False):
+def _dtype(name: str | None):
     import torch
 
+    if name is None or name == "auto":
+        return name
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise typer.BadParameter(f"{name!r} is not a torch floating-point dtype; use float32, bfloat16 or float16.",
+                                 param_hint="--dtype")
+    return dtype
+
+
+def _load(
+    name: str, *, fallback: bool = False, dtype: str | None = None, device: str | None = None,
+    device_map: str | None = None, trust_remote_code: bool = False,
+):
+    """`load_model` with the CLI's options; any `EAHError` while loading is a one-line usage error (exit 2)."""
+    import torch
+
+    from eah_interp.errors import EAHError
     from eah_interp.models import load_model
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    options = {"dtype": _dtype(dtype), "device": device or _OPTIONS["device"], "device_map": device_map,
+               "trust_remote_code": trust_remote_code or None}
+    kwargs = {k: v for k, v in options.items() if v is not None}
     try:
-        bundle = load_model(name, device=_OPTIONS["device"])
+        bundle = load_model(name, **kwargs)
+    except EAHError as err:
+        raise typer.BadParameter(str(err), param_hint="--model") from None
     except (FileNotFoundError, ImportError) as err:
         if not fallback:
-            raise
+            raise typer.BadParameter(f"could not load {name!r}: {err}", param_hint="--model") from None
         console.print(f"[bold red]Could not load {name!r}: {err}[/]")
         console.print("[bold red]Falling back to a tiny RANDOM-WEIGHT LLaVA: the captions below are noise.[/]")
         bundle = load_model("tiny-llava", device=_OPTIONS["device"])
     console.print(f"[bold]model:[/] {bundle.note}")
     return bundle
+
+
+def _with_prompt(bundle, prompt: str | None):
+    """The bundle, or a copy whose caption request is ``prompt`` (wrapped by its chat template: scan, generate)."""
+    if prompt is None:
+        return bundle
+    import dataclasses
+
+    if not dataclasses.is_dataclass(bundle) or "caption_request" not in {f.name for f in dataclasses.fields(bundle)}:
+        raise typer.BadParameter(f"model {bundle.name!r} cannot wrap a custom prompt; drop --prompt.", param_hint="--prompt")
+    return dataclasses.replace(bundle, caption_request=prompt)
+
+
+def _dataset(
+    *, images: Path | None, coco_instances: Path | None, pope: list[Path] | None, n: int | None, seed: int,
+    default_scenes: int, generate_pope: bool = False,
+):
+    """The dataset the options name: POPE files, COCO instances, an image folder, or (none given) held-out scenes.
+
+    A missing or malformed file is a one-line usage error naming the file, the line and the field.
+    """
+    from eah_interp import data
+    from eah_interp.errors import DataFormatError
+
+    try:
+        if (pope or coco_instances) and images is None:
+            raise typer.BadParameter(
+                f"{'--pope' if pope else '--coco-instances'} needs --images DIR, the folder its image file names refer to.",
+                param_hint="--images",
+            )
+        if pope:
+            objects = None
+            if coco_instances is not None:
+                files, found = data.read_coco_instances(coco_instances)
+                objects = {files[i]: frozenset(found[i]) for i in files}
+            return data.read_pope(pope, images, objects=objects, n=n, seed=seed)  # type: ignore[arg-type]
+        if coco_instances is not None:
+            dataset = data.coco_instances(coco_instances, images, n=n, seed=seed)  # type: ignore[arg-type]
+            return data.generate_pope(dataset, seed=seed) if generate_pope else dataset
+        if generate_pope:
+            raise typer.BadParameter("--generate-pope needs --coco-instances (ground-truth objects).",
+                                     param_hint="--generate-pope")
+        if images is not None:
+            return data.image_folder(images, n=n, seed=seed)
+        return data.scene_dataset(default_scenes if n is None else n)
+    except DataFormatError as err:
+        raise typer.BadParameter(str(err)) from None
+
+
+def _images(n_scenes: int, photos: list[str], images: list[Path]):
+    """``(name, image, objects)`` of held-out scenes, skimage photos and image files (scan, generate, demo)."""
+    from PIL import Image
+
+    from eah_interp.data import scene_dataset
+
+    items = [(item.id, item.load_image(), set(item.objects or ())) for item in scene_dataset(n_scenes)]
+    if photos:
+        from skimage import data as skdata
+
+        items += [(f"skimage.{p}", Image.fromarray(getattr(skdata, p)()), None) for p in photos]
+    items += [(str(p), Image.open(p).convert("RGB"), None) for p in images]
+    return items
 
 
 def _preset(name: str, layers: list[int] | None, threshold: float | None, default_threshold: float):
@@ -61,20 +171,6 @@ def _preset(name: str, layers: list[int] | None, threshold: float | None, defaul
     if Path(name).is_file():
         return EAHConfig.from_json(Path(name).read_text())
     raise typer.BadParameter(f"--preset must be 'paper', 'reference' or a JSON EAHConfig file; got {name!r}.")
-
-
-def _images(n_scenes: int, photos: list[str], images: list[Path]):
-    from PIL import Image
-
-    from eah_interp.scenes import iter_scenes
-
-    items = [(f"scene {s.seed}", s.image, s.kinds) for s in iter_scenes("heldout", n_scenes, pair_strength=0.9)]
-    if photos:
-        from skimage import data as skdata
-
-        items += [(f"skimage.{p}", Image.fromarray(getattr(skdata, p)()), None) for p in photos]
-    items += [(str(p), Image.open(p).convert("RGB"), None) for p in images]
-    return items
 
 
 def _write_scan(stats, out: Path, title: str) -> Table:
@@ -99,7 +195,12 @@ def _write_scan(stats, out: Path, title: str) -> Table:
 @app.command()
 def scan(
     model: ModelOpt = "organism",
-    n: Annotated[int, typer.Option(help="held-out scenes to scan")] = 32,
+    n: Annotated[int | None, typer.Option(help="images to scan (drawn with --seed; default: all, or 32 held-out scenes)")] = None,
+    images: ImagesOpt = None,
+    coco_instances: CocoOpt = None,
+    pope: PopeOpt = None,
+    seed: SeedOpt = 0,
+    prompt: PromptOpt = None,
     threshold: Annotated[float | None, typer.Option(help="sink threshold (default: the model's)")] = None,
     normalise: Annotated[str, typer.Option(help="'causal', 'official' or 'rows' (bidirectional image attention: Gemma 3, PaliGemma)")] = "causal",
     batch_size: int = 8,
@@ -108,19 +209,28 @@ def scan(
         "--resume/--no-resume",
         help=f"continue from OUT/{SCAN_CHECKPOINT} (same model, threshold, normalisation; default), or start over",
     )] = True,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    device_map: DeviceMapOpt = None,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
-    """Head statistics over scene images → head_stats.csv + sink_density.png, and a per-layer table. Resumable.
+    """Head statistics over a dataset's images → head_stats.csv + sink_density.png, and a per-layer table. Resumable.
 
-    After every batch the running statistics and the names of the counted images are written, atomically,
-    to OUT/scan_checkpoint.safetensors. Rerunning the same command continues from there without counting
-    an image twice; a larger --n extends a finished scan. A checkpoint written with another model,
-    threshold or normalisation is an error (use another --out, or --no-resume to discard it).
+    The images: --pope files, --coco-instances, or a plain --images folder (each with --images DIR), or,
+    with none of them, held-out synthetic scenes. After every batch the running statistics and the names
+    of the counted images are written, atomically, to OUT/scan_checkpoint.safetensors. Rerunning the same
+    command continues from there without counting an image twice; a larger --n extends a finished scan.
+    A checkpoint written with another model, threshold or normalisation is an error (use another --out,
+    or --no-resume to discard it).
     """
-    bundle = _load(model)
-    items = _images(n, [], [])
+    dataset = _dataset(images=images, coco_instances=coco_instances, pope=pope, n=n, seed=seed, default_scenes=32)
+    bundle = _with_prompt(_load(model, dtype=dtype, device=device, device_map=device_map,
+                                trust_remote_code=trust_remote_code), prompt)
+    console.print(f"[bold]data:[/] {dataset.describe()}")
+    items = [(item.id, item.load_image(), item.objects) for item in dataset]
     stats = _scan_resumable(bundle, items, out, threshold=threshold, normalise=normalise, batch_size=batch_size,
                             resume=resume)
-    console.print(_write_scan(stats, out, f"{bundle.name}: sink density (n={n})"))
+    console.print(_write_scan(stats, out, f"{bundle.name}: sink density (n={len(dataset)})"))
     console.print(f"wrote {out / 'head_stats.csv'} and {out / 'sink_density.png'} (checkpoint: {out / SCAN_CHECKPOINT})")
 
 
@@ -188,19 +298,42 @@ def generate(
     preset: Annotated[str, typer.Option(help="'paper', 'reference' or a JSON EAHConfig file")] = "paper",
     layers: Annotated[list[int] | None, typer.Option("--layer", help="layer(s) to edit (repeatable)")] = None,
     threshold: float | None = None,
-    scenes: Annotated[int, typer.Option(help="held-out scenes to caption")] = 4,
+    images: ImagesOpt = None,
+    coco_instances: CocoOpt = None,
+    pope: PopeOpt = None,
+    n: Annotated[int | None, typer.Option(help="images to caption from --images / --coco-instances / --pope (drawn with --seed)")] = None,
+    seed: SeedOpt = 0,
+    prompt: PromptOpt = None,
+    scenes: Annotated[int, typer.Option(help="held-out scenes to caption (when no dataset option is given)")] = 4,
     photo: Annotated[list[str] | None, typer.Option(help="skimage.data photo names, e.g. chelsea")] = None,
     image: Annotated[list[Path] | None, typer.Option(help="image files")] = None,
     max_new_tokens: int = 30,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    device_map: DeviceMapOpt = None,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
-    """Caption images, baseline and (with --eah) EAH side by side."""
-    _caption_table(_load(model), preset, layers, threshold, scenes, photo or [], image or [], max_new_tokens, use_eah)
+    """Caption images, baseline and (with --eah) EAH side by side.
+
+    The images: a dataset (--images DIR, with --coco-instances or --pope for their file names; --n of
+    them drawn with --seed), or else --scenes held-out scenes plus any --photo / --image.
+    """
+    if images is not None or coco_instances is not None or pope:
+        dataset = _dataset(images=images, coco_instances=coco_instances, pope=pope, n=4 if n is None else n, seed=seed,
+                           default_scenes=scenes)
+        items = [(item.id, item.load_image(), item.objects) for item in dataset]
+        items += _images(0, photo or [], image or [])
+    else:
+        items = _images(scenes if n is None else n, photo or [], image or [])
+    bundle = _with_prompt(_load(model, dtype=dtype, device=device, device_map=device_map,
+                                trust_remote_code=trust_remote_code), prompt)
+    _caption_table(bundle, preset, layers, threshold, items, max_new_tokens, use_eah)
 
 
-def _caption_table(bundle, preset, layers, threshold, scenes, photos, images, max_new_tokens, use_eah):
+def _caption_table(bundle, preset, layers, threshold, items, max_new_tokens, use_eah):
+    """Caption ``(name, image, objects)`` items baseline (and EAH) and print them side by side."""
     from eah_interp.experiments import generate_texts
 
-    items = _images(scenes, photos, images)
     imgs = [img for _, img, _ in items]
     prompts = [bundle.caption_prompt] * len(items)
     base, _ = generate_texts(bundle, prompts, imgs, max_new_tokens=max_new_tokens, desc="baseline")
@@ -235,7 +368,7 @@ def demo(
     items = _images(n_scan, [], [])
     stats = scan_images(bundle, [img for _, img, _ in items])
     console.print(_write_scan(stats, out, f"{bundle.name}: sink density (n={n_scan})"))
-    items, base, edited = _caption_table(bundle, "paper", None, None, n_captions, ["chelsea"], [], 30, True)
+    items, base, edited = _caption_table(bundle, "paper", None, None, _images(n_captions, ["chelsea"], []), 30, True)
     summary: dict = {"model": bundle.name, "trained": bundle.trained, "n_captions": n_captions}
     try:
         from eah_interp.metrics import chair_scores
@@ -254,16 +387,41 @@ def demo(
 @app.command("eval")
 def evaluate(
     model: ModelOpt = "organism",
-    n: Annotated[int, typer.Option(help="held-out scenes")] = 100,
+    images: ImagesOpt = None,
+    coco_instances: CocoOpt = None,
+    pope: PopeOpt = None,
+    generate_pope: Annotated[bool, typer.Option(
+        "--generate-pope", help="ask POPE questions (random, popular, adversarial) generated from --coco-instances",
+    )] = False,
+    n: Annotated[int | None, typer.Option(help="images (drawn with --seed; default: all, or 100 held-out scenes)")] = None,
+    seed: SeedOpt = 0,
+    prompt: PromptOpt = None,
+    max_new_tokens: Annotated[int, typer.Option(help="caption length budget (the CHAIR protocol of OPERA uses 512)")] = 30,
+    chair_protocol: Annotated[str | None, typer.Option(
+        help="CHAIR word matching: 'reference' or 'strict' (default: reference for COCO, strict for scenes)",
+    )] = None,
     out: Annotated[Path, typer.Option(help="output folder (rerun to resume)")] = Path("runs/eval"),
     beams: Annotated[int, typer.Option(help="beam width of the beam-search arms (1 = none)")] = 3,
-    conditions: Annotated[list[str] | None, typer.Option("--condition", help="run only these arms")] = None,
+    conditions: Annotated[list[str] | None, typer.Option("--condition", help="run only these arms (and the baseline)")] = None,
     tasks: Annotated[list[str] | None, typer.Option("--task", help="caption and/or pope")] = None,
     batch_size: int = 8,
     bootstrap: Annotated[int, typer.Option(help="bootstrap resamples")] = 5000,
-    scan: Annotated[int, typer.Option(help="also scan head statistics over this many scenes (0 = no)")] = 0,
+    scan: Annotated[int, typer.Option(help="also scan head statistics over this many of the dataset's images (0 = no)")] = 0,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    device_map: DeviceMapOpt = None,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
-    """Baseline vs EAH (paper, reference) vs controls: CHAIR, POPE, logit probe, paired CIs. Resumable."""
+    """Baseline vs EAH (paper, reference) vs controls on any model and dataset: CHAIR, POPE per split, probe. Resumable.
+
+    The dataset: --pope files (with --coco-instances, captions get CHAIR too), --coco-instances (add
+    --generate-pope for POPE questions), a plain --images folder (captions only), each with --images DIR;
+    or, with none of them, held-out synthetic scenes. Paired bootstrap CIs, permutation p-values and
+    Holm-adjusted p-values across all arms x metrics.
+    """
+    import warnings
+
+    from eah_interp.errors import ConfigError
     from eah_interp.evaluation import (
         default_conditions,
         load_items,
@@ -273,30 +431,50 @@ def evaluate(
     )
     from eah_interp.experiments import scan_images
 
-    bundle = _load(model)
-    arms = default_conditions(bundle, beams=beams)
+    if chair_protocol not in (None, "reference", "strict"):
+        raise typer.BadParameter(f"--chair-protocol must be 'reference' or 'strict'; got {chair_protocol!r}.")
+    dataset = _dataset(images=images, coco_instances=coco_instances, pope=pope, n=n, seed=seed, default_scenes=100,
+                       generate_pope=generate_pope)
+    console.print(f"[bold]data:[/] {dataset.describe()}")
+    bundle = _load(model, dtype=dtype, device=device, device_map=device_map, trust_remote_code=trust_remote_code)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        arms = default_conditions(bundle, beams=beams)
+    for w in caught:
+        console.print(f"[yellow]{w.message}[/]")
     if conditions:
         unknown = set(conditions) - {c.name for c in arms}
         if unknown:
             raise typer.BadParameter(f"unknown condition(s) {sorted(unknown)}; known: {[c.name for c in arms]}")
         arms = [c for c in arms if c.name in conditions or c.name == "baseline"]
-    items = run_experiment(bundle, out, n=n, conditions=arms, batch_size=batch_size, tasks=tasks or ("caption", "pope"))
+    chosen_tasks = tuple(tasks or ("caption", "pope"))
+    if "pope" in chosen_tasks and not dataset.n_questions:
+        console.print("[yellow]no yes/no questions in this dataset (pass --pope FILE, or --generate-pope with "
+                      "--coco-instances): POPE is skipped.[/]")
+    try:
+        items = run_experiment(bundle, dataset, out, conditions=arms, tasks=chosen_tasks, prompt=prompt,
+                               max_new_tokens=max_new_tokens, chair_protocol=chair_protocol, batch_size=batch_size)
+    except ConfigError as err:
+        raise typer.BadParameter(str(err)) from None
     summary = write_report(items, out, title=f"EAH on {bundle.name}: baseline vs EAH vs controls", n_resamples=bootstrap)
-    extra = ["## Source heads chosen (prompt forward, per scene)", "", source_head_table(load_items(items)), ""]
+    extra = ["## Source heads chosen (prompt forward, per item)", "", source_head_table(load_items(items)), ""]
     if scan:
-        stats = scan_images(bundle, [img for _, img, _ in _images(scan, [], [])])
-        console.print(_write_scan(stats, out, f"{bundle.name}: sink density (n={scan})"))
+        from eah_interp.data import LazyImages
+
+        scanned = dataset.items[:scan]
+        stats = scan_images(_with_prompt(bundle, prompt), LazyImages(scanned), batch_size=batch_size)
+        console.print(_write_scan(stats, out, f"{bundle.name}: sink density (n={len(scanned)})"))
         frame = stats.to_frame()
         per_layer = frame.groupby("layer").agg(
             sink_density=("sink_density_mean", "mean"), max_head_density=("sink_density_mean", "max"),
             image_mass_text=("image_mass_text_mean", "mean"), entropy=("entropy_mean", "mean"),
         )
-        extra += [f"## Head statistics over {scan} held-out scenes (threshold {stats.threshold})", "",
+        extra += [f"## Head statistics over {len(scanned)} images of the dataset (threshold {stats.threshold})", "",
                   "![sink density](sink_density.png)", "", per_layer.round(3).to_markdown(), ""]
     with (out / "report.md").open("a") as f:
         f.write("\n".join(extra) + "\n")
     console.print((out / "report.md").read_text())
-    console.print(f"wrote {out}/items.jsonl, results.csv, report.md, effects.png ({len(summary)} rows)")
+    console.print(f"wrote {out}/items.jsonl, run.json, results.csv, report.md, effects.png ({len(summary)} rows)")
 
 
 def main() -> None:  # pragma: no cover

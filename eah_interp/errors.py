@@ -33,3 +33,11 @@ class UnsupportedModelError(EAHError, TypeError):
 
 class AttentionImplementationError(EAHError, RuntimeError):
     """The model's attention implementation cannot expose (or accept) attention probabilities."""
+
+
+class ModelLoadError(EAHError, ValueError):
+    """A model could not be loaded (no such folder, no processor, no image token, remote code needed)."""
+
+
+class DataFormatError(EAHError, ValueError):
+    """A dataset file (COCO instances, POPE questions) or image folder is missing or malformed."""

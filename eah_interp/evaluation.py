@@ -1,24 +1,27 @@
-"""The hallucination experiment runner: baseline vs EAH vs controls, paired, resumable.
+"""The hallucination experiment runner: baseline vs EAH vs controls on any dataset, paired, resumable.
 
-For every condition (a named `EAHConfig`, or None for baseline decoding) and every held-out scene it
-records, one JSON line per item in ``<out>/items.jsonl``:
+For every condition (a named `EAHConfig`, or None for baseline decoding) and every item of a
+`eah_interp.data.Dataset` it records one JSON line per result in ``<out>/items.jsonl``, keyed by
+(condition, task, item, question):
 
-* ``task="caption"``: the greedy (or beam) caption and its CHAIR mentions;
-* ``task="pope"``: for one present, one random-absent and one adversarial-absent (co-occurrence
-  partner) object, the model's first answer token to "Is there a X in the image? Answer yes or no."
-  (greedy decoding's first token, from one forward pass) and the logit probe
-  ``log p(yes) - log p(no)``.
+* ``task="caption"``: the greedy (or beam) caption of the item's image and, when the item's objects
+  are known, its CHAIR mentions (with the CHAIR protocol used);
+* ``task="pope"``: for each of the item's yes/no questions, the model's first answer token (greedy
+  decoding's first token, from one forward pass) and the logit probe ``log p(yes) - log p(no)``.
 
-A rerun skips items already in the file (resumable). `summarise` turns the items into a tidy table of
-metrics per condition with paired bootstrap 95% CIs and paired permutation p-values against the
-baseline, and `write_report` writes ``results.csv``, ``report.md`` and plots.
+The schema is documented in ``docs/data.md``. A rerun skips results already in the file (resumable).
+`summarise` turns the results into a tidy table of metrics per condition (POPE per split that exists)
+with paired bootstrap 95% CIs, paired permutation p-values against the baseline and Holm-adjusted
+p-values across every arm x metric; `write_report` writes ``results.csv``, ``report.md`` and plots.
+The runner knows nothing about where items come from.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
-import random
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +32,14 @@ from tqdm.auto import tqdm
 
 from eah_interp import hf
 from eah_interp.config import EAHConfig
+from eah_interp.data import Dataset, Item, Question
+from eah_interp.errors import ConfigError
 from eah_interp.experiments import generate_texts
-from eah_interp.metrics.stats import sign_flip_p_value
+from eah_interp.metrics.stats import holm, sign_flip_p_value
 from eah_interp.models.bundle import ModelBundle
-from eah_interp.scenes import Scene, absent_kinds, iter_scenes, question_for
+
+#: Significance level of the report's marks (applied to Holm-adjusted p-values only).
+ALPHA = 0.05
 
 
 @dataclass(frozen=True)
@@ -47,12 +54,36 @@ class Condition:
         return {"name": self.name, "num_beams": self.num_beams, "config": None if self.config is None else self.config.to_dict()}
 
 
+def deep_control_layer(n_layers: int, treatment_layers: Iterable[int], shallow_layers: Iterable[int] = (1,)) -> int:
+    """The layer of the deep-layer control: the third-last layer, or the nearest layer that no treatment uses.
+
+    Candidates are the layers deeper than every ``shallow_layers`` entry (the paper's edited layer) that
+    no treatment edits; the one closest to ``n_layers - 3`` wins (ties: the deeper). On LLaVA-1.5 (32
+    layers, treatments at 1 and 15) that is layer 29; on a 4-layer model (treatments at 1 and 3), layer 2.
+
+    Raises:
+        ConfigError: no such layer exists (a model too shallow for a separate deep-layer control).
+    """
+    used = set(treatment_layers)
+    floor = max(shallow_layers, default=-1)
+    candidates = [layer for layer in range(n_layers) if layer > floor and layer not in used]
+    if not candidates:
+        raise ConfigError(
+            f"no layer for the deep-layer control: the model has {n_layers} decoder layers and the treatments "
+            f"edit {sorted(used)}; a control must edit a layer deeper than {floor} that no treatment edits. "
+            "Leave the control out (choose arms with --condition)."
+        )
+    target = n_layers - 3
+    return min(candidates, key=lambda layer: (abs(layer - target), -layer))
+
+
 def default_conditions(bundle: ModelBundle, *, beams: int = 3) -> list[Condition]:
     """Baseline, EAH (paper and reference presets) and the controls that separate the hypotheses.
 
     Controls: the broadcast from a random head, from the head with the fewest sinks, at a deep layer
-    (the third-last) instead of layer 1, and a sink-free variant (the source map with its sink columns
-    removed). Beam search (``beams``) for baseline and EAH-paper.
+    (`deep_control_layer`: never a layer a treatment edits; left out, with a warning, on a model too
+    shallow to have one) instead of layer 1, and a sink-free variant (the source map with its sink
+    columns removed). Beam search (``beams``) for baseline and EAH-paper.
     """
     n_layers = hf.model_shape(bundle.model)[0]
     t = bundle.threshold
@@ -64,42 +95,49 @@ def default_conditions(bundle: ModelBundle, *, beams: int = 3) -> list[Condition
         Condition("eah_reference", reference),
         Condition("control_random_head", EAHConfig.paper(threshold=t, source="random", seed=0)),
         Condition("control_fewest_sinks", EAHConfig.paper(threshold=t, source="fewest")),
-        Condition("control_deep_layer", EAHConfig.paper(threshold=t, layers=(n_layers - 3,))),
-        Condition("control_sink_free", EAHConfig.paper(threshold=t, drop_sinks=True)),
     ]
+    try:
+        deep = deep_control_layer(n_layers, paper.layers + reference.layers, paper.layers)
+        conditions.append(Condition("control_deep_layer", EAHConfig.paper(threshold=t, layers=(deep,))))
+    except ConfigError as err:
+        warnings.warn(f"control_deep_layer left out: {err}", stacklevel=2)
+    conditions.append(Condition("control_sink_free", EAHConfig.paper(threshold=t, drop_sinks=True)))
     if beams > 1:
         conditions += [Condition(f"baseline_beam{beams}", None, beams), Condition(f"eah_paper_beam{beams}", paper, beams)]
     return conditions
 
 
-def pope_questions_for(scene: Scene, rng: random.Random) -> list[tuple[str, str, bool]]:
-    """(mode, object, label): one present kind, one random absent kind, one adversarial absent kind."""
-    present = rng.choice(sorted(scene.kinds))
-    rand = rng.choice(absent_kinds(scene, "random"))
-    adversarial = absent_kinds(scene, "adversarial", rng)[0]
-    return [("present", present, True), ("random", rand, False), ("adversarial", adversarial, False)]
-
-
 class _Store:
-    """Append-only JSONL of finished items, keyed by (condition, task, seed, object)."""
+    """Append-only JSONL of finished results, keyed by (condition, task, item, question)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.done: set[tuple] = set()
-        if path.exists():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    self.done.add(self.key(json.loads(line)))
+        self.done: set[tuple[str, str, str, str]] = set()
+        lines = path.read_text().splitlines() if path.exists() else []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                self.done.add(self.key(json.loads(line)))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                if number == len(lines):  # the last line, cut short by an interruption: redo that result
+                    path.write_text("".join(kept + "\n" for kept in lines[:-1]))
+                    break
+                raise ConfigError(
+                    f"{path}, line {number}: not an eah-interp result (fields condition, task, item, question); "
+                    "results written before the dataset runner (keyed by scene seed) cannot be resumed: "
+                    "use another --out."
+                ) from None
 
     @staticmethod
-    def key(item: dict[str, Any]) -> tuple:
-        return (item["condition"], item["task"], item["seed"], item.get("object", ""))
+    def key(record: dict[str, Any]) -> tuple[str, str, str, str]:
+        return (record["condition"], record["task"], record["item"], record["question"])
 
-    def add(self, items: list[dict[str, Any]]) -> None:
+    def add(self, records: list[dict[str, Any]]) -> None:
         with self.path.open("a") as f:
-            for item in items:
-                f.write(json.dumps(item) + "\n")
-                self.done.add(self.key(item))
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+                self.done.add(self.key(record))
 
 
 def first_token_answers(
@@ -115,70 +153,164 @@ def first_token_answers(
         else:
             with hf.eah(bundle.model, config):
                 logits = bundle.model(**inputs, use_cache=False).logits[:, -1]
-    answers = bundle.processor.batch_decode(logits.argmax(-1)[:, None])
+    answers = bundle.processor.batch_decode(logits.argmax(-1)[:, None].cpu(), skip_special_tokens=True)
     diffs = yes_no_logit_diff(logits.float(), bundle.yes_ids, bundle.no_ids)
     return [a.strip() for a in answers], diffs.tolist()
 
 
+def chair_protocol_supported() -> bool:
+    """Whether the installed `chair_scores` takes ``protocol=`` ("reference" / "strict")."""
+    from eah_interp.metrics import chair_scores
+
+    return "protocol" in inspect.signature(chair_scores).parameters
+
+
+def _chair(captions: list[str], truths: list[frozenset[str]], vocabulary: str, protocol: str) -> dict[str, Any]:
+    from eah_interp.metrics import chair_scores
+
+    if chair_protocol_supported():
+        return chair_scores(captions, truths, vocabulary=vocabulary, protocol=protocol)  # type: ignore[call-arg]
+    return chair_scores(captions, truths, vocabulary=vocabulary)
+
+
+def _settings(bundle: ModelBundle, dataset: Dataset, prompt: str, max_new_tokens: int, chair_protocol: str) -> dict:
+    """What every result of a run depends on besides the condition: a resumed run must agree on it."""
+    return {"model": bundle.name, "dataset": dataset.name, "prompt": prompt,
+            "yes_no_prompt": bundle.yes_no_prompt("<question>"), "max_new_tokens": max_new_tokens,
+            "chair_protocol": chair_protocol, "vocabulary": dataset.vocabulary}
+
+
 def run_experiment(
     bundle: ModelBundle,
+    dataset: Dataset,
     out: Path,
     *,
-    n: int = 100,
     conditions: Sequence[Condition] | None = None,
-    pair_strength: float = 0.9,
-    max_new_tokens: int = 30,
-    batch_size: int = 8,
     tasks: Sequence[str] = ("caption", "pope"),
+    prompt: str | None = None,
+    max_new_tokens: int = 30,
+    chair_protocol: str | None = None,
+    batch_size: int = 8,
     progress: bool = True,
 ) -> Path:
-    """Run (or resume) the experiment; returns the items file ``out/items.jsonl``."""
-    from eah_interp.metrics import chair_scores, parse_yes_no
+    """Run (or resume) the experiment on ``dataset``; returns the results file ``out/items.jsonl``.
 
+    Args:
+        bundle: the model (`eah_interp.models.load_model`).
+        dataset: the items (`eah_interp.data`): captions for every item, POPE for every question.
+        out: the output folder; ``run.json`` records the settings, the dataset and the arms.
+        conditions: the arms (default: `default_conditions`).
+        tasks: ``"caption"`` and/or ``"pope"``.
+        prompt: the caption request (``bundle.prompt(prompt)``); default: the model's caption prompt.
+        max_new_tokens: caption length budget.
+        chair_protocol: ``"reference"`` or ``"strict"`` (default: the dataset's), recorded in every caption.
+
+    Raises:
+        ConfigError: ``out`` holds results of a run with other settings (model, dataset, prompt,
+            max_new_tokens, CHAIR protocol), or an unknown task.
+    """
+    unknown = set(tasks) - {"caption", "pope"}
+    if unknown:
+        raise ConfigError(f"unknown task(s) {sorted(unknown)}; choose 'caption' and/or 'pope'.")
     out.mkdir(parents=True, exist_ok=True)
     conditions = list(conditions or default_conditions(bundle))
-    (out / "conditions.json").write_text(json.dumps([c.to_dict() for c in conditions], indent=1))
+    protocol = chair_protocol or dataset.chair_protocol
+    if protocol not in ("reference", "strict"):
+        raise ConfigError(f"chair_protocol must be 'reference' or 'strict'; got {protocol!r}.")
+    if prompt is None:
+        caption_prompt = bundle.caption_prompt
+    elif callable(getattr(bundle, "prompt", None)):
+        caption_prompt = bundle.prompt(prompt)  # type: ignore[attr-defined]
+    else:
+        raise ConfigError(f"model {bundle.name!r} cannot wrap a custom prompt (its bundle has no .prompt); drop --prompt.")
+    settings = _settings(bundle, dataset, caption_prompt, max_new_tokens, protocol)
+    run_file = out / "run.json"
+    arms = {c.name: c.to_dict() for c in conditions}
+    if run_file.exists() and (out / "items.jsonl").exists():
+        saved_run = json.loads(run_file.read_text())
+        saved = saved_run.get("settings", {})
+        diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        if diff:
+            raise ConfigError(
+                f"{out} holds results of a run with other settings ("
+                + "; ".join(f"{k}: then {a!r}, now {b!r}" for k, (a, b) in diff.items())
+                + "). Use another --out, or delete its items.jsonl."
+            )
+        before = {c["name"]: c for c in saved_run.get("conditions", [])}
+        changed = [name for name, arm in arms.items() if name in before and before[name] != arm]
+        if changed:
+            raise ConfigError(
+                f"{out} holds results of condition(s) {changed} with another configuration; results are keyed by "
+                "condition name: give the new configuration another name, or use another --out."
+            )
+        arms = {**before, **arms}
+    run_file.write_text(json.dumps({
+        "settings": settings, "dataset": {"description": dataset.describe(), "source": dataset.source},
+        "chair_protocol_applied": chair_protocol_supported(), "conditions": list(arms.values()),
+        "tasks": list(tasks),
+    }, indent=1, default=str))
     store = _Store(out / "items.jsonl")
-    scenes = list(iter_scenes("heldout", n, pair_strength=pair_strength))
-    rng = random.Random(0)
-    questions = {s.seed: pope_questions_for(s, rng) for s in scenes}
     for cond in tqdm(conditions, desc="conditions", disable=not progress):
         if "caption" in tasks:
-            todo = [s for s in scenes if (cond.name, "caption", s.seed, "") not in store.done]
-            for i in tqdm(range(0, len(todo), batch_size), desc=f"{cond.name}: captions", leave=False, disable=not progress):
-                chunk = todo[i : i + batch_size]
-                texts, heads = generate_texts(
-                    bundle, [bundle.caption_prompt] * len(chunk), [s.image for s in chunk], config=cond.config,
-                    max_new_tokens=max_new_tokens, num_beams=cond.num_beams, batch_size=batch_size, progress=False,
-                )
-                chair = chair_scores(texts, [s.kinds for s in chunk], vocabulary="scenes")
-                store.add([
-                    {
-                        "condition": cond.name, "task": "caption", "seed": s.seed, "truth": sorted(s.kinds),
-                        "caption": text, "mentioned": sorted(pc["mentioned"]), "hallucinated": sorted(pc["hallucinated"]),
-                        "n_words": len(text.split()), "source_heads": h,
-                    }
-                    for s, text, h, pc in zip(chunk, texts, heads, chair["per_caption"], strict=True)
-                ])
+            _run_captions(bundle, dataset, cond, store, caption_prompt, max_new_tokens, protocol, batch_size, progress)
         if "pope" in tasks and cond.num_beams == 1:
-            todo = [
-                (s, mode, obj, label)
-                for s in scenes
-                for mode, obj, label in questions[s.seed]
-                if (cond.name, "pope", s.seed, f"{mode}:{obj}") not in store.done
-            ]
-            for i in tqdm(range(0, len(todo), batch_size), desc=f"{cond.name}: yes/no", leave=False, disable=not progress):
-                chunk = todo[i : i + batch_size]
-                prompts = [bundle.yes_no_prompt(question_for(obj)) for _, _, obj, _ in chunk]
-                answers, diffs = first_token_answers(bundle, prompts, [s.image for s, *_ in chunk], cond.config)
-                store.add([
-                    {
-                        "condition": cond.name, "task": "pope", "seed": s.seed, "object": f"{mode}:{obj}", "mode": mode,
-                        "label": label, "answer": a, "said_yes": parse_yes_no(a), "logit_diff": d,
-                    }
-                    for (s, mode, obj, label), a, d in zip(chunk, answers, diffs, strict=True)
-                ])
+            _run_questions(bundle, dataset, cond, store, batch_size, progress)
     return store.path
+
+
+def _run_captions(bundle, dataset: Dataset, cond: Condition, store: _Store, prompt: str, max_new_tokens: int,
+                  protocol: str, batch_size: int, progress: bool) -> None:
+    todo = [item for item in dataset if (cond.name, "caption", item.id, "") not in store.done]
+    for i in tqdm(range(0, len(todo), batch_size), desc=f"{cond.name}: captions", leave=False, disable=not progress):
+        chunk = todo[i : i + batch_size]
+        texts, heads = generate_texts(
+            bundle, [prompt] * len(chunk), [item.load_image() for item in chunk], config=cond.config,
+            max_new_tokens=max_new_tokens, num_beams=cond.num_beams, batch_size=batch_size, progress=False,
+        )
+        known = [j for j, item in enumerate(chunk) if item.objects is not None and dataset.vocabulary]
+        scores = {}
+        if known:
+            per = _chair([texts[j] for j in known], [chunk[j].objects for j in known], dataset.vocabulary, protocol)
+            scores = dict(zip(known, per["per_caption"], strict=True))
+        records = []
+        for j, (item, text, h) in enumerate(zip(chunk, texts, heads, strict=True)):
+            pc = scores.get(j)
+            records.append({
+                "condition": cond.name, "task": "caption", "item": item.id, "question": "", "caption": text,
+                "truth": None if item.objects is None else sorted(item.objects),
+                "mentioned": None if pc is None else sorted(pc["mentioned"]),
+                "hallucinated": None if pc is None else sorted(pc["hallucinated"]),
+                "chair_protocol": None if pc is None else protocol, "n_words": len(text.split()),
+                "source_heads": h, "max_new_tokens": max_new_tokens, "num_beams": cond.num_beams,
+            })
+        store.add(records)
+
+
+def _run_questions(bundle, dataset: Dataset, cond: Condition, store: _Store, batch_size: int, progress: bool) -> None:
+    """Ask every unanswered question; a question text asked twice about one item (in two splits) runs once."""
+    from eah_interp.metrics import parse_yes_no
+
+    todo: dict[tuple[str, str], list[tuple[Item, Question]]] = {}
+    for item in dataset:
+        for q in item.questions:
+            if (cond.name, "pope", item.id, q.id) not in store.done:
+                todo.setdefault((item.id, q.text), []).append((item, q))
+    prompts = list(todo)
+    for i in tqdm(range(0, len(prompts), batch_size), desc=f"{cond.name}: yes/no", leave=False, disable=not progress):
+        chunk = prompts[i : i + batch_size]
+        firsts = [todo[key][0][0] for key in chunk]
+        answers, diffs = first_token_answers(
+            bundle, [bundle.yes_no_prompt(text) for _, text in chunk], [item.load_image() for item in firsts], cond.config
+        )
+        store.add([
+            {
+                "condition": cond.name, "task": "pope", "item": item.id, "question": q.id, "split": q.split,
+                "object": q.object, "text": q.text, "label": q.label, "answer": a, "said_yes": parse_yes_no(a),
+                "logit_diff": d,
+            }
+            for key, a, d in zip(chunk, answers, diffs, strict=True)
+            for item, q in todo[key]
+        ])
 
 
 # ---------------------------------------------------------------------------- analysis
@@ -188,96 +320,203 @@ def load_items(path: Path):
     return pd.DataFrame([json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()])
 
 
-#: Every metric is a ratio of per-scene sums: name -> (task, numerator column, denominator column).
-METRICS: dict[str, tuple[str, str, str]] = {
-    "chair_s": ("caption", "any_hallucination", "one"),
-    "chair_i": ("caption", "n_hallucinated", "n_mentioned"),
-    "recall": ("caption", "n_recalled", "n_truth"),
-    "length": ("caption", "n_words", "one"),
-    "pope_acc_random": ("pope", "correct_random", "n_random"),
-    "pope_acc_adversarial": ("pope", "correct_adversarial", "n_adversarial"),
-    "pope_f1_adversarial": ("pope", "f1_num", "f1_den"),
-    "yes_ratio": ("pope", "said_yes", "n_questions"),
-    "probe_absent": ("pope", "probe_absent_sum", "n_absent"),
-    "probe_present": ("pope", "probe_present_sum", "n_present"),
-}
+@dataclass(frozen=True)
+class Metric:
+    """A metric as a ratio of per-item sums: ``sum(numerator) / sum(denominator)`` over the items.
+
+    Attributes:
+        name: e.g. ``"chair_i"``, ``"pope_f1_adversarial"``.
+        task: ``"caption"`` or ``"pope"``.
+        numerator, denominator: columns of `item_table`.
+        undefined: why the metric has no value when its denominator sums to 0 (shown in the report).
+        split: the POPE split, for per-split metrics.
+    """
+
+    name: str
+    task: str
+    numerator: str
+    denominator: str
+    undefined: str
+    split: str | None = None
 
 
-def scene_table(items):
-    """Per (condition, seed) sufficient statistics from which every metric in `METRICS` is a ratio of sums."""
-    import pandas as pd
-
-    rows: dict[tuple[str, int], dict[str, float]] = {}
-    for item in items.to_dict("records"):
-        row = rows.setdefault((item["condition"], item["seed"]), {"condition": item["condition"], "seed": item["seed"]})
-        if item["task"] == "caption":
-            truth, mentioned, halluc = set(item["truth"]), set(item["mentioned"]), item["hallucinated"]
-            row.update(
-                one=1.0, any_hallucination=float(len(halluc) > 0), n_hallucinated=len(halluc), n_mentioned=len(mentioned),
-                n_recalled=len(mentioned & truth), n_truth=len(truth), n_words=item["n_words"],
-            )
-        else:
-            said = item["said_yes"] is True or item["said_yes"] == 1  # unparsed (None/NaN) counts as "no"
-            label, mode = bool(item["label"]), item["mode"]
-            correct = float(said == label)
-            for m in ("random", "adversarial"):
-                if mode in ("present", m):
-                    row[f"correct_{m}"] = row.get(f"correct_{m}", 0.0) + correct
-                    row[f"n_{m}"] = row.get(f"n_{m}", 0.0) + 1
-            if mode in ("present", "adversarial"):
-                tp, fp, fn = said and label, said and not label, (not said) and label
-                row["f1_num"] = row.get("f1_num", 0.0) + 2 * tp
-                row["f1_den"] = row.get("f1_den", 0.0) + 2 * tp + fp + fn
-            row["said_yes"] = row.get("said_yes", 0.0) + float(said)
-            row["n_questions"] = row.get("n_questions", 0.0) + 1
-            kind = "present" if label else "absent"
-            row[f"probe_{kind}_sum"] = row.get(f"probe_{kind}_sum", 0.0) + float(item["logit_diff"])
-            row[f"n_{kind}"] = row.get(f"n_{kind}", 0.0) + 1
-    return pd.DataFrame(list(rows.values())).fillna(0.0)
+#: Caption metrics (CHAIR needs ground-truth objects: ``chair_n`` counts captions that have them).
+CAPTION_METRICS = (
+    Metric("chair_s", "caption", "any_hallucination", "chair_n", "no ground-truth objects"),
+    Metric("chair_i", "caption", "n_hallucinated", "n_mentioned", "no mentions"),
+    Metric("recall", "caption", "n_recalled", "n_truth", "no ground-truth objects"),
+    Metric("length", "caption", "n_words", "one", "no captions"),
+)
 
 
-def summarise(items, *, baseline: str = "baseline", n_resamples: int = 5000, seed: int = 0):
-    """Metrics per condition with paired bootstrap 95% CIs of the difference to ``baseline``.
+def pope_metrics(split: str) -> tuple[Metric, ...]:
+    """POPE's accuracy, precision, recall, F1 and yes-ratio of one split ("yes" is the positive class)."""
+    return (
+        Metric(f"pope_acc_{split}", "pope", f"correct_{split}", f"n_{split}", "no questions", split),
+        Metric(f"pope_precision_{split}", "pope", f"tp_{split}", f"yes_{split}", "no yes answers", split),
+        Metric(f"pope_recall_{split}", "pope", f"tp_{split}", f"pos_{split}", "no present-object questions", split),
+        Metric(f"pope_f1_{split}", "pope", f"f1num_{split}", f"f1den_{split}", "no yes answers and no present objects",
+               split),
+        Metric(f"pope_yes_ratio_{split}", "pope", f"yes_{split}", f"n_{split}", "no questions", split),
+    )
 
-    Scenes are the resampling unit: each bootstrap draw resamples scene seeds with replacement and
-    recomputes every metric (a ratio of sums over scenes) on the same scenes for the condition and the
-    baseline. The p-value is a paired sign-flip permutation test on per-scene metric differences.
 
-    Returns:
-        A tidy DataFrame: condition, task, metric, value, baseline, diff, ci_low, ci_high, p_value, n.
+#: The logit probe over each item's distinct questions (a question in two splits counts once).
+PROBE_METRICS = (
+    Metric("probe_present", "pope", "probe_present_sum", "n_present", "no present-object questions"),
+    Metric("probe_absent", "pope", "probe_absent_sum", "n_absent", "no absent-object questions"),
+)
+
+
+def _splits(items) -> list[str]:
+    if "split" not in items or items.empty:
+        return []
+    pope = items[items["task"] == "pope"]
+    return list(dict.fromkeys(pope["split"].dropna()))
+
+
+def metrics_for(items) -> list[Metric]:
+    """The metrics the results support: captions, then POPE per split present (first-seen order), then probes."""
+    tasks = set(items["task"]) if "task" in items else set()
+    metrics: list[Metric] = list(CAPTION_METRICS) if "caption" in tasks else []
+    if "pope" in tasks:
+        for split in _splits(items):
+            metrics += pope_metrics(split)
+        metrics += PROBE_METRICS
+    return metrics
+
+
+def _said_yes(value: Any) -> bool:
+    return value is True or value == 1  # unparsed (None/NaN) counts as "no"
+
+
+def item_table(items):
+    """Per (condition, item, task) sufficient statistics: every metric in `metrics_for` is a ratio of their sums.
+
+    Columns a row does not have (a caption without ground truth has no ``n_mentioned``) are NaN.
     """
     import pandas as pd
 
-    table = scene_table(items)
+    rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+    probed: set[tuple[str, str, str]] = set()
+    for rec in items.to_dict("records"):
+        key = (rec["condition"], rec["item"], rec["task"])
+        row = rows.setdefault(key, {"condition": rec["condition"], "item": rec["item"], "task": rec["task"]})
+        if rec["task"] == "caption":
+            row.update(one=1.0, n_words=float(rec["n_words"]))
+            if isinstance(rec.get("mentioned"), list) and isinstance(rec.get("truth"), list):
+                # counted mentions as the CHAIR protocol lists them (once per object, or every mention)
+                mentioned, halluc, truth = rec["mentioned"], rec["hallucinated"], set(rec["truth"])
+                row.update(
+                    chair_n=1.0, any_hallucination=float(len(halluc) > 0), n_hallucinated=float(len(halluc)),
+                    n_mentioned=float(len(mentioned)), n_recalled=float(len(set(mentioned) & truth)),
+                    n_truth=float(len(truth)),
+                )
+            continue
+        said, label, split = _said_yes(rec["said_yes"]), bool(rec["label"]), rec["split"]
+        add = {
+            f"n_{split}": 1.0, f"correct_{split}": float(said == label), f"yes_{split}": float(said),
+            f"tp_{split}": float(said and label), f"pos_{split}": float(label),
+            f"f1num_{split}": 2.0 * (said and label),
+            f"f1den_{split}": 2.0 * (said and label) + float(said and not label) + float(label and not said),
+        }
+        for col, value in add.items():
+            row[col] = row.get(col, 0.0) + value
+        text_key = (rec["condition"], rec["item"], rec.get("text") or rec["question"])
+        if text_key not in probed:
+            probed.add(text_key)
+            kind = "present" if label else "absent"
+            row[f"probe_{kind}_sum"] = row.get(f"probe_{kind}_sum", 0.0) + float(rec["logit_diff"])
+            row[f"n_{kind}"] = row.get(f"n_{kind}", 0.0) + 1.0
+    table = pd.DataFrame(list(rows.values()))
+    pope = table["task"] == "pope" if not table.empty else []
+    if len(table) and any(pope):  # a POPE row lacking a split or a probe kind has 0 of it, not "unknown"
+        cols = [c for c in table.columns if c.startswith(("n_", "correct_", "yes_", "tp_", "pos_", "f1", "probe_"))
+                and c not in ("n_words", "n_hallucinated", "n_mentioned", "n_recalled", "n_truth")]
+        table.loc[pope, cols] = table.loc[pope, cols].fillna(0.0)
+    return table
+
+
+def summarise(items, *, baseline: str = "baseline", n_resamples: int = 5000, seed: int = 0, alpha: float = ALPHA):
+    """Metrics per condition with paired bootstrap 95% CIs of the difference to ``baseline`` and Holm's correction.
+
+    Items are the resampling unit: each bootstrap draw resamples items with replacement and recomputes
+    every metric (a ratio of sums over items) on the same items for the condition and the baseline,
+    restricted to items where both have a non-zero denominator. The p-value is a paired sign-flip
+    permutation test on per-item differences; ``p_holm`` adjusts all p-values of the table (every
+    non-baseline arm x metric) with Holm's step-down method, and ``significant`` is ``p_holm < alpha``,
+    never the raw p.
+
+    POPE metrics exist only for the splits the results contain. A metric whose denominator sums to 0
+    for a condition (CHAIR_i when nothing is mentioned) is kept as a row with ``value`` NaN and
+    ``note`` = ``"undefined (<why>)"``.
+
+    Returns:
+        A tidy DataFrame: condition, task, split, metric, value, baseline, diff, ci_low, ci_high, p_value,
+        p_holm, significant, n, note.
+    """
+    import pandas as pd
+
+    table = item_table(items)
     rng = np.random.default_rng(seed)
-    base = table[table["condition"] == baseline].set_index("seed")
     rows = []
-    for cond, sub in table.groupby("condition", sort=False):
-        sub = sub.set_index("seed")
-        for name, (task, num, den) in METRICS.items():
-            if num not in sub or den not in sub or num not in base:
+    metrics = metrics_for(items)
+    for metric in metrics:
+        per_task = table[table["task"] == metric.task]
+        base = per_task[per_task["condition"] == baseline].set_index("item")
+        for cond, sub in per_task.groupby("condition", sort=False):
+            sub = sub.set_index("item")
+            if metric.split is not None and (f"n_{metric.split}" not in sub or not sub[f"n_{metric.split}"].sum() > 0):
+                continue  # this arm has no question of that split
+            row: dict[str, Any] = {"condition": cond, "task": metric.task, "split": metric.split, "metric": metric.name,
+                                   "value": np.nan, "baseline": np.nan, "diff": np.nan, "n": 0, "note": ""}
+            rows.append(row)
+            own_num = sub[metric.numerator] if metric.numerator in sub else pd.Series(dtype=float)
+            own_den = sub[metric.denominator] if metric.denominator in sub else pd.Series(dtype=float)
+            if metric.task == "caption" and metric.name != "length" and not (sub.get("chair_n", pd.Series()).sum() > 0):
+                row["note"] = "undefined (no ground-truth objects)"
                 continue
-            seeds = sorted(set(sub.index[sub[den] > 0]) & set(base.index[base[den] > 0]))
-            if not seeds:
+            if not own_den.sum() > 0:
+                row["note"] = f"undefined ({metric.undefined})"
                 continue
-            a_num, a_den = sub.loc[seeds, num].to_numpy(), sub.loc[seeds, den].to_numpy()
-            b_num, b_den = base.loc[seeds, num].to_numpy(), base.loc[seeds, den].to_numpy()
+            row["value"] = own_num.sum() / own_den.sum()
+            row["n"] = int((own_den > 0).sum())
+            if metric.denominator not in base:
+                row["note"] = "no baseline"
+                continue
+            paired = sorted(set(sub.index[sub[metric.denominator] > 0]) & set(base.index[base[metric.denominator] > 0]))
+            if not paired:
+                row["note"] = f"baseline undefined ({metric.undefined})"
+                continue
+            a_num, a_den = sub.loc[paired, metric.numerator].to_numpy(), sub.loc[paired, metric.denominator].to_numpy()
+            b_num, b_den = base.loc[paired, metric.numerator].to_numpy(), base.loc[paired, metric.denominator].to_numpy()
             value, ref = a_num.sum() / a_den.sum(), b_num.sum() / b_den.sum()
-            row = {"condition": cond, "task": task, "metric": name, "value": value, "baseline": ref,
-                   "diff": value - ref, "n": len(seeds)}
+            row.update(value=value, baseline=ref, diff=value - ref, n=len(paired))
             if cond != baseline:
-                counts = rng.multinomial(len(seeds), np.full(len(seeds), 1 / len(seeds)), size=n_resamples)
+                counts = rng.multinomial(len(paired), np.full(len(paired), 1 / len(paired)), size=n_resamples)
                 with np.errstate(invalid="ignore", divide="ignore"):
                     diffs = (counts @ a_num) / (counts @ a_den) - (counts @ b_num) / (counts @ b_den)
-                    per_scene = a_num / a_den - b_num / b_den
+                    per_item = a_num / a_den - b_num / b_den
                 row["ci_low"], row["ci_high"] = (float(x) for x in np.nanpercentile(diffs, [2.5, 97.5]))
-                row["p_value"] = sign_flip_p_value(per_scene, n_resamples=n_resamples, seed=seed)
-            rows.append(row)
-    return pd.DataFrame(rows)
+                row["p_value"] = sign_flip_p_value(per_item, n_resamples=n_resamples, seed=seed)
+    frame = pd.DataFrame(rows)
+    for col in ("ci_low", "ci_high", "p_value"):
+        if col not in frame:
+            frame[col] = np.nan
+    frame["p_holm"] = holm(frame["p_value"].tolist()) if len(frame) else []
+    frame["significant"] = frame["p_holm"] < alpha
+    order = {m.name: i for i, m in enumerate(metrics)}
+    conds = list(dict.fromkeys(items["condition"])) if len(items) else []
+    frame["_m"], frame["_c"] = frame["metric"].map(order), frame["condition"].map({c: i for i, c in enumerate(conds)})
+    frame = frame.sort_values(["_c", "_m"], kind="stable").drop(columns=["_m", "_c"]).reset_index(drop=True)
+    return frame[["condition", "task", "split", "metric", "value", "baseline", "diff", "ci_low", "ci_high",
+                  "p_value", "p_holm", "significant", "n", "note"]]
 
 
 def source_head_table(items) -> str:
     """Markdown table: for each EAH condition, how often each head was the (first-layer) source."""
+    if "source_heads" not in items:
+        return "(no captions)"
     caps = items[(items["task"] == "caption") & items["source_heads"].map(lambda h: isinstance(h, list) and len(h) > 0)]
     if caps.empty:
         return "(no EAH condition)"
@@ -287,42 +526,88 @@ def source_head_table(items) -> str:
     return table.to_markdown()
 
 
-def write_report(items_path: Path, out: Path, *, title: str = "EAH vs baseline vs controls", n_resamples: int = 5000):
-    """Write ``results.csv`` (tidy), ``report.md`` (tables with CIs) and ``effects.png`` into ``out``."""
+def _cell(row, baseline: str) -> str:
+    if np.isnan(row["value"]):
+        return row["note"] or "undefined"
+    cell = f"{row['value']:.3f}"
+    if row["condition"] != baseline and not np.isnan(row.get("ci_low", np.nan)):
+        mark = " *" if row["significant"] else ""
+        cell += (f" ({row['diff']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}], "
+                 f"p={row['p_value']:.3f}, Holm p={row['p_holm']:.3f}{mark})")
+    elif row["note"]:
+        cell += f" ({row['note']})"
+    return cell
+
+
+def _markdown_table(sub, metrics: list[str], baseline: str) -> list[str]:
+    lines = ["| condition | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for cond, g in sub.groupby("condition", sort=False):
+        cells = []
+        for m in metrics:
+            r = g[g["metric"] == m]
+            cells.append("" if r.empty else _cell(r.iloc[0], baseline))
+        lines.append(f"| {cond} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def write_report(
+    items_path: Path, out: Path, *, title: str = "EAH vs baseline vs controls", n_resamples: int = 5000,
+    baseline: str = "baseline",
+):
+    """Write ``results.csv`` (tidy, `summarise`), ``report.md`` (tables with CIs) and ``effects.png`` into ``out``.
+
+    The report states the dataset, prompt, generation budget and CHAIR protocol (from ``run.json`` when
+    present), gives POPE per split that exists, names every undefined metric and why, and marks as
+    significant (``*``) only what survives Holm's correction across all arms x metrics.
+    """
     import matplotlib.pyplot as plt
 
     items = load_items(items_path)
-    summary = summarise(items, n_resamples=n_resamples)
+    summary = summarise(items, n_resamples=n_resamples, baseline=baseline)
     summary.to_csv(out / "results.csv", index=False)
-    lines = [f"# {title}", "", f"Items: `{items_path}`; scenes per condition: {int(summary['n'].max())}.", ""]
+    n_items = items["item"].nunique() if len(items) else 0
+    lines = [f"# {title}", "", f"Results: `{items_path}`; {n_items} items.", ""]
+    run_file = Path(items_path).parent / "run.json"
+    if run_file.exists():
+        run = json.loads(run_file.read_text())
+        settings = run.get("settings", {})
+        lines += [
+            f"* Dataset: {run.get('dataset', {}).get('description', '?')}",
+            f"* Model: `{settings.get('model')}`; captions: max_new_tokens={settings.get('max_new_tokens')}, prompt:",
+            "", "  ```text", *("  " + line for line in str(settings.get("prompt", "")).splitlines()), "  ```", "",
+            f"* CHAIR protocol: `{settings.get('chair_protocol')}`"
+            + ("" if run.get("chair_protocol_applied", True) else
+               " (requested; the installed chair_scores has no protocol option, so its default matching was used)")
+            + f", vocabulary `{settings.get('vocabulary')}`.",
+            "",
+        ]
+    n_tests = int(summary["p_value"].notna().sum())
     lines += [
-        "Differences are condition minus baseline on the same scenes; 95% CIs from a paired bootstrap over",
-        "scenes; p from a paired sign-flip permutation test on per-scene differences.", "",
+        "Differences are condition minus baseline on the same items; 95% CIs from a paired bootstrap over",
+        "items; p from a paired sign-flip permutation test on per-item differences; Holm p adjusts all",
+        f"{n_tests} p-values of this report (every arm x metric) for multiple comparisons. `*` marks Holm p < {ALPHA}",
+        "(the raw p alone never marks a result).", "",
     ]
-    for task in ("caption", "pope"):
-        sub = summary[summary["task"] == task]
-        if sub.empty:
-            continue
-        metrics = list(dict.fromkeys(sub["metric"]))
-        lines += [f"## {'Captions (CHAIR)' if task == 'caption' else 'Yes/no questions (POPE) and logit probe'}", ""]
-        lines.append("| condition | " + " | ".join(metrics) + " |")
-        lines.append("|---" * (len(metrics) + 1) + "|")
-        for cond, g in sub.groupby("condition", sort=False):
-            cells = []
-            for m in metrics:
-                r = g[g["metric"] == m]
-                if r.empty:
-                    cells.append("")
-                    continue
-                r = r.iloc[0]
-                cell = f"{r.value:.3f}"
-                if cond != "baseline" and not np.isnan(r.get("ci_low", np.nan)):
-                    cell += f" ({r['diff']:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}], p={r.p_value:.3f})"
-                cells.append(cell)
-            lines.append(f"| {cond} | " + " | ".join(cells) + " |")
-        lines.append("")
+    caption = summary[summary["task"] == "caption"]
+    if not caption.empty:
+        lines += ["## Captions (CHAIR)", ""] + _markdown_table(caption, list(dict.fromkeys(caption["metric"])), baseline)
+    pope = summary[(summary["task"] == "pope") & summary["split"].notna()]
+    for split in dict.fromkeys(pope["split"]):
+        sub = pope[pope["split"] == split]
+        lines += [f"## Yes/no questions (POPE), split `{split}`", ""]
+        lines += _markdown_table(sub, list(dict.fromkeys(sub["metric"])), baseline)
+    probes = summary[(summary["task"] == "pope") & summary["split"].isna()]
+    if not probes.empty:
+        lines += ["## Logit probe log p(yes) - log p(no) (each distinct question once)", ""]
+        lines += _markdown_table(probes, list(dict.fromkeys(probes["metric"])), baseline)
+    undefined = summary[summary["value"].isna()]
+    if not undefined.empty:
+        lines += ["## Undefined metrics", ""]
+        lines += [f"* `{r.metric}` for `{r.condition}`: {r.note}" for r in undefined.itertuples()] + [""]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    plot = summary[(summary["condition"] != "baseline") & summary["metric"].isin(["chair_i", "recall", "pope_acc_adversarial", "probe_absent"])]
+    first_split = next(iter(dict.fromkeys(pope["split"])), None)
+    wanted = ["chair_i", "recall", f"pope_acc_{first_split}", "probe_absent"]
+    plot = summary[(summary["condition"] != baseline) & summary["metric"].isin(wanted) & summary["ci_low"].notna()]
     if not plot.empty:
         metrics = list(dict.fromkeys(plot["metric"]))
         fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 0.5 + 0.4 * plot["condition"].nunique()), squeeze=False)

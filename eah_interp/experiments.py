@@ -69,7 +69,7 @@ def generate_texts(
         ``(texts, source_heads)``: the decoded continuations and, per item, the source head EAH used
         in each edited layer (empty lists without EAH).
     """
-    model, processor = bundle.model, bundle.processor
+    model = bundle.model
     texts: list[str] = []
     heads: list[list[int]] = []
     pairs = list(zip(prompts, images, strict=True))
@@ -86,5 +86,5 @@ def generate_texts(
                 prefill = [r for r in run.records if r.q_len == r.k_len]
                 per_layer = [r.source_head.view(len(chunk), -1)[:, 0].tolist() for r in prefill]
                 heads += [[layer_heads[i] for layer_heads in per_layer] for i in range(len(chunk))]
-        texts += processor.batch_decode(out[:, inputs["input_ids"].shape[1] :])
-    return [t.strip() for t in texts], heads
+        texts += bundle.decode(out, inputs)
+    return texts, heads

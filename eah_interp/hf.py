@@ -51,9 +51,10 @@ from eah_interp.errors import (
     AttentionImplementationError,
     LayerIndexError,
     LayoutError,
-    UnsupportedModelError,
 )
 from eah_interp.layout import TokenLayout
+from eah_interp.models.adapters import image_token_ids as image_token_ids  # re-exported
+from eah_interp.models.introspect import attention_modules, model_shape, text_config
 from eah_interp.sinks import Normalise
 from eah_interp.stats import HeadStats, head_statistics, head_statistics_from_sums
 
@@ -66,51 +67,8 @@ _COMPATIBLE = ("eager", "sdpa")
 
 
 # ---------------------------------------------------------------------------- model introspection
-def text_config(model: nn.Module):
-    """The language model's config (the text sub-config of an LVLM, the config itself of an LM)."""
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "get_text_config"):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} is not an HF PreTrainedModel (no .config); eah_interp.hf needs one."
-        )
-    return config.get_text_config(decoder=True)
-
-
-def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
-    """The language model's attention modules by ``layer_idx`` (those whose config is the text config)."""
-    cfg = text_config(model)
-    found: dict[int, nn.Module] = {}
-    for module in model.modules():
-        if getattr(module, "config", None) is cfg and isinstance(getattr(module, "layer_idx", None), int):
-            if hasattr(module, "num_key_value_groups") or hasattr(module, "scaling"):
-                found.setdefault(module.layer_idx, module)
-    if not found:
-        from eah_interp.models.adapters import known_families
-
-        raise UnsupportedModelError(
-            f"Found no attention modules with a layer_idx in {type(model).__name__}'s language model, so "
-            "eah-interp cannot instrument it. It works with transformers models whose text decoder uses the "
-            f"AttentionInterface; known families: {known_families()}. To add a model, see docs/new_model.md."
-        )
-    return found
-
-
-def model_shape(model: nn.Module) -> tuple[int, int, int]:
-    """``(decoder layers, attention heads, key/value heads)`` of the language model."""
-    cfg = text_config(model)
-    n_heads = cfg.num_attention_heads
-    return cfg.num_hidden_layers, n_heads, getattr(cfg, "num_key_value_heads", None) or n_heads
-
-
-def image_token_ids(model: nn.Module) -> tuple[int, ...]:
-    """Placeholder ids that mark visual positions in ``input_ids``, from the model's family adapter.
-
-    ``(config.image_token_id,)`` for most families (``image_token_index`` in older configs); Qwen adds
-    ``video_token_id``. Empty when the config has none (then pass an explicit `TokenLayout`).
-    """
-    from eah_interp.models.adapters import adapter_for
-
-    return adapter_for(model).visual_token_ids(model)
+# text_config, attention_modules, model_shape and image_token_ids live in eah_interp.models (the
+# backends use them, never the reverse); they are re-exported here for existing callers.
 
 
 def eager_function(module: nn.Module) -> Callable:

@@ -1,76 +1,269 @@
-"""The experiment runner: resumable items, and summaries checked against hand-computed values."""
+"""The experiment runner: items only, resumable, POPE per split, undefined metrics named, Holm, controls.
+
+Summaries are checked against values computed by hand from the listed results.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import warnings
+from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 
+from eah_interp import evaluation
 from eah_interp.config import EAHConfig
-from eah_interp.evaluation import Condition, run_experiment, summarise
+from eah_interp.data import scene_dataset
+from eah_interp.errors import ConfigError
+from eah_interp.evaluation import Condition, deep_control_layer, default_conditions, run_experiment, summarise
+from eah_interp.metrics.stats import holm
 from eah_interp.models import load_model
 
 
-def test_runner_resumes_without_losing_or_duplicating_items(tmp_path):
-    bundle = load_model("tiny-llava")
+@pytest.fixture(scope="module")
+def bundle():
+    return load_model("tiny-llava")
+
+
+def key(record):
+    return (record["condition"], record["task"], record["item"], record["question"])
+
+
+def test_runner_resumes_without_losing_or_duplicating_items(tmp_path, bundle):
     arms = [Condition("baseline"), Condition("eah_paper", EAHConfig.paper(threshold=bundle.threshold))]
-    path = run_experiment(bundle, tmp_path, n=3, conditions=arms, max_new_tokens=2, progress=False)
+    data = scene_dataset(3)
+    run = lambda: run_experiment(bundle, data, tmp_path, conditions=arms, max_new_tokens=2, progress=False)  # noqa: E731
+    path = run()
     lines = path.read_text().splitlines()
-    assert len(lines) == 2 * (3 + 3 * 3)  # per arm: 3 captions + 3 scenes x 3 questions
-    run_experiment(bundle, tmp_path, n=3, conditions=arms, max_new_tokens=2, progress=False)
-    assert path.read_text().splitlines() == lines  # nothing redone
-    path.write_text("\n".join(lines[:-5]) + "\n")  # an interrupted run: the last 5 items are missing
-    run_experiment(bundle, tmp_path, n=3, conditions=arms, max_new_tokens=2, progress=False)
-    resumed = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(lines) == 2 * (3 + 3 * 4)  # per arm: 3 captions + 3 scenes x 4 questions (2 splits)
     original = [json.loads(line) for line in lines]
-    key = lambda item: (item["condition"], item["task"], item["seed"], item.get("object", ""))  # noqa: E731
+    assert len({key(r) for r in original}) == len(original)
+    run()
+    assert path.read_text().splitlines() == lines  # nothing redone
+    path.write_text("\n".join(lines[:-5]) + "\n" + lines[-5][:20])  # interrupted: 5 missing, one cut short
+    run()
+    resumed = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(resumed) == len(original) and sorted(map(key, resumed)) == sorted(map(key, original))
-    # the redone items match the originals (up to float rounding: they ran in a different batch)
     by_key = {key(item): item for item in original}
-    for item in resumed[-5:]:
+    for item in resumed[-5:]:  # redone items match (up to float rounding: they ran in another batch)
         want = by_key[key(item)]
         assert {k: v for k, v in item.items() if k != "logit_diff"} == {k: v for k, v in want.items() if k != "logit_diff"}
         assert item.get("logit_diff", 0) == pytest.approx(want.get("logit_diff", 0), abs=1e-4)
+    settings = json.loads((tmp_path / "run.json").read_text())["settings"]
+    assert settings["dataset"] == "scenes" and settings["max_new_tokens"] == 2 and settings["chair_protocol"] == "strict"
+    with pytest.raises(ConfigError, match="max_new_tokens: then 2, now 3"):  # other settings: not mixed in
+        run_experiment(bundle, data, tmp_path, conditions=arms, max_new_tokens=3, progress=False)
+    other = [Condition("eah_paper", EAHConfig.paper(threshold=bundle.threshold, layers=(2,)))]
+    with pytest.raises(ConfigError, match=r"condition\(s\) \['eah_paper'\] with another configuration"):
+        run_experiment(bundle, data, tmp_path, conditions=other, max_new_tokens=2, progress=False)
+    assert path.read_text().splitlines() == [json.dumps(r) for r in resumed]  # refused runs write nothing
 
 
-def caption(cond, seed, truth, mentioned, words=4):
-    hall = [m for m in mentioned if m not in truth]
-    return {"condition": cond, "task": "caption", "seed": seed, "truth": truth, "mentioned": mentioned,
-            "hallucinated": hall, "n_words": words}
+def test_a_question_in_two_splits_is_asked_once(tmp_path, bundle, monkeypatch):
+    asked = []
+    original = evaluation.first_token_answers
+
+    def counting(b, prompts, images, config):
+        asked.extend(prompts)
+        return original(b, prompts, images, config)
+
+    monkeypatch.setattr(evaluation, "first_token_answers", counting)
+    path = run_experiment(bundle, scene_dataset(2), tmp_path, conditions=[Condition("baseline")], tasks=("pope",),
+                          progress=False)
+    assert len(asked) == 2 * 3  # present, random-absent, adversarial-absent per scene
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(records) == 2 * 4
+    first = {r["question"]: r for r in records if r["item"] == "scene 100000000"}
+    shared = first["random/present:tree"], first["adversarial/present:tree"]
+    assert shared[0]["logit_diff"] == shared[1]["logit_diff"] and shared[0]["split"] != shared[1]["split"]
 
 
-def pope(cond, seed, mode, label, said, diff):
-    return {"condition": cond, "task": "pope", "seed": seed, "object": mode, "mode": mode, "label": label,
-            "said_yes": said, "logit_diff": diff}
+# ------------------------------------------------------------------------------------ summaries
+def caption(cond, item, truth, mentioned, words=4):
+    hall = None if mentioned is None else [m for m in mentioned if m not in truth]
+    return {"condition": cond, "task": "caption", "item": item, "question": "", "truth": truth, "mentioned": mentioned,
+            "hallucinated": hall, "n_words": words, "caption": "x", "source_heads": []}
+
+
+def pope(cond, item, split, qid, label, said, diff, text=None):
+    return {"condition": cond, "task": "pope", "item": item, "question": f"{split}/{qid}", "split": split,
+            "text": text or f"{split} question {qid}", "label": label, "said_yes": said, "logit_diff": diff}
+
+
+def hand_items():
+    return pd.DataFrame([
+        caption("baseline", "a", ["star"], ["star", "moon"]),
+        caption("baseline", "b", ["house"], ["house", "tree"]),
+        caption("baseline", "c", ["cloud", "ring"], ["cloud"]),
+        caption("eah", "a", ["star"], ["star"]),
+        caption("eah", "b", ["house"], ["house", "tree"]),
+        caption("eah", "c", ["cloud", "ring"], ["cloud", "ring"]),
+        # item a: random split (present + absent) and adversarial split; the present question is in both
+        pope("baseline", "a", "random", 0, True, True, 2.0, "present"),
+        pope("baseline", "a", "random", 1, False, None, -1.0),  # unparsed: counts as "no"
+        pope("baseline", "a", "adversarial", 0, True, True, 2.0, "present"),
+        pope("baseline", "a", "adversarial", 1, False, True, 1.0),
+        pope("baseline", "b", "random", 2, False, True, 0.5),
+        pope("eah", "a", "random", 0, True, True, 1.0, "present"),
+        pope("eah", "a", "random", 1, False, False, -3.0),
+        pope("eah", "a", "adversarial", 0, True, True, 1.0, "present"),
+        pope("eah", "a", "adversarial", 1, False, False, -2.0),
+        pope("eah", "b", "random", 2, False, False, -1.0),
+    ])
 
 
 def test_summary_matches_hand_computed_metrics():
-    items = pd.DataFrame([
-        caption("baseline", 1, ["star"], ["star", "moon"]),
-        caption("baseline", 2, ["house"], ["house", "tree"]),
-        caption("baseline", 3, ["cloud", "ring"], ["cloud"]),
-        caption("eah", 1, ["star"], ["star"]),
-        caption("eah", 2, ["house"], ["house", "tree"]),
-        caption("eah", 3, ["cloud", "ring"], ["cloud", "ring"]),
-        pope("baseline", 1, "present", True, True, 2.0),
-        pope("baseline", 1, "adversarial", False, True, 1.0),
-        pope("baseline", 1, "random", False, None, -1.0),  # unparsed: counts as "no"
-        pope("eah", 1, "present", True, True, 1.0),
-        pope("eah", 1, "adversarial", False, False, -2.0),
-        pope("eah", 1, "random", False, False, -3.0),
-    ])
-    s = summarise(items, n_resamples=500).set_index(["condition", "metric"])
-    assert s.loc[("baseline", "chair_i"), "value"] == pytest.approx(2 / 5)
-    assert s.loc[("eah", "chair_i"), "value"] == pytest.approx(1 / 5)
-    assert s.loc[("baseline", "chair_s"), "value"] == pytest.approx(2 / 3)
-    assert s.loc[("eah", "recall"), "value"] == pytest.approx(4 / 4)
-    assert s.loc[("baseline", "recall"), "value"] == pytest.approx(3 / 4)
-    assert s.loc[("baseline", "pope_acc_adversarial"), "value"] == pytest.approx(1 / 2)
-    assert s.loc[("baseline", "pope_acc_random"), "value"] == pytest.approx(2 / 2)
-    assert s.loc[("eah", "pope_acc_adversarial"), "value"] == pytest.approx(1.0)
-    assert s.loc[("baseline", "yes_ratio"), "value"] == pytest.approx(2 / 3)
-    assert s.loc[("eah", "probe_absent"), "value"] == pytest.approx(-2.5)
+    s = summarise(hand_items(), n_resamples=500).set_index(["condition", "metric"])
+    v = lambda c, m: s.loc[(c, m), "value"]  # noqa: E731
+    assert v("baseline", "chair_i") == pytest.approx(2 / 5) and v("eah", "chair_i") == pytest.approx(1 / 5)
+    assert v("baseline", "chair_s") == pytest.approx(2 / 3) and v("eah", "chair_s") == pytest.approx(1 / 3)
+    assert v("eah", "recall") == pytest.approx(4 / 4) and v("baseline", "recall") == pytest.approx(3 / 4)
+    assert v("baseline", "length") == 4
+    # random split, baseline: yes/no on (a: present yes, a: absent unparsed=no, b: absent yes)
+    assert v("baseline", "pope_acc_random") == pytest.approx(2 / 3)
+    assert v("baseline", "pope_precision_random") == pytest.approx(1 / 2)  # tp 1, fp 1
+    assert v("baseline", "pope_recall_random") == pytest.approx(1.0)
+    assert v("baseline", "pope_f1_random") == pytest.approx(2 * 1 / (2 * 1 + 1 + 0))
+    assert v("baseline", "pope_yes_ratio_random") == pytest.approx(2 / 3)
+    # adversarial split, baseline: present yes, absent yes
+    assert v("baseline", "pope_acc_adversarial") == pytest.approx(1 / 2)
+    assert v("eah", "pope_acc_adversarial") == pytest.approx(1.0)
+    assert v("eah", "pope_yes_ratio_adversarial") == pytest.approx(1 / 2)
+    # probes over distinct questions: eah present {1.0} (listed twice, counted once), absent {-3, -2, -1}
+    assert v("eah", "probe_present") == pytest.approx(1.0)
+    assert v("eah", "probe_absent") == pytest.approx(-2.0)
+    assert v("baseline", "probe_absent") == pytest.approx((-1.0 + 1.0 + 0.5) / 3)
     row = s.loc[("eah", "chair_i")]
     assert row["diff"] == pytest.approx(-1 / 5) and row.ci_low <= row["diff"] <= row.ci_high
-    assert 0 < row.p_value <= 1
+    assert 0 < row.p_value <= row.p_holm <= 1
+    assert not any(m.startswith("pope_") and "popular" in m for _, m in s.index)
+
+
+def test_only_the_splits_present_are_reported(tmp_path):
+    """Trap 5: a random-only POPE file gives random metrics and nothing adversarial (no 0.000 with a CI)."""
+    items = pd.DataFrame([
+        pope(c, item, "random", q, label, said, d)
+        for c in ("baseline", "eah")
+        for item, q, label, said, d in (("a", 0, True, True, 1.0), ("a", 1, False, c == "baseline", 0.2),
+                                         ("b", 2, True, False, -1.0), ("b", 3, False, False, -0.5))
+    ])
+    summary = summarise(items, n_resamples=200)
+    assert set(summary["split"].dropna()) == {"random"}
+    assert not summary["metric"].str.contains("adversarial|popular").any()
+    assert summary.set_index(["condition", "metric"]).loc[("eah", "pope_acc_random"), "value"] == pytest.approx(3 / 4)
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items.to_dict("records")))
+    evaluation.write_report(tmp_path / "items.jsonl", tmp_path, n_resamples=200)
+    report = (tmp_path / "report.md").read_text()
+    assert "split `random`" in report and "adversarial" not in report and "popular" not in report
+
+
+def test_a_zero_denominator_metric_is_reported_as_undefined(tmp_path):
+    """Trap 6: CHAIR_i with no mentions at all stays in the table and the report, with the reason."""
+    items = pd.DataFrame([caption(c, i, ["star"], []) for c in ("baseline", "eah") for i in ("a", "b")])
+    summary = summarise(items, n_resamples=200).set_index(["condition", "metric"])
+    row = summary.loc[("eah", "chair_i")]
+    assert math.isnan(row["value"]) and row["note"] == "undefined (no mentions)"
+    assert summary.loc[("eah", "recall"), "value"] == 0.0  # defined: 0 of 2 objects recalled
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items.to_dict("records")))
+    evaluation.write_report(tmp_path / "items.jsonl", tmp_path, n_resamples=200)
+    report = (tmp_path / "report.md").read_text()
+    assert "| eah | 0.000" in report and "undefined (no mentions)" in report
+    assert "* `chair_i` for `eah`: undefined (no mentions)" in report
+
+
+def test_chair_i_counts_mentions_as_the_protocol_lists_them():
+    # the reference protocol lists every mention: "two dogs ... a dog ... a cat" with truth {cat}
+    items = pd.DataFrame([caption(c, "a", ["cat"], ["dog", "dog", "cat"]) for c in ("baseline", "eah")])
+    s = summarise(items, n_resamples=50).set_index(["condition", "metric"])
+    assert s.loc[("eah", "chair_i"), "value"] == pytest.approx(2 / 3)
+    assert s.loc[("eah", "recall"), "value"] == 1.0 and s.loc[("eah", "chair_s"), "value"] == 1.0
+
+
+def test_captions_without_ground_truth_report_chair_undefined():
+    items = pd.DataFrame([caption(c, i, None, None, words=3) for c in ("baseline", "eah") for i in ("a", "b")])
+    summary = summarise(items, n_resamples=100).set_index(["condition", "metric"])
+    assert summary.loc[("eah", "chair_s"), "note"] == "undefined (no ground-truth objects)"
+    assert summary.loc[("eah", "chair_i"), "note"] == "undefined (no ground-truth objects)"
+    assert summary.loc[("eah", "length"), "value"] == 3
+
+
+def test_holm_by_hand():
+    # sorted: 0.005 (x4 = 0.02), 0.01 (x3 = 0.03), 0.03 (x2 = 0.06), 0.04 (x1 = 0.04 -> stays 0.06, monotone)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    got = holm([0.02, float("nan"), 0.01])
+    assert got[0] == pytest.approx(0.02) and math.isnan(got[1]) and got[2] == pytest.approx(0.02)
+    assert holm([]) == []
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        holm([1.5])
+
+
+def test_significance_comes_from_holm_not_the_raw_p(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluation, "sign_flip_p_value", lambda *a, **k: 0.02)  # every raw p = 0.02 < 0.05
+    items = hand_items()
+    summary = summarise(items, n_resamples=100)
+    tested = summary[summary["p_value"].notna()]
+    m = len(tested)
+    assert m > 3 and np.allclose(tested["p_holm"], min(1.0, m * 0.02))
+    assert not summary["significant"].any()
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items.to_dict("records")))
+    evaluation.write_report(tmp_path / "items.jsonl", tmp_path, n_resamples=100)
+    report = (tmp_path / "report.md").read_text()
+    assert "p=0.020" in report and " *)" not in report and f"Holm p={min(1.0, m * 0.02):.3f}" in report
+    monkeypatch.setattr(evaluation, "sign_flip_p_value", lambda *a, **k: 0.0001)
+    assert summarise(items, n_resamples=100).query("p_value == p_value")["significant"].all()
+
+
+# ------------------------------------------------------------------------------------ controls
+def test_deep_layer_control_never_edits_a_treatment_layer(bundle):
+    """Trap 4: on a 4-layer model the third-last layer (1) is the paper's layer: another one is chosen."""
+    arms = {c.name: c for c in default_conditions(bundle)}
+    treatment = set(arms["eah_paper"].config.layers) | set(arms["eah_reference"].config.layers)
+    assert treatment == {1, 3}
+    deep = arms["control_deep_layer"].config.layers
+    assert deep == (2,) and not set(deep) & treatment
+
+
+def test_deep_control_layer_rule():
+    assert deep_control_layer(32, (1, 15)) == 29  # LLaVA-1.5: the third-last, as before
+    assert deep_control_layer(4, (1, 3)) == 2
+    assert deep_control_layer(8, (1, 5)) == 6  # 5 (the third-last) is taken: 4 and 6 are as near, the deeper wins
+    with pytest.raises(ConfigError, match="no layer for the deep-layer control"):
+        deep_control_layer(3, (1, 2))
+
+
+def test_a_model_too_shallow_for_the_deep_control_leaves_it_out(monkeypatch):
+    fake = SimpleNamespace(model=None, threshold=0.01)
+    monkeypatch.setattr(evaluation.hf, "model_shape", lambda model: (3, 4, 4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        names = [c.name for c in default_conditions(fake, beams=1)]
+    assert "control_deep_layer" not in names and "eah_paper" in names
+    assert any("control_deep_layer left out" in str(w.message) for w in caught)
+
+
+def test_chair_protocol_is_passed_when_chair_scores_takes_it_and_recorded(tmp_path, bundle, monkeypatch):
+    import eah_interp.metrics as metrics
+
+    seen = []
+    real = metrics.chair_scores
+
+    def with_protocol(captions, objects, vocabulary="scenes", protocol="reference"):
+        seen.append(protocol)
+        return real(captions, objects, vocabulary=vocabulary)
+
+    monkeypatch.setattr(metrics, "chair_scores", with_protocol)
+    assert evaluation.chair_protocol_supported()
+    arms = [Condition("baseline")]
+    path = run_experiment(bundle, scene_dataset(2), tmp_path / "s", conditions=arms, tasks=("caption",),
+                          max_new_tokens=2, progress=False)
+    assert seen == ["strict"]  # the scene world's default
+    assert {json.loads(line)["chair_protocol"] for line in path.read_text().splitlines()} == {"strict"}
+    run_experiment(bundle, scene_dataset(2), tmp_path / "r", conditions=arms, tasks=("caption",), max_new_tokens=2,
+                   chair_protocol="reference", progress=False)
+    assert seen == ["strict", "reference"]
+    with pytest.raises(ConfigError, match="'reference' or 'strict'"):
+        run_experiment(bundle, scene_dataset(1), tmp_path / "x", conditions=arms, chair_protocol="loose", progress=False)

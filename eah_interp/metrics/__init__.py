@@ -6,6 +6,7 @@ from eah_interp.metrics.pope import parse_yes_no, pope_questions, pope_scores
 from eah_interp.metrics.probes import answer_token_ids, probe_scores, yes_no_logit_diff
 from eah_interp.metrics.stats import (
     bootstrap_ci,
+    holm,
     mcnemar,
     paired_bootstrap,
     paired_permutation_test,
@@ -22,6 +23,7 @@ __all__ = [
     "bootstrap_ci",
     "chair_scores",
     "get_vocabulary",
+    "holm",
     "load_coco_objects",
     "mcnemar",
     "paired_bootstrap",

@@ -27,7 +27,29 @@ def answer_token_ids(tokenizer, words: Iterable[str] = ("yes", "no")) -> dict[st
 def yes_no_logit_diff(
     logits: Float[Tensor, "batch vocab"], yes_ids: Sequence[int], no_ids: Sequence[int]
 ) -> Float[Tensor, " batch"]:
-    """``log p(yes) - log p(no)`` where p(yes) sums the probabilities of all yes tokens (same for no)."""
+    """``log p(yes) - log p(no)`` where p(yes) sums the probabilities of all yes tokens (same for no).
+
+    Args:
+        logits: next-token logits at the answer position.
+        yes_ids, no_ids: token ids of the "yes" / "no" variants (e.g. `answer_token_ids`); both non-empty.
+
+    Returns:
+        One log-odds difference per row.
+
+    Raises:
+        ValueError: an id list is empty (the log of an empty sum would be a silent ``-inf`` / NaN), or an
+            id is outside the vocabulary.
+    """
+    vocab = logits.shape[-1]
+    for label, ids in (("yes_ids", yes_ids), ("no_ids", no_ids)):
+        if len(ids) == 0:
+            raise ValueError(
+                f"{label} is empty, so p({label[:-4]}) is an empty sum and the difference would be NaN; pass the "
+                "token ids of the answer words, e.g. answer_token_ids(tokenizer) or bundle.yes_ids / bundle.no_ids."
+            )
+        bad = [int(i) for i in ids if not 0 <= int(i) < vocab]
+        if bad:
+            raise ValueError(f"{label} {bad} are outside the vocabulary (0..{vocab - 1}); pass ids of this model's tokenizer.")
     logp = torch.log_softmax(logits.float(), dim=-1)
     yes = torch.logsumexp(logp[:, list(yes_ids)], dim=-1)
     no = torch.logsumexp(logp[:, list(no_ids)], dim=-1)

@@ -1,4 +1,4 @@
-"""Model families: per-family adapters and ``describe``, the bundled organism, ``load_model``."""
+"""Model families: per-family adapters and ``describe``, model introspection, the bundled organism, ``load_model``."""
 
 from eah_interp.models.adapters import (
     ADAPTERS,
@@ -7,9 +7,11 @@ from eah_interp.models.adapters import (
     Description,
     adapter_for,
     describe,
+    image_token_ids,
     register_adapter,
 )
-from eah_interp.models.bundle import ORGANISM_THRESHOLD, ModelBundle, load_model
+from eah_interp.models.bundle import ORGANISM_THRESHOLD, ModelBundle, default_threshold, load_model
+from eah_interp.models.introspect import attention_modules, execution_device, model_shape, text_config
 from eah_interp.models.organism import load_organism
 from eah_interp.models.validate import ModelCheck, check_model
 
@@ -22,9 +24,15 @@ __all__ = [
     "ModelCheck",
     "ModelBundle",
     "adapter_for",
+    "attention_modules",
     "check_model",
+    "default_threshold",
     "describe",
+    "execution_device",
+    "image_token_ids",
     "load_model",
     "load_organism",
+    "model_shape",
     "register_adapter",
+    "text_config",
 ]

@@ -5,7 +5,7 @@ instead asks the model. Each supported family has an `Adapter` (a frozen datacla
 attributes that hold its visual placeholder ids, the dotted path of its text decoder and LM head, and
 the quirks a user must know before trusting a statistic (tiles, bidirectional image attention,
 M-RoPE, Q-Former queries). Layers, heads and KV heads are read from the text config; attention modules
-are found by their ``layer_idx`` (see `eah_interp.hf.attention_modules`).
+are found by their ``layer_idx`` (see `eah_interp.models.introspect.attention_modules`).
 
     >>> adapter = adapter_for(model)              # by class (and its base classes), else the generic one
     >>> adapter.visual_token_ids(model)           # e.g. (151655, 151656) for Qwen2-VL: image + video
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from eah_interp.errors import UnsupportedModelError
 from eah_interp.layout import TokenLayout
+from eah_interp.models.introspect import attention_modules, model_shape, text_config
 
 #: The backends a support entry may name.
 BACKENDS = ("hf", "nnsight", "lens")
@@ -257,10 +258,17 @@ def adapter_for(model: nn.Module) -> Adapter:
         for adapter in ADAPTERS.values():
             if cls.__name__ in adapter.architectures:
                 return adapter
-    from eah_interp import hf
-
-    hf.attention_modules(model)  # raises UnsupportedModelError with the list of families
+    attention_modules(model)  # raises UnsupportedModelError with the list of families
     return GENERIC
+
+
+def image_token_ids(model: nn.Module) -> tuple[int, ...]:
+    """Placeholder ids that mark visual positions in ``input_ids``, from the model's family adapter.
+
+    ``(config.image_token_id,)`` for most families (``image_token_index`` in older configs); Qwen adds
+    ``video_token_id``. Empty when the config has none (then pass an explicit `TokenLayout`).
+    """
+    return adapter_for(model).visual_token_ids(model)
 
 
 def known_families() -> str:
@@ -345,12 +353,10 @@ def describe(model: nn.Module, inputs: Mapping[str, Any] | None = None, *, file:
     Returns:
         A `Description` (its ``str`` is the printed report).
     """
-    from eah_interp import hf
-
     adapter = adapter_for(model)
-    cfg = hf.text_config(model)
-    n_layers, n_heads, n_kv = hf.model_shape(model)
-    modules = hf.attention_modules(model)
+    cfg = text_config(model)
+    n_layers, n_heads, n_kv = model_shape(model)
+    modules = attention_modules(model)
     layout = None
     if inputs is not None:
         if "input_ids" not in inputs:

@@ -338,3 +338,176 @@ def tiny_family(name: str, seed: int = 0, attn_implementation: str = "sdpa", pre
     if name not in TINY_FAMILIES:
         raise KeyError(f"No tiny builder for {name!r}; available: {', '.join(TINY_FAMILIES)}.")
     return TINY_FAMILIES[name](seed=seed, attn_implementation=attn_implementation, prefix_lengths=prefix_lengths)
+
+
+# ---------------------------------------------------------------------------------------------- hub-style folders
+#: The families `save_tiny_checkpoint` can write. ``"idefics3"`` is the format SmolVLM (v1) ships in
+#: (``Idefics3ForConditionalGeneration`` + ``Idefics3Processor``); Qwen2-VL and SmolVLM-2 processors need
+#: a video processor, which needs torchvision (not installable beside the CPU torch wheel used here).
+CHECKPOINT_FAMILIES = ("llava", "llava_next", "idefics3", "gemma3")
+
+#: The conversation format of LLaVA-1.5 (``USER: <image>\n{request} ASSISTANT:``) as a chat template,
+#: written for these fixtures after the one llava-hf ships (llava-hf/llava-1.5-7b-hf, chat_template.json).
+LLAVA_15_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] + ' ' }}{% endif %}{% endfor %}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+#: SmolVLM-Instruct's format (``<|im_start|>User:<image>{request}<end_of_utterance>\nAssistant:``), written
+#: for these fixtures after HuggingFaceTB/SmolVLM-Instruct's chat template.
+SMOLVLM_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'] is string %}{{ ': ' + message['content'] }}{% else %}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<end_of_utterance>\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+#: Gemma 3's turn format (``<bos><start_of_turn>user\n<start_of_image>{request}<end_of_turn>\n<start_of_turn>model\n``),
+#: written for these fixtures after google/gemma-3-4b-it's chat template.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<start_of_turn>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<start_of_image>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def _checkpoint_text(tokenizer, n_layers: int) -> dict[str, Any]:
+    return dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def save_tiny_checkpoint(family: str, path, *, seed: int = 0):
+    """Write a hub-style checkpoint folder: a tiny random LVLM that ``load_model(path)`` loads like a real one.
+
+    The folder is what ``save_pretrained`` writes for a released model: the real transformers model class
+    (random weights from a small config: 4 decoder layers for LLaVA, 3 for the others; 4 heads / 2 KV
+    heads; 16 image tokens per image, LLaVA-NeXT more), SmolLM2-135M-Instruct's real tokenizer (from its GGUF, see
+    `eah_interp.models.organism.loading.load_smollm_tokenizer`) with the family's image tokens added, the
+    family's chat template and its real image processor class. ``AutoModelForImageTextToText`` and
+    ``AutoProcessor`` load it offline. Its config carries ``eah_interp_random_weights: true``, so
+    `eah_interp.models.load_model` marks the bundle ``trained=False`` (its text is noise).
+
+    * ``"llava"``: ``LlavaForConditionalGeneration`` (Llama + CLIP, 28 px images in 7 px patches) with
+      ``LlavaProcessor`` (``CLIPImageProcessor``), ``<image>`` and LLaVA-1.5's conversation format;
+    * ``"llava_next"``: ``LlavaNextForConditionalGeneration`` with ``LlavaNextProcessor`` (AnyRes: a 28 px
+      base view plus tiles from the grid pinpoints 28/56 px, an image-newline token per tile row; a
+      336x336 image gives 16 + 64 + 8 = 88 image tokens), ``<image>`` and LLaVA-1.5's format, 3 layers;
+    * ``"gemma3"``: ``Gemma3ForConditionalGeneration`` (sliding-window and global layers, bidirectional
+      attention within an image) with ``Gemma3Processor`` (no pan-and-scan, 16 soft tokens per image)
+      and Gemma 3's turn format;
+    * ``"idefics3"`` (SmolVLM v1's format): ``Idefics3ForConditionalGeneration`` (Llama + SigLIP-like,
+      56 px, pixel shuffle 2) with ``Idefics3Processor`` (no image splitting) and SmolVLM's format.
+
+    Args:
+        family: one of `CHECKPOINT_FAMILIES`.
+        path: the folder to write (created if missing).
+        seed: seed of the random weights.
+
+    Returns:
+        The folder as a ``Path``.
+    """
+    from pathlib import Path
+
+    import transformers as tf
+
+    from eah_interp.models.organism.loading import load_smollm_tokenizer
+
+    if family not in CHECKPOINT_FAMILIES:
+        raise KeyError(f"No tiny checkpoint for {family!r}; available: {', '.join(CHECKPOINT_FAMILIES)}.")
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_smollm_tokenizer(
+        extra_special_tokens={"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"}
+    ) if family == "gemma3" else load_smollm_tokenizer()
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=7)
+    if family == "llava_next":
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+        pinpoints = [[28, 28], [28, 56], [56, 28], [56, 56]]
+        image_processor = tf.LlavaNextImageProcessor(
+            size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, image_grid_pinpoints=pinpoints
+        )
+        processor = tf.LlavaNextProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=7, vision_feature_select_strategy="default",
+            chat_template=LLAVA_15_CHAT_TEMPLATE, image_token="<image>", num_additional_image_tokens=1,
+        )
+        config = tf.LlavaNextConfig(
+            text_config=tf.LlamaConfig(**_checkpoint_text(tokenizer, 3)),
+            vision_config=tf.CLIPVisionConfig(**vision),
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            image_grid_pinpoints=pinpoints,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+            tie_word_embeddings=False,
+        )
+        model = tf.LlavaNextForConditionalGeneration(config)
+    elif family == "gemma3":
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+        image_processor = tf.Gemma3ImageProcessor(size={"height": 28, "width": 28}, do_pan_and_scan=False)
+        processor = tf.Gemma3Processor(
+            image_processor=image_processor, tokenizer=tokenizer, chat_template=GEMMA3_CHAT_TEMPLATE, image_seq_length=16
+        )
+        config = tf.Gemma3Config(
+            text_config=dict(
+                _checkpoint_text(tokenizer, 3), head_dim=16, sliding_window=8,
+                layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            ),
+            vision_config=dict(vision, num_hidden_layers=1),
+            mm_tokens_per_image=16,
+            image_token_id=tokenizer.image_token_id,
+            boi_token_id=tokenizer.boi_token_id,
+            eoi_token_id=tokenizer.eoi_token_id,
+            tie_word_embeddings=False,
+        )
+        model = tf.Gemma3ForConditionalGeneration(config)
+    elif family == "llava":
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+        image_processor = tf.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+        processor = tf.LlavaProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=7, vision_feature_select_strategy="default",
+            chat_template=LLAVA_15_CHAT_TEMPLATE, image_token="<image>", num_additional_image_tokens=1,
+        )
+        config = tf.LlavaConfig(
+            text_config=tf.LlamaConfig(**_checkpoint_text(tokenizer, 4)),
+            vision_config=tf.CLIPVisionConfig(**vision, projection_dim=32),
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+            tie_word_embeddings=False,
+        )
+        model = tf.LlavaForConditionalGeneration(config)
+    else:
+        extra = ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"]
+        tokenizer.add_special_tokens({"additional_special_tokens": extra})
+        image_processor = tf.Idefics3ImageProcessor(
+            do_image_splitting=False, size={"longest_edge": 56}, max_image_size={"longest_edge": 56}
+        )
+        processor = tf.Idefics3Processor(
+            image_processor=image_processor, tokenizer=tokenizer, image_seq_len=16, chat_template=SMOLVLM_CHAT_TEMPLATE
+        )
+        config = tf.Idefics3Config(
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=56, patch_size=7),
+            text_config={"model_type": "llama", **_checkpoint_text(tokenizer, 3)},
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            scale_factor=2,
+            tie_word_embeddings=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model = tf.Idefics3ForConditionalGeneration(config)
+    model.config.eah_interp_random_weights = True
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.eval().save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

