@@ -18,7 +18,6 @@ The runner knows nothing about where items come from.
 
 from __future__ import annotations
 
-import inspect
 import json
 import warnings
 from collections.abc import Iterable, Sequence
@@ -158,19 +157,10 @@ def first_token_answers(
     return [a.strip() for a in answers], diffs.tolist()
 
 
-def chair_protocol_supported() -> bool:
-    """Whether the installed `chair_scores` takes ``protocol=`` ("reference" / "strict")."""
-    from eah_interp.metrics import chair_scores
-
-    return "protocol" in inspect.signature(chair_scores).parameters
-
-
 def _chair(captions: list[str], truths: list[frozenset[str]], vocabulary: str, protocol: str) -> dict[str, Any]:
     from eah_interp.metrics import chair_scores
 
-    if chair_protocol_supported():
-        return chair_scores(captions, truths, vocabulary=vocabulary, protocol=protocol)  # type: ignore[call-arg]
-    return chair_scores(captions, truths, vocabulary=vocabulary)
+    return chair_scores(captions, truths, vocabulary=vocabulary, protocol=protocol)
 
 
 def _settings(bundle: ModelBundle, dataset: Dataset, prompt: str, max_new_tokens: int, chair_protocol: str) -> dict:
@@ -246,7 +236,7 @@ def run_experiment(
         arms = {**before, **arms}
     run_file.write_text(json.dumps({
         "settings": settings, "dataset": {"description": dataset.describe(), "source": dataset.source},
-        "chair_protocol_applied": chair_protocol_supported(), "conditions": list(arms.values()),
+        "conditions": list(arms.values()),
         "tasks": list(tasks),
     }, indent=1, default=str))
     store = _Store(out / "items.jsonl")
@@ -575,10 +565,7 @@ def write_report(
             f"* Dataset: {run.get('dataset', {}).get('description', '?')}",
             f"* Model: `{settings.get('model')}`; captions: max_new_tokens={settings.get('max_new_tokens')}, prompt:",
             "", "  ```text", *("  " + line for line in str(settings.get("prompt", "")).splitlines()), "  ```", "",
-            f"* CHAIR protocol: `{settings.get('chair_protocol')}`"
-            + ("" if run.get("chair_protocol_applied", True) else
-               " (requested; the installed chair_scores has no protocol option, so its default matching was used)")
-            + f", vocabulary `{settings.get('vocabulary')}`.",
+            f"* CHAIR protocol: `{settings.get('chair_protocol')}`, vocabulary `{settings.get('vocabulary')}`.",
             "",
         ]
     n_tests = int(summary["p_value"].notna().sum())
