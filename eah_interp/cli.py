@@ -398,7 +398,8 @@ def evaluate(
     prompt: PromptOpt = None,
     max_new_tokens: Annotated[int, typer.Option(help="caption length budget (the CHAIR protocol of OPERA uses 512)")] = 30,
     chair_protocol: Annotated[str | None, typer.Option(
-        help="CHAIR word matching: 'reference' or 'strict' (default: reference for COCO, strict for scenes)",
+        help="CHAIR word matching: 'reference', 'strict' or 'both' (COCO: reference in the main metrics, strict "
+             "as *_strict beside them); default: reference for COCO, strict for scenes",
     )] = None,
     out: Annotated[Path, typer.Option(help="output folder (rerun to resume)")] = Path("runs/eval"),
     beams: Annotated[int, typer.Option(help="beam width of the beam-search arms (1 = none)")] = 3,
@@ -431,8 +432,8 @@ def evaluate(
     )
     from eah_interp.experiments import scan_images
 
-    if chair_protocol not in (None, "reference", "strict"):
-        raise typer.BadParameter(f"--chair-protocol must be 'reference' or 'strict'; got {chair_protocol!r}.")
+    if chair_protocol not in (None, "reference", "strict", "both"):
+        raise typer.BadParameter(f"--chair-protocol must be 'reference', 'strict' or 'both'; got {chair_protocol!r}.")
     dataset = _dataset(images=images, coco_instances=coco_instances, pope=pope, n=n, seed=seed, default_scenes=100,
                        generate_pope=generate_pope)
     console.print(f"[bold]data:[/] {dataset.describe()}")

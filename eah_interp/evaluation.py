@@ -205,8 +205,13 @@ def run_experiment(
     out.mkdir(parents=True, exist_ok=True)
     conditions = list(conditions or default_conditions(bundle))
     protocol = chair_protocol or dataset.chair_protocol
-    if protocol not in ("reference", "strict"):
-        raise ConfigError(f"chair_protocol must be 'reference' or 'strict'; got {protocol!r}.")
+    if protocol not in CHAIR_PROTOCOLS:
+        raise ConfigError(f"chair_protocol must be 'reference', 'strict' or 'both'; got {protocol!r}.")
+    if protocol == "both" and dataset.vocabulary != "coco":
+        raise ConfigError(
+            f"chair_protocol='both' needs the COCO vocabulary (the reference protocol is COCO's); dataset "
+            f"{dataset.name!r} uses {dataset.vocabulary!r}: pass 'strict'."
+        )
     if prompt is None:
         caption_prompt = bundle.caption_prompt
     elif callable(getattr(bundle, "prompt", None)):
@@ -258,21 +263,31 @@ def _run_captions(bundle, dataset: Dataset, cond: Condition, store: _Store, prom
             max_new_tokens=max_new_tokens, num_beams=cond.num_beams, batch_size=batch_size, progress=False,
         )
         known = [j for j, item in enumerate(chunk) if item.objects is not None and dataset.vocabulary]
-        scores = {}
+        # "both": the reference protocol's findings in the main fields, the strict one's beside them
+        main, extra = ("reference", "strict") if protocol == "both" else (protocol, None)
+        scores: dict[int, Any] = {}
+        strict_scores: dict[int, Any] = {}
         if known:
-            per = _chair([texts[j] for j in known], [chunk[j].objects for j in known], dataset.vocabulary, protocol)
-            scores = dict(zip(known, per["per_caption"], strict=True))
+            captions, truths = [texts[j] for j in known], [chunk[j].objects for j in known]
+            scores = dict(zip(known, _chair(captions, truths, dataset.vocabulary, main)["per_caption"], strict=True))
+            if extra is not None:
+                per = _chair(captions, truths, dataset.vocabulary, extra)["per_caption"]
+                strict_scores = dict(zip(known, per, strict=True))
         records = []
         for j, (item, text, h) in enumerate(zip(chunk, texts, heads, strict=True)):
             pc = scores.get(j)
-            records.append({
+            record = {
                 "condition": cond.name, "task": "caption", "item": item.id, "question": "", "caption": text,
                 "truth": None if item.objects is None else sorted(item.objects),
                 "mentioned": None if pc is None else sorted(pc["mentioned"]),
                 "hallucinated": None if pc is None else sorted(pc["hallucinated"]),
-                "chair_protocol": None if pc is None else protocol, "n_words": len(text.split()),
+                "chair_protocol": None if pc is None else main, "n_words": len(text.split()),
                 "source_heads": h, "max_new_tokens": max_new_tokens, "num_beams": cond.num_beams,
-            })
+            }
+            if j in strict_scores:
+                record["mentioned_strict"] = sorted(strict_scores[j]["mentioned"])
+                record["hallucinated_strict"] = sorted(strict_scores[j]["hallucinated"])
+            records.append(record)
         store.add(records)
 
 
@@ -338,6 +353,16 @@ CAPTION_METRICS = (
     Metric("length", "caption", "n_words", "one", "no captions"),
 )
 
+#: The same CHAIR metrics under the strict protocol, reported next to the reference ones for ``"both"``.
+STRICT_CAPTION_METRICS = (
+    Metric("chair_s_strict", "caption", "any_hallucination_strict", "chair_n", "no ground-truth objects"),
+    Metric("chair_i_strict", "caption", "n_hallucinated_strict", "n_mentioned_strict", "no mentions"),
+    Metric("recall_strict", "caption", "n_recalled_strict", "n_truth", "no ground-truth objects"),
+)
+
+#: Values of ``chair_protocol`` the runner takes: one protocol, or both (reference in the main metrics).
+CHAIR_PROTOCOLS = ("reference", "strict", "both")
+
 
 def pope_metrics(split: str) -> tuple[Metric, ...]:
     """POPE's accuracy, precision, recall, F1 and yes-ratio of one split ("yes" is the positive class)."""
@@ -369,6 +394,8 @@ def metrics_for(items) -> list[Metric]:
     """The metrics the results support: captions, then POPE per split present (first-seen order), then probes."""
     tasks = set(items["task"]) if "task" in items else set()
     metrics: list[Metric] = list(CAPTION_METRICS) if "caption" in tasks else []
+    if "caption" in tasks and "mentioned_strict" in items and items["mentioned_strict"].notna().any():
+        metrics += STRICT_CAPTION_METRICS
     if "pope" in tasks:
         for split in _splits(items):
             metrics += pope_metrics(split)
@@ -402,6 +429,12 @@ def item_table(items):
                     n_mentioned=float(len(mentioned)), n_recalled=float(len(set(mentioned) & truth)),
                     n_truth=float(len(truth)),
                 )
+                if isinstance(rec.get("mentioned_strict"), list):
+                    mentioned, halluc = rec["mentioned_strict"], rec["hallucinated_strict"]
+                    row.update(
+                        any_hallucination_strict=float(len(halluc) > 0), n_hallucinated_strict=float(len(halluc)),
+                        n_mentioned_strict=float(len(mentioned)), n_recalled_strict=float(len(set(mentioned) & truth)),
+                    )
             continue
         said, label, split = _said_yes(rec["said_yes"]), bool(rec["label"]), rec["split"]
         add = {
@@ -422,7 +455,7 @@ def item_table(items):
     pope = table["task"] == "pope" if not table.empty else []
     if len(table) and any(pope):  # a POPE row lacking a split or a probe kind has 0 of it, not "unknown"
         cols = [c for c in table.columns if c.startswith(("n_", "correct_", "yes_", "tp_", "pos_", "f1", "probe_"))
-                and c not in ("n_words", "n_hallucinated", "n_mentioned", "n_recalled", "n_truth")]
+                and not c.startswith(("n_words", "n_hallucinated", "n_mentioned", "n_recalled", "n_truth"))]
         table.loc[pope, cols] = table.loc[pope, cols].fillna(0.0)
     return table
 

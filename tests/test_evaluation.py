@@ -264,5 +264,40 @@ def test_chair_protocol_is_passed_to_chair_scores_and_recorded(tmp_path, bundle,
     run_experiment(bundle, scene_dataset(2), tmp_path / "r", conditions=arms, tasks=("caption",), max_new_tokens=2,
                    chair_protocol="reference", progress=False)
     assert seen == ["strict", "reference"]
-    with pytest.raises(ConfigError, match="'reference' or 'strict'"):
+    with pytest.raises(ConfigError, match="'reference', 'strict' or 'both'"):
         run_experiment(bundle, scene_dataset(1), tmp_path / "x", conditions=arms, chair_protocol="loose", progress=False)
+
+
+def test_both_chair_protocols_are_reported_side_by_side():
+    # truth {cat}; reference lists every mention (dog, dog, cat), strict each object once (dog, cat)
+    items = pd.DataFrame([
+        {**caption(c, "a", ["cat"], ["cat", "dog", "dog"]), "mentioned_strict": ["cat", "dog"],
+         "hallucinated_strict": ["dog"]}
+        for c in ("baseline", "eah")
+    ] + [
+        {**caption(c, "b", ["cup"], ["cup"]), "mentioned_strict": [], "hallucinated_strict": []}
+        for c in ("baseline", "eah")
+    ])
+    s = summarise(items, n_resamples=50).set_index(["condition", "metric"])
+    assert s.loc[("eah", "chair_i"), "value"] == pytest.approx(2 / 4)  # (2 dogs) / (cat, dog, dog, cup)
+    assert s.loc[("eah", "chair_i_strict"), "value"] == pytest.approx(1 / 2)  # dog / (cat, dog)
+    assert s.loc[("eah", "chair_s_strict"), "value"] == pytest.approx(1 / 2)
+    assert s.loc[("eah", "recall_strict"), "value"] == pytest.approx(1 / 2)  # cat yes, cup not mentioned
+
+
+def test_both_chair_protocols_on_coco_images(tmp_path, bundle):
+    from eah_interp.data import coco_instances
+    from eah_interp.metrics import chair_scores
+    from tests.photos import write_instances, write_photos
+
+    data = coco_instances(write_instances(tmp_path / "instances.json"), write_photos(tmp_path / "images"))
+    path = run_experiment(bundle, data, tmp_path / "run", conditions=[Condition("baseline")], tasks=("caption",),
+                          max_new_tokens=3, chair_protocol="both", progress=False)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert records and all(r["chair_protocol"] == "reference" for r in records)
+    for r in records:
+        strict = chair_scores([r["caption"]], [r["truth"]], vocabulary="coco", protocol="strict")["per_caption"][0]
+        assert r["mentioned_strict"] == sorted(strict["mentioned"])
+    with pytest.raises(ConfigError, match="needs the COCO vocabulary"):
+        run_experiment(bundle, scene_dataset(1), tmp_path / "s", conditions=[Condition("baseline")],
+                       chair_protocol="both", progress=False)
