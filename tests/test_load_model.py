@@ -304,6 +304,7 @@ def test_scan_and_eah_run_on_a_loaded_checkpoint(family, request):
     n_layers, n_heads, n_kv = model_shape(bundle.model)
     assert (n_heads, n_kv) == (4, 2) and n_layers == (4 if family == "llava" else 3)
     normalise = "rows" if family == "gemma3" else "causal"  # bidirectional image attention
+    assert bundle.normalise == normalise
     stats = scan_images(bundle, photos(3), batch_size=2, progress=False, normalise=normalise)
     assert stats.layers == list(range(n_layers)) and stats.n_examples(0) == 3
     assert stats.matrix("sink_density").shape == (n_layers, n_heads)

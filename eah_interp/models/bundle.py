@@ -117,6 +117,13 @@ class ModelBundle:
         """A yes/no question (``"Is there a dog in the image?"``) with `yes_no_suffix`, as a full prompt."""
         return self.prompt(question.rstrip() + self.yes_no_suffix)
 
+    @property
+    def normalise(self) -> str:
+        """The sink normaliser for this family: ``"rows"`` where image tokens attend bidirectionally, else ``"causal"``."""
+        from eah_interp.models.adapters import adapter_for
+
+        return "rows" if adapter_for(self.model).bidirectional_image_attention else "causal"
+
     # ------------------------------------------------------------------ inputs and outputs
     @property
     def device(self) -> torch.device:
