@@ -360,3 +360,10 @@ def test_registry_model_takes_eager_attention():
 
     assert text_config(load_model("tiny-llava").model)._attn_implementation == "sdpa"
     assert text_config(load_model("tiny-llava", attn_implementation="eager").model)._attn_implementation == "eager"
+
+
+def test_repr_says_what_was_loaded_in_one_line(llava, llava_checkpoint):
+    assert repr(llava) == (
+        f"ModelBundle({str(llava_checkpoint)!r}: LlavaForConditionalGeneration, 4 layers x 4 heads (2 KV), "
+        "16 image tokens, threshold 0.0288, device cpu, RANDOM weights)"
+    )

@@ -61,7 +61,7 @@ def default_threshold(image_tokens: int) -> float:
     return OFFICIAL_THRESHOLD * PAPER_IMAGE_TOKENS / image_tokens
 
 
-@dataclass
+@dataclass(repr=False)
 class ModelBundle:
     """A loaded LVLM with what the CLI and runners need to drive it.
 
@@ -102,6 +102,16 @@ class ModelBundle:
                 f"{self.name}: the tokenizer gave no token ids for 'yes' ({self.yes_ids}) or 'no' ({self.no_ids}); "
                 "yes/no probes need both. Pass ModelBundle(yes_ids=..., no_ids=...) by hand."
             )
+
+    def __repr__(self) -> str:
+        from eah_interp.models.introspect import model_shape
+
+        layers, heads, kv = model_shape(self.model)
+        return (
+            f"ModelBundle({self.name!r}: {type(self.model).__name__}, {layers} layers x {heads} heads ({kv} KV), "
+            f"{self.image_tokens} image tokens, threshold {self.threshold:.3g}, device {self.device}, "
+            f"{'trained' if self.trained else 'RANDOM weights'})"
+        )
 
     # ------------------------------------------------------------------ prompts
     def prompt(self, text: str) -> str:
