@@ -367,3 +367,21 @@ def test_repr_says_what_was_loaded_in_one_line(llava, llava_checkpoint):
         f"ModelBundle({str(llava_checkpoint)!r}: LlavaForConditionalGeneration, 4 layers x 4 heads (2 KV), "
         "16 image tokens, threshold 0.0288, device cpu, RANDOM weights)"
     )
+
+
+def test_a_hub_id_loads_from_the_local_hub_cache_offline(llava_checkpoint, tmp_path):
+    """``load_model("org/name")`` finds a model in the hub cache (the layout huggingface_hub writes) offline."""
+    import os
+    import subprocess
+    import sys
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llava"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(llava_checkpoint, repo / "snapshots" / commit)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "OMP_NUM_THREADS": "1"}
+    code = "from eah_interp.models import load_model\nprint(repr(load_model('tiny-org/tiny-llava')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().startswith("ModelBundle('tiny-org/tiny-llava': LlavaForConditionalGeneration, 4 layers")
