@@ -46,10 +46,16 @@ def llava_next(llava_next_checkpoint) -> ModelBundle:
     return load_model(llava_next_checkpoint)
 
 
-FAMILIES = ["llava", "llava_next", "idefics3", "gemma3"]
+@pytest.fixture(scope="module")
+def paligemma(paligemma_checkpoint) -> ModelBundle:
+    with pytest.warns(UserWarning, match="no chat template but places the image itself"):
+        return load_model(paligemma_checkpoint)
+
+
+FAMILIES = ["llava", "llava_next", "idefics3", "gemma3", "paligemma"]
 #: Image tokens per 512x512 photo: 16 (LLaVA: (28 / 7)^2; Idefics3: (56 / 7)^2 / 2^2; Gemma 3: 16 soft
 #: tokens), LLaVA-NeXT 88 (see test_llava_next_anyres_counts_follow_the_image).
-SQUARE_TOKENS = {"llava": 16, "llava_next": 88, "idefics3": 16, "gemma3": 16}
+SQUARE_TOKENS = {"llava": 16, "llava_next": 88, "idefics3": 16, "gemma3": 16, "paligemma": 16}
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -74,6 +80,17 @@ def test_gemma3_folder_loads_as_the_real_classes(gemma3):
         "<start_of_turn>model\n"
     )
     assert gemma3.image_tokens == 16
+
+
+def test_paligemma_prompts_are_the_bare_request(paligemma):
+    # No chat template, and PaliGemma's processor puts 16 <image> tokens and bos before the text itself.
+    assert type(paligemma.model).__name__ == "PaliGemmaForConditionalGeneration"
+    assert paligemma.caption_prompt == "Please describe this image in detail."
+    assert paligemma.yes_no_prompt("Is there a dog?") == "Is there a dog? Please answer this question with one word."
+    inputs = paligemma.encode([paligemma.caption_prompt], photos(1))
+    assert "labels" not in inputs  # the processor's training labels are dropped
+    tokenizer = paligemma.processor.tokenizer
+    assert tokenizer.decode(inputs["input_ids"][0]) == "<image>" * 16 + tokenizer.bos_token + "Please describe this image in detail.\n"
 
 
 def test_prompts_follow_each_family_chat_template(llava, idefics3):
@@ -292,7 +309,7 @@ def test_scan_and_eah_run_on_a_loaded_checkpoint(family, request):
     bundle = request.getfixturevalue(family)
     n_layers, n_heads, n_kv = model_shape(bundle.model)
     assert (n_heads, n_kv) == (4, 2) and n_layers == (4 if family == "llava" else 3)
-    normalise = "rows" if family == "gemma3" else "causal"  # bidirectional image attention
+    normalise = "rows" if family in ("gemma3", "paligemma") else "causal"  # bidirectional image attention
     assert bundle.normalise == normalise
     stats = scan_images(bundle, photos(3), batch_size=2, progress=False, normalise=normalise)
     assert stats.layers == list(range(n_layers)) and stats.n_examples(0) == 3

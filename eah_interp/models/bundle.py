@@ -165,6 +165,8 @@ class ModelBundle:
         device, dtype = self.device, getattr(self.model, "dtype", None)
         out = {}
         for key, value in inputs.items():
+            if key == "labels":  # PaliGemma's processor adds training labels: not an inference input
+                continue
             if isinstance(value, torch.Tensor):
                 value = value.to(device, dtype=dtype) if value.is_floating_point() and dtype is not None else value.to(device)
             out[key] = value
@@ -409,6 +411,20 @@ def _chat_template(processor: Any) -> Callable[[str], str]:
     return wrap
 
 
+def _bare_template(text: str) -> str:
+    """The request itself: for processors that put the image (and the turn format) in place themselves."""
+    return text
+
+
+def _image_tokens(processor: Any, prompt: str, image: Any, visual: Sequence[int], kwargs: dict[str, Any]) -> int:
+    """Image tokens in ``processor(text=[prompt], images=[[image]])``; 0 if the processor refuses the prompt."""
+    try:
+        inputs = processor(text=[prompt], images=[[image]], **kwargs)
+    except Exception:  # e.g. "the number of image tokens does not match the number of images"
+        return 0
+    return int(sum(int((inputs["input_ids"] == i).sum()) for i in visual))
+
+
 def _plain_template(image_token: str) -> Callable[[str], str]:
     def wrap(text: str) -> str:
         return PLAIN_FORMAT.format(image=image_token, text=text)
@@ -436,8 +452,17 @@ def _bundle_for(name: str, model: Any, processor: Any) -> ModelBundle:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    kwargs = {"return_tensors": "pt", "padding": True}
+    probe = Image.new("RGB", (336, 336), (128, 128, 128))  # LLaVA-1.5's input size; size-dependent processors use it as is
     if getattr(processor, "chat_template", None):
         template = _chat_template(processor)
+    elif _image_tokens(processor, CAPTION_REQUEST, probe, visual, kwargs) > 0:
+        warnings.warn(
+            f"{name}'s processor has no chat template but places the image itself (as PaliGemma's and InstructBLIP's "
+            "do): prompts are the bare request. Save a chat template with the processor if the model expects one.",
+            stacklevel=3,
+        )
+        template = _bare_template
     else:
         image_token = getattr(processor, "image_token", None) or "<image>"
         warnings.warn(
@@ -451,10 +476,8 @@ def _bundle_for(name: str, model: Any, processor: Any) -> ModelBundle:
     bundle = ModelBundle(
         name, model, processor, OFFICIAL_THRESHOLD, not random_weights,
         f"{type(model).__name__} from {name}" + (" (RANDOM weights: the text is noise)" if random_weights else ""),
-        ids["yes"], ids["no"], template, processor_kwargs={"return_tensors": "pt", "padding": True},
-        images_per_prompt=True,
+        ids["yes"], ids["no"], template, processor_kwargs=kwargs, images_per_prompt=True,
     )
-    probe = Image.new("RGB", (336, 336), (128, 128, 128))  # LLaVA-1.5's input size; dynamic-resolution processors use it as is
     try:
         inputs = bundle.processor(text=[bundle.caption_prompt], images=[[probe]], **bundle.processor_kwargs)
     except EAHError:
