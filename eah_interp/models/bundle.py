@@ -35,11 +35,13 @@ ORGANISM_THRESHOLD = 0.01
 #: Image tokens of LLaVA-1.5 at 336 px, for which the official threshold 0.0008 was tuned.
 PAPER_IMAGE_TOKENS = 576
 
-#: The caption request of the CHAIR protocol in the EAH and OPERA papers.
+#: The caption request of the CHAIR protocol (OPERA's ``chair_eval.py``, shikiw/OPERA: 500 COCO val2014
+#: images, this request, ``max_new_tokens=512``), which the EAH paper follows.
 CAPTION_REQUEST = "Please describe this image in detail."
 
-#: Appended to a POPE question, as the VCD / OPERA POPE scripts do with LLaVA-1.5
-#: (``qs + " Please answer this question with one word."``).
+#: Appended to a POPE question, as VCD's POPE script for LLaVA-1.5 does (DAMO-NLP-SG/VCD,
+#: ``experiments/eval/object_hallucination_vqa_llava.py``: ``qs + " Please answer this question with one
+#: word."``). OPERA's ``pope_eval.py`` sends the bare question instead: set ``bundle.yes_no_suffix = ""``.
 POPE_SUFFIX = " Please answer this question with one word."
 
 #: The plain prompt used when a processor has no chat template: LLaVA-1.5's conversation format.
