@@ -51,6 +51,7 @@ from eah_interp.errors import (
     AttentionImplementationError,
     LayerIndexError,
     LayoutError,
+    UnsupportedModelError,  # noqa: F401  (re-exported: hf.UnsupportedModelError)
 )
 from eah_interp.layout import TokenLayout
 from eah_interp.models.adapters import image_token_ids as image_token_ids  # re-exported

@@ -42,3 +42,11 @@ def gemma3_checkpoint(tmp_path_factory):
     from eah_interp.models.tiny import save_tiny_checkpoint
 
     return save_tiny_checkpoint("gemma3", tmp_path_factory.mktemp("gemma3-checkpoint"))
+
+
+@pytest.fixture(scope="session")
+def paligemma_checkpoint(tmp_path_factory):
+    """A hub-style PaliGemma folder (no chat template: the processor places the image; bidirectional prefix)."""
+    from eah_interp.models.tiny import save_tiny_checkpoint
+
+    return save_tiny_checkpoint("paligemma", tmp_path_factory.mktemp("paligemma-checkpoint"))

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -48,10 +46,16 @@ def llava_next(llava_next_checkpoint) -> ModelBundle:
     return load_model(llava_next_checkpoint)
 
 
-FAMILIES = ["llava", "llava_next", "idefics3", "gemma3"]
+@pytest.fixture(scope="module")
+def paligemma(paligemma_checkpoint) -> ModelBundle:
+    with pytest.warns(UserWarning, match="no chat template but places the image itself"):
+        return load_model(paligemma_checkpoint)
+
+
+FAMILIES = ["llava", "llava_next", "idefics3", "gemma3", "paligemma"]
 #: Image tokens per 512x512 photo: 16 (LLaVA: (28 / 7)^2; Idefics3: (56 / 7)^2 / 2^2; Gemma 3: 16 soft
 #: tokens), LLaVA-NeXT 88 (see test_llava_next_anyres_counts_follow_the_image).
-SQUARE_TOKENS = {"llava": 16, "llava_next": 88, "idefics3": 16, "gemma3": 16}
+SQUARE_TOKENS = {"llava": 16, "llava_next": 88, "idefics3": 16, "gemma3": 16, "paligemma": 16}
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -76,6 +80,17 @@ def test_gemma3_folder_loads_as_the_real_classes(gemma3):
         "<start_of_turn>model\n"
     )
     assert gemma3.image_tokens == 16
+
+
+def test_paligemma_prompts_are_the_bare_request(paligemma):
+    # No chat template, and PaliGemma's processor puts 16 <image> tokens and bos before the text itself.
+    assert type(paligemma.model).__name__ == "PaliGemmaForConditionalGeneration"
+    assert paligemma.caption_prompt == "Please describe this image in detail."
+    assert paligemma.yes_no_prompt("Is there a dog?") == "Is there a dog? Please answer this question with one word."
+    inputs = paligemma.encode([paligemma.caption_prompt], photos(1))
+    assert "labels" not in inputs  # the processor's training labels are dropped
+    tokenizer = paligemma.processor.tokenizer
+    assert tokenizer.decode(inputs["input_ids"][0]) == "<image>" * 16 + tokenizer.bos_token + "Please describe this image in detail.\n"
 
 
 def test_prompts_follow_each_family_chat_template(llava, idefics3):
@@ -131,6 +146,7 @@ def test_encode_calls_the_processor_by_keyword_and_pads_left(family, request):
     """Trap 1: HF processors take ``images=`` first; a positional call fails with "Incorrect image source"."""
     bundle = request.getfixturevalue(family)
     short, long = bundle.prompt("Hi."), bundle.prompt("Please describe this image in detail, every object in it.")
+    assert [p.mode for p in photos(2)] == ["RGB", "L"]  # the greyscale camera is converted to RGB by encode
     inputs = bundle.encode([short, long], photos(2))
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     image_id = bundle.model.config.image_token_id
@@ -264,16 +280,6 @@ def test_empty_yes_no_ids_are_refused(llava):
         ModelBundle("x", llava.model, llava.processor, 0.01, True, "", [], [1], llava.template)
 
 
-def test_photos_are_real():
-    # Guard the fixture images: real photos, different sizes, one greyscale (converted to RGB by encode).
-    sizes = {p.size for p in photos(4)}
-    assert len(sizes) >= 3
-    assert np.asarray(photos(2)[1]).ndim == 2
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert photos(1)[0].mode == "RGB"
-
-
 def test_device_map_without_accelerate_says_what_to_install(monkeypatch):
     import eah_interp.models.bundle as bundle_module
 
@@ -303,7 +309,8 @@ def test_scan_and_eah_run_on_a_loaded_checkpoint(family, request):
     bundle = request.getfixturevalue(family)
     n_layers, n_heads, n_kv = model_shape(bundle.model)
     assert (n_heads, n_kv) == (4, 2) and n_layers == (4 if family == "llava" else 3)
-    normalise = "rows" if family == "gemma3" else "causal"  # bidirectional image attention
+    normalise = "rows" if family in ("gemma3", "paligemma") else "causal"  # bidirectional image attention
+    assert bundle.normalise == normalise
     stats = scan_images(bundle, photos(3), batch_size=2, progress=False, normalise=normalise)
     assert stats.layers == list(range(n_layers)) and stats.n_examples(0) == 3
     assert stats.matrix("sink_density").shape == (n_layers, n_heads)
@@ -370,3 +377,28 @@ def test_registry_model_takes_eager_attention():
 
     assert text_config(load_model("tiny-llava").model)._attn_implementation == "sdpa"
     assert text_config(load_model("tiny-llava", attn_implementation="eager").model)._attn_implementation == "eager"
+
+
+def test_repr_says_what_was_loaded_in_one_line(llava, llava_checkpoint):
+    assert repr(llava) == (
+        f"ModelBundle({str(llava_checkpoint)!r}: LlavaForConditionalGeneration, 4 layers x 4 heads (2 KV), "
+        "16 image tokens, threshold 0.0288, device cpu, RANDOM weights)"
+    )
+
+
+def test_a_hub_id_loads_from_the_local_hub_cache_offline(llava_checkpoint, tmp_path):
+    """``load_model("org/name")`` finds a model in the hub cache (the layout huggingface_hub writes) offline."""
+    import os
+    import subprocess
+    import sys
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llava"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(llava_checkpoint, repo / "snapshots" / commit)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "OMP_NUM_THREADS": "1"}
+    code = "from eah_interp.models import load_model\nprint(repr(load_model('tiny-org/tiny-llava')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().startswith("ModelBundle('tiny-org/tiny-llava': LlavaForConditionalGeneration, 4 layers")

@@ -35,11 +35,13 @@ ORGANISM_THRESHOLD = 0.01
 #: Image tokens of LLaVA-1.5 at 336 px, for which the official threshold 0.0008 was tuned.
 PAPER_IMAGE_TOKENS = 576
 
-#: The caption request of the CHAIR protocol in the EAH and OPERA papers.
+#: The caption request of the CHAIR protocol (OPERA's ``chair_eval.py``, shikiw/OPERA: 500 COCO val2014
+#: images, this request, ``max_new_tokens=512``), which the EAH paper follows.
 CAPTION_REQUEST = "Please describe this image in detail."
 
-#: Appended to a POPE question, as the VCD / OPERA POPE scripts do with LLaVA-1.5
-#: (``qs + " Please answer this question with one word."``).
+#: Appended to a POPE question, as VCD's POPE script for LLaVA-1.5 does (DAMO-NLP-SG/VCD,
+#: ``experiments/eval/object_hallucination_vqa_llava.py``: ``qs + " Please answer this question with one
+#: word."``). OPERA's ``pope_eval.py`` sends the bare question instead: set ``bundle.yes_no_suffix = ""``.
 POPE_SUFFIX = " Please answer this question with one word."
 
 #: The plain prompt used when a processor has no chat template: LLaVA-1.5's conversation format.
@@ -61,7 +63,7 @@ def default_threshold(image_tokens: int) -> float:
     return OFFICIAL_THRESHOLD * PAPER_IMAGE_TOKENS / image_tokens
 
 
-@dataclass
+@dataclass(repr=False)
 class ModelBundle:
     """A loaded LVLM with what the CLI and runners need to drive it.
 
@@ -103,6 +105,16 @@ class ModelBundle:
                 "yes/no probes need both. Pass ModelBundle(yes_ids=..., no_ids=...) by hand."
             )
 
+    def __repr__(self) -> str:
+        from eah_interp.models.introspect import model_shape
+
+        layers, heads, kv = model_shape(self.model)
+        return (
+            f"ModelBundle({self.name!r}: {type(self.model).__name__}, {layers} layers x {heads} heads ({kv} KV), "
+            f"{self.image_tokens} image tokens, threshold {self.threshold:.3g}, device {self.device}, "
+            f"{'trained' if self.trained else 'RANDOM weights'})"
+        )
+
     # ------------------------------------------------------------------ prompts
     def prompt(self, text: str) -> str:
         """Any user request (``"Please describe this image in detail."``) as a full prompt with one image."""
@@ -116,6 +128,13 @@ class ModelBundle:
     def yes_no_prompt(self, question: str) -> str:
         """A yes/no question (``"Is there a dog in the image?"``) with `yes_no_suffix`, as a full prompt."""
         return self.prompt(question.rstrip() + self.yes_no_suffix)
+
+    @property
+    def normalise(self) -> str:
+        """The sink normaliser for this family: ``"rows"`` where image tokens attend bidirectionally, else ``"causal"``."""
+        from eah_interp.models.adapters import adapter_for
+
+        return "rows" if adapter_for(self.model).bidirectional_image_attention else "causal"
 
     # ------------------------------------------------------------------ inputs and outputs
     @property
@@ -148,6 +167,8 @@ class ModelBundle:
         device, dtype = self.device, getattr(self.model, "dtype", None)
         out = {}
         for key, value in inputs.items():
+            if key == "labels":  # PaliGemma's processor adds training labels: not an inference input
+                continue
             if isinstance(value, torch.Tensor):
                 value = value.to(device, dtype=dtype) if value.is_floating_point() and dtype is not None else value.to(device)
             out[key] = value
@@ -392,6 +413,20 @@ def _chat_template(processor: Any) -> Callable[[str], str]:
     return wrap
 
 
+def _bare_template(text: str) -> str:
+    """The request itself: for processors that put the image (and the turn format) in place themselves."""
+    return text
+
+
+def _image_tokens(processor: Any, prompt: str, image: Any, visual: Sequence[int], kwargs: dict[str, Any]) -> int:
+    """Image tokens in ``processor(text=[prompt], images=[[image]])``; 0 if the processor refuses the prompt."""
+    try:
+        inputs = processor(text=[prompt], images=[[image]], **kwargs)
+    except Exception:  # e.g. "the number of image tokens does not match the number of images"
+        return 0
+    return int(sum(int((inputs["input_ids"] == i).sum()) for i in visual))
+
+
 def _plain_template(image_token: str) -> Callable[[str], str]:
     def wrap(text: str) -> str:
         return PLAIN_FORMAT.format(image=image_token, text=text)
@@ -419,8 +454,17 @@ def _bundle_for(name: str, model: Any, processor: Any) -> ModelBundle:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    kwargs = {"return_tensors": "pt", "padding": True}
+    probe = Image.new("RGB", (336, 336), (128, 128, 128))  # LLaVA-1.5's input size; size-dependent processors use it as is
     if getattr(processor, "chat_template", None):
         template = _chat_template(processor)
+    elif _image_tokens(processor, CAPTION_REQUEST, probe, visual, kwargs) > 0:
+        warnings.warn(
+            f"{name}'s processor has no chat template but places the image itself (as PaliGemma's and InstructBLIP's "
+            "do): prompts are the bare request. Save a chat template with the processor if the model expects one.",
+            stacklevel=3,
+        )
+        template = _bare_template
     else:
         image_token = getattr(processor, "image_token", None) or "<image>"
         warnings.warn(
@@ -434,10 +478,8 @@ def _bundle_for(name: str, model: Any, processor: Any) -> ModelBundle:
     bundle = ModelBundle(
         name, model, processor, OFFICIAL_THRESHOLD, not random_weights,
         f"{type(model).__name__} from {name}" + (" (RANDOM weights: the text is noise)" if random_weights else ""),
-        ids["yes"], ids["no"], template, processor_kwargs={"return_tensors": "pt", "padding": True},
-        images_per_prompt=True,
+        ids["yes"], ids["no"], template, processor_kwargs=kwargs, images_per_prompt=True,
     )
-    probe = Image.new("RGB", (336, 336), (128, 128, 128))  # LLaVA-1.5's input size; dynamic-resolution processors use it as is
     try:
         inputs = bundle.processor(text=[bundle.caption_prompt], images=[[probe]], **bundle.processor_kwargs)
     except EAHError:

@@ -344,7 +344,7 @@ def tiny_family(name: str, seed: int = 0, attn_implementation: str = "sdpa", pre
 #: The families `save_tiny_checkpoint` can write. ``"idefics3"`` is the format SmolVLM (v1) ships in
 #: (``Idefics3ForConditionalGeneration`` + ``Idefics3Processor``); Qwen2-VL and SmolVLM-2 processors need
 #: a video processor, which needs torchvision (not installable beside the CPU torch wheel used here).
-CHECKPOINT_FAMILIES = ("llava", "llava_next", "idefics3", "gemma3")
+CHECKPOINT_FAMILIES = ("llava", "llava_next", "idefics3", "gemma3", "paligemma")
 
 #: The conversation format of LLaVA-1.5 (``USER: <image>\n{request} ASSISTANT:``) as a chat template,
 #: written for these fixtures after the one llava-hf ships (llava-hf/llava-1.5-7b-hf, chat_template.json).
@@ -407,6 +407,9 @@ def save_tiny_checkpoint(family: str, path, *, seed: int = 0):
     * ``"gemma3"``: ``Gemma3ForConditionalGeneration`` (sliding-window and global layers, bidirectional
       attention within an image) with ``Gemma3Processor`` (no pan-and-scan, 16 soft tokens per image)
       and Gemma 3's turn format;
+    * ``"paligemma"``: ``PaliGemmaForConditionalGeneration`` (Gemma + SigLIP, image + prompt a bidirectional
+      prefix) with ``PaliGemmaProcessor``, which adds its own ``<image>`` / location tokens and places the
+      image itself; no chat template, as released PaliGemma checkpoints have none;
     * ``"idefics3"`` (SmolVLM v1's format): ``Idefics3ForConditionalGeneration`` (Llama + SigLIP-like,
       56 px, pixel shuffle 2) with ``Idefics3Processor`` (no image splitting) and SmolVLM's format.
 
@@ -472,6 +475,20 @@ def save_tiny_checkpoint(family: str, path, *, seed: int = 0):
             tie_word_embeddings=False,
         )
         model = tf.Gemma3ForConditionalGeneration(config)
+    elif family == "paligemma":
+        image_processor = tf.SiglipImageProcessor(size={"height": 28, "width": 28})
+        image_processor.image_seq_length = 16
+        tokenizer.chat_template = None  # SmolLM2's text chat template would be taken for the processor's
+        processor = tf.PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)  # adds <image> & co
+        config = tf.PaliGemmaConfig(
+            vision_config=tf.SiglipVisionConfig(**dict(vision, num_hidden_layers=1), projection_dim=64),
+            text_config=tf.GemmaConfig(**_checkpoint_text(tokenizer, 3), head_dim=16),
+            image_token_id=processor.image_token_id,
+            projection_dim=64,
+            tie_word_embeddings=False,
+        )
+        config.text_config.num_image_tokens = 16
+        model = tf.PaliGemmaForConditionalGeneration(config)
     elif family == "llava":
         tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
         image_processor = tf.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
