@@ -99,7 +99,7 @@ def _write_scan(stats, out: Path, title: str) -> Table:
 @app.command()
 def scan(
     model: ModelOpt = "organism",
-    n: Annotated[int, typer.Option(help="held-out scenes to scan")] = 32,
+    n: Annotated[int, typer.Option("--n", "-n", help="held-out scenes to scan (-n under torchrun, which takes --n for its own --nnodes)")] = 32,
     threshold: Annotated[float | None, typer.Option(help="sink threshold (default: the model's)")] = None,
     normalise: Annotated[str, typer.Option(help="'causal', 'official' or 'rows' (bidirectional image attention: Gemma 3, PaliGemma)")] = "causal",
     batch_size: int = 8,

@@ -389,6 +389,11 @@ def merge_scan(paths: Sequence[str | Path], out: str | Path, *, expected: Sequen
         raise ConfigError(f"Shards {[f'{i}/{count}' for i in missing]} of {count} are missing: run them (same command "
                           f"with --shard i/{count}) or pass their folders too.")
     ordered = [by_index[i] for i in range(count)]
+    for s in ordered:
+        counted = {s.stats.n_examples(layer) for layer in s.stats.layers} or {0}
+        if counted != {len(s.done)}:
+            raise ConfigError(f"{s.path} is inconsistent: its statistics count {sorted(counted)} examples but it lists "
+                              f"{len(s.done)} counted images. Rerun that shard with --no-resume.")
     for s in ordered[1:]:
         _check_same_scan(s, ordered[0].config)
     if expected is not None:
