@@ -272,3 +272,95 @@ def test_accelerate_launch_two_processes_equal_one_process(tmp_path, names, refe
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert_same_frame(pd.read_csv(tmp_path / "head_stats.csv"), reference)
     assert done_of(tmp_path / distributed.SCAN_CHECKPOINT) == names
+
+
+# ---------------------------------------------------------------------------- nnsight remote execution
+class _Server:
+    """What an NDIF server resolves persistent ids against (as nnsight's ``Remotable._remoteable_persistent_objects``)."""
+
+    def __init__(self, nn_model) -> None:
+        self.nn_model = nn_model
+
+    def _remoteable_persistent_objects(self) -> dict:
+        objects = {"Interleaver": self.nn_model.interleaver}
+        for envoy in self.nn_model.modules():
+            objects[f"Module:{envoy.path}"] = envoy._module
+        return objects
+
+
+@pytest.fixture(scope="module")
+def remote_setup():
+    import torch
+    from nnsight import NNsight
+
+    from eah_interp import EAHConfig, TokenLayout
+    from eah_interp._testing import TINY_IMAGE_TOKEN_ID, sharp_tiny_llava, tiny_llava_inputs
+
+    model = sharp_tiny_llava()
+    inputs = tiny_llava_inputs(model, prefix_lengths=(3, 6), suffix_lengths=(5, 2), padding_side="left", seed=1)
+    layout = TokenLayout.from_input_ids(inputs["input_ids"], TINY_IMAGE_TOKEN_ID, inputs["attention_mask"])
+    torch.set_num_threads(1)
+    return model, NNsight(model), inputs, layout, EAHConfig.paper(threshold=0.02)
+
+
+def test_apply_eah_trace_body_ships_only_its_arguments(remote_setup):
+    """The block nnsight would send to a server references the package, the model's envoys, the config and the
+    layout (plain tensors) only: no local function, closure or object of the caller."""
+    import torch
+    from nnsight.intervention.envoy import Envoy
+    from nnsight.intervention.serialization import reduce_block
+    from nnsight.schema.request import RequestModel
+    from nnsight.tracing.backend import Backend
+
+    import eah_interp.nnsight as ens
+    from eah_interp import EAHConfig, TokenLayout
+
+    model, nn_model, inputs, layout, config = remote_setup
+    shipped = {}
+
+    class Capture(Backend):  # stands in for RemoteBackend: build the payload, run nothing
+        def __call__(self, tracer) -> None:
+            frame = tracer.info.frame
+            shipped["block"] = reduce_block(tracer.node, frame.f_globals, dict(frame.f_locals))
+            shipped["bytes"] = len(RequestModel.serialize(tracer))
+
+    local_helper = lambda: 0  # noqa: E731  (a local object the body does not use: must not be shipped)
+    with torch.no_grad(), nn_model.trace(**inputs, use_cache=False, backend=Capture()):
+        records = ens.apply_eah(nn_model, config, layout)  # noqa: F841
+        logits = nn_model.output.logits.save()  # noqa: F841
+    assert "records" not in locals()  # Capture only built the payload; nothing ran here
+    assert local_helper() == 0
+    source, globals_, locals_ = shipped["block"]
+    assert "ens.apply_eah(nn_model, config, layout)" in source
+    captured = {**globals_, **locals_}
+    assert set(captured) == {"ens", "nn_model", "config", "layout"}, sorted(captured)
+    assert captured["ens"] is ens and isinstance(captured["nn_model"], Envoy)
+    assert isinstance(captured["config"], EAHConfig) and isinstance(captured["layout"], TokenLayout)
+    for field in vars(captured["layout"]).values():
+        assert field is None or isinstance(field, torch.Tensor | int | float | str | tuple), type(field)
+    # the weights travel as persistent ids (the server's own model), not in the payload
+    n_weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert shipped["bytes"] < n_weight_bytes / 4, (shipped["bytes"], n_weight_bytes)
+
+
+def test_apply_eah_runs_under_nnsights_remote_serialisation(remote_setup, monkeypatch):
+    """``remote="local"`` semantics: serialise the trace, deserialise it with the caller's own modules hidden
+    (eah_interp counted as installed on the server), run it; equals `hf.eah` on the plain model."""
+    import torch
+    from nnsight.intervention.backends import local as nn_local
+
+    import eah_interp.nnsight as ens
+    from eah_interp import hf
+
+    model, nn_model, inputs, layout, config = remote_setup
+    monkeypatch.setattr(nn_local, "_SERVER_MODULES", nn_local._SERVER_MODULES | {"eah_interp"})
+    with torch.no_grad(), nn_model.trace(**inputs, use_cache=False, backend=nn_local.LocalSimulationBackend(_Server(nn_model))):
+        records = ens.apply_eah(nn_model, config, layout)
+        logits = nn_model.output.logits.save()
+    with torch.no_grad(), hf.eah(model, config) as run:
+        want = model(**inputs, use_cache=False).logits
+    mask = inputs["attention_mask"].bool()
+    assert torch.allclose(logits[mask], want[mask], atol=1e-5)
+    assert [r.source_head.tolist() for r in records] == [r.source_head.tolist() for r in run.records]
+    assert [r.sink_counts.tolist() for r in records] == [r.sink_counts.tolist() for r in run.records]
+    assert any(r.sink_counts.sum() > 0 for r in records)  # the edit did something to compare
