@@ -12,7 +12,12 @@ run is a fresh launch in a fresh output folder: the 1-process run is a plain ``p
   the last rank leaving it (rank 0 after the barrier and the merge): the scan's own span, including
   rendering each rank's scenes; ``throughput = images / scan_seconds``.
 * ``wall_seconds``: the whole launch (process start, imports, model load, scan, merge).
-* ``ratio``: 2-process throughput / 1-process throughput (``efficiency = ratio / 2``).
+* ``ratio``: 2-process throughput / 1-process throughput (``efficiency = ratio / 2``); medians over
+  ``--repeats`` pairs, the two launches of a pair run back to back in alternating order;
+  ``pair_ratios``: the ratio within each pair (closer in time, so under more similar load).
+* ``cpu_seconds``: CPU time of the scan phase summed over the ranks (``time.process_time``);
+  ``cpu_efficiency = cpu_seconds_1 / cpu_seconds_2`` (1.0 = the 2-process run spends no extra CPU), a
+  measure that does not depend on what else the machine runs.
 * ``max_rel_diff``: the largest relative difference of any mean / std column of the merged
   ``head_stats.csv`` against the 1-process one (counts are compared exactly).
 * Kill-and-resume: rank 1 is SIGKILLed inside the forward of its second batch; the same command is
@@ -72,12 +77,12 @@ def child(args: argparse.Namespace) -> None:
         import torch.distributed as dist  # start scanning together (model-load skew is in wall_seconds only)
 
         dist.init_process_group("gloo")
-    t1 = time.time()
+    t1, c1 = time.time(), time.process_time()
     result = distributed.scan(bundle, cli._scene_items(args.n), args.scan_out, batch_size=args.batch_size,
                               progress=False, log=lambda _msg: None)
-    t2 = time.time()
+    t2, c2 = time.time(), time.process_time()
     (log / f"times.rank{rank}.json").write_text(json.dumps(
-        {"rank": rank, "start": t0, "scan_start": t1, "scan_end": t2, "merged": result.merged}))
+        {"rank": rank, "start": t0, "scan_start": t1, "scan_end": t2, "cpu_seconds": c2 - c1, "merged": result.merged}))
 
 
 def _env() -> dict[str, str]:
@@ -106,7 +111,8 @@ def launch(procs: int, model: str, n: int, batch: int, out: Path, log: Path, kil
     row = {"procs": procs, "returncode": proc.returncode, "wall_seconds": round(wall, 2)}
     if proc.returncode == 0:
         span = max(t["scan_end"] for t in times) - min(t["scan_start"] for t in times)
-        row.update(scan_seconds=round(span, 2), throughput=round(n / span, 4))
+        row.update(scan_seconds=round(span, 2), throughput=round(n / span, 4),
+                   cpu_seconds=round(sum(t["cpu_seconds"] for t in times), 2))
     else:
         row["tail"] = (proc.stdout + proc.stderr)[-2000:]
     return row
@@ -165,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"model": args.model, "n": args.n, "batch_size": args.batch_size, "threads_per_process": 1,
                     "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                     "load_average_before": load_average(), "runs": []}
+    print(f"load average before: {result['load_average_before']}", flush=True)
     try:
         for r in range(args.repeats):
             order = (1, 2) if r % 2 == 0 else (2, 1)
@@ -179,6 +186,15 @@ def main(argv: list[str] | None = None) -> dict:
         if by[1] and by[2]:
             t1, t2 = by[1][len(by[1]) // 2], by[2][len(by[2]) // 2]
             result.update(throughput_1=t1, throughput_2=t2, ratio=round(t2 / t1, 3), efficiency=round(t2 / t1 / 2, 3))
+            result["pair_ratios"] = [
+                round(next(row["throughput"] for row in ok if row["repeat"] == r and row["procs"] == 2)
+                      / next(row["throughput"] for row in ok if row["repeat"] == r and row["procs"] == 1), 3)
+                for r in range(args.repeats)
+                if {row["procs"] for row in ok if row["repeat"] == r} == {1, 2}
+            ]
+            cpu = {p: sorted(row["cpu_seconds"] for row in ok if row["procs"] == p) for p in (1, 2)}
+            c1, c2 = cpu[1][len(cpu[1]) // 2], cpu[2][len(cpu[2]) // 2]
+            result.update(cpu_seconds_1=c1, cpu_seconds_2=c2, cpu_efficiency=round(c1 / c2, 3))
             result["equality"] = compare(work / "p1_r0", work / "p2_r0")
         if not args.no_kill:
             out, log = work / "killed", work / "log_killed"
@@ -195,7 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["load_average_after"] = load_average()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    summary = {k: result.get(k) for k in ("ratio", "efficiency", "throughput_1", "throughput_2", "equality")}
+    summary = {k: result.get(k) for k in ("ratio", "efficiency", "pair_ratios", "throughput_1", "throughput_2",
+                                          "cpu_efficiency", "equality")}
     print(json.dumps(summary, indent=1))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")

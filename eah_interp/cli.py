@@ -294,6 +294,8 @@ def merge(
     try:
         if items:
             console.print(f"wrote {distributed.merge_items(items, target / 'items.jsonl')}")
+            if not any(p.is_file() or distributed.find_shards([p], missing_ok=True) for p in paths):
+                return  # items only
         stats = distributed.merge_scan(paths, target, partial=partial)
     except ConfigError as err:
         raise typer.BadParameter(str(err)) from err

@@ -304,8 +304,8 @@ def scan(
             if extra:
                 raise ConfigError(
                     f"{path} has already counted {len(extra)} image(s) this run does not ask for (e.g. {extra[0]!r}): "
-                    f"a scan cannot un-count them. Pass --n {len(names) + len(extra)} or more, use another --out, "
-                    "or --no-resume."
+                    "a scan cannot un-count them. Ask for at least the images of the earlier run (-n), use another "
+                    "--out, or --no-resume."
                 )
             stats, done = saved.stats, saved.done
             stats.model = bundle.name
@@ -339,8 +339,12 @@ def _check_same_scan(saved: ScanCheckpoint, config: dict[str, Any]) -> None:
         )
 
 
-def find_shards(paths: Sequence[str | Path]) -> list[Path]:
-    """The shard checkpoints among ``paths`` (files, or folders searched for ``scan_checkpoint.shard-*``)."""
+def find_shards(paths: Sequence[str | Path], *, missing_ok: bool = False) -> list[Path]:
+    """The shard checkpoints among ``paths`` (files, or folders searched for ``scan_checkpoint.shard-*``).
+
+    Raises:
+        ConfigError: a path does not exist, or (unless ``missing_ok``) no checkpoint was found.
+    """
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -349,7 +353,7 @@ def find_shards(paths: Sequence[str | Path]) -> list[Path]:
             found.append(p)
         else:
             raise ConfigError(f"{p} does not exist: pass the --out folders (or checkpoint files) of the shard runs.")
-    if not found:
+    if not found and not missing_ok:
         raise ConfigError(f"No shard checkpoints (scan_checkpoint.shard-<i>-of-<N>.safetensors) in {list(map(str, paths))}.")
     return found
 
@@ -424,6 +428,12 @@ def merge_scan(paths: Sequence[str | Path], out: str | Path, *, expected: Sequen
 
 
 # ---------------------------------------------------------------------------- evaluation items
+def items_path(out: str | Path, shard: Shard) -> Path:
+    """The items file of ``shard`` in ``out``: ``items.jsonl`` for one shard, ``items.shard-<i>-of-<N>.jsonl`` otherwise."""
+    name = "items.jsonl" if shard.count == 1 else f"items.shard-{shard.index}-of-{shard.count}.jsonl"
+    return Path(out) / name
+
+
 def item_key(item: dict[str, Any], fields: Sequence[str] = ITEM_KEY) -> tuple:
     """The key of one item: its ``fields`` values (a missing field is ``""``)."""
     return tuple(item.get(f, "") for f in fields)
@@ -502,6 +512,6 @@ def merge_items(paths: Sequence[str | Path], out: str | Path, *, key: Sequence[s
 
 __all__ = [
     "ITEM_KEY", "SCAN_CHECKPOINT", "SHARD_CHECKPOINT", "ScanCheckpoint", "ScanResult", "Shard", "find_shards",
-    "item_key", "merge_items", "merge_scan", "process_group", "read_checkpoint", "read_items", "scan", "scan_config",
+    "item_key", "items_path", "merge_items", "merge_scan", "process_group", "read_checkpoint", "read_items", "scan", "scan_config",
     "write_checkpoint",
 ]

@@ -110,6 +110,8 @@ def test_shard_selection_parse_env_and_errors():
     assert "rank 0 merges" in Shard(1, 2, launched=True).describe() and "eah-interp merge" in Shard(1, 2).describe()
     assert Shard(1, 2).checkpoint_name == "scan_checkpoint.shard-1-of-2.safetensors"
     assert Shard().checkpoint_name == distributed.SCAN_CHECKPOINT
+    assert distributed.items_path("o", Shard()) == Path("o/items.jsonl")
+    assert distributed.items_path("o", Shard(1, 4)) == Path("o/items.shard-1-of-4.jsonl")
 
 
 def test_scan_refuses_duplicate_names(tmp_path):
@@ -149,6 +151,10 @@ def test_merge_items_by_key_without_duplicates_in_a_fixed_order(tmp_path):
     keyless = _write(tmp_path / "e.jsonl", [json.dumps({"answer": "yes"})])
     with pytest.raises(ConfigError, match="none of the key fields"):
         merge_items([keyless], tmp_path / "x.jsonl")
+    # from the command line: items only (no scan shards in the folder)
+    result = CliRunner().invoke(cli.app, ["merge", str(tmp_path), "--items", str(a), "--items", str(b)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "items.jsonl").read_text() == out.read_text()
 
 
 # ---------------------------------------------------------------------------- --shard i/N jobs + merge
