@@ -114,6 +114,16 @@ def test_shard_selection_parse_env_and_errors():
     assert distributed.items_path("o", Shard(1, 4)) == Path("o/items.shard-1-of-4.jsonl")
 
 
+def test_a_launched_shard_without_a_rendezvous_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(ConfigError, match="MASTER_ADDR"):
+        with distributed.process_group(Shard(0, 2, launched=True)):
+            pass
+    with distributed.process_group(Shard(1, 2)) as barrier:  # a --shard job: no group, the barrier is a no-op
+        barrier()
+
+
 def test_scan_refuses_duplicate_names(tmp_path):
     bundle = load_model("tiny-llava")
     with pytest.raises(ConfigError, match="appears twice"):
