@@ -132,8 +132,9 @@ def scan(
         raise typer.BadParameter(str(err), param_hint="--shard") from err
     bundle = _load(model)
     try:
-        result = distributed.scan(bundle, _scene_items(n), out, shard=part, threshold=threshold, normalise=normalise,
-                                  batch_size=batch_size, resume=resume, log=console.print)
+        result = distributed.scan(bundle, _scene_items(n), out, shard=part, dataset="held-out scenes, pair strength 0.9",
+                                  threshold=threshold, normalise=normalise, batch_size=batch_size, resume=resume,
+                                  log=console.print)
     except ConfigError as err:
         raise typer.BadParameter(str(err), param_hint="--out") from err
     if not result.merged:

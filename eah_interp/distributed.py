@@ -151,10 +151,10 @@ def process_group(shard: Shard, timeout: timedelta = timedelta(days=7)) -> Itera
 
 
 # ---------------------------------------------------------------------------- resumable, sharded scan
-def scan_config(bundle: Any, threshold: float, normalise: str) -> dict[str, Any]:
+def scan_config(bundle: Any, threshold: float, normalise: str, dataset: str) -> dict[str, Any]:
     """What two scan checkpoints must agree on to be resumed or merged (the batch size may differ)."""
     return {"model": bundle.name, "threshold": float(threshold), "normalise": normalise, "layers": "all",
-            "prompt": bundle.caption_prompt, "images": "held-out scenes, pair strength 0.9"}
+            "prompt": bundle.caption_prompt, "images": dataset}
 
 
 @dataclass(frozen=True)
@@ -244,6 +244,7 @@ def scan(
     out: str | Path,
     *,
     shard: Shard | None = None,
+    dataset: str = "",
     threshold: float | None = None,
     normalise: str = "causal",
     batch_size: int = 8,
@@ -265,6 +266,8 @@ def scan(
             image may be a zero-argument callable that loads it (then a shard loads only its own).
         out: the output folder (created).
         shard: which items to take; default `Shard.from_env` (every item in a plain process).
+        dataset: a description of where the items come from, kept in the checkpoint: a checkpoint of
+            another dataset is not resumed or merged.
         threshold: the sink threshold (default: the bundle's).
         normalise: the sink-score normalisation (`eah_interp.sinks.sink_scores`).
         batch_size: images per forward pass (may change between resumptions).
@@ -289,7 +292,7 @@ def scan(
         raise ConfigError(f"Item names are the keys of a scan and must be unique; {dup!r} appears twice.")
     stats = HeadStats(threshold=bundle.threshold if threshold is None else threshold, normalise=normalise,  # type: ignore[arg-type]
                       model=bundle.name)
-    config = scan_config(bundle, stats.threshold, normalise)
+    config = scan_config(bundle, stats.threshold, normalise, dataset)
     mine = shard.select(list(items))
     planned = [item[0] for item in mine]
     path = out / shard.checkpoint_name

@@ -124,10 +124,15 @@ def test_a_launched_shard_without_a_rendezvous_is_a_clear_error(monkeypatch):
         barrier()
 
 
-def test_scan_refuses_duplicate_names(tmp_path):
+def test_scan_refuses_duplicate_names_and_another_dataset(tmp_path):
     bundle = load_model("tiny-llava")
     with pytest.raises(ConfigError, match="appears twice"):
         distributed.scan(bundle, [("a", None), ("a", None)], tmp_path, shard=Shard())
+    items = [(name, loader) for name, loader in cli._scene_items(2)]
+    first = distributed.scan(bundle, items, tmp_path, shard=Shard(), dataset="coco val2014", progress=False)
+    assert first.merged and first.stats.n_examples(0) == 2 and first.stats.model == "tiny-llava"
+    with pytest.raises(ConfigError, match="different scan.*images: checkpoint 'coco val2014', now 'scenes'"):
+        distributed.scan(bundle, items, tmp_path, shard=Shard(), dataset="scenes", progress=False)
 
 
 # ---------------------------------------------------------------------------- items (eval)
