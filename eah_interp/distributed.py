@@ -477,6 +477,29 @@ def read_items(path: str | Path) -> tuple[list[dict[str, Any]], bool]:
     return items, cut
 
 
+def recover_items(path: str | Path) -> list[dict[str, Any]]:
+    """The items of a JSONL file a killed process was appending to, with its cut-off last line removed.
+
+    Call it before appending to the file again on resume: a line cut off by a kill (no newline at the
+    end) would otherwise run into the next appended line and corrupt both. The file is truncated to
+    its last complete line (in place: what remains is unchanged).
+
+    Returns:
+        The complete items (``[]`` if the file does not exist).
+
+    Raises:
+        ConfigError: a line other than an unfinished last one is not a JSON object (see `read_items`).
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    items, cut = read_items(path)
+    if cut:
+        data = path.read_bytes()
+        os.truncate(path, data.rfind(b"\n") + 1)
+    return items
+
+
 def merge_items(paths: Sequence[str | Path], out: str | Path, *, key: Sequence[str] = ITEM_KEY) -> Path:
     """Merge the ``items.jsonl`` files of several shards into one, by key: no duplicates, a fixed order.
 
@@ -515,6 +538,6 @@ def merge_items(paths: Sequence[str | Path], out: str | Path, *, key: Sequence[s
 
 __all__ = [
     "ITEM_KEY", "SCAN_CHECKPOINT", "SHARD_CHECKPOINT", "ScanCheckpoint", "ScanResult", "Shard", "find_shards",
-    "item_key", "items_path", "merge_items", "merge_scan", "process_group", "read_checkpoint", "read_items", "scan", "scan_config",
+    "item_key", "items_path", "merge_items", "recover_items", "merge_scan", "process_group", "read_checkpoint", "read_items", "scan", "scan_config",
     "write_checkpoint",
 ]

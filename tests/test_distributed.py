@@ -166,6 +166,14 @@ def test_merge_items_by_key_without_duplicates_in_a_fixed_order(tmp_path):
     keyless = _write(tmp_path / "e.jsonl", [json.dumps({"answer": "yes"})])
     with pytest.raises(ConfigError, match="none of the key fields"):
         merge_items([keyless], tmp_path / "x.jsonl")
+    # resuming an items file a kill cut off: the cut line is removed before anything is appended
+    assert distributed.recover_items(tmp_path / "none.jsonl") == []
+    recovered = distributed.recover_items(b)
+    assert recovered == items and b.read_text().endswith("\n") and b.read_text().count("\n") == 4
+    with b.open("a") as f:
+        f.write(json.dumps(rows[0]) + "\n")
+    assert read_items(b) == (items + [rows[0]], False)
+    assert distributed.recover_items(a) == rows[:5] and a.read_text().count("\n") == 5  # a whole file: untouched
     # from the command line: items only (no scan shards in the folder)
     result = CliRunner().invoke(cli.app, ["merge", str(tmp_path), "--items", str(a), "--items", str(b)])
     assert result.exit_code == 0, result.output
