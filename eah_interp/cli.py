@@ -1,4 +1,4 @@
-"""The ``eah-interp`` console script: ``scan``, ``generate``, ``demo`` and ``eval``."""
+"""The ``eah-interp`` console script: ``scan``, ``generate``, ``demo``, ``eval`` and ``merge``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from eah_interp.distributed import SCAN_CHECKPOINT  # the file in ``scan --out`` that makes a scan resumable
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
@@ -40,8 +42,6 @@ DeviceMapOpt = Annotated[str | None, typer.Option(
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-remote-code/--no-trust-remote-code", help="allow a checkpoint's own Python code (only for sources you trust)",
 )]
-#: The file in ``scan --out`` that makes a scan resumable.
-SCAN_CHECKPOINT = "scan_checkpoint.safetensors"
 
 
 #: Set by the app-level ``--device`` option.
@@ -195,7 +195,7 @@ def _write_scan(stats, out: Path, title: str) -> Table:
 @app.command()
 def scan(
     model: ModelOpt = "organism",
-    n: Annotated[int | None, typer.Option(help="images to scan (drawn with --seed; default: all, or 32 held-out scenes)")] = None,
+    n: Annotated[int | None, typer.Option("--n", "-n", help="images to scan (drawn with --seed; default: all, or 32 held-out scenes; -n under torchrun, which takes --n for its own --nnodes)")] = None,
     images: ImagesOpt = None,
     coco_instances: CocoOpt = None,
     pope: PopeOpt = None,
@@ -213,82 +213,59 @@ def scan(
     device: DeviceOpt = None,
     device_map: DeviceMapOpt = None,
     trust_remote_code: TrustOpt = False,
+    shard: Annotated[str | None, typer.Option(
+        help="i/N: scan only items i, i+N, ... (a separate job; combine with `eah-interp merge`). Under torchrun "
+             "or accelerate launch the ranks shard the data by themselves.",
+    )] = None,
 ) -> None:
     """Head statistics over a dataset's images → head_stats.csv + sink_density.png, and a per-layer table. Resumable.
 
     The images: --pope files, --coco-instances, or a plain --images folder (each with --images DIR), or,
     with none of them, held-out synthetic scenes. After every batch the running statistics and the names
     of the counted images are written, atomically, to OUT/scan_checkpoint.safetensors. Rerunning the same
-    command continues from there without counting an image twice; a larger --n extends a finished scan.
-    A checkpoint written with another model, threshold or normalisation is an error (use another --out,
-    or --no-resume to discard it).
+    command continues from there without counting an image twice; for the scenes, a larger --n extends a
+    finished scan. A checkpoint written with another model, threshold, normalisation or dataset is an
+    error (use another --out, or --no-resume to discard it).
+
+    Launched with torchrun / accelerate launch, each rank scans its shard (item index modulo world size)
+    into its own checkpoint and rank 0 merges them; with --shard i/N, run `eah-interp merge` afterwards.
     """
+    from eah_interp import distributed
+    from eah_interp.errors import ConfigError
+
+    try:
+        part = distributed.Shard.resolve(shard)
+    except ConfigError as err:
+        raise typer.BadParameter(str(err), param_hint="--shard") from err
     dataset = _dataset(images=images, coco_instances=coco_instances, pope=pope, n=n, seed=seed, default_scenes=32)
     bundle = _with_prompt(_load(model, dtype=dtype, device=device, device_map=device_map,
                                 trust_remote_code=trust_remote_code), prompt)
     console.print(f"[bold]data:[/] {dataset.describe()}")
-    items = [(item.id, item.load_image(), item.objects) for item in dataset]
-    stats = _scan_resumable(bundle, items, out, threshold=threshold, normalise=normalise, batch_size=batch_size,
-                            resume=resume)
-    console.print(_write_scan(stats, out, f"{bundle.name}: sink density (n={len(dataset)})"))
+    items = [(item.id, item.load_image) for item in dataset]  # loaders: a shard reads only its own images
+    try:
+        result = distributed.scan(bundle, items, out, shard=part, dataset=_scan_source(dataset),
+                                  threshold=threshold, normalise=normalise, batch_size=batch_size, resume=resume,
+                                  log=console.print)
+    except ConfigError as err:
+        raise typer.BadParameter(str(err), param_hint="--out") from err
+    if not result.merged:
+        merge_hint = "rank 0 merges" if part.launched else f"when all {part.count} shards are done: eah-interp merge {out}"
+        console.print(f"shard {part} done: {result.checkpoint} ({merge_hint})")
+        return
+    console.print(_write_scan(result.stats, out, f"{bundle.name}: sink density (n={len(dataset)})"))
     console.print(f"wrote {out / 'head_stats.csv'} and {out / 'sink_density.png'} (checkpoint: {out / SCAN_CHECKPOINT})")
 
 
-def _scan_config(bundle, threshold: float, normalise: str) -> dict:
-    """What a scan checkpoint must agree on to be resumed (the batch size may differ)."""
-    return {"model": bundle.name, "threshold": float(threshold), "normalise": normalise, "layers": "all",
-            "prompt": bundle.caption_prompt, "images": "held-out scenes, pair strength 0.9"}
+def _scan_source(dataset) -> str:
+    """What a scan checkpoint records as its data: a checkpoint of other data is neither resumed nor merged.
 
-
-def _scan_resumable(bundle, items, out: Path, *, threshold: float | None, normalise: str, batch_size: int,
-                    resume: bool = True, progress: bool = True):
-    """`scan_images` over ``(name, image, kinds)`` items with a checkpoint after every batch; returns the `HeadStats`.
-
-    The checkpoint (``out/scan_checkpoint.safetensors``, `HeadStats.save`) holds the running sums and, in
-    its metadata, the scan config and the names of the images counted so far; it is replaced atomically,
-    so an interruption at any point leaves the state after the last finished batch.
+    Held-out scenes are the same images whatever ``n`` (scene i is always scene i), so ``n`` is left out
+    and a larger ``--n`` extends a scan; a draw from a folder or file keeps ``n`` and ``seed`` (another draw
+    is another set of images).
     """
-    from safetensors import safe_open
-
-    from eah_interp.experiments import scan_images
-    from eah_interp.stats import HeadStats
-
-    stats = HeadStats(threshold=bundle.threshold if threshold is None else threshold, normalise=normalise)  # type: ignore[arg-type]
-    config = _scan_config(bundle, stats.threshold, normalise)
-    path = out / SCAN_CHECKPOINT
-    names = [name for name, _, _ in items]
-    done: list[str] = []
-    if not resume:
-        path.unlink(missing_ok=True)
-    elif path.exists():
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        saved = json.loads(meta.get("scan_config", "{}"))
-        if saved != config:
-            diff = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in config.items() if saved.get(k) != v)
-            raise typer.BadParameter(
-                f"{path} was written by a different scan ({diff}). Use another --out, or --no-resume to discard it.",
-                param_hint="--out",
-            )
-        done = json.loads(meta["scan_done"])
-        extra = [name for name in done if name not in set(names)]
-        if extra:
-            raise typer.BadParameter(
-                f"{path} has already counted {len(extra)} image(s) this run does not ask for (e.g. {extra[0]!r}): "
-                f"a scan cannot un-count them. Pass --n {len(done)} or more, use another --out, or --no-resume.",
-                param_hint="--n",
-            )
-        stats = HeadStats.load(path)
-        console.print(f"resuming {path}: {len(done)} of {len(names)} images already counted")
-    finished = set(done)
-    todo = [(name, image) for name, image, _ in items if name not in finished]
-
-    def checkpoint(counted: int) -> None:
-        names_done = done + [name for name, _ in todo[:counted]]
-        stats.save(path, metadata={"scan_config": json.dumps(config), "scan_done": json.dumps(names_done)})
-
-    return scan_images(bundle, [image for _, image in todo], stats=stats, batch_size=batch_size, progress=progress,
-                       on_batch=checkpoint)
+    if dataset.name == "scenes":
+        return f"held-out scenes, pair strength {dataset.source.get('pair_strength', 0.9)}"
+    return f"{dataset.name}: {json.dumps(dataset.source, sort_keys=True, default=str)}"
 
 
 @app.command()
@@ -476,6 +453,36 @@ def evaluate(
         f.write("\n".join(extra) + "\n")
     console.print((out / "report.md").read_text())
     console.print(f"wrote {out}/items.jsonl, run.json, results.csv, report.md, effects.png ({len(summary)} rows)")
+
+
+@app.command()
+def merge(
+    paths: Annotated[list[Path], typer.Argument(help="the --out folders (or checkpoint files) of the shard runs")],
+    out: Annotated[Path | None, typer.Option(help="where the merged results go (default: the first folder)")] = None,
+    partial: Annotated[bool, typer.Option(help="merge unfinished shards too (a look at the progress)")] = False,
+    items: Annotated[list[Path] | None, typer.Option(help="also merge these items.jsonl files into OUT/items.jsonl")] = None,
+) -> None:
+    """Merge the shards of a scan (`scan --shard i/N` jobs) → head_stats.csv, sink_density.png, merged checkpoint.
+
+    Checks that the shards are of one scan, that all N are there and finished, and that no image was
+    counted twice; the merged statistics equal a 1-process scan's (counts exactly, means and stds to
+    rounding). With --items, evaluation items are merged by key (no duplicates, sorted).
+    """
+    from eah_interp import distributed
+    from eah_interp.errors import ConfigError
+
+    target = out or (paths[0] if paths[0].is_dir() else paths[0].parent)
+    try:
+        if items:
+            console.print(f"wrote {distributed.merge_items(items, target / 'items.jsonl')}")
+            if not any(p.is_file() or distributed.find_shards([p], missing_ok=True) for p in paths):
+                return  # items only
+        stats = distributed.merge_scan(paths, target, partial=partial)
+    except ConfigError as err:
+        raise typer.BadParameter(str(err)) from err
+    n = max(stats.n_examples(layer) for layer in stats.layers) if stats.layers else 0
+    console.print(_write_scan(stats, target, f"{stats.model or 'model'}: sink density (n={n})"))
+    console.print(f"merged {n} images into {target / 'head_stats.csv'} (checkpoint: {target / SCAN_CHECKPOINT})")
 
 
 def main() -> None:  # pragma: no cover

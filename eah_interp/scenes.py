@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 KINDS: tuple[str, ...] = (
@@ -250,8 +251,12 @@ def _background(rng: random.Random, size: int) -> tuple[Image.Image, tuple[int, 
             t = y / (size - 1)
             draw.line((0, y, size, y), fill=tuple(int(base[i] * (1 - t) + other[i] * t) for i in range(3)))
     elif style == "noise":
-        noise = Image.effect_noise((size, size), rng.uniform(10, 30)).convert("RGB")
-        img = Image.blend(img, noise, 0.15)
+        # Gaussian noise around 128 (what Image.effect_noise drew, but from C rand(): another image in every
+        # call and process), seeded from the scene generator's state without drawing from it
+        sigma = rng.uniform(10, 30)
+        gen = np.random.default_rng(list(rng.getstate()[1]))
+        pixels = np.clip(128 + sigma * gen.standard_normal((size, size)), 0, 255).astype(np.uint8)
+        img = Image.blend(img, Image.fromarray(pixels, "L").convert("RGB"), 0.15)
     elif style == "stripes":
         other = tuple(max(0, c - rng.randint(15, 35)) for c in base)
         step = rng.randint(10, 24)

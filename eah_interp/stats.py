@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -126,12 +127,37 @@ class _Welford:
     def std(self) -> Tensor:
         return torch.where(self.n > 1, (self.m2 / (self.n - 1).clamp_min(1)).sqrt(), torch.nan)
 
+    def merged(self, other: _Welford) -> _Welford:
+        """The state of one stream holding both streams' values (Chan, Golub & LeVeque's parallel update).
+
+        ``n`` adds exactly; ``mean = mean_a + delta * n_b / n`` and
+        ``m2 = m2_a + m2_b + delta**2 * n_a * n_b / n`` with ``delta = mean_b - mean_a``, per head (a head
+        with no values on one side takes the other side's state unchanged).
+        """
+        out = _Welford(self.n.shape[0])
+        n = self.n + other.n
+        safe_n = n.clamp_min(1)
+        delta = other.mean - self.mean
+        out.n = n
+        out.mean = torch.where(other.n == 0, self.mean, torch.where(self.n == 0, other.mean, self.mean + delta * other.n / safe_n))
+        out.m2 = torch.where(
+            (self.n == 0) | (other.n == 0), self.m2 + other.m2, self.m2 + other.m2 + delta * delta * self.n * other.n / safe_n
+        )
+        return out
+
 
 class HeadStats:
     """Streaming accumulator of per-layer, per-head statistics (mean and std over examples).
 
     Feed it one batch at a time with `update` (from probabilities) or `update_from_stats` (from a
-    `head_statistics` result); it keeps only running sums, never attention maps.
+    `head_statistics` result); it keeps only running sums, never attention maps. Accumulators of
+    separate processes or shards combine with `merge` / `merge_all`.
+
+    Args:
+        threshold: the sink threshold of the statistics that count sinks.
+        normalise: how sink scores are normalised (`eah_interp.sinks.sink_scores`).
+        model: the name of the model the statistics come from (optional): `merge` refuses to mix two
+            different names, and `save` / `load` keep it.
 
     Example:
         >>> stats = HeadStats(threshold=0.0008)
@@ -140,11 +166,14 @@ class HeadStats:
         >>> stats.rank(by="sink_density").head()
     """
 
-    def __init__(self, threshold: float = OFFICIAL_THRESHOLD, normalise: Normalise = "causal") -> None:
+    def __init__(
+        self, threshold: float = OFFICIAL_THRESHOLD, normalise: Normalise = "causal", model: str | None = None
+    ) -> None:
         if threshold < 0:
             raise ConfigError(f"threshold must be >= 0; got {threshold}.")
         self.threshold = threshold
         self.normalise = normalise
+        self.model = model
         self._acc: dict[int, dict[str, _Welford]] = {}
 
     @property
@@ -217,6 +246,67 @@ class HeadStats:
         fig.tight_layout()
         return fig
 
+    # ------------------------------------------------------------------ merge (data-parallel runs)
+    def merge(self, other: HeadStats) -> HeadStats:
+        """A new `HeadStats` holding both accumulators' examples, as if one stream had seen them all.
+
+        Counts add exactly; means and variances combine with the parallel-variance formula (Chan et al.),
+        per layer, statistic and head, so merging the statistics of any split of a dataset equals
+        streaming it whole (float64, within rounding). Layers present on one side only are copied.
+        Neither input is modified.
+
+        Args:
+            other: statistics of other examples, with the same ``threshold``, ``normalise`` and model.
+
+        Returns:
+            The merged `HeadStats` (its ``model`` is whichever side names one).
+
+        Raises:
+            ConfigError: the threshold, normalisation or model differ (statistics of another scan).
+            LayoutError: a layer has a different number of heads on the two sides (another model).
+        """
+        problems = []
+        if float(self.threshold) != float(other.threshold):
+            problems.append(f"threshold {self.threshold!r} vs {other.threshold!r}")
+        if self.normalise != other.normalise:
+            problems.append(f"normalise {self.normalise!r} vs {other.normalise!r}")
+        if self.model is not None and other.model is not None and self.model != other.model:
+            problems.append(f"model {self.model!r} vs {other.model!r}")
+        if problems:
+            raise ConfigError(
+                f"Cannot merge HeadStats of different scans ({'; '.join(problems)}): merge only shards of one "
+                "scan (same model, threshold and normalisation); rescan one side with the other's settings."
+            )
+        merged = HeadStats(self.threshold, self.normalise, model=self.model if self.model is not None else other.model)
+        for layer in sorted(set(self._acc) | set(other._acc)):
+            mine, theirs = self._acc.get(layer), other._acc.get(layer)
+            if mine is not None and theirs is not None:
+                if mine["sink_count"].n.shape != theirs["sink_count"].n.shape:
+                    raise LayoutError(
+                        f"Cannot merge HeadStats: layer {layer} has {mine['sink_count'].n.shape[0]} heads on one side "
+                        f"and {theirs['sink_count'].n.shape[0]} on the other (statistics of another model)."
+                    )
+                merged._acc[layer] = {name: mine[name].merged(theirs[name]) for name in STATISTICS}
+            else:
+                source = mine if mine is not None else theirs
+                assert source is not None
+                merged._acc[layer] = {name: source[name].merged(_Welford(source[name].n.shape[0])) for name in STATISTICS}
+        return merged
+
+    @classmethod
+    def merge_all(cls, stats: Sequence[HeadStats]) -> HeadStats:
+        """`merge` a list of accumulators left to right (e.g. one per rank or shard, in shard order).
+
+        Raises:
+            ConfigError: the list is empty, or two entries are of different scans (see `merge`).
+        """
+        if not stats:
+            raise ConfigError("HeadStats.merge_all needs at least one HeadStats; got an empty list.")
+        merged = stats[0].merge(HeadStats(stats[0].threshold, stats[0].normalise, model=stats[0].model))
+        for other in stats[1:]:
+            merged = merged.merge(other)
+        return merged
+
     # ------------------------------------------------------------------ exact save / load
     def state_dict(self) -> dict[str, Tensor]:
         """The running sums as float64 CPU tensors, keyed ``"<layer>.<statistic>.<n|mean|m2>"`` (``[heads]`` each).
@@ -263,6 +353,8 @@ class HeadStats:
 
         meta = dict(metadata or {})
         meta.update(format=_STATE_FORMAT, threshold=repr(float(self.threshold)), normalise=str(self.normalise))
+        if self.model is not None:
+            meta["model"] = self.model
         path = Path(path)
         _atomic_write(path, save(self.state_dict(), metadata=meta))
         return path
@@ -277,10 +369,11 @@ class HeadStats:
             if meta.get("format") != _STATE_FORMAT:
                 raise ConfigError(f"{path} is not a HeadStats file written by HeadStats.save (format {meta.get('format')!r}).")
             state = {key: f.get_tensor(key) for key in f.keys()}
-        stats = cls(threshold=float(meta["threshold"]), normalise=meta["normalise"])  # type: ignore[arg-type]
+        stats = cls(threshold=float(meta["threshold"]), normalise=meta["normalise"], model=meta.get("model"))  # type: ignore[arg-type]
         stats.load_state_dict(state)
         return stats
 
     def __repr__(self) -> str:
         n = max((self.n_examples(layer) for layer in self.layers), default=0)
-        return f"HeadStats(layers={self.layers}, examples={n}, threshold={self.threshold}, normalise={self.normalise!r})"
+        model = "" if self.model is None else f", model={self.model!r}"
+        return f"HeadStats(layers={self.layers}, examples={n}, threshold={self.threshold}, normalise={self.normalise!r}{model})"
