@@ -1,20 +1,25 @@
-"""HF transformers backend: EAH and attention recording inside ``forward`` / ``generate``.
+"""HF transformers backend: EAH, attention recording and interventions inside ``forward`` / ``generate``.
 
-Both context managers register a uniquely named function with transformers' `AttentionInterface`
-(and a mask function under the same name with `AttentionMaskInterface`, or the function would receive
-no causal mask: SDPA's own for an SDPA model, so the other layers keep their fast causal path), set it
-on the language model's config only, and dispatch on ``module.layer_idx``. Every layer not chosen runs
-the implementation the model had before (e.g. SDPA). A chosen layer takes one of two paths:
+A model gets exactly one attention override while any context is active: the first context entered
+registers a uniquely named function with transformers' `AttentionInterface` (and a mask function under
+the same name with `AttentionMaskInterface`, or the function would receive no causal mask: SDPA's own
+for an SDPA model, so the other layers keep their fast causal path), sets it on the language model's
+config only, and the last context to exit restores everything. The function holds the ordered stack of
+active contexts and dispatches on ``module.layer_idx``: a layer no context wants runs the
+implementation the model had before (e.g. SDPA); otherwise `run_steps` runs every context's steps in
+one order (score edits before / after the mask, softmax, probability edits, recordings of the edited
+probabilities, ``P @ V``, output edits), choosing per call one of two paths:
 
-* **map-free** (default, for decoders whose attention is softmax of scaled ``Q K^T`` + mask, without
-  soft-capping or attention sinks): `record_attention` with ``stats`` computes the layer a chunk of query
-  rows at a time and accumulates the statistics' sums (`eah_interp.chunked`); `eah` with a plain-copy
-  edit (`eah_interp.edit.is_plain_copy`, e.g. the paper preset) gets the sink scores from chunked column
-  sums and the output from one SDPA call with the source head's query and key. No ``[batch, heads, q,
-  k]`` map exists;
-* **eager**: the model family's own eager function computes the probabilities, the core edits or reads
-  them (`apply_eah_to_probs`, `head_statistics`) and ``P @ V`` is recomputed: for kept patterns, blends,
-  image-region or dropped-sink edits, decode steps and other attention variants.
+* **map-free** (for decoders whose attention is softmax of scaled ``Q K^T`` + mask, without soft-capping
+  or attention sinks): recordings of statistics alone compute the layer a chunk of query rows at a time
+  and accumulate the statistics' sums (`eah_interp.chunked`); a plain-copy EAH edit
+  (`eah_interp.edit.is_plain_copy`, e.g. the paper preset), alone or with such recordings, gets the sink
+  scores from chunked column sums and the output from one SDPA call with the source head's query and
+  key (`eah_interp.edit.map_free_eah`). No ``[batch, heads, q, k]`` map exists;
+* **eager**: the model family's own eager function (or, when a score edit is active, the same
+  computation written out so the scores can be edited) gives the probabilities, the steps edit or read
+  them and ``P @ V`` is recomputed: for kept patterns, blends, image-region or dropped-sink edits, decode
+  steps, stacked edits and other attention variants.
 
 Both give the same numbers (tests compare them with explicit computations within 1e-5). On exit, even
 by exception, the config, the registries and the hooks are restored exactly.
@@ -44,9 +49,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from eah_interp.chunked import chunked_attention
+from eah_interp.chunked import AttentionSums, chunked_attention
 from eah_interp.config import EAHConfig
-from eah_interp.edit import EditRecord, apply_eah_to_attention, apply_eah_to_probs, is_plain_copy, should_edit
+from eah_interp.edit import EditRecord, apply_eah_to_probs, is_plain_copy, map_free_eah, should_edit
 from eah_interp.errors import (
     AttentionImplementationError,
     LayerIndexError,
@@ -178,7 +183,277 @@ def _past_length(input_ids: Tensor | None, kwargs: dict[str, Any]) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------- the shared mechanism
+# ---------------------------------------------------------------------------- one attention call, its edits
+#: Where an edit acts inside one attention call, in the order the dispatcher runs them: scores before
+#: the mask is added, scores after it, probabilities after the softmax, recordings (they read the
+#: probabilities the layer really uses), then the per-head outputs (``P @ V``, before ``o_proj``).
+EDIT_POINTS = ("scores_premask", "scores", "probs", "record", "output")
+
+
+@dataclass
+class AttentionCall:
+    """One call of a language-model attention layer, as the edits of the active contexts see it.
+
+    Attributes:
+        module: the attention module (``module.layer_idx == layer``).
+        layer: the decoder layer.
+        query: ``[batch, heads, q, d]`` after rotary embedding.
+        key, value: ``[batch, kv_heads, k, d]`` (the whole KV cache on a decode step).
+        mask: the mask the model built for its implementation (None, boolean or additive ``[batch, 1, q, k]``).
+        kwargs: the remaining keyword arguments of the attention function (``scaling``, ``dropout``, ...).
+    """
+
+    module: nn.Module
+    layer: int
+    query: Tensor
+    key: Tensor
+    value: Tensor
+    mask: Tensor | None
+    kwargs: dict[str, Any]
+
+    @property
+    def q_len(self) -> int:
+        return self.query.shape[-2]
+
+    @property
+    def k_len(self) -> int:
+        return self.key.shape[-2]
+
+    @property
+    def prefill(self) -> bool:
+        """A prompt forward: every key position is also a query row."""
+        return self.q_len == self.k_len
+
+    @property
+    def scaling(self) -> float:
+        return self.kwargs.get("scaling", self.module.scaling)
+
+
+@dataclass
+class AttentionStep:
+    """One edit (or recording) an active context asks for in one attention call.
+
+    Attributes:
+        point: one of `EDIT_POINTS`.
+        fn: ``fn(tensor, layout, call)``: scores ``[batch, heads, q, k]`` at the score points,
+            probabilities at ``"probs"`` / ``"record"``, the output ``[batch, q, heads, d]`` at
+            ``"output"``. Returns the edited tensor (None: unchanged; a recording returns None).
+        layout: the context's layout fitted to this call.
+        sums: for a recording: ``sums(AttentionSums, layout, call)``, the same recording from running
+            sums, so the dispatcher can take a map-free path; None if it needs the map.
+        map_free: for a probability edit: ``map_free(call, layout, statistics) -> (output, sums of the
+            edited layer)`` computing the whole edited layer without a map, or None.
+    """
+
+    point: str
+    fn: Callable[[Tensor, TokenLayout, AttentionCall], Tensor | None]
+    layout: TokenLayout
+    sums: Callable[[AttentionSums, TokenLayout, AttentionCall], None] | None = None
+    map_free: Callable[[AttentionCall, TokenLayout, bool], tuple[Tensor, AttentionSums]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.point not in EDIT_POINTS:
+            raise ValueError(f"Unknown edit point {self.point!r}; choose from {EDIT_POINTS}.")
+
+
+def _same_layout(a: TokenLayout, b: TokenLayout) -> bool:
+    return a is b or (torch.equal(a.image_mask, b.image_mask) and torch.equal(a.attention_mask, b.attention_mask))
+
+
+def _not_plain_reason(module: nn.Module, kwargs: dict[str, Any]) -> str:
+    extras = [name for name in ("softcap", "s_aux", "sinks") if kwargs.get(name) is not None]
+    if module.training and kwargs.get("dropout", 0.0):
+        extras.append("dropout (the module is in training mode)")
+    return ", ".join(extras)
+
+
+def _scores(call: AttentionCall, steps: list[AttentionStep]) -> Tensor:
+    """``softmax(edit_post(edit_pre(Q K^T * scale) + mask))`` with the score edits in order, as the
+    family's eager attention computes it (softmax in float32, cast to the query dtype)."""
+    reason = _not_plain_reason(call.module, call.kwargs)
+    if reason:
+        raise UnsupportedModelError(
+            f"Layer {call.layer}: a score edit needs attention that is softmax(Q K^T * scale + mask), but this "
+            f"call also uses {reason}. Edit the probabilities instead, or use model.eval()."
+        )
+    groups = call.query.shape[1] // call.key.shape[1]
+    keys = call.key.repeat_interleave(groups, dim=1) if groups > 1 else call.key
+    scores = torch.matmul(call.query, keys.transpose(-1, -2)) * call.scaling
+    for step in steps:
+        if step.point == "scores_premask":
+            scores = _apply(step, scores, call)
+    mask = additive_mask(call.mask, call.q_len, call.k_len, scores.dtype, scores.device)
+    if mask is not None:
+        scores = scores + mask[..., : call.k_len]
+    for step in steps:
+        if step.point == "scores":
+            scores = _apply(step, scores, call)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(call.query.dtype)
+
+
+def _apply(step: AttentionStep, tensor: Tensor, call: AttentionCall) -> Tensor:
+    edited = step.fn(tensor, step.layout, call)
+    return tensor if edited is None else edited
+
+
+def _times_values(probs: Tensor, value: Tensor) -> Tensor:
+    """``P @ V`` with GQA values repeated: ``[batch, q, heads, d]``."""
+    values = value.repeat_interleave(probs.shape[1] // value.shape[1], dim=1)
+    return torch.matmul(probs.to(values.dtype), values).transpose(1, 2).contiguous()
+
+
+def run_steps(call: AttentionCall, steps: list[AttentionStep]) -> tuple[Tensor, Tensor | None]:
+    """One attention call with the edits of every active context, in the documented order.
+
+    Score edits (before the mask, then after it; each group in stack order) → softmax → probability
+    edits (in order) → recordings (they see the edited probabilities) → ``P @ V`` → output edits.
+    Without a map where nothing needs it: recordings alone accumulate running sums
+    (`eah_interp.chunked`); one plain-copy EAH (optionally with recordings) runs map-free
+    (`eah_interp.edit.map_free_eah`).
+
+    Args:
+        call: the attention call.
+        steps: the active contexts' steps, outermost context first.
+
+    Returns:
+        ``(output [batch, q, heads, d], probabilities [batch, heads, q, k] or None)``.
+    """
+    fast = _map_free(call, steps)
+    if fast is not None:
+        return fast
+    by_point = {point: [s for s in steps if s.point == point] for point in EDIT_POINTS}
+    changed = bool(by_point["scores_premask"] or by_point["scores"])
+    if changed:
+        probs = _scores(call, steps)
+        out = None
+    else:
+        out, probs = eager_attention(call.module, call.query, call.key, call.value, call.mask, **call.kwargs)
+    for step in by_point["probs"]:
+        edited = step.fn(probs, step.layout, call)
+        if edited is not None:
+            probs, changed = edited, True
+    for step in by_point["record"]:
+        step.fn(probs, step.layout, call)
+    if changed or out is None:
+        out = _times_values(probs, call.value)
+    for step in by_point["output"]:
+        out = _apply(step, out, call)
+    return out, probs
+
+
+def _map_free(call: AttentionCall, steps: list[AttentionStep]) -> tuple[Tensor, None] | None:
+    """The layer without a ``[batch, heads, q, k]`` map, when the steps allow it (else None)."""
+    if not _plain_attention(call.module, call.kwargs):
+        return None
+    records = [s for s in steps if s.point == "record"]
+    edits = [s for s in steps if s.point != "record"]
+    if any(s.sums is None for s in records) or not all(_same_layout(s.layout, steps[0].layout) for s in steps):
+        return None
+    layout = steps[0].layout
+    if not edits:
+        out, sums = chunked_attention(
+            call.query, call.key, call.value, call.mask, call.scaling, layout, output=True, statistics=True
+        )
+    elif len(edits) == 1 and edits[0].map_free is not None:
+        out, sums = edits[0].map_free(call, layout, bool(records))
+    else:
+        return None
+    for step in records:
+        step.sums(sums, step.layout, call)  # type: ignore[misc]
+    return out, None
+
+
+# ---------------------------------------------------------------------------- one dispatcher per model
+class _Dispatcher:
+    """The one attention function registered for a language model while any context is active.
+
+    Installed by the first context entered on the model (its text config), removed by the last one to
+    exit; it holds the ordered stack of active contexts and, per attention call, runs the steps they
+    ask for (`run_steps`). Layers no context wants run the implementation the model had before.
+    """
+
+    def __init__(self, config: Any, previous: str) -> None:
+        self.config = config
+        self.previous = previous
+        self.previous_fn: Callable | None = None if previous == "eager" else ALL_ATTENTION_FUNCTIONS[previous]
+        with _names_lock:
+            self.name = f"eah_interp.dispatch.{next(_names)}"
+        self.stack: list[_AttentionOverride] = []
+
+    def install(self) -> None:
+        AttentionInterface.register(self.name, self.attention)
+        # Layers that keep SDPA get SDPA's own mask (None for a causal prompt without padding, so SDPA
+        # takes its fast causal path); the edited layers convert it (`additive_mask`).
+        mask_fn = {"sdpa": sdpa_mask, "eager": eager_mask}.get(self.previous) or AttentionMaskInterface._global_mapping.get(
+            self.previous, eager_mask
+        )
+        AttentionMaskInterface.register(self.name, mask_fn)
+        self.config._attn_implementation_internal = self.name
+
+    def uninstall(self) -> None:
+        self.config._attn_implementation_internal = self.previous
+        AttentionInterface._global_mapping.pop(self.name, None)
+        AttentionMaskInterface._global_mapping.pop(self.name, None)
+
+    def attention(self, module, query, key, value, attention_mask, **kwargs):
+        layer = getattr(module, "layer_idx", None)
+        if isinstance(layer, int) and getattr(module, "config", None) is self.config:
+            call = AttentionCall(module, layer, query, key, value, attention_mask, kwargs)
+            steps = [step for context in tuple(self.stack) for step in context.steps(call)]
+            if steps:
+                return run_steps(call, steps)
+        fn = self.previous_fn or eager_function(module)
+        return fn(module, query, key, value, attention_mask, **kwargs)
+
+
+#: Active dispatchers by ``id`` of the language model's config (each holds its config, so ids stay unique).
+_DISPATCHERS: dict[int, _Dispatcher] = {}
+_dispatch_lock = threading.Lock()
+
+
+def _push(context: _AttentionOverride) -> None:
+    """Put a context on its model's stack, installing the model's dispatcher if it is the first."""
+    with _dispatch_lock:
+        dispatcher = _DISPATCHERS.get(id(context.config))
+        if dispatcher is None:
+            previous = context.config._attn_implementation or "eager"
+            if str(previous).startswith("eah_interp."):
+                raise AttentionImplementationError(
+                    f"The language model's attn_implementation is {previous!r}, an eah-interp dispatcher that is "
+                    "not active (the model was copied inside a context?). Reset it with "
+                    "model.set_attn_implementation('sdpa')."
+                )
+            if previous not in _COMPATIBLE:
+                raise AttentionImplementationError(
+                    f"The language model uses attn_implementation={previous!r}, which cannot expose attention "
+                    "probabilities. Load the model with attn_implementation='sdpa' or 'eager' "
+                    "(model.set_attn_implementation('sdpa')) to use eah-interp."
+                )
+            dispatcher = _Dispatcher(context.config, previous)
+            dispatcher.install()
+            _DISPATCHERS[id(context.config)] = dispatcher
+        dispatcher.stack.append(context)
+
+
+def _pop(context: _AttentionOverride) -> None:
+    """Take a context off its model's stack; the last one out removes the dispatcher."""
+    with _dispatch_lock:
+        dispatcher = _DISPATCHERS.get(id(context.config))
+        if dispatcher is None or context not in dispatcher.stack:
+            return
+        dispatcher.stack.remove(context)
+        if not dispatcher.stack:
+            dispatcher.uninstall()
+            del _DISPATCHERS[id(context.config)]
+
+
+def active_contexts(model: nn.Module) -> list[_AttentionOverride]:
+    """The contexts active on a model, outermost first (the order their edits run in)."""
+    dispatcher = _DISPATCHERS.get(id(text_config(model)))
+    return [] if dispatcher is None else list(dispatcher.stack)
+
+
+# ---------------------------------------------------------------------------- a context: layout tracking
 @dataclass
 class _State:
     layout: TokenLayout | None = None
@@ -189,7 +464,7 @@ class _State:
 
 
 class _AttentionOverride:
-    """Registers a per-context attention function; subclasses say which calls to intercept."""
+    """A context on the model's dispatcher: tracks the prompt layout; subclasses say which steps to run."""
 
     kind = "override"
 
@@ -206,11 +481,9 @@ class _AttentionOverride:
                 f"{type(model).__name__} has no image_token_id in its config: pass layout=TokenLayout(...) "
                 "(e.g. TokenLayout.from_spans) so eah-interp knows which positions are image tokens."
             )
-        self._name: str | None = None
-        self._previous_impl: Any = None
-        self._previous_fn: Callable | None = None
         self._hook = None
         self._previous_generate: Any = None
+        self._entered = False
 
     def _warn_if_causal_normaliser(self, normalise: str) -> None:
         """Warn when sink scores would divide by later rows only, but image tokens also attend backwards."""
@@ -227,62 +500,40 @@ class _AttentionOverride:
         return TokenLayout.from_input_ids(input_ids, self.state.token_ids, attention_mask)  # type: ignore[arg-type]
 
     # subclasses ------------------------------------------------------
-    def wants(self, layer: int, q_len: int, k_len: int) -> bool:
+    def steps(self, call: AttentionCall) -> list[AttentionStep]:
+        """The edits and recordings this context asks for in one attention call (none: ``[]``)."""
         raise NotImplementedError
-
-    def on_probs(self, layer: int, probs: Tensor, layout: TokenLayout) -> Tensor | None:
-        """Return edited probabilities, or None to keep the layer's output as computed."""
-        raise NotImplementedError
-
-    def on_projections(
-        self, module, layer: int, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
-        layout: TokenLayout, kwargs: dict[str, Any],
-    ) -> tuple[Tensor, None] | None:
-        """The layer's ``(output [batch, q, heads, d], None)`` computed without a full probability map
-        (`eah_interp.chunked`), or None to take the eager path through `on_probs`."""
-        return None
 
     # context ---------------------------------------------------------
     def __enter__(self):
-        previous = self.config._attn_implementation
-        if previous is None:
-            previous = "eager"
-        if previous not in _COMPATIBLE and not str(previous).startswith("eah_interp."):
-            raise AttentionImplementationError(
-                f"The language model uses attn_implementation={previous!r}, which cannot expose attention "
-                "probabilities. Load the model with attn_implementation='sdpa' or 'eager' "
-                "(model.set_attn_implementation('sdpa')) to use eah-interp."
-            )
-        self._previous_impl = previous
-        self._previous_fn = None if previous == "eager" else ALL_ATTENTION_FUNCTIONS[previous]
-        with _names_lock:
-            self._name = f"eah_interp.{self.kind}.{next(_names)}"
-        AttentionInterface.register(self._name, self._attention)
-        # Layers that keep SDPA get SDPA's own mask (None for a causal prompt without padding, so SDPA
-        # takes its fast causal path); the chosen layers convert it (`additive_mask`). A nested context
-        # keeps the outer context's mask function.
-        mask_fn = {"sdpa": sdpa_mask, "eager": eager_mask}.get(previous) or AttentionMaskInterface._global_mapping.get(
-            previous, eager_mask
-        )
-        AttentionMaskInterface.register(self._name, mask_fn)
-        self._hook = self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
-        self._previous_generate = vars(self.model).get("generate", _MISSING)  # an outer context's wrapper
-        self.model.generate = self._generate_wrapper(self.model.generate)
-        self.config._attn_implementation_internal = self._name
+        if self._entered:
+            raise RuntimeError(f"This {type(self).__name__} context is already active; create a new one to nest.")
+        _push(self)  # raises (changing nothing) if the model's attention cannot be instrumented
+        self._entered = True
+        try:
+            self._hook = self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+            self._previous_generate = vars(self.model).get("generate", _MISSING)  # an outer context's wrapper
+            self.model.generate = self._generate_wrapper(self.model.generate)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        self.config._attn_implementation_internal = self._previous_impl
-        AttentionInterface._global_mapping.pop(self._name, None)
-        AttentionMaskInterface._global_mapping.pop(self._name, None)
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        if self._previous_generate is _MISSING:
-            vars(self.model).pop("generate", None)
-        elif self._previous_generate is not None:
-            self.model.generate = self._previous_generate
-        self._previous_generate = None
+        if not self._entered:
+            return
+        self._entered = False
+        try:
+            if self._hook is not None:
+                self._hook.remove()
+                self._hook = None
+            if self._previous_generate is _MISSING:
+                vars(self.model).pop("generate", None)
+            elif self._previous_generate is not None:
+                self.model.generate = self._previous_generate
+            self._previous_generate = None
+        finally:
+            _pop(self)
 
     # hooks -----------------------------------------------------------
     def _pre_forward(self, module, args, kwargs) -> None:
@@ -326,27 +577,6 @@ class _AttentionOverride:
         if fitted is not layout:  # keep the extension for the next layers of this step
             self.state.layout = fitted
         return fitted
-
-    def _attention(self, module, query, key, value, attention_mask, **kwargs):
-        layer = getattr(module, "layer_idx", None)
-        q_len, k_len = query.shape[-2], key.shape[-2]
-        if not isinstance(layer, int) or getattr(module, "config", None) is not self.config or not self.wants(
-            layer, q_len, k_len
-        ):
-            fn = self._previous_fn or eager_function(module)
-            return fn(module, query, key, value, attention_mask, **kwargs)
-        layout = self._layout_for(query.shape[0], q_len, k_len)
-        if _plain_attention(module, kwargs):
-            fast = self.on_projections(module, layer, query, key, value, attention_mask, layout, kwargs)
-            if fast is not None:
-                return fast
-        out, probs = eager_attention(module, query, key, value, attention_mask, **kwargs)
-        edited = self.on_probs(layer, probs, layout)
-        if edited is None:
-            return out, probs
-        values = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
-        out = torch.matmul(edited.to(values.dtype), values).transpose(1, 2).contiguous()
-        return out, edited
 
 
 # ---------------------------------------------------------------------------- EAH
@@ -392,21 +622,25 @@ class eah(_AttentionOverride):  # noqa: N801 - used as a function-style context 
         super().__enter__()
         return self.run
 
-    def wants(self, layer: int, q_len: int, k_len: int) -> bool:
-        return should_edit(self.eah_config, layer, q_len, k_len)
+    def steps(self, call: AttentionCall) -> list[AttentionStep]:
+        if not should_edit(self.eah_config, call.layer, call.q_len, call.k_len):
+            return []
+        layout = self._layout_for(call.query.shape[0], call.q_len, call.k_len)
+        fast = self._map_free if call.prefill and is_plain_copy(self.eah_config) else None
+        return [AttentionStep("probs", self._edit_probs, layout, map_free=fast)]
 
-    def on_probs(self, layer: int, probs: Tensor, layout: TokenLayout) -> Tensor | None:
-        edited, record = apply_eah_to_probs(probs, layout, self.eah_config, layer)
+    def _edit_probs(self, probs: Tensor, layout: TokenLayout, call: AttentionCall) -> Tensor:
+        edited, record = apply_eah_to_probs(probs, layout, self.eah_config, call.layer)
         self.run.records.append(record)
         return edited
 
-    def on_projections(self, module, layer, query, key, value, mask, layout, kwargs):
-        if query.shape[-2] != key.shape[-2] or not is_plain_copy(self.eah_config):
-            return None  # decode steps and blends / image-region / dropped-sink edits take the eager path
-        scaling = kwargs.get("scaling", module.scaling)
-        out, record = apply_eah_to_attention(query, key, value, mask, scaling, layout, self.eah_config, layer)
+    def _map_free(self, call: AttentionCall, layout: TokenLayout, statistics: bool) -> tuple[Tensor, AttentionSums]:
+        out, record, sums = map_free_eah(
+            call.query, call.key, call.value, call.mask, call.scaling, layout, self.eah_config, call.layer,
+            statistics=statistics,
+        )
         self.run.records.append(record)
-        return out, None
+        return out, sums
 
 
 # ---------------------------------------------------------------------------- recording
@@ -465,31 +699,30 @@ class record_attention(_AttentionOverride):  # noqa: N801
         super().__enter__()
         return self.recording
 
-    def wants(self, layer: int, q_len: int, k_len: int) -> bool:
-        return layer in self.recording.layers and q_len == k_len
+    def steps(self, call: AttentionCall) -> list[AttentionStep]:
+        if call.layer not in self.recording.layers or not call.prefill:
+            return []
+        layout = self._layout_for(call.query.shape[0], call.q_len, call.k_len)
+        from_sums = None if self._keep_patterns or self.recording.stats is None else self._record_sums
+        return [AttentionStep("record", self._record_probs, layout, sums=from_sums)]
 
-    def on_projections(self, module, layer, query, key, value, mask, layout, kwargs):
-        rec = self.recording
-        if self._keep_patterns or rec.stats is None:
-            return None  # kept patterns need the full map
-        scaling = kwargs.get("scaling", module.scaling)
-        out, sums = chunked_attention(query, key, value, mask, scaling, layout, output=True, statistics=True)
-        rec.stats.update_from_stats(
-            layer, head_statistics_from_sums(sums, layout, query.shape[-2], rec.stats.threshold, rec.stats.normalise)
+    def _record_sums(self, sums: AttentionSums, layout: TokenLayout, call: AttentionCall) -> None:
+        stats = self.recording.stats
+        assert stats is not None
+        stats.update_from_stats(
+            call.layer, head_statistics_from_sums(sums, layout, call.q_len, stats.threshold, stats.normalise)
         )
         self._note_layout(layout)
-        return out, None
 
-    def on_probs(self, layer: int, probs: Tensor, layout: TokenLayout) -> Tensor | None:
+    def _record_probs(self, probs: Tensor, layout: TokenLayout, call: AttentionCall) -> None:
         rec = self.recording
         if rec.stats is not None:
             rec.stats.update_from_stats(
-                layer, head_statistics(probs, layout, rec.stats.threshold, rec.stats.normalise)
+                call.layer, head_statistics(probs, layout, rec.stats.threshold, rec.stats.normalise)
             )
         if self._keep_patterns:
-            rec.patterns.setdefault(layer, []).append(probs.detach().to("cpu"))
+            rec.patterns.setdefault(call.layer, []).append(probs.detach().to("cpu"))
         self._note_layout(layout)
-        return None
 
     def _note_layout(self, layout: TokenLayout) -> None:
         """Keep each prompt's layout once (the layers of one forward share it)."""
