@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import sys
@@ -54,10 +55,13 @@ from eah_interp.config import EAHConfig
 from eah_interp.edit import EditRecord, apply_eah_to_probs, is_plain_copy, map_free_eah, should_edit
 from eah_interp.errors import (
     AttentionImplementationError,
+    ConfigError,
     LayerIndexError,
     LayoutError,
     UnsupportedModelError,
 )
+from eah_interp.interventions.base import Intervention, InterventionRecord
+from eah_interp.interventions.selectors import Site
 from eah_interp.layout import TokenLayout
 from eah_interp.sinks import Normalise
 from eah_interp.stats import HeadStats, head_statistics, head_statistics_from_sums
@@ -243,6 +247,8 @@ class AttentionStep:
             sums, so the dispatcher can take a map-free path; None if it needs the map.
         map_free: for a probability edit: ``map_free(call, layout, statistics) -> (output, sums of the
             edited layer)`` computing the whole edited layer without a map, or None.
+        last_row: the edit only ever changes the call's last query row (then a prompt's other rows can
+            keep the model's own attention and only the last row is recomputed).
     """
 
     point: str
@@ -250,6 +256,7 @@ class AttentionStep:
     layout: TokenLayout
     sums: Callable[[AttentionSums, TokenLayout, AttentionCall], None] | None = None
     map_free: Callable[[AttentionCall, TokenLayout, bool], tuple[Tensor, AttentionSums]] | None = None
+    last_row: bool = False
 
     def __post_init__(self) -> None:
         if self.point not in EDIT_POINTS:
@@ -302,25 +309,45 @@ def _times_values(probs: Tensor, value: Tensor) -> Tensor:
     return torch.matmul(probs.to(values.dtype), values).transpose(1, 2).contiguous()
 
 
-def run_steps(call: AttentionCall, steps: list[AttentionStep]) -> tuple[Tensor, Tensor | None]:
+def run_steps(
+    call: AttentionCall, steps: list[AttentionStep], fallback: Callable | None = None
+) -> tuple[Tensor, Tensor | None]:
     """One attention call with the edits of every active context, in the documented order.
 
     Score edits (before the mask, then after it; each group in stack order) → softmax → probability
     edits (in order) → recordings (they see the edited probabilities) → ``P @ V`` → output edits.
-    Without a map where nothing needs it: recordings alone accumulate running sums
-    (`eah_interp.chunked`); one plain-copy EAH (optionally with recordings) runs map-free
-    (`eah_interp.edit.map_free_eah`).
+    Without a map where nothing needs it: output edits alone take the model's own attention
+    (``fallback``); recordings alone accumulate running sums (`eah_interp.chunked`); one plain-copy EAH
+    (optionally with recordings) runs map-free (`eah_interp.edit.map_free_eah`); edits of the last query
+    row alone recompute only that row on a prompt, the other rows keep ``fallback``.
 
     Args:
         call: the attention call.
         steps: the active contexts' steps, outermost context first.
+        fallback: the model's own attention function (e.g. SDPA), for the rows and calls nothing edits.
 
     Returns:
         ``(output [batch, q, heads, d], probabilities [batch, heads, q, k] or None)``.
     """
-    fast = _map_free(call, steps)
-    if fast is not None:
-        return fast
+    outputs = [s for s in steps if s.point == "output"]
+    inner = [s for s in steps if s.point != "output"]
+    result = None
+    if not inner and fallback is not None:
+        result = fallback(call.module, call.query, call.key, call.value, call.mask, **call.kwargs)
+    if result is None and inner:
+        result = _map_free(call, inner)
+    if result is None and inner:
+        result = _last_row(call, inner, fallback)
+    if result is None:
+        result = _eager(call, inner)
+    out, probs = result
+    for step in outputs:
+        out = _apply(step, out, call)
+    return out, probs
+
+
+def _eager(call: AttentionCall, steps: list[AttentionStep]) -> tuple[Tensor, Tensor]:
+    """The eager path: the full probability map, edited and read by the steps, then ``P @ V``."""
     by_point = {point: [s for s in steps if s.point == point] for point in EDIT_POINTS}
     changed = bool(by_point["scores_premask"] or by_point["scores"])
     if changed:
@@ -336,9 +363,25 @@ def run_steps(call: AttentionCall, steps: list[AttentionStep]) -> tuple[Tensor, 
         step.fn(probs, step.layout, call)
     if changed or out is None:
         out = _times_values(probs, call.value)
-    for step in by_point["output"]:
-        out = _apply(step, out, call)
     return out, probs
+
+
+def _last_row(
+    call: AttentionCall, steps: list[AttentionStep], fallback: Callable | None
+) -> tuple[Tensor, None] | None:
+    """A prompt whose edits touch only the last query row: ``fallback`` for all rows, then the last row
+    recomputed on its own with the edits (one ``[batch, heads, 1, k]`` map instead of ``[.., q, k]``)."""
+    if fallback is None or call.q_len == 1 or not all(s.last_row for s in steps):
+        return None
+    if not _plain_attention(call.module, call.kwargs):
+        return None
+    out, _ = fallback(call.module, call.query, call.key, call.value, call.mask, **call.kwargs)
+    mask = None if call.mask is None else call.mask[..., -1:, :]
+    last = dataclasses.replace(call, query=call.query[:, :, -1:], mask=mask)
+    row, _ = _eager(last, steps)
+    out = out.clone()
+    out[:, -1:] = row.to(out.dtype)
+    return out, None
 
 
 def _map_free(call: AttentionCall, steps: list[AttentionStep]) -> tuple[Tensor, None] | None:
@@ -401,7 +444,7 @@ class _Dispatcher:
             call = AttentionCall(module, layer, query, key, value, attention_mask, kwargs)
             steps = [step for context in tuple(self.stack) for step in context.steps(call)]
             if steps:
-                return run_steps(call, steps)
+                return run_steps(call, steps, self.previous_fn or eager_function(module))
         fn = self.previous_fn or eager_function(module)
         return fn(module, query, key, value, attention_mask, **kwargs)
 
@@ -461,6 +504,7 @@ class _State:
     token_ids: tuple[int, ...] = ()
     generate_layout: TokenLayout | None = None
     step: int = -1
+    prompt_len: int | None = None
 
 
 class _AttentionOverride:
@@ -547,6 +591,7 @@ class _AttentionOverride:
             self.state.layout = self._prompt_layout(input_ids, kwargs.get("attention_mask"))
         else:  # inputs_embeds only: the layout `generate` noted from its input_ids, else none (`_layout_for` raises)
             self.state.layout = self.state.generate_layout
+        self.state.prompt_len = None if self.state.layout is None else self.state.layout.seq_len
 
     def _generate_wrapper(self, generate: Callable) -> Callable:
         """``model.generate`` that notes the prompt layout first: some LVLMs (InstructBLIP) never call their
@@ -558,6 +603,7 @@ class _AttentionOverride:
             if self.state.user_layout is None and isinstance(input_ids, Tensor) and input_ids.ndim == 2:
                 self.state.generate_layout = self._prompt_layout(input_ids, kwargs.get("attention_mask"))
                 self.state.layout = self.state.generate_layout
+                self.state.prompt_len = self.state.layout.seq_len
             try:
                 return generate(*args, **kwargs)
             finally:  # never reused by a later forward
@@ -626,21 +672,131 @@ class eah(_AttentionOverride):  # noqa: N801 - used as a function-style context 
         if not should_edit(self.eah_config, call.layer, call.q_len, call.k_len):
             return []
         layout = self._layout_for(call.query.shape[0], call.q_len, call.k_len)
-        fast = self._map_free if call.prefill and is_plain_copy(self.eah_config) else None
-        return [AttentionStep("probs", self._edit_probs, layout, map_free=fast)]
+        return [eah_step(self.eah_config, layout, call, self.run.records.append)]
 
-    def _edit_probs(self, probs: Tensor, layout: TokenLayout, call: AttentionCall) -> Tensor:
-        edited, record = apply_eah_to_probs(probs, layout, self.eah_config, call.layer)
-        self.run.records.append(record)
+
+def eah_step(
+    config: EAHConfig, layout: TokenLayout, call: AttentionCall, note: Callable[[EditRecord], None]
+) -> AttentionStep:
+    """The dispatcher step of an EAH edit: a probability edit, map-free for plain copies of a prompt.
+
+    Args:
+        config: the edit.
+        layout: the layout fitted to the call.
+        call: the attention call (decides whether the map-free path is possible).
+        note: receives the `EditRecord` of every edit made.
+    """
+
+    def edit_probs(probs: Tensor, layout: TokenLayout, call: AttentionCall) -> Tensor:
+        edited, record = apply_eah_to_probs(probs, layout, config, call.layer)
+        note(record)
         return edited
 
-    def _map_free(self, call: AttentionCall, layout: TokenLayout, statistics: bool) -> tuple[Tensor, AttentionSums]:
+    def map_free(call: AttentionCall, layout: TokenLayout, statistics: bool) -> tuple[Tensor, AttentionSums]:
         out, record, sums = map_free_eah(
-            call.query, call.key, call.value, call.mask, call.scaling, layout, self.eah_config, call.layer,
+            call.query, call.key, call.value, call.mask, call.scaling, layout, config, call.layer,
             statistics=statistics,
         )
-        self.run.records.append(record)
+        note(record)
         return out, sums
+
+    fast = map_free if call.prefill and is_plain_copy(config) else None
+    return AttentionStep("probs", edit_probs, layout, map_free=fast)
+
+
+# ---------------------------------------------------------------------------- interventions
+@dataclass
+class InterventionRun:
+    """What happened inside an `intervene` context: one `InterventionRecord` per edit made, in order."""
+
+    interventions: tuple[Any, ...]
+    records: list[InterventionRecord] = field(default_factory=list)
+
+    def of(self, which: int | str) -> list[InterventionRecord]:
+        """The records of one intervention: its index in the list, or its method name."""
+        if isinstance(which, int):
+            return [r for r in self.records if r.index == which]
+        return [r for r in self.records if r.intervention == which]
+
+
+class intervene(_AttentionOverride):  # noqa: N801
+    """Apply several interventions to an HF LVLM inside the ``with`` block (``forward`` and ``generate``).
+
+    Each intervention edits at its own point (`EDIT_POINTS`); at one point they run in list order, and
+    the points run in the dispatcher's order (score edits, softmax, probability edits, ``P @ V``,
+    output edits; see `run_steps`). Stacks with ``eah`` / ``record_attention`` contexts like any context.
+
+    Args:
+        model: an HF LVLM (or LM) whose language model uses the AttentionInterface.
+        interventions: `eah_interp.interventions` objects (``EAH``, ``PAI``, ``VAF``, ...) and/or
+            `EAHConfig` objects; one alone is accepted too.
+        layout: optional explicit prompt layout (see `eah`).
+
+    Yields:
+        An `InterventionRun` whose ``records`` say what each intervention did in each attention call.
+
+    Example:
+        >>> from eah_interp.interventions import EAH, PAI
+        >>> with eah_interp.hf.intervene(model, [EAH.paper(), PAI(alpha=0.2)]) as run:
+        ...     out = model.generate(**inputs, max_new_tokens=30, do_sample=False)
+        >>> run.of("PAI")[0]
+    """
+
+    kind = "intervene"
+
+    def __init__(self, model: nn.Module, interventions: Any, layout: TokenLayout | None = None) -> None:
+        items = (interventions,) if isinstance(interventions, (Intervention, EAHConfig)) else tuple(interventions)
+        if not items:
+            raise ConfigError("intervene needs at least one intervention, e.g. [PAI()] or [EAHConfig.paper()].")
+        for item in items:
+            if not isinstance(item, (Intervention, EAHConfig)):
+                raise TypeError(
+                    f"intervene takes eah_interp.interventions objects or EAHConfig; got {type(item).__name__}."
+                )
+        super().__init__(model, layout)
+        n_layers, n_heads, _ = model_shape(model)
+        for item in items:
+            item.validate_for(n_layers, n_heads)
+            if isinstance(item, EAHConfig):
+                self._warn_if_causal_normaliser(item.normalise)
+        self.n_layers = n_layers
+        self.run = InterventionRun(items)
+
+    def __enter__(self) -> InterventionRun:  # type: ignore[override]
+        super().__enter__()
+        return self.run
+
+    def steps(self, call: AttentionCall) -> list[AttentionStep]:
+        chosen = []
+        for index, item in enumerate(self.run.interventions):
+            if isinstance(item, EAHConfig):
+                if should_edit(item, call.layer, call.q_len, call.k_len):
+                    chosen.append((index, item))
+            elif item.applies(call.layer, call.q_len, call.k_len, self.n_layers):
+                chosen.append((index, item))
+        if not chosen:
+            return []
+        layout = self._layout_for(call.query.shape[0], call.q_len, call.k_len)
+        prompt_len = call.k_len if call.prefill else (self.state.prompt_len or call.k_len)
+        return [self._step(index, item, layout, call, prompt_len) for index, item in chosen]
+
+    def _step(self, index: int, item: Any, layout: TokenLayout, call: AttentionCall, prompt_len: int) -> AttentionStep:
+        records = self.run.records
+        q_len, k_len, layer = call.q_len, call.k_len, call.layer
+        if isinstance(item, EAHConfig):
+            def note(record: EditRecord) -> None:
+                changed = int(record.edited.sum())
+                records.append(InterventionRecord("EAH", index, layer, "probs", q_len, k_len, changed, eah=record))
+
+            return eah_step(item, layout, call, note)
+
+        def edit(tensor: Tensor, layout: TokenLayout, sub: AttentionCall) -> Tensor:
+            site = Site(layer=layer, layout=layout, q_len=sub.q_len, k_len=sub.k_len, prompt_len=prompt_len)
+            edited, changed = item.edit(tensor, site)
+            records.append(InterventionRecord(type(item).__name__, index, layer, item.point, q_len, k_len, changed))
+            return edited
+
+        return AttentionStep(item.point, edit, layout, last_row=bool(item.last_row_only))
 
 
 # ---------------------------------------------------------------------------- recording

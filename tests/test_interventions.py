@@ -1,0 +1,371 @@
+"""`eah_interp.interventions` through `hf.intervene`, against a loop-written reference attention.
+
+The reference is a test-only attention function registered with transformers (it shares no code with
+eah_interp): it receives the layer's query/key/value after rotary embedding, builds the causal +
+padding mask itself, and applies each method's edit with Python loops over (row, head, query, key),
+written from the method's description (docs/methods.md), at the method's edit point. Every method is
+checked on a tiny LLaVA (Llama decoder, GQA 4 heads / 2 KV heads) and a tiny Qwen2-VL (M-RoPE, GQA),
+on a prompt forward and on decode steps (``generate`` logits step by step).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+from eah_interp import ConfigError, HeadStats, LayerIndexError, TokenLayout, hf
+from eah_interp._testing import TINY_IMAGE_TOKEN_ID, sharp_tiny_llava, tiny_llava_inputs
+from eah_interp.interventions import (
+    ADHH,
+    EAH,
+    PAI,
+    VAF,
+    HeadScale,
+    Intervention,
+    Knockout,
+    MiddleLayerBoost,
+    Site,
+    scaled_range,
+)
+from eah_interp.models.tiny import TINY_IMAGE_ID, tiny_qwen2_vl
+from tests.reference import explicit_edit
+
+REFERENCE = "eah_interp_tests.reference_attention"
+LOWEST = torch.finfo(torch.float32).min
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
+def family(request):
+    if request.param == "llava":
+        model = sharp_tiny_llava(seed=0)
+        inputs = tiny_llava_inputs(model, prefix_lengths=(3, 6), suffix_lengths=(5, 2), padding_side="left", seed=1)
+        return model, inputs, TINY_IMAGE_TOKEN_ID
+    model, inputs = tiny_qwen2_vl(seed=0)
+    with torch.no_grad():  # sharper attention, as sharp_tiny_llava does
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+    return model, inputs, TINY_IMAGE_ID
+
+
+# ------------------------------------------------------------------------------------------- reference
+class Reference:
+    """A loop-written eager attention with the edits of a list of interventions (prefill and decode)."""
+
+    def __init__(self, interventions, input_ids, attention_mask, image_id):
+        self.items = interventions
+        self.prompt_len = input_ids.shape[1]
+        self.prompt_mask = attention_mask.bool()
+        self.image = (input_ids == image_id).tolist()
+
+    # position groups of one batch row, for a call over k keys (keys >= prompt_len are generated text)
+    def groups(self, row, k):
+        real = self.prompt_mask[row].tolist() + [True] * (k - self.prompt_len)
+        image = self.image[row] + [False] * (k - self.prompt_len)
+        first = image.index(True)
+        end = max(j for j in range(k) if image[j]) + 1
+        return {
+            "real": real,
+            "image": image,
+            "system": [real[j] and j < first for j in range(k)],
+            "text": [real[j] and j >= first and not image[j] for j in range(k)],
+            "question": [real[j] and j >= first and not image[j] and j < self.prompt_len for j in range(k)],
+            "end": end,
+        }
+
+    def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        layer = module.layer_idx
+        b, h, q, _ = query.shape
+        k = key.shape[-2]
+        group = h // key.shape[1]
+        keys = torch.stack([key[:, head // group] for head in range(h)], 1).float()
+        values = torch.stack([value[:, head // group] for head in range(h)], 1).float()
+        scores = (query.float() @ keys.transpose(-1, -2)) * scaling
+        offset = k - q
+        groups = [self.groups(row, k) for row in range(b)]
+        prefill = q == k
+        active = [item for item in self.items if self.applies(item, layer, prefill)]
+        for item in active:
+            if isinstance(item, VAF):  # before the mask: rows after the image, image x s1, system x s2
+                for row in range(b):
+                    g = groups[row]
+                    for i in range(q):
+                        if not (g["real"][offset + i] and offset + i >= g["end"]):
+                            continue
+                        for j in range(k):
+                            for head in range(h):
+                                if g["image"][j]:
+                                    scores[row, head, i, j] *= item.image_scale
+                                elif g["system"][j]:
+                                    scores[row, head, i, j] *= item.system_scale
+        for row in range(b):  # the causal + padding mask
+            for i in range(q):
+                for j in range(k):
+                    if not (groups[row]["real"][j] and j <= offset + i):
+                        scores[row, :, i, j] = LOWEST
+        for item in active:
+            last = q - 1
+            if isinstance(item, PAI):
+                for row in range(b):
+                    for j in range(k):
+                        if groups[row]["image"][j]:
+                            for head in range(h):
+                                z = float(scores[row, head, last, j])
+                                scores[row, head, last, j] = z + item.alpha * abs(z)
+            elif isinstance(item, MiddleLayerBoost):
+                for row in range(b):
+                    for j in range(k):
+                        if groups[row]["image"][j]:
+                            mean_abs = sum(abs(float(scores[row, head, last, j])) for head in range(h)) / h
+                            for head in range(h):
+                                scores[row, head, last, j] += item.alpha * mean_abs
+            elif isinstance(item, Knockout):
+                for row in range(b):
+                    g = groups[row]
+                    for i in range(q):
+                        pos = offset + i
+                        in_group = i == last if item.queries == "last" else g[item.queries][pos]
+                        if not (in_group and g["real"][pos]):
+                            continue
+                        for j in range(k):
+                            if j != pos and g[item.keys][j] and scores[row, 0, i, j] > LOWEST / 2:
+                                scores[row, :, i, j] = LOWEST
+        probs = torch.softmax(scores, -1)
+        for item in active:
+            if isinstance(item, EAH):
+                image_mask = torch.tensor([g["image"] for g in groups])
+                real = torch.tensor([g["real"] for g in groups])
+                probs = explicit_edit(probs, real, image_mask, threshold=item.threshold, normalise=item.normalise,
+                                      skip_if_head0=item.skip_if_head0)
+            elif isinstance(item, ADHH):
+                for layer_, head in item.heads:
+                    if layer_ != layer:
+                        continue
+                    for row in range(b):
+                        text = groups[row]["text"]
+                        mass = sum(float(probs[row, head, q - 1, j]) for j in range(k) if text[j])
+                        if mass > item.tau:
+                            for j in range(k):
+                                if text[j]:
+                                    probs[row, head, q - 1, j] = 0.0
+        out = (probs @ values).transpose(1, 2)  # [b, q, h, d]
+        for item in active:
+            if isinstance(item, HeadScale):
+                for layer_, head in item.heads:
+                    if layer_ == layer:
+                        out[:, :, head] *= item.scale
+        return out.to(query.dtype).contiguous(), probs
+
+    @staticmethod
+    def applies(item, layer, prefill):
+        if isinstance(item, EAH):
+            return layer in item.layers and prefill
+        if isinstance(item, (ADHH, HeadScale)):
+            layers = {layer_ for layer_, _ in item.heads}
+        else:
+            layers = set(item.layers)
+        return layer in layers and (item.phase == "both" or (item.phase == "prefill") == prefill)
+
+
+class reference_model:  # noqa: N801 - a context manager
+    """The model's language attention replaced by `Reference` (registered under a test-only name)."""
+
+    def __init__(self, model, reference):
+        self.model, self.reference = model, reference
+
+    def __enter__(self):
+        AttentionInterface.register(REFERENCE, self.reference.attention)
+        AttentionMaskInterface.register(REFERENCE, eager_mask)
+        self.config = self.model.config.get_text_config(decoder=True)
+        self.previous = self.config._attn_implementation
+        self.config._attn_implementation_internal = REFERENCE
+        return self
+
+    def __exit__(self, *exc):
+        self.config._attn_implementation_internal = self.previous
+        AttentionInterface._global_mapping.pop(REFERENCE, None)
+        AttentionMaskInterface._global_mapping.pop(REFERENCE, None)
+
+
+def prompt_logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs, use_cache=False).logits
+
+
+def generated(model, inputs):
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+CASES = {
+    "PAI": [PAI(alpha=0.5, layers=(1, 2))],
+    "MiddleLayerBoost": [MiddleLayerBoost(alpha=0.5, layers=(0, 2))],
+    "VAF": [VAF(image_scale=2.0, system_scale=0.5, layers=(0, 2))],
+    "Knockout-last": [Knockout(queries="last", keys="image", layers=(0, 1, 2))],
+    "Knockout-question": [Knockout(queries="question", keys="image", layers=(1, 2))],
+    "ADHH": [ADHH(heads=((1, 0), (2, 3), (2, 1)), tau=0.05)],
+    "HeadScale": [HeadScale(heads=((0, 1), (2, 2)), scale=0.0)],
+    "PAI-decode-only": [PAI(alpha=1.0, layers=(0, 1), phase="decode")],
+    "EAH+PAI": [EAH(layers=(1,), threshold=0.0), PAI(alpha=0.5, layers=(1, 2))],
+    "VAF+HeadScale+Knockout": [
+        VAF(image_scale=2.0, system_scale=0.5, layers=(1,)),
+        HeadScale(heads=((1, 3),), scale=2.0),
+        Knockout(queries="last", keys="system", layers=(1,)),
+    ],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_intervention_equals_the_loop_written_reference_prefill_and_decode(family, case):
+    model, inputs, image_id = family
+    items = CASES[case]
+    real = inputs["attention_mask"].bool()
+    plain = prompt_logits(model, inputs)
+    with hf.intervene(model, items) as run:
+        got = prompt_logits(model, inputs)
+    reference = Reference(items, inputs["input_ids"], inputs["attention_mask"], image_id)
+    with reference_model(model, reference):
+        want = prompt_logits(model, inputs)
+    assert torch.allclose(got[real], want[real], atol=1e-4), case
+    if case != "PAI-decode-only":
+        assert not torch.allclose(got[real], plain[real], atol=1e-4), f"{case} changed nothing"
+        for index in range(len(items)):
+            assert sum(r.changed for r in run.of(index)) > 0, (case, index)
+    else:
+        assert run.records == []
+    # decode steps (the KV cache): the same edits at every step, logits step by step
+    with hf.intervene(model, items) as run:
+        sequences, logits = generated(model, inputs)
+    with reference_model(model, reference):
+        want_sequences, want_logits = generated(model, inputs)
+    assert torch.allclose(logits, want_logits, atol=1e-4), case
+    assert sequences.tolist() == want_sequences.tolist()
+    decode = [r for r in run.records if r.q_len < r.k_len]
+    eah_only_prefill = all(isinstance(i, EAH) for i in items)
+    assert bool(decode) != eah_only_prefill
+
+
+def test_last_row_methods_do_not_run_eager_attention_over_the_prompt(monkeypatch):
+    """PAI edits the last row only: on a prompt the dispatcher keeps SDPA for every row and recomputes
+    the last row alone (a [batch, heads, 1, k] map), never the full [.., q, k] one."""
+    model = sharp_tiny_llava(seed=0)
+    inputs = tiny_llava_inputs(model, prefix_lengths=(3, 6), seed=1)
+    shapes = []
+    scores = hf._scores
+    monkeypatch.setattr(hf, "_scores", lambda call, steps: shapes.append(call.q_len) or scores(call, steps))
+    monkeypatch.setattr(hf, "eager_attention", lambda *a, **k: pytest.fail("eager attention over the prompt"))
+    with hf.intervene(model, [PAI(layers=(0, 1, 2, 3)), MiddleLayerBoost(layers=(1,))]) as run:
+        prompt_logits(model, inputs)
+    assert shapes == [1, 1, 1, 1] and len(run.records) == 5
+
+
+def test_default_layers_scale_with_depth():
+    """The documented rule, by hand: floor(x * n / 32 + 0.5) for both ends, at least one layer."""
+    assert scaled_range(2, 32, 32) == tuple(range(2, 32))  # PAI on LLaVA-1.5-7B: unchanged
+    assert scaled_range(2, 32, 4) == (0, 1, 2, 3)  # 0.25 -> 0, 4 -> 4
+    assert scaled_range(5, 19, 4) == (1,)  # 0.625 -> 1, 2.375 -> 2
+    assert scaled_range(9, 15, 24) == (7, 8, 9, 10)  # 6.75 -> 7, 11.25 -> 11
+    assert scaled_range(9, 15, 2) == (1,)  # 0.5625 -> 1, 0.9375 -> 1: kept one layer
+    assert PAI().layers_for(4) == (0, 1, 2, 3) and VAF().layers_for(32) == tuple(range(9, 15))
+    assert MiddleLayerBoost().layers_for(32) == tuple(range(5, 19))
+
+
+def test_selectors_resolve_spans_from_the_layout():
+    # row 0: [pad, bos, sys, img, img, q, q] + 2 generated; row 1: [bos, sys, sys, img, img, q, q] + 2 generated
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1, 1], [1] * 9]).bool()
+    layout = TokenLayout.from_spans([(3, 5), (3, 5)], 9, mask)
+    site = Site(layer=0, layout=layout, q_len=9, k_len=9, prompt_len=7)
+    from eah_interp.interventions.selectors import key_span, query_rows
+
+    assert key_span("system", site).int().tolist() == [[0, 1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0, 0]]
+    assert key_span("question", site).int().tolist() == [[0, 0, 0, 0, 0, 1, 1, 0, 0]] * 2
+    assert key_span("generated", site).int().tolist() == [[0, 0, 0, 0, 0, 0, 0, 1, 1]] * 2
+    assert key_span("text", site).int().tolist() == [[0, 0, 0, 0, 0, 1, 1, 1, 1]] * 2
+    assert query_rows("after_image", site).int().tolist() == [[0, 0, 0, 0, 0, 1, 1, 1, 1]] * 2
+    assert query_rows("last", site).int().tolist() == [[0] * 8 + [1]] * 2
+    decode = Site(layer=0, layout=layout, q_len=1, k_len=9, prompt_len=7)
+    assert query_rows("decode", decode).tolist() == [[True], [True]]
+    assert query_rows("decode", site).sum() == 0
+
+
+@pytest.mark.parametrize("item", [
+    PAI(alpha=0.3, layers=(1, 2)), MiddleLayerBoost(), VAF(image_scale=1.2, phase="prefill"),
+    Knockout(queries="question", keys="image", layers=(0,)), ADHH(heads=((1, 2),)), HeadScale(heads=((0, 1),), scale=2.0),
+    EAH.paper(threshold=0.01),
+])
+def test_interventions_round_trip_through_json_and_describe_themselves(item):
+    again = Intervention.from_json(item.to_json())
+    assert again == item and type(again) is type(item)
+    assert type(item).__name__ in item.describe() or "EAH" in type(item).__name__
+
+
+def test_bad_interventions_raise_errors_that_name_the_fix():
+    model = sharp_tiny_llava(seed=0)
+    with pytest.raises(ConfigError, match="alpha"):
+        PAI(alpha=-1)
+    with pytest.raises(ConfigError, match="phase"):
+        PAI(phase="sometimes")
+    with pytest.raises(ConfigError, match="keys"):
+        Knockout(keys="nothing")
+    with pytest.raises(ConfigError, match="Unknown intervention method"):
+        Intervention.from_dict({"method": "Magic"})
+    with pytest.raises(LayerIndexError, match="4 decoder layers.*layers=None"):
+        hf.intervene(model, [PAI(layers=(7,))])
+    with pytest.raises(IndexError, match="4 heads"):
+        hf.intervene(model, [HeadScale(heads=((0, 9),))])
+    with pytest.raises(TypeError, match="EAHConfig"):
+        hf.intervene(model, ["PAI"])
+    with pytest.raises(ConfigError, match="at least one"):
+        hf.intervene(model, [])
+
+
+def test_head_scale_from_head_stats_takes_the_top_heads():
+    model = sharp_tiny_llava(seed=0)
+    inputs = tiny_llava_inputs(model, prefix_lengths=(3,), seed=1)
+    stats = HeadStats(threshold=0.0)
+    with hf.record_attention(model, "all", stats=stats), torch.no_grad():
+        model(**inputs)
+    frame = stats.to_frame().sort_values("entropy_mean", ascending=False, kind="stable")
+    item = HeadScale.from_head_stats(stats, by="entropy", top=3, scale=0.5)
+    assert list(item.heads) == [(int(r.layer), int(r.head)) for r in frame.head(3).itertuples()]
+    assert item.scale == 0.5
+
+
+def test_intervene_stacks_with_record_attention_and_restores_everything(family):
+    model, inputs, _ = family
+    keys = set(AttentionInterface._global_mapping)
+    impl = model.config.get_text_config(decoder=True)._attn_implementation
+    stats = HeadStats(threshold=0.0)
+    with pytest.raises(RuntimeError, match="boom"):
+        with hf.record_attention(model, [1], stats=stats), hf.intervene(model, [Knockout(layers=(1,))]) as run:
+            prompt_logits(model, inputs)
+            raise RuntimeError("boom")
+    assert run.records and stats.n_examples(1) == 2
+    assert set(AttentionInterface._global_mapping) == keys
+    assert model.config.get_text_config(decoder=True)._attn_implementation == impl
+    assert hf.active_contexts(model) == [] and not model._forward_pre_hooks
+
+
+def test_knockout_of_the_image_blocks_all_image_attention_in_recorded_maps():
+    """Recorded after the edit: with the last row knocked out of image keys, its image mass is exactly 0."""
+    model = sharp_tiny_llava(seed=0)
+    inputs = tiny_llava_inputs(model, prefix_lengths=(3, 6), seed=1)
+    with hf.intervene(model, [Knockout(queries="text", keys="image", layers=(2,))]), hf.record_attention(
+        model, [2], keep_patterns=True
+    ) as rec:
+        prompt_logits(model, inputs)
+    probs = rec.patterns[2][0]
+    image = inputs["input_ids"] == TINY_IMAGE_TOKEN_ID
+    text_rows = torch.zeros_like(image)
+    for row in range(image.shape[0]):
+        end = max(j for j in range(image.shape[1]) if image[row, j]) + 1
+        text_rows[row, end:] = True
+    mass = (probs * image[:, None, None, :]).sum(-1)  # [b, h, q]
+    assert float(mass[text_rows[:, None, :].expand_as(mass)].abs().max()) == 0.0
+    assert math.isclose(float(probs[0, 0, -1].sum()), 1.0, rel_tol=1e-5)
