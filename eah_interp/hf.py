@@ -187,6 +187,22 @@ def _past_length(input_ids: Tensor | None, kwargs: dict[str, Any]) -> int:
     return 0
 
 
+def decoder_layers(model: nn.Module) -> dict[int, nn.Module]:
+    """The language model's decoder layers by index: the modules whose ``self_attn`` is a layer's attention."""
+    attention = {id(module): layer for layer, module in attention_modules(model).items()}
+    found = {}
+    for module in model.modules():
+        layer = attention.get(id(getattr(module, "self_attn", None)))
+        if layer is not None:
+            found.setdefault(layer, module)
+    if len(found) != len(attention):
+        raise UnsupportedModelError(
+            f"Found decoder layers (modules with .self_attn) for layers {sorted(found)} of {sorted(attention)} in "
+            f"{type(model).__name__}; interventions that read hidden states need every one."
+        )
+    return found
+
+
 # ---------------------------------------------------------------------------- one attention call, its edits
 #: Where an edit acts inside one attention call, in the order the dispatcher runs them: scores before
 #: the mask is added, scores after it, probabilities after the softmax, recordings (they read the
@@ -761,10 +777,69 @@ class intervene(_AttentionOverride):  # noqa: N801
                 self._warn_if_causal_normaliser(item.normalise)
         self.n_layers = n_layers
         self.run = InterventionRun(items)
+        # interventions that read a layer's input hidden states (VAR's massive-activation sinks)
+        readers = [item for item in items if getattr(item, "needs_hidden", False)]
+        self._hidden_layers = sorted({layer for item in readers for layer in item.layers_for(n_layers)})
+        self._hidden: dict[int, Tensor] = {}
+        self._sink_history: dict[tuple[int, int], Tensor] = {}
+        self._hidden_hooks: list[Any] = []
 
     def __enter__(self) -> InterventionRun:  # type: ignore[override]
         super().__enter__()
+        try:
+            layers = decoder_layers(self.model)
+            for layer in self._hidden_layers:
+                self._hidden_hooks.append(
+                    layers[layer].register_forward_pre_hook(self._note_hidden(layer), with_kwargs=True)
+                )
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self.run
+
+    def __exit__(self, *exc) -> None:
+        try:
+            for hook in self._hidden_hooks:
+                hook.remove()
+            self._hidden_hooks.clear()
+            self._hidden.clear()
+            self._sink_history.clear()
+        finally:
+            super().__exit__(*exc)
+
+    def _note_hidden(self, layer: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            if isinstance(hidden, Tensor):
+                self._hidden[layer] = hidden.detach()
+
+        return hook
+
+    def _sinks(self, index: int, item: Any, call: AttentionCall) -> Tensor:
+        """``Bool[batch, k]``: the massive-activation sinks among the call's keys (prompt + decoded so far)."""
+        from eah_interp.sinks import massive_activation_sinks
+
+        hidden = self._hidden.get(call.layer)
+        if hidden is None or hidden.shape[1] != call.q_len:
+            raise UnsupportedModelError(
+                f"Layer {call.layer}: {type(item).__name__} reads the decoder layer's input hidden states, but no "
+                "hidden states of this call were seen (is the decoder layer a module with .self_attn?)."
+            )
+        current = massive_activation_sinks(hidden, item.dims, item.tau)
+        key = (index, call.layer)
+        previous = self._sink_history.get(key)
+        if call.prefill or previous is None:
+            history = current
+        else:
+            history = torch.cat([previous, current], dim=1)
+        if history.shape != (call.query.shape[0], call.k_len):
+            raise LayoutError(
+                f"Layer {call.layer}: {type(item).__name__} tracked sink flags for {tuple(history.shape)} positions "
+                f"but the call has {call.query.shape[0]} rows x {call.k_len} keys (beam search or a cache this "
+                "context did not see from the prompt on?)."
+            )
+        self._sink_history[key] = history
+        return history
 
     def steps(self, call: AttentionCall) -> list[AttentionStep]:
         chosen = []
@@ -790,9 +865,11 @@ class intervene(_AttentionOverride):  # noqa: N801
 
             return eah_step(item, layout, call, note)
 
+        sinks = self._sinks(index, item, call) if getattr(item, "needs_hidden", False) else None
+
         def edit(tensor: Tensor, layout: TokenLayout, sub: AttentionCall) -> Tensor:
             site = Site(layer=layer, layout=layout, q_len=sub.q_len, k_len=sub.k_len, prompt_len=prompt_len)
-            edited, changed = item.edit(tensor, site)
+            edited, changed = item.edit(tensor, site) if sinks is None else item.edit(tensor, site, sinks=sinks)
             records.append(InterventionRecord(type(item).__name__, index, layer, item.point, q_len, k_len, changed))
             return edited
 

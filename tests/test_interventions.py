@@ -24,6 +24,7 @@ from eah_interp.interventions import (
     EAH,
     PAI,
     VAF,
+    VAR,
     HeadScale,
     Intervention,
     Knockout,
@@ -59,6 +60,7 @@ class Reference:
     def __init__(self, interventions, input_ids, attention_mask, image_id):
         self.items = interventions
         self.prompt_len = input_ids.shape[1]
+        self.sinks = {}
         self.prompt_mask = attention_mask.bool()
         self.image = (input_ids == image_id).tolist()
 
@@ -141,6 +143,8 @@ class Reference:
                 real = torch.tensor([g["real"] for g in groups])
                 probs = explicit_edit(probs, real, image_mask, threshold=item.threshold, normalise=item.normalise,
                                       skip_if_head0=item.skip_if_head0)
+            elif isinstance(item, VAR):
+                probs = self.var(item, layer, probs, groups, offset)
             elif isinstance(item, ADHH):
                 for layer_, head in item.heads:
                     if layer_ != layer:
@@ -159,6 +163,51 @@ class Reference:
                     if layer_ == layer:
                         out[:, :, head] *= item.scale
         return out.to(query.dtype).contiguous(), probs
+
+    def note_hidden(self, layer, hidden, item):
+        """VAR's sinks by hand: |h_d / rms(h)| > tau for a sink dim d; history extended at decode steps."""
+        b, n, dim = hidden.shape
+        flags = []
+        for row in range(b):
+            row_flags = []
+            for t in range(n):
+                h = hidden[row, t].double()
+                rms = math.sqrt(sum(float(x) ** 2 for x in h) / dim + 1e-6)
+                row_flags.append(any(abs(float(h[d])) / rms > item.tau for d in item.dims))
+            flags.append(row_flags)
+        history = self.sinks.get(layer)
+        if history is None or n > 1:
+            self.sinks[layer] = flags
+        else:
+            self.sinks[layer] = [old + new for old, new in zip(history, flags, strict=True)]
+
+    def var(self, item, layer, probs, groups, offset):
+        b, h, q, k = probs.shape
+        out = probs.clone()
+        for row in range(b):
+            g, sink = groups[row], self.sinks[layer][row]
+            image = [j for j in range(k) if g["image"][j]]
+            vis = [j for j in image if sink[j]]
+            sinks = [j for j in range(k) if sink[j]]
+            if not vis:
+                continue
+            for head in range(h):
+                for i in range(q):
+                    if not (g["real"][offset + i] and offset + i >= g["end"]):
+                        continue
+                    p = [float(x) for x in probs[row, head, i]]
+                    image_sum = sum(p[j] for j in image)
+                    portion = sum(p[j] for j in vis) / (image_sum + len(image) * 1e-6)
+                    others = {j: p[j] for j in image if j not in vis}
+                    if not (portion <= item.rho and image_sum >= item.summ and sum(others.values()) > 0):
+                        continue
+                    budget = (1 - item.p) * sum(p[j] for j in sinks)
+                    for j in sinks:
+                        out[row, head, i, j] = p[j] * item.p
+                    total = sum(others.values())
+                    for j, value in others.items():
+                        out[row, head, i, j] = value + budget * value / total
+        return out
 
     @staticmethod
     def applies(item, layer, prefill):
@@ -183,9 +232,20 @@ class reference_model:  # noqa: N801 - a context manager
         self.config = self.model.config.get_text_config(decoder=True)
         self.previous = self.config._attn_implementation
         self.config._attn_implementation_internal = REFERENCE
+        self.hooks = []
+        for item in self.reference.items:
+            if isinstance(item, VAR):
+                for layer in item.layers:
+                    decoder = self.model.model.language_model.layers[layer]
+                    self.hooks.append(decoder.register_forward_pre_hook(
+                        lambda m, a, kw, layer=layer, item=item: self.reference.note_hidden(
+                            layer, kw.get("hidden_states", a[0] if a else None), item),
+                        with_kwargs=True))
         return self
 
     def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
         self.config._attn_implementation_internal = self.previous
         AttentionInterface._global_mapping.pop(REFERENCE, None)
         AttentionMaskInterface._global_mapping.pop(REFERENCE, None)
@@ -224,7 +284,10 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_intervention_equals_the_loop_written_reference_prefill_and_decode(family, case):
     model, inputs, image_id = family
-    items = CASES[case]
+    check_against_reference(model, inputs, image_id, CASES[case], case)
+
+
+def check_against_reference(model, inputs, image_id, items, case):
     real = inputs["attention_mask"].bool()
     plain = prompt_logits(model, inputs)
     with hf.intervene(model, items) as run:
@@ -249,6 +312,18 @@ def test_intervention_equals_the_loop_written_reference_prefill_and_decode(famil
     decode = [r for r in run.records if r.q_len < r.k_len]
     eah_only_prefill = all(isinstance(i, EAH) for i in items)
     assert bool(decode) != eah_only_prefill
+
+
+VAR_DIMS = {TINY_IMAGE_TOKEN_ID: ((27, 51), 2.8), TINY_IMAGE_ID: ((15, 62), 2.5)}  # found with massive_dims
+
+
+def test_var_equals_the_loop_written_reference_prefill_and_decode(family):
+    """VAR with sink dimensions of these random models (their largest RMS-normalised dims at layer 1) and
+    thresholds that mark a few image tokens; rho / summ loosened so that some heads qualify."""
+    model, inputs, image_id = family
+    dims, tau = VAR_DIMS[image_id]
+    items = [VAR(dims=dims, tau=tau, rho=0.9, summ=0.05, layers=(1,))]
+    check_against_reference(model, inputs, image_id, items, "VAR")
 
 
 def test_last_row_methods_do_not_run_eager_attention_over_the_prompt(monkeypatch):
@@ -297,7 +372,7 @@ def test_selectors_resolve_spans_from_the_layout():
 @pytest.mark.parametrize("item", [
     PAI(alpha=0.3, layers=(1, 2)), MiddleLayerBoost(), VAF(image_scale=1.2, phase="prefill"),
     Knockout(queries="question", keys="image", layers=(0,)), ADHH(heads=((1, 2),)), HeadScale(heads=((0, 1),), scale=2.0),
-    EAH.paper(threshold=0.01),
+    EAH.paper(threshold=0.01), VAR(dims=(3, 7), tau=15.0),
 ])
 def test_interventions_round_trip_through_json_and_describe_themselves(item):
     again = Intervention.from_json(item.to_json())
@@ -369,3 +444,19 @@ def test_knockout_of_the_image_blocks_all_image_attention_in_recorded_maps():
     mass = (probs * image[:, None, None, :]).sum(-1)  # [b, h, q]
     assert float(mass[text_rows[:, None, :].expand_as(mass)].abs().max()) == 0.0
     assert math.isclose(float(probs[0, 0, -1].sum()), 1.0, rel_tol=1e-5)
+
+
+def test_massive_activation_sinks_by_hand():
+    from eah_interp.sinks import massive_activation_sinks, massive_dims
+
+    hidden = torch.ones(1, 3, 4)
+    hidden[0, 1, 2] = 40.0  # rms = sqrt((1 + 1 + 1600 + 1) / 4) = 20.02; 40 / 20.02 = 1.998
+    hidden[0, 2, 0] = -400.0  # rms = sqrt((160000 + 3) / 4) = 200.0; 400 / 200.0 = 2.0 (just under 2.0 + 1e-9)
+    flags = massive_activation_sinks(hidden, dims=(0, 2), tau=1.99)
+    assert flags.tolist() == [[False, True, True]]
+    assert massive_activation_sinks(hidden, dims=(1,), tau=1.0).tolist() == [[False, False, False]]
+    assert set(massive_dims(hidden, top=2)) == {0, 2}
+    with pytest.raises(ConfigError, match="massive_dims"):
+        massive_activation_sinks(hidden, dims=())
+    with pytest.raises(ConfigError, match="massive_dims"):
+        VAR()

@@ -14,6 +14,7 @@ from eah_interp.interventions.middle import MiddleLayerBoost
 from eah_interp.interventions.pai import PAI
 from eah_interp.interventions.selectors import PHASES, ROWS, SPANS, Site, scaled_range
 from eah_interp.interventions.vaf import VAF
+from eah_interp.interventions.var import VAR
 
 __all__ = [
     "ADHH",
@@ -29,5 +30,6 @@ __all__ = [
     "PAI",
     "Site",
     "VAF",
+    "VAR",
     "scaled_range",
 ]
