@@ -263,8 +263,8 @@ class AttentionStep:
             sums, so the dispatcher can take a map-free path; None if it needs the map.
         map_free: for a probability edit: ``map_free(call, layout, statistics) -> (output, sums of the
             edited layer)`` computing the whole edited layer without a map, or None.
-        last_row: the edit only ever changes the call's last query row (then a prompt's other rows can
-            keep the model's own attention and only the last row is recomputed).
+        tail: the edit only ever changes (or reads) the call's last ``tail`` query rows (then a prompt's
+            other rows keep the model's own attention and only those rows are recomputed); None: any row.
     """
 
     point: str
@@ -272,7 +272,7 @@ class AttentionStep:
     layout: TokenLayout
     sums: Callable[[AttentionSums, TokenLayout, AttentionCall], None] | None = None
     map_free: Callable[[AttentionCall, TokenLayout, bool], tuple[Tensor, AttentionSums]] | None = None
-    last_row: bool = False
+    tail: int | None = None
 
     def __post_init__(self) -> None:
         if self.point not in EDIT_POINTS:
@@ -334,8 +334,8 @@ def run_steps(
     edits (in order) → recordings (they see the edited probabilities) → ``P @ V`` → output edits.
     Without a map where nothing needs it: output edits alone take the model's own attention
     (``fallback``); recordings alone accumulate running sums (`eah_interp.chunked`); one plain-copy EAH
-    (optionally with recordings) runs map-free (`eah_interp.edit.map_free_eah`); edits of the last query
-    row alone recompute only that row on a prompt, the other rows keep ``fallback``.
+    (optionally with recordings) runs map-free (`eah_interp.edit.map_free_eah`); edits of a prompt's last
+    rows alone (the last row, the text after the image) recompute only those rows, the others keep ``fallback``.
 
     Args:
         call: the attention call.
@@ -353,7 +353,7 @@ def run_steps(
     if result is None and inner:
         result = _map_free(call, inner)
     if result is None and inner:
-        result = _last_row(call, inner, fallback)
+        result = _tail_rows(call, inner, fallback)
     if result is None:
         result = _eager(call, inner)
     out, probs = result
@@ -382,21 +382,25 @@ def _eager(call: AttentionCall, steps: list[AttentionStep]) -> tuple[Tensor, Ten
     return out, probs
 
 
-def _last_row(
+def _tail_rows(
     call: AttentionCall, steps: list[AttentionStep], fallback: Callable | None
 ) -> tuple[Tensor, None] | None:
-    """A prompt whose edits touch only the last query row: ``fallback`` for all rows, then the last row
-    recomputed on its own with the edits (one ``[batch, heads, 1, k]`` map instead of ``[.., q, k]``)."""
-    if fallback is None or call.q_len == 1 or not all(s.last_row for s in steps):
+    """A prompt whose edits touch only its last rows (the last row, the text after the image):
+    ``fallback`` for all rows, then those rows recomputed on their own with the edits (a
+    ``[batch, heads, tail, k]`` map instead of ``[.., q, k]``)."""
+    if fallback is None or call.q_len == 1 or any(s.tail is None for s in steps):
         return None
-    if not _plain_attention(call.module, call.kwargs):
+    tail = max(int(s.tail) for s in steps)  # type: ignore[arg-type]
+    if tail >= call.q_len or not _plain_attention(call.module, call.kwargs):
         return None
     out, _ = fallback(call.module, call.query, call.key, call.value, call.mask, **call.kwargs)
-    mask = None if call.mask is None else call.mask[..., -1:, :]
-    last = dataclasses.replace(call, query=call.query[:, :, -1:], mask=mask)
-    row, _ = _eager(last, steps)
+    if tail == 0:
+        return out, None
+    mask = None if call.mask is None else call.mask[..., -tail:, :]
+    rows = dataclasses.replace(call, query=call.query[:, :, -tail:], mask=mask)
+    edited, _ = _eager(rows, steps)
     out = out.clone()
-    out[:, -1:] = row.to(out.dtype)
+    out[:, -tail:] = edited.to(out.dtype)
     return out, None
 
 
@@ -873,7 +877,8 @@ class intervene(_AttentionOverride):  # noqa: N801
             records.append(InterventionRecord(type(item).__name__, index, layer, item.point, q_len, k_len, changed))
             return edited
 
-        return AttentionStep(item.point, edit, layout, last_row=bool(item.last_row_only))
+        site = Site(layer=layer, layout=layout, q_len=q_len, k_len=k_len, prompt_len=prompt_len)
+        return AttentionStep(item.point, edit, layout, tail=item.tail_rows(site))
 
 
 # ---------------------------------------------------------------------------- recording

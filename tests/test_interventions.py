@@ -340,6 +340,24 @@ def test_last_row_methods_do_not_run_eager_attention_over_the_prompt(monkeypatch
     assert shapes == [1, 1, 1, 1] and len(run.records) == 5
 
 
+def test_rows_after_image_methods_recompute_only_those_rows(monkeypatch):
+    """VAF edits rows after the image: on a prompt only the rows after the earliest image end (over the
+    batch) get an eager map; the others keep SDPA. The count of those rows is found here by hand."""
+    model = sharp_tiny_llava(seed=0)
+    inputs = tiny_llava_inputs(model, prefix_lengths=(3, 6), seed=1)
+    ids = inputs["input_ids"].tolist()
+    ends = [max(j for j, t in enumerate(row) if t == TINY_IMAGE_TOKEN_ID) + 1 for row in ids]
+    tail = len(ids[0]) - min(ends)
+    assert 0 < tail < len(ids[0])
+    shapes = []
+    scores = hf._scores
+    monkeypatch.setattr(hf, "_scores", lambda call, steps: shapes.append(call.q_len) or scores(call, steps))
+    monkeypatch.setattr(hf, "eager_attention", lambda *a, **k: pytest.fail("eager attention over the prompt"))
+    with hf.intervene(model, [VAF(layers=(1, 3)), PAI(layers=(3,))]):
+        prompt_logits(model, inputs)
+    assert shapes == [tail, tail]
+
+
 def test_default_layers_scale_with_depth():
     """The documented rule, by hand: floor(x * n / 32 + 0.5) for both ends, at least one layer."""
     assert scaled_range(2, 32, 32) == tuple(range(2, 32))  # PAI on LLaVA-1.5-7B: unchanged

@@ -4,8 +4,9 @@ Each method is one small frozen dataclass (one file per method) with
 
 * ``point``: the edit point, one of `eah_interp.hf.EDIT_POINTS` (``"scores_premask"``, ``"scores"``,
   ``"probs"``, ``"output"``),
-* ``last_row_only``: True when it only ever edits the call's last query row (the backend then runs
-  the rest of a prompt with the fast attention and recomputes that row alone),
+* ``tail_rows(site)``: how many trailing query rows of a call it can change at most (1 for edits of
+  the last row; the rows after the image for VAF and VAR; None: any row). The backend runs the other
+  rows of a prompt with the model's fast attention and recomputes only those,
 * ``layers_for(n_layers)``: the layers it edits in a model of that depth (``layers=None``: the
   method's own range, scaled to depth by `eah_interp.interventions.selectors.scaled_range`),
 * ``applies(layer, q_len, k_len)``: whether it edits that call (layer and phase),
@@ -60,6 +61,10 @@ class Intervention:
     def validate_for(self, n_layers: int, n_heads: int) -> None:
         """Raise if a layer or head does not exist in a model with these sizes."""
         check_layers(self.layers_for(n_layers), n_layers, type(self).__name__)
+
+    def tail_rows(self, site: Site) -> int | None:
+        """How many trailing query rows of the call this edit can change (None: any row)."""
+        return 1 if self.last_row_only else None
 
     def applies(self, layer: int, q_len: int, k_len: int, n_layers: int) -> bool:
         """Whether this intervention edits the call (its layer and phase)."""

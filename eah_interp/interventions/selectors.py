@@ -155,3 +155,13 @@ def entries(rows: Bool[Tensor, "batch q"], keys: Bool[Tensor, "batch k"]) -> Boo
 def visible(scores: Tensor) -> Tensor:
     """Entries of post-mask scores that the mask leaves visible (masked ones hold the dtype minimum)."""
     return scores > torch.finfo(scores.dtype).min / 2
+
+
+def rows_after_image(site: Site) -> int:
+    """How many trailing query rows of the call lie after the image in some batch row (all: no image)."""
+    _, end = site.layout.image_extent()
+    has = site.layout.image_mask.any(-1)
+    if not bool(has.all()):
+        return site.q_len
+    first_row = int(end.min()) - (site.k_len - site.q_len)  # the earliest row after an image, over the batch
+    return min(site.q_len, max(0, site.q_len - first_row))

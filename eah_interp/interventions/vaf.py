@@ -26,6 +26,7 @@ from eah_interp.interventions.selectors import (
     entries,
     key_span,
     query_rows,
+    rows_after_image,
 )
 
 
@@ -55,6 +56,9 @@ class VAF(Intervention):
             if not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"VAF.{name} must be a number >= 0; got {value!r}.")
         check_choice("VAF.phase", self.phase, PHASES)
+
+    def tail_rows(self, site: Site) -> int | None:
+        return rows_after_image(site)  # only rows after the image are edited
 
     def edit(self, tensor: Tensor, site: Site) -> tuple[Tensor, int]:
         rows = query_rows("after_image", site)

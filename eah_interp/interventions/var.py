@@ -32,6 +32,7 @@ from eah_interp.interventions.selectors import (
     check_layers,
     key_span,
     query_rows,
+    rows_after_image,
 )
 
 
@@ -116,6 +117,9 @@ class VAR(Intervention):
 
     def validate_for(self, n_layers: int, n_heads: int) -> None:
         check_layers(self.layers_for(n_layers), n_layers, "VAR")
+
+    def tail_rows(self, site: Site) -> int | None:
+        return rows_after_image(site)  # only rows after the image are edited
 
     def edit(self, tensor: Tensor, site: Site, sinks: Tensor | None = None) -> tuple[Tensor, int]:
         if sinks is None:
