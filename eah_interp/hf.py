@@ -765,14 +765,7 @@ class intervene(_AttentionOverride):  # noqa: N801
     kind = "intervene"
 
     def __init__(self, model: nn.Module, interventions: Any, layout: TokenLayout | None = None) -> None:
-        items = (interventions,) if isinstance(interventions, (Intervention, EAHConfig)) else tuple(interventions)
-        if not items:
-            raise ConfigError("intervene needs at least one intervention, e.g. [PAI()] or [EAHConfig.paper()].")
-        for item in items:
-            if not isinstance(item, (Intervention, EAHConfig)):
-                raise TypeError(
-                    f"intervene takes eah_interp.interventions objects or EAHConfig; got {type(item).__name__}."
-                )
+        items = as_interventions(interventions)
         super().__init__(model, layout)
         n_layers, n_heads, _ = model_shape(model)
         for item in items:
@@ -846,39 +839,87 @@ class intervene(_AttentionOverride):  # noqa: N801
         return history
 
     def steps(self, call: AttentionCall) -> list[AttentionStep]:
-        chosen = []
-        for index, item in enumerate(self.run.interventions):
-            if isinstance(item, EAHConfig):
-                if should_edit(item, call.layer, call.q_len, call.k_len):
-                    chosen.append((index, item))
-            elif item.applies(call.layer, call.q_len, call.k_len, self.n_layers):
-                chosen.append((index, item))
-        if not chosen:
+        if not any(_intervention_applies(item, call, self.n_layers) for item in self.run.interventions):
             return []
         layout = self._layout_for(call.query.shape[0], call.q_len, call.k_len)
         prompt_len = call.k_len if call.prefill else (self.state.prompt_len or call.k_len)
-        return [self._step(index, item, layout, call, prompt_len) for index, item in chosen]
+        return intervention_steps(
+            self.run.interventions, call, layout, prompt_len, self.run.records, self.n_layers, sinks=self._sinks
+        )
 
-    def _step(self, index: int, item: Any, layout: TokenLayout, call: AttentionCall, prompt_len: int) -> AttentionStep:
-        records = self.run.records
-        q_len, k_len, layer = call.q_len, call.k_len, call.layer
-        if isinstance(item, EAHConfig):
-            def note(record: EditRecord) -> None:
-                changed = int(record.edited.sum())
-                records.append(InterventionRecord("EAH", index, layer, "probs", q_len, k_len, changed, eah=record))
 
-            return eah_step(item, layout, call, note)
+def as_interventions(interventions: Any) -> tuple[Any, ...]:
+    """A tuple of interventions from one or a list (`eah_interp.interventions` objects or `EAHConfig`)."""
+    items = (interventions,) if isinstance(interventions, (Intervention, EAHConfig)) else tuple(interventions)
+    if not items:
+        raise ConfigError("intervene needs at least one intervention, e.g. [PAI()] or [EAHConfig.paper()].")
+    for item in items:
+        if not isinstance(item, (Intervention, EAHConfig)):
+            raise TypeError(f"intervene takes eah_interp.interventions objects or EAHConfig; got {type(item).__name__}.")
+    return items
 
-        sinks = self._sinks(index, item, call) if getattr(item, "needs_hidden", False) else None
 
-        def edit(tensor: Tensor, layout: TokenLayout, sub: AttentionCall) -> Tensor:
-            site = Site(layer=layer, layout=layout, q_len=sub.q_len, k_len=sub.k_len, prompt_len=prompt_len)
-            edited, changed = item.edit(tensor, site) if sinks is None else item.edit(tensor, site, sinks=sinks)
-            records.append(InterventionRecord(type(item).__name__, index, layer, item.point, q_len, k_len, changed))
-            return edited
+def _intervention_applies(item: Any, call: AttentionCall, n_layers: int) -> bool:
+    if isinstance(item, EAHConfig):
+        return should_edit(item, call.layer, call.q_len, call.k_len)
+    return item.applies(call.layer, call.q_len, call.k_len, n_layers)
 
-        site = Site(layer=layer, layout=layout, q_len=q_len, k_len=k_len, prompt_len=prompt_len)
-        return AttentionStep(item.point, edit, layout, tail=item.tail_rows(site))
+
+def intervention_steps(
+    items: tuple[Any, ...],
+    call: AttentionCall,
+    layout: TokenLayout,
+    prompt_len: int,
+    records: list[InterventionRecord],
+    n_layers: int,
+    sinks: Callable[[int, Any, AttentionCall], Tensor] | None = None,
+) -> list[AttentionStep]:
+    """The dispatcher steps of a list of interventions for one attention call (shared by the backends).
+
+    Args:
+        items: the interventions, in list order.
+        call: the attention call.
+        layout: the layout fitted to the call.
+        prompt_len: positions of the prompt (later keys are generated tokens).
+        records: receives one `InterventionRecord` per edit made.
+        n_layers: the model's depth (resolves ``layers=None``).
+        sinks: ``sinks(index, item, call) -> Bool[batch, k]`` for interventions that read hidden states (VAR).
+    """
+    steps = []
+    for index, item in enumerate(items):
+        if _intervention_applies(item, call, n_layers):
+            steps.append(_intervention_step(index, item, call, layout, prompt_len, records, sinks))
+    return steps
+
+
+def _intervention_step(
+    index: int, item: Any, call: AttentionCall, layout: TokenLayout, prompt_len: int,
+    records: list[InterventionRecord], sinks: Callable | None,
+) -> AttentionStep:
+    q_len, k_len, layer = call.q_len, call.k_len, call.layer
+    if isinstance(item, EAHConfig):
+        def note(record: EditRecord) -> None:
+            changed = int(record.edited.sum())
+            records.append(InterventionRecord("EAH", index, layer, "probs", q_len, k_len, changed, eah=record))
+
+        return eah_step(item, layout, call, note)
+    flags = None
+    if getattr(item, "needs_hidden", False):
+        if sinks is None:
+            raise UnsupportedModelError(
+                f"{type(item).__name__} reads each layer's input hidden states; this backend cannot provide them "
+                "(use eah_interp.hf.intervene)."
+            )
+        flags = sinks(index, item, call)
+
+    def edit(tensor: Tensor, layout: TokenLayout, sub: AttentionCall) -> Tensor:
+        site = Site(layer=layer, layout=layout, q_len=sub.q_len, k_len=sub.k_len, prompt_len=prompt_len)
+        edited, changed = item.edit(tensor, site) if flags is None else item.edit(tensor, site, sinks=flags)
+        records.append(InterventionRecord(type(item).__name__, index, layer, item.point, q_len, k_len, changed))
+        return edited
+
+    site = Site(layer=layer, layout=layout, q_len=q_len, k_len=k_len, prompt_len=prompt_len)
+    return AttentionStep(item.point, edit, layout, tail=item.tail_rows(site))
 
 
 # ---------------------------------------------------------------------------- recording

@@ -478,3 +478,32 @@ def test_massive_activation_sinks_by_hand():
         massive_activation_sinks(hidden, dims=())
     with pytest.raises(ConfigError, match="massive_dims"):
         VAR()
+
+
+@pytest.mark.filterwarnings("ignore:Module .* has a submodule named 'output'")
+@pytest.mark.parametrize("case", ["PAI", "VAF", "HeadScale", "EAH+PAI", "Knockout-question"])
+def test_nnsight_intervene_equals_hf_intervene(case):
+    """The nnsight backend runs the same steps at the same sites: logits and records equal hf.intervene's
+    (which is checked against the loop-written reference above)."""
+    from nnsight import NNsight
+
+    import eah_interp.nnsight as ens
+
+    model = sharp_tiny_llava(seed=0)
+    inputs = tiny_llava_inputs(model, prefix_lengths=(3, 6), suffix_lengths=(5, 2), padding_side="left", seed=1)
+    items = CASES[case]
+    with hf.intervene(model, items) as run:
+        want = prompt_logits(model, inputs)
+    layout = TokenLayout.from_input_ids(inputs["input_ids"], TINY_IMAGE_TOKEN_ID, inputs["attention_mask"])
+    nn_model = NNsight(model)
+    with torch.no_grad(), nn_model.trace(**inputs, use_cache=False):
+        records = ens.intervene(nn_model, items, layout)
+        logits = nn_model.output.logits.save()
+    real = inputs["attention_mask"].bool()
+    assert torch.allclose(logits[real], want[real], atol=1e-5)
+    assert [(r.intervention, r.layer, r.changed) for r in records] == [
+        (r.intervention, r.layer, r.changed) for r in run.records
+    ]
+    with pytest.raises(hf.UnsupportedModelError, match="hidden states"):
+        with nn_model.trace(**inputs, use_cache=False):
+            ens.intervene(nn_model, [VAR(dims=(1,), layers=(1,))], layout)
