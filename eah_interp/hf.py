@@ -1026,3 +1026,65 @@ def scan_heads(
         for inputs in tqdm(batches, desc="scanning heads", disable=not progress):
             model(**inputs)
     return stats
+
+
+def compare_sink_definitions(
+    model: nn.Module,
+    inputs: dict[str, Any],
+    *,
+    dims: Iterable[int],
+    tau: float = 20.0,
+    threshold: float = 0.0008,
+    normalise: Normalise = "causal",
+    layers: str | Iterable[int] = "all",
+    layout: TokenLayout | None = None,
+) -> Any:
+    """EAH's column-mass sinks next to VAR's massive-activation sinks, per layer and prompt row.
+
+    One prompt forward: each chosen layer's probabilities give EAH's vision sinks (`detect_sinks` with
+    ``threshold`` / ``normalise``, a sink in at least one head), the layer's input hidden states give the
+    massive-activation sinks (`massive_activation_sinks` with ``dims`` / ``tau``); `sink_agreement`
+    counts both and their overlap on the image tokens. So "EAH's sinks are the model's sink tokens" can
+    be checked on any model.
+
+    Args:
+        model: an HF LVLM.
+        inputs: one batch of model inputs (a prompt forward).
+        dims: the model's sink dimensions (`eah_interp.sinks.massive_dims` proposes them).
+        tau: the massive-activation threshold (VAR: 20).
+        threshold, normalise: EAH's sink threshold and normaliser.
+        layers: ``"all"`` or layer indices.
+        layout: optional explicit layout.
+
+    Returns:
+        A pandas DataFrame, one row per (layer, row): ``eah``, ``massive``, ``both``, ``jaccard``.
+    """
+    import pandas as pd
+
+    from eah_interp.sinks import detect_sinks, massive_activation_sinks, sink_agreement
+
+    dims = tuple(int(d) for d in dims)
+    hidden: dict[int, Tensor] = {}
+    hooks = []
+    try:
+        with record_attention(model, layers, keep_patterns=True, layout=layout) as rec:
+            decoders = decoder_layers(model)
+            for layer in rec.layers:
+                def note(module, args, kwargs, layer=layer):
+                    hidden[layer] = kwargs.get("hidden_states", args[0] if args else None).detach()
+
+                hooks.append(decoders[layer].register_forward_pre_hook(note, with_kwargs=True))
+            with torch.no_grad():
+                model(**inputs, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    rows = []
+    for layer in rec.layers:
+        probs, prompt_layout = rec.patterns[layer][-1], rec.layouts[-1]
+        eah_sinks = detect_sinks(probs, prompt_layout, threshold, normalise)
+        massive = massive_activation_sinks(hidden[layer], dims, tau)
+        agreement = sink_agreement(eah_sinks, massive, prompt_layout.image_mask)
+        for row in range(probs.shape[0]):
+            rows.append({"layer": layer, "row": row, **{k: float(v[row]) for k, v in agreement.items()}})
+    return pd.DataFrame(rows, columns=["layer", "row", "eah", "massive", "both", "jaccard"])

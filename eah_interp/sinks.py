@@ -221,3 +221,29 @@ def massive_dims(hidden: Float[Tensor, "batch seq dim"], top: int = 2) -> tuple[
     """
     peak = rms_normalised(hidden).abs().flatten(0, 1).max(0).values
     return tuple(int(d) for d in peak.topk(top).indices.tolist())
+
+
+def sink_agreement(
+    column_sinks: Bool[Tensor, "batch heads k"], massive: Bool[Tensor, "batch k"], image_mask: Bool[Tensor, "batch k"]
+) -> dict[str, Float[Tensor, " batch"]]:
+    """How far EAH's sinks and the massive-activation sinks agree on the image tokens of each row.
+
+    Args:
+        column_sinks: EAH's vision sinks per head (`detect_sinks`).
+        massive: massive-activation sinks (`massive_activation_sinks`) of the same positions.
+        image_mask: ``Bool[batch, k]`` image positions.
+
+    Returns:
+        Per row (float): ``eah`` image tokens that are a sink in at least one head; ``massive`` image
+        tokens with a massive activation; ``both``; ``jaccard`` = both / either (NaN when neither has one).
+    """
+    image = image_mask.to(massive.device)
+    eah = column_sinks.any(1) & image
+    mas = massive & image
+    both, either = (eah & mas).sum(-1).float(), (eah | mas).sum(-1).float()
+    return {
+        "eah": eah.sum(-1).float(),
+        "massive": mas.sum(-1).float(),
+        "both": both,
+        "jaccard": torch.where(either > 0, both / either.clamp_min(1), torch.nan),
+    }

@@ -507,3 +507,41 @@ def test_nnsight_intervene_equals_hf_intervene(case):
     with pytest.raises(hf.UnsupportedModelError, match="hidden states"):
         with nn_model.trace(**inputs, use_cache=False):
             ens.intervene(nn_model, [VAR(dims=(1,), layers=(1,))], layout)
+
+
+def test_compare_sink_definitions_counts_both_sink_kinds_by_hand():
+    """Per layer and row: EAH sinks (loop-written sink scores over the layer's map, a sink in any head)
+    and massive-activation sinks (hand RMS over the layer's input), and their overlap on image tokens."""
+    from tests.reference import explicit_sink_scores
+
+    model = sharp_tiny_llava(seed=0)
+    inputs = tiny_llava_inputs(model, prefix_lengths=(3, 6), suffix_lengths=(5, 2), padding_side="left", seed=1)
+    dims, tau, threshold = (27, 51), 2.8, 0.02
+    frame = hf.compare_sink_definitions(model, inputs, dims=dims, tau=tau, threshold=threshold, layers=[1])
+    hidden = {}
+    decoder = model.model.language_model.layers[1]
+    handle = decoder.register_forward_pre_hook(
+        lambda m, a, kw: hidden.__setitem__("h", kw.get("hidden_states", a[0] if a else None)), with_kwargs=True)
+    try:
+        with hf.record_attention(model, [1], keep_patterns=True) as rec, torch.no_grad():
+            model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    probs = rec.patterns[1][0]
+    for row in range(2):
+        real = inputs["attention_mask"][row].bool().tolist()
+        image = [j for j, t in enumerate(inputs["input_ids"][row].tolist()) if t == TINY_IMAGE_TOKEN_ID]
+        eah = set()
+        for head in range(probs.shape[1]):
+            scores = explicit_sink_scores(probs[row, head], image, real, "causal", real.index(True))
+            eah |= {j for j, v in scores.items() if v > threshold}
+        h = hidden["h"][row].double()
+        massive = set()
+        for j in image:
+            rms = math.sqrt(sum(float(x) ** 2 for x in h[j]) / h.shape[-1] + 1e-6)
+            if any(abs(float(h[j, d])) / rms > tau for d in dims):
+                massive.add(j)
+        got = frame[(frame.layer == 1) & (frame.row == row)].iloc[0]
+        assert (got.eah, got.massive, got.both) == (len(eah), len(massive), len(eah & massive))
+        assert got.jaccard == pytest.approx(len(eah & massive) / len(eah | massive))
+    assert frame.massive.sum() > 0 and frame.eah.sum() > 0
