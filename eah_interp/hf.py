@@ -33,13 +33,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -442,6 +443,7 @@ class _Dispatcher:
         with _names_lock:
             self.name = f"eah_interp.dispatch.{next(_names)}"
         self.stack: list[_AttentionOverride] = []
+        self.paused = 0  # > 0 inside `paused(model)`: every layer runs the model's own attention
 
     def install(self) -> None:
         AttentionInterface.register(self.name, self.attention)
@@ -460,7 +462,7 @@ class _Dispatcher:
 
     def attention(self, module, query, key, value, attention_mask, **kwargs):
         layer = getattr(module, "layer_idx", None)
-        if isinstance(layer, int) and getattr(module, "config", None) is self.config:
+        if not self.paused and isinstance(layer, int) and getattr(module, "config", None) is self.config:
             call = AttentionCall(module, layer, query, key, value, attention_mask, kwargs)
             steps = [step for context in tuple(self.stack) for step in context.steps(call)]
             if steps:
@@ -508,6 +510,24 @@ def _pop(context: _AttentionOverride) -> None:
         if not dispatcher.stack:
             dispatcher.uninstall()
             del _DISPATCHERS[id(context.config)]
+
+
+@contextlib.contextmanager
+def paused(model: nn.Module) -> Iterator[None]:
+    """Run the model without any active context's edits or recordings inside the ``with`` block.
+
+    For a second, unedited forward in the middle of an edited run (e.g. the text-only pass of a
+    contrastive logits processor). The contexts' prompt layouts are left as they are.
+    """
+    dispatcher = _DISPATCHERS.get(id(text_config(model)))
+    if dispatcher is None:
+        yield
+        return
+    dispatcher.paused += 1
+    try:
+        yield
+    finally:
+        dispatcher.paused -= 1
 
 
 def active_contexts(model: nn.Module) -> list[_AttentionOverride]:
@@ -601,6 +621,9 @@ class _AttentionOverride:
 
     # hooks -----------------------------------------------------------
     def _pre_forward(self, module, args, kwargs) -> None:
+        dispatcher = _DISPATCHERS.get(id(self.config))
+        if dispatcher is not None and dispatcher.paused:
+            return  # a forward inside `paused`: not this context's prompt
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if _past_length(input_ids, kwargs) > 0:
             return  # a decode step: the prompt layout is extended in _layout_for
@@ -1088,3 +1111,52 @@ def compare_sink_definitions(
         for row in range(probs.shape[0]):
             rows.append({"layer": layer, "row": row, **{k: float(v[row]) for k, v in agreement.items()}})
     return pd.DataFrame(rows, columns=["layer", "row", "eah", "massive", "both", "jaccard"])
+
+
+# ---------------------------------------------------------------------------- contrastive logits
+class ContrastiveLogits:
+    """A logits processor for ``generate``: contrast the (edited) run with an unedited text-only run.
+
+    PAI's contrastive part (LALBJ/PAI, ``CFG.py``, ``CFGLogits``): with ``s = log_softmax(logits)`` of
+    the run and ``u = log_softmax`` of the same model on the prompt without the image (its own KV cache,
+    every edit paused: `paused`), the scores are ``gamma * (s - u) + u``, and tokens with
+    ``s < log(cutoff) + max(s)`` are set to ``-inf``. PAI's defaults: ``gamma=2`` (``chair_eval.py``'s
+    ``--gamma``), ``cutoff=0.1``.
+
+    Args:
+        model: the HF model ``generate`` runs.
+        unconditional: the text-only prompt: ``{"input_ids": ..., "attention_mask": ...}`` (one row per
+            generated row; without image tokens).
+        gamma: the guidance scale (1: the run's own log-probabilities).
+        cutoff: the plausibility cut relative to the best token.
+    """
+
+    def __init__(self, model: nn.Module, unconditional: dict[str, Tensor], gamma: float = 2.0, cutoff: float = 0.1) -> None:
+        if not 0 < cutoff <= 1:
+            raise ConfigError(f"cutoff must be in (0, 1]; got {cutoff!r}.")
+        if "input_ids" not in unconditional:
+            raise ConfigError("unconditional needs input_ids (the prompt without the image).")
+        self.model, self.gamma, self.cutoff = model, float(gamma), float(cutoff)
+        self.unconditional = dict(unconditional)
+        self._out: Any = None
+        self._mask: Tensor | None = None
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        scores = torch.log_softmax(scores.float(), dim=-1)
+        if self.gamma == 1:
+            return scores
+        with paused(self.model), torch.no_grad():
+            if self._out is None:
+                self._mask = self.unconditional.get("attention_mask")
+                self._out = self.model(**self.unconditional, use_cache=True)
+            else:
+                if self._mask is not None:
+                    self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
+                self._out = self.model(
+                    input_ids=input_ids[:, -1:], attention_mask=self._mask, past_key_values=self._out.past_key_values,
+                    use_cache=True,
+                )
+        unconditional = torch.log_softmax(self._out.logits[:, -1].float(), dim=-1)
+        cut = torch.log(torch.tensor(self.cutoff)) + scores.max(dim=-1, keepdim=True).values
+        out = self.gamma * (scores - unconditional) + unconditional
+        return out.masked_fill(scores < cut, -float("inf"))

@@ -545,3 +545,39 @@ def test_compare_sink_definitions_counts_both_sink_kinds_by_hand():
         assert (got.eah, got.massive, got.both) == (len(eah), len(massive), len(eah & massive))
         assert got.jaccard == pytest.approx(len(eah & massive) / len(eah | massive))
     assert frame.massive.sum() > 0 and frame.eah.sum() > 0
+
+
+def test_contrastive_logits_equal_a_hand_written_decoding_loop():
+    """PAI with its contrastive part: the processed scores at every step are gamma * (s - u) + u with s the
+    edited run's log-probabilities and u the plain text-only run's, cut below log(0.1) + max(s); here the
+    loop recomputes both runs from scratch at every step (no cache, no pausing)."""
+    model = sharp_tiny_llava(seed=0)
+    inputs = tiny_llava_inputs(model, prefix_lengths=(4,), seed=3)
+    ids = inputs["input_ids"]
+    text_only = ids[:, ids[0] != TINY_IMAGE_TOKEN_ID]
+    unconditional = {"input_ids": text_only, "attention_mask": torch.ones_like(text_only)}
+    items, gamma = [PAI(alpha=0.5, layers=(1, 2))], 2.0
+    processor = hf.ContrastiveLogits(model, unconditional, gamma=gamma)
+    with hf.intervene(model, items), torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, logits_processor=[processor],
+                             output_scores=True, return_dict_in_generate=True)
+    new = out.sequences[0, ids.shape[1]:].tolist()
+    tokens = []
+    for step in range(3):
+        grown = torch.tensor([tokens], dtype=ids.dtype).view(1, -1)
+        cond_inputs = {**inputs, "input_ids": torch.cat([ids, grown], 1),
+                       "attention_mask": torch.ones(1, ids.shape[1] + step, dtype=torch.long)}
+        with hf.intervene(model, items):
+            s = torch.log_softmax(prompt_logits(model, cond_inputs)[0, -1], -1)
+        u_ids = torch.cat([text_only, grown], 1)
+        with torch.no_grad():
+            u = torch.log_softmax(model(input_ids=u_ids, attention_mask=torch.ones_like(u_ids)).logits[0, -1], -1)
+        want = gamma * (s - u) + u
+        want[s < math.log(0.1) + float(s.max())] = -float("inf")
+        got = out.scores[step][0]
+        finite = torch.isfinite(want)
+        assert torch.equal(finite, torch.isfinite(got))
+        assert torch.allclose(got[finite], want[finite], atol=5e-4)  # gamma doubles cache-vs-no-cache rounding
+        tokens.append(int(want.argmax()))
+    assert new == tokens
+    assert hf.active_contexts(model) == []
