@@ -27,7 +27,8 @@ Modes (each timed against the baseline named in ``BASELINE``, in the same proces
   (``generate_eah_pai``: EAH + PAI; ``generate_eah_intervene``: EAH alone through ``intervene``), against
   plain SDPA generation measured in the same process (``generate_plain``);
 
-Every measured process runs ``torch.set_num_threads(1)`` (the machine has 2 shared cores; ``--threads N``
+``--clock process`` times with the process's CPU time instead of the wall clock (for a machine shared
+with other jobs). Every measured process runs ``torch.set_num_threads(1)`` (the machine has 2 shared cores; ``--threads N``
 sets another count). Times: one
 warm-up per mode, then ``--repeats`` rounds, each running every mode of the group once (order rotated
 per round); the median per mode is reported. Memory (``--memory fresh``, default): for each mode a fresh
@@ -269,10 +270,11 @@ def time_group(spec: dict) -> list[dict]:
             try:
                 reset_peak()
                 before = rss_mb()
-                t = time.perf_counter()
+                clock = time.process_time if spec.get("clock") == "process" else time.perf_counter
+                t = clock()
                 with torch.no_grad():
                     runners[mode]()
-                dt = time.perf_counter() - t
+                dt = clock() - t
             except Exception as error:  # noqa: BLE001 - reported as an error row
                 errors[mode] = f"{type(error).__name__}: {error}"[:500]
                 return
@@ -449,6 +451,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--memory", choices=["fresh", "inline", "none"], default=None,
                     help="fresh: one process per mode (default); inline: growth inside the timing process")
     ap.add_argument("--inprocess", action="store_true", help="time in this process (default with --quick)")
+    ap.add_argument("--clock", choices=["wall", "process"], default="wall",
+                    help="time with the wall clock (default) or this process's CPU time (robust to other load "
+                    "on a shared machine; with --threads 1 it is the compute time)")
     ap.add_argument("--out", type=Path, default=None, help="write rows + machine info as JSON")
     ap.add_argument("--plot", type=Path, default=None, help="write the log-log scaling plot (PNG)")
     ap.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
@@ -474,7 +479,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         groups = [g for g in args.groups if g not in ("backends", "interventions") or (n_image, batch) == plan[0]]
         for group in groups:
             spec = dict(model=model, layers=layers, n_image=n_image, batch=batch, repeats=repeats,
-                        new_tokens=new_tokens, modes=GROUPS[group], threads=args.threads)
+                        new_tokens=new_tokens, modes=GROUPS[group], threads=args.threads, clock=args.clock)
             t0 = time.perf_counter()
             result = time_group(spec) if inprocess else _subprocess("time", spec, timeout=3600)
             if isinstance(result, dict):  # the whole group failed
@@ -493,6 +498,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("\n".join(lines))
     if args.out:
         args.out.write_text(json.dumps({"command": " ".join(sys.argv), "machine": machine(), "threads": args.threads,
+                                        "clock": args.clock,
                                         "repeats": repeats, "new_tokens": new_tokens, "model": model, "layers": layers,
                                         "rows": rows, "summary": lines}, indent=1))
     if args.plot:

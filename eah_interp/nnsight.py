@@ -56,7 +56,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from eah_interp import hf
+from eah_interp import dispatch, hf
 from eah_interp.config import EAHConfig
 from eah_interp.edit import EditRecord, apply_eah_to_probs, should_edit
 from eah_interp.errors import (
@@ -262,7 +262,7 @@ def intervene(nn_model: Any, interventions: Any, layout: TokenLayout) -> list:
 
     Each layer an intervention edits has its attention call pointed, in this trace only, at a function
     that runs the same dispatcher steps as the HF backend (`eah_interp.hf.intervention_steps` and
-    `eah_interp.hf.run_steps`: score edits, softmax, probability edits, ``P @ V``, output edits; the
+    `eah_interp.dispatch.run_steps`: score edits, softmax, probability edits, ``P @ V``, output edits; the
     model's own attention for rows nothing edits). Call it before reading ``.source`` of those layers'
     attention calls yourself. In a traced ``generate`` it edits the first forward; call it inside
     ``for step in tracer.iter[:]`` for every step. VAR (it reads hidden states) is not supported here.
@@ -293,13 +293,13 @@ def intervene(nn_model: Any, interventions: Any, layout: TokenLayout) -> list:
     records: list = _save([])
 
     def attention(module, query, key, value, attention_mask, **kwargs):
-        call = hf.AttentionCall(module, module.layer_idx, query, key, value, attention_mask, kwargs)
+        call = dispatch.AttentionCall(module, module.layer_idx, query, key, value, attention_mask, kwargs)
         fitted = layout.fit(query.shape[0], call.q_len, call.k_len)
         steps = hf.intervention_steps(items, call, fitted, layout.seq_len, records, n_layers)
         own = fallback or hf.eager_function(module)
         if not steps:
             return own(module, query, key, value, attention_mask, **kwargs)
-        return hf.run_steps(call, steps, own)
+        return dispatch.run_steps(call, steps, own)
 
     for layer in layers:
         source = self_attn(nn_model, layer).source

@@ -17,7 +17,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from eah_interp import ConfigError, HeadStats, LayerIndexError, TokenLayout, hf
+from eah_interp import ConfigError, HeadStats, LayerIndexError, TokenLayout, dispatch, hf
 from eah_interp._testing import TINY_IMAGE_TOKEN_ID, sharp_tiny_llava, tiny_llava_inputs
 from eah_interp.interventions import (
     ADHH,
@@ -332,9 +332,9 @@ def test_last_row_methods_do_not_run_eager_attention_over_the_prompt(monkeypatch
     model = sharp_tiny_llava(seed=0)
     inputs = tiny_llava_inputs(model, prefix_lengths=(3, 6), seed=1)
     shapes = []
-    scores = hf._scores
-    monkeypatch.setattr(hf, "_scores", lambda call, steps: shapes.append(call.q_len) or scores(call, steps))
-    monkeypatch.setattr(hf, "eager_attention", lambda *a, **k: pytest.fail("eager attention over the prompt"))
+    scores = dispatch._scores
+    monkeypatch.setattr(dispatch, "_scores", lambda call, steps: shapes.append(call.q_len) or scores(call, steps))
+    monkeypatch.setattr(dispatch, "eager_attention", lambda *a, **k: pytest.fail("eager attention over the prompt"))
     with hf.intervene(model, [PAI(layers=(0, 1, 2, 3)), MiddleLayerBoost(layers=(1,))]) as run:
         prompt_logits(model, inputs)
     assert shapes == [1, 1, 1, 1] and len(run.records) == 5
@@ -350,9 +350,9 @@ def test_rows_after_image_methods_recompute_only_those_rows(monkeypatch):
     tail = len(ids[0]) - min(ends)
     assert 0 < tail < len(ids[0])
     shapes = []
-    scores = hf._scores
-    monkeypatch.setattr(hf, "_scores", lambda call, steps: shapes.append(call.q_len) or scores(call, steps))
-    monkeypatch.setattr(hf, "eager_attention", lambda *a, **k: pytest.fail("eager attention over the prompt"))
+    scores = dispatch._scores
+    monkeypatch.setattr(dispatch, "_scores", lambda call, steps: shapes.append(call.q_len) or scores(call, steps))
+    monkeypatch.setattr(dispatch, "eager_attention", lambda *a, **k: pytest.fail("eager attention over the prompt"))
     with hf.intervene(model, [VAF(layers=(1, 3)), PAI(layers=(3,))]):
         prompt_logits(model, inputs)
     assert shapes == [tail, tail]

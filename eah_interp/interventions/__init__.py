@@ -1,7 +1,7 @@
 """Interventions: frozen, validated, JSON-serialisable edits that name where they act and on what.
 
 ``eah_interp.hf.intervene(model, [EAH.paper(), PAI()])`` applies several in one run, in list order
-within each edit point (see `eah_interp.hf.run_steps` for the order of the points), and records what
+within each edit point (see `eah_interp.dispatch.run_steps` for the order of the points), and records what
 each did. Sources and defaults of every method: docs/methods.md.
 """
 
