@@ -152,7 +152,7 @@ class Reference:
                     for row in range(b):
                         text = groups[row]["text"]
                         mass = sum(float(probs[row, head, q - 1, j]) for j in range(k) if text[j])
-                        if mass > item.tau:
+                        if mass >= item.tau:
                             for j in range(k):
                                 if text[j]:
                                     probs[row, head, q - 1, j] = 0.0
@@ -389,7 +389,8 @@ def test_selectors_resolve_spans_from_the_layout():
 
 @pytest.mark.parametrize("item", [
     PAI(alpha=0.3, layers=(1, 2)), MiddleLayerBoost(), VAF(image_scale=1.2, phase="prefill"),
-    Knockout(queries="question", keys="image", layers=(0,)), ADHH(heads=((1, 2),)), HeadScale(heads=((0, 1),), scale=2.0),
+    Knockout(queries="question", keys="image", layers=(0,)), ADHH(heads=((1, 2),)), ADHH.llava15_7b(),
+    HeadScale(heads=((0, 1),), scale=2.0),
     EAH.paper(threshold=0.01), VAR(dims=(3, 7), tau=15.0),
 ])
 def test_interventions_round_trip_through_json_and_describe_themselves(item):

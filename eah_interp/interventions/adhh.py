@@ -1,11 +1,13 @@
-"""AD-HH, adaptive deactivation of hallucination heads (ICLR 2025, "Understanding and Mitigating
-Hallucinations in LVLMs via Modular Attribution and Intervention").
+"""AD-HH, adaptive deactivation of hallucination heads (Yang et al., ICLR 2025, "Understanding and
+Mitigating Hallucinations in Large Vision-Language Models via Modular Attribution and Intervention").
 
-For listed (layer, head) pairs, when the last query row's attention mass on text after the image exceeds
-``tau`` (0.4), that row's attention to those text keys is set to zero. The method's README (its
-``LLaVA/bash_scripts/decoding.sh`` runs it) was readable; its decoding code was not found in the index,
-so the exact form (whether the row is renormalised, which text counts) is not verified: see
-docs/methods.md. No head list is shipped: pass the heads you found (e.g. from `HeadStats` or patching).
+Official code: TianyunYoung/Hallucination-Attribution, ``LLaVA/llava/model/language_model/modeling_llama.py``
+(the attention forward, ``adaptive_deactivate``): after the softmax, for each listed head of the layer,
+if the last query row's attention summed over the keys after the image is ``>= adhh_threshold``, those
+entries are set to 0 (the row is not renormalised). ``LLaVA/bash_scripts/decoding.sh`` runs it with
+``adhh_threshold=0.4``; ``LLaVA/eval_scripts/eval_caption_adhh.py`` holds the 20 (layer, head) pairs of
+LLaVA-1.5-7B (`ADHH.llava15_7b`) and hard-codes the image span (``img_start_pos = 35``,
+``img_length = 576``); here the keys after the image come from the layout.
 """
 
 from __future__ import annotations
@@ -49,13 +51,20 @@ def check_heads(heads: tuple[tuple[int, int], ...], n_layers: int, n_heads: int,
         raise HeadIndexError(f"{what}: heads {bad} out of range: the layers have {n_heads} heads (0..{n_heads - 1}).")
 
 
+#: LLaVA-1.5-7B's hallucination heads, (layer, head), from the official ``eval_caption_adhh.py``.
+LLAVA15_7B_HEADS = (
+    (16, 29), (26, 9), (13, 31), (15, 10), (20, 12), (30, 9), (19, 18), (17, 0), (18, 9), (26, 28),
+    (19, 27), (18, 26), (15, 25), (14, 16), (31, 26), (15, 24), (31, 3), (22, 20), (27, 29), (17, 28),
+)
+
+
 @dataclass(frozen=True)
 class ADHH(Intervention):
-    """Zero the last row's attention to post-image text in listed heads when it exceeds ``tau``.
+    """Zero the last row's attention to the text after the image in listed heads when it reaches ``tau``.
 
     Args:
-        heads: ``(layer, head)`` pairs (the hallucination heads).
-        tau: the text-attention threshold (0.4).
+        heads: ``(layer, head)`` pairs (the hallucination heads; `llava15_7b` has the official list).
+        tau: the text-attention threshold (official 0.4 for LLaVA-1.5).
         phase: ``"both"``, ``"prefill"`` or ``"decode"``.
     """
 
@@ -65,6 +74,11 @@ class ADHH(Intervention):
 
     point: ClassVar[str] = "probs"
     last_row_only: ClassVar[bool] = True
+
+    @classmethod
+    def llava15_7b(cls, **overrides: object) -> ADHH:
+        """The official head list and threshold for LLaVA-1.5-7B (``eval_caption_adhh.py``, ``decoding.sh``)."""
+        return cls(**{"heads": LLAVA15_7B_HEADS, "tau": 0.4, **overrides})  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "heads", as_heads(self.heads, "ADHH"))
@@ -83,11 +97,11 @@ class ADHH(Intervention):
         chosen[[h for layer, h in self.heads if layer == site.layer]] = True
         text = entries(query_rows("last", site), key_span("text", site))  # [b, 1, q, k]
         mass = (tensor * text).sum(-1, keepdim=True)  # [b, h, q, 1]
-        selected = text & (mass > self.tau) & chosen[None, :, None, None]
+        selected = text & (mass >= self.tau) & chosen[None, :, None, None]
         return tensor.masked_fill(selected, 0.0), count(selected)
 
     def describe(self) -> str:
         return (
             f"ADHH: in heads {[list(p) for p in self.heads]}, zero the last query row's attention to text after "
-            f"the image when that mass exceeds {self.tau:g} ({self.phase} forwards)."
+            f"the image when that mass is >= {self.tau:g} ({self.phase} forwards)."
         )
