@@ -479,22 +479,21 @@ class intervene(_AttentionOverride):  # noqa: N801
         return hook
 
     def _sinks(self, index: int, item: Any, call: AttentionCall) -> Tensor:
-        """``Bool[batch, k]``: the massive-activation sinks among the call's keys (prompt + decoded so far)."""
+        """``Bool[batch, k]``: the massive-activation sinks among the call's keys (found in the prompt)."""
         from eah_interp.sinks import massive_activation_sinks
 
         hidden = self._hidden.get(call.layer)
-        if hidden is None or hidden.shape[1] != call.q_len:
+        if call.prefill and (hidden is None or hidden.shape[1] != call.q_len):
             raise UnsupportedModelError(
                 f"Layer {call.layer}: {type(item).__name__} reads the decoder layer's input hidden states, but no "
                 "hidden states of this call were seen (is the decoder layer a module with .self_attn?)."
             )
-        current = massive_activation_sinks(hidden, item.dims, item.tau)
         key = (index, call.layer)
         previous = self._sink_history.get(key)
         if call.prefill or previous is None:
-            history = current
-        else:
-            history = torch.cat([previous, current], dim=1)
+            history = massive_activation_sinks(hidden, item.dims, item.tau)
+        else:  # as in the official code, sinks come from the prompt: generated tokens are never sinks
+            history = torch.cat([previous, previous.new_zeros(previous.shape[0], call.q_len)], dim=1)
         if history.shape != (call.query.shape[0], call.k_len):
             raise LayoutError(
                 f"Layer {call.layer}: {type(item).__name__} tracked sink flags for {tuple(history.shape)} positions "

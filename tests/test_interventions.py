@@ -165,8 +165,12 @@ class Reference:
         return out.to(query.dtype).contiguous(), probs
 
     def note_hidden(self, layer, hidden, item):
-        """VAR's sinks by hand: |h_d / rms(h)| > tau for a sink dim d; history extended at decode steps."""
+        """VAR's sinks by hand on the prompt: |h_d / rms(h)| > tau for a sink dim d; decode steps add non-sinks."""
         b, n, dim = hidden.shape
+        history = self.sinks.get(layer)
+        if history is not None and n == 1:  # a decode step: the new token is never a sink (prompt sinks only)
+            self.sinks[layer] = [old + [False] for old in history]
+            return
         flags = []
         for row in range(b):
             row_flags = []
@@ -175,11 +179,7 @@ class Reference:
                 rms = math.sqrt(sum(float(x) ** 2 for x in h) / dim + 1e-6)
                 row_flags.append(any(abs(float(h[d])) / rms > item.tau for d in item.dims))
             flags.append(row_flags)
-        history = self.sinks.get(layer)
-        if history is None or n > 1:
-            self.sinks[layer] = flags
-        else:
-            self.sinks[layer] = [old + new for old, new in zip(history, flags, strict=True)]
+        self.sinks[layer] = flags
 
     def var(self, item, layer, probs, groups, offset):
         b, h, q, k = probs.shape
@@ -391,7 +391,7 @@ def test_selectors_resolve_spans_from_the_layout():
     PAI(alpha=0.3, layers=(1, 2)), MiddleLayerBoost(), VAF(image_scale=1.2, phase="prefill"),
     Knockout(queries="question", keys="image", layers=(0,)), ADHH(heads=((1, 2),)), ADHH.llava15_7b(),
     HeadScale(heads=((0, 1),), scale=2.0),
-    EAH.paper(threshold=0.01), VAR(dims=(3, 7), tau=15.0),
+    EAH.paper(threshold=0.01), VAR(dims=(3, 7), tau=15.0), VAR.llava15_7b(),
 ])
 def test_interventions_round_trip_through_json_and_describe_themselves(item):
     again = Intervention.from_json(item.to_json())

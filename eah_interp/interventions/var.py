@@ -1,16 +1,16 @@
 """VAR, visual attention redistribution (Kang et al., ICLR 2025, "See What You Are Told").
 
-Sinks are tokens whose RMS-normalised hidden state exceeds ``tau`` in the model's sink dimensions
-(`eah_interp.sinks.massive_activation_sinks`). In an image-centric head (share of its image attention on
-visual sinks <= ``rho`` and image attention >= ``summ``) each query row after the image gives up a
-fraction ``1 - p`` of its attention on every sink (image or text) and hands that mass to the non-sink
-image tokens in proportion to their attention. The last layer is skipped.
+Sinks are prompt tokens whose RMS-normalised input hidden state exceeds ``tau`` in the model's sink
+dimensions (`eah_interp.sinks.massive_activation_sinks`). In an image-centric head (share of its image
+attention on visual sinks <= ``rho`` and image attention >= ``summ``) each query row after the image
+gives up a fraction ``1 - p`` of its attention on every sink (image or text) and hands that mass to the
+non-sink image tokens in proportion to their attention. The last layer is skipped.
 
-Code read: ``src/logic/logic.py`` of benmagnifico/VisAttnSink, a fork of the official
-MICV-yonsei/VisAttnSink (the official repository's code is not in our index): ``LogicEngine.activate``
-(``tau=20, rho=0.5, summ=0.2, p=0.6, except_last_layer=True``, sinks from layer 2 on), ``DimProspector``,
-``HeadFork`` and ``VARProcessor.attn_redist``. The sink dimensions live in its ``constants.py``
-(``DIM_SINK``), which we could not read: pass ``dims`` for your model (`eah_interp.sinks.massive_dims`).
+Official code: MICV-yonsei/VisAttnSink: ``src/logic/logic.py`` (``LogicEngine.activate``: ``tau=20,
+rho=0.5, summ=0.2, p=0.6, except_last_layer=True``, sinks from layer 2 on; ``DimProspector``,
+``HeadFork``, ``VARProcessor.attn_redist``), ``src/logic/constants.py`` (``DIM_SINK``: LLaMA-2-7B
+``[2533, 1415]``, 13B ``[2100, 4743]``), ``src/model/llava.py`` (sinks found on the prompt only, from
+each decoder layer's input; redistribution after the softmax), ``A_exps/lv1.5_7b.yml``.
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ class VAR(Intervention):
     """Move attention from massive-activation sinks to the other image tokens in image-centric heads.
 
     Args:
-        dims: the model's sink dimensions of the hidden state (required; model-specific).
+        dims: the model's sink dimensions of the hidden state (required; model-specific: `llava15_7b` and
+            `llava15_13b` carry the official ones).
         tau: sink threshold on the RMS-normalised hidden state (20).
         rho: image-centric heads give at most this share of their image attention to visual sinks (0.5).
         summ: ... and at least this much attention to the image (0.2).
@@ -92,6 +93,16 @@ class VAR(Intervention):
 
     point: ClassVar[str] = "probs"
     needs_hidden: ClassVar[bool] = True
+
+    @classmethod
+    def llava15_7b(cls, **overrides: object) -> VAR:
+        """The official settings for LLaVA-1.5-7B (LLaMA-2-7B sink dims 2533 and 1415)."""
+        return cls(**{"dims": (2533, 1415), **overrides})  # type: ignore[arg-type]
+
+    @classmethod
+    def llava15_13b(cls, **overrides: object) -> VAR:
+        """The official settings for LLaVA-1.5-13B (LLaMA-2-13B sink dims 2100 and 4743)."""
+        return cls(**{"dims": (2100, 4743), **overrides})  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", as_layers(self.layers, "VAR"))
