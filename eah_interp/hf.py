@@ -187,6 +187,7 @@ class _State:
     generate_layout: TokenLayout | None = None
     step: int = -1
     prompt_len: int | None = None
+    total_len: int | None = None  # positions so far at a decode step (from its 2-D attention mask)
 
 
 class _AttentionOverride:
@@ -267,8 +268,11 @@ class _AttentionOverride:
         if dispatcher is not None and dispatcher.paused:
             return  # a forward inside `paused`: not this context's prompt
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if _past_length(input_ids, kwargs) > 0:
-            return  # a decode step: the prompt layout is extended in _layout_for
+        if _past_length(input_ids, kwargs) > 0:  # a decode step: the prompt layout is extended in _layout_for
+            mask = kwargs.get("attention_mask")
+            self.state.total_len = mask.shape[1] if isinstance(mask, Tensor) and mask.ndim == 2 else None
+            return
+        self.state.total_len = None
         self.state.step += 1
         if self.state.user_layout is not None:
             self.state.layout = self.state.user_layout  # fitted to each call (beams, decode) in _layout_for
@@ -304,10 +308,23 @@ class _AttentionOverride:
                 "No token layout: the model was called without input_ids (inputs_embeds only). Pass "
                 "layout=TokenLayout(...) to the context manager."
             )
-        fitted = layout.fit(batch, q_len, k_len)
+        total = self._total_len(q_len, k_len)
+        fitted = layout.fit(batch, q_len, total)
         if fitted is not layout:  # keep the extension for the next layers of this step
             self.state.layout = fitted
+        if total > k_len:  # a sliding-window layer at a decode step sees only the last k_len positions
+            return TokenLayout(fitted.image_mask[:, -k_len:], fitted.attention_mask[:, -k_len:])
         return fitted
+
+    def _total_len(self, q_len: int, k_len: int) -> int:
+        """Positions of the sequence so far at this call: ``k_len``, or more at a decode step of a
+        sliding-window layer (whose cache keeps only the last keys), from the step's 2-D attention mask."""
+        total = self.state.total_len
+        return total if q_len < k_len and total is not None and total > k_len else k_len
+
+    def _window_start(self, call: AttentionCall) -> int:
+        """Absolute position of the call's first key (> 0 only at decode steps of sliding-window layers)."""
+        return self._total_len(call.q_len, call.k_len) - call.k_len
 
 
 # ---------------------------------------------------------------------------- EAH
@@ -494,20 +511,21 @@ class intervene(_AttentionOverride):  # noqa: N801
             history = massive_activation_sinks(hidden, item.dims, item.tau)
         else:  # as in the official code, sinks come from the prompt: generated tokens are never sinks
             history = torch.cat([previous, previous.new_zeros(previous.shape[0], call.q_len)], dim=1)
-        if history.shape != (call.query.shape[0], call.k_len):
+        total = self._total_len(call.q_len, call.k_len)
+        if history.shape != (call.query.shape[0], total):
             raise LayoutError(
                 f"Layer {call.layer}: {type(item).__name__} tracked sink flags for {tuple(history.shape)} positions "
-                f"but the call has {call.query.shape[0]} rows x {call.k_len} keys (beam search or a cache this "
+                f"but the call has {call.query.shape[0]} rows x {total} positions (beam search or a cache this "
                 "context did not see from the prompt on?)."
             )
         self._sink_history[key] = history
-        return history
+        return history[:, -call.k_len :]  # a sliding-window layer's keys are the last k_len positions
 
     def steps(self, call: AttentionCall) -> list[AttentionStep]:
         if not any(_intervention_applies(item, call, self.n_layers) for item in self.run.interventions):
             return []
         layout = self._layout_for(call.query.shape[0], call.q_len, call.k_len)
-        prompt_len = call.k_len if call.prefill else (self.state.prompt_len or call.k_len)
+        prompt_len = call.k_len if call.prefill else (self.state.prompt_len or call.k_len) - self._window_start(call)
         return intervention_steps(
             self.run.interventions, call, layout, prompt_len, self.run.records, self.n_layers, sinks=self._sinks
         )

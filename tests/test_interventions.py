@@ -582,3 +582,25 @@ def test_contrastive_logits_equal_a_hand_written_decoding_loop():
         tokens.append(int(want.argmax()))
     assert new == tokens
     assert hf.active_contexts(model) == []
+
+
+def test_decode_steps_of_sliding_window_layers_see_the_last_window_of_positions():
+    """Gemma 3's sliding layers keep only the last `sliding_window` keys at decode steps: the layout the
+    edits see is the last window of the sequence (counted here by hand from the prompt's image ids)."""
+    from eah_interp.models.tiny import tiny_gemma3
+
+    model, inputs = tiny_gemma3()
+    window, heads = model.config.text_config.sliding_window, model.config.text_config.num_attention_heads
+    assert model.config.text_config.layer_types[0] == "sliding_attention"
+    with hf.intervene(model, [PAI(layers=(0,))]) as run, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    decode = [r for r in run.records if r.q_len == 1]
+    prompt = inputs["input_ids"].shape[1]
+    assert len(decode) == 3 and all(r.k_len == window for r in decode)
+    for step, record in enumerate(decode):
+        total = prompt + step + 1  # the new token included
+        image_keys = sum(
+            1 for row in inputs["input_ids"].tolist() for j in range(total - window, min(total, prompt))
+            if row[j] == TINY_IMAGE_ID
+        )
+        assert record.changed == heads * image_keys, step
