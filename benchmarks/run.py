@@ -22,8 +22,13 @@ Modes (each timed against the baseline named in ``BASELINE``, in the same proces
   ``tokens x 49,152 x 4`` bytes to every mode);
 * ``forward_eah_hf`` / ``forward_eah_nnsight`` / ``forward_eah_lens``: one EAH prompt forward through each
   backend (full logits);
+* ``generate_plain`` / ``generate_<method>``: greedy ``generate`` under ``hf.intervene(model, [method])`` for
+  each `eah_interp.interventions` method at its default layers (scaled to depth), and two stacks
+  (``generate_eah_pai``: EAH + PAI; ``generate_eah_intervene``: EAH alone through ``intervene``), against
+  plain SDPA generation measured in the same process (``generate_plain``);
 
-Every measured process runs ``torch.set_num_threads(1)`` (the machine has 2 shared cores; ``--threads N``
+``--clock process`` times with the process's CPU time instead of the wall clock (for a machine shared
+with other jobs). Every measured process runs ``torch.set_num_threads(1)`` (the machine has 2 shared cores; ``--threads N``
 sets another count). Times: one
 warm-up per mode, then ``--repeats`` rounds, each running every mode of the group once (order rotated
 per round); the median per mode is reported. Memory (``--memory fresh``, default): for each mode a fresh
@@ -60,10 +65,15 @@ BASELINE = {
     "forward_eah_nnsight": "forward_eah_hf",
     "forward_eah_lens": "forward_eah_hf",
 }
+#: the interventions timed in the "interventions" group (each against ``generate_plain``)
+INTERVENTION_MODES = ["generate_pai", "generate_middle", "generate_vaf", "generate_adhh", "generate_headscale",
+                      "generate_knockout", "generate_var", "generate_eah_intervene", "generate_eah_pai"]
+BASELINE.update({mode: "generate_plain" for mode in INTERVENTION_MODES})
 GROUPS = {
     "generate": ["generate_sdpa", "generate_eah"],
     "stats": ["forward_sdpa", "stats_streamed", "stats_naive"],
     "backends": ["forward_sdpa_logits", "forward_eah_hf", "forward_eah_nnsight", "forward_eah_lens"],
+    "interventions": ["generate_plain"] + INTERVENTION_MODES,
 }
 
 
@@ -134,6 +144,31 @@ def eah_config(n_image: int):
     return EAHConfig.paper(threshold=0.0008 * 576 / n_image)
 
 
+def interventions(mode: str, model, embeds, config) -> list:
+    """The intervention list a ``generate_<method>`` mode runs (defaults; heads and sink dims from the model)."""
+    from eah_interp.interventions import ADHH, EAH, PAI, VAF, VAR, HeadScale, Knockout, MiddleLayerBoost
+    from eah_interp.sinks import massive_dims
+
+    n_layers = model.config.num_hidden_layers
+    heads = ((n_layers // 2, 0), (n_layers // 2, 1))
+    if mode == "generate_var":  # the two dims with the largest RMS-normalised entries at layer 2's input
+        with torch.no_grad():
+            hidden = model(inputs_embeds=embeds[:1], output_hidden_states=True, use_cache=False).hidden_states
+        dims = massive_dims(hidden[min(2, n_layers - 1)], top=2)
+    eah = EAH(**{k: v for k, v in config.to_dict().items()})
+    return {
+        "generate_pai": lambda: [PAI()],
+        "generate_middle": lambda: [MiddleLayerBoost()],
+        "generate_vaf": lambda: [VAF()],
+        "generate_adhh": lambda: [ADHH(heads=heads)],
+        "generate_headscale": lambda: [HeadScale(heads=heads, scale=0.0)],
+        "generate_knockout": lambda: [Knockout(queries="last", keys="image", layers=tuple(range(n_layers // 2)))],
+        "generate_var": lambda: [VAR(dims=dims)],
+        "generate_eah_intervene": lambda: [eah],
+        "generate_eah_pai": lambda: [eah, PAI()],
+    }[mode]()
+
+
 def make_runner(mode: str, model, embeds, mask, layout, config, new_tokens: int, isolate: bool):
     """A zero-argument callable running ``mode`` once (setup such as booting a bridge happens here)."""
     from eah_interp import HeadStats, hf
@@ -149,6 +184,15 @@ def make_runner(mode: str, model, embeds, mask, layout, config, new_tokens: int,
     if mode == "generate_eah":
         def run():
             with hf.eah(model, config, layout=layout):
+                model.generate(inputs_embeds=embeds, attention_mask=mask, **gen)
+        return run
+    if mode == "generate_plain":
+        return lambda: model.generate(inputs_embeds=embeds, attention_mask=mask, **gen)
+    if mode in INTERVENTION_MODES:
+        items = interventions(mode, model, embeds, config)
+
+        def run():
+            with hf.intervene(model, items, layout=layout):
                 model.generate(inputs_embeds=embeds, attention_mask=mask, **gen)
         return run
     if mode == "forward_sdpa":
@@ -226,10 +270,11 @@ def time_group(spec: dict) -> list[dict]:
             try:
                 reset_peak()
                 before = rss_mb()
-                t = time.perf_counter()
+                clock = time.process_time if spec.get("clock") == "process" else time.perf_counter
+                t = clock()
                 with torch.no_grad():
                     runners[mode]()
-                dt = time.perf_counter() - t
+                dt = clock() - t
             except Exception as error:  # noqa: BLE001 - reported as an error row
                 errors[mode] = f"{type(error).__name__}: {error}"[:500]
                 return
@@ -323,6 +368,9 @@ def summary(rows: list[dict], plan: list[tuple[int, int]]) -> list[str]:
                 f"  backends: HF EAH {g('forward_eah_hf'):.3f}s (x{r('forward_eah_hf'):.2f} plain forward)  "
                 f"nnsight x{r('forward_eah_nnsight'):.2f}  TransformerLens x{r('forward_eah_lens'):.2f} (vs HF EAH)"
             )
+        if ("generate_plain", n_image, batch) in by:
+            parts = [f"{m.removeprefix('generate_')} x{r(m):.3f}" for m in INTERVENTION_MODES]
+            lines.append(f"  interventions (generate vs plain SDPA {g('generate_plain'):.3f}s): " + "  ".join(parts))
     errors = [r for r in rows if "error" in r]
     for r in errors:
         lines.append(f"ERROR {r['mode']} n_image={r['n_image']} batch={r['batch']}: {r['error']}")
@@ -403,6 +451,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--memory", choices=["fresh", "inline", "none"], default=None,
                     help="fresh: one process per mode (default); inline: growth inside the timing process")
     ap.add_argument("--inprocess", action="store_true", help="time in this process (default with --quick)")
+    ap.add_argument("--clock", choices=["wall", "process"], default="wall",
+                    help="time with the wall clock (default) or this process's CPU time (robust to other load "
+                    "on a shared machine; with --threads 1 it is the compute time)")
     ap.add_argument("--out", type=Path, default=None, help="write rows + machine info as JSON")
     ap.add_argument("--plot", type=Path, default=None, help="write the log-log scaling plot (PNG)")
     ap.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
@@ -425,10 +476,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     started = time.perf_counter()
     rows: list[dict] = []
     for n_image, batch in plan:
-        groups = [g for g in args.groups if g != "backends" or (n_image, batch) == plan[0]]
+        groups = [g for g in args.groups if g not in ("backends", "interventions") or (n_image, batch) == plan[0]]
         for group in groups:
             spec = dict(model=model, layers=layers, n_image=n_image, batch=batch, repeats=repeats,
-                        new_tokens=new_tokens, modes=GROUPS[group], threads=args.threads)
+                        new_tokens=new_tokens, modes=GROUPS[group], threads=args.threads, clock=args.clock)
             t0 = time.perf_counter()
             result = time_group(spec) if inprocess else _subprocess("time", spec, timeout=3600)
             if isinstance(result, dict):  # the whole group failed
@@ -447,6 +498,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("\n".join(lines))
     if args.out:
         args.out.write_text(json.dumps({"command": " ".join(sys.argv), "machine": machine(), "threads": args.threads,
+                                        "clock": args.clock,
                                         "repeats": repeats, "new_tokens": new_tokens, "model": model, "layers": layers,
                                         "rows": rows, "summary": lines}, indent=1))
     if args.plot:

@@ -10,7 +10,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from eah_interp.broadcast import broadcast_heads, drop_columns, source_map
-from eah_interp.chunked import chunked_attention
+from eah_interp.chunked import AttentionSums, chunked_attention
 from eah_interp.config import EAHConfig
 from eah_interp.layout import TokenLayout
 from eah_interp.sinks import (
@@ -161,13 +161,69 @@ def apply_eah_to_attention(
     Returns:
         ``(attention output [batch, q, heads, d], EditRecord)``.
     """
+    out, record, _ = map_free_eah(query, key, value, mask, scaling, layout, config, layer)
+    return out, record
+
+
+def edited_sums(sums: AttentionSums, source_heads: Int[Tensor, " batch"]) -> AttentionSums:
+    """The running sums of a layer after a plain-copy broadcast: every head of row ``b`` carries the
+    sums of head ``source_heads[b]`` (rows with ``-1`` keep their own).
+
+    Args:
+        sums: `AttentionSums` of the unedited layer (``[batch, heads, ...]``).
+        source_heads: ``Long[batch]`` source head per row, ``-1`` where nothing was broadcast.
+
+    Returns:
+        The `AttentionSums` of the edited layer (what `head_statistics` of the edited map would sum).
+    """
+    b, h, _ = sums.column_sums.shape
+    own = torch.arange(h, device=source_heads.device)[None, :].expand(b, h)
+    index = torch.where(source_heads[:, None] >= 0, source_heads[:, None].expand(b, h), own)
+    rows = torch.arange(b, device=index.device)[:, None]
+
+    def take(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x[rows, index]
+
+    return AttentionSums(
+        column_sums=sums.column_sums[rows, index],
+        image_mass=take(sums.image_mass),
+        entropy=take(sums.entropy),
+        n_text=sums.n_text,
+        n_real=sums.n_real,
+    )
+
+
+def map_free_eah(
+    query: Float[Tensor, "batch heads q d"],
+    key: Float[Tensor, "batch kv_heads q d"],
+    value: Float[Tensor, "batch kv_heads q d"],
+    mask: Tensor | None,
+    scaling: float,
+    layout: TokenLayout,
+    config: EAHConfig,
+    layer: int,
+    *,
+    statistics: bool = False,
+) -> tuple[Float[Tensor, "batch q heads d"], EditRecord, AttentionSums]:
+    """`apply_eah_to_attention` that also returns the running sums of the EDITED layer.
+
+    The sums are those `head_statistics` would accumulate over the broadcast map (`edited_sums` of the
+    chunked pass), so a recording stacked on EAH sees what the edited layer computes without a map.
+
+    Args:
+        query, key, value, mask, scaling, layout, config, layer: as in `apply_eah_to_attention`.
+        statistics: also accumulate image mass and entropy (what `HeadStats` needs), not only column sums.
+
+    Returns:
+        ``(attention output [batch, q, heads, d], EditRecord, AttentionSums of the edited layer)``.
+    """
     if not is_plain_copy(config):
         raise ValueError("apply_eah_to_attention only computes plain-copy edits (see is_plain_copy).")
     b, h, q, _ = query.shape
     if key.shape[-2] != q:
         raise ValueError("apply_eah_to_attention is for prompt forwards (as many keys as queries).")
     layout = layout.to(query.device)
-    _, sums = chunked_attention(query, key, value, mask, scaling, layout, output=False, statistics=False)
+    _, sums = chunked_attention(query, key, value, mask, scaling, layout, output=False, statistics=statistics)
     scores = sink_scores_from_column_sums(sums.column_sums, layout, q, config.normalise)
     counts = sink_counts_from_scores(scores, layout, config.threshold)
     heads = choose_source_heads(counts, config, layer)
@@ -189,4 +245,4 @@ def apply_eah_to_attention(
         )
         outputs.append(out if source < 0 else out.repeat_interleave(groups, 1))
     record = EditRecord(layer=layer, q_len=q, k_len=q, sink_counts=counts, source_heads=heads, edited=(heads >= 0).any(-1))
-    return torch.cat(outputs).transpose(1, 2).contiguous(), record
+    return torch.cat(outputs).transpose(1, 2).contiguous(), record, edited_sums(sums, heads[:, 0])

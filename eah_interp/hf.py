@@ -1,23 +1,34 @@
-"""HF transformers backend: EAH and attention recording inside ``forward`` / ``generate``.
+"""HF transformers backend: EAH, attention recording and interventions inside ``forward`` / ``generate``.
 
-Both context managers register a uniquely named function with transformers' `AttentionInterface`
-(and a mask function under the same name with `AttentionMaskInterface`, or the function would receive
-no causal mask: SDPA's own for an SDPA model, so the other layers keep their fast causal path), set it
-on the language model's config only, and dispatch on ``module.layer_idx``. Every layer not chosen runs
-the implementation the model had before (e.g. SDPA). A chosen layer takes one of two paths:
+A model gets exactly one attention override while any context is active: the first context entered
+registers a uniquely named function with transformers' `AttentionInterface` (and a mask function under
+the same name with `AttentionMaskInterface`, or the function would receive no causal mask: SDPA's own
+for an SDPA model, so the other layers keep their fast causal path), sets it on the language model's
+config only, and the last context to exit restores everything. The function holds the ordered stack of
+active contexts and dispatches on ``module.layer_idx``: a layer no context wants runs the
+implementation the model had before (e.g. SDPA); otherwise `run_steps` runs every context's steps in
+one order (score edits before / after the mask, softmax, probability edits, recordings of the edited
+probabilities, ``P @ V``, output edits), choosing per call one of two paths:
 
-* **map-free** (default, for decoders whose attention is softmax of scaled ``Q K^T`` + mask, without
-  soft-capping or attention sinks): `record_attention` with ``stats`` computes the layer a chunk of query
-  rows at a time and accumulates the statistics' sums (`eah_interp.chunked`); `eah` with a plain-copy
-  edit (`eah_interp.edit.is_plain_copy`, e.g. the paper preset) gets the sink scores from chunked column
-  sums and the output from one SDPA call with the source head's query and key. No ``[batch, heads, q,
-  k]`` map exists;
-* **eager**: the model family's own eager function computes the probabilities, the core edits or reads
-  them (`apply_eah_to_probs`, `head_statistics`) and ``P @ V`` is recomputed: for kept patterns, blends,
-  image-region or dropped-sink edits, decode steps and other attention variants.
+* **map-free** (for decoders whose attention is softmax of scaled ``Q K^T`` + mask, without soft-capping
+  or attention sinks): recordings of statistics alone compute the layer a chunk of query rows at a time
+  and accumulate the statistics' sums (`eah_interp.chunked`); a plain-copy EAH edit
+  (`eah_interp.edit.is_plain_copy`, e.g. the paper preset), alone or with such recordings, gets the sink
+  scores from chunked column sums and the output from one SDPA call with the source head's query and
+  key (`eah_interp.edit.map_free_eah`). No ``[batch, heads, q, k]`` map exists;
+* **eager**: the model family's own eager function (or, when a score edit is active, the same
+  computation written out so the scores can be edited) gives the probabilities, the steps edit or read
+  them and ``P @ V`` is recomputed: for kept patterns, blends, image-region or dropped-sink edits, decode
+  steps, stacked edits and other attention variants.
 
-Both give the same numbers (tests compare them with explicit computations within 1e-5). On exit, even
-by exception, the config, the registries and the hooks are restored exactly.
+Edits that touch only a prompt's last rows (the last row; the text after the image) keep the model's
+own attention for the other rows and recompute only those rows; output edits alone keep it entirely.
+Both paths give the same numbers (tests compare them with explicit computations within 1e-5). On exit,
+even by exception, the config, the registries and the hooks are restored exactly.
+
+Contexts: `eah` (EAH), `record_attention` (statistics / patterns), `intervene` (any list of
+`eah_interp.interventions`), `paused` (an unedited forward inside an edited run, e.g. for
+`ContrastiveLogits`).
 
 Example:
     >>> config = EAHConfig.paper()
@@ -28,31 +39,36 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import itertools
-import sys
-import threading
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from jaxtyping import Float
 from torch import Tensor, nn
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from eah_interp.chunked import chunked_attention
+from eah_interp import dispatch
+from eah_interp.chunked import AttentionSums
 from eah_interp.config import EAHConfig
-from eah_interp.edit import EditRecord, apply_eah_to_attention, apply_eah_to_probs, is_plain_copy, should_edit
+from eah_interp.dispatch import EDIT_POINTS as EDIT_POINTS  # re-exported: the backend's public names
+from eah_interp.dispatch import AttentionCall as AttentionCall
+from eah_interp.dispatch import AttentionStep as AttentionStep
+from eah_interp.dispatch import additive_mask as additive_mask
+from eah_interp.dispatch import eager_attention as eager_attention
+from eah_interp.dispatch import eager_function as eager_function
+from eah_interp.dispatch import run_steps as run_steps
+from eah_interp.edit import EditRecord, apply_eah_to_probs, is_plain_copy, map_free_eah, should_edit
+from eah_interp.errors import AttentionImplementationError as AttentionImplementationError
 from eah_interp.errors import (
-    AttentionImplementationError,
+    ConfigError,
     LayerIndexError,
     LayoutError,
     UnsupportedModelError,  # noqa: F401  (re-exported: hf.UnsupportedModelError)
 )
+from eah_interp.interventions.base import Intervention, InterventionRecord
+from eah_interp.interventions.selectors import Site
 from eah_interp.layout import TokenLayout
 from eah_interp.models.adapters import image_token_ids as image_token_ids  # re-exported
 from eah_interp.models.introspect import attention_modules, model_shape, text_config
@@ -60,70 +76,11 @@ from eah_interp.sinks import Normalise
 from eah_interp.stats import HeadStats, head_statistics, head_statistics_from_sums
 
 _MISSING = object()
-_names = itertools.count()
-_names_lock = threading.Lock()
-
-#: Attention implementations whose layers can run next to an eager-mask edited layer.
-_COMPATIBLE = ("eager", "sdpa")
 
 
 # ---------------------------------------------------------------------------- model introspection
 # text_config, attention_modules, model_shape and image_token_ids live in eah_interp.models (the
 # backends use them, never the reverse); they are re-exported here for existing callers.
-
-
-def eager_function(module: nn.Module) -> Callable:
-    """The model family's own ``eager_attention_forward`` for an attention module (Llama's as a fallback)."""
-    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-    if fn is None:
-        from transformers.models.llama.modeling_llama import eager_attention_forward as fn
-    return fn
-
-
-def additive_mask(
-    attention_mask: Tensor | None, q_len: int, k_len: int, dtype: torch.dtype, device: torch.device | None = None
-) -> Float[Tensor, "batch 1 q k"] | None:
-    """The additive (eager) form of whatever mask the model built for its own implementation.
-
-    Args:
-        attention_mask: ``None`` (SDPA's "causal, no padding" shortcut), a boolean mask (True = attend)
-            or an additive float mask ``[batch, 1, q, k]``.
-        q_len, k_len: query rows and key positions of the call (query row ``i`` sits at ``k - q + i``).
-        dtype: the query dtype.
-        device: where to build the causal mask when ``attention_mask`` is None (the query's device).
-
-    Returns:
-        An additive mask (0 = attend, dtype minimum = masked), or ``None`` when every key is visible
-        (a single query row without padding).
-    """
-    if attention_mask is None:
-        if q_len == 1:
-            return None
-        qpos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
-        allowed = torch.arange(k_len, device=device)[None, :] <= qpos
-        attention_mask = allowed[None, None]
-    if attention_mask.dtype == torch.bool:
-        zeros = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
-        return zeros.masked_fill(~attention_mask, torch.finfo(dtype).min)
-    return attention_mask
-
-
-def eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs):
-    """The model family's eager attention, whatever mask format the model built (see `additive_mask`).
-
-    Returns ``(output [batch, q, heads, d], probabilities [batch, heads, q, k])``. The eager path of a
-    chosen layer, and the function `eah_interp.nnsight` points a layer's attention call at in a trace.
-    """
-    mask = additive_mask(attention_mask, query.shape[-2], key.shape[-2], query.dtype, query.device)
-    family = eager_function(module)
-    return family(module, query, key, value, mask, **kwargs)
-
-
-def _plain_attention(module: nn.Module, kwargs: dict[str, Any]) -> bool:
-    """Softmax of scaled ``Q K^T`` + mask, nothing else: what `eah_interp.chunked` reproduces exactly."""
-    if any(kwargs.get(name) is not None for name in ("softcap", "s_aux", "sinks")):
-        return False
-    return not (module.training and kwargs.get("dropout", 0.0))
 
 
 def _past_length(input_ids: Tensor | None, kwargs: dict[str, Any]) -> int:
@@ -137,7 +94,50 @@ def _past_length(input_ids: Tensor | None, kwargs: dict[str, Any]) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------- the shared mechanism
+def decoder_layers(model: nn.Module) -> dict[int, nn.Module]:
+    """The language model's decoder layers by index: the modules whose ``self_attn`` is a layer's attention."""
+    attention = {id(module): layer for layer, module in attention_modules(model).items()}
+    found = {}
+    for module in model.modules():
+        layer = attention.get(id(getattr(module, "self_attn", None)))
+        if layer is not None:
+            found.setdefault(layer, module)
+    if len(found) != len(attention):
+        raise UnsupportedModelError(
+            f"Found decoder layers (modules with .self_attn) for layers {sorted(found)} of {sorted(attention)} in "
+            f"{type(model).__name__}; interventions that read hidden states need every one."
+        )
+    return found
+
+
+
+# ---------------------------------------------------------------------------- contexts on the dispatcher
+@contextlib.contextmanager
+def paused(model: nn.Module) -> Iterator[None]:
+    """Run the model without any active context's edits or recordings inside the ``with`` block.
+
+    For a second, unedited forward in the middle of an edited run (e.g. the text-only pass of a
+    contrastive logits processor). The contexts' prompt layouts are left as they are.
+    """
+    dispatcher = dispatch.dispatcher_for(text_config(model))
+    if dispatcher is None:
+        yield
+        return
+    dispatcher.paused += 1
+    try:
+        yield
+    finally:
+        dispatcher.paused -= 1
+
+
+def active_contexts(model: nn.Module) -> list[_AttentionOverride]:
+    """The contexts active on a model, outermost first (the order their edits run in)."""
+    dispatcher = dispatch.dispatcher_for(text_config(model))
+    return [] if dispatcher is None else list(dispatcher.stack)
+
+
+
+# ---------------------------------------------------------------------------- a context: layout tracking
 @dataclass
 class _State:
     layout: TokenLayout | None = None
@@ -145,10 +145,12 @@ class _State:
     token_ids: tuple[int, ...] = ()
     generate_layout: TokenLayout | None = None
     step: int = -1
+    prompt_len: int | None = None
+    total_len: int | None = None  # positions so far at a decode step (from its 2-D attention mask)
 
 
 class _AttentionOverride:
-    """Registers a per-context attention function; subclasses say which calls to intercept."""
+    """A context on the model's dispatcher: tracks the prompt layout; subclasses say which steps to run."""
 
     kind = "override"
 
@@ -165,11 +167,9 @@ class _AttentionOverride:
                 f"{type(model).__name__} has no image_token_id in its config: pass layout=TokenLayout(...) "
                 "(e.g. TokenLayout.from_spans) so eah-interp knows which positions are image tokens."
             )
-        self._name: str | None = None
-        self._previous_impl: Any = None
-        self._previous_fn: Callable | None = None
         self._hook = None
         self._previous_generate: Any = None
+        self._entered = False
 
     def _warn_if_causal_normaliser(self, normalise: str) -> None:
         """Warn when sink scores would divide by later rows only, but image tokens also attend backwards."""
@@ -186,68 +186,52 @@ class _AttentionOverride:
         return TokenLayout.from_input_ids(input_ids, self.state.token_ids, attention_mask)  # type: ignore[arg-type]
 
     # subclasses ------------------------------------------------------
-    def wants(self, layer: int, q_len: int, k_len: int) -> bool:
+    def steps(self, call: AttentionCall) -> list[AttentionStep]:
+        """The edits and recordings this context asks for in one attention call (none: ``[]``)."""
         raise NotImplementedError
-
-    def on_probs(self, layer: int, probs: Tensor, layout: TokenLayout) -> Tensor | None:
-        """Return edited probabilities, or None to keep the layer's output as computed."""
-        raise NotImplementedError
-
-    def on_projections(
-        self, module, layer: int, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
-        layout: TokenLayout, kwargs: dict[str, Any],
-    ) -> tuple[Tensor, None] | None:
-        """The layer's ``(output [batch, q, heads, d], None)`` computed without a full probability map
-        (`eah_interp.chunked`), or None to take the eager path through `on_probs`."""
-        return None
 
     # context ---------------------------------------------------------
     def __enter__(self):
-        previous = self.config._attn_implementation
-        if previous is None:
-            previous = "eager"
-        if previous not in _COMPATIBLE and not str(previous).startswith("eah_interp."):
-            raise AttentionImplementationError(
-                f"The language model uses attn_implementation={previous!r}, which cannot expose attention "
-                "probabilities. Load the model with attn_implementation='sdpa' or 'eager' "
-                "(model.set_attn_implementation('sdpa')) to use eah-interp."
-            )
-        self._previous_impl = previous
-        self._previous_fn = None if previous == "eager" else ALL_ATTENTION_FUNCTIONS[previous]
-        with _names_lock:
-            self._name = f"eah_interp.{self.kind}.{next(_names)}"
-        AttentionInterface.register(self._name, self._attention)
-        # Layers that keep SDPA get SDPA's own mask (None for a causal prompt without padding, so SDPA
-        # takes its fast causal path); the chosen layers convert it (`additive_mask`). A nested context
-        # keeps the outer context's mask function.
-        mask_fn = {"sdpa": sdpa_mask, "eager": eager_mask}.get(previous) or AttentionMaskInterface._global_mapping.get(
-            previous, eager_mask
-        )
-        AttentionMaskInterface.register(self._name, mask_fn)
-        self._hook = self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
-        self._previous_generate = vars(self.model).get("generate", _MISSING)  # an outer context's wrapper
-        self.model.generate = self._generate_wrapper(self.model.generate)
-        self.config._attn_implementation_internal = self._name
+        if self._entered:
+            raise RuntimeError(f"This {type(self).__name__} context is already active; create a new one to nest.")
+        dispatch.push(self)  # raises (changing nothing) if the model's attention cannot be instrumented
+        self._entered = True
+        try:
+            self._hook = self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+            self._previous_generate = vars(self.model).get("generate", _MISSING)  # an outer context's wrapper
+            self.model.generate = self._generate_wrapper(self.model.generate)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        self.config._attn_implementation_internal = self._previous_impl
-        AttentionInterface._global_mapping.pop(self._name, None)
-        AttentionMaskInterface._global_mapping.pop(self._name, None)
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        if self._previous_generate is _MISSING:
-            vars(self.model).pop("generate", None)
-        elif self._previous_generate is not None:
-            self.model.generate = self._previous_generate
-        self._previous_generate = None
+        if not self._entered:
+            return
+        self._entered = False
+        try:
+            if self._hook is not None:
+                self._hook.remove()
+                self._hook = None
+            if self._previous_generate is _MISSING:
+                vars(self.model).pop("generate", None)
+            elif self._previous_generate is not None:
+                self.model.generate = self._previous_generate
+            self._previous_generate = None
+        finally:
+            dispatch.pop(self)
 
     # hooks -----------------------------------------------------------
     def _pre_forward(self, module, args, kwargs) -> None:
+        dispatcher = dispatch.dispatcher_for(self.config)
+        if dispatcher is not None and dispatcher.paused:
+            return  # a forward inside `paused`: not this context's prompt
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if _past_length(input_ids, kwargs) > 0:
-            return  # a decode step: the prompt layout is extended in _layout_for
+        if _past_length(input_ids, kwargs) > 0:  # a decode step: the prompt layout is extended in _layout_for
+            mask = kwargs.get("attention_mask")
+            self.state.total_len = mask.shape[1] if isinstance(mask, Tensor) and mask.ndim == 2 else None
+            return
+        self.state.total_len = None
         self.state.step += 1
         if self.state.user_layout is not None:
             self.state.layout = self.state.user_layout  # fitted to each call (beams, decode) in _layout_for
@@ -255,6 +239,7 @@ class _AttentionOverride:
             self.state.layout = self._prompt_layout(input_ids, kwargs.get("attention_mask"))
         else:  # inputs_embeds only: the layout `generate` noted from its input_ids, else none (`_layout_for` raises)
             self.state.layout = self.state.generate_layout
+        self.state.prompt_len = None if self.state.layout is None else self.state.layout.seq_len
 
     def _generate_wrapper(self, generate: Callable) -> Callable:
         """``model.generate`` that notes the prompt layout first: some LVLMs (InstructBLIP) never call their
@@ -266,6 +251,7 @@ class _AttentionOverride:
             if self.state.user_layout is None and isinstance(input_ids, Tensor) and input_ids.ndim == 2:
                 self.state.generate_layout = self._prompt_layout(input_ids, kwargs.get("attention_mask"))
                 self.state.layout = self.state.generate_layout
+                self.state.prompt_len = self.state.layout.seq_len
             try:
                 return generate(*args, **kwargs)
             finally:  # never reused by a later forward
@@ -281,31 +267,23 @@ class _AttentionOverride:
                 "No token layout: the model was called without input_ids (inputs_embeds only). Pass "
                 "layout=TokenLayout(...) to the context manager."
             )
-        fitted = layout.fit(batch, q_len, k_len)
+        total = self._total_len(q_len, k_len)
+        fitted = layout.fit(batch, q_len, total)
         if fitted is not layout:  # keep the extension for the next layers of this step
             self.state.layout = fitted
+        if total > k_len:  # a sliding-window layer at a decode step sees only the last k_len positions
+            return TokenLayout(fitted.image_mask[:, -k_len:], fitted.attention_mask[:, -k_len:])
         return fitted
 
-    def _attention(self, module, query, key, value, attention_mask, **kwargs):
-        layer = getattr(module, "layer_idx", None)
-        q_len, k_len = query.shape[-2], key.shape[-2]
-        if not isinstance(layer, int) or getattr(module, "config", None) is not self.config or not self.wants(
-            layer, q_len, k_len
-        ):
-            fn = self._previous_fn or eager_function(module)
-            return fn(module, query, key, value, attention_mask, **kwargs)
-        layout = self._layout_for(query.shape[0], q_len, k_len)
-        if _plain_attention(module, kwargs):
-            fast = self.on_projections(module, layer, query, key, value, attention_mask, layout, kwargs)
-            if fast is not None:
-                return fast
-        out, probs = eager_attention(module, query, key, value, attention_mask, **kwargs)
-        edited = self.on_probs(layer, probs, layout)
-        if edited is None:
-            return out, probs
-        values = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
-        out = torch.matmul(edited.to(values.dtype), values).transpose(1, 2).contiguous()
-        return out, edited
+    def _total_len(self, q_len: int, k_len: int) -> int:
+        """Positions of the sequence so far at this call: ``k_len``, or more at a decode step of a
+        sliding-window layer (whose cache keeps only the last keys), from the step's 2-D attention mask."""
+        total = self.state.total_len
+        return total if q_len < k_len and total is not None and total > k_len else k_len
+
+    def _window_start(self, call: AttentionCall) -> int:
+        """Absolute position of the call's first key (> 0 only at decode steps of sliding-window layers)."""
+        return self._total_len(call.q_len, call.k_len) - call.k_len
 
 
 # ---------------------------------------------------------------------------- EAH
@@ -351,21 +329,239 @@ class eah(_AttentionOverride):  # noqa: N801 - used as a function-style context 
         super().__enter__()
         return self.run
 
-    def wants(self, layer: int, q_len: int, k_len: int) -> bool:
-        return should_edit(self.eah_config, layer, q_len, k_len)
+    def steps(self, call: AttentionCall) -> list[AttentionStep]:
+        if not should_edit(self.eah_config, call.layer, call.q_len, call.k_len):
+            return []
+        layout = self._layout_for(call.query.shape[0], call.q_len, call.k_len)
+        return [eah_step(self.eah_config, layout, call, self.run.records.append)]
 
-    def on_probs(self, layer: int, probs: Tensor, layout: TokenLayout) -> Tensor | None:
-        edited, record = apply_eah_to_probs(probs, layout, self.eah_config, layer)
-        self.run.records.append(record)
+
+def eah_step(
+    config: EAHConfig, layout: TokenLayout, call: AttentionCall, note: Callable[[EditRecord], None]
+) -> AttentionStep:
+    """The dispatcher step of an EAH edit: a probability edit, map-free for plain copies of a prompt.
+
+    Args:
+        config: the edit.
+        layout: the layout fitted to the call.
+        call: the attention call (decides whether the map-free path is possible).
+        note: receives the `EditRecord` of every edit made.
+    """
+
+    def edit_probs(probs: Tensor, layout: TokenLayout, call: AttentionCall) -> Tensor:
+        edited, record = apply_eah_to_probs(probs, layout, config, call.layer)
+        note(record)
         return edited
 
-    def on_projections(self, module, layer, query, key, value, mask, layout, kwargs):
-        if query.shape[-2] != key.shape[-2] or not is_plain_copy(self.eah_config):
-            return None  # decode steps and blends / image-region / dropped-sink edits take the eager path
-        scaling = kwargs.get("scaling", module.scaling)
-        out, record = apply_eah_to_attention(query, key, value, mask, scaling, layout, self.eah_config, layer)
-        self.run.records.append(record)
-        return out, None
+    def map_free(call: AttentionCall, layout: TokenLayout, statistics: bool) -> tuple[Tensor, AttentionSums]:
+        out, record, sums = map_free_eah(
+            call.query, call.key, call.value, call.mask, call.scaling, layout, config, call.layer,
+            statistics=statistics,
+        )
+        note(record)
+        return out, sums
+
+    fast = map_free if call.prefill and is_plain_copy(config) else None
+    return AttentionStep("probs", edit_probs, layout, map_free=fast)
+
+
+# ---------------------------------------------------------------------------- interventions
+@dataclass
+class InterventionRun:
+    """What happened inside an `intervene` context: one `InterventionRecord` per edit made, in order."""
+
+    interventions: tuple[Any, ...]
+    records: list[InterventionRecord] = field(default_factory=list)
+
+    def of(self, which: int | str) -> list[InterventionRecord]:
+        """The records of one intervention: its index in the list, or its method name."""
+        if isinstance(which, int):
+            return [r for r in self.records if r.index == which]
+        return [r for r in self.records if r.intervention == which]
+
+
+class intervene(_AttentionOverride):  # noqa: N801
+    """Apply several interventions to an HF LVLM inside the ``with`` block (``forward`` and ``generate``).
+
+    Each intervention edits at its own point (`EDIT_POINTS`); at one point they run in list order, and
+    the points run in the dispatcher's order (score edits, softmax, probability edits, ``P @ V``,
+    output edits; see `eah_interp.dispatch.run_steps`). Stacks with ``eah`` / ``record_attention``
+    contexts like any context.
+
+    Args:
+        model: an HF LVLM (or LM) whose language model uses the AttentionInterface.
+        interventions: `eah_interp.interventions` objects (``EAH``, ``PAI``, ``VAF``, ...) and/or
+            `EAHConfig` objects; one alone is accepted too.
+        layout: optional explicit prompt layout (see `eah`).
+
+    Yields:
+        An `InterventionRun` whose ``records`` say what each intervention did in each attention call.
+
+    Example:
+        >>> from eah_interp.interventions import EAH, PAI
+        >>> with eah_interp.hf.intervene(model, [EAH.paper(), PAI(alpha=0.2)]) as run:
+        ...     out = model.generate(**inputs, max_new_tokens=30, do_sample=False)
+        >>> run.of("PAI")[0]
+    """
+
+    kind = "intervene"
+
+    def __init__(self, model: nn.Module, interventions: Any, layout: TokenLayout | None = None) -> None:
+        items = as_interventions(interventions)
+        super().__init__(model, layout)
+        n_layers, n_heads, _ = model_shape(model)
+        for item in items:
+            item.validate_for(n_layers, n_heads)
+            if isinstance(item, EAHConfig):
+                self._warn_if_causal_normaliser(item.normalise)
+        self.n_layers = n_layers
+        self.run = InterventionRun(items)
+        # interventions that read a layer's input hidden states (VAR's massive-activation sinks)
+        readers = [item for item in items if getattr(item, "needs_hidden", False)]
+        self._hidden_layers = sorted({layer for item in readers for layer in item.layers_for(n_layers)})
+        self._hidden: dict[int, Tensor] = {}
+        self._sink_history: dict[tuple[int, int], Tensor] = {}
+        self._hidden_hooks: list[Any] = []
+
+    def __enter__(self) -> InterventionRun:  # type: ignore[override]
+        super().__enter__()
+        try:
+            layers = decoder_layers(self.model)
+            for layer in self._hidden_layers:
+                self._hidden_hooks.append(
+                    layers[layer].register_forward_pre_hook(self._note_hidden(layer), with_kwargs=True)
+                )
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self.run
+
+    def __exit__(self, *exc) -> None:
+        try:
+            for hook in self._hidden_hooks:
+                hook.remove()
+            self._hidden_hooks.clear()
+            self._hidden.clear()
+            self._sink_history.clear()
+        finally:
+            super().__exit__(*exc)
+
+    def _note_hidden(self, layer: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            if isinstance(hidden, Tensor):
+                self._hidden[layer] = hidden.detach()
+
+        return hook
+
+    def _sinks(self, index: int, item: Any, call: AttentionCall) -> Tensor:
+        """``Bool[batch, k]``: the massive-activation sinks among the call's keys (found in the prompt)."""
+        from eah_interp.sinks import massive_activation_sinks
+
+        hidden = self._hidden.get(call.layer)
+        if call.prefill and (hidden is None or hidden.shape[1] != call.q_len):
+            raise UnsupportedModelError(
+                f"Layer {call.layer}: {type(item).__name__} reads the decoder layer's input hidden states, but no "
+                "hidden states of this call were seen (is the decoder layer a module with .self_attn?)."
+            )
+        key = (index, call.layer)
+        previous = self._sink_history.get(key)
+        if call.prefill or previous is None:
+            history = massive_activation_sinks(hidden, item.dims, item.tau)
+        else:  # as in the official code, sinks come from the prompt: generated tokens are never sinks
+            history = torch.cat([previous, previous.new_zeros(previous.shape[0], call.q_len)], dim=1)
+        total = self._total_len(call.q_len, call.k_len)
+        if history.shape != (call.query.shape[0], total):
+            raise LayoutError(
+                f"Layer {call.layer}: {type(item).__name__} tracked sink flags for {tuple(history.shape)} positions "
+                f"but the call has {call.query.shape[0]} rows x {total} positions (beam search or a cache this "
+                "context did not see from the prompt on?)."
+            )
+        self._sink_history[key] = history
+        return history[:, -call.k_len :]  # a sliding-window layer's keys are the last k_len positions
+
+    def steps(self, call: AttentionCall) -> list[AttentionStep]:
+        if not any(_intervention_applies(item, call, self.n_layers) for item in self.run.interventions):
+            return []
+        layout = self._layout_for(call.query.shape[0], call.q_len, call.k_len)
+        prompt_len = call.k_len if call.prefill else (self.state.prompt_len or call.k_len) - self._window_start(call)
+        return intervention_steps(
+            self.run.interventions, call, layout, prompt_len, self.run.records, self.n_layers, sinks=self._sinks
+        )
+
+
+def as_interventions(interventions: Any) -> tuple[Any, ...]:
+    """A tuple of interventions from one or a list (`eah_interp.interventions` objects or `EAHConfig`)."""
+    items = (interventions,) if isinstance(interventions, (Intervention, EAHConfig)) else tuple(interventions)
+    if not items:
+        raise ConfigError("intervene needs at least one intervention, e.g. [PAI()] or [EAHConfig.paper()].")
+    for item in items:
+        if not isinstance(item, (Intervention, EAHConfig)):
+            raise TypeError(f"intervene takes eah_interp.interventions objects or EAHConfig; got {type(item).__name__}.")
+    return items
+
+
+def _intervention_applies(item: Any, call: AttentionCall, n_layers: int) -> bool:
+    if isinstance(item, EAHConfig):
+        return should_edit(item, call.layer, call.q_len, call.k_len)
+    return item.applies(call.layer, call.q_len, call.k_len, n_layers)
+
+
+def intervention_steps(
+    items: tuple[Any, ...],
+    call: AttentionCall,
+    layout: TokenLayout,
+    prompt_len: int,
+    records: list[InterventionRecord],
+    n_layers: int,
+    sinks: Callable[[int, Any, AttentionCall], Tensor] | None = None,
+) -> list[AttentionStep]:
+    """The dispatcher steps of a list of interventions for one attention call (shared by the backends).
+
+    Args:
+        items: the interventions, in list order.
+        call: the attention call.
+        layout: the layout fitted to the call.
+        prompt_len: positions of the prompt (later keys are generated tokens).
+        records: receives one `InterventionRecord` per edit made.
+        n_layers: the model's depth (resolves ``layers=None``).
+        sinks: ``sinks(index, item, call) -> Bool[batch, k]`` for interventions that read hidden states (VAR).
+    """
+    steps = []
+    for index, item in enumerate(items):
+        if _intervention_applies(item, call, n_layers):
+            steps.append(_intervention_step(index, item, call, layout, prompt_len, records, sinks))
+    return steps
+
+
+def _intervention_step(
+    index: int, item: Any, call: AttentionCall, layout: TokenLayout, prompt_len: int,
+    records: list[InterventionRecord], sinks: Callable | None,
+) -> AttentionStep:
+    q_len, k_len, layer = call.q_len, call.k_len, call.layer
+    if isinstance(item, EAHConfig):
+        def note(record: EditRecord) -> None:
+            changed = int(record.edited.sum())
+            records.append(InterventionRecord("EAH", index, layer, "probs", q_len, k_len, changed, eah=record))
+
+        return eah_step(item, layout, call, note)
+    flags = None
+    if getattr(item, "needs_hidden", False):
+        if sinks is None:
+            raise UnsupportedModelError(
+                f"{type(item).__name__} reads each layer's input hidden states; this backend cannot provide them "
+                "(use eah_interp.hf.intervene)."
+            )
+        flags = sinks(index, item, call)
+
+    def edit(tensor: Tensor, layout: TokenLayout, sub: AttentionCall) -> Tensor:
+        site = Site(layer=layer, layout=layout, q_len=sub.q_len, k_len=sub.k_len, prompt_len=prompt_len)
+        edited, changed = item.edit(tensor, site) if flags is None else item.edit(tensor, site, sinks=flags)
+        records.append(InterventionRecord(type(item).__name__, index, layer, item.point, q_len, k_len, changed))
+        return edited
+
+    site = Site(layer=layer, layout=layout, q_len=q_len, k_len=k_len, prompt_len=prompt_len)
+    return AttentionStep(item.point, edit, layout, tail=item.tail_rows(site))
 
 
 # ---------------------------------------------------------------------------- recording
@@ -424,31 +620,30 @@ class record_attention(_AttentionOverride):  # noqa: N801
         super().__enter__()
         return self.recording
 
-    def wants(self, layer: int, q_len: int, k_len: int) -> bool:
-        return layer in self.recording.layers and q_len == k_len
+    def steps(self, call: AttentionCall) -> list[AttentionStep]:
+        if call.layer not in self.recording.layers or not call.prefill:
+            return []
+        layout = self._layout_for(call.query.shape[0], call.q_len, call.k_len)
+        from_sums = None if self._keep_patterns or self.recording.stats is None else self._record_sums
+        return [AttentionStep("record", self._record_probs, layout, sums=from_sums)]
 
-    def on_projections(self, module, layer, query, key, value, mask, layout, kwargs):
-        rec = self.recording
-        if self._keep_patterns or rec.stats is None:
-            return None  # kept patterns need the full map
-        scaling = kwargs.get("scaling", module.scaling)
-        out, sums = chunked_attention(query, key, value, mask, scaling, layout, output=True, statistics=True)
-        rec.stats.update_from_stats(
-            layer, head_statistics_from_sums(sums, layout, query.shape[-2], rec.stats.threshold, rec.stats.normalise)
+    def _record_sums(self, sums: AttentionSums, layout: TokenLayout, call: AttentionCall) -> None:
+        stats = self.recording.stats
+        assert stats is not None
+        stats.update_from_stats(
+            call.layer, head_statistics_from_sums(sums, layout, call.q_len, stats.threshold, stats.normalise)
         )
         self._note_layout(layout)
-        return out, None
 
-    def on_probs(self, layer: int, probs: Tensor, layout: TokenLayout) -> Tensor | None:
+    def _record_probs(self, probs: Tensor, layout: TokenLayout, call: AttentionCall) -> None:
         rec = self.recording
         if rec.stats is not None:
             rec.stats.update_from_stats(
-                layer, head_statistics(probs, layout, rec.stats.threshold, rec.stats.normalise)
+                call.layer, head_statistics(probs, layout, rec.stats.threshold, rec.stats.normalise)
             )
         if self._keep_patterns:
-            rec.patterns.setdefault(layer, []).append(probs.detach().to("cpu"))
+            rec.patterns.setdefault(call.layer, []).append(probs.detach().to("cpu"))
         self._note_layout(layout)
-        return None
 
     def _note_layout(self, layout: TokenLayout) -> None:
         """Keep each prompt's layout once (the layers of one forward share it)."""
@@ -473,3 +668,114 @@ def scan_heads(
         for inputs in tqdm(batches, desc="scanning heads", disable=not progress):
             model(**inputs)
     return stats
+
+
+def compare_sink_definitions(
+    model: nn.Module,
+    inputs: dict[str, Any],
+    *,
+    dims: Iterable[int],
+    tau: float = 20.0,
+    threshold: float = 0.0008,
+    normalise: Normalise = "causal",
+    layers: str | Iterable[int] = "all",
+    layout: TokenLayout | None = None,
+) -> Any:
+    """EAH's column-mass sinks next to VAR's massive-activation sinks, per layer and prompt row.
+
+    One prompt forward: each chosen layer's probabilities give EAH's vision sinks (`detect_sinks` with
+    ``threshold`` / ``normalise``, a sink in at least one head), the layer's input hidden states give the
+    massive-activation sinks (`massive_activation_sinks` with ``dims`` / ``tau``); `sink_agreement`
+    counts both and their overlap on the image tokens. So "EAH's sinks are the model's sink tokens" can
+    be checked on any model.
+
+    Args:
+        model: an HF LVLM.
+        inputs: one batch of model inputs (a prompt forward).
+        dims: the model's sink dimensions (`eah_interp.sinks.massive_dims` proposes them).
+        tau: the massive-activation threshold (VAR: 20).
+        threshold, normalise: EAH's sink threshold and normaliser.
+        layers: ``"all"`` or layer indices.
+        layout: optional explicit layout.
+
+    Returns:
+        A pandas DataFrame, one row per (layer, row): ``eah``, ``massive``, ``both``, ``jaccard``.
+    """
+    import pandas as pd
+
+    from eah_interp.sinks import detect_sinks, massive_activation_sinks, sink_agreement
+
+    dims = tuple(int(d) for d in dims)
+    hidden: dict[int, Tensor] = {}
+    hooks = []
+    try:
+        with record_attention(model, layers, keep_patterns=True, layout=layout) as rec:
+            decoders = decoder_layers(model)
+            for layer in rec.layers:
+                def note(module, args, kwargs, layer=layer):
+                    hidden[layer] = kwargs.get("hidden_states", args[0] if args else None).detach()
+
+                hooks.append(decoders[layer].register_forward_pre_hook(note, with_kwargs=True))
+            with torch.no_grad():
+                model(**inputs, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    rows = []
+    for layer in rec.layers:
+        probs, prompt_layout = rec.patterns[layer][-1], rec.layouts[-1]
+        eah_sinks = detect_sinks(probs, prompt_layout, threshold, normalise)
+        massive = massive_activation_sinks(hidden[layer], dims, tau)
+        agreement = sink_agreement(eah_sinks, massive, prompt_layout.image_mask)
+        for row in range(probs.shape[0]):
+            rows.append({"layer": layer, "row": row, **{k: float(v[row]) for k, v in agreement.items()}})
+    return pd.DataFrame(rows, columns=["layer", "row", "eah", "massive", "both", "jaccard"])
+
+
+# ---------------------------------------------------------------------------- contrastive logits
+class ContrastiveLogits:
+    """A logits processor for ``generate``: contrast the (edited) run with an unedited text-only run.
+
+    PAI's contrastive part (LALBJ/PAI, ``CFG.py``, ``CFGLogits``): with ``s = log_softmax(logits)`` of
+    the run and ``u = log_softmax`` of the same model on the prompt without the image (its own KV cache,
+    every edit paused: `paused`), the scores are ``gamma * (s - u) + u``, and tokens with
+    ``s < log(cutoff) + max(s)`` are set to ``-inf``. PAI's defaults: ``gamma=2`` (``chair_eval.py``'s
+    ``--gamma``), ``cutoff=0.1``.
+
+    Args:
+        model: the HF model ``generate`` runs.
+        unconditional: the text-only prompt: ``{"input_ids": ..., "attention_mask": ...}`` (one row per
+            generated row; without image tokens).
+        gamma: the guidance scale (1: the run's own log-probabilities).
+        cutoff: the plausibility cut relative to the best token.
+    """
+
+    def __init__(self, model: nn.Module, unconditional: dict[str, Tensor], gamma: float = 2.0, cutoff: float = 0.1) -> None:
+        if not 0 < cutoff <= 1:
+            raise ConfigError(f"cutoff must be in (0, 1]; got {cutoff!r}.")
+        if "input_ids" not in unconditional:
+            raise ConfigError("unconditional needs input_ids (the prompt without the image).")
+        self.model, self.gamma, self.cutoff = model, float(gamma), float(cutoff)
+        self.unconditional = dict(unconditional)
+        self._out: Any = None
+        self._mask: Tensor | None = None
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        scores = torch.log_softmax(scores.float(), dim=-1)
+        if self.gamma == 1:
+            return scores
+        with paused(self.model), torch.no_grad():
+            if self._out is None:
+                self._mask = self.unconditional.get("attention_mask")
+                self._out = self.model(**self.unconditional, use_cache=True)
+            else:
+                if self._mask is not None:
+                    self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
+                self._out = self.model(
+                    input_ids=input_ids[:, -1:], attention_mask=self._mask, past_key_values=self._out.past_key_values,
+                    use_cache=True,
+                )
+        unconditional = torch.log_softmax(self._out.logits[:, -1].float(), dim=-1)
+        cut = torch.log(torch.tensor(self.cutoff)) + scores.max(dim=-1, keepdim=True).values
+        out = self.gamma * (scores - unconditional) + unconditional
+        return out.masked_fill(scores < cut, -float("inf"))

@@ -56,7 +56,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from eah_interp import hf
+from eah_interp import dispatch, hf
 from eah_interp.config import EAHConfig
 from eah_interp.edit import EditRecord, apply_eah_to_probs, should_edit
 from eah_interp.errors import (
@@ -74,6 +74,7 @@ __all__ = [
     "eager_attention_probs",
     "feed_head_stats",
     "hf_model",
+    "intervene",
     "self_attn",
 ]
 
@@ -253,3 +254,61 @@ def feed_head_stats(nn_model: Any, stats: HeadStats, layout: TokenLayout, layers
             values = head_statistics(probs.detach(), layout.fit(probs.shape[0], probs.shape[-2], probs.shape[-1]),
                                      stats.threshold, stats.normalise)  # type: ignore[arg-type]
         stats.update_from_stats(layer, values)
+
+
+# ---------------------------------------------------------------------------- interventions
+def intervene(nn_model: Any, interventions: Any, layout: TokenLayout) -> list:
+    """Inside a trace: apply `eah_interp.interventions` to this forward, as `eah_interp.hf.intervene` does.
+
+    Each layer an intervention edits has its attention call pointed, in this trace only, at a function
+    that runs the same dispatcher steps as the HF backend (`eah_interp.hf.intervention_steps` and
+    `eah_interp.dispatch.run_steps`: score edits, softmax, probability edits, ``P @ V``, output edits; the
+    model's own attention for rows nothing edits). Call it before reading ``.source`` of those layers'
+    attention calls yourself. In a traced ``generate`` it edits the first forward; call it inside
+    ``for step in tracer.iter[:]`` for every step. VAR (it reads hidden states) is not supported here.
+
+    Args:
+        nn_model: the nnsight model (``nnsight.NNsight(hf_model)``).
+        interventions: `eah_interp.interventions` objects and/or `EAHConfig` (one or a list).
+        layout: layout of the prompt rows this trace sees (extended for decode steps).
+
+    Returns:
+        A list (saved, so it survives the trace) receiving one `InterventionRecord` per edit made.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model = hf_model(nn_model)
+    items = hf.as_interventions(interventions)
+    n_layers, n_heads, _ = hf.model_shape(model)
+    for item in items:
+        item.validate_for(n_layers, n_heads)
+        if getattr(item, "needs_hidden", False):
+            raise UnsupportedModelError(
+                f"{type(item).__name__} reads each layer's input hidden states; eah_interp.nnsight.intervene does "
+                "not provide them yet. Use eah_interp.hf.intervene."
+            )
+    layers = sorted({layer for item in items for layer in (item.layers if isinstance(item, EAHConfig) else item.layers_for(n_layers))})
+    implementation = hf.text_config(model)._attn_implementation or "eager"
+    fallback = None if implementation == "eager" else ALL_ATTENTION_FUNCTIONS.get(implementation)
+    records: list = _save([])
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        call = dispatch.AttentionCall(module, module.layer_idx, query, key, value, attention_mask, kwargs)
+        fitted = layout.fit(query.shape[0], call.q_len, call.k_len)
+        steps = hf.intervention_steps(items, call, fitted, layout.seq_len, records, n_layers)
+        own = fallback or hf.eager_function(module)
+        if not steps:
+            return own(module, query, key, value, attention_mask, **kwargs)
+        return dispatch.run_steps(call, steps, own)
+
+    for layer in layers:
+        source = self_attn(nn_model, layer).source
+        binding = _op_name(source, "attention_interface_", what="the attention function binding", last=False)
+        call_name = _op_name(source, "attention_interface_", what="the attention function call")
+        if binding == call_name:
+            raise AttentionImplementationError(
+                f"{source.prefix!r} calls attention_interface without binding it in forward; available ops: "
+                f"{', '.join(source.names)}."
+            )
+        source.node(binding).output = attention
+    return records

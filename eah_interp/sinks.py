@@ -175,3 +175,75 @@ def select_source_heads(counts: Int[Tensor, "batch heads"], top_k: int = 1) -> I
 def select_fewest_sink_heads(counts: Int[Tensor, "batch heads"]) -> Int[Tensor, "batch 1"]:
     """Head with the fewest sinks per row (lowest index on ties): a control for EAH's choice."""
     return torch.sort(counts, dim=-1, stable=True).indices[:, :1]
+
+
+# ---------------------------------------------------------------------------- massive-activation sinks (VAR)
+#: VAR's threshold on the RMS-normalised hidden state in the sink dimensions (Kang et al., ICLR 2025).
+MASSIVE_TAU = 20.0
+
+
+def rms_normalised(hidden: Float[Tensor, "batch seq dim"], eps: float = 1e-6) -> Float[Tensor, "batch seq dim"]:
+    """``h / sqrt(mean(h^2) + eps)`` per token, in float32 (RMSNorm without its weight)."""
+    hidden = hidden.float()
+    return hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def massive_activation_sinks(
+    hidden: Float[Tensor, "batch seq dim"], dims: tuple[int, ...] | list[int], tau: float = MASSIVE_TAU
+) -> Bool[Tensor, "batch seq"]:
+    """Sink tokens by massive activations (VAR's definition): ``max_{d in dims} |rms(h)[d]| > tau``.
+
+    A second sink definition next to EAH's column-mass one (`detect_sinks`): it reads a layer's input
+    hidden states, not its attention, and marks text tokens (e.g. BOS) as well as image tokens.
+
+    Args:
+        hidden: a decoder layer's input hidden states ``[batch, seq, dim]``.
+        dims: the model's sink dimensions (model-specific; see `massive_dims` to find them).
+        tau: the threshold (VAR: 20).
+
+    Returns:
+        ``Bool[batch, seq]``, True at sink tokens.
+    """
+    if not dims:
+        raise ConfigError("massive_activation_sinks needs the model's sink dimensions (dims=...); see massive_dims.")
+    bad = [d for d in dims if not 0 <= d < hidden.shape[-1]]
+    if bad:
+        raise ConfigError(f"Sink dimensions {bad} out of range for hidden size {hidden.shape[-1]}.")
+    values = rms_normalised(hidden).abs()[..., list(dims)]
+    return values.max(-1).values > tau
+
+
+def massive_dims(hidden: Float[Tensor, "batch seq dim"], top: int = 2) -> tuple[int, ...]:
+    """The ``top`` hidden dimensions with the largest RMS-normalised magnitude over all tokens.
+
+    A way to find a model's sink dimensions for `massive_activation_sinks`: massive activations sit in
+    a few fixed dimensions, so the largest single entries point at them.
+    """
+    peak = rms_normalised(hidden).abs().flatten(0, 1).max(0).values
+    return tuple(int(d) for d in peak.topk(top).indices.tolist())
+
+
+def sink_agreement(
+    column_sinks: Bool[Tensor, "batch heads k"], massive: Bool[Tensor, "batch k"], image_mask: Bool[Tensor, "batch k"]
+) -> dict[str, Float[Tensor, " batch"]]:
+    """How far EAH's sinks and the massive-activation sinks agree on the image tokens of each row.
+
+    Args:
+        column_sinks: EAH's vision sinks per head (`detect_sinks`).
+        massive: massive-activation sinks (`massive_activation_sinks`) of the same positions.
+        image_mask: ``Bool[batch, k]`` image positions.
+
+    Returns:
+        Per row (float): ``eah`` image tokens that are a sink in at least one head; ``massive`` image
+        tokens with a massive activation; ``both``; ``jaccard`` = both / either (NaN when neither has one).
+    """
+    image = image_mask.to(massive.device)
+    eah = column_sinks.any(1) & image
+    mas = massive & image
+    both, either = (eah & mas).sum(-1).float(), (eah | mas).sum(-1).float()
+    return {
+        "eah": eah.sum(-1).float(),
+        "massive": mas.sum(-1).float(),
+        "both": both,
+        "jaccard": torch.where(either > 0, both / either.clamp_min(1), torch.nan),
+    }

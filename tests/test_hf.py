@@ -143,7 +143,7 @@ def test_nested_and_two_models_do_not_interfere(model, inputs):
         logits(model, inputs)
         logits(other, inputs)
     assert [r.layer for r in run_a.records] == [1] and [r.layer for r in run_b.records] == [2]
-    assert stats.layers == [0, 1, 3]  # layer 2 is served by the inner eah context
+    assert stats.layers == [0, 1, 2, 3]  # layer 2 is edited by the inner eah context and still recorded
     assert model.config.text_config._attn_implementation == "sdpa"
     assert other.config.text_config._attn_implementation == "sdpa"
 

@@ -1,0 +1,35 @@
+"""Interventions: frozen, validated, JSON-serialisable edits that name where they act and on what.
+
+``eah_interp.hf.intervene(model, [EAH.paper(), PAI()])`` applies several in one run, in list order
+within each edit point (see `eah_interp.dispatch.run_steps` for the order of the points), and records what
+each did. Sources and defaults of every method: docs/methods.md.
+"""
+
+from eah_interp.interventions.adhh import ADHH
+from eah_interp.interventions.base import Intervention, InterventionRecord
+from eah_interp.interventions.eah import EAH
+from eah_interp.interventions.head_scale import HeadScale
+from eah_interp.interventions.knockout import Knockout
+from eah_interp.interventions.middle import MiddleLayerBoost
+from eah_interp.interventions.pai import PAI
+from eah_interp.interventions.selectors import PHASES, ROWS, SPANS, Site, scaled_range
+from eah_interp.interventions.vaf import VAF
+from eah_interp.interventions.var import VAR
+
+__all__ = [
+    "ADHH",
+    "EAH",
+    "PHASES",
+    "ROWS",
+    "SPANS",
+    "HeadScale",
+    "Intervention",
+    "InterventionRecord",
+    "Knockout",
+    "MiddleLayerBoost",
+    "PAI",
+    "Site",
+    "VAF",
+    "VAR",
+    "scaled_range",
+]

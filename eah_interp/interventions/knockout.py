@@ -1,0 +1,79 @@
+"""Attention knockout: block one position group from attending to another in a window of layers.
+
+As in attention-knockout studies (e.g. Geva et al., 2023, "Dissecting Recall of Factual Associations"):
+post-mask scores of the chosen (query, key) pairs are set to the dtype minimum, so the softmax gives
+them zero weight. A query never loses its own position, so no row is left with nothing to attend to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from eah_interp.errors import ConfigError
+from eah_interp.interventions.base import Intervention, count
+from eah_interp.interventions.selectors import (
+    PHASES,
+    SPANS,
+    Site,
+    as_layers,
+    check_choice,
+    entries,
+    key_span,
+    query_rows,
+    visible,
+)
+from eah_interp.sinks import query_positions
+
+QUERY_GROUPS = ("last",) + SPANS
+
+
+@dataclass(frozen=True)
+class Knockout(Intervention):
+    """Block queries in group ``queries`` from attending to keys in group ``keys`` at ``layers``.
+
+    Args:
+        queries: ``"last"`` (the call's last row) or a span of `SPANS` (rows at those positions).
+        keys: a span of `SPANS`.
+        layers: the window (None = every layer).
+        phase: ``"both"``, ``"prefill"`` or ``"decode"``.
+    """
+
+    queries: str = "last"
+    keys: str = "image"
+    layers: tuple[int, ...] | None = None
+    phase: str = "both"
+
+    point: ClassVar[str] = "scores"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", as_layers(self.layers, "Knockout"))
+        check_choice("Knockout.queries", self.queries, QUERY_GROUPS)
+        check_choice("Knockout.keys", self.keys, SPANS)
+        check_choice("Knockout.phase", self.phase, PHASES)
+        if self.queries == self.keys == "all":
+            raise ConfigError("Knockout(queries='all', keys='all') blocks every edge: choose narrower groups.")
+
+    @property
+    def last_row_only(self) -> bool:  # type: ignore[override]
+        return self.queries == "last"
+
+    def rows(self, site: Site) -> Tensor:
+        """``Bool[batch, q]``: the query rows in the ``queries`` group."""
+        if self.queries == "last":
+            return query_rows("last", site)
+        qpos = query_positions(site.q_len, site.k_len, site.layout.attention_mask.device)
+        return key_span(self.queries, site)[:, qpos]
+
+    def edit(self, tensor: Tensor, site: Site) -> tuple[Tensor, int]:
+        qpos = query_positions(site.q_len, site.k_len, tensor.device)
+        own = qpos[:, None] == torch.arange(site.k_len, device=tensor.device)[None, :]  # [q, k]
+        selected = entries(self.rows(site), key_span(self.keys, site)) & ~own & visible(tensor)
+        return tensor.masked_fill(selected, torch.finfo(tensor.dtype).min), count(selected)
+
+    def describe(self) -> str:
+        who = "the last query row" if self.queries == "last" else f"{self.queries} rows"
+        return f"Knockout: at {self._layers_text()}, {who} cannot attend to {self.keys} keys ({self.phase} forwards)."

@@ -1,0 +1,72 @@
+"""PAI (Liu et al., ECCV 2024, "Paying More Attention to Image"): amplify the last row's image scores.
+
+Official code: LALBJ/PAI, ``attention.py`` (``llama_new_forward``): after the mask is added,
+``z[:, :, -1, img] = |z[:, :, -1, img]| * alpha + z[:, :, -1, img]`` in layers ``range(start_layer,
+end_layer)``; defaults in ``chair_eval.py``: ``alpha=0.2``, ``start_layer=2``, ``end_layer=32`` (layers
+2..31 of LLaVA-1.5-7B's 32). The edit runs at every forward (the prompt's last row and every decode step).
+Its contrastive text-only logits (``gamma``) are a separate part, not implemented here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from eah_interp.errors import ConfigError
+from eah_interp.interventions.base import Intervention, count
+from eah_interp.interventions.selectors import (
+    PHASES,
+    Site,
+    as_layers,
+    check_choice,
+    entries,
+    key_span,
+    query_rows,
+    visible,
+)
+
+
+def amplify_scores(
+    scores: Float[Tensor, "batch heads q k"], selected: Bool[Tensor, "batch heads q k"], alpha: float
+) -> Float[Tensor, "batch heads q k"]:
+    """``z + alpha * |z|`` on the selected entries, ``z`` elsewhere."""
+    return torch.where(selected, scores + alpha * scores.abs(), scores)
+
+
+@dataclass(frozen=True)
+class PAI(Intervention):
+    """Add ``alpha * |z|`` to the last query row's post-mask scores on image keys.
+
+    Args:
+        alpha: the amplification (official 0.2).
+        layers: layers to edit; None = the official 2..31 of 32, scaled to depth (`scaled_range`).
+        phase: ``"both"`` (official: the prompt's last row and every decode step), ``"prefill"`` or ``"decode"``.
+    """
+
+    alpha: float = 0.2
+    layers: tuple[int, ...] | None = None
+    phase: str = "both"
+
+    point: ClassVar[str] = "scores"
+    last_row_only: ClassVar[bool] = True
+    default_layers: ClassVar[tuple[int, int] | None] = (2, 32)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", as_layers(self.layers, "PAI"))
+        if not isinstance(self.alpha, (int, float)) or self.alpha < 0:
+            raise ConfigError(f"PAI.alpha must be a number >= 0; got {self.alpha!r}.")
+        check_choice("PAI.phase", self.phase, PHASES)
+
+    def edit(self, tensor: Tensor, site: Site) -> tuple[Tensor, int]:
+        selected = entries(query_rows("last", site), key_span("image", site)) & visible(tensor)
+        return amplify_scores(tensor, selected, float(self.alpha)), count(selected)
+
+    def describe(self) -> str:
+        return (
+            f"PAI: at {self._layers_text()}, add {self.alpha:g} * |score| to the last query row's post-mask "
+            f"scores on image keys ({self.phase} forwards)."
+        )

@@ -1,0 +1,606 @@
+"""`eah_interp.interventions` through `hf.intervene`, against a loop-written reference attention.
+
+The reference is a test-only attention function registered with transformers (it shares no code with
+eah_interp): it receives the layer's query/key/value after rotary embedding, builds the causal +
+padding mask itself, and applies each method's edit with Python loops over (row, head, query, key),
+written from the method's description (docs/methods.md), at the method's edit point. Every method is
+checked on a tiny LLaVA (Llama decoder, GQA 4 heads / 2 KV heads) and a tiny Qwen2-VL (M-RoPE, GQA),
+on a prompt forward and on decode steps (``generate`` logits step by step).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+from eah_interp import ConfigError, HeadStats, LayerIndexError, TokenLayout, dispatch, hf
+from eah_interp._testing import TINY_IMAGE_TOKEN_ID, sharp_tiny_llava, tiny_llava_inputs
+from eah_interp.interventions import (
+    ADHH,
+    EAH,
+    PAI,
+    VAF,
+    VAR,
+    HeadScale,
+    Intervention,
+    Knockout,
+    MiddleLayerBoost,
+    Site,
+    scaled_range,
+)
+from eah_interp.models.tiny import TINY_IMAGE_ID, tiny_qwen2_vl
+from tests.reference import explicit_edit
+
+REFERENCE = "eah_interp_tests.reference_attention"
+LOWEST = torch.finfo(torch.float32).min
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
+def family(request):
+    if request.param == "llava":
+        model = sharp_tiny_llava(seed=0)
+        inputs = tiny_llava_inputs(model, prefix_lengths=(3, 6), suffix_lengths=(5, 2), padding_side="left", seed=1)
+        return model, inputs, TINY_IMAGE_TOKEN_ID
+    model, inputs = tiny_qwen2_vl(seed=0)
+    with torch.no_grad():  # sharper attention, as sharp_tiny_llava does
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+    return model, inputs, TINY_IMAGE_ID
+
+
+# ------------------------------------------------------------------------------------------- reference
+class Reference:
+    """A loop-written eager attention with the edits of a list of interventions (prefill and decode)."""
+
+    def __init__(self, interventions, input_ids, attention_mask, image_id):
+        self.items = interventions
+        self.prompt_len = input_ids.shape[1]
+        self.sinks = {}
+        self.prompt_mask = attention_mask.bool()
+        self.image = (input_ids == image_id).tolist()
+
+    # position groups of one batch row, for a call over k keys (keys >= prompt_len are generated text)
+    def groups(self, row, k):
+        real = self.prompt_mask[row].tolist() + [True] * (k - self.prompt_len)
+        image = self.image[row] + [False] * (k - self.prompt_len)
+        first = image.index(True)
+        end = max(j for j in range(k) if image[j]) + 1
+        return {
+            "real": real,
+            "image": image,
+            "system": [real[j] and j < first for j in range(k)],
+            "text": [real[j] and j >= first and not image[j] for j in range(k)],
+            "question": [real[j] and j >= first and not image[j] and j < self.prompt_len for j in range(k)],
+            "end": end,
+        }
+
+    def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        layer = module.layer_idx
+        b, h, q, _ = query.shape
+        k = key.shape[-2]
+        group = h // key.shape[1]
+        keys = torch.stack([key[:, head // group] for head in range(h)], 1).float()
+        values = torch.stack([value[:, head // group] for head in range(h)], 1).float()
+        scores = (query.float() @ keys.transpose(-1, -2)) * scaling
+        offset = k - q
+        groups = [self.groups(row, k) for row in range(b)]
+        prefill = q == k
+        active = [item for item in self.items if self.applies(item, layer, prefill)]
+        for item in active:
+            if isinstance(item, VAF):  # before the mask: rows after the image, image x s1, system x s2
+                for row in range(b):
+                    g = groups[row]
+                    for i in range(q):
+                        if not (g["real"][offset + i] and offset + i >= g["end"]):
+                            continue
+                        for j in range(k):
+                            for head in range(h):
+                                if g["image"][j]:
+                                    scores[row, head, i, j] *= item.image_scale
+                                elif g["system"][j]:
+                                    scores[row, head, i, j] *= item.system_scale
+        for row in range(b):  # the causal + padding mask
+            for i in range(q):
+                for j in range(k):
+                    if not (groups[row]["real"][j] and j <= offset + i):
+                        scores[row, :, i, j] = LOWEST
+        for item in active:
+            last = q - 1
+            if isinstance(item, PAI):
+                for row in range(b):
+                    for j in range(k):
+                        if groups[row]["image"][j]:
+                            for head in range(h):
+                                z = float(scores[row, head, last, j])
+                                scores[row, head, last, j] = z + item.alpha * abs(z)
+            elif isinstance(item, MiddleLayerBoost):
+                for row in range(b):
+                    for j in range(k):
+                        if groups[row]["image"][j]:
+                            mean_abs = sum(abs(float(scores[row, head, last, j])) for head in range(h)) / h
+                            for head in range(h):
+                                scores[row, head, last, j] += item.alpha * mean_abs
+            elif isinstance(item, Knockout):
+                for row in range(b):
+                    g = groups[row]
+                    for i in range(q):
+                        pos = offset + i
+                        in_group = i == last if item.queries == "last" else g[item.queries][pos]
+                        if not (in_group and g["real"][pos]):
+                            continue
+                        for j in range(k):
+                            if j != pos and g[item.keys][j] and scores[row, 0, i, j] > LOWEST / 2:
+                                scores[row, :, i, j] = LOWEST
+        probs = torch.softmax(scores, -1)
+        for item in active:
+            if isinstance(item, EAH):
+                image_mask = torch.tensor([g["image"] for g in groups])
+                real = torch.tensor([g["real"] for g in groups])
+                probs = explicit_edit(probs, real, image_mask, threshold=item.threshold, normalise=item.normalise,
+                                      skip_if_head0=item.skip_if_head0)
+            elif isinstance(item, VAR):
+                probs = self.var(item, layer, probs, groups, offset)
+            elif isinstance(item, ADHH):
+                for layer_, head in item.heads:
+                    if layer_ != layer:
+                        continue
+                    for row in range(b):
+                        text = groups[row]["text"]
+                        mass = sum(float(probs[row, head, q - 1, j]) for j in range(k) if text[j])
+                        if mass >= item.tau:
+                            for j in range(k):
+                                if text[j]:
+                                    probs[row, head, q - 1, j] = 0.0
+        out = (probs @ values).transpose(1, 2)  # [b, q, h, d]
+        for item in active:
+            if isinstance(item, HeadScale):
+                for layer_, head in item.heads:
+                    if layer_ == layer:
+                        out[:, :, head] *= item.scale
+        return out.to(query.dtype).contiguous(), probs
+
+    def note_hidden(self, layer, hidden, item):
+        """VAR's sinks by hand on the prompt: |h_d / rms(h)| > tau for a sink dim d; decode steps add non-sinks."""
+        b, n, dim = hidden.shape
+        history = self.sinks.get(layer)
+        if history is not None and n == 1:  # a decode step: the new token is never a sink (prompt sinks only)
+            self.sinks[layer] = [old + [False] for old in history]
+            return
+        flags = []
+        for row in range(b):
+            row_flags = []
+            for t in range(n):
+                h = hidden[row, t].double()
+                rms = math.sqrt(sum(float(x) ** 2 for x in h) / dim + 1e-6)
+                row_flags.append(any(abs(float(h[d])) / rms > item.tau for d in item.dims))
+            flags.append(row_flags)
+        self.sinks[layer] = flags
+
+    def var(self, item, layer, probs, groups, offset):
+        b, h, q, k = probs.shape
+        out = probs.clone()
+        for row in range(b):
+            g, sink = groups[row], self.sinks[layer][row]
+            image = [j for j in range(k) if g["image"][j]]
+            vis = [j for j in image if sink[j]]
+            sinks = [j for j in range(k) if sink[j]]
+            if not vis:
+                continue
+            for head in range(h):
+                for i in range(q):
+                    if not (g["real"][offset + i] and offset + i >= g["end"]):
+                        continue
+                    p = [float(x) for x in probs[row, head, i]]
+                    image_sum = sum(p[j] for j in image)
+                    portion = sum(p[j] for j in vis) / (image_sum + len(image) * 1e-6)
+                    others = {j: p[j] for j in image if j not in vis}
+                    if not (portion <= item.rho and image_sum >= item.summ and sum(others.values()) > 0):
+                        continue
+                    budget = (1 - item.p) * sum(p[j] for j in sinks)
+                    for j in sinks:
+                        out[row, head, i, j] = p[j] * item.p
+                    total = sum(others.values())
+                    for j, value in others.items():
+                        out[row, head, i, j] = value + budget * value / total
+        return out
+
+    @staticmethod
+    def applies(item, layer, prefill):
+        if isinstance(item, EAH):
+            return layer in item.layers and prefill
+        if isinstance(item, (ADHH, HeadScale)):
+            layers = {layer_ for layer_, _ in item.heads}
+        else:
+            layers = set(item.layers)
+        return layer in layers and (item.phase == "both" or (item.phase == "prefill") == prefill)
+
+
+class reference_model:  # noqa: N801 - a context manager
+    """The model's language attention replaced by `Reference` (registered under a test-only name)."""
+
+    def __init__(self, model, reference):
+        self.model, self.reference = model, reference
+
+    def __enter__(self):
+        AttentionInterface.register(REFERENCE, self.reference.attention)
+        AttentionMaskInterface.register(REFERENCE, eager_mask)
+        self.config = self.model.config.get_text_config(decoder=True)
+        self.previous = self.config._attn_implementation
+        self.config._attn_implementation_internal = REFERENCE
+        self.hooks = []
+        for item in self.reference.items:
+            if isinstance(item, VAR):
+                for layer in item.layers:
+                    decoder = self.model.model.language_model.layers[layer]
+                    self.hooks.append(decoder.register_forward_pre_hook(
+                        lambda m, a, kw, layer=layer, item=item: self.reference.note_hidden(
+                            layer, kw.get("hidden_states", a[0] if a else None), item),
+                        with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+        self.config._attn_implementation_internal = self.previous
+        AttentionInterface._global_mapping.pop(REFERENCE, None)
+        AttentionMaskInterface._global_mapping.pop(REFERENCE, None)
+
+
+def prompt_logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs, use_cache=False).logits
+
+
+def generated(model, inputs):
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+CASES = {
+    "PAI": [PAI(alpha=0.5, layers=(1, 2))],
+    "MiddleLayerBoost": [MiddleLayerBoost(alpha=0.5, layers=(0, 2))],
+    "VAF": [VAF(image_scale=2.0, system_scale=0.5, layers=(0, 2))],
+    "Knockout-last": [Knockout(queries="last", keys="image", layers=(0, 1, 2))],
+    "Knockout-question": [Knockout(queries="question", keys="image", layers=(1, 2))],
+    "ADHH": [ADHH(heads=((1, 0), (2, 3), (2, 1)), tau=0.05)],
+    "HeadScale": [HeadScale(heads=((0, 1), (2, 2)), scale=0.0)],
+    "PAI-decode-only": [PAI(alpha=1.0, layers=(0, 1), phase="decode")],
+    "EAH+PAI": [EAH(layers=(1,), threshold=0.0), PAI(alpha=0.5, layers=(1, 2))],
+    "VAF+HeadScale+Knockout": [
+        VAF(image_scale=2.0, system_scale=0.5, layers=(1,)),
+        HeadScale(heads=((1, 3),), scale=2.0),
+        Knockout(queries="last", keys="system", layers=(1,)),
+    ],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_intervention_equals_the_loop_written_reference_prefill_and_decode(family, case):
+    model, inputs, image_id = family
+    check_against_reference(model, inputs, image_id, CASES[case], case)
+
+
+def check_against_reference(model, inputs, image_id, items, case):
+    real = inputs["attention_mask"].bool()
+    plain = prompt_logits(model, inputs)
+    with hf.intervene(model, items) as run:
+        got = prompt_logits(model, inputs)
+    reference = Reference(items, inputs["input_ids"], inputs["attention_mask"], image_id)
+    with reference_model(model, reference):
+        want = prompt_logits(model, inputs)
+    assert torch.allclose(got[real], want[real], atol=1e-4), case
+    if case != "PAI-decode-only":
+        assert not torch.allclose(got[real], plain[real], atol=1e-4), f"{case} changed nothing"
+        for index in range(len(items)):
+            assert sum(r.changed for r in run.of(index)) > 0, (case, index)
+    else:
+        assert run.records == []
+    # decode steps (the KV cache): the same edits at every step, logits step by step
+    with hf.intervene(model, items) as run:
+        sequences, logits = generated(model, inputs)
+    with reference_model(model, reference):
+        want_sequences, want_logits = generated(model, inputs)
+    assert torch.allclose(logits, want_logits, atol=1e-4), case
+    assert sequences.tolist() == want_sequences.tolist()
+    decode = [r for r in run.records if r.q_len < r.k_len]
+    eah_only_prefill = all(isinstance(i, EAH) for i in items)
+    assert bool(decode) != eah_only_prefill
+
+
+VAR_DIMS = {TINY_IMAGE_TOKEN_ID: ((27, 51), 2.8), TINY_IMAGE_ID: ((15, 62), 2.5)}  # found with massive_dims
+
+
+def test_var_equals_the_loop_written_reference_prefill_and_decode(family):
+    """VAR with sink dimensions of these random models (their largest RMS-normalised dims at layer 1) and
+    thresholds that mark a few image tokens; rho / summ loosened so that some heads qualify."""
+    model, inputs, image_id = family
+    dims, tau = VAR_DIMS[image_id]
+    items = [VAR(dims=dims, tau=tau, rho=0.9, summ=0.05, layers=(1,))]
+    check_against_reference(model, inputs, image_id, items, "VAR")
+
+
+def test_last_row_methods_do_not_run_eager_attention_over_the_prompt(monkeypatch):
+    """PAI edits the last row only: on a prompt the dispatcher keeps SDPA for every row and recomputes
+    the last row alone (a [batch, heads, 1, k] map), never the full [.., q, k] one."""
+    model = sharp_tiny_llava(seed=0)
+    inputs = tiny_llava_inputs(model, prefix_lengths=(3, 6), seed=1)
+    shapes = []
+    scores = dispatch._scores
+    monkeypatch.setattr(dispatch, "_scores", lambda call, steps: shapes.append(call.q_len) or scores(call, steps))
+    monkeypatch.setattr(dispatch, "eager_attention", lambda *a, **k: pytest.fail("eager attention over the prompt"))
+    with hf.intervene(model, [PAI(layers=(0, 1, 2, 3)), MiddleLayerBoost(layers=(1,))]) as run:
+        prompt_logits(model, inputs)
+    assert shapes == [1, 1, 1, 1] and len(run.records) == 5
+
+
+def test_rows_after_image_methods_recompute_only_those_rows(monkeypatch):
+    """VAF edits rows after the image: on a prompt only the rows after the earliest image end (over the
+    batch) get an eager map; the others keep SDPA. The count of those rows is found here by hand."""
+    model = sharp_tiny_llava(seed=0)
+    inputs = tiny_llava_inputs(model, prefix_lengths=(3, 6), seed=1)
+    ids = inputs["input_ids"].tolist()
+    ends = [max(j for j, t in enumerate(row) if t == TINY_IMAGE_TOKEN_ID) + 1 for row in ids]
+    tail = len(ids[0]) - min(ends)
+    assert 0 < tail < len(ids[0])
+    shapes = []
+    scores = dispatch._scores
+    monkeypatch.setattr(dispatch, "_scores", lambda call, steps: shapes.append(call.q_len) or scores(call, steps))
+    monkeypatch.setattr(dispatch, "eager_attention", lambda *a, **k: pytest.fail("eager attention over the prompt"))
+    with hf.intervene(model, [VAF(layers=(1, 3)), PAI(layers=(3,))]):
+        prompt_logits(model, inputs)
+    assert shapes == [tail, tail]
+
+
+def test_default_layers_scale_with_depth():
+    """The documented rule, by hand: floor(x * n / 32 + 0.5) for both ends, at least one layer."""
+    assert scaled_range(2, 32, 32) == tuple(range(2, 32))  # PAI on LLaVA-1.5-7B: unchanged
+    assert scaled_range(2, 32, 4) == (0, 1, 2, 3)  # 0.25 -> 0, 4 -> 4
+    assert scaled_range(5, 19, 4) == (1,)  # 0.625 -> 1, 2.375 -> 2
+    assert scaled_range(9, 15, 24) == (7, 8, 9, 10)  # 6.75 -> 7, 11.25 -> 11
+    assert scaled_range(9, 15, 2) == (1,)  # 0.5625 -> 1, 0.9375 -> 1: kept one layer
+    assert PAI().layers_for(4) == (0, 1, 2, 3) and VAF().layers_for(32) == tuple(range(9, 15))
+    assert MiddleLayerBoost().layers_for(32) == tuple(range(5, 19))
+
+
+def test_selectors_resolve_spans_from_the_layout():
+    # row 0: [pad, bos, sys, img, img, q, q] + 2 generated; row 1: [bos, sys, sys, img, img, q, q] + 2 generated
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1, 1], [1] * 9]).bool()
+    layout = TokenLayout.from_spans([(3, 5), (3, 5)], 9, mask)
+    site = Site(layer=0, layout=layout, q_len=9, k_len=9, prompt_len=7)
+    from eah_interp.interventions.selectors import key_span, query_rows
+
+    assert key_span("system", site).int().tolist() == [[0, 1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0, 0]]
+    assert key_span("question", site).int().tolist() == [[0, 0, 0, 0, 0, 1, 1, 0, 0]] * 2
+    assert key_span("generated", site).int().tolist() == [[0, 0, 0, 0, 0, 0, 0, 1, 1]] * 2
+    assert key_span("text", site).int().tolist() == [[0, 0, 0, 0, 0, 1, 1, 1, 1]] * 2
+    assert query_rows("after_image", site).int().tolist() == [[0, 0, 0, 0, 0, 1, 1, 1, 1]] * 2
+    assert query_rows("last", site).int().tolist() == [[0] * 8 + [1]] * 2
+    decode = Site(layer=0, layout=layout, q_len=1, k_len=9, prompt_len=7)
+    assert query_rows("decode", decode).tolist() == [[True], [True]]
+    assert query_rows("decode", site).sum() == 0
+
+
+@pytest.mark.parametrize("item", [
+    PAI(alpha=0.3, layers=(1, 2)), MiddleLayerBoost(), VAF(image_scale=1.2, phase="prefill"),
+    Knockout(queries="question", keys="image", layers=(0,)), ADHH(heads=((1, 2),)), ADHH.llava15_7b(),
+    HeadScale(heads=((0, 1),), scale=2.0),
+    EAH.paper(threshold=0.01), VAR(dims=(3, 7), tau=15.0), VAR.llava15_7b(),
+])
+def test_interventions_round_trip_through_json_and_describe_themselves(item):
+    again = Intervention.from_json(item.to_json())
+    assert again == item and type(again) is type(item)
+    assert type(item).__name__ in item.describe() or "EAH" in type(item).__name__
+
+
+def test_bad_interventions_raise_errors_that_name_the_fix():
+    model = sharp_tiny_llava(seed=0)
+    with pytest.raises(ConfigError, match="alpha"):
+        PAI(alpha=-1)
+    with pytest.raises(ConfigError, match="phase"):
+        PAI(phase="sometimes")
+    with pytest.raises(ConfigError, match="keys"):
+        Knockout(keys="nothing")
+    with pytest.raises(ConfigError, match="Unknown intervention method"):
+        Intervention.from_dict({"method": "Magic"})
+    with pytest.raises(LayerIndexError, match="4 decoder layers.*layers=None"):
+        hf.intervene(model, [PAI(layers=(7,))])
+    with pytest.raises(IndexError, match="4 heads"):
+        hf.intervene(model, [HeadScale(heads=((0, 9),))])
+    with pytest.raises(TypeError, match="EAHConfig"):
+        hf.intervene(model, ["PAI"])
+    with pytest.raises(ConfigError, match="at least one"):
+        hf.intervene(model, [])
+
+
+def test_head_scale_from_head_stats_takes_the_top_heads():
+    model = sharp_tiny_llava(seed=0)
+    inputs = tiny_llava_inputs(model, prefix_lengths=(3,), seed=1)
+    stats = HeadStats(threshold=0.0)
+    with hf.record_attention(model, "all", stats=stats), torch.no_grad():
+        model(**inputs)
+    frame = stats.to_frame().sort_values("entropy_mean", ascending=False, kind="stable")
+    item = HeadScale.from_head_stats(stats, by="entropy", top=3, scale=0.5)
+    assert list(item.heads) == [(int(r.layer), int(r.head)) for r in frame.head(3).itertuples()]
+    assert item.scale == 0.5
+
+
+def test_intervene_stacks_with_record_attention_and_restores_everything(family):
+    model, inputs, _ = family
+    keys = set(AttentionInterface._global_mapping)
+    impl = model.config.get_text_config(decoder=True)._attn_implementation
+    stats = HeadStats(threshold=0.0)
+    with pytest.raises(RuntimeError, match="boom"):
+        with hf.record_attention(model, [1], stats=stats), hf.intervene(model, [Knockout(layers=(1,))]) as run:
+            prompt_logits(model, inputs)
+            raise RuntimeError("boom")
+    assert run.records and stats.n_examples(1) == 2
+    assert set(AttentionInterface._global_mapping) == keys
+    assert model.config.get_text_config(decoder=True)._attn_implementation == impl
+    assert hf.active_contexts(model) == [] and not model._forward_pre_hooks
+
+
+def test_knockout_of_the_image_blocks_all_image_attention_in_recorded_maps():
+    """Recorded after the edit: with the last row knocked out of image keys, its image mass is exactly 0."""
+    model = sharp_tiny_llava(seed=0)
+    inputs = tiny_llava_inputs(model, prefix_lengths=(3, 6), seed=1)
+    with hf.intervene(model, [Knockout(queries="text", keys="image", layers=(2,))]), hf.record_attention(
+        model, [2], keep_patterns=True
+    ) as rec:
+        prompt_logits(model, inputs)
+    probs = rec.patterns[2][0]
+    image = inputs["input_ids"] == TINY_IMAGE_TOKEN_ID
+    text_rows = torch.zeros_like(image)
+    for row in range(image.shape[0]):
+        end = max(j for j in range(image.shape[1]) if image[row, j]) + 1
+        text_rows[row, end:] = True
+    mass = (probs * image[:, None, None, :]).sum(-1)  # [b, h, q]
+    assert float(mass[text_rows[:, None, :].expand_as(mass)].abs().max()) == 0.0
+    assert math.isclose(float(probs[0, 0, -1].sum()), 1.0, rel_tol=1e-5)
+
+
+def test_massive_activation_sinks_by_hand():
+    from eah_interp.sinks import massive_activation_sinks, massive_dims
+
+    hidden = torch.ones(1, 3, 4)
+    hidden[0, 1, 2] = 40.0  # rms = sqrt((1 + 1 + 1600 + 1) / 4) = 20.02; 40 / 20.02 = 1.998
+    hidden[0, 2, 0] = -400.0  # rms = sqrt((160000 + 3) / 4) = 200.0; 400 / 200.0 = 2.0 (just under 2.0 + 1e-9)
+    flags = massive_activation_sinks(hidden, dims=(0, 2), tau=1.99)
+    assert flags.tolist() == [[False, True, True]]
+    assert massive_activation_sinks(hidden, dims=(1,), tau=1.0).tolist() == [[False, False, False]]
+    assert set(massive_dims(hidden, top=2)) == {0, 2}
+    with pytest.raises(ConfigError, match="massive_dims"):
+        massive_activation_sinks(hidden, dims=())
+    with pytest.raises(ConfigError, match="massive_dims"):
+        VAR()
+
+
+@pytest.mark.filterwarnings("ignore:Module .* has a submodule named 'output'")
+@pytest.mark.parametrize("case", ["PAI", "VAF", "HeadScale", "EAH+PAI", "Knockout-question"])
+def test_nnsight_intervene_equals_hf_intervene(case):
+    """The nnsight backend runs the same steps at the same sites: logits and records equal hf.intervene's
+    (which is checked against the loop-written reference above)."""
+    from nnsight import NNsight
+
+    import eah_interp.nnsight as ens
+
+    model = sharp_tiny_llava(seed=0)
+    inputs = tiny_llava_inputs(model, prefix_lengths=(3, 6), suffix_lengths=(5, 2), padding_side="left", seed=1)
+    items = CASES[case]
+    with hf.intervene(model, items) as run:
+        want = prompt_logits(model, inputs)
+    layout = TokenLayout.from_input_ids(inputs["input_ids"], TINY_IMAGE_TOKEN_ID, inputs["attention_mask"])
+    nn_model = NNsight(model)
+    with torch.no_grad(), nn_model.trace(**inputs, use_cache=False):
+        records = ens.intervene(nn_model, items, layout)
+        logits = nn_model.output.logits.save()
+    real = inputs["attention_mask"].bool()
+    assert torch.allclose(logits[real], want[real], atol=1e-5)
+    assert [(r.intervention, r.layer, r.changed) for r in records] == [
+        (r.intervention, r.layer, r.changed) for r in run.records
+    ]
+    with pytest.raises(hf.UnsupportedModelError, match="hidden states"):
+        with nn_model.trace(**inputs, use_cache=False):
+            ens.intervene(nn_model, [VAR(dims=(1,), layers=(1,))], layout)
+
+
+def test_compare_sink_definitions_counts_both_sink_kinds_by_hand():
+    """Per layer and row: EAH sinks (loop-written sink scores over the layer's map, a sink in any head)
+    and massive-activation sinks (hand RMS over the layer's input), and their overlap on image tokens."""
+    from tests.reference import explicit_sink_scores
+
+    model = sharp_tiny_llava(seed=0)
+    inputs = tiny_llava_inputs(model, prefix_lengths=(3, 6), suffix_lengths=(5, 2), padding_side="left", seed=1)
+    dims, tau, threshold = (27, 51), 2.8, 0.02
+    frame = hf.compare_sink_definitions(model, inputs, dims=dims, tau=tau, threshold=threshold, layers=[1])
+    hidden = {}
+    decoder = model.model.language_model.layers[1]
+    handle = decoder.register_forward_pre_hook(
+        lambda m, a, kw: hidden.__setitem__("h", kw.get("hidden_states", a[0] if a else None)), with_kwargs=True)
+    try:
+        with hf.record_attention(model, [1], keep_patterns=True) as rec, torch.no_grad():
+            model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    probs = rec.patterns[1][0]
+    for row in range(2):
+        real = inputs["attention_mask"][row].bool().tolist()
+        image = [j for j, t in enumerate(inputs["input_ids"][row].tolist()) if t == TINY_IMAGE_TOKEN_ID]
+        eah = set()
+        for head in range(probs.shape[1]):
+            scores = explicit_sink_scores(probs[row, head], image, real, "causal", real.index(True))
+            eah |= {j for j, v in scores.items() if v > threshold}
+        h = hidden["h"][row].double()
+        massive = set()
+        for j in image:
+            rms = math.sqrt(sum(float(x) ** 2 for x in h[j]) / h.shape[-1] + 1e-6)
+            if any(abs(float(h[j, d])) / rms > tau for d in dims):
+                massive.add(j)
+        got = frame[(frame.layer == 1) & (frame.row == row)].iloc[0]
+        assert (got.eah, got.massive, got.both) == (len(eah), len(massive), len(eah & massive))
+        assert got.jaccard == pytest.approx(len(eah & massive) / len(eah | massive))
+    assert frame.massive.sum() > 0 and frame.eah.sum() > 0
+
+
+def test_contrastive_logits_equal_a_hand_written_decoding_loop():
+    """PAI with its contrastive part: the processed scores at every step are gamma * (s - u) + u with s the
+    edited run's log-probabilities and u the plain text-only run's, cut below log(0.1) + max(s); here the
+    loop recomputes both runs from scratch at every step (no cache, no pausing)."""
+    model = sharp_tiny_llava(seed=0)
+    inputs = tiny_llava_inputs(model, prefix_lengths=(4,), seed=3)
+    ids = inputs["input_ids"]
+    text_only = ids[:, ids[0] != TINY_IMAGE_TOKEN_ID]
+    unconditional = {"input_ids": text_only, "attention_mask": torch.ones_like(text_only)}
+    items, gamma = [PAI(alpha=0.5, layers=(1, 2))], 2.0
+    processor = hf.ContrastiveLogits(model, unconditional, gamma=gamma)
+    with hf.intervene(model, items), torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, logits_processor=[processor],
+                             output_scores=True, return_dict_in_generate=True)
+    new = out.sequences[0, ids.shape[1]:].tolist()
+    tokens = []
+    for step in range(3):
+        grown = torch.tensor([tokens], dtype=ids.dtype).view(1, -1)
+        cond_inputs = {**inputs, "input_ids": torch.cat([ids, grown], 1),
+                       "attention_mask": torch.ones(1, ids.shape[1] + step, dtype=torch.long)}
+        with hf.intervene(model, items):
+            s = torch.log_softmax(prompt_logits(model, cond_inputs)[0, -1], -1)
+        u_ids = torch.cat([text_only, grown], 1)
+        with torch.no_grad():
+            u = torch.log_softmax(model(input_ids=u_ids, attention_mask=torch.ones_like(u_ids)).logits[0, -1], -1)
+        want = gamma * (s - u) + u
+        want[s < math.log(0.1) + float(s.max())] = -float("inf")
+        got = out.scores[step][0]
+        finite = torch.isfinite(want)
+        assert torch.equal(finite, torch.isfinite(got))
+        assert torch.allclose(got[finite], want[finite], atol=5e-4)  # gamma doubles cache-vs-no-cache rounding
+        tokens.append(int(want.argmax()))
+    assert new == tokens
+    assert hf.active_contexts(model) == []
+
+
+def test_decode_steps_of_sliding_window_layers_see_the_last_window_of_positions():
+    """Gemma 3's sliding layers keep only the last `sliding_window` keys at decode steps: the layout the
+    edits see is the last window of the sequence (counted here by hand from the prompt's image ids)."""
+    from eah_interp.models.tiny import tiny_gemma3
+
+    model, inputs = tiny_gemma3()
+    window, heads = model.config.text_config.sliding_window, model.config.text_config.num_attention_heads
+    assert model.config.text_config.layer_types[0] == "sliding_attention"
+    with hf.intervene(model, [PAI(layers=(0,))]) as run, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    decode = [r for r in run.records if r.q_len == 1]
+    prompt = inputs["input_ids"].shape[1]
+    assert len(decode) == 3 and all(r.k_len == window for r in decode)
+    for step, record in enumerate(decode):
+        total = prompt + step + 1  # the new token included
+        image_keys = sum(
+            1 for row in inputs["input_ids"].tolist() for j in range(total - window, min(total, prompt))
+            if row[j] == TINY_IMAGE_ID
+        )
+        assert record.changed == heads * image_keys, step
