@@ -370,7 +370,7 @@ def evaluate(
     generate_pope: Annotated[bool, typer.Option(
         "--generate-pope", help="ask POPE questions (random, popular, adversarial) generated from --coco-instances",
     )] = False,
-    n: Annotated[int | None, typer.Option(help="images (drawn with --seed; default: all, or 100 held-out scenes)")] = None,
+    n: Annotated[int | None, typer.Option("--n", "-n", help="images (drawn with --seed; default: all, or 100 held-out scenes)")] = None,
     seed: SeedOpt = 0,
     prompt: PromptOpt = None,
     max_new_tokens: Annotated[int, typer.Option(help="caption length budget (the CHAIR protocol of OPERA uses 512)")] = 30,
@@ -389,6 +389,11 @@ def evaluate(
     device: DeviceOpt = None,
     device_map: DeviceMapOpt = None,
     trust_remote_code: TrustOpt = False,
+    shard: Annotated[str | None, typer.Option(
+        help="i/N: evaluate only items i, i+N, ... into OUT/items.shard-i-of-N.jsonl (a separate job); rerun "
+             "without --shard to merge and report. Under torchrun or accelerate launch the ranks shard the data "
+             "by themselves and rank 0 merges.",
+    )] = None,
 ) -> None:
     """Baseline vs EAH (paper, reference) vs controls on any model and dataset: CHAIR, POPE per split, probe. Resumable.
 
@@ -397,8 +402,11 @@ def evaluate(
     or, with none of them, held-out synthetic scenes. Paired bootstrap CIs, permutation p-values and
     Holm-adjusted p-values across all arms x metrics.
     """
+    import dataclasses
+    import functools
     import warnings
 
+    from eah_interp import distributed
     from eah_interp.errors import ConfigError
     from eah_interp.evaluation import (
         default_conditions,
@@ -411,6 +419,10 @@ def evaluate(
 
     if chair_protocol not in (None, "reference", "strict", "both"):
         raise typer.BadParameter(f"--chair-protocol must be 'reference', 'strict' or 'both'; got {chair_protocol!r}.")
+    try:
+        part = distributed.Shard.resolve(shard)
+    except ConfigError as err:
+        raise typer.BadParameter(str(err), param_hint="--shard") from err
     dataset = _dataset(images=images, coco_instances=coco_instances, pope=pope, n=n, seed=seed, default_scenes=100,
                        generate_pope=generate_pope)
     console.print(f"[bold]data:[/] {dataset.describe()}")
@@ -429,9 +441,28 @@ def evaluate(
     if "pope" in chosen_tasks and not dataset.n_questions:
         console.print("[yellow]no yes/no questions in this dataset (pass --pope FILE, or --generate-pope with "
                       "--coco-instances): POPE is skipped.[/]")
+    run = functools.partial(run_experiment, bundle, conditions=arms, tasks=chosen_tasks, prompt=prompt,
+                            max_new_tokens=max_new_tokens, chair_protocol=chair_protocol, batch_size=batch_size)
     try:
-        items = run_experiment(bundle, dataset, out, conditions=arms, tasks=chosen_tasks, prompt=prompt,
-                               max_new_tokens=max_new_tokens, chair_protocol=chair_protocol, batch_size=batch_size)
+        if part.count > 1:  # this rank's or job's items, into its own results file
+            shard_items = tuple(part.select(dataset.items))
+            with distributed.process_group(part) as barrier:
+                done = run(dataclasses.replace(dataset, items=shard_items), out,
+                           items_file=distributed.items_path(out, part).name)
+                barrier()
+            if not (part.launched and part.index == 0):
+                hint = ("rank 0 merges" if part.launched else
+                        f"when all {part.count} shards are done, rerun this command without --shard: it merges them, "
+                        "runs anything missing and writes the report")
+                console.print(f"shard {part} done: {done} ({hint})")
+                return
+        # one process, or rank 0 after the barrier: take in every shard's results, finish what is missing
+        shard_files = sorted(out.glob("items.shard-*-of-*.jsonl"))
+        if shard_files:
+            present = [out / "items.jsonl"] if (out / "items.jsonl").exists() else []
+            distributed.merge_items(present + shard_files, out / "items.jsonl")
+            console.print(f"merged {len(shard_files)} shard result file(s) into {out / 'items.jsonl'}")
+        items = run(dataset, out)
     except ConfigError as err:
         raise typer.BadParameter(str(err)) from None
     summary = write_report(items, out, title=f"EAH on {bundle.name}: baseline vs EAH vs controls", n_resamples=bootstrap)

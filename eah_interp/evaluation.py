@@ -19,6 +19,7 @@ The runner knows nothing about where items come from.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -182,6 +183,7 @@ def run_experiment(
     chair_protocol: str | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    items_file: str = "items.jsonl",
 ) -> Path:
     """Run (or resume) the experiment on ``dataset``; returns the results file ``out/items.jsonl``.
 
@@ -193,7 +195,10 @@ def run_experiment(
         tasks: ``"caption"`` and/or ``"pope"``.
         prompt: the caption request (``bundle.prompt(prompt)``); default: the model's caption prompt.
         max_new_tokens: caption length budget.
-        chair_protocol: ``"reference"`` or ``"strict"`` (default: the dataset's), recorded in every caption.
+        chair_protocol: ``"reference"``, ``"strict"`` or ``"both"`` (default: the dataset's), recorded in every
+            caption.
+        items_file: the results file's name in ``out`` (a shard of a data-parallel run writes its own,
+            `eah_interp.distributed.items_path`; ``run.json`` is shared and written atomically).
 
     Raises:
         ConfigError: ``out`` holds results of a run with other settings (model, dataset, prompt,
@@ -221,7 +226,7 @@ def run_experiment(
     settings = _settings(bundle, dataset, caption_prompt, max_new_tokens, protocol)
     run_file = out / "run.json"
     arms = {c.name: c.to_dict() for c in conditions}
-    if run_file.exists() and (out / "items.jsonl").exists():
+    if run_file.exists() and (out / items_file).exists():
         saved_run = json.loads(run_file.read_text())
         saved = saved_run.get("settings", {})
         diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
@@ -239,12 +244,15 @@ def run_experiment(
                 "condition name: give the new configuration another name, or use another --out."
             )
         arms = {**before, **arms}
-    run_file.write_text(json.dumps({
+    # the ranks of a data-parallel run write this file at once: each through its own temporary file
+    tmp = run_file.with_name(f"{run_file.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({
         "settings": settings, "dataset": {"description": dataset.describe(), "source": dataset.source},
         "conditions": list(arms.values()),
         "tasks": list(tasks),
     }, indent=1, default=str))
-    store = _Store(out / "items.jsonl")
+    os.replace(tmp, run_file)
+    store = _Store(out / items_file)
     for cond in tqdm(conditions, desc="conditions", disable=not progress):
         if "caption" in tasks:
             _run_captions(bundle, dataset, cond, store, caption_prompt, max_new_tokens, protocol, batch_size, progress)

@@ -20,6 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from eah_interp import cli, distributed
+from eah_interp.data import scene_dataset
 from eah_interp.distributed import Shard, merge_items, merge_scan, read_checkpoint, read_items
 from eah_interp.errors import ConfigError
 from eah_interp.experiments import scan_images
@@ -28,8 +29,6 @@ from eah_interp.models import load_model
 
 def _scene_items(n: int) -> list:
     """``(name, loader)`` of the first ``n`` held-out scenes, as the CLI's scan names them."""
-    from eah_interp.data import scene_dataset
-
     return [(item.id, item.load_image) for item in scene_dataset(n)]
 
 
@@ -309,6 +308,74 @@ def test_accelerate_launch_two_processes_equal_one_process(tmp_path, names, refe
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert_same_frame(pd.read_csv(tmp_path / "head_stats.csv"), reference)
     assert done_of(tmp_path / distributed.SCAN_CHECKPOINT) == names
+
+
+# ---------------------------------------------------------------------------- data-parallel eval
+#: One item a batch, so that every result is computed alone whichever shard computes it.
+EVAL = ["eval", "--model", "tiny-llava", "-n", "3", "--condition", "eah_paper", "--beams", "1", "--max-new-tokens", "2",
+        "--bootstrap", "50", "--batch-size", "1"]
+
+
+def _results(path: Path) -> dict[tuple, dict]:
+    """The items of a results file by key, refusing duplicate keys."""
+    items, _ = read_items(path)
+    keyed = {distributed.item_key(item): item for item in items}
+    assert len(keyed) == len(items), "a result was written twice"
+    return keyed
+
+
+@pytest.fixture(scope="module")
+def one_process_eval(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("eval-one")
+    result = CliRunner().invoke(cli.app, [*EVAL, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _same_values(a: Path, b: Path) -> None:
+    """Same metric values in two reports (the CIs resample items in file order, which merging sorts)."""
+    want = pd.read_csv(a / "results.csv").set_index(["condition", "metric"])["value"]
+    got = pd.read_csv(b / "results.csv").set_index(["condition", "metric"])["value"]
+    pd.testing.assert_series_equal(got.sort_index(), want.sort_index())
+
+
+def test_eval_shard_jobs_then_a_plain_rerun_equal_one_process(tmp_path, one_process_eval):
+    out = tmp_path / "sharded"
+    for i in range(2):
+        result = CliRunner().invoke(cli.app, [*EVAL, "--out", str(out), "--shard", f"{i}/2"])
+        assert result.exit_code == 0, result.output
+        assert "rerun this command without --shard" in result.output
+    assert not (out / "items.jsonl").exists() and not (out / "report.md").exists()
+    shard0, shard1 = _results(out / "items.shard-0-of-2.jsonl"), _results(out / "items.shard-1-of-2.jsonl")
+    names = [item.id for item in scene_dataset(3)]  # held-out scenes: item i to shard i mod 2
+    assert {k[2] for k in shard0} == {names[0], names[2]} and {k[2] for k in shard1} == {names[1]}
+    generated = []
+    original = cli.__dict__.get("_load")
+
+    def counting_load(*args, **kwargs):
+        bundle = original(*args, **kwargs)
+        real = bundle.model.generate
+        bundle.model.generate = lambda *a, **k: generated.append(1) or real(*a, **k)
+        return bundle
+
+    cli._load = counting_load
+    try:
+        result = CliRunner().invoke(cli.app, [*EVAL, "--out", str(out)])
+    finally:
+        cli._load = original
+    assert result.exit_code == 0, result.output
+    assert "merged 2 shard result file(s)" in result.output
+    assert generated == []  # nothing recomputed: the plain rerun only merged and reported
+    assert _results(out / "items.jsonl") == _results(one_process_eval / "items.jsonl")
+    _same_values(one_process_eval, out)
+
+
+def test_torchrun_eval_equals_one_process(tmp_path, one_process_eval):
+    result = torchrun([*EVAL, "--out", str(tmp_path)])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert _results(tmp_path / "items.jsonl") == _results(one_process_eval / "items.jsonl")
+    _same_values(one_process_eval, tmp_path)
+    assert (tmp_path / "report.md").exists()
 
 
 # ---------------------------------------------------------------------------- nnsight remote execution
