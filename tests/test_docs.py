@@ -72,7 +72,9 @@ def _documented_docstrings(module: str, members: bool) -> list[tuple[str, str]]:
     found = [(module, ast.get_docstring(tree) or "")]
     if members:
         for node in tree.body:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+            if isinstance(
+                node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+            ) and not node.name.startswith("_"):
                 found.append((f"{module}.{node.name}", ast.get_docstring(node) or ""))
                 if isinstance(node, ast.ClassDef):
                     for sub in node.body:
@@ -111,7 +113,9 @@ def test_docstring_examples_render_as_code_blocks(site: Path) -> None:
                     checked += 1
                     if line not in code_lines:
                         missing.append(f"{md.name}: {name}: {line!r}")
-    assert checked >= 10, f"only {checked} example lines found in the documented docstrings: is the parser broken?"
+    assert checked >= 10, (
+        f"only {checked} example lines found in the documented docstrings: is the parser broken?"
+    )
     assert not missing, "example lines not rendered inside a code block:\n" + "\n".join(missing)
 
 
