@@ -33,3 +33,10 @@ class UnsupportedModelError(EAHError, TypeError):
 
 class AttentionImplementationError(EAHError, RuntimeError):
     """The model's attention implementation cannot expose (or accept) attention probabilities."""
+
+
+class FrameworkVersionError(EAHError, RuntimeError):
+    """An installed framework (transformers, nnsight, TransformerLens) lacks an internal eah-interp relies on.
+
+    The message names the supported version range (`eah_interp.compat.FLOORS`).
+    """

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable
@@ -40,10 +39,8 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from eah_interp import compat
 from eah_interp.chunked import chunked_attention
 from eah_interp.config import EAHConfig
 from eah_interp.edit import EditRecord, apply_eah_to_attention, apply_eah_to_probs, is_plain_copy, should_edit
@@ -115,10 +112,7 @@ def image_token_ids(model: nn.Module) -> tuple[int, ...]:
 
 def eager_function(module: nn.Module) -> Callable:
     """The model family's own ``eager_attention_forward`` for an attention module (Llama's as a fallback)."""
-    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-    if fn is None:
-        from transformers.models.llama.modeling_llama import eager_attention_forward as fn
-    return fn
+    return compat.family_eager_attention(module)
 
 
 def additive_mask(
@@ -244,7 +238,7 @@ class _AttentionOverride:
 
     # context ---------------------------------------------------------
     def __enter__(self):
-        previous = self.config._attn_implementation
+        previous = compat.attn_implementation(self.config)
         if previous is None:
             previous = "eager"
         if previous not in _COMPATIBLE and not str(previous).startswith("eah_interp."):
@@ -254,27 +248,22 @@ class _AttentionOverride:
                 "(model.set_attn_implementation('sdpa')) to use eah-interp."
             )
         self._previous_impl = previous
-        self._previous_fn = None if previous == "eager" else ALL_ATTENTION_FUNCTIONS[previous]
+        self._previous_fn = None if previous == "eager" else compat.attention_functions()[previous]
         with _names_lock:
             self._name = f"eah_interp.{self.kind}.{next(_names)}"
-        AttentionInterface.register(self._name, self._attention)
         # Layers that keep SDPA get SDPA's own mask (None for a causal prompt without padding, so SDPA
         # takes its fast causal path); the chosen layers convert it (`additive_mask`). A nested context
         # keeps the outer context's mask function.
-        mask_fn = {"sdpa": sdpa_mask, "eager": eager_mask}.get(previous) or AttentionMaskInterface._global_mapping.get(
-            previous, eager_mask
-        )
-        AttentionMaskInterface.register(self._name, mask_fn)
+        compat.register_attention(self._name, self._attention, compat.mask_function(previous))
         self._hook = self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         self._previous_generate = vars(self.model).get("generate", _MISSING)  # an outer context's wrapper
         self.model.generate = self._generate_wrapper(self.model.generate)
-        self.config._attn_implementation_internal = self._name
+        compat.set_attn_implementation_internal(self.config, self._name)
         return self
 
     def __exit__(self, *exc) -> None:
-        self.config._attn_implementation_internal = self._previous_impl
-        AttentionInterface._global_mapping.pop(self._name, None)
-        AttentionMaskInterface._global_mapping.pop(self._name, None)
+        compat.set_attn_implementation_internal(self.config, self._previous_impl)
+        compat.unregister_attention(self._name)
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
