@@ -56,6 +56,7 @@ __all__ = [
     "no_runtime_installs",
     "op_label",
     "placeholder_mask",
+    "preset_attn_implementation",
     "probability_op_label",
     "register_attention",
     "set_attn_implementation_internal",
@@ -162,6 +163,16 @@ def set_attn_implementation_internal(config: Any, name: str | None) -> None:
     an in-place swap of the text config's choice, undone on exit, needs the private field it reads.
     """
     config._attn_implementation_internal = name
+
+
+def preset_attn_implementation(config: Any, implementation: str | dict[str, str]) -> None:
+    """Choose attention implementations on a config before the model is built (per sub-config with a dict).
+
+    Args:
+        config: a model config.
+        implementation: a name, or ``{"text_config": ..., "vision_config": ..., "": <top level>}``.
+    """
+    config._attn_implementation = implementation
 
 
 def family_eager_attention(module: nn.Module) -> Callable:

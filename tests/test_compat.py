@@ -161,6 +161,14 @@ def test_transformers_config_attn_implementation_private_fields_select_the_layer
     assert compat.attn_implementation(model.config) == "sdpa"
 
 
+def test_transformers_config_attn_implementation_setter_takes_a_dict_per_sub_config():
+    """Setting ``config._attn_implementation`` to a dict before building chooses per sub-config."""
+    model = tiny_llava(attn_implementation="sdpa")  # built with compat.preset_attn_implementation
+    assert compat.attn_implementation(model.config.text_config) == "sdpa"
+    assert compat.attn_implementation(model.config.vision_config) == "eager"
+    assert model.model.language_model.layers[0].self_attn.config._attn_implementation == "sdpa"
+
+
 def test_transformers_family_module_defines_eager_attention_forward_as_softmax_qk_v():
     """Each family's modeling module has ``eager_attention_forward`` = softmax(Q K^T * scaling + mask) V."""
     from transformers.models.llama import modeling_llama
