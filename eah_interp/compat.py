@@ -108,18 +108,29 @@ def unsupported(distribution: str, what: str, cls: type[Exception] = FrameworkVe
     )
 
 
+@contextlib.contextmanager
+def _internal(distribution: str, what: str) -> Iterator[None]:
+    """Turn an ImportError / AttributeError raised by reaching a framework internal into an error naming the range."""
+    try:
+        yield
+    except (ImportError, AttributeError) as error:
+        raise unsupported(distribution, f"{what} is not available ({type(error).__name__}: {error})") from error
+
+
 # ---------------------------------------------------------------------------- transformers
 def _masking_utils() -> Any:
-    from transformers import masking_utils
+    with _internal("transformers", "transformers.masking_utils"):
+        from transformers import masking_utils
 
-    return masking_utils
+        return masking_utils
 
 
 def attention_functions() -> Any:
     """transformers' registry of attention functions by implementation name (``ALL_ATTENTION_FUNCTIONS``)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    with _internal("transformers", "transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS"):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    return ALL_ATTENTION_FUNCTIONS
+        return ALL_ATTENTION_FUNCTIONS
 
 
 def register_attention(name: str, attention: Callable, mask: Callable) -> None:
@@ -128,32 +139,38 @@ def register_attention(name: str, attention: Callable, mask: Callable) -> None:
     Without a mask registered under the same name transformers passes ``attention_mask=None`` (no causal
     mask), so the two are always registered together.
     """
-    from transformers import AttentionInterface
+    masking = _masking_utils()
+    with _internal("transformers", "AttentionInterface.register / AttentionMaskInterface.register"):
+        from transformers import AttentionInterface
 
-    AttentionInterface.register(name, attention)
-    _masking_utils().AttentionMaskInterface.register(name, mask)
+        AttentionInterface.register(name, attention)
+        masking.AttentionMaskInterface.register(name, mask)
 
 
 def unregister_attention(name: str) -> None:
     """Remove ``name`` from both registries (transformers has no public way to unregister)."""
-    from transformers import AttentionInterface
+    masking = _masking_utils()
+    with _internal("transformers", "AttentionInterface._global_mapping / AttentionMaskInterface._global_mapping"):
+        from transformers import AttentionInterface
 
-    AttentionInterface._global_mapping.pop(name, None)
-    _masking_utils().AttentionMaskInterface._global_mapping.pop(name, None)
+        AttentionInterface._global_mapping.pop(name, None)
+        masking.AttentionMaskInterface._global_mapping.pop(name, None)
 
 
 def mask_function(implementation: str) -> Callable:
     """The mask function layers of ``implementation`` receive: SDPA's or eager's own, a registered one, else eager's."""
     masking = _masking_utils()
-    builtin = {"sdpa": masking.sdpa_mask, "eager": masking.eager_mask}
-    if implementation in builtin:
-        return builtin[implementation]
-    return masking.AttentionMaskInterface._global_mapping.get(implementation, masking.eager_mask)
+    with _internal("transformers", "masking_utils.sdpa_mask / eager_mask / AttentionMaskInterface._global_mapping"):
+        builtin = {"sdpa": masking.sdpa_mask, "eager": masking.eager_mask}
+        if implementation in builtin:
+            return builtin[implementation]
+        return masking.AttentionMaskInterface._global_mapping.get(implementation, masking.eager_mask)
 
 
 def attn_implementation(config: Any) -> Any:
     """The attention implementation a (sub-)config selects: a name, or None before one was chosen."""
-    return config._attn_implementation
+    with _internal("transformers", f"{type(config).__name__}._attn_implementation"):
+        return config._attn_implementation
 
 
 def set_attn_implementation_internal(config: Any, name: str | None) -> None:
@@ -194,9 +211,10 @@ def family_eager_attention(module: nn.Module) -> Callable:
 
 def causal_lm_class(text_config: Any) -> type | None:
     """The ``*ForCausalLM`` class ``AutoModelForCausalLM`` maps a text config's class to (None if unmapped)."""
-    from transformers import AutoModelForCausalLM
+    with _internal("transformers", "AutoModelForCausalLM._model_mapping"):
+        from transformers import AutoModelForCausalLM
 
-    mapping = AutoModelForCausalLM._model_mapping
+        mapping = AutoModelForCausalLM._model_mapping
     return mapping[type(text_config)] if type(text_config) in mapping else None
 
 
@@ -288,7 +306,8 @@ def envoy_of(nn_model: Any, module: nn.Module) -> Any | None:
 
 def drilled_function(nn_model: Any, call: Any) -> Callable | None:
     """The function this trace runs for an op already drilled into with ``.source`` (None if not yet)."""
-    entry = nn_model.interleaver.sourced.get(call.path)
+    with _internal("nnsight", "the interleaver's record of drilled calls (nn_model.interleaver.sourced)"):
+        entry = nn_model.interleaver.sourced.get(call.path)
     return None if entry is None else entry[0]
 
 
@@ -321,12 +340,14 @@ def bridge_class() -> type:
 
 def bridge_shape(bridge: Any) -> tuple[int, int]:
     """``(blocks, heads)`` of a bridge."""
-    return bridge.cfg.n_layers, bridge.cfg.n_heads
+    with _internal("transformer-lens", "bridge.cfg.n_layers / n_heads"):
+        return bridge.cfg.n_layers, bridge.cfg.n_heads
 
 
 def bridge_hook_names(bridge: Any) -> list[str]:
     """Every hook name of a bridge."""
-    return list(bridge.hook_dict)
+    with _internal("transformer-lens", "bridge.hook_dict"):
+        return list(bridge.hook_dict)
 
 
 def is_missing_bridge_adapter(error: BaseException) -> bool:

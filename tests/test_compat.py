@@ -63,6 +63,21 @@ def test_framework_version_error_names_the_supported_range():
     assert "has no eager_mask" in message and "pip install" in message
 
 
+def test_a_missing_internal_raises_an_error_naming_the_supported_range(monkeypatch):
+    """A release without an internal compat reaches fails at run time with the range, not an AttributeError."""
+    from transformers import masking_utils
+
+    monkeypatch.delattr(masking_utils, "sdpa_mask")
+    with pytest.raises(FrameworkVersionError, match=rf"sdpa_mask.*transformers>={re.escape(compat.FLOORS['transformers'])} \(installed: "):
+        compat.mask_function("sdpa")
+
+    class Config:  # a config class without transformers' private field
+        pass
+
+    with pytest.raises(FrameworkVersionError, match=r"Config\._attn_implementation is not available"):
+        compat.attn_implementation(Config())
+
+
 # ---------------------------------------------------------------------------- transformers
 def test_transformers_attention_and_mask_registries_register_and_unregister_by_name():
     """``AttentionInterface`` / ``AttentionMaskInterface`` take a name; ``_global_mapping`` holds it until removed."""
