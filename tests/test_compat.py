@@ -78,6 +78,41 @@ def test_a_missing_internal_raises_an_error_naming_the_supported_range(monkeypat
         compat.attn_implementation(Config())
 
 
+_PRIVATE_ATTRIBUTES = {
+    "_global_mapping", "_attn_implementation", "_attn_implementation_internal", "_model_mapping",  # transformers
+    "interleaver", "sourced", "_module",  # nnsight
+    "hook_dict", "cfg", "_ensure_torchvision",  # TransformerLens
+}
+_INTERNAL_MODULES = {
+    "transformers.masking_utils", "transformers.configuration_utils", "transformers.modeling_utils",
+    "transformer_lens.model_bridge", "transformer_lens.model_bridge.sources.transformers",
+}
+_INTERNAL_NAMES = {
+    "SubConfigSpec", "ALL_ATTENTION_FUNCTIONS", "AttentionInterface", "AttentionMaskInterface", "eager_mask",
+    "sdpa_mask", "eager_attention_forward", "TransformerBridge",
+}
+
+
+def test_framework_internals_are_reached_only_through_compat():
+    """No module but eah_interp/compat.py touches a framework internal (code only: docstrings may name them)."""
+    import ast
+
+    found = []
+    for path in sorted((ROOT / "eah_interp").rglob("*.py")):
+        if path.name == "compat.py" and path.parent.name == "eah_interp":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Attribute) and node.attr in _PRIVATE_ATTRIBUTES:
+                found.append(f"{where} .{node.attr}")
+            elif isinstance(node, ast.ImportFrom) and node.module and (
+                node.module in _INTERNAL_MODULES or node.module.startswith("transformers.models.")
+                or any(alias.name in _INTERNAL_NAMES for alias in node.names)
+            ):
+                found.append(f"{where} from {node.module} import {', '.join(a.name for a in node.names)}")
+    assert not found, "framework internals outside eah_interp/compat.py (route them through it):\n" + "\n".join(found)
+
+
 # ---------------------------------------------------------------------------- transformers
 def test_transformers_attention_and_mask_registries_register_and_unregister_by_name():
     """``AttentionInterface`` / ``AttentionMaskInterface`` take a name; ``_global_mapping`` holds it until removed."""
