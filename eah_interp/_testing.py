@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from eah_interp import compat
+
 TINY_IMAGE_TOKEN_ID = 120
 TINY_PAD_ID = 0
 TINY_BOS_ID = 1
@@ -62,7 +64,9 @@ def tiny_llava(
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
-    config._attn_implementation = {"text_config": attn_implementation, "vision_config": "eager", "": attn_implementation}
+    compat.preset_attn_implementation(
+        config, {"text_config": attn_implementation, "vision_config": "eager", "": attn_implementation}
+    )
     model = LlavaForConditionalGeneration(config).to(dtype).eval()
     model.generation_config.pad_token_id = TINY_PAD_ID
     return model

@@ -41,3 +41,10 @@ class ModelLoadError(EAHError, ValueError):
 
 class DataFormatError(EAHError, ValueError):
     """A dataset file (COCO instances, POPE questions) or image folder is missing or malformed."""
+
+
+class FrameworkVersionError(EAHError, RuntimeError):
+    """An installed framework (transformers, nnsight, TransformerLens) lacks an internal eah-interp relies on.
+
+    The message names the supported version range (`eah_interp.compat.FLOORS`).
+    """

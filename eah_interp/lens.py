@@ -34,9 +34,7 @@ recognise it: boot a model you no longer need in its HF form, or pass ``copy=Tru
 
 from __future__ import annotations
 
-import contextlib
 import copy as copy_module
-import inspect
 import tempfile
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -45,6 +43,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from eah_interp import compat
 from eah_interp.config import EAHConfig
 from eah_interp.edit import EditRecord, apply_eah_to_probs, should_edit
 from eah_interp.errors import LayerIndexError, LayoutError, UnsupportedModelError
@@ -67,29 +66,10 @@ __all__ = [
 
 def pattern_hook_name(layer: int) -> str:
     """The TransformerLens name of a layer's post-softmax attention pattern ``[batch, heads, q, k]``."""
-    return f"blocks.{layer}.attn.hook_pattern"
+    return compat.lens_hook_name("pattern", layer)
 
 
 # ---------------------------------------------------------------------------- booting
-@contextlib.contextmanager
-def _no_runtime_installs():
-    """Stop TransformerLens from ``pip install``-ing torchvision while booting a multimodal model."""
-    try:
-        from transformer_lens.model_bridge.sources.transformers import helpers
-    except ImportError:  # other TransformerLens layouts have no such step
-        yield
-        return
-    original = getattr(helpers, "_ensure_torchvision", None)
-    if original is None:
-        yield
-        return
-    helpers._ensure_torchvision = lambda: False
-    try:
-        yield
-    finally:
-        helpers._ensure_torchvision = original
-
-
 def _placeholder_tokenizer(vocab_size: int):
     """A word-level tokenizer ``t0 .. t{n-1}`` for models shipped without one (e.g. tiny random ones)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -114,18 +94,16 @@ def language_model_as_causal_lm(hf_model: Any) -> Any:
         A causal LM (the class `AutoModelForCausalLM` maps the text config to) whose decoder and head are
         the LVLM's own modules.
     """
-    from transformers import AutoModelForCausalLM
-
     from eah_interp.models.adapters import adapter_for
 
     adapter = adapter_for(hf_model)
     decoder, head = adapter.decoder(hf_model), adapter.head(hf_model)
     text_config = hf_model.config.get_text_config(decoder=True)
-    mapping = AutoModelForCausalLM._model_mapping
-    if type(text_config) not in mapping:
+    lm_class = compat.causal_lm_class(text_config)
+    if lm_class is None:
         raise UnsupportedModelError(f"No causal-LM class for {type(text_config).__name__} in transformers' auto mapping.")
     with torch.device("meta"):  # no weights allocated: both children are replaced below
-        lm = mapping[type(text_config)](text_config)
+        lm = lm_class(text_config)
     lm.model = decoder
     lm.lm_head = head
     lm.config.architectures = [type(lm).__name__]
@@ -153,12 +131,7 @@ def boot_bridge(
         The `TransformerBridge`. Unless ``copy``, it shares and rewires ``hf_model``'s modules and
         switches it to eager attention.
     """
-    try:
-        from transformer_lens.model_bridge import TransformerBridge
-    except ImportError as error:  # pragma: no cover - depends on the installed version
-        raise UnsupportedModelError(
-            "eah_interp.lens needs TransformerLens >= 4 (transformer_lens.model_bridge.TransformerBridge)."
-        ) from error
+    TransformerBridge = compat.bridge_class()
     from transformers import AutoTokenizer
 
     model = copy_module.deepcopy(hf_model) if copy else hf_model
@@ -171,13 +144,13 @@ def boot_bridge(
         config.save_pretrained(folder)
         tok = tokenizer if tokenizer is not None else _placeholder_tokenizer(config.get_text_config().vocab_size)
         tok.save_pretrained(folder)
-        with _no_runtime_installs():
+        with compat.no_runtime_installs():
             try:
                 return TransformerBridge.boot_transformers(
                     folder, hf_model=model, tokenizer=AutoTokenizer.from_pretrained(folder), device=device
                 )
             except ValueError as error:
-                if "supported architecture" not in str(error):
+                if not compat.is_missing_bridge_adapter(error):
                     raise
                 raise UnsupportedModelError(
                     f"TransformerLens has no bridge adapter for {config.architectures}. Wrap the language model "
@@ -216,25 +189,22 @@ def multimodal_embeds(
     if isinstance(features, (list, tuple)):
         features = torch.cat(list(features), dim=0)
     features = features.to(embeds.device, embeds.dtype)
-    if "image_features" in inspect.signature(inner.get_placeholder_mask).parameters:
-        mask = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=features)
-    else:  # InstructBLIP
-        mask = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds)
-    return embeds.masked_scatter(mask, features)
+    return embeds.masked_scatter(compat.placeholder_mask(inner, input_ids, embeds, features), features)
 
 
 # ---------------------------------------------------------------------------- hooks
 def _check_layers(bridge: Any, layers: Iterable[int]) -> list[int]:
-    n_layers = bridge.cfg.n_layers
+    n_layers, _ = compat.bridge_shape(bridge)
     chosen = sorted({int(x) for x in layers})
     bad = [x for x in chosen if not 0 <= x < n_layers]
     if bad:
         raise LayerIndexError(f"Layers {bad} out of range: the bridge has {n_layers} blocks.")
-    missing = [pattern_hook_name(x) for x in chosen if pattern_hook_name(x) not in bridge.hook_dict]
+    hook_names = compat.bridge_hook_names(bridge)
+    missing = [pattern_hook_name(x) for x in chosen if pattern_hook_name(x) not in hook_names]
     if missing:
         raise UnsupportedModelError(
             f"The bridge has no hook {missing[0]!r}; pattern hooks available: "
-            f"{[n for n in bridge.hook_dict if n.endswith('attn.hook_pattern')][:8]} ..."
+            f"{[n for n in hook_names if n.endswith('attn.hook_pattern')][:8]} ..."
         )
     return chosen
 
@@ -258,7 +228,7 @@ def eah_hooks(
     """
     if not isinstance(config, EAHConfig):
         raise TypeError(f"config must be an EAHConfig; got {type(config).__name__}.")
-    config.validate_for(bridge.cfg.n_layers, bridge.cfg.n_heads)
+    config.validate_for(*compat.bridge_shape(bridge))
     _check_layers(bridge, config.layers)
 
     def make(layer: int):

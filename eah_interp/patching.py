@@ -46,6 +46,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from eah_interp import compat
 from eah_interp.config import EAHConfig
 from eah_interp.errors import ConfigError, HeadIndexError, LayerIndexError, LayoutError, UnsupportedModelError
 from eah_interp.layout import TokenLayout
@@ -323,12 +324,7 @@ def _first(value: Any) -> Tensor:
     return value[0] if isinstance(value, tuple) else value
 
 
-_LENS_HOOKS = {
-    "attn_out": "blocks.{}.hook_attn_out",
-    "mlp_out": "blocks.{}.hook_mlp_out",
-    "resid": "blocks.{}.hook_resid_post",
-    "head": "blocks.{}.attn.hook_z",
-}
+_LENS_HOOKS = {site: compat.LENS_HOOKS[site] for site in ("attn_out", "mlp_out", "resid", "head")}
 
 
 @dataclass
@@ -350,11 +346,11 @@ class LensPatcher:
     _donors: dict[bool, dict[tuple[str, int], Tensor]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        cfg = self.bridge.cfg
-        self.n_layers, self.n_heads = cfg.n_layers, cfg.n_heads
+        self.n_layers, self.n_heads = compat.bridge_shape(self.bridge)
         self.config.validate_for(self.n_layers, self.n_heads)
         self.layout = _default_layout(self.bridge.original_model, self.inputs, self.layout)
-        missing = [n.format(0) for n in _LENS_HOOKS.values() if n.format(0) not in self.bridge.hook_dict]
+        hook_names = compat.bridge_hook_names(self.bridge)
+        missing = [n.format(0) for n in _LENS_HOOKS.values() if n.format(0) not in hook_names]
         if missing:
             raise UnsupportedModelError(
                 f"The bridge has no hook(s) {missing}; patching needs {list(_LENS_HOOKS.values())}."

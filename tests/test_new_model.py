@@ -72,9 +72,9 @@ def test_check_model_catches_a_wrong_layout(registry):
 def test_check_model_catches_a_broken_mask(registry, monkeypatch):
     """If the registered attention mask were wrong (here: none), the recording check fails loudly."""
     model, inputs = tiny_mistral3()
-    import eah_interp.dispatch as dispatch_module  # registers the mask function of every hf context
+    from transformers import masking_utils
 
-    monkeypatch.setattr(dispatch_module.AttentionMaskInterface, "register", lambda *a, **k: None)
+    monkeypatch.setattr(masking_utils.AttentionMaskInterface, "register", lambda *a, **k: None)
     report = check_model(model, inputs)
     assert not report.ok and "recorded probabilities differ" in str(report)
 

@@ -25,6 +25,7 @@ from typing import IO, Any
 
 from torch import Tensor, nn
 
+from eah_interp import compat
 from eah_interp.errors import UnsupportedModelError
 from eah_interp.layout import TokenLayout
 from eah_interp.models.introspect import attention_modules, model_shape, text_config
@@ -369,7 +370,7 @@ def describe(model: nn.Module, inputs: Mapping[str, Any] | None = None, *, file:
         n_heads=n_heads,
         n_kv_heads=n_kv,
         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads,
-        attn_implementation=str(cfg._attn_implementation),
+        attn_implementation=str(compat.attn_implementation(cfg)),
         attention_layers=sorted(modules),
         visual_token_ids=adapter.visual_token_ids(model),
         layout=layout,

@@ -224,8 +224,8 @@ def load_model(
     torch_dtype = _resolve_dtype(dtype)
     if (device_map is not None or offload_folder is not None or max_memory is not None) and find_spec("accelerate") is None:
         raise ModelLoadError(
-            "device_map, offload_folder and max_memory need accelerate; install it with "
-            "pip install 'eah-interp[devices]' (or pip install accelerate)."
+            "device_map, offload_folder and max_memory need accelerate (a dependency of transformer-lens, "
+            "missing here): pip install accelerate."
         )
     name = str(name_or_path)
     if name in REGISTRY:

@@ -18,7 +18,6 @@ from transformers import (
     PreTrainedConfig,
     PreTrainedModel,
 )
-from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from eah_interp.models.organism.vision import FEATURE_DIM, IMAGE_SIZE, EfficientNetLite0
@@ -74,16 +73,20 @@ class OrganismConfig(LlavaConfig):
     """LLaVA config with an EfficientNet-Lite0 vision config and SmolLM2 (Llama) text config."""
 
     model_type = ORGANISM_MODEL_TYPE
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type=VISION_MODEL_TYPE),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
-    }
     image_token_index: int = IMAGE_TOKEN_ID
     image_seq_length: int = NUM_IMAGE_TOKENS
     vision_feature_select_strategy: str = "full"
     vision_feature_layer: int = -1
     projector_hidden_act: str = "gelu"
     tie_word_embeddings: bool = True
+
+    def __post_init__(self, **kwargs):
+        # Without a vision config LLaVA's default is CLIP; the organism's is EfficientNet-Lite0 (the text
+        # config's default, Llama, is LLaVA's own). Written with the public dataclass hook rather than
+        # transformers' private `SubConfigSpec` (absent before 5.20).
+        if self.vision_config is None:
+            self.vision_config = {"model_type": VISION_MODEL_TYPE}
+        super().__post_init__(**kwargs)
 
 
 class OrganismForConditionalGeneration(LlavaForConditionalGeneration):
