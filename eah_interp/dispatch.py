@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,10 +29,8 @@ from typing import Any, Protocol
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from eah_interp import compat
 from eah_interp.chunked import AttentionSums, chunked_attention
 from eah_interp.errors import AttentionImplementationError, UnsupportedModelError
 from eah_interp.layout import TokenLayout
@@ -48,10 +45,7 @@ COMPATIBLE = ("eager", "sdpa")
 # ---------------------------------------------------------------------------- the family's eager attention
 def eager_function(module: nn.Module) -> Callable:
     """The model family's own ``eager_attention_forward`` for an attention module (Llama's as a fallback)."""
-    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-    if fn is None:
-        from transformers.models.llama.modeling_llama import eager_attention_forward as fn
-    return fn
+    return compat.family_eager_attention(module)
 
 
 def additive_mask(
@@ -336,26 +330,21 @@ class _Dispatcher:
     def __init__(self, config: Any, previous: str) -> None:
         self.config = config
         self.previous = previous
-        self.previous_fn: Callable | None = None if previous == "eager" else ALL_ATTENTION_FUNCTIONS[previous]
+        self.previous_fn: Callable | None = None if previous == "eager" else compat.attention_functions()[previous]
         with _names_lock:
             self.name = f"eah_interp.dispatch.{next(_names)}"
         self.stack: list[Context] = []
         self.paused = 0  # > 0 inside `paused(model)`: every layer runs the model's own attention
 
     def install(self) -> None:
-        AttentionInterface.register(self.name, self.attention)
         # Layers that keep SDPA get SDPA's own mask (None for a causal prompt without padding, so SDPA
         # takes its fast causal path); the edited layers convert it (`additive_mask`).
-        mask_fn = {"sdpa": sdpa_mask, "eager": eager_mask}.get(self.previous) or AttentionMaskInterface._global_mapping.get(
-            self.previous, eager_mask
-        )
-        AttentionMaskInterface.register(self.name, mask_fn)
-        self.config._attn_implementation_internal = self.name
+        compat.register_attention(self.name, self.attention, compat.mask_function(self.previous))
+        compat.set_attn_implementation_internal(self.config, self.name)
 
     def uninstall(self) -> None:
-        self.config._attn_implementation_internal = self.previous
-        AttentionInterface._global_mapping.pop(self.name, None)
-        AttentionMaskInterface._global_mapping.pop(self.name, None)
+        compat.set_attn_implementation_internal(self.config, self.previous)
+        compat.unregister_attention(self.name)
 
     def attention(self, module, query, key, value, attention_mask, **kwargs):
         layer = getattr(module, "layer_idx", None)
@@ -386,7 +375,7 @@ def push(context: Context) -> None:
     with _dispatch_lock:
         dispatcher = _DISPATCHERS.get(id(context.config))
         if dispatcher is None:
-            previous = context.config._attn_implementation or "eager"
+            previous = compat.attn_implementation(context.config) or "eager"
             if str(previous).startswith("eah_interp."):
                 raise AttentionImplementationError(
                     f"The language model's attn_implementation is {previous!r}, an eah-interp dispatcher that is "

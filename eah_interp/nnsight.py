@@ -56,7 +56,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from eah_interp import dispatch, hf
+from eah_interp import compat, dispatch, hf
 from eah_interp.config import EAHConfig
 from eah_interp.edit import EditRecord, apply_eah_to_probs, should_edit
 from eah_interp.errors import (
@@ -91,8 +91,8 @@ def hf_model(nn_model: Any) -> nn.Module:
     """The HF model an nnsight model wraps (``NNsight``, ``TransformersModel``); a torch module is returned as is."""
     if isinstance(nn_model, nn.Module):
         return nn_model
-    module = getattr(nn_model, "_module", None)
-    if not isinstance(module, nn.Module):
+    module = compat.wrapped_module(nn_model)
+    if module is None:
         raise UnsupportedModelError(
             f"{type(nn_model).__name__} is not an nnsight model (no wrapped torch module): wrap the HF model with "
             "nnsight.NNsight(hf_model)."
@@ -109,32 +109,10 @@ def self_attn(nn_model: Any, layer: int) -> Any:
             f"{min(modules)}..{max(modules)}."
         )
     target = modules[layer]
-    for envoy in nn_model.modules(include_fn=lambda e: e._module is target):
+    envoy = compat.envoy_of(nn_model, target)
+    if envoy is not None:
         return envoy
     raise UnsupportedModelError(f"The attention module of layer {layer} is not in {type(nn_model).__name__}'s envoy tree.")
-
-
-def _op_name(source: Any, prefix: str, *, what: str, last: bool = True) -> str:
-    """The label of an op whose name starts with ``prefix`` (the last or first occurrence), or a clear error."""
-    names = [n for n in source.names if n.startswith(prefix) and n[len(prefix) :].isdigit()]
-    if not names:
-        raise AttentionImplementationError(
-            f"Cannot find {what} (an op named {prefix}<n>) in {source.prefix!r}; available ops: "
-            f"{', '.join(source.names) or '(none)'}. eah_interp.nnsight supports attention modules that pick their "
-            "function with `attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(...)` (transformers 5)."
-        )
-    return names[-1] if last else names[0]
-
-
-def _probability_op(source: Any) -> str:
-    """The dropout op of an eager attention function (the probabilities right before ``@ V``)."""
-    names = [n for n in source.names if "dropout" in n]
-    if not names:
-        raise AttentionImplementationError(
-            f"The eager attention function at {source.prefix!r} has no dropout op to read probabilities from; "
-            f"available ops: {', '.join(source.names)}."
-        )
-    return names[0]
 
 
 def eager_attention_probs(nn_model: Any, layer: int) -> Any:
@@ -157,26 +135,27 @@ def eager_attention_probs(nn_model: Any, layer: int) -> Any:
         ...     op.output = op.output.flip(1)   # swap the heads' maps
     """
     source = self_attn(nn_model, layer).source
-    call = source.node(_op_name(source, "attention_interface_", what="the attention function call"))
-    interleaver = nn_model.interleaver
-    entry = interleaver.sourced.get(call.path)
-    if entry is None:  # this run has not drilled into the call yet: swap in eager_attention first
-        binding = _op_name(source, "attention_interface_", what="the attention function binding", last=False)
+    call = source.node(compat.op_label(source, compat.ATTENTION_CALL_PREFIX, what="the attention function call"))
+    drilled = compat.drilled_function(nn_model, call)
+    if drilled is None:  # this run has not drilled into the call yet: swap in eager_attention first
+        binding = compat.op_label(
+            source, compat.ATTENTION_CALL_PREFIX, what="the attention function binding", last=False
+        )
         if binding == call.name:
             raise AttentionImplementationError(
                 f"{source.prefix!r} calls attention_interface without binding it in forward; available ops: "
                 f"{', '.join(source.names)}."
             )
         source.node(binding).output = eager_attention
-    elif getattr(entry[0], "__qualname__", None) != eager_attention.__qualname__:
+    elif getattr(drilled, "__qualname__", None) != eager_attention.__qualname__:
         raise AttentionImplementationError(
             f"Layer {layer}'s attention call was already drilled into ({call.path}.source) with "
-            f"{getattr(entry[0], '__qualname__', entry[0])!r} in this trace, so its probabilities cannot be exposed. "
+            f"{getattr(drilled, '__qualname__', drilled)!r} in this trace, so its probabilities cannot be exposed. "
             "Call eah_interp.nnsight functions for a layer before reading `.source` of its attention call yourself."
         )
     inner = call.source
-    family = inner.node(_op_name(inner, "family_", what="the family's eager attention call")).source
-    return family.node(_probability_op(family))
+    family = inner.node(compat.op_label(inner, "family_", what="the family's eager attention call")).source
+    return family.node(compat.probability_op_label(family))
 
 
 def attention_probs(nn_model: Any, layer: int) -> Float[Tensor, "batch heads q k"]:
@@ -275,8 +254,6 @@ def intervene(nn_model: Any, interventions: Any, layout: TokenLayout) -> list:
     Returns:
         A list (saved, so it survives the trace) receiving one `InterventionRecord` per edit made.
     """
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     model = hf_model(nn_model)
     items = hf.as_interventions(interventions)
     n_layers, n_heads, _ = hf.model_shape(model)
@@ -288,8 +265,8 @@ def intervene(nn_model: Any, interventions: Any, layout: TokenLayout) -> list:
                 "not provide them yet. Use eah_interp.hf.intervene."
             )
     layers = sorted({layer for item in items for layer in (item.layers if isinstance(item, EAHConfig) else item.layers_for(n_layers))})
-    implementation = hf.text_config(model)._attn_implementation or "eager"
-    fallback = None if implementation == "eager" else ALL_ATTENTION_FUNCTIONS.get(implementation)
+    implementation = compat.attn_implementation(hf.text_config(model)) or "eager"
+    fallback = None if implementation == "eager" else compat.attention_functions().get(implementation)
     records: list = _save([])
 
     def attention(module, query, key, value, attention_mask, **kwargs):
@@ -303,8 +280,9 @@ def intervene(nn_model: Any, interventions: Any, layout: TokenLayout) -> list:
 
     for layer in layers:
         source = self_attn(nn_model, layer).source
-        binding = _op_name(source, "attention_interface_", what="the attention function binding", last=False)
-        call_name = _op_name(source, "attention_interface_", what="the attention function call")
+        binding = compat.op_label(source, compat.ATTENTION_CALL_PREFIX, what="the attention function binding",
+                                  last=False)
+        call_name = compat.op_label(source, compat.ATTENTION_CALL_PREFIX, what="the attention function call")
         if binding == call_name:
             raise AttentionImplementationError(
                 f"{source.prefix!r} calls attention_interface without binding it in forward; available ops: "

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from eah_interp import compat
 from eah_interp.config import EAHConfig
 from eah_interp.models.adapters import adapter_for
 from eah_interp.models.introspect import text_config
@@ -166,7 +167,7 @@ def check_model(
     prob_error = per_layer[worst]
     logit_error = float((recorded_logits - reference.logits)[mask].abs().max())
     identity_error = float((edited - reference.logits)[mask].abs().max())
-    implementation = str(text_config(model)._attn_implementation)
+    implementation = str(compat.attn_implementation(text_config(model)))
     loaded = "SDPA" if implementation == "sdpa" else f"{implementation} (as loaded)"
     how = f"tolerance {{:.1e}} for {dtype_name}" + (" (fixed atol)" if atol is not None else f"; {loaded} vs eager differ by {floor:.1e}")
     if prob_error > prob_atol:
