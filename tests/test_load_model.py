@@ -254,7 +254,10 @@ def test_template_without_image_is_an_error(llava_checkpoint, tmp_path):
         "{% for m in messages %}USER: {% for p in m['content'] %}{% if p['type'] == 'text' %}{{ p['text'] }}{% endif %}"
         "{% endfor %}{% endfor %} ASSISTANT:"
     )
-    with pytest.raises(ModelLoadError, match="processor failed on a caption prompt with one image .*0 <image> tokens"):
+    # newer processors refuse the prompt themselves (5.24: "0 <image> tokens"); older ones (5.21) return a prompt
+    # without the image token: either way load_model names the problem
+    with pytest.raises(ModelLoadError, match=r"processor failed on a caption prompt with one image .*0 <image> tokens"
+                                             r"|the caption prompt .* holds no image token \[49152\] after the processor"):
         load_model(folder)
 
 
