@@ -6,7 +6,9 @@ exception handler runs), at its ``k``-th call of:
 * ``layer``: `HeadStats.update_from_stats` (one call per layer of a forward: ``k`` not a multiple of the
   layer count is the middle of a batch);
 * ``replace``: ``os.replace`` in `eah_interp.stats._atomic_write`, i.e. after a checkpoint's temporary
-  file is written and before it replaces the checkpoint.
+  file is written and before it replaces the checkpoint;
+* ``generate``: `eah_interp.experiments.generate_texts` as the evaluation runner calls it (one batch of
+  captions), i.e. in the middle of an ``eval`` run.
 
 Usage: ``torchrun --nproc_per_node 2 tests/distributed_worker.py scan --model tiny-llava ...``.
 """
@@ -53,6 +55,16 @@ def _install_fault(spec: str) -> None:
                 real_replace(src, dst)
 
         stats_module.os = _Os()  # type: ignore[assignment]
+    elif where == "generate":
+        import eah_interp.evaluation as evaluation
+
+        original_generate = evaluation.generate_texts
+
+        def generate(*args, **kwargs):
+            hit()
+            return original_generate(*args, **kwargs)
+
+        evaluation.generate_texts = generate  # type: ignore[assignment]
     else:
         raise ValueError(f"unknown fault site {where!r}")
 

@@ -378,6 +378,19 @@ def test_torchrun_eval_equals_one_process(tmp_path, one_process_eval):
     assert (tmp_path / "report.md").exists()
 
 
+def test_sigkill_of_one_eval_rank_then_rerun_equals_one_process(tmp_path, one_process_eval):
+    # run 1: rank 1 is SIGKILLed when it starts its second caption batch (its first item's captions are kept)
+    killed = torchrun([*EVAL, "--out", str(tmp_path)], worker=True, EAH_TEST_FAULT="1:generate:2")
+    assert killed.returncode != 0 and not (tmp_path / "report.md").exists()
+    partial = _results(tmp_path / "items.shard-1-of-2.jsonl")
+    assert 0 < len(partial) < len(_results(one_process_eval / "items.jsonl")) // 2
+    # run 2: the same command, no fault: every result once, equal to the uninterrupted run
+    result = torchrun([*EVAL, "--out", str(tmp_path)], worker=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert _results(tmp_path / "items.jsonl") == _results(one_process_eval / "items.jsonl")
+    _same_values(one_process_eval, tmp_path)
+
+
 # ---------------------------------------------------------------------------- nnsight remote execution
 class _Server:
     """What an NDIF server resolves persistent ids against (as nnsight's ``Remotable._remoteable_persistent_objects``)."""
