@@ -34,7 +34,7 @@ from eah_interp import hf
 from eah_interp.config import EAHConfig
 from eah_interp.data import Dataset, Item, Question
 from eah_interp.errors import ConfigError
-from eah_interp.experiments import generate_texts
+from eah_interp.experiments import Treatment, generate_texts, treated
 from eah_interp.metrics.stats import holm, sign_flip_p_value
 from eah_interp.models.bundle import ModelBundle
 
@@ -44,14 +44,25 @@ ALPHA = 0.05
 
 @dataclass(frozen=True)
 class Condition:
-    """One arm of the experiment: a name, an EAH config (None = baseline) and the beam width."""
+    """One arm of the experiment: a name, what it applies and the beam width.
+
+    ``config`` is None (baseline), an `EAHConfig` (`hf.eah`) or a tuple of interventions stacked by
+    `hf.intervene` (e.g. ``(EAH.paper(), PAI())``, `eah_interp.interventions`).
+    """
 
     name: str
-    config: EAHConfig | None = None
+    config: Treatment = None
     num_beams: int = 1
 
+    def __post_init__(self) -> None:
+        if self.config is not None and not isinstance(self.config, EAHConfig):
+            object.__setattr__(self, "config", hf.as_interventions(self.config))
+
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "num_beams": self.num_beams, "config": None if self.config is None else self.config.to_dict()}
+        if self.config is None or isinstance(self.config, EAHConfig):
+            config = None if self.config is None else self.config.to_dict()
+            return {"name": self.name, "num_beams": self.num_beams, "config": config}
+        return {"name": self.name, "num_beams": self.num_beams, "interventions": [i.to_dict() for i in self.config]}
 
 
 def deep_control_layer(n_layers: int, treatment_layers: Iterable[int], shallow_layers: Iterable[int] = (1,)) -> int:
@@ -141,18 +152,14 @@ class _Store:
 
 
 def first_token_answers(
-    bundle: ModelBundle, prompts: Sequence[str], images: Sequence[Any], config: EAHConfig | None
+    bundle: ModelBundle, prompts: Sequence[str], images: Sequence[Any], config: Treatment
 ) -> tuple[list[str], list[float]]:
     """Greedy first answer token (decoded) and ``log p(yes) - log p(no)`` at the last prompt position."""
     from eah_interp.metrics import yes_no_logit_diff
 
     inputs = bundle.encode(prompts, images)
-    with torch.no_grad():
-        if config is None:
-            logits = bundle.model(**inputs, use_cache=False).logits[:, -1]
-        else:
-            with hf.eah(bundle.model, config):
-                logits = bundle.model(**inputs, use_cache=False).logits[:, -1]
+    with torch.no_grad(), treated(bundle.model, config):
+        logits = bundle.model(**inputs, use_cache=False).logits[:, -1]
     answers = bundle.processor.batch_decode(logits.argmax(-1)[:, None].cpu(), skip_special_tokens=True)
     diffs = yes_no_logit_diff(logits.float(), bundle.yes_ids, bundle.no_ids)
     return [a.strip() for a in answers], diffs.tolist()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -12,6 +13,27 @@ from eah_interp import hf
 from eah_interp.config import EAHConfig
 from eah_interp.models.bundle import ModelBundle
 from eah_interp.stats import HeadStats
+
+#: What an arm applies: nothing (None), EAH (an `EAHConfig`, through `hf.eah`), or a list of interventions
+#: (`eah_interp.interventions` objects and/or `EAHConfig`, stacked through `hf.intervene`).
+Treatment = Union[EAHConfig, Sequence[Any], None]  # noqa: UP007 - a runtime alias, not only an annotation
+
+
+@contextlib.contextmanager
+def treated(model: Any, treatment: Treatment) -> Iterator[Callable[[], list[Any]]]:
+    """Apply ``treatment`` inside the block; yields a function returning EAH's `EditRecord`s made so far.
+
+    An `EAHConfig` runs through `hf.eah` (its records), a list of interventions through `hf.intervene`
+    (the records of its EAH members); None changes nothing (no records).
+    """
+    if treatment is None:
+        yield list
+    elif isinstance(treatment, EAHConfig):
+        with hf.eah(model, treatment) as run:
+            yield lambda: list(run.records)
+    else:
+        with hf.intervene(model, treatment) as run:
+            yield lambda: [r.eah for r in run.records if r.eah is not None]
 
 
 def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
@@ -56,14 +78,17 @@ def generate_texts(
     prompts: Sequence[str],
     images: Sequence[Any],
     *,
-    config: EAHConfig | None = None,
+    config: Treatment = None,
     max_new_tokens: int = 30,
     num_beams: int = 1,
     batch_size: int = 8,
     progress: bool = True,
     desc: str = "generate",
 ) -> tuple[list[str], list[list[int]]]:
-    """Greedy (or beam) generation for prompt/image pairs, with EAH when ``config`` is given.
+    """Greedy (or beam) generation for prompt/image pairs, with EAH or other interventions when ``config`` is given.
+
+    Args:
+        config: a `Treatment`: None, an `EAHConfig`, or a list of interventions (`hf.intervene`).
 
     Returns:
         ``(texts, source_heads)``: the decoded continuations and, per item, the source head EAH used
@@ -76,15 +101,10 @@ def generate_texts(
     for chunk in tqdm(_batches(pairs, batch_size), desc=desc, disable=not progress):
         inputs = bundle.encode([p for p, _ in chunk], [i for _, i in chunk])
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams)
-        with torch.no_grad():
-            if config is None:
-                out = model.generate(**inputs, **kwargs)
-                heads += [[] for _ in chunk]
-            else:
-                with hf.eah(model, config) as run:
-                    out = model.generate(**inputs, **kwargs)
-                prefill = [r for r in run.records if r.q_len == r.k_len]
-                per_layer = [r.source_head.view(len(chunk), -1)[:, 0].tolist() for r in prefill]
-                heads += [[layer_heads[i] for layer_heads in per_layer] for i in range(len(chunk))]
+        with torch.no_grad(), treated(model, config) as records:
+            out = model.generate(**inputs, **kwargs)
+            prefill = [r for r in records() if r.q_len == r.k_len]
+        per_layer = [r.source_head.view(len(chunk), -1)[:, 0].tolist() for r in prefill]
+        heads += [[layer_heads[i] for layer_heads in per_layer] for i in range(len(chunk))]
         texts += bundle.decode(out, inputs)
     return texts, heads

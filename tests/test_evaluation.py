@@ -301,3 +301,36 @@ def test_both_chair_protocols_on_coco_images(tmp_path, bundle):
     with pytest.raises(ConfigError, match="needs the COCO vocabulary"):
         run_experiment(bundle, scene_dataset(1), tmp_path / "s", conditions=[Condition("baseline")],
                        chair_protocol="both", progress=False)
+
+
+def test_an_arm_can_stack_interventions(tmp_path, bundle):
+    """A condition holding a list of interventions runs them through hf.intervene: an EAH-only list gives the
+    same captions, answers and source heads as the EAHConfig arm; PAI changes the yes/no logits."""
+    from eah_interp.interventions import EAH, PAI
+
+    paper = EAHConfig.paper(threshold=bundle.threshold)
+    arms = [Condition("baseline"), Condition("eah_paper", paper),
+            Condition("eah_as_list", [EAH.paper(threshold=bundle.threshold)]),
+            Condition("eah_plus_pai", (EAH.paper(threshold=bundle.threshold), PAI(alpha=0.5))),
+            Condition("pai", [PAI(alpha=0.5)])]
+    path = run_experiment(bundle, scene_dataset(2), tmp_path, conditions=arms, max_new_tokens=3, progress=False)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    by = {}
+    for r in records:
+        by.setdefault(r["condition"], {})[(r["task"], r["item"], r["question"])] = r
+    assert by["eah_as_list"].keys() == by["eah_paper"].keys()
+    for key, rec in by["eah_paper"].items():
+        twin = by["eah_as_list"][key]
+        for field in ("caption", "source_heads", "answer"):
+            assert twin.get(field) == rec.get(field), (key, field)
+        if "logit_diff" in rec:
+            assert twin["logit_diff"] == pytest.approx(rec["logit_diff"], abs=1e-5)
+    assert all(r["source_heads"] for k, r in by["eah_plus_pai"].items() if k[0] == "caption")
+    assert all(r["source_heads"] == [] for k, r in by["pai"].items() if k[0] == "caption")
+    pope_keys = [k for k in by["baseline"] if k[0] == "pope"]
+    assert any(abs(by["pai"][k]["logit_diff"] - by["baseline"][k]["logit_diff"]) > 1e-6 for k in pope_keys)
+    saved = json.loads((tmp_path / "run.json").read_text())["conditions"]
+    stacked = next(c for c in saved if c["name"] == "eah_plus_pai")
+    assert [i["method"] for i in stacked["interventions"]] == ["EAH", "PAI"]
+    assert stacked["interventions"][1]["alpha"] == 0.5
+    assert Condition("x", [PAI()]).config == (PAI(),)
