@@ -363,7 +363,14 @@ def _load_weights(source: str, config: Any, **kwargs: Any):
     unrecognised = []
     for auto in auto_classes:
         try:
-            return auto.from_pretrained(source, config=config, attn_implementation=attn, **kwargs)
+            if isinstance(kwargs.get("device_map"), str):  # a strategy: accelerate's map, the image path pinned
+                kwargs["device_map"] = _pinned_device_map(auto, config, kwargs)
+            model = auto.from_pretrained(source, config=config, attn_implementation=attn, **kwargs)
+            if isinstance(kwargs.get("device_map"), dict):
+                from eah_interp.models.placement import check_explicit_map
+
+                check_explicit_map(model, kwargs["device_map"], stacklevel=5)
+            return model
         except ValueError as error:
             text = str(error)
             if "Unrecognized configuration class" in text:
@@ -383,6 +390,23 @@ def _load_weights(source: str, config: Any, **kwargs: Any):
         f"{type(config).__name__} ({source}) is not a model type {', '.join(unrecognised)} can load; eah-interp "
         "needs an image-text-to-text model (an LVLM)."
     )
+
+
+def _pinned_device_map(auto: Any, config: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``from_pretrained``'s map for a strategy (``"auto"``, ...), with the vision tower, projector and input
+    embeddings on one device (`eah_interp.models.placement.auto_device_map`), computed on an empty skeleton."""
+    from accelerate import init_empty_weights
+
+    from eah_interp.models.placement import auto_device_map
+
+    dtype = kwargs.get("dtype")
+    if not isinstance(dtype, torch.dtype):  # None or "auto": what transformers reads from the config
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        dtype = _DTYPES.get(str(dtype).removeprefix("torch."), None) if not isinstance(dtype, torch.dtype) else dtype
+    extra = {"trust_remote_code": True} if kwargs.get("trust_remote_code") else {}
+    with init_empty_weights():
+        skeleton = auto.from_config(config, **extra)
+    return auto_device_map(skeleton, kwargs["device_map"], max_memory=kwargs.get("max_memory"), dtype=dtype)
 
 
 def _load_processor(name: str, source: str, trust_remote_code: bool):
