@@ -201,8 +201,11 @@ def load_model(
         dtype: parameter dtype (``torch.bfloat16`` or ``"bfloat16"``, ``"float16"``, ``"float32"``,
             ``"auto"``); default: float32 for registry models, transformers' default for checkpoints.
         device: move the model there (``"cuda"``, ``"cuda:1"``); not with ``device_map``.
-        device_map: accelerate's placement (``"auto"`` or a dict); ``offload_folder`` / ``max_memory``
-            go with it.
+        device_map: accelerate's placement; ``offload_folder`` / ``max_memory`` go with it. A strategy
+            (``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``) keeps the vision tower, the
+            projector and the input embeddings on one device while the decoder layers spread
+            (`eah_interp.models.placement.auto_device_map`); a dict is used as given (a warning if it
+            splits those parts).
         attn_implementation: of the language model (``"sdpa"`` or ``"eager"``).
         trust_remote_code: allow a checkpoint's own modelling code (only for code you trust).
 
