@@ -311,6 +311,38 @@ def drilled_function(nn_model: Any, call: Any) -> Callable | None:
     return None if entry is None else entry[0]
 
 
+def out_of_order_error() -> type[BaseException]:
+    """nnsight's exception for a trace request of a location the model already ran past (``OutOfOrderError``)."""
+    with _internal("nnsight", "nnsight.intervention.interleaver.OutOfOrderError"):
+        from nnsight.intervention.interleaver import OutOfOrderError
+    return OutOfOrderError
+
+
+def current_worker() -> Any | None:
+    """The nnsight worker (``Mediator``) running the trace body that calls this, or None outside a trace.
+
+    A trace body runs in a greenlet whose ``mediator`` attribute is a weak reference to its worker; the
+    object identifies one trace (one invoke) for as long as it runs.
+    """
+    try:
+        from greenlet import getcurrent
+
+        reference = getattr(getcurrent(), "mediator", None)
+        return reference() if callable(reference) else None
+    except Exception:  # not under nnsight, or its internals moved: only the error message gets poorer
+        return None
+
+
+def worker_iteration(worker: Any) -> int | None:
+    """The generation step a trace body's worker is at (0 outside ``tracer.iter`` loops), None if unknown.
+
+    nnsight treats a request past the run at step 0 as an error, and at a later step as a loop that
+    outran the generation (a warning); only the first is a mistake in the trace body.
+    """
+    value = getattr(worker, "iteration", None)
+    return value if isinstance(value, int) else None
+
+
 # ---------------------------------------------------------------------------- TransformerLens
 #: Hook names of the bridge, by site, with ``{}`` for the layer.
 LENS_HOOKS: dict[str, str] = {

@@ -49,7 +49,9 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+import weakref
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -61,6 +63,7 @@ from eah_interp.config import EAHConfig
 from eah_interp.edit import EditRecord, apply_eah_to_probs, should_edit
 from eah_interp.errors import (
     AttentionImplementationError,
+    EAHError,
     LayerIndexError,
     UnsupportedModelError,
 )
@@ -68,6 +71,7 @@ from eah_interp.layout import TokenLayout
 from eah_interp.stats import HeadStats, head_statistics
 
 __all__ = [
+    "TraceOrderError",
     "apply_eah",
     "attention_probs",
     "eager_attention",
@@ -84,6 +88,53 @@ __all__ = [
 # place of its attention function; its op ``family_1`` is the family's ``eager_attention_forward``, whose
 # dropout output holds the probabilities.
 eager_attention = hf.eager_attention
+
+
+# ---------------------------------------------------------------------------- forward order
+class TraceOrderError(EAHError, compat.out_of_order_error()):  # type: ignore[misc]
+    """An `eah_interp.nnsight` call asked for a layer the forward had already run past in this trace.
+
+    Raised only where nnsight itself calls the request an error (outside generation-step loops: a
+    ``tracer.iter[:]`` loop that outran the generation still ends quietly with nnsight's own error). It
+    is also nnsight's ``OutOfOrderError``, for code that catches that.
+    """
+
+
+#: What each trace body (nnsight worker) asked of this module so far: ``[(call, layers), ...]``.
+_CALLS: weakref.WeakKeyDictionary[Any, list[tuple[str, list[int]]]] = weakref.WeakKeyDictionary()
+
+
+def _log_call(what: str, layers: Iterable[int]) -> None:
+    """Note a call of this trace body (for `TraceOrderError` messages)."""
+    worker = compat.current_worker()
+    if worker is not None:
+        try:
+            _CALLS.setdefault(worker, []).append((what, sorted({int(x) for x in layers})))
+        except TypeError:  # a worker that cannot be weakly referenced: messages name fewer calls
+            pass
+
+
+@contextmanager
+def _in_forward_order(what: str, layer: int) -> Iterator[None]:
+    """Turn nnsight's out-of-order error for ``layer`` into a `TraceOrderError` naming the call and the order."""
+    try:
+        yield
+    except compat.out_of_order_error() as error:
+        worker = compat.current_worker()
+        if isinstance(error, TraceOrderError) or compat.worker_iteration(worker) != 0:
+            raise  # ours already, or a tracer.iter loop that outran the generation: nnsight ends the loop with it
+        earlier = _CALLS.get(worker, [])[:-1]  # the last entry is this call
+        before = [f"{call}(layers={done})" for call, done in earlier]
+        past = max((x for _, done in earlier for x in done if x > layer), default=None)
+        raise TraceOrderError(
+            f"eah_interp.nnsight.{what} asked for decoder layer {layer}, but this trace's forward had already run "
+            f"past it ({error}). nnsight runs the trace body alongside one forward pass, so reads and edits must be "
+            "written in the order the forward reaches them: earlier layers first"
+            + (f" (layer {layer} before layer {past})" if past is not None else "")
+            + (f". Earlier in this trace body: {'; '.join(before)}" if before else "")
+            + f". Move the {what} call for layer {layer} above the calls for later layers (or any read of a later "
+            "module), or run it in a second trace."
+        ) from error
 
 
 # ---------------------------------------------------------------------------- model navigation
@@ -134,6 +185,13 @@ def eager_attention_probs(nn_model: Any, layer: int) -> Any:
         ...     op = eah_interp.nnsight.eager_attention_probs(nn_model, 1)
         ...     op.output = op.output.flip(1)   # swap the heads' maps
     """
+    _log_call("eager_attention_probs", [layer])
+    with _in_forward_order("eager_attention_probs", layer):
+        return _probs_op(nn_model, layer)
+
+
+def _probs_op(nn_model: Any, layer: int) -> Any:
+    """`eager_attention_probs` without the forward-order check (its callers check)."""
     source = self_attn(nn_model, layer).source
     call = source.node(compat.op_label(source, compat.ATTENTION_CALL_PREFIX, what="the attention function call"))
     drilled = compat.drilled_function(nn_model, call)
@@ -163,7 +221,9 @@ def attention_probs(nn_model: Any, layer: int) -> Float[Tensor, "batch heads q k
 
     To edit them, assign ``eager_attention_probs(nn_model, layer).output``.
     """
-    return eager_attention_probs(nn_model, layer).output
+    _log_call("attention_probs", [layer])
+    with _in_forward_order("attention_probs", layer):
+        return _probs_op(nn_model, layer).output
 
 
 # ---------------------------------------------------------------------------- EAH and statistics
@@ -201,14 +261,16 @@ def apply_eah(
     n_layers, n_heads, _ = hf.model_shape(hf_model(nn_model))
     config.validate_for(n_layers, n_heads)
     records: list[EditRecord] = _save([])
+    _log_call("apply_eah", config.layers)
     for layer in sorted(config.layers):
-        op = eager_attention_probs(nn_model, layer)
-        probs = op.output
-        b, _, q, k = probs.shape
-        if not should_edit(config, layer, q, k):
-            continue
-        edited, record = apply_eah_to_probs(probs, layout.fit(b, q, k), config, layer)
-        op.output = edited
+        with _in_forward_order("apply_eah", layer):
+            op = _probs_op(nn_model, layer)
+            probs = op.output
+            b, _, q, k = probs.shape
+            if not should_edit(config, layer, q, k):
+                continue
+            edited, record = apply_eah_to_probs(probs, layout.fit(b, q, k), config, layer)
+            op.output = edited
         records.append(record)
     return records
 
@@ -225,8 +287,11 @@ def feed_head_stats(nn_model: Any, stats: HeadStats, layout: TokenLayout, layers
         layout: layout of the prompt rows this trace (invoke) sees.
         layers: decoder layers to read.
     """
-    for layer in sorted({int(x) for x in layers}):
-        probs = attention_probs(nn_model, layer)
+    chosen = sorted({int(x) for x in layers})
+    _log_call("feed_head_stats", chosen)
+    for layer in chosen:
+        with _in_forward_order("feed_head_stats", layer):
+            probs = _probs_op(nn_model, layer).output
         if probs.shape[-2] != probs.shape[-1]:
             continue
         with torch.no_grad():
@@ -278,6 +343,7 @@ def intervene(nn_model: Any, interventions: Any, layout: TokenLayout) -> list:
             return own(module, query, key, value, attention_mask, **kwargs)
         return dispatch.run_steps(call, steps, own)
 
+    _log_call("intervene", layers)
     for layer in layers:
         source = self_attn(nn_model, layer).source
         binding = compat.op_label(source, compat.ATTENTION_CALL_PREFIX, what="the attention function binding",
@@ -288,5 +354,6 @@ def intervene(nn_model: Any, interventions: Any, layout: TokenLayout) -> list:
                 f"{source.prefix!r} calls attention_interface without binding it in forward; available ops: "
                 f"{', '.join(source.names)}."
             )
-        source.node(binding).output = attention
+        with _in_forward_order("intervene", layer):
+            source.node(binding).output = attention
     return records
