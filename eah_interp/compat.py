@@ -343,6 +343,25 @@ def worker_iteration(worker: Any) -> int | None:
     return value if isinstance(value, int) else None
 
 
+def trace_inputs() -> dict[str, Any] | None:
+    """The inputs of the nnsight trace whose body calls this (``nn_model.trace(**inputs)``), by name.
+
+    Read from the worker's interleaver (``worker.interleaver.batcher.invokes``: one ``(args, kwargs)``
+    per invoke); a first positional tensor counts as ``input_ids``. None outside a trace, with several
+    invokes (whose rows nnsight combines), or if nnsight's internals moved.
+    """
+    worker = current_worker()
+    try:
+        invokes = worker.interleaver.batcher.invokes  # type: ignore[union-attr]
+        (args, kwargs), = invokes
+    except (AttributeError, TypeError, ValueError):
+        return None
+    out = dict(kwargs) if isinstance(kwargs, dict) else {}
+    if "input_ids" not in out and args and isinstance(args[0], Tensor):
+        out["input_ids"] = args[0]
+    return out
+
+
 # ---------------------------------------------------------------------------- TransformerLens
 #: Hook names of the bridge, by site, with ``{}`` for the layer.
 LENS_HOOKS: dict[str, str] = {

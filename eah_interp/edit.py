@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,28 @@ class EditRecord:
             f"EditRecord(layer={self.layer}, q={self.q_len}, k={self.k_len}, "
             f"source_head={self.source_head.tolist()}, max_sinks={self.sink_counts.max(-1).values.tolist()})"
         )
+
+
+class EditRecords(list):
+    """The `EditRecord` list of one EAH application, read like `eah_interp.hf.EAHRun` by every backend.
+
+    ``run.records`` (itself), ``run.config`` and ``run.source_heads(layer)`` are what ``hf.eah(...)``
+    yields, so code reading records works whichever backend made them; it is still a plain list of
+    `EditRecord` (``records[0]``, ``len(records)``, ``records += ...``).
+    """
+
+    def __init__(self, config: EAHConfig | None = None, records: Iterable[EditRecord] = ()) -> None:
+        super().__init__(records)
+        self.config = config
+
+    @property
+    def records(self) -> EditRecords:
+        """The records themselves (as ``EAHRun.records``)."""
+        return self
+
+    def source_heads(self, layer: int | None = None) -> list[list[int]]:
+        """Source head per row of each edited call (optionally of one layer), ``-1`` where none."""
+        return [r.source_head.tolist() for r in self if layer is None or r.layer == layer]
 
 
 def is_prefill(q_len: int, k_len: int) -> bool:

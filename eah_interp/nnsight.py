@@ -60,11 +60,12 @@ from torch import Tensor, nn
 
 from eah_interp import compat, dispatch, hf
 from eah_interp.config import EAHConfig
-from eah_interp.edit import EditRecord, apply_eah_to_probs, should_edit
+from eah_interp.edit import EditRecords, apply_eah_to_probs, should_edit
 from eah_interp.errors import (
     AttentionImplementationError,
     EAHError,
     LayerIndexError,
+    LayoutError,
     UnsupportedModelError,
 )
 from eah_interp.layout import TokenLayout
@@ -80,6 +81,7 @@ __all__ = [
     "hf_model",
     "intervene",
     "self_attn",
+    "trace_layout",
 ]
 
 
@@ -166,6 +168,35 @@ def self_attn(nn_model: Any, layer: int) -> Any:
     raise UnsupportedModelError(f"The attention module of layer {layer} is not in {type(nn_model).__name__}'s envoy tree.")
 
 
+def trace_layout(nn_model: Any, layout: TokenLayout | None = None, *, what: str = "this call") -> TokenLayout:
+    """Inside a trace: ``layout``, or the layout of the trace's inputs, derived as `eah_interp.hf` does.
+
+    The image positions are those of ``input_ids`` holding the family's image token ids
+    (`eah_interp.models.adapter_for`), with the trace's ``attention_mask`` for padding: the same rule as
+    the HF backend's contexts, read from ``nn_model.trace(**inputs)`` without a request to the model
+    (so it works wherever in the trace body it is called).
+
+    Raises:
+        LayoutError: the trace has no ``input_ids`` (embeddings only) or several invokes, or the config
+            has no image token id; the message says to pass ``layout=TokenLayout(...)``.
+    """
+    if layout is not None:
+        return layout
+    from eah_interp.models.adapters import adapter_for
+
+    model = hf_model(nn_model)
+    inputs = compat.trace_inputs()
+    ids = None if inputs is None else inputs.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2:
+        raise LayoutError(
+            f"eah_interp.nnsight.{what} derives the token layout from the trace's input_ids, but this trace has "
+            "none it can read (inputs_embeds only, several invokes, or a call outside a trace). Pass "
+            "layout=TokenLayout.from_input_ids(input_ids, model.config.image_token_id, attention_mask)."
+        )
+    mask = inputs.get("attention_mask") if inputs is not None else None
+    return adapter_for(model).layout(model, ids, mask if isinstance(mask, torch.Tensor) else None)
+
+
 def eager_attention_probs(nn_model: Any, layer: int) -> Any:
     """Inside a trace: make ``layer`` run eager attention and return the op holding its probabilities.
 
@@ -235,8 +266,8 @@ def _save(value: Any) -> Any:
 
 
 def apply_eah(
-    nn_model: Any, config: EAHConfig, layout: TokenLayout, layers: Iterable[int] | None = None
-) -> list[EditRecord]:
+    nn_model: Any, config: EAHConfig, layout: TokenLayout | None = None, layers: Iterable[int] | None = None
+) -> EditRecords:
     """Inside a trace: apply EAH to the configured layers of this forward.
 
     For each layer in increasing order: read its probabilities (`eager_attention_probs`), edit them with
@@ -249,10 +280,12 @@ def apply_eah(
         nn_model: the nnsight model.
         config: the edit; its layers and heads are checked against the model.
         layout: layout of the prompt rows this trace (invoke) sees; it is extended for decode steps.
+            Default: derived from the trace's ``input_ids`` (`trace_layout`).
         layers: edit these layers instead of ``config.layers``.
 
     Returns:
-        A list (saved, so it survives the trace) receiving one `EditRecord` per edited layer.
+        `EditRecords` (saved, so it survives the trace): a list receiving one `EditRecord` per edited
+        layer, with ``.records`` / ``.config`` / ``.source_heads()`` as ``hf.eah`` yields them.
     """
     if not isinstance(config, EAHConfig):
         raise TypeError(f"config must be an EAHConfig; got {type(config).__name__}.")
@@ -260,7 +293,8 @@ def apply_eah(
         config = dataclasses.replace(config, layers=tuple(sorted({int(x) for x in layers})))
     n_layers, n_heads, _ = hf.model_shape(hf_model(nn_model))
     config.validate_for(n_layers, n_heads)
-    records: list[EditRecord] = _save([])
+    layout = trace_layout(nn_model, layout, what="apply_eah")
+    records = _save(EditRecords(config))
     _log_call("apply_eah", config.layers)
     for layer in sorted(config.layers):
         with _in_forward_order("apply_eah", layer):
@@ -275,7 +309,9 @@ def apply_eah(
     return records
 
 
-def feed_head_stats(nn_model: Any, stats: HeadStats, layout: TokenLayout, layers: Iterable[int]) -> None:
+def feed_head_stats(
+    nn_model: Any, stats: HeadStats, layout: TokenLayout | None = None, layers: Iterable[int] | None = None
+) -> HeadStats:
     """Inside a trace: add the prompt statistics of ``layers`` to ``stats`` (no attention map is kept).
 
     Only prompt (prefill) forwards are counted; decode steps are ignored. Call it before `apply_eah` on
@@ -284,10 +320,15 @@ def feed_head_stats(nn_model: Any, stats: HeadStats, layout: TokenLayout, layers
     Args:
         nn_model: the nnsight model.
         stats: the accumulator (its ``threshold`` / ``normalise`` are used).
-        layout: layout of the prompt rows this trace (invoke) sees.
-        layers: decoder layers to read.
+        layout: layout of the prompt rows this trace (invoke) sees (default: `trace_layout`).
+        layers: decoder layers to read (default: all).
+
+    Returns:
+        ``stats`` (saved, so it survives the trace; fed as the forward runs), as ``hf.record_attention(...).stats``.
     """
-    chosen = sorted({int(x) for x in layers})
+    layout = trace_layout(nn_model, layout, what="feed_head_stats")
+    n_layers = hf.model_shape(hf_model(nn_model))[0]
+    chosen = list(range(n_layers)) if layers is None else sorted({int(x) for x in layers})
     _log_call("feed_head_stats", chosen)
     for layer in chosen:
         with _in_forward_order("feed_head_stats", layer):
@@ -298,10 +339,11 @@ def feed_head_stats(nn_model: Any, stats: HeadStats, layout: TokenLayout, layers
             values = head_statistics(probs.detach(), layout.fit(probs.shape[0], probs.shape[-2], probs.shape[-1]),
                                      stats.threshold, stats.normalise)  # type: ignore[arg-type]
         stats.update_from_stats(layer, values)
+    return _save(stats)
 
 
 # ---------------------------------------------------------------------------- interventions
-def intervene(nn_model: Any, interventions: Any, layout: TokenLayout) -> list:
+def intervene(nn_model: Any, interventions: Any, layout: TokenLayout | None = None) -> list:
     """Inside a trace: apply `eah_interp.interventions` to this forward, as `eah_interp.hf.intervene` does.
 
     Each layer an intervention edits has its attention call pointed, in this trace only, at a function
@@ -314,12 +356,13 @@ def intervene(nn_model: Any, interventions: Any, layout: TokenLayout) -> list:
     Args:
         nn_model: the nnsight model (``nnsight.NNsight(hf_model)``).
         interventions: `eah_interp.interventions` objects and/or `EAHConfig` (one or a list).
-        layout: layout of the prompt rows this trace sees (extended for decode steps).
+        layout: layout of the prompt rows this trace sees (extended for decode steps; default: `trace_layout`).
 
     Returns:
         A list (saved, so it survives the trace) receiving one `InterventionRecord` per edit made.
     """
     model = hf_model(nn_model)
+    layout = trace_layout(nn_model, layout, what="intervene")
     items = hf.as_interventions(interventions)
     n_layers, n_heads, _ = hf.model_shape(model)
     for item in items:
