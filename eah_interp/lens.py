@@ -35,6 +35,8 @@ recognise it: boot a model you no longer need in its HF form, or pass ``copy=Tru
 from __future__ import annotations
 
 import copy as copy_module
+import functools
+import inspect
 import tempfile
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -45,7 +47,7 @@ from torch import Tensor
 
 from eah_interp import compat
 from eah_interp.config import EAHConfig
-from eah_interp.edit import EditRecord, apply_eah_to_probs, should_edit
+from eah_interp.edit import EditRecord, EditRecords, apply_eah_to_probs, should_edit
 from eah_interp.errors import LayerIndexError, LayoutError, UnsupportedModelError
 from eah_interp.layout import TokenLayout
 from eah_interp.stats import HeadStats, head_statistics
@@ -56,9 +58,12 @@ Hook = tuple[str, Callable[[Tensor, Any], Tensor | None]]
 __all__ = [
     "Hook",
     "boot_bridge",
+    "bridge_layout",
+    "eah",
     "eah_hooks",
     "head_stats_hooks",
     "language_model_as_causal_lm",
+    "lvlm_of",
     "multimodal_embeds",
     "pattern_hook_name",
 ]
@@ -129,14 +134,24 @@ def boot_bridge(
 
     Returns:
         The `TransformerBridge`. Unless ``copy``, it shares and rewires ``hf_model``'s modules and
-        switches it to eager attention.
+        switches it to eager attention. It takes the processor's outputs as they are
+        (``bridge(**inputs)``, ``bridge.run_with_hooks(**inputs, fwd_hooks=...)``,
+        ``bridge.run_with_cache(**inputs)``): a language-model-only
+        bridge builds the multimodal embeddings from ``input_ids`` and the image inputs itself
+        (`multimodal_embeds`), and refuses ids with image placeholders but no image (it would embed
+        them as text). Each forward notes its prompt layout for hooks made without ``layout``.
     """
     TransformerBridge = compat.bridge_class()
     from transformers import AutoTokenizer
 
-    model = copy_module.deepcopy(hf_model) if copy else hf_model
-    if language_model_only:
-        model = language_model_as_causal_lm(model)
+    lvlm = copy_module.deepcopy(hf_model) if copy else hf_model
+    model = language_model_as_causal_lm(lvlm) if language_model_only else lvlm
+    bridge = _boot(TransformerBridge, AutoTokenizer, model, tokenizer, device)
+    _accept_processor_outputs(bridge, lvlm, language_model_only)
+    return bridge
+
+
+def _boot(TransformerBridge: Any, AutoTokenizer: Any, model: Any, tokenizer: Any, device: str) -> Any:  # noqa: N803
     config = model.config
     if not getattr(config, "architectures", None):
         config.architectures = [type(model).__name__]
@@ -157,6 +172,116 @@ def boot_bridge(
                     "instead: boot_bridge(model, language_model_only=True), then pass "
                     "multimodal_embeds(model, input_ids, pixel_values) as the bridge input."
                 ) from error
+
+
+class _BridgeState:
+    """What `boot_bridge` keeps beside a bridge: the LVLM, and the layout of the forward running now."""
+
+    def __init__(self, lvlm: Any, language_model_only: bool) -> None:
+        self.lvlm = lvlm
+        self.language_model_only = language_model_only
+        self.layout: TokenLayout | None = None
+
+
+def _state(bridge: Any) -> _BridgeState | None:
+    return vars(bridge).get("_eah_state")
+
+
+def lvlm_of(bridge: Any) -> Any:
+    """The HF LVLM behind a bridge: the one `boot_bridge` wrapped (also for language-model-only bridges)."""
+    state = _state(bridge)
+    return state.lvlm if state is not None else bridge.original_model
+
+
+def _image_input_names(lvlm: Any) -> set[str]:
+    """Keyword inputs of the LVLM's ``get_image_features`` (``pixel_values``, ``image_sizes``, ...)."""
+    inner = getattr(lvlm, "model", lvlm)
+    method = getattr(inner, "get_image_features", None)
+    if method is None:
+        return {"pixel_values"}
+    names = {n for n, p in inspect.signature(method).parameters.items()
+             if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return names | {"pixel_values"}
+
+
+def _accept_processor_outputs(bridge: Any, lvlm: Any, language_model_only: bool) -> None:
+    """Wrap ``bridge.forward`` (this instance only): processor outputs in, the prompt layout noted."""
+    from eah_interp.models.adapters import adapter_for
+
+    state = _BridgeState(lvlm, language_model_only)
+    adapter = adapter_for(lvlm)
+    visual = adapter.visual_token_ids(lvlm)
+    image_names = _image_input_names(lvlm) if language_model_only else set()
+    original = bridge.forward
+
+    @functools.wraps(original)
+    def forward(input: Any = None, *args: Any, **kwargs: Any) -> Any:  # noqa: A002 - TransformerLens's name
+        if input is None and "input_ids" in kwargs:  # bridge(**processor_outputs)
+            input = kwargs.pop("input_ids")  # noqa: A001
+        ids = input if isinstance(input, Tensor) and not input.is_floating_point() and input.ndim == 2 else None
+        if kwargs.get("past_key_values") is None:  # a prompt, not a cached decode step
+            mask = kwargs.get("attention_mask")
+            state.layout = None if ids is None or not visual else TokenLayout.from_input_ids(
+                ids, visual, mask if isinstance(mask, Tensor) else None, require_images=False)
+        if language_model_only:
+            image = {name: kwargs.pop(name) for name in list(kwargs) if name in image_names}
+            image = {name: value for name, value in image.items() if value is not None}
+            if image and ids is None:
+                raise LayoutError(
+                    f"This bridge wraps only the language model and got image inputs ({', '.join(image)}) with "
+                    "embeddings instead of input_ids: pass the processor's outputs as they are "
+                    "(bridge(**inputs)), or the embeddings alone (from eah_interp.lens.multimodal_embeds)."
+                )
+            if image:
+                extra = {k: v for k, v in image.items() if k != "pixel_values"}
+                input = multimodal_embeds(lvlm, ids, image.get("pixel_values"), **extra)  # noqa: A001
+            elif ids is not None and visual and bool(torch.isin(ids, torch.tensor(visual, device=ids.device)).any()):
+                raise LayoutError(
+                    f"These input_ids hold image placeholders (ids {list(visual)}) but no pixel_values came with "
+                    "them: this bridge wraps only the language model and would embed the placeholders as text. "
+                    "Pass the processor's outputs as they are (bridge(**inputs), or bridge(input_ids, "
+                    "attention_mask=..., pixel_values=...)), or multimodal_embeds(model, input_ids, pixel_values) "
+                    "as the input."
+                )
+        return original(input, *args, **kwargs)
+
+    vars(bridge)["forward"] = forward  # instance attributes: nn.Module.__call__ and run_with_hooks use them
+    for name in ("run_with_hooks", "run_with_cache"):  # their first parameter is `input`: take input_ids too
+        vars(bridge)[name] = _ids_as_input(getattr(bridge, name))
+    vars(bridge)["_eah_state"] = state
+
+
+def _ids_as_input(method: Callable) -> Callable:
+    """``method(**inputs)`` with the processor's ``input_ids`` passed as the bridge's first argument."""
+
+    @functools.wraps(method)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if not args and "input" not in kwargs and "input_ids" in kwargs:
+            args = (kwargs.pop("input_ids"),)
+        return method(*args, **kwargs)
+
+    return wrapped
+
+
+def bridge_layout(bridge: Any, layout: TokenLayout | None = None) -> TokenLayout:
+    """``layout``, or the layout of the prompt the bridge is running now (noted by `boot_bridge`'s forward).
+
+    Derived as `eah_interp.hf` derives it: positions of ``input_ids`` holding the family's image token ids
+    (`eah_interp.models.adapter_for`), padding from ``attention_mask``.
+
+    Raises:
+        LayoutError: the bridge was not booted by `boot_bridge`, or this forward got embeddings, not ids.
+    """
+    if layout is not None:
+        return layout
+    state = _state(bridge)
+    if state is None or state.layout is None:
+        raise LayoutError(
+            "No token layout: pass layout=TokenLayout.from_input_ids(input_ids, image_token_id, attention_mask). "
+            "It is derived only for bridges from eah_interp.lens.boot_bridge run on input_ids (with the image "
+            "inputs), not on embeddings."
+        )
+    return state.layout
 
 
 def multimodal_embeds(
@@ -209,8 +334,25 @@ def _check_layers(bridge: Any, layers: Iterable[int]) -> list[int]:
     return chosen
 
 
+def eah(
+    bridge: Any, config: EAHConfig, layout: TokenLayout | None = None
+) -> tuple[list[Hook], EditRecords]:
+    """EAH as hooks plus the records they fill: ``hooks, run = eah(bridge, config)``.
+
+    ``run`` is `EditRecords` (``run.records``, ``run.config``, ``run.source_heads()``), as ``hf.eah``
+    yields and ``eah_interp.nnsight.apply_eah`` returns; it fills when the hooks run.
+
+    Example:
+        >>> hooks, run = eah_interp.lens.eah(bridge, EAHConfig.paper())
+        >>> logits = bridge.run_with_hooks(**inputs, fwd_hooks=hooks)
+        >>> run.source_heads()
+    """
+    run = EditRecords(config)
+    return eah_hooks(bridge, config, layout, run), run
+
+
 def eah_hooks(
-    bridge: Any, config: EAHConfig, layout: TokenLayout, records: list[EditRecord] | None = None
+    bridge: Any, config: EAHConfig, layout: TokenLayout | None = None, records: list[EditRecord] | None = None
 ) -> list[Hook]:
     """Hooks applying EAH at ``blocks.{l}.attn.hook_pattern`` for each layer of ``config``.
 
@@ -220,7 +362,8 @@ def eah_hooks(
     Args:
         bridge: the `TransformerBridge` (its layer and head counts are checked).
         config: the edit.
-        layout: the layout of the prompt the hooks will see (extended for decode steps).
+        layout: the layout of the prompt the hooks will see (extended for decode steps); default: the
+            layout of each forward's ``input_ids`` (`bridge_layout`; bridges from `boot_bridge`).
         records: optional list receiving one `EditRecord` per edited call.
 
     Returns:
@@ -236,7 +379,7 @@ def eah_hooks(
             b, _, q, k = pattern.shape
             if not should_edit(config, layer, q, k):
                 return pattern
-            edited, record = apply_eah_to_probs(pattern, layout.fit(b, q, k), config, layer)
+            edited, record = apply_eah_to_probs(pattern, bridge_layout(bridge, layout).fit(b, q, k), config, layer)
             if records is not None:
                 records.append(record)
             return edited
@@ -257,13 +400,15 @@ def head_stats_hooks(
     Args:
         bridge: the `TransformerBridge` (layer indices are checked against it).
         stats: the accumulator (its ``threshold`` / ``normalise`` are used).
-        layout: the layout of the prompt the hooks will see.
-        layers: blocks to read.
+        layout: the layout of the prompt the hooks will see; default: each forward's (`bridge_layout`).
+        layers: blocks to read (default: all).
     """
     if isinstance(bridge, HeadStats):  # head_stats_hooks(stats, layout, layers)
         bridge, stats, layout, layers = None, bridge, stats, layout  # type: ignore[assignment]
-    if layout is None or layers is None:
-        raise TypeError("head_stats_hooks needs a layout and the layers to read.")
+        if layout is None or layers is None:
+            raise TypeError("head_stats_hooks(stats, layout, layers) without a bridge needs a layout and the layers.")
+    if layers is None:
+        layers = range(compat.bridge_shape(bridge)[0])
     chosen = _check_layers(bridge, layers) if bridge is not None else sorted({int(x) for x in layers})
 
     def make(layer: int):
@@ -271,13 +416,14 @@ def head_stats_hooks(
             b, _, q, k = pattern.shape
             if q != k:
                 return None
-            if layout.batch_size != b or layout.seq_len != k:
+            fitted = bridge_layout(bridge, layout)
+            if fitted.batch_size != b or fitted.seq_len != k:
                 raise LayoutError(
-                    f"The layout ({layout.batch_size} x {layout.seq_len}) does not fit the pattern of "
+                    f"The layout ({fitted.batch_size} x {fitted.seq_len}) does not fit the pattern of "
                     f"{hook.name if hasattr(hook, 'name') else pattern_hook_name(layer)} ({b} x {k})."
                 )
             with torch.no_grad():
-                values = head_statistics(pattern.detach(), layout, stats.threshold, stats.normalise)  # type: ignore[arg-type]
+                values = head_statistics(pattern.detach(), fitted, stats.threshold, stats.normalise)  # type: ignore[arg-type]
             stats.update_from_stats(layer, values)
             return None
 

@@ -333,8 +333,9 @@ class LensPatcher:
 
     Args:
         bridge: from `eah_interp.lens.boot_bridge`.
-        inputs: ``input_ids`` (or a float ``inputs_embeds``) plus the bridge's keyword inputs
-            (``attention_mask``, ``pixel_values``, ...).
+        inputs: the processor's outputs (``input_ids``, ``attention_mask``, ``pixel_values``, ...; a
+            language-model-only bridge from `eah_interp.lens.boot_bridge` builds the embeddings itself), or
+            a float ``inputs_embeds`` with ``attention_mask`` (then pass ``layout``).
         config: the EAH edit.
         layout: the prompt layout (default: from ``input_ids`` and the config's image token id).
     """
@@ -348,7 +349,9 @@ class LensPatcher:
     def __post_init__(self) -> None:
         self.n_layers, self.n_heads = compat.bridge_shape(self.bridge)
         self.config.validate_for(self.n_layers, self.n_heads)
-        self.layout = _default_layout(self.bridge.original_model, self.inputs, self.layout)
+        from eah_interp.lens import lvlm_of  # the LVLM also behind a language-model-only bridge
+
+        self.layout = _default_layout(lvlm_of(self.bridge), self.inputs, self.layout)
         hook_names = compat.bridge_hook_names(self.bridge)
         missing = [n.format(0) for n in _LENS_HOOKS.values() if n.format(0) not in hook_names]
         if missing:
