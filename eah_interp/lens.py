@@ -2,13 +2,14 @@
 
 `boot_bridge` wraps an HF LVLM in a `TransformerBridge`, offline. The hooks are ordinary
 ``(hook_name, fn)`` pairs for ``bridge.run_with_hooks(...)`` or ``with bridge.hooks(fwd_hooks=...)``;
-the bridge takes the multimodal inputs itself::
+the bridge takes the processor's outputs as they are, and the hooks derive the token layout from each
+forward's ``input_ids`` unless given one (the calling convention shared with `eah_interp.hf` and
+`eah_interp.nnsight`: docs/backends.md)::
 
     >>> bridge = eah_interp.lens.boot_bridge(hf_model)
-    >>> layout = TokenLayout.from_input_ids(inputs["input_ids"], image_token_id, inputs["attention_mask"])
-    >>> logits = bridge.run_with_hooks(
-    ...     inputs["input_ids"], fwd_hooks=eah_interp.lens.eah_hooks(bridge, EAHConfig.paper(), layout),
-    ...     attention_mask=inputs["attention_mask"], pixel_values=inputs["pixel_values"])
+    >>> hooks, run = eah_interp.lens.eah(bridge, EAHConfig.paper())
+    >>> logits = bridge.run_with_hooks(**inputs, fwd_hooks=hooks)   # input_ids, attention_mask, pixel_values
+    >>> run.source_heads()
 
 For LLaVA-family bridges (LLaVA, LLaVA-NeXT, LLaVA-OneVision) the bridge recomputes attention from
 the hooked pattern, so an edited pattern changes the layer output (the tests check bridge + EAH
@@ -16,8 +17,10 @@ against `eah_interp.hf.eah` to 1e-5). Bridges that fire ``hook_pattern`` after H
 output (Qwen2.5-VL, Qwen3-VL) discard edits with a warning: use the HF or nnsight backend there.
 
 Instead of ``pixel_values`` you may pass the language model's input embeddings (a float tensor as
-``input``): `multimodal_embeds` builds them with the HF model's own ``get_image_features`` and
-placeholder scatter, e.g. to patch or edit the image features themselves.
+``input``; then pass ``layout``): `multimodal_embeds` builds them with the HF model's own
+``get_image_features`` and placeholder scatter, e.g. to patch or edit the image features themselves.
+A language-model-only bridge (``boot_bridge(..., language_model_only=True)``) builds them itself from
+the processor's outputs.
 
 Traps of TransformerLens 4.3 that `boot_bridge` handles:
 
