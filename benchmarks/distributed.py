@@ -43,19 +43,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-
-def _scene_items(n: int) -> list:
-    """``(name, loader)`` of the first ``n`` held-out scenes, as the CLI's scan names them."""
-    from eah_interp.data import scene_dataset
-
-    return [(item.id, item.load_image) for item in scene_dataset(n)]
-
 def child(args: argparse.Namespace) -> None:
     """One rank (or the single process): load, scan its shard, log timings and forwarded images."""
     import torch
 
     torch.set_num_threads(1)
     from eah_interp import distributed, hf
+    from eah_interp._testing import scene_items
     from eah_interp.models import load_model
     from eah_interp.stats import HeadStats
 
@@ -85,7 +79,7 @@ def child(args: argparse.Namespace) -> None:
 
         dist.init_process_group("gloo")
     t1, c1 = time.time(), time.process_time()
-    result = distributed.scan(bundle, _scene_items(args.n), args.scan_out, batch_size=args.batch_size,
+    result = distributed.scan(bundle, scene_items(args.n), args.scan_out, batch_size=args.batch_size,
                               progress=False, log=lambda _msg: None)
     t2, c2 = time.time(), time.process_time()
     (log / f"times.rank{rank}.json").write_text(json.dumps(

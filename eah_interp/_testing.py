@@ -170,3 +170,14 @@ class TinyProcessor:
 
     def batch_decode(self, ids: torch.Tensor, **_: object) -> list[str]:
         return ["<ids " + " ".join(str(int(t)) for t in row) + ">" for row in ids]
+
+
+def scene_items(n: int) -> list:
+    """``(name, loader)`` of the first ``n`` held-out scenes, as the CLI's ``scan`` names them.
+
+    The items `eah_interp.distributed.scan` takes (loaders: a shard reads only its own images); shared by
+    tests/test_distributed.py and benchmarks/distributed.py.
+    """
+    from eah_interp.data import scene_dataset
+
+    return [(item.id, item.load_image) for item in scene_dataset(n)]

@@ -20,17 +20,12 @@ import pytest
 from typer.testing import CliRunner
 
 from eah_interp import cli, distributed
+from eah_interp._testing import scene_items
 from eah_interp.data import scene_dataset
 from eah_interp.distributed import Shard, merge_items, merge_scan, read_checkpoint, read_items
 from eah_interp.errors import ConfigError
 from eah_interp.experiments import scan_images
 from eah_interp.models import load_model
-
-
-def _scene_items(n: int) -> list:
-    """``(name, loader)`` of the first ``n`` held-out scenes, as the CLI's scan names them."""
-    return [(item.id, item.load_image) for item in scene_dataset(n)]
-
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
@@ -43,7 +38,7 @@ SCAN = ["scan", "--model", "tiny-llava", "-n", str(N), "--batch-size", str(BATCH
 
 @pytest.fixture(scope="module")
 def names() -> list[str]:
-    return [name for name, _ in _scene_items(N)]
+    return [name for name, _ in scene_items(N)]
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +130,7 @@ def test_scan_refuses_duplicate_names_and_another_dataset(tmp_path):
     bundle = load_model("tiny-llava")
     with pytest.raises(ConfigError, match="appears twice"):
         distributed.scan(bundle, [("a", None), ("a", None)], tmp_path, shard=Shard())
-    items = [(name, loader) for name, loader in _scene_items(2)]
+    items = [(name, loader) for name, loader in scene_items(2)]
     first = distributed.scan(bundle, items, tmp_path, shard=Shard(), dataset="coco val2014", progress=False)
     assert first.merged and first.stats.n_examples(0) == 2 and first.stats.model == "tiny-llava"
     with pytest.raises(ConfigError, match="different scan.*images: checkpoint 'coco val2014', now 'scenes'"):
