@@ -170,3 +170,20 @@ def test_patch_lens_on_the_language_model_only_bridge_takes_the_processor_output
         torch.testing.assert_close(torch.tensor(got[column].to_numpy()), torch.tensor(want[column].to_numpy()),
                                    rtol=0, atol=1e-4)
     assert got["baseline_metric"].iloc[0] != got["eah_metric"].iloc[0]  # the edit is active
+
+
+@pytest.mark.parametrize("family", ["instructblip", "smolvlm"])
+def test_language_model_only_families_take_their_processor_outputs(family):
+    """Families served through the language model only: their image inputs (Q-Former ids, pixel attention
+    masks) are recognised from ``get_image_features`` and the logits equal the HF model's."""
+    from eah_interp.models.adapters import adapter_for
+    from eah_interp.models.tiny import tiny_family
+
+    model, inputs = tiny_family(family, attn_implementation="eager")  # the bridge runs eager attention
+    assert adapter_for(model).support["lens"] == "lm-only"
+    assert set(inputs) - {"input_ids", "attention_mask", "pixel_values"}  # extra image inputs to route
+    with torch.no_grad():
+        want = model(**inputs).logits
+        got = lens.boot_bridge(model, copy=True, language_model_only=True)(**inputs)
+    mask = inputs["attention_mask"].bool()
+    torch.testing.assert_close(got[mask], want[mask], rtol=0, atol=1e-5)
