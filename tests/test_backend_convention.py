@@ -187,3 +187,27 @@ def test_language_model_only_families_take_their_processor_outputs(family):
         got = lens.boot_bridge(model, copy=True, language_model_only=True)(**inputs)
     mask = inputs["attention_mask"].bool()
     torch.testing.assert_close(got[mask], want[mask], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_organism_through_its_language_model_takes_the_processor_outputs():
+    """The issue's case: the bundled organism (no bridge adapter) fed the processor's dict as it is."""
+    from eah_interp.models import load_model
+    from eah_interp.scenes import make_scene, question_for
+
+    bundle = load_model("organism")
+    model = bundle.model
+    x = bundle.processor([bundle.yes_no_prompt(question_for("triangle"))], [make_scene(100000001).image])
+    bridge = lens.boot_bridge(model, bundle.processor.tokenizer, copy=True, language_model_only=True)
+    config = EAHConfig.paper(threshold=bundle.threshold)
+    model.set_attn_implementation({"text_config": "eager"})  # the bridge runs eager attention everywhere
+    try:
+        with torch.no_grad(), hf.eah(model, config) as want_run:
+            want = model(**x).logits
+    finally:
+        model.set_attn_implementation({"text_config": "sdpa"})
+    hooks, run = lens.eah(bridge, config)
+    with torch.no_grad():
+        got = bridge.run_with_hooks(**x, fwd_hooks=hooks)
+    assert run.source_heads() == want_run.source_heads()
+    assert torch.allclose(got, want, atol=1e-4)
