@@ -115,13 +115,6 @@ def _same(a: Any, b: Any) -> bool:
     return str(torch.device(f"cuda:{a}") if isinstance(a, int) else a) == str(torch.device(f"cuda:{b}") if isinstance(b, int) else b)
 
 
-def split_parts(model: nn.Module, device_map: Mapping[str, Any]) -> list[str]:
-    """The image-path modules a map puts (partly) on another device than the input embeddings."""
-    target = device_of(device_map, embeddings_path(model))
-    return [name for name in image_path_modules(model)
-            if not all(_same(d, target) for d in _devices_within(device_map, name))]
-
-
 def _expand(device_map: dict[str, Any], model: nn.Module, name: str) -> None:
     """Replace every key strictly above ``name`` by its children (same device), so ``name`` can get its own."""
     while True:
