@@ -114,3 +114,15 @@ def test_a_mask_of_the_image_acts_as_the_image_group_in_a_model():
     named = logits([Knockout(queries="question", keys="image", layers=(1, 2))])
     masked = logits([Knockout(queries="question", keys=image, layers=(1, 2))])
     assert torch.equal(named, masked) and not torch.allclose(named, plain, atol=1e-4)
+
+
+def test_query_rows_take_groups_and_masks():
+    from eah_interp.interventions.selectors import query_rows
+
+    site = Site(layer=0, layout=LAYOUT, q_len=6, k_len=6, prompt_len=6)
+    assert query_rows("system", site).int().tolist() == [[0, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]]
+    assert query_rows(KEYS, site).int().tolist() == KEYS.int().tolist()
+    assert query_rows("last", site).int().tolist() == [[0] * 5 + [1]] * 2  # ROWS' "last": the call's last row
+    decode = Site(layer=0, layout=LAYOUT.extend(1), q_len=1, k_len=7, prompt_len=6)
+    assert query_rows("generated", decode).tolist() == [[True], [True]]
+    assert query_rows(KEYS, decode).tolist() == [[False], [False]]  # a prompt mask never selects a new token

@@ -72,10 +72,7 @@ class Knockout(Intervention):
 
     def rows(self, site: Site) -> Tensor:
         """``Bool[batch, q]``: the query rows in the ``queries`` group."""
-        if self.queries == "last":
-            return query_rows("last", site)
-        qpos = query_positions(site.q_len, site.k_len, site.layout.attention_mask.device)
-        return group_keys(self.queries, site)[:, qpos]
+        return query_rows(self.queries, site)
 
     def edit(self, tensor: Tensor, site: Site) -> tuple[Tensor, int]:
         qpos = query_positions(site.q_len, site.k_len, tensor.device)

@@ -186,11 +186,17 @@ def key_span(span: str, site: Site) -> Bool[Tensor, "batch k"]:
     raise ConfigError(f"Unknown key span {span!r}; choose from {SPANS}.")
 
 
-def query_rows(rows: str, site: Site) -> Bool[Tensor, "batch q"]:
-    """``Bool[batch, q]``: the query rows of each batch row selected by ``rows`` (see `ROWS`), real only."""
+def query_rows(rows: str | tuple[tuple[bool, ...], ...] | Tensor, site: Site) -> Bool[Tensor, "batch q"]:
+    """``Bool[batch, q]``: the query rows of each batch row selected by ``rows``, real only.
+
+    ``rows`` is a selector of `ROWS` (``"last"``: the call's last row), or else a position group of
+    `KEY_GROUPS` or a user mask (`group_keys`): the rows at those positions.
+    """
     layout = site.layout
     qpos = query_positions(site.q_len, site.k_len, layout.attention_mask.device)
     real = layout.attention_mask[:, qpos]
+    if not isinstance(rows, str) or (rows not in ROWS and rows in KEY_GROUPS):
+        return real & group_keys(rows, site)[:, qpos]
     if rows == "all":
         return real
     if rows == "last":
