@@ -334,7 +334,8 @@ class HeadStats:
             sinks = column_sinks_from_sums(sums, layout, q_len, self.threshold, self.normalise)
             massive = massive_activation_sinks(hidden, self.sink_dims, self.tau)
             overlap = sink_overlap(sinks, massive, layout.to(massive.device))
-        self.update_from_stats(layer, stats, overlap=overlap, ids=ids)
+        extra = {k: v for k, v in (("overlap", overlap), ("ids", ids)) if v is not None}
+        self.update_from_stats(layer, stats, **extra)
 
     def update_from_stats(
         self,

@@ -163,3 +163,30 @@ def test_the_null_flag_marks_a_previous_token_head():
     stats = HeadStats(threshold=0.01)
     stats.update(0, probs, layout)
     assert stats.explained_heads()[["layer", "head"]].values.tolist() == [[0, 0]]
+
+
+def test_scan_cli_writes_the_overlap_examples_and_null_flags(tmp_path):
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from eah_interp.cli import app
+
+    args = ["scan", "--model", "tiny-llava", "--n", "2", "--out", str(tmp_path), "--sink-dims", "0,1", "--tau", "1",
+            "--keep-examples", "--threshold", "0.0008"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    from eah_interp.cli import _write_scan
+
+    table = _write_scan(HeadStats.load(tmp_path / "scan_checkpoint.safetensors"), tmp_path / "again", "t")
+    headers = [str(c.header) for c in table.columns]
+    assert headers[-4:] == ["null-explained heads", "massive sinks", "EAH sinks", "overlap (Jaccard)"]
+    layers = pd.read_csv(tmp_path / "layer_sinks.csv")
+    examples = pd.read_csv(tmp_path / "examples.csv")
+    assert layers.layer.tolist() == [0, 1, 2, 3] and (layers.n == 2).all()
+    assert len(examples) == 4 * 4 * 2 and examples.example.nunique() == 2  # layers x heads x images, named
+    assert "explained_by_null_mean" in pd.read_csv(tmp_path / "head_stats.csv").columns
+    # the checkpoint keeps the options: a rerun resumes (nothing to add) instead of refusing the checkpoint
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and "2 of 2 images already counted" in again.output, again.output
+    bad = CliRunner().invoke(app, ["scan", "--model", "tiny-llava", "--n", "1", "--out", str(tmp_path / "x"), "--sink-dims", "a,b"])
+    assert bad.exit_code != 0 and "comma-separated integers" in bad.output
