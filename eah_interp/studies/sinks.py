@@ -47,6 +47,7 @@ def main(out: Path, *, quick: bool = False, n: int | None = None, layer: int = 1
     from eah_interp.sinks import (
         DEFAULT_THRESHOLDS,
         density_curve,
+        massive_activation_sinks,
         massive_dims,
         null_densities,
         plot_density_curve,
@@ -100,7 +101,17 @@ def main(out: Path, *, quick: bool = False, n: int | None = None, layer: int = 1
             first = bundle.encode([bundle.caption_prompt] * len(batches[0][0]), batches[0][0])
             hidden = model(**first, output_hidden_states=True, use_cache=False).hidden_states
         pooled = torch.cat(hidden[1:-1])  # the decoder layers' inputs after the embeddings
-        dims_path.write_text(json.dumps({"dims": list(massive_dims(pooled, top=2)), "hidden_size": pooled.shape[-1]}))
+        dims = massive_dims(pooled, top=2)
+        image = torch.isin(first["input_ids"], torch.tensor(hf.image_token_ids(model)))
+        real = first["attention_mask"].bool()
+        above = {}
+        for tau in (20.0, round(20.0 * math.sqrt(pooled.shape[-1] / 4096), 2)):
+            hits = torch.stack([massive_activation_sinks(h, dims, tau) for h in hidden[1:-1]])  # [layers, b, seq]
+            above[f"{tau:g}"] = {"image": int((hits & image).sum()), "text": int((hits & real & ~image).sum()),
+                                 "image_tokens": int(image.sum()) * hits.shape[0],
+                                 "text_tokens": int((real & ~image).sum()) * hits.shape[0]}
+        dims_path.write_text(json.dumps({"dims": list(dims), "hidden_size": pooled.shape[-1], "above": above,
+                                         "image_per_row": int(image.sum(-1).max())}))
     found = json.loads(dims_path.read_text())
     dims, hidden_size = tuple(found["dims"]), found["hidden_size"]
     taus = (20.0, round(20.0 * math.sqrt(hidden_size / 4096), 2))
@@ -118,11 +129,12 @@ def main(out: Path, *, quick: bool = False, n: int | None = None, layer: int = 1
     stats = scans[taus[0]]
     stats.to_frame().to_csv(out / "head_stats.csv", index=False)
     report = out / "report.md"
-    report.write_text(_report(curves, stats, scans, taus, dims, threshold, layer))
+    report.write_text(_report(curves, stats, scans, taus, found, threshold, layer))
     return report
 
 
-def _report(curves: dict, stats: Any, scans: dict, taus: tuple, dims: tuple, threshold: float, layer: int) -> str:
+def _report(curves: dict, stats: Any, scans: dict, taus: tuple, found: dict, threshold: float, layer: int) -> str:
+    dims = found["dims"]
     t = curves["thresholds"]
     at = min(range(len(t)), key=lambda i: abs(math.log(t[i]) - math.log(threshold)))
     frame = stats.to_frame()
@@ -170,5 +182,47 @@ def _report(curves: dict, stats: Any, scans: dict, taus: tuple, dims: tuple, thr
             jac = "n/a" if math.isnan(row.pooled_jaccard) else f"{row.pooled_jaccard:.2f}"
             cells += [f"{row.massive_sinks_mean:.1f}", f"{row.both_mean:.1f}", jac]
         lines.append(f"| {la} | " + " | ".join(cells) + " |")
+    # what the numbers say, computed from them
+    share = curves["previous_share"]
+    most_local = max(range(len(share)), key=share.__getitem__)
+    flagged_here = [int(h) for h in flagged[flagged.layer == layer]["head"]]
+    lowest = this["sink_density_mean"].idxmin()
+    lines += ["", "## Reading", ""]
+    lines.append(
+        f"* Layer {layer}: head {most_local} puts {share[most_local]:.2f} of its image rows' attention on the previous "
+        f"token; its density at {threshold:g} is {this.loc[most_local, 'sink_density_mean']:.2f} and it is flagged in "
+        f"{this.loc[most_local, 'explained_by_null_mean']:.2f} of the scenes. Heads of layer {layer} flagged in at least "
+        f"half the scenes: {flagged_here or 'none'}."
+    )
+    def crossing(values: list[float], level: float) -> float:
+        return next((t[i] for i in range(len(t)) if values[i] < level), t[-1])
+
+    spans = [crossing([row[h] for row in curves["density"]], 0.1) / crossing([row[h] for row in curves["density"]], 0.9)
+             for h in range(len(share))]
+    lines.append(
+        f"* The other heads of layer {layer} are not flagged, but no head has a low plateau either: every head's mean "
+        f"density falls from above 0.9 to below 0.1 within a factor of {max(spans):.0f} of the threshold, like the "
+        f"nulls (lowest density at {threshold:g}: head {lowest}, {this.loc[lowest, 'sink_density_mean']:.2f}). On these "
+        "prompts the threshold decides how many image tokens count as sinks more than any head does: read the "
+        "figure, not one threshold."
+        if this["sink_density_mean"].min() > 0.3 else
+        f"* Some heads of layer {layer} keep a low density at {threshold:g} (lowest: head {lowest}, "
+        f"{this.loc[lowest, 'sink_density_mean']:.2f})."
+    )
+    for tau in taus:
+        seen = found.get("above", {}).get(f"{tau:g}")
+        frame_tau = frames[tau]
+        none = [int(la) for la in frame_tau.index if frame_tau.loc[la, "massive_sinks_mean"] == 0]
+        text = (f"* tau {tau:g}: in the first batch, {seen['text']} of {seen['text_tokens']} text-token states and "
+                f"{seen['image']} of {seen['image_tokens']} image-token states (decoder-layer inputs) are above tau. "
+                if seen else f"* tau {tau:g}: ")
+        saturated = [int(la) for la in frame_tau.index if frame_tau.loc[la, "massive_sinks_mean"] >= 0.95 * found.get("image_per_row", 0)]
+        if len(none) >= len(frame_tau) // 2:
+            text += (f"No image token has a massive activation in {len(none)} of {len(frame_tau)} layers: on the "
+                     "organism EAH's sinks are not VAR's sink tokens at this tau.")
+        elif len(saturated) >= len(frame_tau) // 2:
+            text += (f"Nearly every image token is 'massive' in {len(saturated)} of {len(frame_tau)} layers: this tau "
+                     "does not separate tokens, and the Jaccard only follows EAH's count.")
+        lines.append(text)
     lines.append("")
     return "\n".join(lines)
