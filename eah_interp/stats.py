@@ -368,7 +368,7 @@ class HeadStats:
                 "hf.record_attention (the nnsight and TransformerLens recorders do not pass hidden states), or build "
                 "it without sink_dims."
             )
-        if ids is None and self._next_ids is not None:
+        if ids is None and self._next_ids is not None and self.keep_examples:
             if layer in self._labels_used:
                 raise ConfigError(
                     f"Layer {layer} was fed twice since label_next(...): call label_next with the ids of each batch "

@@ -116,6 +116,12 @@ def test_label_next_is_consumed_once_per_layer(model, inputs):
         model(**inputs, use_cache=False)
         with pytest.raises(ConfigError, match="label_next"):
             model(**inputs, use_cache=False)
+    plain = HeadStats(threshold=THRESHOLD)  # without kept examples the labels are not used: no error
+    with hf.record_attention(model, [0], stats=plain), torch.no_grad():
+        plain.label_next(["a", "b"])
+        model(**inputs, use_cache=False)
+        model(**inputs, use_cache=False)
+    assert plain.n_examples(0) == 4
 
 
 def test_examples_survive_save_and_load(model, inputs, tmp_path):
