@@ -269,6 +269,8 @@ def _settings(bundle: ModelBundle, dataset: Dataset, prompt: str, max_new_tokens
                 "chair_protocol": chair_protocol, "vocabulary": dataset.vocabulary}
     if replication is not None:  # absent (not None) without a split: runs from before the split resume as they were
         settings["replication"] = replication.to_dict()
+        if replication.by == "order":  # the parts depend on the whole dataset: another size is another split
+            settings["replication"]["n_items"] = len(dataset)
     return settings
 
 

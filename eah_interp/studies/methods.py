@@ -70,8 +70,8 @@ class Plan:
         batch_size: the runner's batch size.
     """
 
-    n_pope: int = 64
-    n_caption: int = 24
+    n_pope: int = 32
+    n_caption: int = 8
     max_new_tokens: int = 30
     n_mine: int = 16
     arms: tuple[str, ...] | None = None
