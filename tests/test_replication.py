@@ -142,3 +142,20 @@ def test_runner_records_the_part_and_keeps_the_split_on_resume(tmp_path):
     with pytest.raises(ConfigError, match="n_items"):  # by order, more items move the boundary: refused
         run_experiment(bundle, scene_dataset(6), tmp_path, conditions=[Condition("baseline")], tasks=("pope",),
                        progress=False, replication=split)
+
+
+def test_eval_cli_takes_a_replication_split(tmp_path):
+    from typer.testing import CliRunner
+
+    from eah_interp.cli import app
+
+    common = ["eval", "--model", "tiny-llava", "-n", "4", "--condition", "eah_paper", "--beams", "1", "--task", "pope"]
+    bad = CliRunner().invoke(app, [*common, "--replication", "1.5", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code != 0 and "strictly between 0 and 1" in bad.output
+    result = CliRunner().invoke(app, [*common, "--replication", "0.5", "--replicate-by", "order",
+                                      "--bootstrap", "100", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    report = (tmp_path / "report.md").read_text()
+    assert "## Replication" in report and "## Discovery part (2 items)" in report and "## Replication part (2 items)" in report
+    parts = {json.loads(line)["item"]: json.loads(line)["part"] for line in (tmp_path / "items.jsonl").read_text().splitlines()}
+    assert sorted(parts.values()) == ["discovery", "discovery", "replication", "replication"]

@@ -254,7 +254,7 @@ def main(out: Path, *, quick: bool = False, plan: Plan | None = None, progress: 
 
     plan_file = out / "plan.json"
     saved = json.loads(plan_file.read_text()) if plan_file.exists() else {}
-    if saved and saved.get("plan") != dataclasses.asdict(plan):
+    if saved and saved.get("plan") != json.loads(json.dumps(dataclasses.asdict(plan))):
         raise ValueError(f"{out} holds a study run with another plan ({saved.get('plan')}); use another --out.")
     mined = saved.get("mined") or mine(bundle, discovery[: plan.n_mine], n_layers, n_heads)
     arms = conditions(bundle.threshold, mined, hidden)
