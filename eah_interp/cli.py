@@ -408,7 +408,8 @@ def evaluate(
     The dataset: --pope files (with --coco-instances, captions get CHAIR too), --coco-instances (add
     --generate-pope for POPE questions), a plain --images folder (captions only), each with --images DIR;
     or, with none of them, held-out synthetic scenes. Paired bootstrap CIs, permutation p-values and
-    Holm-adjusted p-values across all arms x metrics.
+    Holm-adjusted p-values across all arms x metrics; with --replication, a pre-registered discovery /
+    replication split (Holm within each part; "replicated" = significant after Holm in both, same sign).
     """
     import dataclasses
     import functools
