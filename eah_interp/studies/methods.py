@@ -231,7 +231,7 @@ def main(out: Path, *, quick: bool = False, plan: Plan | None = None, progress: 
 
     Args:
         out: output folder: ``plan.json`` (arms, rules, mined heads), ``pope/`` and ``captions/`` (the
-            runner's resumable results), ``results.csv``, ``replication.csv``, ``eah_vs_var.csv``,
+            runner's resumable results), ``results.csv``, ``replication.csv``, ``versus_eah.csv``,
             ``summary.json``, ``effects.png``, ``report.md``.
         quick: the smoke-test plan (`QUICK`) instead of the documented one (`FULL`).
         plan: an explicit `Plan` (overrides ``quick``).
@@ -297,12 +297,13 @@ def write(out: Path, plan: Plan) -> Path:
     if not table.empty:
         table.to_csv(out / "replication.csv", index=False)
     names = [a["name"] for a in meta["arms"]]
-    versus = [n for n in names if n.startswith("var_")]
+    # against EAH itself: VAR (the opposite mechanism) and the EAH + PAI stack (does PAI add to EAH?)
+    versus = [n for n in names if n.startswith("var_") or n == "eah_organism+pai_default"]
     direct = pd.DataFrame()
-    if "eah_organism" in names and versus:
+    if "eah_organism" in names and versus and len(items):
         sub = items[items["condition"].isin(["eah_organism", *versus])]
         direct = summarise(sub, baseline="eah_organism", n_resamples=plan.bootstrap)
-        direct.to_csv(out / "eah_vs_var.csv", index=False)
+        direct.to_csv(out / "versus_eah.csv", index=False)
     _plot(summary, out)
     (out / "summary.json").write_text(json.dumps({
         "n_items": {p: int(items.loc[items["part"] == p, "item"].nunique()) for p in PARTS if len(items)},
@@ -384,8 +385,8 @@ def _report(meta: dict, items, summary, table, direct) -> list[str]:
             lines.append(f"| {cond} | " + " | ".join(_cell(g, m, part) for m in metrics) + " |")
         lines.append("")
     if not direct.empty:
-        lines += ["## EAH vs VAR directly (VAR minus EAH at the organism threshold, same scenes; Holm within "
-                  "this comparison's family per part)", ""]
+        lines += ["## Against EAH directly: VAR (the opposite mechanism) and EAH + PAI (arm minus EAH at the organism "
+                  "threshold, same scenes; Holm within this comparison's family per part)", ""]
         metrics = [m for m in MAIN if m in set(direct["metric"])]
         lines += ["| part | arm | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
         for part in PARTS:
