@@ -214,6 +214,30 @@ def edit_counts(bundle: Any, arms: list[Condition], items: list[Any]) -> dict[st
     return counts
 
 
+def var_sink_counts(bundle: Any, items: list[Any], dims: tuple[int, ...], taus: tuple[float, ...]) -> dict[str, Any]:
+    """Massive-activation sinks per layer on yes/no prompts: image and text tokens that VAR would call sinks.
+
+    Returns:
+        ``{"taus": [...], "n_image": image tokens in all, "layers": {layer: {tau: [image sinks, text sinks]}}}``
+        for VAR's layers 2 .. n - 2 (`eah_interp.sinks.massive_activation_sinks` on each layer's input).
+    """
+    from eah_interp.sinks import massive_activation_sinks
+
+    question = items[0].questions[0].text
+    inputs = bundle.encode([bundle.yes_no_prompt(question)] * len(items), [item.load_image() for item in items])
+    with torch.no_grad():
+        hidden = bundle.model(**inputs, use_cache=False, output_hidden_states=True).hidden_states
+    real = inputs["attention_mask"].bool()
+    image = (inputs["input_ids"] == bundle.model.config.image_token_id) & real
+    layers: dict[str, dict[str, list[int]]] = {}
+    for layer in range(min(2, len(hidden) - 2), len(hidden) - 2):
+        layers[str(layer)] = {}
+        for tau in taus:
+            sinks = massive_activation_sinks(hidden[layer], dims, tau) & real
+            layers[str(layer)][f"{tau:g}"] = [int((sinks & image).sum()), int((sinks & ~image).sum())]
+    return {"taus": [float(t) for t in taus], "n_image": int(image.sum()), "layers": layers}
+
+
 # ---------------------------------------------------------------------------- the run
 def _datasets(plan: Plan) -> tuple[Dataset, Dataset]:
     """The yes/no scenes and the captioned scenes (the first ``n_caption / 2`` scenes of each part)."""
@@ -264,8 +288,11 @@ def main(out: Path, *, quick: bool = False, plan: Plan | None = None, progress: 
                    == bundle.model.config.image_token_id).sum())
     rules = organism_rules(n_layers, n_heads, n_image, hidden)
     acts = saved.get("acts") or edit_counts(bundle, arms, discovery[:4])
+    var_tau = round(20 * math.sqrt(hidden / REFERENCE_HIDDEN), 2)
+    var_sinks = saved.get("var_sinks") or var_sink_counts(bundle, discovery[:4], tuple(mined["var_dims"]), (20.0, var_tau))
     plan_file.write_text(json.dumps({
         "plan": dataclasses.asdict(plan), "split": split.to_dict(), "rules": rules, "mined": mined, "acts": acts,
+        "var_sinks": var_sinks,
         "arms": [a.to_dict() for a in arms],
         "describe": {a.name: [i.describe() for i in a.config] for a in arms if a.config is not None},
     }, indent=1, default=str))
@@ -349,7 +376,7 @@ def _report(meta: dict, items, summary, table, direct) -> list[str]:
         "broadcast; others: entries edited) |", "|---|---|---|",
     ]
     for arm in meta["arms"]:
-        text = " + ".join(meta["describe"].get(arm["name"], ["nothing (plain decoding)"]))
+        text = " + ".join(meta["describe"].get(arm["name"], ["nothing (plain decoding)"])).replace("|", "\\|")
         act = meta["acts"].get(arm["name"])
         acted = "" if act is None else f"{act['changed']} (layers {act['layers']})"
         lines.append(f"| {arm['name']} | {text} | {acted} |")
@@ -364,6 +391,15 @@ def _report(meta: dict, items, summary, table, direct) -> list[str]:
         f"* VAR sink dimensions (`massive_dims` over layers 2..n-2): {mined['var_dims']}; largest RMS-normalised "
         f"value there {mined['var_peak']:.1f} (image tokens: {mined['var_peak_image']:.1f}).", "",
     ]
+    if "var_sinks" in meta:
+        counts = meta["var_sinks"]
+        lines += [f"VAR's massive-activation sinks on the yes/no prompts of 4 "
+                  f"discovery scenes ({counts['n_image']} image tokens), image / text tokens per layer:", "",
+                  "| layer | " + " | ".join(f"tau={t:g}" for t in counts["taus"]) + " |",
+                  "|---" * (len(counts["taus"]) + 1) + "|"]
+        lines += [f"| {layer} | " + " | ".join(f"{v[0]} / {v[1]}" for v in row.values()) + " |"
+                  for layer, row in counts["layers"].items()]
+        lines.append("")
     if not table.empty:
         counts = table["verdict"].value_counts()
         lines += ["## Replication", "",
