@@ -428,6 +428,14 @@ def evaluate(
     batch_size: int = 8,
     bootstrap: Annotated[int, typer.Option(help="bootstrap resamples")] = 5000,
     scan: Annotated[int, typer.Option(help="also scan head statistics over this many of the dataset's images (0 = no)")] = 0,
+    replication: Annotated[float | None, typer.Option(
+        help="pre-registered replication split: this share of the items (e.g. 0.5) is kept to confirm what the rest "
+             "discovers; each part gets its own tables and Holm family, and the report says what replicated",
+    )] = None,
+    replicate_by: Annotated[str, typer.Option(
+        help="how items are split: 'hash' (sha256 of the item id; stable under sampling and sharding) or 'order' "
+             "(the last items in dataset order: for scenes, the upper seed range)",
+    )] = "hash",
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
     device_map: DeviceMapOpt = None,
@@ -443,7 +451,8 @@ def evaluate(
     The dataset: --pope files (with --coco-instances, captions get CHAIR too), --coco-instances (add
     --generate-pope for POPE questions), a plain --images folder (captions only), each with --images DIR;
     or, with none of them, held-out synthetic scenes. Paired bootstrap CIs, permutation p-values and
-    Holm-adjusted p-values across all arms x metrics.
+    Holm-adjusted p-values across all arms x metrics; with --replication, a pre-registered discovery /
+    replication split (Holm within each part; "replicated" = significant after Holm in both, same sign).
     """
     import dataclasses
     import functools
@@ -452,6 +461,7 @@ def evaluate(
     from eah_interp import distributed
     from eah_interp.errors import ConfigError
     from eah_interp.evaluation import (
+        ReplicationSplit,
         default_conditions,
         load_items,
         run_experiment,
@@ -469,6 +479,20 @@ def evaluate(
     dataset = _dataset(images=images, coco_instances=coco_instances, pope=pope, n=n, seed=seed, default_scenes=100,
                        generate_pope=generate_pope)
     console.print(f"[bold]data:[/] {dataset.describe()}")
+    split = None
+    if replication is not None:
+        try:
+            split = ReplicationSplit(replication, by=replicate_by)
+            split.assign([item.id for item in dataset])  # a part left empty is an error now, not after the run
+        except ConfigError as err:
+            raise typer.BadParameter(str(err), param_hint="--replication / --replicate-by") from None
+        if split.by == "order" and part.count > 1:
+            raise typer.BadParameter(
+                "--replicate-by order splits the whole dataset by position, which a shard does not see; "
+                "use --replicate-by hash with --shard (or under torchrun / accelerate launch).",
+                param_hint="--replicate-by",
+            )
+        console.print(f"[bold]replication:[/] {split.describe()}")
     bundle = _load(model, dtype=dtype, device=device, device_map=device_map, trust_remote_code=trust_remote_code)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -485,7 +509,8 @@ def evaluate(
         console.print("[yellow]no yes/no questions in this dataset (pass --pope FILE, or --generate-pope with "
                       "--coco-instances): POPE is skipped.[/]")
     run = functools.partial(run_experiment, bundle, conditions=arms, tasks=chosen_tasks, prompt=prompt,
-                            max_new_tokens=max_new_tokens, chair_protocol=chair_protocol, batch_size=batch_size)
+                            max_new_tokens=max_new_tokens, chair_protocol=chair_protocol, batch_size=batch_size,
+                            replication=split)
     try:
         if part.count > 1:  # this rank's or job's items, into its own results file
             shard_items = tuple(part.select(dataset.items))

@@ -18,6 +18,7 @@ The runner knows nothing about where items come from.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -63,6 +64,95 @@ class Condition:
             config = None if self.config is None else self.config.to_dict()
             return {"name": self.name, "num_beams": self.num_beams, "config": config}
         return {"name": self.name, "num_beams": self.num_beams, "interventions": [i.to_dict() for i in self.config]}
+
+
+#: The two parts of a replication split, in report order.
+PARTS = ("discovery", "replication")
+#: How a `ReplicationSplit` assigns items: a hash of the item id, or the dataset's order (a seed range for scenes).
+SPLIT_METHODS = ("hash", "order")
+
+
+@dataclass(frozen=True)
+class ReplicationSplit:
+    """A pre-registered discovery / replication split of a dataset's items, fixed before any result is seen.
+
+    Every item belongs to one part: ``"discovery"`` (find effects) or ``"replication"`` (confirm them).
+    `summarise` analyses each part on its own (Holm within each part) and `replication_table` calls a
+    result *replicated* only when it is significant after Holm in discovery and significant after Holm,
+    with the same sign, in replication. The split is recorded in ``run.json`` and in every result
+    (field ``part``), so a resumed run cannot change it.
+
+    Args:
+        fraction: the share of items in the replication part, in (0, 1).
+        by: ``"hash"``: an item is in replication when ``sha256(f"{salt}:{item id}")``, read as a number
+            in [0, 1), is below ``fraction`` (depends on the id only: stable under sampling, sharding and
+            reordering; the part sizes are ``fraction`` on average). ``"order"``: the last
+            ``round(fraction * n)`` items of the dataset in its order (for the held-out scenes, whose items
+            are in seed order, that is the upper seed range; exact part sizes).
+        salt: mixed into the hash (another salt = another random split).
+
+    Example:
+        >>> ReplicationSplit(0.5, by="order").assign(["a", "b", "c", "d"])
+        {'a': 'discovery', 'b': 'discovery', 'c': 'replication', 'd': 'replication'}
+    """
+
+    fraction: float = 0.5
+    by: str = "hash"
+    salt: str = "eah-interp"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.fraction, (int, float)) or isinstance(self.fraction, bool) or not 0 < self.fraction < 1:
+            raise ConfigError(
+                f"the replication fraction must be a number strictly between 0 and 1 (the share of items kept for "
+                f"replication, e.g. 0.5); got {self.fraction!r}."
+            )
+        if self.by not in SPLIT_METHODS:
+            raise ConfigError(f"ReplicationSplit.by must be one of {SPLIT_METHODS}; got {self.by!r}.")
+
+    def assign(self, item_ids: Sequence[str]) -> dict[str, str]:
+        """The part of every item: ``{item id: "discovery" | "replication"}`` (``item_ids`` in dataset order).
+
+        Raises:
+            ConfigError: fewer than 2 items, or a part would be empty.
+        """
+        ids = list(item_ids)
+        if len(ids) < 2:
+            raise ConfigError(f"a replication split needs at least 2 items; the dataset has {len(ids)}.")
+        if self.by == "order":
+            n_rep = round(self.fraction * len(ids))
+            if not 0 < n_rep < len(ids):
+                raise ConfigError(
+                    f"a replication fraction of {self.fraction:g} leaves a part of {len(ids)} items empty; "
+                    "use more items or a fraction nearer 0.5."
+                )
+            return {i: PARTS[k >= len(ids) - n_rep] for k, i in enumerate(ids)}
+        parts = {i: PARTS[self._unit(i) < self.fraction] for i in ids}
+        missing = [p for p in PARTS if p not in parts.values()]
+        if missing:
+            raise ConfigError(
+                f"the hash split with fraction {self.fraction:g} puts none of the {len(ids)} items in {missing[0]}; "
+                "use more items, a fraction nearer 0.5, or by='order'."
+            )
+        return parts
+
+    def _unit(self, item_id: str) -> float:
+        digest = hashlib.sha256(f"{self.salt}:{item_id}".encode()).hexdigest()
+        return int(digest[:15], 16) / 16**15
+
+    def describe(self) -> str:
+        """One sentence: how items are split."""
+        how = (f"sha256('{self.salt}:<item id>') < {self.fraction:g}" if self.by == "hash"
+               else f"the last {self.fraction:.0%} of the items in dataset order")
+        return (f"pre-registered replication split: replication = {how}, discovery = the rest; each part is "
+                "analysed on its own (Holm within the part); replicated = significant after Holm in discovery "
+                "and in replication with the same sign.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fraction": self.fraction, "by": self.by, "salt": self.salt}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ReplicationSplit:
+        return cls(**d)
 
 
 def deep_control_layer(n_layers: int, treatment_layers: Iterable[int], shallow_layers: Iterable[int] = (1,)) -> int:
@@ -171,11 +261,17 @@ def _chair(captions: list[str], truths: list[frozenset[str]], vocabulary: str, p
     return chair_scores(captions, truths, vocabulary=vocabulary, protocol=protocol)
 
 
-def _settings(bundle: ModelBundle, dataset: Dataset, prompt: str, max_new_tokens: int, chair_protocol: str) -> dict:
+def _settings(bundle: ModelBundle, dataset: Dataset, prompt: str, max_new_tokens: int, chair_protocol: str,
+              replication: ReplicationSplit | None = None) -> dict:
     """What every result of a run depends on besides the condition: a resumed run must agree on it."""
-    return {"model": bundle.name, "dataset": dataset.name, "prompt": prompt,
-            "yes_no_prompt": bundle.yes_no_prompt("<question>"), "max_new_tokens": max_new_tokens,
-            "chair_protocol": chair_protocol, "vocabulary": dataset.vocabulary}
+    settings = {"model": bundle.name, "dataset": dataset.name, "prompt": prompt,
+                "yes_no_prompt": bundle.yes_no_prompt("<question>"), "max_new_tokens": max_new_tokens,
+                "chair_protocol": chair_protocol, "vocabulary": dataset.vocabulary}
+    if replication is not None:  # absent (not None) without a split: runs from before the split resume as they were
+        settings["replication"] = replication.to_dict()
+        if replication.by == "order":  # the parts depend on the whole dataset: another size is another split
+            settings["replication"]["n_items"] = len(dataset)
+    return settings
 
 
 def run_experiment(
@@ -191,6 +287,7 @@ def run_experiment(
     batch_size: int = 8,
     progress: bool = True,
     items_file: str = "items.jsonl",
+    replication: ReplicationSplit | None = None,
 ) -> Path:
     """Run (or resume) the experiment on ``dataset``; returns the results file ``out/items.jsonl``.
 
@@ -206,6 +303,9 @@ def run_experiment(
             caption.
         items_file: the results file's name in ``out`` (a shard of a data-parallel run writes its own,
             `eah_interp.distributed.items_path`; ``run.json`` is shared and written atomically).
+        replication: a pre-registered `ReplicationSplit`: every result records its item's ``part``
+            (``"discovery"`` or ``"replication"``), ``run.json`` the split and the part sizes. With
+            ``by="order"`` the split is taken over ``dataset`` as given (pass the whole dataset, not a shard).
 
     Raises:
         ConfigError: ``out`` holds results of a run with other settings (model, dataset, prompt,
@@ -230,7 +330,8 @@ def run_experiment(
         caption_prompt = bundle.prompt(prompt)  # type: ignore[attr-defined]
     else:
         raise ConfigError(f"model {bundle.name!r} cannot wrap a custom prompt (its bundle has no .prompt); drop --prompt.")
-    settings = _settings(bundle, dataset, caption_prompt, max_new_tokens, protocol)
+    settings = _settings(bundle, dataset, caption_prompt, max_new_tokens, protocol, replication)
+    parts = None if replication is None else replication.assign([item.id for item in dataset])
     run_file = out / "run.json"
     arms = {c.name: c.to_dict() for c in conditions}
     if run_file.exists() and (out / items_file).exists():
@@ -257,19 +358,24 @@ def run_experiment(
         "settings": settings, "dataset": {"description": dataset.describe(), "source": dataset.source},
         "conditions": list(arms.values()),
         "tasks": list(tasks),
+        **({} if parts is None else {"replication": {
+            "description": replication.describe(),  # type: ignore[union-attr]
+            "n": {part: sum(v == part for v in parts.values()) for part in PARTS},
+        }}),
     }, indent=1, default=str))
     os.replace(tmp, run_file)
     store = _Store(out / items_file)
     for cond in tqdm(conditions, desc="conditions", disable=not progress):
         if "caption" in tasks:
-            _run_captions(bundle, dataset, cond, store, caption_prompt, max_new_tokens, protocol, batch_size, progress)
+            _run_captions(bundle, dataset, cond, store, caption_prompt, max_new_tokens, protocol, batch_size, progress,
+                          parts)
         if "pope" in tasks and cond.num_beams == 1:
-            _run_questions(bundle, dataset, cond, store, batch_size, progress)
+            _run_questions(bundle, dataset, cond, store, batch_size, progress, parts)
     return store.path
 
 
 def _run_captions(bundle, dataset: Dataset, cond: Condition, store: _Store, prompt: str, max_new_tokens: int,
-                  protocol: str, batch_size: int, progress: bool) -> None:
+                  protocol: str, batch_size: int, progress: bool, parts: dict[str, str] | None = None) -> None:
     todo = [item for item in dataset if (cond.name, "caption", item.id, "") not in store.done]
     for i in tqdm(range(0, len(todo), batch_size), desc=f"{cond.name}: captions", leave=False, disable=not progress):
         chunk = todo[i : i + batch_size]
@@ -302,11 +408,14 @@ def _run_captions(bundle, dataset: Dataset, cond: Condition, store: _Store, prom
             if j in strict_scores:
                 record["mentioned_strict"] = sorted(strict_scores[j]["mentioned"])
                 record["hallucinated_strict"] = sorted(strict_scores[j]["hallucinated"])
+            if parts is not None:
+                record["part"] = parts[item.id]
             records.append(record)
         store.add(records)
 
 
-def _run_questions(bundle, dataset: Dataset, cond: Condition, store: _Store, batch_size: int, progress: bool) -> None:
+def _run_questions(bundle, dataset: Dataset, cond: Condition, store: _Store, batch_size: int, progress: bool,
+                   parts: dict[str, str] | None = None) -> None:
     """Ask every unanswered question; a question text asked twice about one item (in two splits) runs once."""
     from eah_interp.metrics import parse_yes_no
 
@@ -326,7 +435,7 @@ def _run_questions(bundle, dataset: Dataset, cond: Condition, store: _Store, bat
             {
                 "condition": cond.name, "task": "pope", "item": item.id, "question": q.id, "split": q.split,
                 "object": q.object, "text": q.text, "label": q.label, "answer": a, "said_yes": parse_yes_no(a),
-                "logit_diff": d,
+                "logit_diff": d, **({} if parts is None else {"part": parts[item.id]}),
             }
             for key, a, d in zip(chunk, answers, diffs, strict=True)
             for item, q in todo[key]
@@ -475,7 +584,112 @@ def item_table(items):
     return table
 
 
+def parts_of(items) -> list[str]:
+    """The replication-split parts the results carry (``PARTS`` order), or ``[]`` for results without a split.
+
+    Raises:
+        ConfigError: some results have a part and others have none (results of two runs mixed).
+    """
+    if "part" not in items or items.empty or items["part"].isna().all():
+        return []
+    if items["part"].isna().any():
+        raise ConfigError(
+            "some results carry a replication part and others do not (results of runs with and without a "
+            "replication split mixed in one file); rerun into another --out."
+        )
+    unknown = set(items["part"]) - set(PARTS)
+    if unknown:
+        raise ConfigError(f"unknown replication part(s) {sorted(unknown)}; parts are {PARTS}.")
+    return [p for p in PARTS if (items["part"] == p).any()]
+
+
 def summarise(items, *, baseline: str = "baseline", n_resamples: int = 5000, seed: int = 0, alpha: float = ALPHA):
+    """Metrics per condition (and replication part) with paired bootstrap 95% CIs and Holm's correction.
+
+    Without a replication split (results without a ``part`` field) the whole table is one family: see
+    `summarise_part`, every row has ``part == "all"``. With one (`ReplicationSplit`), each part is
+    summarised on its own items and Holm adjusts within each part (the discovery family, the replication
+    family); `replication_table` then decides what replicated.
+
+    Returns:
+        A tidy DataFrame: part, condition, task, split, metric, value, baseline, diff, ci_low, ci_high,
+        p_value, p_holm, significant, n, note.
+    """
+    import pandas as pd
+
+    parts = parts_of(items)
+    if not parts:
+        frame = summarise_part(items, baseline=baseline, n_resamples=n_resamples, seed=seed, alpha=alpha)
+        return frame.assign(part="all")[["part", *frame.columns]]
+    frames = []
+    for part in parts:
+        frame = summarise_part(items[items["part"] == part], baseline=baseline, n_resamples=n_resamples, seed=seed,
+                               alpha=alpha)
+        frames.append(frame.assign(part=part)[["part", *frame.columns]])
+    return pd.concat(frames, ignore_index=True)
+
+
+def replication_table(summary, *, alpha: float = ALPHA):
+    """Per arm x metric: the discovery and replication effects and whether the effect replicated.
+
+    ``verdict`` is ``"replicated"`` when the difference is significant after Holm (``p_holm < alpha``,
+    within its part) in discovery and in replication with the same sign; ``"not replicated"`` when
+    significant in discovery only (or with the opposite sign in replication); ``"replication only"``
+    when significant in replication but not in discovery (not a finding: it was not predicted);
+    ``"null"`` when significant in neither. Unadjusted p-values never count.
+
+    Args:
+        summary: `summarise`'s frame of results with a replication split (parts ``discovery`` and
+            ``replication``).
+
+    Returns:
+        A DataFrame: condition, task, split, metric, diff_discovery, p_holm_discovery, diff_replication,
+        ci_low_replication, ci_high_replication, p_holm_replication, verdict (only tested arm x metrics).
+
+    Raises:
+        ConfigError: the summary lacks one of the parts.
+    """
+    import pandas as pd
+
+    missing = [p for p in PARTS if p not in set(summary["part"])]
+    if missing:
+        raise ConfigError(
+            f"the summary has no {missing[0]!r} part: run the experiment with a replication split "
+            "(run_experiment(..., replication=ReplicationSplit(0.5)), eah-interp eval --replication 0.5)."
+        )
+    keys = ["condition", "task", "split", "metric"]
+    tested = summary[summary["p_value"].notna()]
+    disc = tested[tested["part"] == "discovery"].set_index(keys)
+    rep = tested[tested["part"] == "replication"].set_index(keys)
+    rows = []
+    for key in disc.index.union(rep.index, sort=False):
+        d = disc.loc[key] if key in disc.index else None
+        r = rep.loc[key] if key in rep.index else None
+        sig_d = d is not None and bool(d["p_holm"] < alpha)
+        sig_r = r is not None and bool(r["p_holm"] < alpha)
+        same = d is not None and r is not None and np.sign(d["diff"]) == np.sign(r["diff"]) and d["diff"] != 0
+        if sig_d and sig_r and same:
+            verdict = "replicated"
+        elif sig_d:
+            verdict = "not replicated"
+        elif sig_r:
+            verdict = "replication only"
+        else:
+            verdict = "null"
+        nan = float("nan")
+        rows.append(dict(zip(keys, key, strict=True)) | {
+            "diff_discovery": nan if d is None else d["diff"], "p_holm_discovery": nan if d is None else d["p_holm"],
+            "diff_replication": nan if r is None else r["diff"],
+            "ci_low_replication": nan if r is None else r["ci_low"],
+            "ci_high_replication": nan if r is None else r["ci_high"],
+            "p_holm_replication": nan if r is None else r["p_holm"], "verdict": verdict,
+        })
+    columns = [*keys, "diff_discovery", "p_holm_discovery", "diff_replication", "ci_low_replication",
+               "ci_high_replication", "p_holm_replication", "verdict"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def summarise_part(items, *, baseline: str = "baseline", n_resamples: int = 5000, seed: int = 0, alpha: float = ALPHA):
     """Metrics per condition with paired bootstrap 95% CIs of the difference to ``baseline`` and Holm's correction.
 
     Items are the resampling unit: each bootstrap draw resamples items with replacement and recomputes
@@ -588,6 +802,73 @@ def _markdown_table(sub, metrics: list[str], baseline: str) -> list[str]:
     return lines + [""]
 
 
+def _part_tables(summary, baseline: str, level: str = "##", label: str = "") -> list[str]:
+    """The report's tables of one family (all results, or one replication part)."""
+    lines: list[str] = []
+    caption = summary[summary["task"] == "caption"]
+    if not caption.empty:
+        lines += [f"{level} {label}Captions (CHAIR)", ""]
+        lines += _markdown_table(caption, list(dict.fromkeys(caption["metric"])), baseline)
+    pope = summary[(summary["task"] == "pope") & summary["split"].notna()]
+    for split in dict.fromkeys(pope["split"]):
+        sub = pope[pope["split"] == split]
+        lines += [f"{level} {label}Yes/no questions (POPE), split `{split}`", ""]
+        lines += _markdown_table(sub, list(dict.fromkeys(sub["metric"])), baseline)
+    probes = summary[(summary["task"] == "pope") & summary["split"].isna()]
+    if not probes.empty:
+        lines += [f"{level} {label}Logit probe log p(yes) - log p(no) (each distinct question once)", ""]
+        lines += _markdown_table(probes, list(dict.fromkeys(probes["metric"])), baseline)
+    return lines
+
+
+def replication_markdown(table) -> list[str]:
+    """`replication_table` as Markdown lines (tested arm x metrics; replicated ones first)."""
+    if table.empty:
+        return ["(nothing was tested)", ""]
+    order = {"replicated": 0, "not replicated": 1, "replication only": 2, "null": 3}
+    table = table.assign(_o=table["verdict"].map(order)).sort_values("_o", kind="stable")
+    lines = ["| condition | metric | discovery diff (Holm p) | replication diff [95% CI] (Holm p) | verdict |",
+             "|---|---|---|---|---|"]
+    for r in table.itertuples():
+        disc = f"{r.diff_discovery:+.3f} ({r.p_holm_discovery:.3f})" if r.diff_discovery == r.diff_discovery else ""
+        rep = (f"{r.diff_replication:+.3f} [{r.ci_low_replication:+.3f}, {r.ci_high_replication:+.3f}] "
+               f"({r.p_holm_replication:.3f})") if r.diff_replication == r.diff_replication else ""
+        verdict = f"**{r.verdict}**" if r.verdict == "replicated" else r.verdict
+        lines.append(f"| {r.condition} | {r.metric} | {disc} | {rep} | {verdict} |")
+    return lines + [""]
+
+
+def _effects_plot(summary, out: Path, baseline: str) -> None:
+    """``effects.png``: differences to the baseline with 95% CIs for a few key metrics (one colour per part)."""
+    import matplotlib.pyplot as plt
+
+    pope = summary[(summary["task"] == "pope") & summary["split"].notna()]
+    first_split = next(iter(dict.fromkeys(pope["split"])), None)
+    wanted = ["chair_i", "recall", f"pope_acc_{first_split}", "probe_absent"]
+    plot = summary[(summary["condition"] != baseline) & summary["metric"].isin(wanted) & summary["ci_low"].notna()]
+    if plot.empty:
+        return
+    metrics = list(dict.fromkeys(plot["metric"]))
+    conds = list(dict.fromkeys(plot["condition"]))
+    parts = list(dict.fromkeys(plot["part"]))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 0.8 + 0.4 * len(conds)), squeeze=False)
+    for ax, m in zip(axes[0], metrics, strict=True):
+        for k, part in enumerate(parts):
+            g = plot[(plot["metric"] == m) & (plot["part"] == part)]
+            y = np.array([conds.index(c) for c in g["condition"]]) + (k - (len(parts) - 1) / 2) * 0.25
+            ax.errorbar(g["diff"], y, xerr=[g["diff"] - g["ci_low"], g["ci_high"] - g["diff"]], fmt="o",
+                        label=part if part != "all" else None)
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_yticks(np.arange(len(conds)), conds if ax is axes[0][0] else [""] * len(conds))
+        ax.invert_yaxis()
+        ax.set_title(f"{m}: diff vs baseline")
+    if len(parts) > 1:
+        axes[0][-1].legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out / "effects.png", dpi=120)
+    plt.close(fig)
+
+
 def write_report(
     items_path: Path, out: Path, *, title: str = "EAH vs baseline vs controls", n_resamples: int = 5000,
     baseline: str = "baseline",
@@ -596,18 +877,18 @@ def write_report(
 
     The report states the dataset, prompt, generation budget and CHAIR protocol (from ``run.json`` when
     present), gives POPE per split that exists, names every undefined metric and why, and marks as
-    significant (``*``) only what survives Holm's correction across all arms x metrics.
+    significant (``*``) only what survives Holm's correction across all arms x metrics of its family.
+    With a replication split (`ReplicationSplit`) it gives the tables of each part (Holm within each)
+    and the replication verdicts (`replication_table`, also written as ``replication.csv``).
     """
-    import matplotlib.pyplot as plt
-
     items = load_items(items_path)
     summary = summarise(items, n_resamples=n_resamples, baseline=baseline)
     summary.to_csv(out / "results.csv", index=False)
     n_items = items["item"].nunique() if len(items) else 0
     lines = [f"# {title}", "", f"Results: `{items_path}`; {n_items} items.", ""]
     run_file = Path(items_path).parent / "run.json"
-    if run_file.exists():
-        run = json.loads(run_file.read_text())
+    run: dict[str, Any] = json.loads(run_file.read_text()) if run_file.exists() else {}
+    if run:
         settings = run.get("settings", {})
         lines += [
             f"* Dataset: {run.get('dataset', {}).get('description', '?')}",
@@ -616,44 +897,46 @@ def write_report(
             f"* CHAIR protocol: `{settings.get('chair_protocol')}`, vocabulary `{settings.get('vocabulary')}`.",
             "",
         ]
-    n_tests = int(summary["p_value"].notna().sum())
-    lines += [
-        "Differences are condition minus baseline on the same items; 95% CIs from a paired bootstrap over",
-        "items; p from a paired sign-flip permutation test on per-item differences; Holm p adjusts all",
-        f"{n_tests} p-values of this report (every arm x metric) for multiple comparisons. `*` marks Holm p < {ALPHA}",
-        "(the raw p alone never marks a result).", "",
-    ]
-    caption = summary[summary["task"] == "caption"]
-    if not caption.empty:
-        lines += ["## Captions (CHAIR)", ""] + _markdown_table(caption, list(dict.fromkeys(caption["metric"])), baseline)
-    pope = summary[(summary["task"] == "pope") & summary["split"].notna()]
-    for split in dict.fromkeys(pope["split"]):
-        sub = pope[pope["split"] == split]
-        lines += [f"## Yes/no questions (POPE), split `{split}`", ""]
-        lines += _markdown_table(sub, list(dict.fromkeys(sub["metric"])), baseline)
-    probes = summary[(summary["task"] == "pope") & summary["split"].isna()]
-    if not probes.empty:
-        lines += ["## Logit probe log p(yes) - log p(no) (each distinct question once)", ""]
-        lines += _markdown_table(probes, list(dict.fromkeys(probes["metric"])), baseline)
+    parts = [p for p in dict.fromkeys(summary["part"]) if p != "all"]
+    if not parts:
+        n_tests = int(summary["p_value"].notna().sum())
+        lines += [
+            "Differences are condition minus baseline on the same items; 95% CIs from a paired bootstrap over",
+            "items; p from a paired sign-flip permutation test on per-item differences; Holm p adjusts all",
+            f"{n_tests} p-values of this report (every arm x metric) for multiple comparisons. `*` marks Holm p < {ALPHA}",
+            "(the raw p alone never marks a result).", "",
+        ]
+        lines += _part_tables(summary, baseline)
+    else:
+        n_part = {p: int(items.loc[items["part"] == p, "item"].nunique()) for p in parts}
+        how = run.get("replication", {}).get("description", "a pre-registered replication split")
+        lines += [
+            f"Items are split into parts before any result is seen ({how}): "
+            + ", ".join(f"{p}: {n_part[p]} items" for p in parts) + ".",
+            "Differences are condition minus baseline on the same items; 95% CIs from a paired bootstrap over",
+            "items; p from a paired sign-flip permutation test on per-item differences; Holm p adjusts the",
+            "p-values of one part (every arm x metric of that part: "
+            + ", ".join(f"{p}: {int(summary.loc[summary['part'] == p, 'p_value'].notna().sum())}" for p in parts)
+            + f" tests). `*` marks Holm p < {ALPHA} (the raw p alone never marks a result).", "",
+        ]
+        if set(PARTS) <= set(parts):
+            table = replication_table(summary)
+            table.to_csv(out / "replication.csv", index=False)
+            counts = table["verdict"].value_counts()
+            lines += ["## Replication", "",
+                      f"A result is **replicated** when it is significant after Holm in discovery and significant "
+                      f"after Holm, with the same sign, in replication: {int(counts.get('replicated', 0))} of "
+                      f"{int(counts.get('replicated', 0) + counts.get('not replicated', 0))} discoveries replicated "
+                      f"({len(table)} arm x metric tests per part).", ""]
+            lines += replication_markdown(table)
+        for part in parts:
+            lines += [f"## {part.capitalize()} part ({n_part[part]} items)", ""]
+            lines += _part_tables(summary[summary["part"] == part], baseline, "###")
     undefined = summary[summary["value"].isna()]
     if not undefined.empty:
         lines += ["## Undefined metrics", ""]
-        lines += [f"* `{r.metric}` for `{r.condition}`: {r.note}" for r in undefined.itertuples()] + [""]
+        where = lambda r: "" if r.part == "all" else f" ({r.part})"  # noqa: E731
+        lines += [f"* `{r.metric}` for `{r.condition}`{where(r)}: {r.note}" for r in undefined.itertuples()] + [""]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    first_split = next(iter(dict.fromkeys(pope["split"])), None)
-    wanted = ["chair_i", "recall", f"pope_acc_{first_split}", "probe_absent"]
-    plot = summary[(summary["condition"] != baseline) & summary["metric"].isin(wanted) & summary["ci_low"].notna()]
-    if not plot.empty:
-        metrics = list(dict.fromkeys(plot["metric"]))
-        fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 0.5 + 0.4 * plot["condition"].nunique()), squeeze=False)
-        for ax, m in zip(axes[0], metrics, strict=True):
-            g = plot[plot["metric"] == m]
-            y = np.arange(len(g))
-            ax.errorbar(g["diff"], y, xerr=[g["diff"] - g["ci_low"], g["ci_high"] - g["diff"]], fmt="o")
-            ax.axvline(0, color="grey", lw=0.8)
-            ax.set_yticks(y, g["condition"] if ax is axes[0][0] else [""] * len(g))
-            ax.set_title(f"{m}: diff vs baseline")
-        fig.tight_layout()
-        fig.savefig(out / "effects.png", dpi=120)
-        plt.close(fig)
+    _effects_plot(summary, out, baseline)
     return summary
