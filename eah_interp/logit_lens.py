@@ -493,7 +493,7 @@ def plot_grid(
         raise ConfigError(f"Object {object!r} is not in the frame's vocabulary {sorted(sub['object'].unique())}.")
     n_rows, n_cols = int(sub["grid_row"].max()) + 1, int(sub["grid_col"].max()) + 1
     panels = len(layers) + (image is not None)
-    fig, axes = plt.subplots(1, panels, figsize=(2.6 * panels + 0.8, 2.9), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(2.4 * panels + 1.0, 2.9), squeeze=False, layout="constrained")
     axes = axes[0]
     if image is not None:
         axes[0].imshow(np.asarray(image))
@@ -536,7 +536,7 @@ def plot_confidence(
     sub = frame[(frame["object"] == object) & (frame["row"] == row)]
     if sub.empty:
         raise ConfigError(f"No confidence values for object {object!r} in row {row}.")
-    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    fig, ax = plt.subplots(figsize=(5.5, 3.2), layout="constrained")
     for (condition, group), part in sub.groupby(["condition", "positions"], sort=True):
         part = part.sort_values("layer")
         ax.plot(part["layer"], part[value], marker="o", ms=3, label=f"{condition}, {group}")
@@ -544,5 +544,4 @@ def plot_confidence(
     ax.set_ylabel(value)
     ax.set_title(f"{object!r} through the layers (row {row})")
     ax.legend(fontsize=7)
-    fig.tight_layout()
     return fig
