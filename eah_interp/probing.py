@@ -61,34 +61,42 @@ def collect_residuals(
     model: nn.Module,
     inputs: Mapping[str, Any],
     *,
-    positions: str | Bool[Tensor, "batch seq"] = "image",
+    positions: str | Bool[Tensor, "batch seq"] | Sequence[str] = "image",
     layers: int | Iterable[int] | None = None,
     interventions: Any = None,
-) -> Float[Tensor, "batch layer d_model"]:
+) -> Float[Tensor, "batch layer d_model"] | dict[str, Float[Tensor, "batch layer d_model"]]:
     """Residual stream after each chosen layer, averaged over a position group of each row (one forward).
 
     Args:
         model: an HF LVLM.
         inputs: the processor's outputs.
         positions: a group name (``"image"``: mean over the image tokens; ``"last"``: the last real token;
-            the layout's groups) or a bool mask ``[batch, seq]``.
+            the layout's groups) or a bool mask ``[batch, seq]``; or a list/tuple of group names, read
+            from the same forward.
         layers: decoder layers; all when None.
         interventions: None or interventions for `eah_interp.hf.intervene` applied during the forward.
 
     Returns:
-        ``Float[batch, layer, d_model]`` on the CPU (float32), layers in ascending order.
+        ``Float[batch, layer, d_model]`` on the CPU (float32), layers in ascending order; for a list of
+        groups, ``{group: that tensor}``.
 
     Raises:
         LayoutError: the group is empty in some row.
     """
     residuals, _, layout = residual_stream(model, inputs, layers=layers, interventions=interventions)
+    if isinstance(positions, (list, tuple)):
+        return {str(group): _pooled(residuals, layout, group) for group in positions}
+    return _pooled(residuals, layout, positions)
+
+
+def _pooled(residuals: Tensor, layout: Any, positions: str | Tensor) -> Tensor:
+    """The mean of ``residuals [layer, batch, seq, d]`` over a position group of each row → ``[batch, layer, d]``."""
     mask = position_mask(layout, positions).to(residuals.device)
     empty = (~mask.any(-1)).nonzero().flatten().tolist()
     if empty:
         raise LayoutError(f"Position group {positions if isinstance(positions, str) else 'mask'!r} is empty in rows {empty}.")
     weights = mask.float() / mask.sum(-1, keepdim=True)  # [batch, seq]
-    pooled = torch.einsum("lbsd,bs->bld", residuals.float(), weights)
-    return pooled.cpu()
+    return torch.einsum("lbsd,bs->bld", residuals.float(), weights).cpu()
 
 
 def collect_scenes(
@@ -96,12 +104,12 @@ def collect_scenes(
     scenes: Sequence[Any],
     *,
     prompt: str | None = None,
-    positions: str = "image",
+    positions: str | Sequence[str] = "image",
     layers: int | Iterable[int] | None = None,
     interventions: Any = None,
     batch_size: int = 8,
     progress: bool = True,
-) -> Float[Tensor, "scene layer d_model"]:
+) -> Float[Tensor, "scene layer d_model"] | dict[str, Float[Tensor, "scene layer d_model"]]:
     """`collect_residuals` over scenes (or any items with ``.image``), in batches, with a progress bar.
 
     Args:
@@ -114,7 +122,7 @@ def collect_scenes(
         progress: show a tqdm bar.
 
     Returns:
-        ``Float[scene, layer, d_model]``.
+        ``Float[scene, layer, d_model]``; for a list of groups, ``{group: that tensor}`` (one forward per batch).
     """
     from tqdm.auto import tqdm
 
@@ -128,6 +136,8 @@ def collect_scenes(
         chunks.append(collect_residuals(bundle.model, inputs, positions=positions, layers=layers, interventions=interventions))
     if not chunks:
         raise ConfigError("collect_scenes got no scenes.")
+    if isinstance(chunks[0], dict):
+        return {group: torch.cat([c[group] for c in chunks]) for group in chunks[0]}
     return torch.cat(chunks)
 
 

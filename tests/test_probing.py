@@ -80,6 +80,11 @@ def test_collect_residuals_matches_a_manual_forward():
         for i, layer in enumerate((0, 2)):
             torch.testing.assert_close(image[row, i], hidden[layer + 1][row, pos].mean(0), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(last[row, 0], hidden[2][row, -1])  # left padding: the last real token is -1
+    both = P.collect_residuals(model, inputs, positions=("image", "last"), layers=[1])
+    torch.testing.assert_close(both["last"], last)
+    for row in (0, 1):
+        pos = (inputs["input_ids"][row] == TINY_IMAGE_TOKEN_ID).nonzero().flatten()
+        torch.testing.assert_close(both["image"][row, 0], hidden[2][row, pos].mean(0), rtol=1e-5, atol=1e-6)
     eah = P.collect_residuals(model, inputs, layers=[0, 2], interventions=[EAH(layers=(1,), threshold=0.01)])
     torch.testing.assert_close(eah[:, 0], image[:, 0])
     assert not torch.allclose(eah[:, 1], image[:, 1])
@@ -97,6 +102,10 @@ def test_collect_scenes_batches_like_one_forward_per_scene():
     batched = P.collect_scenes(bundle, scenes, layers=[1], batch_size=2, progress=False)
     one = torch.cat([P.collect_residuals(model, proc(bundle.caption_prompt, s.image), layers=[1]) for s in scenes])
     torch.testing.assert_close(batched, one, rtol=1e-4, atol=1e-5)
+    groups = P.collect_scenes(bundle, scenes, positions=["image", "last"], layers=[1], batch_size=2, progress=False)
+    torch.testing.assert_close(groups["image"], one, rtol=1e-4, atol=1e-5)
+    last = torch.cat([P.collect_residuals(model, proc(bundle.caption_prompt, s.image), positions="last", layers=[1]) for s in scenes])
+    torch.testing.assert_close(groups["last"], last, rtol=1e-4, atol=1e-5)
     labels = P.scene_labels(scenes, kinds=["star", "tree"])
     assert labels.tolist() == [[("star" in s.kinds), ("tree" in s.kinds)] for s in scenes]
 

@@ -47,6 +47,9 @@ def main() -> None:
     # ---------------------------------------------------------------- logit lens on a few held-out scenes
     t0 = time.time()
     scenes = list(iter_scenes("heldout", args.lens_scenes, start=args.start))
+    if (out / "confidence_summary.csv").exists():  # the lens stage is done: go on to the probe
+        summary = json.loads((out / "summary.json").read_text())
+        scenes = []
     frames, conf = [], []
     for i, scene in enumerate(scenes):
         inputs = bundle.encode([bundle.caption_prompt], [scene.image])
@@ -62,6 +65,43 @@ def main() -> None:
             for cond in conditions:
                 fig = logit_lens.plot_grid(f, [2, 10, 20, 29], condition=cond, image=scene.image)
                 fig.savefig(out / f"grid_{cond}.png", dpi=110)
+    import pandas as pd
+
+    if scenes:
+        _lens_tables(out, frames, conf, summary, scenes, t0)
+
+    # ---------------------------------------------------------------- probe, baseline vs EAH
+    t0 = time.time()
+    probe_scenes = list(iter_scenes("heldout", args.probe_scenes, start=args.start + 1000))
+    labels = probing.scene_labels(probe_scenes)
+    results = []
+    groups = ("image", "last")
+    for cond, items in conditions.items():  # both groups from one forward per batch; cached for a rerun
+        if not all((out / f"residuals_{cond}_{group}.pt").exists() for group in groups):
+            collected = probing.collect_scenes(bundle, probe_scenes, positions=list(groups), interventions=items)
+            for group in groups:
+                torch.save(collected[group], out / f"residuals_{cond}_{group}.pt")
+    for group in groups:
+        feats = {cond: torch.load(out / f"residuals_{cond}_{group}.pt") for cond in conditions}
+        frame = probing.compare_probes(feats, labels, range(args.train), range(args.train, len(probe_scenes)),
+                                       n_boot=args.n_boot)
+        frame.insert(0, "positions", group)
+        results.append(frame)
+        pd.concat(results).to_csv(out / "probe.csv", index=False)
+        print(frame[["layer", "arm", "auroc", "auroc_low", "auroc_high", "d_auroc", "p_auroc_holm"]].to_string(), flush=True)
+    from eah_interp.metrics.stats import holm
+
+    combined = pd.concat(results, ignore_index=True)  # Holm over both position groups too
+    adjusted = holm(list(combined["p_accuracy"]) + list(combined["p_auroc"]))
+    combined["p_accuracy_holm"], combined["p_auroc_holm"] = adjusted[: len(combined)], adjusted[len(combined) :]
+    combined.to_csv(out / "probe.csv", index=False)
+    summary["probe_seconds"] = round(time.time() - t0, 1)
+    summary["probe_scenes"] = [probe_scenes[0].seed, probe_scenes[-1].seed]
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+
+
+def _lens_tables(out: Path, frames: list, conf: list, summary: dict, scenes: list, t0: float) -> None:
+    """Write the lens stage's tables and summary."""
     import pandas as pd
 
     lens = pd.concat(frames, ignore_index=True)
@@ -82,36 +122,6 @@ def main() -> None:
     summary["lens_scenes"] = [s.seed for s in scenes]
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(lens_summary.to_string(), flush=True)
-
-    # ---------------------------------------------------------------- probe, baseline vs EAH
-    t0 = time.time()
-    probe_scenes = list(iter_scenes("heldout", args.probe_scenes, start=args.start + 1000))
-    labels = probing.scene_labels(probe_scenes)
-    results = []
-    for group in ("image", "last"):
-        feats = {}
-        for cond, items in conditions.items():
-            path = out / f"residuals_{cond}_{group}.pt"
-            if path.exists():
-                feats[cond] = torch.load(path)
-            else:
-                feats[cond] = probing.collect_scenes(bundle, probe_scenes, positions=group, interventions=items)
-                torch.save(feats[cond], path)
-        frame = probing.compare_probes(feats, labels, range(args.train), range(args.train, len(probe_scenes)),
-                                       n_boot=args.n_boot)
-        frame.insert(0, "positions", group)
-        results.append(frame)
-        pd.concat(results).to_csv(out / "probe.csv", index=False)
-        print(frame[["layer", "arm", "auroc", "auroc_low", "auroc_high", "d_auroc", "p_auroc_holm"]].to_string(), flush=True)
-    from eah_interp.metrics.stats import holm
-
-    combined = pd.concat(results, ignore_index=True)  # Holm over both position groups too
-    adjusted = holm(list(combined["p_accuracy"]) + list(combined["p_auroc"]))
-    combined["p_accuracy_holm"], combined["p_auroc_holm"] = adjusted[: len(combined)], adjusted[len(combined) :]
-    combined.to_csv(out / "probe.csv", index=False)
-    summary["probe_seconds"] = round(time.time() - t0, 1)
-    summary["probe_scenes"] = [probe_scenes[0].seed, probe_scenes[-1].seed]
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
 
 
 if __name__ == "__main__":
