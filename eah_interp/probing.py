@@ -44,6 +44,7 @@ from eah_interp.logit_lens import position_mask, residual_stream
 
 if TYPE_CHECKING:
     import pandas as pd
+    from matplotlib.figure import Figure
 
 __all__ = [
     "LinearProbe",
@@ -53,6 +54,7 @@ __all__ = [
     "compare_probes",
     "evaluate_probe",
     "fit_probe",
+    "plot_probes",
     "scene_labels",
 ]
 
@@ -481,3 +483,34 @@ def compare_probes(
     frame["p_accuracy_holm"] = adjusted[: len(frame)]
     frame["p_auroc_holm"] = adjusted[len(frame) :]
     return frame
+
+
+def plot_probes(frame: pd.DataFrame, metric: str = "auroc") -> Figure:
+    """Probe quality per layer with its CI band, one line per arm (and one panel per position group).
+
+    Args:
+        frame: the output of `compare_probes` (optionally with a ``positions`` column, one panel each) or of
+            `evaluate_probe` (one line).
+        metric: ``"auroc"`` or ``"accuracy"``.
+
+    Returns:
+        The matplotlib figure.
+    """
+    import matplotlib.pyplot as plt
+
+    if metric not in ("auroc", "accuracy"):
+        raise ConfigError(f"metric must be 'auroc' or 'accuracy'; got {metric!r}.")
+    groups = list(dict.fromkeys(frame["positions"])) if "positions" in frame.columns else [None]
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 3.2), squeeze=False, layout="constrained")
+    for ax, group in zip(axes[0], groups, strict=True):
+        part = frame if group is None else frame[frame["positions"] == group]
+        arms = list(dict.fromkeys(part["arm"])) if "arm" in part.columns else [None]
+        for arm in arms:
+            line = (part if arm is None else part[part["arm"] == arm]).sort_values("layer")
+            ax.plot(line["layer"], line[metric], marker="o", ms=2.5, label=arm or metric)
+            ax.fill_between(line["layer"], line[f"{metric}_low"], line[f"{metric}_high"], alpha=0.2)
+        ax.set_xlabel("layer")
+        ax.set_ylabel(f"held-out {metric}")
+        ax.set_title(f"presence probe: {group}" if group is not None else "presence probe")
+        ax.legend(fontsize=7)
+    return fig

@@ -124,6 +124,13 @@ def test_compare_probes_identical_conditions_and_destroyed_evidence():
     assert gone.d_auroc < -0.3 and gone.d_auroc_high < 0 and gone.p_auroc_holm < 1e-3
     assert frame[frame.arm == "baseline"].p_auroc.isna().all()
     assert (frame.p_auroc_holm.dropna() >= frame.p_auroc.dropna()).all()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fig = P.plot_probes(frame.assign(positions="image"))
+    assert len(fig.axes[0].get_lines()) == 5  # one per arm
+    with pytest.raises(ConfigError, match="'auroc' or 'accuracy'"):
+        P.plot_probes(frame, metric="f1")
 
 
 def test_wald_p_value_by_hand():
