@@ -15,9 +15,13 @@ discovery set of scenes and evaluated on held-out scenes:
   its difference to the baseline (paired bootstrap over scenes, Holm-adjusted over layers x arms x
   metrics).
 
-AUROC is pooled over all (scene, label) pairs (micro average): a present object must outscore an absent
-one, whichever kinds they are. Bootstrap resamples scenes (all of a scene's labels together), so CIs
-account for the labels of one scene being correlated.
+Metrics (`METRICS`): ``accuracy`` (threshold 0, pooled over all (scene, label) pairs), ``auroc`` pooled
+over all pairs (micro: a present object must outscore an absent one, whichever kinds they are, so it
+also needs the labels' scores on one scale) and ``auroc_macro`` (the mean of per-label AUROCs: ranking
+within each kind only, blind to per-kind offsets). Where the two AUROCs part, a representation kept its
+ranking but shifted by a per-kind offset (e.g. a transferred probe on shifted residuals). Bootstrap
+resamples scenes (all of a scene's labels together), so CIs account for the labels of one scene being
+correlated.
 
 Example:
     >>> scenes = list(iter_scenes("heldout", 300))
@@ -30,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -47,6 +52,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
+    "METRICS",
     "LinearProbe",
     "auroc",
     "collect_residuals",
@@ -314,14 +320,23 @@ def _scene_weights(n: int, n_boot: int, seed: int) -> np.ndarray:
     return np.concatenate([np.ones((1, n)), counts]).astype(float)
 
 
+METRICS = ("accuracy", "auroc", "auroc_macro")
+"""What `evaluate_probe` and `compare_probes` report: pooled accuracy, pooled (micro) AUROC, per-label (macro) AUROC."""
+
+
 def _metrics(logits: np.ndarray, y: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
-    """Pooled accuracy and AUROC of ``logits [n, label]`` for each scene weighting ``[B, n]`` → ``[B]`` each."""
+    """`METRICS` of ``logits [n, label]`` for each scene weighting ``[B, n]`` → ``[B]`` each."""
     n, k = y.shape
     pair_w = np.repeat(weights, k, axis=1)  # scene i's weight for each of its k labels (row-major flatten)
     correct = ((logits > 0) == y).ravel().astype(float)
+    per_label = np.stack([auroc(logits[:, j], y[:, j], weights) for j in range(k)])  # [k, B]
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a label with one class in a resample: NaN, skipped
+        macro = np.nanmean(per_label, axis=0)
     return {
         "accuracy": (pair_w * correct).sum(1) / pair_w.sum(1),
         "auroc": auroc(logits.ravel(), y.ravel(), pair_w),
+        "auroc_macro": macro,
     }
 
 
@@ -367,7 +382,7 @@ def evaluate_probe(
         seed: the resampling seed.
 
     Returns:
-        One row per layer: ``layer, accuracy, accuracy_low, accuracy_high, auroc, auroc_low, auroc_high, n``.
+        One row per layer: ``layer``, each of `METRICS` with ``_low`` / ``_high`` CI bounds, ``n``.
     """
     import pandas as pd
 
@@ -381,7 +396,7 @@ def evaluate_probe(
     for li, layer in enumerate(names):
         m = _metrics(logits[:, li], y, weights)
         row: dict[str, Any] = {"layer": layer}
-        for metric in ("accuracy", "auroc"):
+        for metric in METRICS:
             low, high = _interval(m[metric][1:], ci)
             row.update({metric: float(m[metric][0]), f"{metric}_low": low, f"{metric}_high": high})
         row["n"] = int(logits.shape[0])
@@ -410,7 +425,7 @@ def compare_probes(
     residuals, tested on its ``test`` residuals). Each arm's difference to the reference arm is a paired
     bootstrap over the test scenes (the same resamples for every arm and layer): percentile CI, and a
     two-sided Wald p-value with the bootstrap standard error, ``erfc(|d| / (se* sqrt 2))``, Holm-adjusted
-    over all layers x arms x the two metrics. (A percentile p-value ``2 min(P*(d <= 0), P*(d >= 0))``
+    over all layers x arms x `METRICS`. (A percentile p-value ``2 min(P*(d <= 0), P*(d >= 0))``
     cannot go below ``2 / (n_boot + 1)``, so with many tests Holm could never reject even for effects
     whose CI is far from 0.)
 
@@ -424,9 +439,9 @@ def compare_probes(
         n_boot, ci, seed: the bootstrap (`evaluate_probe`).
 
     Returns:
-        One row per layer and arm: ``layer, arm, condition, probe_trained_on, accuracy(_low/_high),
-        auroc(_low/_high), d_accuracy(_low/_high), p_accuracy, p_accuracy_holm, d_auroc(...), p_auroc,
-        p_auroc_holm, n_train, n_test``; the reference arm's differences are 0 and its p-values NaN.
+        One row per layer and arm: ``layer, arm, condition, probe_trained_on``, then for each metric ``m``
+        of `METRICS`: ``m, m_low, m_high, d_m, d_m_low, d_m_high, p_m, p_m_holm``; and ``n_train, n_test``.
+        The reference arm's differences are 0 and its p-values NaN.
     """
     import pandas as pd
 
@@ -469,7 +484,7 @@ def compare_probes(
         for arm, condition, trained_on, logits in arms:
             m = ref_m if arm == reference else _metrics(logits[:, li], y_test, weights)
             row: dict[str, Any] = {"layer": layer, "arm": arm, "condition": condition, "probe_trained_on": trained_on}
-            for metric in ("accuracy", "auroc"):
+            for metric in METRICS:
                 low, high = _interval(m[metric][1:], ci)
                 row.update({metric: float(m[metric][0]), f"{metric}_low": low, f"{metric}_high": high})
                 d = m[metric] - ref_m[metric]
@@ -479,9 +494,9 @@ def compare_probes(
             row.update({"n_train": len(train_idx), "n_test": len(test_idx)})
             rows.append(row)
     frame = pd.DataFrame(rows)
-    adjusted = holm(list(frame["p_accuracy"]) + list(frame["p_auroc"]))
-    frame["p_accuracy_holm"] = adjusted[: len(frame)]
-    frame["p_auroc_holm"] = adjusted[len(frame) :]
+    adjusted = holm([p for metric in METRICS for p in frame[f"p_{metric}"]])
+    for i, metric in enumerate(METRICS):
+        frame[f"p_{metric}_holm"] = adjusted[i * len(frame) : (i + 1) * len(frame)]
     return frame
 
 
@@ -491,15 +506,15 @@ def plot_probes(frame: pd.DataFrame, metric: str = "auroc") -> Figure:
     Args:
         frame: the output of `compare_probes` (optionally with a ``positions`` column, one panel each) or of
             `evaluate_probe` (one line).
-        metric: ``"auroc"`` or ``"accuracy"``.
+        metric: one of `METRICS` (``"auroc"``, ``"auroc_macro"``, ``"accuracy"``).
 
     Returns:
         The matplotlib figure.
     """
     import matplotlib.pyplot as plt
 
-    if metric not in ("auroc", "accuracy"):
-        raise ConfigError(f"metric must be 'auroc' or 'accuracy'; got {metric!r}.")
+    if metric not in METRICS:
+        raise ConfigError(f"metric must be one of {METRICS}; got {metric!r}.")
     groups = list(dict.fromkeys(frame["positions"])) if "positions" in frame.columns else [None]
     fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 3.2), squeeze=False, layout="constrained")
     for ax, group in zip(axes[0], groups, strict=True):

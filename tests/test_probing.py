@@ -129,8 +129,19 @@ def test_compare_probes_identical_conditions_and_destroyed_evidence():
     matplotlib.use("Agg")
     fig = P.plot_probes(frame.assign(positions="image"))
     assert len(fig.axes[0].get_lines()) == 5  # one per arm
-    with pytest.raises(ConfigError, match="'auroc' or 'accuracy'"):
+    with pytest.raises(ConfigError, match="metric must be one of"):
         P.plot_probes(frame, metric="f1")
+
+
+def test_macro_auroc_ignores_per_label_offsets_that_break_the_pooled_one():
+    """Two labels, each perfectly ranked, on scales offset by 10: macro AUROC 1, pooled AUROC 12/16 by hand."""
+    y = np.array([[True, False], [False, True], [True, False], [False, True]])
+    logits = np.array([[1.0, -9.0], [0.0, -8.0], [1.0, -9.0], [0.0, -8.0]])  # label 1 sits 10 lower
+    m = P._metrics(logits, y, np.ones((1, 4)))
+    assert m["auroc_macro"][0] == 1.0
+    # positives {1, 1, -8, -8} vs negatives {0, 0, -9, -9}: the positives at -8 beat only the two -9s → 12 / 16
+    assert m["auroc"][0] == pytest.approx(12 / 16)
+    assert m["accuracy"][0] == pytest.approx(6 / 8)  # label 0: all 4 right (1 > 0, 0 is not); label 1: all "absent", 2 right
 
 
 def test_wald_p_value_by_hand():
