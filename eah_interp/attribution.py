@@ -445,8 +445,7 @@ def _describe(item: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- agreement
 def _effects(frame: pd.DataFrame) -> pd.Series:
-    if "effect" in frame.columns:
-        return frame["effect"]
+    """The change each row's patch makes to its receiving run's metric (from the `COLUMNS` every table has)."""
     receiver = frame["baseline_metric"].where(frame["direction"] == "eah_into_baseline", frame["eah_metric"])
     return frame["metric"] - receiver
 

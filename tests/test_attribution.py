@@ -323,9 +323,9 @@ def test_agreement_by_hand():
     assert out["spearman"] == pytest.approx((0.75 - 0.25 + 0.75 - 2.25) / 5.0)
     assert out["sign_agreement"] == pytest.approx(3 / 4)
     # baseline_into_eah effects are measured from the EAH metric, not the baseline
-    c = _frame([1.0, 2.0], "baseline_into_eah").assign(metric=[13.0, 14.0])
-    d = _frame([1.0, 2.0], "baseline_into_eah").assign(metric=[13.0, 14.0], effect=[1.0, 2.0])
-    assert agreement(d, c)["pearson"] == pytest.approx(1.0)
+    c = _frame([0.0, 0.0, 0.0], "baseline_into_eah").assign(metric=[12.0, 13.0, 14.0])  # effects 0, 1, 2 from 12
+    out = agreement(c, c.assign(metric=[12.0, 13.5, 13.0]))  # effects 0, 1.5, 1
+    assert out["n_trivial"] == 1 and out["n"] == 2 and out["sign_agreement"] == 1.0
     with pytest.raises(ConfigError, match="share no"):
         agreement(a, _frame([1.0], "baseline_into_eah"))
 
