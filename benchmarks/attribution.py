@@ -78,10 +78,11 @@ def _plot(frames: list, path: Path) -> None:
             keys = ["direction", "site", "layer", "head", "positions"]
             merged = attribution.merge(activation, on=keys, suffixes=("_attr", "_act"))
             merged = merged[merged.direction == direction]
-            act = merged["metric_act"] - merged["baseline_metric_act"].where(
-                merged.direction == "eah_into_baseline", merged["eah_metric_act"])
+            receiver = "baseline_metric" if direction == "eah_into_baseline" else "eah_metric"
+            act = merged["metric_act"] - merged[f"{receiver}_act"]
+            attr = merged["metric_attr"] - merged[f"{receiver}_attr"]
             for site, sub in merged.groupby("site"):
-                ax.scatter(act[sub.index], sub["effect"], s=6, alpha=0.6, label=site)
+                ax.scatter(act[sub.index], attr[sub.index], s=6, alpha=0.6, label=site)
         lims = ax.get_xlim()
         ax.plot(lims, lims, color="grey", lw=0.5)
         ax.set_xlabel("activation patching: effect on the metric")
