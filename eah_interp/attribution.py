@@ -799,12 +799,12 @@ def plot_dla(frame: pd.DataFrame, *, against: str = "baseline") -> Figure:
             ["contribution", "metric"]].mean().reset_index()
     conditions = list(dict.fromkeys(frame["condition"]))
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for condition in conditions:
+    for index, condition in enumerate(conditions):
         sub = frame[frame.condition == condition]
         metric = float(sub["metric"].iloc[0])
-        for component, style in (("attn", "-"), ("mlp", "--")):
+        for component, style in (("attn", "-"), ("mlp", "--")):  # colour: condition; line style: component
             part = sub[sub.component == component].sort_values("layer")
-            left.plot(part["layer"].astype(int), part["contribution"], style, marker=".",
+            left.plot(part["layer"].astype(int), part["contribution"], style, marker=".", color=f"C{index}",
                       label=f"{condition} {component} (metric {metric:.2f})")
     left.axhline(0.0, color="grey", lw=0.5)
     left.set_xlabel("layer")
