@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny random LLaVA (smoke run)")
     parser.add_argument("--out", type=Path, default=None, help="JSON results (rewritten after each step)")
     parser.add_argument("--plot", type=Path, default=None, help="scatter of the two methods' effects (PNG)")
+    parser.add_argument("--frames", type=Path, default=None, help="both methods' tables, matched rows (CSV)")
     parser.add_argument("--repeats", type=int, default=5, help="timed attribution runs (median)")
     parser.add_argument("--layer-sites", action="store_true", help="also sweep attn_out / mlp_out / resid (agreement)")
     parser.add_argument("--threads", type=int, default=1)
@@ -181,6 +182,12 @@ def main(argv: list[str] | None = None) -> dict:
         _write(args.out, result)
         if args.plot is not None:
             _plot(frames, args.plot)
+        if args.frames is not None:
+            import pandas as pd
+
+            keys = ["direction", "site", "layer", "head", "positions"]
+            matched = [a.merge(b, on=keys, suffixes=("_attribution", "_activation")) for a, b in frames]
+            pd.concat(matched).to_csv(args.frames, index=False)
         return result
     finally:
         torch.set_num_threads(threads)
