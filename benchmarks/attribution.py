@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["metrics"] = {"baseline": heads_act.attrs["baseline_metric"], "eah": heads_act.attrs["eah_metric"],
                              "baseline_attribution_run": heads_attr.attrs["baseline_metric"],
                              "eah_attribution_run": heads_attr.attrs["eah_metric"]}
-        result["agreement_heads"] = agreement(heads_attr, heads_act)
+        result["agreement_heads"] = agreement(heads_attr, heads_act, by=("direction", "site", "layer", "positions"))
         _write(args.out, result)
         print(f"activation: {len(heads_act)} rows, {wall:.1f} s wall; ratio {result['ratio_wall']:.0f}x wall, "
               f"{result['ratio_cpu']:.0f}x CPU", flush=True)
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
             layer_act, wall_act, _ = _timed(lambda: sweep(patcher, metric, sites=sites, positions=GROUPS, layers=layers,
                                                           progress=False))
             result["layer_sites"] = {"rows": len(layer_act), "attribution_wall_s": wall_attr, "activation_wall_s": wall_act,
-                                     "agreement": agreement(layer_attr, layer_act)}
+                                     "agreement": agreement(layer_attr, layer_act, by=("direction", "site", "layer"))}
             frames.append((layer_attr, layer_act))
             _write(args.out, result)
         result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())

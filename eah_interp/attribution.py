@@ -475,7 +475,10 @@ def _scores(a: Tensor, b: Tensor, atol: float) -> dict[str, float]:
     }
 
 
-def agreement(attribution_frame: pd.DataFrame, activation_frame: pd.DataFrame, *, atol: float = 1e-6) -> dict[str, Any]:
+def agreement(
+    attribution_frame: pd.DataFrame, activation_frame: pd.DataFrame, *, atol: float = 1e-6,
+    by: Sequence[str] = ("direction", "site"),
+) -> dict[str, Any]:
     """How well attribution patching estimates activation patching, row by row.
 
     Rows are matched on (direction, site, layer, head, positions[, example]) and compared on their
@@ -488,10 +491,12 @@ def agreement(attribution_frame: pd.DataFrame, activation_frame: pd.DataFrame, *
         attribution_frame: from `attribution_patching`.
         activation_frame: from `eah_interp.patching.sweep` / `patch_nnsight` / `patch_lens` (same inputs).
         atol: effects this small count as zero.
+        by: key columns to break the scores down by (e.g. ``("layer", "positions")`` as well).
 
     Returns:
         ``{"n", "n_trivial", "pearson", "spearman", "sign_agreement", "matched", "by_direction": {...},
-        "by_site": {...}}``; ``sign_agreement`` is the share of rows whose effects have the same sign.
+        "by_site": {...}}`` (one ``by_<column>`` per ``by``, keyed by the column's values);
+        ``sign_agreement`` is the share of rows whose effects have the same sign.
     """
     keys = ["direction", "site", "layer", "head", "positions"]
     if "example" in attribution_frame.columns and "example" in activation_frame.columns:
@@ -511,9 +516,16 @@ def agreement(attribution_frame: pd.DataFrame, activation_frame: pd.DataFrame, *
         return _scores(a, b, atol)
 
     out: dict[str, Any] = {**score(merged), "matched": len(merged)}
-    out["by_direction"] = {d: score(sub) for d, sub in merged.groupby("direction", sort=False)}
-    out["by_site"] = {s: score(sub) for s, sub in merged.groupby("site", sort=False)}
+    for column in by:
+        if column not in keys:
+            raise ConfigError(f"agreement can break down by the key columns {keys}; got {column!r}.")
+        out[f"by_{column}"] = {_plain(v): score(sub) for v, sub in merged.groupby(column, sort=False)}
     return out
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as a Python one (JSON keys)."""
+    return value.item() if hasattr(value, "item") else value
 
 
 # ---------------------------------------------------------------------------- direct logit attribution

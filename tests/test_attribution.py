@@ -324,6 +324,10 @@ def test_agreement_by_hand():
     # spearman: ranks (1,2,3,4) vs (2,3,4,1): deviations (-1.5,-.5,.5,1.5) vs (-.5,.5,1.5,-1.5)
     assert out["spearman"] == pytest.approx((0.75 - 0.25 + 0.75 - 2.25) / 5.0)
     assert out["sign_agreement"] == pytest.approx(3 / 4)
+    by_head = agreement(a, b, by=("head",))["by_head"]
+    assert set(by_head) == {0, 1, 2, 3, 4} and by_head[4]["n"] == 0 and by_head[3]["n"] == 1
+    with pytest.raises(ConfigError, match="break down"):
+        agreement(a, b, by=("colour",))
     # baseline_into_eah effects are measured from the EAH metric, not the baseline
     c = _frame([0.0, 0.0, 0.0], "baseline_into_eah").assign(metric=[12.0, 13.0, 14.0])  # effects 0, 1, 2 from 12
     out = agreement(c, c.assign(metric=[12.0, 13.5, 13.0]))  # effects 0, 1.5, 1
