@@ -416,3 +416,24 @@ def test_organism_dla_adds_up_and_attribution_runs_match_plain_runs():
     receiver = layer0["baseline_metric"].where(layer0.direction == "eah_into_baseline", layer0["eah_metric"])
     assert (layer0["metric"] == receiver).all()
     assert (attr[attr.layer == 1]["metric"] != attr[attr.layer == 1]["baseline_metric"]).any()
+
+
+def test_benchmark_script_quick_run(tmp_path):
+    """benchmarks/attribution.py --quick runs end to end (the numbers are in docs/benchmarks.md)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "attribution.py"
+    spec = importlib.util.spec_from_file_location("eah_benchmarks_attribution", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    out = tmp_path / "attribution.json"
+    result = module.main(["--quick", "--repeats", "1", "--layers", "1", "--out", str(out), "--frames",
+                          str(tmp_path / "frames.csv")])
+    assert torch.get_num_threads() == threads
+    saved = json.loads(out.read_text())
+    assert saved["activation"]["rows"] == 2 * 4 * 4 and saved["attribution"]["rows"] == 2 * 4 * 4 * 4
+    assert result["ratio_is_extrapolated"] and math.isfinite(result["ratio_cpu"]) and result["ratio_cpu"] > 0
+    assert len(pd.read_csv(tmp_path / "frames.csv")) == 32
