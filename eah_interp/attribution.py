@@ -13,14 +13,17 @@ the sums running over the group's positions and the site's features. It is the f
 expansion of activation patching around the receiving run: exact where the metric is linear in the
 site (e.g. the last layer's outputs with a linear read-out), an approximation elsewhere (attention
 saturation, norms and large activation differences bend it). `agreement` measures how far it is
-from activation patching on given inputs; do not trust a ranking it has not been checked on.
+from activation patching on given inputs; do not trust a ranking it has not been checked on (on the
+organism it ranks heads downstream of the edit well and the edited layer's own heads poorly: see
+docs/benchmarks.md).
 
 "The EAH run" is any list `eah_interp.hf.intervene` accepts (an `EAHConfig`, ``[EAH(...), PAI(...)]``,
 ...); the two runs and their backward passes use plain PyTorch hooks on the HF model. The gradient of
 an edit's discrete choices (EAH's source head, sink sets) is zero: they are held at the run's values.
 
-Sites, position groups, directions and the table's columns are those of `eah_interp.patching`, so
-`patching.plot_heads` / `patching.plot_sites` draw both kinds of table, and `agreement` compares them.
+Sites, position groups, directions and the tables (per-example rows and the `patching.summarise`
+batch summary) are those of `eah_interp.patching`, so `patching.plot_heads` / `patching.plot_sites`
+draw both kinds of table, and `agreement` compares them.
 
 **Direct logit attribution** (`direct_logit_attribution`) splits a logit difference at the last
 position into the residual stream's additive parts: the embedding (layer 0's input, image features
@@ -387,6 +390,7 @@ def attribution_patching(
     scale = torch.where(flat_rows, torch.full_like(change, math.nan), change)
 
     def add(direction: str, site: str, layer: int, head: int | None, group: str, estimate: Tensor) -> None:
+        estimate = estimate.to(base.metric)
         value = (base.metric if direction == "eah_into_baseline" else edited.metric) + estimate
         for name, v in (("direction", direction), ("site", site), ("layer", layer), ("head", head),
                         ("positions", group), ("method", "attribution")):
@@ -406,7 +410,7 @@ def attribution_patching(
                 per_pos = _per_position(site, donor.acts[key], receiver.acts[key], receiver.grads[key], n_heads,
                                         modules.head_dim)
                 for group, where in group_masks.items():
-                    weight = where.to(per_pos.dtype)
+                    weight = where.to(per_pos.device, per_pos.dtype)  # sites may sit on other devices
                     if site == "head":
                         estimate = torch.einsum("bsh,bs->bh", per_pos, weight)
                         for head in head_list:
