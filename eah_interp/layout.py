@@ -1,4 +1,8 @@
-"""Token layout: which key positions of each batch row are image tokens, which are padding."""
+"""Token layout: which key positions of each batch row are image tokens, which are padding, which generated.
+
+`TokenLayout.group_mask` names the position groups every analysis takes (patching sites, intervention
+key spans and query rows, statistics over rows): see `GROUPS` and docs/concepts.md.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,15 @@ from torch import Tensor
 
 from eah_interp.errors import LayoutError, NoImageTokensError
 
+#: Named position groups of `TokenLayout.group_mask`. Per row, over real (non-padding) positions only:
+#: ``"system"`` the prompt before the first image token; ``"image"`` the image tokens; ``"question"`` the
+#: prompt's non-image positions after the first image token, the last prompt position excluded;
+#: ``"last"`` the last real prompt position; ``"generated"`` positions appended by `TokenLayout.extend`;
+#: ``"text"`` every real non-image position except ``"last"`` (= system + question + generated: the
+#: meaning `patching` gave "text" before the groups existed); ``"all"`` every real position.
+#: system, image, question, last and generated partition the real positions of a row with an image.
+GROUPS = ("system", "image", "question", "last", "generated", "text", "all")
+
 
 @dataclass(frozen=True)
 class TokenLayout:
@@ -22,10 +35,13 @@ class TokenLayout:
     Attributes:
         image_mask: ``Bool[batch, seq]``, True where the token is an image (or visual-query) token.
         attention_mask: ``Bool[batch, seq]``, True where the token is real (not padding).
+        prompt_len: how many leading positions are the prompt (later ones were generated); None: all
+            ``seq`` positions are the prompt. `extend` sets it.
     """
 
     image_mask: Bool[Tensor, "batch seq"]
     attention_mask: Bool[Tensor, "batch seq"]
+    prompt_len: int | None = None
 
     def __post_init__(self) -> None:
         if self.image_mask.ndim != 2 or self.attention_mask.shape != self.image_mask.shape:
@@ -37,6 +53,15 @@ class TokenLayout:
             raise LayoutError("TokenLayout masks must be torch.bool tensors.")
         if bool((self.image_mask & ~self.attention_mask).any()):
             raise LayoutError("An image token sits on a padding position (attention_mask is 0 there).")
+        if self.prompt_len is not None:
+            if isinstance(self.prompt_len, bool) or not isinstance(self.prompt_len, int):
+                raise LayoutError(f"TokenLayout.prompt_len must be an int or None; got {self.prompt_len!r}.")
+            if not 0 < self.prompt_len <= self.image_mask.shape[1]:
+                raise LayoutError(
+                    f"TokenLayout.prompt_len={self.prompt_len} is not in 1..{self.image_mask.shape[1]} (the sequence length)."
+                )
+            if bool(self.image_mask[:, self.prompt_len:].any()):
+                raise LayoutError("An image token sits after the prompt (at a generated position >= prompt_len).")
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -112,6 +137,11 @@ class TokenLayout:
         return self.image_mask.shape[1]
 
     @property
+    def n_prompt(self) -> int:
+        """Number of prompt positions (``prompt_len``, or ``seq_len`` when nothing was generated)."""
+        return self.seq_len if self.prompt_len is None else self.prompt_len
+
+    @property
     def n_image_tokens(self) -> Int[Tensor, " batch"]:
         """Number of image tokens per row."""
         return self.image_mask.sum(-1)
@@ -162,7 +192,7 @@ class TokenLayout:
                     f"{tuple(image_mask.shape)}."
                 )
             mask = attention_mask.to(self.attention_mask.device).bool()
-        return TokenLayout(image_mask, mask)
+        return TokenLayout(image_mask, mask, self.n_prompt)
 
     def fit(self, batch: int, q_len: int, k_len: int) -> TokenLayout:
         """This prompt layout fitted to an attention call of ``batch`` rows, ``q_len`` queries, ``k_len`` keys.
@@ -191,16 +221,98 @@ class TokenLayout:
     def select(self, rows: Sequence[int] | Tensor) -> TokenLayout:
         """Layout of a subset (or a reordering / repetition) of the batch rows."""
         index = torch.as_tensor(rows, device=self.image_mask.device, dtype=torch.long)
-        return TokenLayout(self.image_mask[index], self.attention_mask[index])
+        return TokenLayout(self.image_mask[index], self.attention_mask[index], self.prompt_len)
 
     def repeat_interleave(self, repeats: int) -> TokenLayout:
         """Each row repeated ``repeats`` times in place (as `generate` expands rows for beams)."""
         return TokenLayout(
-            self.image_mask.repeat_interleave(repeats, 0), self.attention_mask.repeat_interleave(repeats, 0)
+            self.image_mask.repeat_interleave(repeats, 0), self.attention_mask.repeat_interleave(repeats, 0),
+            self.prompt_len,
         )
 
     def to(self, device: torch.device | str) -> TokenLayout:
-        return TokenLayout(self.image_mask.to(device), self.attention_mask.to(device))
+        return TokenLayout(self.image_mask.to(device), self.attention_mask.to(device), self.prompt_len)
+
+    # ------------------------------------------------------------------ position groups
+    def last_prompt_position(self) -> Int[Tensor, " batch"]:
+        """Index of the last real prompt position of each row (-1 for a row with no real prompt token)."""
+        pos = torch.arange(self.seq_len, device=self.attention_mask.device)
+        real_prompt = self.attention_mask & (pos < self.n_prompt)
+        return torch.where(real_prompt, pos, -1).max(-1).values
+
+    def group_mask(self, group: str | Bool[Tensor, "batch seq"]) -> Bool[Tensor, "batch seq"]:
+        """The positions of each row in a named group (see `GROUPS`) or in a user mask.
+
+        Named groups hold real positions only (padding is in no group) and may be empty in a row
+        (e.g. "system" when the prompt starts with the image, "generated" before `extend`). A row
+        without image tokens has no "system": its prompt text (except "last") is all "question".
+
+        Args:
+            group: a name of `GROUPS`, or a user ``Bool[batch, seq]`` mask over this layout's
+                positions; a mask must select at least one position per row, real positions only.
+
+        Returns:
+            ``Bool[batch, seq]`` on the layout's device.
+
+        Raises:
+            LayoutError: an unknown name, or a mask of the wrong shape or dtype, empty in a row, or
+                selecting padding.
+
+        Example:
+            A row ``[pad, sys, img, img, q, q, last]`` has system ``[1]``, image ``[2, 3]``, question
+            ``[4, 5]``, last ``[6]``.
+        """
+        if isinstance(group, Tensor):
+            return self._check_mask(group)
+        if not isinstance(group, str) or group not in GROUPS:
+            raise LayoutError(
+                f"Unknown position group {group!r}: pass one of {GROUPS} or a Bool[batch, seq] mask of shape "
+                f"({self.batch_size}, {self.seq_len})."
+            )
+        real = self.attention_mask
+        pos = torch.arange(self.seq_len, device=real.device)[None, :]
+        prompt = real & (pos < self.n_prompt)
+        if group == "all":
+            return real.clone()
+        if group == "image":
+            return self.image_mask.clone()
+        if group == "generated":
+            return real & ~prompt
+        last = torch.zeros_like(real)
+        rows = torch.arange(self.batch_size, device=real.device)
+        index = self.last_prompt_position()
+        last[rows[index >= 0], index[index >= 0]] = True
+        if group == "last":
+            return last
+        if group == "text":
+            return real & ~self.image_mask & ~last
+        start, _ = self.image_extent()
+        has_image = self.image_mask.any(-1, keepdim=True)
+        before_image = (pos < start[:, None]) & has_image
+        if group == "system":
+            return prompt & before_image
+        return prompt & ~before_image & ~self.image_mask & ~last  # "question"
+
+    def _check_mask(self, mask: Tensor) -> Bool[Tensor, "batch seq"]:
+        """A user position mask, validated against this layout."""
+        if tuple(mask.shape) != (self.batch_size, self.seq_len):
+            raise LayoutError(
+                f"A position mask must have the layout's shape (batch, seq) = ({self.batch_size}, {self.seq_len}); "
+                f"got {tuple(mask.shape)}."
+            )
+        if mask.dtype != torch.bool:
+            raise LayoutError(f"A position mask must be a torch.bool tensor; got {mask.dtype} (use mask.bool()).")
+        mask = mask.to(self.attention_mask.device)
+        if bool((mask & ~self.attention_mask).any()):
+            rows = (mask & ~self.attention_mask).any(-1).nonzero().flatten().tolist()
+            raise LayoutError(
+                f"The position mask selects padding in row(s) {rows}: select real positions only "
+                "(mask & layout.attention_mask)."
+            )
+        empty = (~mask.any(-1)).nonzero().flatten().tolist()
+        if empty:
+            raise LayoutError(f"The position mask selects no position in row(s) {empty}: every row needs at least one.")
+        return mask
 
     def describe(self) -> str:
         """One line per row: length, padding, image-token count and spans."""

@@ -10,8 +10,11 @@ position) is measured on the patched run:
 * ``"baseline_into_eah"`` (necessity): the EAH run receives the baseline activation. An effect near 0
   means the change cannot happen without this site (restoring it undoes EAH); near 1, it is not needed.
 
-``normalised_effect = (patched - baseline) / (eah - baseline)`` in both directions (metrics are means
-over the batch rows), so 0 is the baseline metric and 1 the EAH metric.
+``normalised_effect = (patched - baseline) / (eah - baseline)`` in both directions, so 0 is the
+baseline metric and 1 the EAH metric. The metric is measured per example (batch row): `sweep` can
+return the per-example values (``per_example=True``), and its batch summary is computed from them
+(`summarise`: means, and a bootstrap confidence interval of the normalised effect when the batch has
+at least `MIN_CI_EXAMPLES` rows).
 
 Sites (`SITES`), for every decoder layer ``l`` of the language model:
 
@@ -20,9 +23,13 @@ Sites (`SITES`), for every decoder layer ``l`` of the language model:
 * ``"resid"``: the decoder layer's output (residual stream after the layer), ``blocks.{l}.hook_resid_post``;
 * ``"head"``: one head's output = its slice of ``o_proj``'s input, ``blocks.{l}.attn.hook_z[:, :, h]``.
 
-Position groups (`POSITION_GROUPS`), per row from its `TokenLayout`: ``"image"`` (image tokens),
-``"text"`` (real non-image tokens except the last), ``"last"`` (the last real token), ``"all"`` (every
-position, padding included).
+Positions: any named group of `eah_interp.layout.GROUPS` (``"system"``, ``"image"``, ``"question"``,
+``"last"``, ``"generated"``, ``"text"``, ``"all"``, defined per row by `TokenLayout.group_mask`) or a
+user ``Bool[batch, seq]`` mask; `sweep` patches the `POSITION_GROUPS` by default.
+
+A long sweep shows a progress bar with a time estimate, and with ``checkpoint=PATH`` appends each
+finished patch to a `eah_interp.resumable.ResumableLog`: rerun with the same arguments, it skips what
+is done; with other arguments, it refuses the file.
 
 Two implementations share the sweep and the tables: `NNsightPatcher` (primary: nnsight interventions,
 EAH by `eah_interp.nnsight.apply_eah`) and `LensPatcher` (TransformerLens hooks, EAH by
@@ -36,20 +43,25 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from eah_interp import compat
 from eah_interp.config import EAHConfig
 from eah_interp.errors import ConfigError, HeadIndexError, LayerIndexError, LayoutError, UnsupportedModelError
-from eah_interp.layout import TokenLayout
+from eah_interp.layout import GROUPS, TokenLayout
+from eah_interp.resumable import ResumableLog, tensor_digest
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -57,16 +69,27 @@ if TYPE_CHECKING:
 
 SITES = ("attn_out", "mlp_out", "resid", "head")
 LAYER_SITES = ("attn_out", "mlp_out", "resid")
+#: The position groups `sweep` patches by default (any name of `eah_interp.layout.GROUPS`, or a mask, is accepted).
 POSITION_GROUPS = ("image", "text", "last", "all")
 DIRECTIONS = ("eah_into_baseline", "baseline_into_eah")
-#: Columns of the tables `sweep` returns.
+#: What identifies one patch in the tables.
+KEY = ("direction", "site", "layer", "head", "positions")
+#: Columns of the batch summary `sweep` returns (`summarise`).
 COLUMNS = (
-    "direction", "site", "layer", "head", "positions", "metric", "normalised_effect", "baseline_metric", "eah_metric",
+    *KEY, "metric", "normalised_effect", "baseline_metric", "eah_metric", "n_examples", "ci_low", "ci_high",
 )
+#: Columns of the per-example table (``sweep(..., per_example=True)``): one row per patch and batch row.
+EXAMPLE_COLUMNS = (*KEY, "example", "metric", "baseline_metric", "eah_metric", "effect", "normalised_effect")
+#: The smallest batch for which the summary gives a confidence interval (smaller: NaN).
+MIN_CI_EXAMPLES = 10
+#: Bootstrap resamples of the summary's confidence interval (percentile, 95%, fixed seed).
+N_BOOTSTRAP = 2000
 
 __all__ = [
     "COLUMNS",
     "DIRECTIONS",
+    "EXAMPLE_COLUMNS",
+    "KEY",
     "LAYER_SITES",
     "POSITION_GROUPS",
     "SITES",
@@ -82,6 +105,7 @@ __all__ = [
     "plot_sites",
     "position_masks",
     "run_with_patches",
+    "summarise",
     "sweep",
 ]
 
@@ -143,46 +167,63 @@ def last_positions(layout: TokenLayout) -> Int[Tensor, " batch"]:
 
 
 def position_masks(layout: TokenLayout) -> dict[str, Bool[Tensor, "batch seq"]]:
-    """The `POSITION_GROUPS` of each row as boolean masks ``[batch, seq]``."""
-    last = torch.zeros_like(layout.attention_mask)
-    last[torch.arange(layout.batch_size), last_positions(layout)] = True
-    return {
-        "image": layout.image_mask,
-        "text": layout.attention_mask & ~layout.image_mask & ~last,
-        "last": last,
-        "all": torch.ones_like(layout.attention_mask),
-    }
+    """Every named position group of `eah_interp.layout.GROUPS` as a ``Bool[batch, seq]`` mask.
+
+    A thin wrapper of `TokenLayout.group_mask` (kept for callers written before it): groups hold real
+    positions only, so ``"all"`` no longer includes padding (patching padding never changed a real
+    position's value).
+    """
+    return {name: layout.group_mask(name) for name in GROUPS}
 
 
-@dataclass(frozen=True)
+def _check_positions(positions: object) -> None:
+    """Raise a `ConfigError` unless ``positions`` is a name of `GROUPS` or a 2-d bool tensor."""
+    if isinstance(positions, Tensor):
+        if positions.ndim != 2 or positions.dtype != torch.bool:
+            raise ConfigError(
+                f"A position mask must be a Bool[batch, seq] tensor; got {positions.dtype} of shape {tuple(positions.shape)}."
+            )
+    elif positions not in GROUPS:
+        raise ConfigError(f"Unknown position group {positions!r}; choose from {GROUPS} or pass a Bool[batch, seq] mask.")
+
+
+@dataclass(frozen=True, eq=False)
 class Patch:
-    """One patched site: ``site`` of ``layer`` (and ``head`` for ``site="head"``) at ``positions``."""
+    """One patched site: ``site`` of ``layer`` (and ``head`` for ``site="head"``) at ``positions``.
+
+    ``positions`` is a name of `eah_interp.layout.GROUPS` or a ``Bool[batch, seq]`` mask over the
+    patcher's layout (checked against it when the patch runs).
+    """
 
     site: str
     layer: int
     head: int | None = None
-    positions: str = "all"
+    positions: str | Bool[Tensor, "batch seq"] = "all"
 
     def __post_init__(self) -> None:
         if self.site not in SITES:
             raise ConfigError(f"Unknown site {self.site!r}; choose from {SITES}.")
-        if self.positions not in POSITION_GROUPS:
-            raise ConfigError(f"Unknown position group {self.positions!r}; choose from {POSITION_GROUPS}.")
+        _check_positions(self.positions)
         if (self.site == "head") != (self.head is not None):
             raise ConfigError(f"A head index goes with site='head' and only with it; got {self}.")
+
+    def __repr__(self) -> str:
+        where = self.positions if isinstance(self.positions, str) else f"mask{tuple(self.positions.shape)}"
+        head = "" if self.head is None else f", head={self.head}"
+        return f"Patch({self.site!r}, layer={self.layer}{head}, positions={where!r})"
 
 
 def _patched(
     current: Float[Tensor, "batch seq ..."],
     donor: Float[Tensor, "batch seq ..."],
     patches: Sequence[Patch],
-    masks: dict[str, Tensor],
+    layout: TokenLayout,
     head_dim: int | None = None,
 ) -> Tensor:
     """``current`` with the donor's values at each patch's positions (and head slice)."""
     out = current.clone()
     for patch in patches:
-        where = masks[patch.positions].to(out.device)
+        where = layout.group_mask(patch.positions).to(out.device)
         if patch.site == "head":
             if out.ndim == 4:  # [b, seq, heads, d_head] (TransformerLens hook_z)
                 cols = (slice(None), slice(None), patch.head)
@@ -307,7 +348,8 @@ class NNsightPatcher:
     def run(self, patches: Sequence[Patch], direction: str) -> Float[Tensor, "batch seq vocab"]:
         receiver_eah = direction == "baseline_into_eah"
         donor = self._donors.get(not receiver_eah) or self.collect(not receiver_eah)[0]
-        masks = position_masks(self.layout)
+        for patch in patches:  # bad masks fail here, before a forward
+            self.layout.group_mask(patch.positions)
         by_site: dict[tuple[str, int], list[Patch]] = {}
         for patch in patches:
             by_site.setdefault(("head" if patch.site == "head" else patch.site, patch.layer), []).append(patch)
@@ -315,7 +357,7 @@ class NNsightPatcher:
         def edit(layer, site, envoy, read, write):
             chosen = by_site.get((site, layer))
             if chosen:
-                write(_patched(read(), donor[(site, layer)], chosen, masks, self.head_dim))
+                write(_patched(read(), donor[(site, layer)], chosen, self.layout, self.head_dim))
 
         return self._trace(receiver_eah, edit)
 
@@ -384,14 +426,15 @@ class LensPatcher:
     def run(self, patches: Sequence[Patch], direction: str) -> Float[Tensor, "batch seq vocab"]:
         receiver_eah = direction == "baseline_into_eah"
         donor = self._donors.get(not receiver_eah) or self.collect(not receiver_eah)[0]
-        masks = position_masks(self.layout)
+        for patch in patches:  # bad masks fail here, before a forward
+            self.layout.group_mask(patch.positions)
         by_site: dict[tuple[str, int], list[Patch]] = {}
         for patch in patches:
             by_site.setdefault((patch.site, patch.layer), []).append(patch)
 
         def make(key: tuple[str, int], chosen: list[Patch]):
             def hook(value: Tensor, hook: Any) -> Tensor:
-                return _patched(value, donor[key], chosen, masks)
+                return _patched(value, donor[key], chosen, self.layout)
 
             return hook
 
@@ -417,71 +460,208 @@ def run_with_patches(patcher: Patcher, patches: Iterable[Patch], direction: str)
     return patcher.run(patches, direction)
 
 
+def _position_items(
+    positions: Sequence[str | Tensor] | Mapping[str, str | Tensor], layout: TokenLayout
+) -> list[tuple[str, str | Tensor]]:
+    """``(label, group)`` pairs: a name labels itself, a mask is ``"mask{i}"`` (or its key in a mapping)."""
+    if isinstance(positions, str | Tensor):
+        positions = [positions]
+    items = list(positions.items()) if isinstance(positions, Mapping) else [
+        (p if isinstance(p, str) else f"mask{i}", p) for i, p in enumerate(positions)
+    ]
+    labels = [label for label, _ in items]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"Position groups repeat a label: {labels}.")
+    for _, group in items:
+        _check_positions(group)
+        layout.group_mask(group)  # a mask must fit this layout
+    return items
+
+
+def _metric_name(metric: Metric) -> str:
+    """A stable name of the metric (a dataclass's repr; else its qualified name, never a memory address)."""
+    if dataclasses.is_dataclass(metric):
+        return repr(metric)
+    kind = metric if inspect.isfunction(metric) or inspect.ismethod(metric) else type(metric)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _arguments(patcher: Patcher, metric: Metric, sites, items, layers, heads, directions) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the inputs, layout, edit, metric and the patches."""
+    inputs = getattr(patcher, "inputs", {}) or {}
+    return {
+        "patcher": type(patcher).__name__,
+        "model": [patcher.n_layers, patcher.n_heads],
+        "config": patcher.config.to_dict(),
+        "metric": _metric_name(metric),
+        "inputs": {k: tensor_digest(v) for k, v in sorted(inputs.items()) if isinstance(v, Tensor)},
+        "layout": [tensor_digest(patcher.layout.image_mask), tensor_digest(patcher.layout.attention_mask)],
+        "sites": list(sites),
+        "positions": [[label, group if isinstance(group, str) else tensor_digest(group)] for label, group in items],
+        "layers": layers,
+        "heads": heads,
+        "directions": list(directions),
+    }
+
+
 def sweep(
     patcher: Patcher,
     metric: Metric | tuple[int, int],
     *,
     sites: Sequence[str] = SITES,
-    positions: Sequence[str] = POSITION_GROUPS,
+    positions: Sequence[str | Tensor] | Mapping[str, str | Tensor] = POSITION_GROUPS,
     layers: Iterable[int] | None = None,
     heads: Iterable[int] | None = None,
     directions: Sequence[str] = DIRECTIONS,
+    per_example: bool = False,
+    checkpoint: str | Path | None = None,
+    progress: bool = True,
 ) -> pd.DataFrame:
-    """Patch one site at a time, in each direction, and tabulate the metric.
+    """Patch one site at a time, in each direction, and tabulate the metric per example and for the batch.
 
     Args:
         patcher: `NNsightPatcher` or `LensPatcher`.
         metric: `LogitDiff`, `TokenLogProb`, any ``(logits, last) -> [batch]`` callable, or a
             ``(yes_id, no_id)`` pair.
-        sites, positions, directions: subsets of `SITES`, `POSITION_GROUPS`, `DIRECTIONS`.
+        sites, directions: subsets of `SITES`, `DIRECTIONS`.
+        positions: names of `eah_interp.layout.GROUPS` and/or ``Bool[batch, seq]`` masks (labelled
+            ``"mask0"``, ``"mask1"``, ... in the table), or a mapping ``{label: name or mask}``.
         layers: decoder layers to patch (default: all).
         heads: heads patched for ``site="head"`` (default: all).
+        per_example: return the per-example table (`EXAMPLE_COLUMNS`) instead of the batch summary.
+        checkpoint: a JSONL file (`eah_interp.resumable.ResumableLog`) to which each finished patch is
+            appended; rerun with the same arguments, the sweep skips what the file holds (the baseline
+            and EAH metrics included); a file written with other arguments is refused.
+        progress: show a progress bar with a time estimate (tqdm).
 
     Returns:
-        A tidy frame with `COLUMNS`: one row per (direction, site, layer, head, positions); ``head`` is
-        ``<NA>`` for layer sites; ``metric`` is the batch mean; ``normalised_effect`` is
-        ``(metric - baseline_metric) / (eah_metric - baseline_metric)``.
-    """
-    import pandas as pd
+        The batch summary with `COLUMNS` (`summarise` of the per-example table): one row per (direction,
+        site, layer, head, positions); ``head`` is ``<NA>`` for layer sites; ``metric``,
+        ``baseline_metric``, ``eah_metric`` are batch means; ``normalised_effect`` is ``(metric -
+        baseline_metric) / (eah_metric - baseline_metric)``; ``ci_low``/``ci_high`` its 95% bootstrap
+        interval over the batch rows (NaN below `MIN_CI_EXAMPLES` rows). With ``per_example=True``, the
+        per-example table instead. ``frame.attrs`` holds the baseline and EAH batch means, the config
+        and the metric.
 
+    Raises:
+        ConfigError: an unknown site, group or direction, or a checkpoint of other arguments.
+        LayoutError: a mask that does not fit the patcher's layout.
+    """
     metric = _as_metric(metric)
-    for name, given, allowed in (("site", sites, SITES), ("position group", positions, POSITION_GROUPS)):
-        unknown = [x for x in given if x not in allowed]
-        if unknown:
-            raise ConfigError(f"Unknown {name}(s) {unknown}; choose from {allowed}.")
+    unknown = [x for x in sites if x not in SITES]
+    if unknown:
+        raise ConfigError(f"Unknown site(s) {unknown}; choose from {SITES}.")
+    items = _position_items(positions, patcher.layout)
     for direction in directions:
         _check_direction(direction)
     layer_list = list(range(patcher.n_layers)) if layers is None else sorted({int(x) for x in layers})
     head_list = list(range(patcher.n_heads)) if heads is None else sorted({int(x) for x in heads})
     last = last_positions(patcher.layout)
 
-    def score(logits: Tensor) -> float:
-        return float(metric(logits, last).float().mean())
+    def score(logits: Tensor) -> list[float]:
+        return [float(v) for v in metric(logits, last).float().cpu()]
 
-    baseline = score(patcher.collect(eah=False)[1])
-    eah = score(patcher.collect(eah=True)[1])
+    log = None
+    header: dict[str, Any] | None = None
+    done: dict[tuple, list[float]] = {}
+    if checkpoint is not None:
+        log = ResumableLog(Path(checkpoint), "patching sweep",
+                           _arguments(patcher, metric, sites, items, layer_list, head_list, directions))
+        header, records = log.open()
+        done = {tuple(r["key"]): r["metric"] for r in records}
+    if header is None:
+        baseline = score(patcher.collect(eah=False)[1])
+        eah = score(patcher.collect(eah=True)[1])
+        if log is not None:
+            log.start(baseline=baseline, eah=eah)
+    else:
+        baseline, eah = header["baseline"], header["eah"]
+    base_mean, eah_mean = sum(baseline) / len(baseline), sum(eah) / len(eah)
     # An effect this small is float rounding (an edited layer runs eager attention, the baseline SDPA).
-    no_effect = math.isclose(eah, baseline, rel_tol=1e-6, abs_tol=1e-6)
-    if no_effect:
+    if math.isclose(eah_mean, base_mean, rel_tol=1e-6, abs_tol=1e-6):
         warnings.warn(
             "EAH does not change the metric on these inputs (|eah - baseline| is within float rounding, 1e-6): "
-            "normalised effects are NaN. Check the "
-            "config (threshold, layers) with eah_interp.hf.eah(...) records.",
+            "normalised effects are NaN. Check the config (threshold, layers) with eah_interp.hf.eah(...) records.",
             stacklevel=2,
         )
+    tasks = [
+        (direction, site, layer, head, label, group)
+        for direction in directions for site in sites for layer in layer_list
+        for head in (head_list if site == "head" else [None]) for label, group in items
+    ]
+    values: list[list[float]] = []
+    todo = sum((d, s, la, h, lb) not in done for d, s, la, h, lb, _ in tasks)
+    with tqdm(total=len(tasks), initial=len(tasks) - todo, desc="patching", unit="patch", disable=not progress) as bar:
+        for direction, site, layer, head, label, group in tasks:
+            key = (direction, site, layer, head, label)
+            if key not in done:
+                done[key] = score(run_with_patches(patcher, [Patch(site, layer, head, group)], direction))
+                if log is not None:
+                    log.append({"key": list(key), "metric": done[key]})
+                bar.update()
+            values.append(done[key])
+    frame = _per_example_frame(tasks, values, baseline, eah)
+    if not per_example:
+        frame = summarise(frame)
+    frame.attrs.update(baseline_metric=base_mean, eah_metric=eah_mean, config=patcher.config.to_dict(), metric=repr(metric))
+    return frame
+
+
+def _per_example_frame(tasks, values, baseline: list[float], eah: list[float]) -> pd.DataFrame:
+    import numpy as np
+    import pandas as pd
+
+    n = len(baseline)
+    base, treated = np.asarray(baseline, dtype=float), np.asarray(eah, dtype=float)
+    change = treated - base
+    scale = np.where(np.isclose(treated, base, rtol=1e-6, atol=1e-6), np.nan, change)
     rows = []
-    for direction in directions:
-        for site in sites:
-            for layer in layer_list:
-                for head in head_list if site == "head" else [None]:
-                    for group in positions:
-                        value = score(run_with_patches(patcher, [Patch(site, layer, head, group)], direction))
-                        denominator = eah - baseline
-                        effect = float("nan") if no_effect else (value - baseline) / denominator
-                        rows.append((direction, site, layer, head, group, value, effect, baseline, eah))
+    for (direction, site, layer, head, label, _), metric in zip(tasks, values, strict=True):
+        effect = np.asarray(metric, dtype=float) - base
+        for example in range(n):
+            rows.append((direction, site, layer, head, label, example, metric[example], base[example],
+                         treated[example], effect[example], effect[example] / scale[example]))
+    frame = pd.DataFrame(rows, columns=list(EXAMPLE_COLUMNS))
+    frame["head"] = frame["head"].astype("Int64")
+    return frame
+
+
+def summarise(per_example: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
+    """The batch summary of a per-example table: means, normalised effect and its bootstrap interval.
+
+    ``normalised_effect = (mean(metric) - mean(baseline)) / (mean(eah) - mean(baseline))`` (NaN when the
+    denominator is within float rounding, 1e-6). Its 95% interval is the percentile bootstrap over batch
+    rows (`N_BOOTSTRAP` resamples of the rows, the same resamples for every patch, numerator and
+    denominator resampled together), reported when the batch has at least `MIN_CI_EXAMPLES` rows.
+
+    Args:
+        per_example: a table with `EXAMPLE_COLUMNS` (``sweep(..., per_example=True)``).
+        seed: the bootstrap's random seed.
+
+    Returns:
+        One row per patch with `COLUMNS`, in the order of the per-example table.
+    """
+    import numpy as np
+    import pandas as pd
+
+    groups = per_example.groupby(list(KEY), sort=False, dropna=False)
+    n = int(groups.size().max()) if len(per_example) else 0
+    resamples = np.random.default_rng(seed).integers(0, n, size=(N_BOOTSTRAP, n)) if n >= MIN_CI_EXAMPLES else None
+    rows = []
+    for key, sub in groups:
+        sub = sub.sort_values("example")
+        metric, base, eah = (sub[c].to_numpy(dtype=float) for c in ("metric", "baseline_metric", "eah_metric"))
+        m, b, e = metric.mean(), base.mean(), eah.mean()
+        denominator = e - b
+        no_effect = math.isclose(e, b, rel_tol=1e-6, abs_tol=1e-6)
+        effect = float("nan") if no_effect else (m - b) / denominator
+        low = high = float("nan")
+        if resamples is not None and not no_effect and len(sub) == n:
+            boot = (metric - base)[resamples].mean(1) / (eah - base)[resamples].mean(1)
+            low, high = (float(x) for x in np.nanpercentile(boot, [2.5, 97.5]))
+        rows.append((*key, m, effect, b, e, len(sub), low, high))
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
     frame["head"] = frame["head"].astype("Int64")
-    frame.attrs.update(baseline_metric=baseline, eah_metric=eah, config=patcher.config.to_dict(), metric=repr(metric))
     return frame
 
 
@@ -489,7 +669,7 @@ def patch_nnsight(
     nn_model: Any, inputs: dict[str, Tensor], config: EAHConfig, metric: Metric | tuple[int, int], *,
     layout: TokenLayout | None = None, **options: Any,
 ) -> pd.DataFrame:
-    """`sweep` with an `NNsightPatcher` (``options``: ``sites``, ``positions``, ``layers``, ``heads``, ``directions``)."""
+    """`sweep` with an `NNsightPatcher` (``options``: those of `sweep`)."""
     return sweep(NNsightPatcher(nn_model, inputs, config, layout), metric, **options)
 
 
@@ -497,7 +677,7 @@ def patch_lens(
     bridge: Any, inputs: dict[str, Tensor], config: EAHConfig, metric: Metric | tuple[int, int], *,
     layout: TokenLayout | None = None, **options: Any,
 ) -> pd.DataFrame:
-    """`sweep` with a `LensPatcher` (``options``: ``sites``, ``positions``, ``layers``, ``heads``, ``directions``)."""
+    """`sweep` with a `LensPatcher` (``options``: those of `sweep`)."""
     return sweep(LensPatcher(bridge, inputs, config, layout), metric, **options)
 
 

@@ -377,3 +377,36 @@ class HeadStats:
         n = max((self.n_examples(layer) for layer in self.layers), default=0)
         model = "" if self.model is None else f", model={self.model!r}"
         return f"HeadStats(layers={self.layers}, examples={n}, threshold={self.threshold}, normalise={self.normalise!r}{model})"
+
+
+def group_attention(
+    probs: Float[Tensor, "batch heads q k"],
+    layout: TokenLayout,
+    queries: str | Tensor = "question",
+    keys: str | Tensor = "image",
+) -> Float[Tensor, "batch heads"]:
+    """Mean over the query rows in one position group of the attention mass on the keys of another.
+
+    E.g. the question tokens' attention to the image (the defaults). Groups are names of
+    `eah_interp.layout.GROUPS` or ``Bool[batch, k]`` masks (`TokenLayout.group_mask`); query row ``i``
+    sits at key position ``k - q + i``. A row with no query in the group gives NaN.
+
+    Args:
+        probs: one layer's attention probabilities ``[batch, heads, q, k]``.
+        layout: the layout of the ``k`` key positions.
+        queries, keys: the two groups.
+
+    Returns:
+        ``Float[batch, heads]``, in float32.
+    """
+    if layout.seq_len != probs.shape[-1] or layout.batch_size != probs.shape[0]:
+        raise LayoutError(
+            f"The layout ({layout.batch_size} rows x {layout.seq_len} positions) does not fit the map "
+            f"({probs.shape[0]} rows x {probs.shape[-1]} keys)."
+        )
+    q_len, k_len = probs.shape[-2:]
+    rows = layout.group_mask(queries)[:, query_positions(q_len, k_len, layout.attention_mask.device)]
+    key_mask = layout.group_mask(keys).to(probs.device)
+    mass = (probs.float() * key_mask[:, None, None, :]).sum(-1)  # [b, h, q]
+    rows = rows.to(probs.device)[:, None, :].float()
+    return (mass * rows).sum(-1) / rows.sum(-1)

@@ -5,15 +5,18 @@ from __future__ import annotations
 import math
 
 import matplotlib
+import pandas.testing as pd_testing
 import pytest
 import torch
 from nnsight import NNsight
 
 import eah_interp.lens as lens
 from eah_interp import EAHConfig
-from eah_interp._testing import sharp_tiny_llava
+from eah_interp._testing import TINY_IMAGE_TOKEN_ID, sharp_tiny_llava
+from eah_interp.errors import LayoutError
 from eah_interp.patching import (
     COLUMNS,
+    EXAMPLE_COLUMNS,
     LAYER_SITES,
     LensPatcher,
     LogitDiff,
@@ -25,6 +28,7 @@ from eah_interp.patching import (
     plot_sites,
     position_masks,
     run_with_patches,
+    summarise,
     sweep,
 )
 from tests.test_nnsight_backend import hf_logits, preset, real, tiny_inputs, tiny_layout
@@ -207,3 +211,152 @@ def test_errors_name_the_problem(setup, patcher):
         run_with_patches(patcher, [Patch("resid", 9)], "eah_into_baseline")
     with pytest.raises(ValueError, match="Unknown position group"):
         sweep(patcher, setup[3], positions=("middle",))
+
+
+# ---------------------------------------------------------------------------- position groups and masks
+def hand_question_mask(inputs):
+    """Positions after each row's last image token, the last (real) position excluded: written from the ids."""
+    ids = inputs["input_ids"]
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    for r in range(ids.shape[0]):
+        last_image = max(j for j in range(ids.shape[1]) if int(ids[r, j]) == TINY_IMAGE_TOKEN_ID)
+        for j in range(last_image + 1, ids.shape[1] - 1):  # left padding: the last real token is at -1
+            mask[r, j] = True
+    return mask
+
+
+def hooked_value(model, inputs, config, metric, where, receiver_eah):
+    """The metric with layer 2's mlp_out copied from the other run at ``where`` (plain torch hooks)."""
+    mlp = model.model.language_model.layers[2].mlp
+    cached = {}
+
+    def forward(eah):
+        return hf_logits(model, inputs, config)[0] if eah else hf_logits(model, inputs)
+
+    handle = mlp.register_forward_hook(lambda m, a, out: cached.setdefault("donor", out.detach().clone()))
+    try:
+        forward(not receiver_eah)
+    finally:
+        handle.remove()
+    handle = mlp.register_forward_hook(lambda m, a, out: torch.where(where[..., None], cached["donor"], out))
+    try:
+        return metric(forward(receiver_eah), last_positions(tiny_layout(inputs))).float()
+    finally:
+        handle.remove()
+
+
+def test_question_group_and_a_user_mask_equal_a_hand_written_patch(setup, patcher):
+    """positions="question" and a Bool mask patch exactly the hand-picked positions (the old code refused both)."""
+    model, inputs, config, metric = setup
+    question = hand_question_mask(inputs)
+    assert question.sum(-1).tolist() == [5, 2]  # 1 separator + suffixes of 5 and 2 tokens, the last one excluded
+    one = torch.zeros_like(question)
+    one[0, -3] = one[1, -4] = True  # any positions of one's choosing, one per row
+    frame = sweep(patcher, metric, sites=("mlp_out",), layers=[2], directions=("eah_into_baseline",),
+                  positions={"question": "question", "mine": one}, progress=False)
+    for label, where in (("question", question), ("mine", one)):
+        want = float(hooked_value(model, inputs, config, metric, where, receiver_eah=False).mean())
+        assert row(frame, positions=label).metric == pytest.approx(want, abs=1e-6)
+        assert not math.isclose(want, row(frame, positions=label).baseline_metric, abs_tol=1e-6)
+    logits = run_with_patches(patcher, [Patch("mlp_out", 2, positions=question)], "eah_into_baseline")
+    assert value(logits, inputs, metric) == pytest.approx(row(frame, positions="question").metric, abs=1e-6)
+
+
+def test_bad_position_masks_are_refused_before_a_forward(setup, patcher):
+    with pytest.raises(LayoutError, match="shape"):
+        sweep(patcher, setup[3], positions=(torch.ones(2, 3, dtype=torch.bool),), progress=False)
+    with pytest.raises(ValueError, match="Bool"):
+        Patch("resid", 0, positions=torch.ones(2, 3))
+    empty = torch.zeros(patcher.layout.attention_mask.shape, dtype=torch.bool)
+    empty[0, -1] = True
+    with pytest.raises(LayoutError, match=r"no position in row\(s\) \[1\]"):
+        run_with_patches(patcher, [Patch("resid", 0, positions=empty)], "eah_into_baseline")
+
+
+# ---------------------------------------------------------------------------- per-example effects
+def test_per_example_effects_equal_a_hand_computation(setup, patcher):
+    """Per-row metric, effect and normalised effect vs plain hooks; the summary is computed from them."""
+    model, inputs, config, metric = setup
+    last = last_positions(tiny_layout(inputs))
+    base = metric(hf_logits(model, inputs), last).float()
+    eah = metric(hf_logits(model, inputs, config)[0], last).float()
+    image = tiny_layout(inputs).image_mask
+    kwargs = dict(sites=("mlp_out",), layers=[2], positions=("image",), progress=False)
+    rows = sweep(patcher, metric, per_example=True, **kwargs)
+    assert list(rows.columns) == list(EXAMPLE_COLUMNS) and len(rows) == 2 * 2  # 2 directions x 2 prompts
+    for direction, receiver_eah in (("eah_into_baseline", False), ("baseline_into_eah", True)):
+        want = hooked_value(model, inputs, config, metric, image, receiver_eah)
+        sub = rows[rows.direction == direction].sort_values("example")
+        assert sub.example.tolist() == [0, 1]
+        assert sub.metric.tolist() == pytest.approx(want.tolist(), abs=1e-5)
+        assert sub.baseline_metric.tolist() == pytest.approx(base.tolist(), abs=1e-5)
+        assert sub.eah_metric.tolist() == pytest.approx(eah.tolist(), abs=1e-5)
+        assert sub.effect.tolist() == pytest.approx((want - base).tolist(), abs=1e-5)
+        assert sub.normalised_effect.tolist() == pytest.approx(((want - base) / (eah - base)).tolist(), abs=1e-4)
+        summary = row(sweep(patcher, metric, directions=(direction,), **kwargs), direction=direction)
+        assert summary.metric == pytest.approx(float(want.mean()), abs=1e-5)
+        assert summary.normalised_effect == pytest.approx(
+            float((want.mean() - base.mean()) / (eah.mean() - base.mean())), abs=1e-4)
+        assert summary.n_examples == 2 and math.isnan(summary.ci_low)  # 2 rows: too few for an interval
+
+
+def test_summary_interval_from_examples():
+    """12 examples: a constant per-example ratio gives a zero-width interval at it; spread gives a real one."""
+    import pandas as pd
+
+    def table(effects):
+        n = len(effects)
+        return pd.DataFrame({"direction": "eah_into_baseline", "site": "resid", "layer": 0, "head": pd.NA,
+                             "positions": "all", "example": range(n), "metric": effects, "baseline_metric": 0.0,
+                             "eah_metric": 2.0, "effect": effects, "normalised_effect": [e / 2 for e in effects]})
+
+    flat = summarise(table([1.0] * 12)).iloc[0]
+    assert (flat.normalised_effect, flat.ci_low, flat.ci_high) == pytest.approx((0.5, 0.5, 0.5))
+    spread = summarise(table([0.0, 2.0] * 6)).iloc[0]
+    assert spread.normalised_effect == pytest.approx(0.5) and spread.n_examples == 12
+    assert 0.0 < spread.ci_low < 0.5 < spread.ci_high < 1.0
+    assert math.isnan(summarise(table([1.0] * 9)).iloc[0].ci_low)  # below MIN_CI_EXAMPLES
+
+
+# ---------------------------------------------------------------------------- checkpoint and resume
+class Counting:
+    """A metric that counts its calls and raises after ``fail_after`` of them (an interrupted sweep)."""
+
+    def __init__(self, inner, fail_after=None):
+        self.inner, self.fail_after, self.calls = inner, fail_after, 0
+
+    def __call__(self, logits, last):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise RuntimeError("interrupted")
+        self.calls += 1
+        return self.inner(logits, last)
+
+
+def test_interrupted_sweep_resumes_to_the_uninterrupted_result_computing_nothing_twice(setup, patcher, tmp_path):
+    metric = setup[3]
+    kwargs = dict(sites=("resid", "head"), layers=[1, 2], heads=[1], positions=("question", "last"), progress=False)
+    n_patches = 2 * (2 + 2) * 2  # directions x (2 resid + 2 heads) x groups
+    plain = Counting(metric)
+    want = sweep(patcher, plain, per_example=True, **kwargs)
+    assert plain.calls == 2 + n_patches
+    path = tmp_path / "sweep.jsonl"
+    first = Counting(metric, fail_after=2 + 5)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        sweep(patcher, first, checkpoint=path, **kwargs)
+    assert len(path.read_text().splitlines()) == 1 + 5  # header + the five finished patches
+    with open(path, "a") as f:
+        f.write('{"key": ["eah_into_baseline", "re')  # a record cut off by a kill
+    second = Counting(metric)
+    got = sweep(patcher, second, checkpoint=path, per_example=True, **kwargs)
+    assert second.calls == n_patches - 5  # the baseline, EAH and finished patches come from the file
+    pd_testing.assert_frame_equal(got, want)
+    third = Counting(metric)
+    again = sweep(patcher, third, checkpoint=path, **kwargs)  # everything done: nothing computed
+    assert third.calls == 0
+    pd_testing.assert_frame_equal(again, summarise(want))
+    with pytest.raises(ValueError, match=r"other arguments \(layers"):
+        sweep(patcher, metric, checkpoint=path, **{**kwargs, "layers": [1]})
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"condition": "baseline"}\n')
+    with pytest.raises(ValueError, match="is not a patching sweep log"):
+        sweep(patcher, metric, checkpoint=other, **kwargs)

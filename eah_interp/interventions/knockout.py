@@ -1,5 +1,8 @@
 """Attention knockout: block one position group from attending to another in a window of layers.
 
+The groups are names (`QUERY_GROUPS`, `KEY_GROUPS`; see `eah_interp.interventions.selectors`) or user
+``Bool[batch, seq]`` masks of the prompt's positions (kept as nested tuples, so the config stays JSON).
+
 As in attention-knockout studies (e.g. Geva et al., 2023, "Dissecting Recall of Factual Associations"):
 post-mask scores of the chosen (query, key) pairs are set to the dtype minimum, so the softmax gives
 them zero weight. A query never loses its own position, so no row is left with nothing to attend to.
@@ -19,16 +22,19 @@ from eah_interp.interventions.selectors import (
     PHASES,
     SPANS,
     Site,
+    as_group,
     as_layers,
     check_choice,
     entries,
-    key_span,
+    group_keys,
     query_rows,
     visible,
 )
 from eah_interp.sinks import query_positions
 
+#: Query groups: ``"last"`` (the call's last row) or a span of `SPANS` (rows at those positions).
 QUERY_GROUPS = ("last",) + SPANS
+Mask = tuple[tuple[bool, ...], ...]
 
 
 @dataclass(frozen=True)
@@ -36,14 +42,15 @@ class Knockout(Intervention):
     """Block queries in group ``queries`` from attending to keys in group ``keys`` at ``layers``.
 
     Args:
-        queries: ``"last"`` (the call's last row) or a span of `SPANS` (rows at those positions).
-        keys: a span of `SPANS`.
+        queries: ``"last"`` (the call's last row), a span of `SPANS` (rows at those positions), or a
+            ``Bool[batch, seq]`` mask of prompt positions (rows at those positions).
+        keys: a group of `KEY_GROUPS` or a ``Bool[batch, seq]`` mask of prompt positions.
         layers: the window (None = every layer).
         phase: ``"both"``, ``"prefill"`` or ``"decode"``.
     """
 
-    queries: str = "last"
-    keys: str = "image"
+    queries: str | Mask = "last"
+    keys: str | Mask = "image"
     layers: tuple[int, ...] | None = None
     phase: str = "both"
 
@@ -51,8 +58,10 @@ class Knockout(Intervention):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", as_layers(self.layers, "Knockout"))
-        check_choice("Knockout.queries", self.queries, QUERY_GROUPS)
-        check_choice("Knockout.keys", self.keys, SPANS)
+        if isinstance(self.queries, str):
+            check_choice("Knockout.queries", self.queries, QUERY_GROUPS)
+        object.__setattr__(self, "queries", as_group(self.queries, "Knockout.queries"))
+        object.__setattr__(self, "keys", as_group(self.keys, "Knockout.keys"))
         check_choice("Knockout.phase", self.phase, PHASES)
         if self.queries == self.keys == "all":
             raise ConfigError("Knockout(queries='all', keys='all') blocks every edge: choose narrower groups.")
@@ -63,17 +72,23 @@ class Knockout(Intervention):
 
     def rows(self, site: Site) -> Tensor:
         """``Bool[batch, q]``: the query rows in the ``queries`` group."""
-        if self.queries == "last":
-            return query_rows("last", site)
-        qpos = query_positions(site.q_len, site.k_len, site.layout.attention_mask.device)
-        return key_span(self.queries, site)[:, qpos]
+        return query_rows(self.queries, site)
 
     def edit(self, tensor: Tensor, site: Site) -> tuple[Tensor, int]:
         qpos = query_positions(site.q_len, site.k_len, tensor.device)
         own = qpos[:, None] == torch.arange(site.k_len, device=tensor.device)[None, :]  # [q, k]
-        selected = entries(self.rows(site), key_span(self.keys, site)) & ~own & visible(tensor)
+        selected = entries(self.rows(site), group_keys(self.keys, site)) & ~own & visible(tensor)
         return tensor.masked_fill(selected, torch.finfo(tensor.dtype).min), count(selected)
 
     def describe(self) -> str:
-        who = "the last query row" if self.queries == "last" else f"{self.queries} rows"
-        return f"Knockout: at {self._layers_text()}, {who} cannot attend to {self.keys} keys ({self.phase} forwards)."
+        who = "the last query row" if self.queries == "last" else f"{_group_text(self.queries)} rows"
+        return (
+            f"Knockout: at {self._layers_text()}, {who} cannot attend to {_group_text(self.keys)} keys "
+            f"({self.phase} forwards)."
+        )
+
+
+def _group_text(group: str | Mask) -> str:
+    if isinstance(group, str):
+        return group
+    return f"masked ({len(group)} x {len(group[0])} mask, {sum(map(sum, group))} positions)"

@@ -7,6 +7,7 @@ query row ``i`` of a call with ``q`` rows sits at ``k - q + i``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-from eah_interp.errors import ConfigError, LayerIndexError
+from eah_interp.errors import ConfigError, LayerIndexError, LayoutError
 from eah_interp.layout import TokenLayout
 from eah_interp.sinks import query_positions
 
@@ -25,6 +26,9 @@ ROWS = ("all", "after_image", "last", "decode")
 #: text after the first image token ("question"); generated tokens; question + generated ("text");
 #: every real key ("all").
 SPANS = ("image", "system", "question", "generated", "text", "all")
+#: Key groups: the `SPANS` plus ``"last"``, the last real prompt position (`TokenLayout.group_mask`);
+#: wherever a group is taken, a user ``Bool[batch, seq]`` mask of the prompt's positions works too.
+KEY_GROUPS = (*SPANS, "last")
 #: Phases: the prompt forward, decode steps with a KV cache, or both.
 PHASES = ("prefill", "decode", "both")
 
@@ -104,6 +108,60 @@ def as_layers(layers: object, what: str) -> tuple[int, ...] | None:
     return values
 
 
+def as_group(value: object, what: str) -> str | tuple[tuple[bool, ...], ...]:
+    """Normalise a position-group argument: a name of `KEY_GROUPS`, or a mask as a tuple of bool rows.
+
+    A mask (a ``Bool[batch, seq]`` tensor or nested lists of bools) is stored as nested tuples, so the
+    intervention stays hashable, comparable and JSON-serialisable.
+    """
+    if isinstance(value, str):
+        check_choice(what, value, KEY_GROUPS)
+        return value
+    if isinstance(value, Tensor):
+        if value.ndim != 2 or value.dtype != torch.bool:
+            raise ConfigError(f"{what}: a mask must be a Bool[batch, seq] tensor; got {value.dtype} {tuple(value.shape)}.")
+        value = value.tolist()
+    try:
+        rows = tuple(tuple(row) for row in value)  # type: ignore[union-attr]
+    except TypeError:
+        rows = ()
+    if not rows or any(not isinstance(x, bool) for row in rows for x in row):
+        raise ConfigError(f"{what} must be one of {KEY_GROUPS} or a Bool[batch, seq] mask; got {value!r}.")
+    if len({len(r) for r in rows}) != 1 or not rows[0]:
+        raise ConfigError(f"{what}: a mask needs rows of one non-zero length; got lengths {[len(r) for r in rows]}.")
+    return rows
+
+
+def group_keys(group: str | tuple[tuple[bool, ...], ...] | Tensor, site: Site) -> Bool[Tensor, "batch k"]:
+    """``Bool[batch, k]``: the keys of a named group (`KEY_GROUPS`) or of a user mask, for one call.
+
+    A mask covers the prompt (``seq`` = the prompt's length, or the call's ``k``); on a decode step
+    the generated keys are appended as unselected, and rows are repeated when the call expands them
+    (beams). It is checked against the call's layout (`TokenLayout.group_mask`).
+
+    Raises:
+        LayoutError: the mask does not fit the call.
+    """
+    layout = site.layout
+    if isinstance(group, str):
+        if group == "last":
+            n_prompt = min(site.prompt_len, layout.seq_len)
+            return dataclasses.replace(layout, prompt_len=n_prompt).group_mask("last")
+        return key_span(group, site)
+    mask = torch.as_tensor(group, dtype=torch.bool, device=layout.attention_mask.device)
+    batch, width = mask.shape
+    if batch != layout.batch_size and layout.batch_size % batch == 0:
+        mask = mask.repeat_interleave(layout.batch_size // batch, 0)
+    if width < layout.seq_len and width == min(site.prompt_len, layout.seq_len):
+        mask = torch.cat([mask, mask.new_zeros(mask.shape[0], layout.seq_len - width)], dim=1)
+    if tuple(mask.shape) != (layout.batch_size, layout.seq_len):
+        raise LayoutError(
+            f"A position mask of shape {(batch, width)} does not fit this call ({layout.batch_size} rows x "
+            f"{layout.seq_len} keys, prompt of {site.prompt_len}): pass a mask of the prompt's shape (batch, seq)."
+        )
+    return layout.group_mask(mask)
+
+
 def key_span(span: str, site: Site) -> Bool[Tensor, "batch k"]:
     """``Bool[batch, k]``: the keys of each row in ``span`` (see `SPANS`), real positions only."""
     layout = site.layout
@@ -128,11 +186,17 @@ def key_span(span: str, site: Site) -> Bool[Tensor, "batch k"]:
     raise ConfigError(f"Unknown key span {span!r}; choose from {SPANS}.")
 
 
-def query_rows(rows: str, site: Site) -> Bool[Tensor, "batch q"]:
-    """``Bool[batch, q]``: the query rows of each batch row selected by ``rows`` (see `ROWS`), real only."""
+def query_rows(rows: str | tuple[tuple[bool, ...], ...] | Tensor, site: Site) -> Bool[Tensor, "batch q"]:
+    """``Bool[batch, q]``: the query rows of each batch row selected by ``rows``, real only.
+
+    ``rows`` is a selector of `ROWS` (``"last"``: the call's last row), or else a position group of
+    `KEY_GROUPS` or a user mask (`group_keys`): the rows at those positions.
+    """
     layout = site.layout
     qpos = query_positions(site.q_len, site.k_len, layout.attention_mask.device)
     real = layout.attention_mask[:, qpos]
+    if not isinstance(rows, str) or (rows not in ROWS and rows in KEY_GROUPS):
+        return real & group_keys(rows, site)[:, qpos]
     if rows == "all":
         return real
     if rows == "last":
