@@ -174,20 +174,50 @@ def _preset(name: str, layers: list[int] | None, threshold: float | None, defaul
 
 
 def _write_scan(stats, out: Path, title: str) -> Table:
+    """head_stats.csv + sink_density.png (+ layer_sinks.csv, examples.csv) in ``out``; returns the per-layer table.
+
+    The table has, per layer: the mean sink density, the densest head, the text→image mass, the heads
+    whose "sinks" a null pattern explains (in at least half the examples; `HeadStats.explained_heads`)
+    and, when the scan compared sink definitions (``--sink-dims``), the mean number of massive-activation
+    sinks among the image tokens and the overlap with EAH's (Jaccard of the summed counts).
+    """
     out.mkdir(parents=True, exist_ok=True)
     frame = stats.to_frame()
     frame.to_csv(out / "head_stats.csv", index=False)
     fig = stats.plot_heatmap("sink_density", title=title)
     fig.savefig(out / "sink_density.png", dpi=120)
+    layers = stats.layer_frame().set_index("layer") if stats.sink_dims else None
+    if layers is not None:
+        layers.to_csv(out / "layer_sinks.csv")
+    if stats.keep_examples:
+        stats.examples_frame().to_csv(out / "examples.csv", index=False)
+    explained = stats.explained_heads()
     per_layer = frame.groupby("layer")[["sink_density_mean", "image_mass_text_mean"]].mean()
     table = Table(title="vision-sink density per layer (mean over heads) and its densest head")
-    for col in ("layer", "mean sink density", "densest head", "its density", "text→image mass"):
+    columns = ["layer", "mean sink density", "densest head", "its density", "text→image mass", "null-explained heads"]
+    if layers is not None:
+        columns += ["massive sinks", "EAH sinks", "overlap (Jaccard)"]
+    for col in columns:
         table.add_column(col, justify="right")
     for layer, row in per_layer.iterrows():
         top = stats.rank("sink_density", layer=int(layer)).iloc[0]
-        table.add_row(
+        flagged = explained[explained.layer == layer]["head"].tolist()
+        cells = [
             str(layer), f"{row.sink_density_mean:.3f}", str(int(top['head'])),
             f"{top.sink_density_mean:.3f}", f"{row.image_mass_text_mean:.3f}",
+            ",".join(str(int(h)) for h in flagged) or "-",
+        ]
+        if layers is not None:
+            if layer in layers.index:
+                lrow = layers.loc[layer]
+                cells += [f"{lrow.massive_sinks_mean:.2f}", f"{lrow.eah_sinks_mean:.2f}", f"{lrow.pooled_jaccard:.3f}"]
+            else:
+                cells += ["-", "-", "-"]
+        table.add_row(*cells)
+    if len(explained):
+        table.caption = (
+            f"{len(explained)} head(s) flagged: at threshold {stats.threshold:g} with normalise={stats.normalise!r} a pure "
+            "previous-token or uniform pattern would mark as many image tokens as sinks (see eah_interp.sinks.density_curve)"
         )
     return table
 
@@ -217,6 +247,14 @@ def scan(
         help="i/N: scan only items i, i+N, ... (a separate job; combine with `eah-interp merge`). Under torchrun "
              "or accelerate launch the ranks shard the data by themselves.",
     )] = None,
+    sink_dims: Annotated[str | None, typer.Option(
+        help="comma-separated hidden dimensions of the model's massive activations (e.g. 2533,1415 for "
+             "LLaVA-1.5-7B): also count massive-activation sinks per layer and their overlap with EAH's "
+             "(layer_sinks.csv)",
+    )] = None,
+    tau: Annotated[float, typer.Option(help="massive-activation threshold for --sink-dims (VAR: 20)")] = 20.0,
+    keep_examples: Annotated[bool, typer.Option(
+        "--keep-examples", help="also keep every image's values (examples.csv, for paired tests)")] = False,
 ) -> None:
     """Head statistics over a dataset's images → head_stats.csv + sink_density.png, and a per-layer table. Resumable.
 
@@ -237,6 +275,11 @@ def scan(
         part = distributed.Shard.resolve(shard)
     except ConfigError as err:
         raise typer.BadParameter(str(err), param_hint="--shard") from err
+    try:
+        dims = None if sink_dims is None else tuple(int(d) for d in sink_dims.split(",") if d.strip())
+    except ValueError as err:
+        raise typer.BadParameter(f"--sink-dims takes comma-separated integers (e.g. 2533,1415); got {sink_dims!r}.",
+                                 param_hint="--sink-dims") from err
     dataset = _dataset(images=images, coco_instances=coco_instances, pope=pope, n=n, seed=seed, default_scenes=32)
     bundle = _with_prompt(_load(model, dtype=dtype, device=device, device_map=device_map,
                                 trust_remote_code=trust_remote_code), prompt)
@@ -245,7 +288,7 @@ def scan(
     try:
         result = distributed.scan(bundle, items, out, shard=part, dataset=_scan_source(dataset),
                                   threshold=threshold, normalise=normalise, batch_size=batch_size, resume=resume,
-                                  log=console.print)
+                                  log=console.print, keep_examples=keep_examples, sink_dims=dims, tau=tau)
     except ConfigError as err:
         raise typer.BadParameter(str(err), param_hint="--out") from err
     if not result.merged:
@@ -423,6 +466,11 @@ def evaluate(
         part = distributed.Shard.resolve(shard)
     except ConfigError as err:
         raise typer.BadParameter(str(err), param_hint="--shard") from err
+    try:
+        dims = None if sink_dims is None else tuple(int(d) for d in sink_dims.split(",") if d.strip())
+    except ValueError as err:
+        raise typer.BadParameter(f"--sink-dims takes comma-separated integers (e.g. 2533,1415); got {sink_dims!r}.",
+                                 param_hint="--sink-dims") from err
     dataset = _dataset(images=images, coco_instances=coco_instances, pope=pope, n=n, seed=seed, default_scenes=100,
                        generate_pope=generate_pope)
     console.print(f"[bold]data:[/] {dataset.describe()}")

@@ -151,10 +151,15 @@ def process_group(shard: Shard, timeout: timedelta = timedelta(days=7)) -> Itera
 
 
 # ---------------------------------------------------------------------------- resumable, sharded scan
-def scan_config(bundle: Any, threshold: float, normalise: str, dataset: str) -> dict[str, Any]:
+def scan_config(bundle: Any, threshold: float, normalise: str, dataset: str, stats: HeadStats | None = None) -> dict[str, Any]:
     """What two scan checkpoints must agree on to be resumed or merged (the batch size may differ)."""
-    return {"model": bundle.name, "threshold": float(threshold), "normalise": normalise, "layers": "all",
-            "prompt": bundle.caption_prompt, "images": dataset}
+    config = {"model": bundle.name, "threshold": float(threshold), "normalise": normalise, "layers": "all",
+              "prompt": bundle.caption_prompt, "images": dataset}
+    if stats is not None and stats.keep_examples:
+        config["keep_examples"] = True
+    if stats is not None and stats.sink_dims:
+        config["sink_dims"], config["tau"] = list(stats.sink_dims), stats.tau
+    return config
 
 
 @dataclass(frozen=True)
@@ -251,6 +256,9 @@ def scan(
     resume: bool = True,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    keep_examples: bool = False,
+    sink_dims: Sequence[int] | None = None,
+    tau: float = 20.0,
 ) -> ScanResult:
     """Head statistics of this process's shard of ``items``, checkpointed after every batch; rank 0 merges.
 
@@ -274,6 +282,9 @@ def scan(
         resume: continue from the shard's checkpoint (default), or discard it and start over.
         progress: show a progress bar.
         log: where progress messages go.
+        keep_examples: keep every image's values, with its name as the example id (`HeadStats`).
+        sink_dims, tau: also count massive-activation sinks and their overlap with EAH's per layer
+            (`HeadStats`).
 
     Returns:
         A `ScanResult` (merged statistics on rank 0 and in a 1-shard run, the shard's otherwise).
@@ -291,8 +302,8 @@ def scan(
         dup = next(name for name in names if names.count(name) > 1)
         raise ConfigError(f"Item names are the keys of a scan and must be unique; {dup!r} appears twice.")
     stats = HeadStats(threshold=bundle.threshold if threshold is None else threshold, normalise=normalise,  # type: ignore[arg-type]
-                      model=bundle.name)
-    config = scan_config(bundle, stats.threshold, normalise, dataset)
+                      model=bundle.name, keep_examples=keep_examples, sink_dims=sink_dims, tau=tau)
+    config = scan_config(bundle, stats.threshold, normalise, dataset, stats)
     mine = shard.select(list(items))
     planned = [item[0] for item in mine]
     path = out / shard.checkpoint_name
@@ -322,7 +333,8 @@ def scan(
             write_checkpoint(path, stats, config, shard, done + [name for name, _ in todo[:counted]], planned)
 
         checkpoint(0)  # records this run's plan (a larger --n extends a finished shard)
-        scan_images(bundle, _Lazy(todo), stats=stats, batch_size=batch_size, progress=progress, on_batch=checkpoint)
+        scan_images(bundle, _Lazy(todo), stats=stats, batch_size=batch_size, progress=progress, on_batch=checkpoint,
+                    ids=[name for name, _ in todo])
         barrier()
         if shard.count == 1:
             return ScanResult(stats, shard, True, path)

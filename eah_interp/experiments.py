@@ -51,21 +51,31 @@ def scan_images(
     progress: bool = True,
     stats: HeadStats | None = None,
     on_batch: Callable[[int], None] | None = None,
+    ids: Sequence[str] | None = None,
+    keep_examples: bool = False,
+    sink_dims: Sequence[int] | None = None,
 ) -> HeadStats:
     """Head statistics of the caption prompt over ``images`` (all layers by default), streamed.
 
     Args:
         stats: accumulate into this `HeadStats` (e.g. one loaded from a checkpoint) instead of a new one
-            built from ``threshold`` / ``normalise``.
+            built from ``threshold`` / ``normalise`` / ``keep_examples`` / ``sink_dims``.
         on_batch: called after every batch with the number of images counted so far in this call
             (the CLI writes its resumable checkpoint there).
+        ids: one id per image, kept with its per-example values (`HeadStats.label_next`).
+        keep_examples, sink_dims: options of a new `HeadStats` (per-example values; the
+            massive-activation sinks and their overlap with EAH's, per layer).
     """
     if stats is None:
-        stats = HeadStats(threshold=bundle.threshold if threshold is None else threshold, normalise=normalise)  # type: ignore[arg-type]
+        stats = HeadStats(threshold=bundle.threshold if threshold is None else threshold, normalise=normalise,  # type: ignore[arg-type]
+                          keep_examples=keep_examples, sink_dims=sink_dims)
+    if ids is not None and len(ids) != len(images):
+        raise ValueError(f"scan_images got {len(ids)} ids for {len(images)} images.")
     model = bundle.model
     counted = 0
     with hf.record_attention(model, layers, stats=stats), torch.no_grad():
         for chunk in tqdm(_batches(images, batch_size), desc="scan", disable=not progress):
+            stats.label_next(None if ids is None else list(ids[counted : counted + len(chunk)]))
             model(**bundle.encode([bundle.caption_prompt] * len(chunk), list(chunk)), use_cache=False)
             counted += len(chunk)
             if on_batch is not None:

@@ -73,7 +73,7 @@ from eah_interp.layout import TokenLayout
 from eah_interp.models.adapters import image_token_ids as image_token_ids  # re-exported
 from eah_interp.models.introspect import attention_modules, model_shape, text_config
 from eah_interp.sinks import Normalise
-from eah_interp.stats import HeadStats, head_statistics, head_statistics_from_sums
+from eah_interp.stats import HeadStats
 
 _MISSING = object()
 
@@ -615,10 +615,55 @@ class record_attention(_AttentionOverride):  # noqa: N801
             self._warn_if_causal_normaliser(stats.normalise)
         self._keep_patterns = keep_patterns
         self.recording = Recording(layers=chosen, stats=stats)
+        # a HeadStats comparing sinks with massive activations reads each layer's input hidden states
+        self._hidden: dict[int, Tensor] = {}
+        self._hidden_hooks: list[Any] = []
 
     def __enter__(self) -> Recording:  # type: ignore[override]
         super().__enter__()
+        stats = self.recording.stats
+        if stats is not None and stats.sink_dims:
+            try:
+                decoders = decoder_layers(self.model)
+                for layer in self.recording.layers:
+                    self._hidden_hooks.append(
+                        decoders[layer].register_forward_pre_hook(self._note_hidden(layer), with_kwargs=True)
+                    )
+            except BaseException:
+                self.__exit__(None, None, None)
+                raise
         return self.recording
+
+    def __exit__(self, *exc) -> None:
+        try:
+            for hook in self._hidden_hooks:
+                hook.remove()
+            self._hidden_hooks.clear()
+            self._hidden.clear()
+        finally:
+            super().__exit__(*exc)
+
+    def _note_hidden(self, layer: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            if isinstance(hidden, Tensor):
+                self._hidden[layer] = hidden.detach()
+
+        return hook
+
+    def _prompt_hidden(self, call: AttentionCall) -> Tensor | None:
+        """The recorded layer's input hidden states of this prompt forward (None without ``sink_dims``)."""
+        stats = self.recording.stats
+        if stats is None or not stats.sink_dims:
+            return None
+        hidden = self._hidden.pop(call.layer, None)
+        if hidden is None or hidden.shape[1] != call.q_len:
+            raise LayoutError(
+                f"Layer {call.layer}: the HeadStats compares sinks with massive activations (sink_dims) and needs the "
+                "decoder layer's input hidden states, but none of this prompt were seen (is the decoder layer a "
+                "module called with hidden_states?). Build the HeadStats without sink_dims."
+            )
+        return hidden
 
     def steps(self, call: AttentionCall) -> list[AttentionStep]:
         if call.layer not in self.recording.layers or not call.prefill:
@@ -630,17 +675,13 @@ class record_attention(_AttentionOverride):  # noqa: N801
     def _record_sums(self, sums: AttentionSums, layout: TokenLayout, call: AttentionCall) -> None:
         stats = self.recording.stats
         assert stats is not None
-        stats.update_from_stats(
-            call.layer, head_statistics_from_sums(sums, layout, call.q_len, stats.threshold, stats.normalise)
-        )
+        stats.update_from_sums(call.layer, sums, layout, call.q_len, hidden=self._prompt_hidden(call))
         self._note_layout(layout)
 
     def _record_probs(self, probs: Tensor, layout: TokenLayout, call: AttentionCall) -> None:
         rec = self.recording
         if rec.stats is not None:
-            rec.stats.update_from_stats(
-                call.layer, head_statistics(probs, layout, rec.stats.threshold, rec.stats.normalise)
-            )
+            rec.stats.update(call.layer, probs, layout, hidden=self._prompt_hidden(call))
         if self._keep_patterns:
             rec.patterns.setdefault(call.layer, []).append(probs.detach().to("cpu"))
         self._note_layout(layout)
@@ -659,11 +700,19 @@ def scan_heads(
     threshold: float = 0.0008,
     normalise: Normalise = "causal",
     progress: bool = True,
+    keep_examples: bool = False,
+    sink_dims: Iterable[int] | None = None,
+    tau: float = 20.0,
 ) -> HeadStats:
-    """Stream head statistics of every prompt forward over an iterable of model input dicts."""
+    """Stream head statistics of every prompt forward over an iterable of model input dicts.
+
+    ``keep_examples``, ``sink_dims`` and ``tau`` are those of `HeadStats`: per-example values, and the
+    massive-activation sinks and their overlap with the column-mass sinks per layer (`HeadStats.layer_frame`).
+    """
     from tqdm.auto import tqdm
 
-    stats = HeadStats(threshold=threshold, normalise=normalise)
+    stats = HeadStats(threshold=threshold, normalise=normalise, keep_examples=keep_examples,
+                      sink_dims=None if sink_dims is None else tuple(sink_dims), tau=tau)
     with record_attention(model, layers, stats=stats), torch.no_grad():
         for inputs in tqdm(batches, desc="scanning heads", disable=not progress):
             model(**inputs)

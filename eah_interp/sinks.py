@@ -247,3 +247,222 @@ def sink_agreement(
         "both": both,
         "jaccard": torch.where(either > 0, both / either.clamp_min(1), torch.nan),
     }
+
+
+# ---------------------------------------------------------------------------- null-model diagnostics
+#: The null patterns of `null_scores`: ``"uniform"`` (each row spreads its attention evenly over the real
+#: keys it can see, itself included) and ``"previous"`` (each row puts all of it on the previous real token).
+NULL_PATTERNS = ("uniform", "previous")
+
+#: Thresholds of `density_curve` by default: 41 points log-spaced from 1e-4 to 1.
+DEFAULT_THRESHOLDS = tuple(float(10 ** (-4 + i / 10)) for i in range(41))
+
+#: `explained_by_null` flags a head whose density is at least ``(1 - NULL_TOLERANCE)`` times a null's.
+NULL_TOLERANCE = 0.1
+
+
+def _thresholds(thresholds: float | tuple[float, ...] | list[float] | Tensor, device: torch.device) -> Tensor:
+    values = torch.as_tensor(thresholds, dtype=torch.float32, device=device).reshape(-1)
+    if values.numel() == 0 or bool((values < 0).any()):
+        raise ConfigError(f"thresholds must be one or more numbers >= 0; got {thresholds!r}.")
+    return values
+
+
+def null_column_sums(layout: TokenLayout, kind: str, q_len: int | None = None) -> Float[Tensor, "batch k"]:
+    """`column_sums` of a null attention pattern built for ``layout``, computed in closed form.
+
+    The patterns are causal and skip padding: a real query row ``i`` (one of the last ``q_len``
+    positions) sees the real keys ``j <= i``. ``"uniform"`` gives each of them ``1 / r(i)`` (``r(i)``:
+    real positions up to ``i``), so column ``j`` sums ``1 / r(i)`` over the query rows after it;
+    ``"previous"`` gives all of row ``i`` to the previous real position (the first real token attends
+    itself), so column ``j`` sums 1 if the next real position after ``j`` is a query row, else 0.
+
+    Args:
+        layout: the layout of the ``k`` key positions.
+        kind: ``"uniform"`` or ``"previous"`` (`NULL_PATTERNS`).
+        q_len: query rows (the last ``q_len`` positions; default: all, a prefill).
+
+    Returns:
+        ``Float[batch, k]`` in float32 (diagonal removed, as in `column_sums`).
+    """
+    if kind not in NULL_PATTERNS:
+        raise ConfigError(f"Unknown null pattern {kind!r}; choose from {NULL_PATTERNS}.")
+    k = layout.seq_len
+    q_len = k if q_len is None else q_len
+    if not 1 <= q_len <= k:
+        raise LayoutError(f"q_len must be in [1, {k}] (the layout's positions); got {q_len}.")
+    real = layout.attention_mask.bool()
+    is_query = torch.zeros_like(real)
+    is_query[:, k - q_len :] = True
+    query = real & is_query
+    if kind == "uniform":
+        seen = real.float().cumsum(-1)  # r(i): real keys a row sees, itself included
+        weight = torch.where(query, 1.0 / seen.clamp_min(1), torch.zeros_like(seen))
+        after = weight.flip(-1).cumsum(-1).flip(-1) - weight  # sum over rows strictly after j
+        return torch.where(real, after, torch.zeros_like(after))
+    sums = torch.zeros(real.shape, dtype=torch.float32, device=real.device)
+    for row in range(real.shape[0]):
+        positions = real[row].nonzero().flatten()
+        source, target = positions[:-1], positions[1:]  # row `target` attends `source`
+        keep = query[row, target]
+        sums[row, source[keep]] = 1.0
+    return sums
+
+
+def null_scores(
+    layout: TokenLayout, q_len: int | None = None, normalise: Normalise = "causal"
+) -> dict[str, Float[Tensor, "batch k"]]:
+    """Sink scores a pure uniform and a pure previous-token pattern would get, under ``normalise``.
+
+    The reference a head's scores are read against: under ``"causal"`` the previous-token pattern
+    scores ``1 / d(j)`` at every image token (one row's worth of attention over the rows after it), so
+    at any threshold below ``1 / (rows after the image)`` a local pattern makes every image token a
+    "sink". Non-image keys score 0, as in `sink_scores`.
+
+    Returns:
+        ``{"uniform": Float[batch, k], "previous": Float[batch, k]}`` in float32.
+    """
+    k = layout.seq_len
+    q_len = k if q_len is None else q_len
+    return {
+        kind: sink_scores_from_column_sums(null_column_sums(layout, kind, q_len)[:, None], layout, q_len, normalise)[:, 0]
+        for kind in NULL_PATTERNS
+    }
+
+
+def density_curve_from_scores(
+    scores: Float[Tensor, "batch heads k"], layout: TokenLayout, thresholds: float | tuple[float, ...] | Tensor
+) -> Float[Tensor, "thresholds batch heads"]:
+    """Sink density at each threshold, from precomputed sink scores (`sink_scores`)."""
+    t = _thresholds(thresholds, scores.device)
+    image = layout.image_mask.to(scores.device)
+    above = (scores[None] > t[:, None, None, None]) & image[None, :, None, :]
+    n_image = layout.n_image_tokens.to(scores.device).clamp_min(1).float()
+    return above.sum(-1).float() / n_image[None, :, None]
+
+
+def density_curve(
+    attn: Float[Tensor, "batch heads q k"],
+    layout: TokenLayout,
+    thresholds: float | tuple[float, ...] | Tensor = DEFAULT_THRESHOLDS,
+    normalise: Normalise = "causal",
+) -> Float[Tensor, "thresholds batch heads"]:
+    """Sink density (`sink_density`) of every head as a function of the threshold.
+
+    A head with real sinks keeps a low, flat density over a wide range of thresholds; a local pattern
+    (previous-token, uniform) climbs to 1 as the threshold falls, following its null (`null_densities`).
+
+    Args:
+        attn: post-softmax probabilities of one layer, ``[batch, heads, q, k]``.
+        layout: the layout of the ``k`` key positions.
+        thresholds: the thresholds (default `DEFAULT_THRESHOLDS`, 1e-4 to 1).
+        normalise: the sink-score normaliser.
+
+    Returns:
+        ``Float[thresholds, batch, heads]``.
+    """
+    return density_curve_from_scores(sink_scores(attn, layout, normalise), layout, thresholds)
+
+
+def null_densities(
+    layout: TokenLayout,
+    thresholds: float | tuple[float, ...] | Tensor = DEFAULT_THRESHOLDS,
+    q_len: int | None = None,
+    normalise: Normalise = "causal",
+) -> dict[str, Float[Tensor, "thresholds batch"]]:
+    """The sink density a pure uniform and a pure previous-token pattern get at each threshold.
+
+    Args:
+        layout: the layout of the ``k`` key positions.
+        thresholds: one threshold or several.
+        q_len: query rows (default: all, a prefill).
+        normalise: the sink-score normaliser (``"causal"``, ``"official"``, ``"rows"``).
+
+    Returns:
+        ``{"uniform": ..., "previous": ...}``, each ``Float[thresholds, batch]`` (``Float[batch]`` when
+        ``thresholds`` is one number).
+    """
+    scalar = isinstance(thresholds, (int, float))
+    out = {}
+    for kind, scores in null_scores(layout, q_len, normalise).items():
+        curve = density_curve_from_scores(scores[:, None], layout, thresholds)[:, :, 0]
+        out[kind] = curve[0] if scalar else curve
+    return out
+
+
+def explained_by_null(
+    density: Float[Tensor, "*any"], null_density: Float[Tensor, "*any"], tolerance: float = NULL_TOLERANCE
+) -> Bool[Tensor, "*any"]:
+    """Heads whose "sinks" a null pattern explains: as many sinks as the null gets, or nearly.
+
+    A head is flagged where ``density > 0``, ``null_density > 0`` and
+    ``density >= (1 - tolerance) * null_density`` (broadcasting, e.g. ``[batch, heads]`` against
+    ``[batch, 1]``): at this threshold and normaliser a pure local pattern already marks that many image
+    tokens, so the count says nothing about sinks. A head with a few real sinks among many image tokens
+    stays below a dense null; where the null's density is 0 nothing is flagged.
+
+    Args:
+        density: sink densities (`sink_density`).
+        null_density: a null's density for the same rows (`null_densities`).
+        tolerance: relative slack (default `NULL_TOLERANCE`).
+
+    Returns:
+        Bool, the broadcast shape of the inputs.
+    """
+    if not 0 <= tolerance < 1:
+        raise ConfigError(f"tolerance must be in [0, 1); got {tolerance}.")
+    null_density = null_density.to(density.device)
+    return (density > 0) & (null_density > 0) & (density >= (1 - tolerance) * null_density)
+
+
+def plot_density_curve(
+    thresholds: float | tuple[float, ...] | Tensor,
+    curves: Float[Tensor, "thresholds heads"],
+    nulls: dict[str, Float[Tensor, " thresholds"]] | None = None,
+    *,
+    threshold: float | None = None,
+    heads: list[int] | None = None,
+    ax=None,
+    title: str | None = None,
+):
+    """Sink density against the threshold (log axis), one line per head, the nulls dashed.
+
+    Args:
+        thresholds: the x values (those given to `density_curve`).
+        curves: densities, e.g. ``density_curve(...).mean(1)`` (mean over the batch): ``[thresholds, heads]``.
+        nulls: e.g. ``{k: v.mean(-1) for k, v in null_densities(...).items()}``, each ``[thresholds]``.
+        threshold: the threshold in use (a vertical line).
+        heads: which heads to draw (default: all).
+        ax: a matplotlib Axes to draw into (default: a new figure).
+        title: the title.
+
+    Returns:
+        The matplotlib Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    t = _thresholds(thresholds, torch.device("cpu")).numpy()
+    curves = curves.detach().float().cpu()
+    if curves.ndim != 2 or curves.shape[0] != len(t):
+        raise LayoutError(f"curves must be [thresholds={len(t)}, heads]; got shape {tuple(curves.shape)}.")
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+    else:
+        fig = ax.figure
+    for head in heads if heads is not None else range(curves.shape[1]):
+        ax.plot(t, curves[:, head].numpy(), label=f"head {head}", lw=1.2)
+    styles = {"previous": ("black", "--"), "uniform": ("grey", ":")}
+    for kind, values in (nulls or {}).items():
+        color, ls = styles.get(kind, ("black", "-."))
+        ax.plot(t, values.detach().float().cpu().numpy(), color=color, ls=ls, lw=2, label=f"{kind}-token null" if kind == "previous" else f"{kind} null")
+    if threshold is not None:
+        ax.axvline(threshold, color="red", lw=0.8, alpha=0.7, label=f"threshold {threshold:g}")
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("sink threshold")
+    ax.set_ylabel("sink density")
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig

@@ -156,3 +156,70 @@ def test_the_model_name_survives_save_and_load(tmp_path):
     loaded = HeadStats.load(stats.save(tmp_path / "s.safetensors"))
     assert loaded.model == "organism" and "model='organism'" in repr(loaded)
     assert HeadStats.load(HeadStats().save(tmp_path / "t.safetensors")).model is None
+
+
+def _overlap_rows(seed: int, n_rows: int) -> dict[str, torch.Tensor]:
+    """Per-row sink-overlap values as `sink_overlap` returns them (counts, NaN where undefined)."""
+    rng = np.random.default_rng(seed)
+    eah, mas = rng.integers(0, 6, n_rows).astype(float), rng.integers(0, 6, n_rows).astype(float)
+    both = np.minimum(eah, mas) * rng.random(n_rows) // 1
+    either = eah + mas - both
+    with np.errstate(invalid="ignore", divide="ignore"):
+        jac = np.where(either > 0, both / either, np.nan)
+        share = np.where(eah > 0, both / eah, np.nan)
+    return {k: torch.from_numpy(v) for k, v in dict(
+        eah_sinks=eah, massive_sinks=mas, both=both, jaccard=jac, eah_in_massive=share).items()}
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n_rows=st.integers(1, 25), n_heads=st.integers(1, 4),
+       n_cuts=st.integers(0, 4), named=st.booleans(), data=st.data())
+def test_merging_keeps_examples_and_sink_overlap_exactly(seed, n_rows, n_heads, n_cuts, named, data):
+    """Per-example values and the per-layer overlap statistics of any split merge into the whole stream's:
+    examples bit for bit and in stream order, overlap means/stds as numpy's nanmean/nanstd."""
+    values = _rows(seed, n_rows, n_heads, 0.2, 1.0, 0.0)
+    overlap = _overlap_rows(seed, n_rows)
+    ids = [f"img{i}" for i in range(n_rows)] if named else None
+    cuts = sorted(data.draw(st.lists(st.integers(0, n_rows), min_size=n_cuts, max_size=n_cuts)))
+    bounds = [0, *cuts, n_rows]
+
+    def feed(stats: HeadStats, a: int, b: int) -> HeadStats:
+        if b > a:
+            tensor = torch.from_numpy(values[a:b])
+            stats.update_from_stats(5, {name: tensor + i for i, name in enumerate(STATISTICS)},
+                                    overlap={k: v[a:b] for k, v in overlap.items()},
+                                    ids=None if ids is None else ids[a:b])
+        return stats
+
+    options = dict(threshold=0.01, keep_examples=True, sink_dims=(3, 7))
+    whole = feed(HeadStats(**options), 0, n_rows)
+    merged = HeadStats.merge_all([feed(HeadStats(**options), a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+    heads = merged.examples_frame()
+    assert heads.equals(whole.examples_frame())
+    assert list(heads[heads["head"] == 0].example) == (ids or [str(i) for i in range(n_rows)])
+    for head in range(n_heads):  # the kept values are the fed ones, bit for bit
+        fed = values[:, head] + STATISTICS.index("entropy")
+        np.testing.assert_array_equal(heads[heads["head"] == head].entropy.to_numpy(), fed)
+    layer = merged.layer_frame().iloc[0]
+    for name, column in overlap.items():
+        finite = column.numpy()[~np.isnan(column.numpy())]
+        assert int(merged._overlap[5][name].n[0]) == len(finite)
+        assert _close(layer[f"{name}_mean"], float(np.mean(finite)) if len(finite) else math.nan, 10)
+        assert _close(layer[f"{name}_std"], float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan, 10)
+    pooled = overlap["both"].sum() / (overlap["eah_sinks"] + overlap["massive_sinks"] - overlap["both"]).sum()
+    assert _close(layer["pooled_jaccard"], float(pooled) if not math.isnan(float(pooled)) else math.nan, 1)
+    np.testing.assert_array_equal(merged.examples_frame("layer").jaccard.to_numpy(), overlap["jaccard"].numpy())
+
+
+def test_merge_refuses_examples_counted_twice_and_mixed_options():
+    a, b = HeadStats(keep_examples=True), HeadStats(keep_examples=True)
+    stats = {name: torch.zeros(2, 3, dtype=torch.float64) for name in STATISTICS}
+    a.update_from_stats(0, stats, ids=["x", "y"])
+    b.update_from_stats(0, stats, ids=["y", "z"])
+    with pytest.raises(ConfigError, match=r"examples \['y'\] were counted on both sides"):
+        a.merge(b)
+    for other, words in [(HeadStats(), "keep_examples True vs False"),
+                         (HeadStats(keep_examples=True, sink_dims=(1,)), "sink_dims () vs (1,)")]:
+        with pytest.raises(ConfigError, match="different scans") as err:
+            a.merge(other)
+        assert words in str(err.value)
