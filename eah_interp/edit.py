@@ -223,7 +223,11 @@ def map_free_eah(
     if key.shape[-2] != q:
         raise ValueError("apply_eah_to_attention is for prompt forwards (as many keys as queries).")
     layout = layout.to(query.device)
-    _, sums = chunked_attention(query, key, value, mask, scaling, layout, output=False, statistics=statistics)
+    # The sums only choose the source head and feed statistics (discrete / recorded, never differentiated):
+    # detached, so that a forward with gradients (attribution patching) runs through this path.
+    _, sums = chunked_attention(
+        query.detach(), key.detach(), value.detach(), mask, scaling, layout, output=False, statistics=statistics
+    )
     scores = sink_scores_from_column_sums(sums.column_sums, layout, q, config.normalise)
     counts = sink_counts_from_scores(scores, layout, config.threshold)
     heads = choose_source_heads(counts, config, layer)

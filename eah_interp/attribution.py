@@ -1,0 +1,835 @@
+"""Attribution patching and direct logit attribution: where an intervention's change to an answer goes, fast.
+
+**Attribution patching** (gradient x activation difference; Nanda 2023, "Attribution patching:
+activation patching at industrial scale"; Syed et al. 2023, "Attribution patching outperforms automated
+circuit discovery") estimates every row of an activation-patching sweep (`eah_interp.patching.sweep`)
+from one forward and one backward pass per run. For a site activation ``a`` (at a group of positions,
+and one head's slice for ``site="head"``) and the metric ``m``:
+
+* ``eah_into_baseline``: ``m(base with a_eah) ≈ m_base + sum((a_eah - a_base) * ∂m/∂a |_base)``;
+* ``baseline_into_eah``: ``m(eah with a_base) ≈ m_eah + sum((a_base - a_eah) * ∂m/∂a |_eah)``,
+
+the sums running over the group's positions and the site's features. It is the first-order Taylor
+expansion of activation patching around the receiving run: exact where the metric is linear in the
+site (e.g. the last layer's outputs with a linear read-out), an approximation elsewhere (attention
+saturation, norms and large activation differences bend it). `agreement` measures how far it is
+from activation patching on given inputs; do not trust a ranking it has not been checked on.
+
+"The EAH run" is any list `eah_interp.hf.intervene` accepts (an `EAHConfig`, ``[EAH(...), PAI(...)]``,
+...); the two runs and their backward passes use plain PyTorch hooks on the HF model. The gradient of
+an edit's discrete choices (EAH's source head, sink sets) is zero: they are held at the run's values.
+
+Sites, position groups, directions and the table's columns are those of `eah_interp.patching`, so
+`patching.plot_heads` / `patching.plot_sites` draw both kinds of table, and `agreement` compares them.
+
+**Direct logit attribution** (`direct_logit_attribution`) splits a logit difference at the last
+position into the residual stream's additive parts: the embedding (layer 0's input, image features
+included), every layer's attention output (and each head's share: its slice of ``o_proj``'s input
+times its columns of ``o_proj``) and MLP output, through the final norm with its scale **frozen** at the
+value of the actual run. With the scale frozen the norm is linear, so the parts sum exactly to the
+metric; the price is that a part's number is what it adds *at this run's norm scale*, not what removing
+it would do (removing a part changes the scale, and later layers' inputs).
+
+Example:
+    >>> frame = attribution_patching(model, inputs, EAHConfig.paper(threshold=0.01), LogitDiff(yes, no))
+    >>> patching.plot_heads(frame, direction="eah_into_baseline", positions="last")
+    >>> dla = direct_logit_attribution(model, inputs, (yes, no), interventions=EAHConfig.paper(threshold=0.01))
+    >>> plot_dla(dla)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+
+from eah_interp import hf
+from eah_interp.config import EAHConfig
+from eah_interp.errors import ConfigError, HeadIndexError, LayerIndexError, LayoutError, UnsupportedModelError
+from eah_interp.layout import TokenLayout
+from eah_interp.patching import (
+    COLUMNS,
+    DIRECTIONS,
+    POSITION_GROUPS,
+    SITES,
+    LogitDiff,
+    Metric,
+    last_positions,
+    position_masks,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+#: Columns of `attribution_patching`'s table: `eah_interp.patching.COLUMNS` plus ``effect`` (the change
+#: the patch makes to the receiving run's metric) and ``method``; ``example`` first with ``per_example``.
+ATTRIBUTION_COLUMNS = (*COLUMNS, "effect", "method")
+#: Columns of `direct_logit_attribution`'s table (``example`` first with ``per_example``).
+DLA_COLUMNS = ("condition", "component", "layer", "head", "contribution", "metric")
+#: DLA components: ``embed`` + per layer ``attn`` and ``mlp`` sum to the metric (plus a ``bias`` row for
+#: the norm's / unembedding's biases, if the model has any); ``head`` rows (and ``attn_bias``, o_proj's
+#: bias, if any) split each layer's ``attn`` row.
+DLA_COMPONENTS = ("embed", "attn", "mlp", "bias", "head", "attn_bias")
+
+__all__ = [
+    "ATTRIBUTION_COLUMNS",
+    "DLA_COLUMNS",
+    "DLA_COMPONENTS",
+    "agreement",
+    "attribution_patching",
+    "direct_logit_attribution",
+    "plot_dla",
+    "resolve_positions",
+]
+
+
+# ---------------------------------------------------------------------------- shared helpers
+def _as_metric(metric: Any) -> Metric:
+    if isinstance(metric, tuple) and len(metric) == 2:
+        return LogitDiff(yes=metric[0], no=metric[1])
+    if not callable(metric):
+        raise ConfigError(f"metric must be a callable (LogitDiff, TokenLogProb) or a (yes_id, no_id) pair; got {metric!r}.")
+    return metric
+
+
+def _layout(model: nn.Module, inputs: Mapping[str, Tensor], layout: TokenLayout | None) -> TokenLayout:
+    if layout is not None:
+        return layout
+    tokens = hf.image_token_ids(model)
+    if not tokens or "input_ids" not in inputs:
+        raise LayoutError(
+            "Cannot derive the token layout (no image token id in the config or no input_ids): pass layout=TokenLayout(...)."
+        )
+    return TokenLayout.from_input_ids(inputs["input_ids"], tokens, inputs.get("attention_mask"))
+
+
+def resolve_positions(
+    layout: TokenLayout, positions: str | Tensor | Mapping[str, Tensor] | Sequence[str | Tensor]
+) -> dict[str, Bool[Tensor, "batch seq"]]:
+    """Position groups by label: names (`eah_interp.patching.POSITION_GROUPS`, or any name the layout's
+    ``group_mask`` knows) and user masks.
+
+    Args:
+        layout: the prompt layout.
+        positions: a group name, a ``Bool[batch, seq]`` mask (labelled ``"mask"``), a ``{label: mask}``
+            mapping, or a sequence of names / masks (masks labelled ``"mask0"``, ``"mask1"``, ...).
+
+    Returns:
+        ``{label: Bool[batch, seq]}`` in the order given.
+    """
+    if isinstance(positions, (str, Tensor)):
+        items: list[tuple[str | None, str | Tensor]] = [(None, positions)]
+    elif isinstance(positions, Mapping):
+        items = [(str(k), v) for k, v in positions.items()]
+    else:
+        items = [(None, p) for p in positions]
+    if not items:
+        raise ConfigError("positions is empty: pass a group name (e.g. 'all'), a Bool[batch, seq] mask or a list of them.")
+    n_masks = sum(isinstance(v, Tensor) for _, v in items)
+    named = position_masks(layout)
+    out: dict[str, Tensor] = {}
+    for i, (label, value) in enumerate(items):
+        if isinstance(value, Tensor):
+            if value.dtype != torch.bool or tuple(value.shape) != (layout.batch_size, layout.seq_len):
+                raise ConfigError(
+                    f"A position mask must be Bool[batch, seq] = {(layout.batch_size, layout.seq_len)}; got "
+                    f"{value.dtype} {tuple(value.shape)}. Build it like layout.image_mask (True = patched position)."
+                )
+            mask = value
+            label = label or ("mask" if n_masks == 1 else f"mask{i}")
+        elif isinstance(value, str):
+            if value in named:
+                mask = named[value]
+            elif hasattr(layout, "group_mask"):
+                mask = layout.group_mask(value)
+            else:
+                raise ConfigError(f"Unknown position group {value!r}; choose from {POSITION_GROUPS} or pass a Bool mask.")
+            label = label or value
+        else:
+            raise ConfigError(f"positions entries are group names or Bool[batch, seq] masks; got {type(value).__name__}.")
+        if label in out:
+            raise ConfigError(f"Position group label {label!r} appears twice.")
+        out[label] = mask
+    return out
+
+
+@contextlib.contextmanager
+def _frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Parameters need no gradient here (only activations do): turned off inside, restored on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _applied(model: nn.Module, interventions: Any, layout: TokenLayout | None) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if interventions is None else hf.intervene(model, interventions, layout=layout)
+
+
+def _first(value: Any) -> Tensor:
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _hidden_arg(args: tuple, kwargs: dict) -> tuple[Tensor | None, bool]:
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"], True
+    return (args[0] if args else None), False
+
+
+@dataclass
+class _Modules:
+    """The HF modules of each decoder layer that hold a site."""
+
+    decoders: dict[int, nn.Module]
+    n_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> _Modules:
+        decoders = hf.decoder_layers(model)
+        n_layers, n_heads, _ = hf.model_shape(model)
+        for layer, block in decoders.items():
+            missing = [name for name in ("self_attn", "mlp") if not hasattr(block, name)]
+            if not hasattr(getattr(block, "self_attn", None), "o_proj"):
+                missing.append("self_attn.o_proj")
+            if missing:
+                raise UnsupportedModelError(
+                    f"Decoder layer {layer} ({type(block).__name__}) has no {missing}; attribution needs the "
+                    "Llama-style layout (self_attn.o_proj, mlp)."
+                )
+        text = hf.text_config(model)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // n_heads
+        return cls(decoders, n_heads, head_dim)
+
+    def hooks(self, layers: Iterable[int], store: dict[tuple[str, int], Tensor], sites: Iterable[str]) -> list[Any]:
+        """Forward hooks writing each site's activation (the tensor the model goes on with) into ``store``."""
+        sites = set(sites)
+        handles = []
+        for layer in layers:
+            block = self.decoders[layer]
+
+            def put(key):
+                def hook(module, args, output):
+                    store[key] = _first(output)
+
+                return hook
+
+            def put_input(key):
+                def hook(module, args):
+                    store[key] = args[0]
+
+                return hook
+
+            if "head" in sites:
+                handles.append(block.self_attn.o_proj.register_forward_pre_hook(put_input(("head", layer))))
+            if "attn_out" in sites:
+                handles.append(block.self_attn.register_forward_hook(put(("attn_out", layer))))
+            if "mlp_out" in sites:
+                handles.append(block.mlp.register_forward_hook(put(("mlp_out", layer))))
+            if "resid" in sites:
+                handles.append(block.register_forward_hook(put(("resid", layer))))
+        return handles
+
+    def leaf_input(self) -> Any:
+        """Layer 0's input hidden states as a fresh leaf that requires grad (the graph starts there)."""
+
+        def hook(module, args, kwargs):
+            hidden, in_kwargs = _hidden_arg(args, kwargs)
+            if not isinstance(hidden, Tensor):
+                raise UnsupportedModelError("Decoder layer 0 was called without hidden states; cannot attribute.")
+            leaf = hidden.detach().requires_grad_(True)
+            if in_kwargs:
+                return args, {**kwargs, "hidden_states": leaf}
+            return (leaf, *args[1:]), kwargs
+
+        return self.decoders[min(self.decoders)].register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@dataclass
+class _Run:
+    """One run's site activations, metric per row and (optionally) the metric's gradient at every site."""
+
+    acts: dict[tuple[str, int], Tensor]
+    grads: dict[tuple[str, int], Tensor]
+    metric: Float[Tensor, " batch"]
+
+
+def _run(
+    model: nn.Module, inputs: Mapping[str, Tensor], interventions: Any, metric: Metric, last: Tensor,
+    modules: _Modules, layers: Sequence[int], sites: Sequence[str], layout: TokenLayout | None, *, grad: bool,
+) -> _Run:
+    """One forward (and backward if ``grad``) with every chosen site captured; hooks removed on exit."""
+    store: dict[tuple[str, int], Tensor] = {}
+    handles = []
+    try:
+        with _frozen_parameters(model), _applied(model, interventions, layout), torch.set_grad_enabled(grad):
+            if grad:
+                handles.append(modules.leaf_input())
+            handles += modules.hooks(layers, store, sites)
+            logits = model(**inputs, use_cache=False).logits
+            values = metric(logits, last.to(logits.device))
+            keys = list(store)
+            grads: dict[tuple[str, int], Tensor] = {}
+            if grad:
+                tensors = [store[k] for k in keys]
+                found = torch.autograd.grad(values.sum(), tensors, allow_unused=True)
+                grads = {k: (torch.zeros_like(t) if g is None else g.detach()) for k, t, g in zip(keys, tensors, found, strict=True)}
+    finally:
+        for handle in handles:
+            handle.remove()
+    return _Run({k: v.detach() for k, v in store.items()}, grads, values.detach().float())
+
+
+def _per_position(
+    site: str, donor: Tensor, receiver: Tensor, grad: Tensor, n_heads: int, head_dim: int
+) -> Float[Tensor, "batch seq *heads"]:
+    """``(donor - receiver) * grad`` summed over features: ``[batch, seq]``, or ``[batch, seq, heads]`` for heads."""
+    prod = (donor.float() - receiver.float()) * grad.float()
+    if site == "head":
+        return prod.unflatten(-1, (n_heads, head_dim)).sum(-1)
+    return prod.sum(-1)
+
+
+# ---------------------------------------------------------------------------- attribution patching
+def attribution_patching(
+    model: nn.Module,
+    inputs: Mapping[str, Tensor],
+    interventions: Any = None,
+    metric: Metric | tuple[int, int] | None = None,
+    *,
+    layout: TokenLayout | None = None,
+    sites: Sequence[str] = SITES,
+    positions: str | Tensor | Mapping[str, Tensor] | Sequence[str | Tensor] = POSITION_GROUPS,
+    layers: Iterable[int] | None = None,
+    heads: Iterable[int] | None = None,
+    directions: Sequence[str] = DIRECTIONS,
+    per_example: bool = False,
+) -> pd.DataFrame:
+    """Estimate every row of an activation-patching sweep from one forward + backward per run.
+
+    Args:
+        model: an HF LVLM (the ``hf`` backend: its decoder layers need ``self_attn.o_proj`` and ``mlp``).
+        inputs: model inputs (``input_ids``, ``attention_mask``, ``pixel_values``, ...), ``[batch, seq]``.
+        interventions: what makes "the EAH run": anything `eah_interp.hf.intervene` accepts (an
+            `EAHConfig`, an intervention, a list). Default: ``EAHConfig.paper`` with the threshold of
+            `eah_interp.models.default_threshold` for the prompt's image-token count.
+        metric: ``(logits [batch, seq, vocab], last [batch]) -> [batch]`` (`LogitDiff`, `TokenLogProb`,
+            ...) or a ``(yes_id, no_id)`` pair. Required.
+        layout: the prompt layout (default: from ``input_ids`` and the config's image token id).
+        sites: subset of `eah_interp.patching.SITES`.
+        positions: group name(s) and/or ``Bool[batch, seq]`` masks (see `resolve_positions`).
+        layers: decoder layers (default: all).
+        heads: heads for ``site="head"`` (default: all).
+        directions: subset of `eah_interp.patching.DIRECTIONS`.
+        per_example: one row per batch example (column ``example``; baseline / EAH metrics of that
+            example, normalised by its own difference) instead of batch means.
+
+    Returns:
+        A tidy frame with `ATTRIBUTION_COLUMNS`: `eah_interp.patching.COLUMNS` (``metric`` is the
+        estimated metric of the patched run; ``normalised_effect = (metric - baseline_metric) /
+        (eah_metric - baseline_metric)``) plus ``effect`` (``metric`` minus the receiving run's metric)
+        and ``method = "attribution"``. The batch-mean table is the mean of the per-example one.
+        ``frame.attrs`` holds the two runs' metrics, the interventions and the metric.
+    """
+    import pandas as pd
+
+    if metric is None:
+        raise ConfigError("attribution_patching needs a metric: LogitDiff(yes=..., no=...), TokenLogProb(...) or (yes_id, no_id).")
+    metric = _as_metric(metric)
+    for name, given, allowed in (("site", sites, SITES), ("direction", directions, DIRECTIONS)):
+        unknown = [x for x in given if x not in allowed]
+        if unknown:
+            raise ConfigError(f"Unknown {name}(s) {unknown}; choose from {allowed}.")
+    layout = _layout(model, inputs, layout)
+    masks = resolve_positions(layout, positions)
+    modules = _Modules.of(model)
+    n_layers, n_heads = len(modules.decoders), modules.n_heads
+    layer_list = list(range(n_layers)) if layers is None else sorted({int(x) for x in layers})
+    head_list = list(range(n_heads)) if heads is None else sorted({int(x) for x in heads})
+    if bad := [x for x in layer_list if not 0 <= x < n_layers]:
+        raise LayerIndexError(f"Layers {bad} out of range: the language model has {n_layers} layers (0..{n_layers - 1}).")
+    if bad := [x for x in head_list if not 0 <= x < n_heads]:
+        raise HeadIndexError(f"Heads {bad} out of range: the language model has {n_heads} heads (0..{n_heads - 1}).")
+    if interventions is None:
+        from eah_interp.models import default_threshold
+
+        interventions = EAHConfig.paper(threshold=default_threshold(int(layout.n_image_tokens.max())))
+    last = last_positions(layout)
+    base = _run(model, inputs, None, metric, last, modules, layer_list, sites, layout,
+                grad="eah_into_baseline" in directions)
+    edited = _run(model, inputs, interventions, metric, last, modules, layer_list, sites, layout,
+                  grad="baseline_into_eah" in directions)
+
+    device = base.metric.device
+    group_masks = {label: mask.to(device).float() for label, mask in masks.items()}
+    batch = base.metric.shape[0]
+    columns: dict[str, list] = {c: [] for c in ("example", *ATTRIBUTION_COLUMNS)}
+
+    def add(direction: str, site: str, layer: int, head: int | None, group: str, est: Tensor) -> None:
+        receiver = base.metric if direction == "eah_into_baseline" else edited.metric
+        value = receiver + est
+        for name, v in (("example", torch.arange(batch)), ("metric", value), ("effect", est),
+                        ("baseline_metric", base.metric), ("eah_metric", edited.metric)):
+            columns[name] += v.tolist()
+        for name, v in (("direction", direction), ("site", site), ("layer", layer), ("head", head),
+                        ("positions", group), ("method", "attribution")):
+            columns[name] += [v] * batch
+
+    for direction in directions:
+        receiver, donor = (base, edited) if direction == "eah_into_baseline" else (edited, base)
+        for site in sites:
+            for layer in layer_list:
+                key = (site, layer)
+                per_pos = _per_position(site, donor.acts[key], receiver.acts[key], receiver.grads[key], n_heads,
+                                        modules.head_dim)
+                for group, weight in group_masks.items():
+                    if site == "head":
+                        est = torch.einsum("bsh,bs->bh", per_pos, weight)
+                        for head in head_list:
+                            add(direction, site, layer, head, group, est[:, head])
+                    else:
+                        add(direction, site, layer, None, group, (per_pos * weight).sum(-1))
+    columns["normalised_effect"] = [math.nan] * len(columns["metric"])
+    frame = pd.DataFrame(columns)[["example", *ATTRIBUTION_COLUMNS]]
+    frame["head"] = frame["head"].astype("Int64")
+    baseline_mean, eah_mean = float(base.metric.mean()), float(edited.metric.mean())
+    if per_example:
+        denominator = frame["eah_metric"] - frame["baseline_metric"]
+        flat = denominator.abs() <= 1e-6
+        frame["normalised_effect"] = ((frame["metric"] - frame["baseline_metric"]) / denominator).where(~flat)
+    else:
+        keys = ["direction", "site", "layer", "head", "positions"]
+        frame = (frame.groupby(keys, sort=False, dropna=False)[["metric", "effect", "baseline_metric", "eah_metric"]]
+                 .mean().reset_index())
+        flat = math.isclose(eah_mean, baseline_mean, rel_tol=1e-6, abs_tol=1e-6)
+        frame["normalised_effect"] = math.nan if flat else (frame["metric"] - baseline_mean) / (eah_mean - baseline_mean)
+        frame["method"] = "attribution"
+        frame = frame[list(ATTRIBUTION_COLUMNS)]
+        frame["head"] = frame["head"].astype("Int64")
+        if flat:
+            import warnings
+
+            warnings.warn(
+                "The interventions do not change the metric on these inputs (|eah - baseline| <= 1e-6): "
+                "normalised effects are NaN; the effect column still holds the estimates.",
+                stacklevel=2,
+            )
+    frame.attrs.update(
+        baseline_metric=baseline_mean, eah_metric=eah_mean, method="attribution", metric=repr(metric),
+        interventions=[_describe(item) for item in hf.as_interventions(interventions)],
+    )
+    return frame
+
+
+def _describe(item: Any) -> dict[str, Any]:
+    return item.to_dict() if hasattr(item, "to_dict") else {"repr": repr(item)}
+
+
+# ---------------------------------------------------------------------------- agreement
+def _effects(frame: pd.DataFrame) -> pd.Series:
+    if "effect" in frame.columns:
+        return frame["effect"]
+    receiver = frame["baseline_metric"].where(frame["direction"] == "eah_into_baseline", frame["eah_metric"])
+    return frame["metric"] - receiver
+
+
+def _ranks(x: Tensor) -> Tensor:
+    """Average ranks (ties share their mean rank), as Spearman's correlation needs."""
+    order = torch.argsort(x, stable=True)
+    ranks = torch.empty_like(x)
+    ranks[order] = torch.arange(len(x), dtype=x.dtype)
+    values, inverse = torch.unique(x, return_inverse=True)
+    sums = torch.zeros(len(values), dtype=x.dtype).index_add_(0, inverse, ranks)
+    counts = torch.zeros(len(values), dtype=x.dtype).index_add_(0, inverse, torch.ones_like(x))
+    return (sums / counts)[inverse]
+
+
+def _pearson(a: Tensor, b: Tensor) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denominator = float(a.norm() * b.norm())
+    return float((a * b).sum()) / denominator if denominator > 0 else math.nan
+
+
+def _scores(a: Tensor, b: Tensor, atol: float) -> dict[str, float]:
+    keep = (a.abs() > atol) | (b.abs() > atol)
+    a, b = a[keep], b[keep]
+    n = int(keep.sum())
+    if n < 2:
+        return {"n": n, "n_trivial": int((~keep).sum()), "pearson": math.nan, "spearman": math.nan,
+                "sign_agreement": math.nan}
+    return {
+        "n": n,
+        "n_trivial": int((~keep).sum()),
+        "pearson": _pearson(a, b),
+        "spearman": _pearson(_ranks(a), _ranks(b)),
+        "sign_agreement": float((torch.sign(a) == torch.sign(b)).double().mean()),
+    }
+
+
+def agreement(attribution_frame: pd.DataFrame, activation_frame: pd.DataFrame, *, atol: float = 1e-6) -> dict[str, Any]:
+    """How well attribution patching estimates activation patching, row by row.
+
+    Rows are matched on (direction, site, layer, head, positions[, example]) and compared on their
+    *effect*: the change the patch makes to the receiving run's metric (``metric - baseline_metric``
+    for ``eah_into_baseline``, ``metric - eah_metric`` for ``baseline_into_eah``), so the two directions'
+    different offsets do not inflate the correlation. Rows where both effects are within ``atol``
+    (sites before the edited layer: exactly 0 in both) are left out and counted in ``n_trivial``.
+
+    Args:
+        attribution_frame: from `attribution_patching`.
+        activation_frame: from `eah_interp.patching.sweep` / `patch_nnsight` / `patch_lens` (same inputs).
+        atol: effects this small count as zero.
+
+    Returns:
+        ``{"n", "n_trivial", "pearson", "spearman", "sign_agreement", "matched", "by_direction": {...},
+        "by_site": {...}}``; ``sign_agreement`` is the share of rows whose effects have the same sign.
+    """
+    keys = ["direction", "site", "layer", "head", "positions"]
+    if "example" in attribution_frame.columns and "example" in activation_frame.columns:
+        keys.append("example")
+    left = attribution_frame.assign(_effect=_effects(attribution_frame))[[*keys, "_effect"]]
+    right = activation_frame.assign(_effect=_effects(activation_frame))[[*keys, "_effect"]]
+    merged = left.merge(right, on=keys, suffixes=("_a", "_b"))
+    if merged.empty:
+        raise ConfigError(
+            "The two frames share no (direction, site, layer, head, positions) rows: run both on the same "
+            "sites, layers and position groups (and both per example, or neither)."
+        )
+
+    def score(sub) -> dict[str, float]:
+        a = torch.tensor(sub["_effect_a"].to_numpy(dtype=float), dtype=torch.float64)
+        b = torch.tensor(sub["_effect_b"].to_numpy(dtype=float), dtype=torch.float64)
+        return _scores(a, b, atol)
+
+    out: dict[str, Any] = {**score(merged), "matched": len(merged)}
+    out["by_direction"] = {d: score(sub) for d, sub in merged.groupby("direction", sort=False)}
+    out["by_site"] = {s: score(sub) for s, sub in merged.groupby("site", sort=False)}
+    return out
+
+
+# ---------------------------------------------------------------------------- direct logit attribution
+@dataclass
+class _FrozenNorm:
+    """The final norm as the linear map it is with the scale of one run held fixed."""
+
+    gain: Float[Tensor, "batch d_model"]  # weight (or 1 + weight) times the frozen 1/rms (or 1/std)
+    centre: bool  # LayerNorm subtracts each part's mean first
+    bias: Tensor | None  # LayerNorm's bias: a part of its own
+
+    def __call__(self, part: Float[Tensor, "batch ... d_model"]) -> Float[Tensor, "batch ... d_model"]:
+        part = part.float()
+        if self.centre:
+            part = part - part.mean(-1, keepdim=True)
+        shape = (part.shape[0],) + (1,) * (part.ndim - 2) + (part.shape[-1],)
+        return part * self.gain.view(shape)
+
+
+def _frozen_norm(norm: nn.Module, x: Float[Tensor, "batch d_model"]) -> _FrozenNorm:
+    """Freeze the final norm at the run's input ``x`` (one position per row); checked against the module."""
+    with torch.no_grad():
+        want = norm(x).float()
+    xf = x.float()
+    weight = getattr(norm, "weight", None)
+    weight = torch.ones(x.shape[-1]) if weight is None else weight.detach().float()
+    candidates = []
+    if isinstance(norm, nn.LayerNorm):
+        centred = xf - xf.mean(-1, keepdim=True)
+        inv = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + norm.eps)
+        bias = None if norm.bias is None else norm.bias.detach().float()
+        candidates.append(_FrozenNorm(inv * weight, True, bias))
+    else:
+        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+        if eps is not None:
+            inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + float(eps))
+            candidates += [_FrozenNorm(inv * weight, False, None), _FrozenNorm(inv * (1.0 + weight), False, None)]
+    for frozen in candidates:
+        got = frozen(xf) + (0.0 if frozen.bias is None else frozen.bias)
+        if torch.allclose(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max().clamp_min(1.0))):
+            return frozen
+    raise UnsupportedModelError(
+        f"The final norm {type(norm).__name__} is neither an RMSNorm (weight, eps) nor nn.LayerNorm as eah-interp "
+        "knows them, so it cannot be frozen into a linear map for direct logit attribution."
+    )
+
+
+def _final_norm_and_unembed(model: nn.Module, modules: _Modules) -> tuple[nn.Module, nn.Module]:
+    first = modules.decoders[min(modules.decoders)]
+    for module in model.modules():
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, nn.ModuleList) and any(m is first for m in layers):
+            norm = getattr(module, "norm", None)
+            break
+    else:
+        norm = None
+    unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(norm, nn.Module) or not isinstance(unembed, nn.Linear):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: direct logit attribution needs the language model's final norm (.norm next "
+            "to .layers) and a linear unembedding (get_output_embeddings())."
+        )
+    if getattr(hf.text_config(model), "final_logit_softcapping", None):
+        raise UnsupportedModelError(
+            "The model soft-caps its final logits (tanh), so logit differences are not linear in the residual "
+            "stream; direct logit attribution does not apply."
+        )
+    return norm, unembed
+
+
+def _direction(
+    direction: Any, unembed: nn.Linear
+) -> tuple[Float[Tensor, " d_model"], float, str]:
+    """The read-out vector in the final norm's output space, its bias and a label."""
+    weight = unembed.weight.detach().float()
+    bias = None if unembed.bias is None else unembed.bias.detach().float()
+    if isinstance(direction, LogitDiff):
+        direction = (direction.yes, direction.no)
+    if isinstance(direction, Tensor):
+        if direction.ndim != 1 or direction.shape[0] != weight.shape[1]:
+            raise ConfigError(
+                f"A metric direction tensor must be [d_model] = [{weight.shape[1]}] in the unembedding's input "
+                f"space; got {tuple(direction.shape)}."
+            )
+        return direction.detach().float().to(weight.device), 0.0, "direction"
+    if isinstance(direction, tuple) and len(direction) == 2:
+        sides = []
+        for side in direction:
+            ids = [side] if isinstance(side, int) else [int(i) for i in side]
+            if not ids or any(not 0 <= i < weight.shape[0] for i in ids):
+                raise ConfigError(f"Token ids {ids} are empty or outside the vocabulary (0..{weight.shape[0] - 1}).")
+            sides.append(ids)
+        yes, no = sides
+        vector = weight[yes].mean(0) - weight[no].mean(0)
+        offset = 0.0 if bias is None else float(bias[yes].mean() - bias[no].mean())
+        return vector, offset, f"mean logit {yes} - mean logit {no}"
+    raise ConfigError(
+        "direction must be a (yes_id, no_id) pair (ids or tuples of ids: the mean logit of each side), a LogitDiff, "
+        f"or a Float[d_model] vector; got {direction!r}."
+    )
+
+
+def _condition_label(interventions: Any) -> str:
+    items = hf.as_interventions(interventions)
+    return "+".join("EAH" if isinstance(i, EAHConfig) else type(i).__name__ for i in items)
+
+
+def direct_logit_attribution(
+    model: nn.Module,
+    inputs: Mapping[str, Tensor],
+    direction: Any,
+    *,
+    interventions: Any = None,
+    layout: TokenLayout | None = None,
+    positions: Int[Tensor, " batch"] | None = None,
+    per_example: bool = False,
+    atol: float = 1e-3,
+) -> pd.DataFrame:
+    """Split a logit difference into the embedding's, each layer's and each head's direct contributions.
+
+    The residual stream entering the final norm at the metric's position is ``embed + sum_l (attn_l +
+    mlp_l)``; each part is passed through the final norm with the run's own scale (``1/rms`` of the whole
+    stream) held fixed and projected on the read-out direction. With the scale frozen the map is linear,
+    so the parts add up to the metric exactly (checked: the call raises if they miss by more than
+    ``atol``, e.g. for a model that adds more to the residual stream than its attention and MLP outputs).
+
+    Args:
+        model: an HF LVLM with Llama-style decoder layers (``self_attn.o_proj``, ``mlp``, a final ``norm``).
+        inputs: model inputs, ``[batch, seq]``.
+        direction: ``(yes_id, no_id)`` (the logit difference; tuples of ids: mean logit of each side), a
+            `LogitDiff` (its ids, read the same way), or a ``Float[d_model]`` vector in the unembedding's
+            input space.
+        interventions: one intervention list (`eah_interp.hf.intervene`) for a second condition next to
+            the baseline, or ``{name: interventions}`` for several; None: the baseline only.
+        layout: the prompt layout (default: from ``input_ids``).
+        positions: ``Int[batch]`` position per row (default: the last real token).
+        per_example: one row per batch example (column ``example``) instead of batch means.
+        atol: tolerance of the check that the parts sum to the metric.
+
+    Returns:
+        A tidy frame with `DLA_COLUMNS`: per condition (``"baseline"``, then the interventions' labels),
+        component ``embed`` (layer and head ``<NA>``), ``attn`` / ``mlp`` per layer, ``head`` per layer and
+        head and ``attn_bias`` (o_proj's bias, if any) split ``attn``; ``bias``: the constant the norm's /
+        unembedding's biases add (if any); ``metric`` is the condition's metric. ``frame.attrs["residual"]`` is the largest |metric - sum of parts|.
+    """
+    import pandas as pd
+
+    if interventions is None:
+        conditions: dict[str, Any] = {"baseline": None}
+    elif isinstance(interventions, Mapping):
+        conditions = {"baseline": None, **{str(k): v for k, v in interventions.items()}}
+    else:
+        conditions = {"baseline": None, _condition_label(interventions): interventions}
+    layout = _layout(model, inputs, layout)
+    at = last_positions(layout) if positions is None else torch.as_tensor(positions).long()
+    if at.shape != (layout.batch_size,):
+        raise ConfigError(f"positions must be Int[batch] = [{layout.batch_size}] (one position per row); got {tuple(at.shape)}.")
+    modules = _Modules.of(model)
+    norm, unembed = _final_norm_and_unembed(model, modules)
+    vector, offset, label = _direction(direction, unembed)
+    rows: list[dict[str, Any]] = []
+    residual = 0.0
+    for condition, items in conditions.items():
+        parts, metric = _dla_condition(model, inputs, items, layout, at, modules, norm, vector, offset, direction)
+        total = sum(value for component, _, _, value in parts if component in ("embed", "attn", "mlp", "bias"))
+        gap = float((metric - total).abs().max())
+        residual = max(residual, gap)
+        if gap > atol * max(1.0, float(metric.abs().max())):
+            raise UnsupportedModelError(
+                f"Direct logit attribution: the parts sum to {total.tolist()} but the metric is {metric.tolist()} "
+                f"(condition {condition!r}); the model's read-out is not the final norm followed by the unembedding."
+            )
+        for component, layer, head, value in parts:
+            for example in range(metric.shape[0]):
+                rows.append({"example": example, "condition": condition, "component": component, "layer": layer,
+                             "head": head, "contribution": float(value[example]), "metric": float(metric[example])})
+    frame = pd.DataFrame(rows, columns=["example", *DLA_COLUMNS])
+    frame["layer"] = frame["layer"].astype("Int64")
+    frame["head"] = frame["head"].astype("Int64")
+    if not per_example:
+        keys = ["condition", "component", "layer", "head"]
+        frame = frame.groupby(keys, sort=False, dropna=False)[["contribution", "metric"]].mean().reset_index()
+        frame = frame[list(DLA_COLUMNS)]
+    frame.attrs.update(direction=label, residual=residual, conditions=list(conditions),
+                       linearisation="final norm scale frozen at each condition's own run")
+    return frame
+
+
+def _dla_condition(
+    model: nn.Module, inputs: Mapping[str, Tensor], items: Any, layout: TokenLayout, at: Tensor, modules: _Modules,
+    norm: nn.Module, vector: Tensor, offset: float, direction: Any,
+) -> tuple[list[tuple[str, int | None, int | None, Float[Tensor, " batch"]]], Float[Tensor, " batch"]]:
+    """One run's direct contributions ``(component, layer, head, [batch])`` and its metric ``[batch]``."""
+    n_layers, n_heads, head_dim = len(modules.decoders), modules.n_heads, modules.head_dim
+    first = modules.decoders[min(modules.decoders)]
+    store: dict[tuple[str, int], Tensor] = {}
+
+    def keep_input(module, args, kwargs):
+        store[("embed", -1)] = _hidden_arg(args, kwargs)[0].detach()
+
+    handles = []
+    try:
+        with torch.no_grad(), _applied(model, items, layout):
+            handles.append(first.register_forward_pre_hook(keep_input, with_kwargs=True))
+            handles += modules.hooks(range(n_layers), store, ("head", "attn_out", "mlp_out", "resid"))
+            logits = model(**inputs, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    rows = torch.arange(layout.batch_size)
+
+    def pick(key: tuple[str, int]) -> Tensor:  # [batch, features] at each row's position
+        return store[key][rows, at.to(store[key].device)].float()
+
+    x = pick(("resid", n_layers - 1))
+    frozen = _frozen_norm(norm, store[("resid", n_layers - 1)][rows, at.to(x.device)])
+    read = frozen.gain * vector.to(x.device)  # [batch, d_model]: d metric / d part with the scale frozen
+
+    def contribution(part: Tensor) -> Tensor:  # [batch, ..., d_model] -> [batch, ...]
+        if frozen.centre:
+            part = part - part.mean(-1, keepdim=True)
+        return (part * read.view((part.shape[0],) + (1,) * (part.ndim - 2) + (part.shape[-1],))).sum(-1)
+
+    stream = pick(("embed", -1)) + sum(pick(("attn_out", layer)) + pick(("mlp_out", layer)) for layer in range(n_layers))
+    if not torch.allclose(stream, x, rtol=1e-3, atol=1e-3 * float(x.abs().max().clamp_min(1.0))):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: the residual stream is not the embedding plus the attention and MLP outputs "
+            "(extra norms or scales around the sublayers?), so direct logit attribution would not add up."
+        )
+    parts: list[tuple[str, int | None, int | None, Tensor]] = [("embed", None, None, contribution(pick(("embed", -1))))]
+    for layer in range(n_layers):
+        parts += [("attn", layer, None, contribution(pick(("attn_out", layer)))),
+                  ("mlp", layer, None, contribution(pick(("mlp_out", layer))))]
+        o_proj = modules.decoders[layer].self_attn.o_proj
+        z = pick(("head", layer)).unflatten(-1, (n_heads, head_dim))  # [batch, heads, d_head]
+        w = o_proj.weight.detach().float().unflatten(1, (n_heads, head_dim))  # [d_model, heads, d_head]
+        per_head = contribution(torch.einsum("bhd,mhd->bhm", z, w.to(z.device)))  # [batch, heads]
+        parts += [("head", layer, h, per_head[:, h]) for h in range(n_heads)]
+        if o_proj.bias is not None:  # o_proj's bias is part of attn_out but no head's: with the heads, it splits attn
+            parts.append(("attn_bias", layer, None, contribution(o_proj.bias.detach().float().to(x.device).expand_as(x))))
+    constant = torch.zeros(x.shape[0], device=x.device)  # the norm's and the unembedding's biases, read out
+    if frozen.bias is not None:
+        constant += (frozen.bias.to(x.device) * vector.to(x.device)).sum()
+    constant += float(offset)
+    if bool((constant != 0).any()):
+        parts.append(("bias", None, None, constant))
+    if isinstance(direction, Tensor):
+        metric = contribution(x) + constant
+    else:
+        metric = (logits[rows, at.to(logits.device)].float() @ _selector(direction, logits.shape[-1]).to(logits.device))
+    return parts, metric.to(x.device)
+
+
+def _selector(direction: Any, vocab: int) -> Float[Tensor, " vocab"]:
+    """``logits @ selector`` = mean logit of the yes ids minus mean logit of the no ids."""
+    if isinstance(direction, LogitDiff):
+        direction = (direction.yes, direction.no)
+    out = torch.zeros(vocab)
+    for sign, side in zip((1.0, -1.0), direction, strict=True):
+        ids = [side] if isinstance(side, int) else [int(i) for i in side]
+        out[ids] += sign / len(ids)
+    return out
+
+
+def plot_dla(frame: pd.DataFrame, *, against: str = "baseline") -> Figure:
+    """Per-layer attention and MLP contributions of each condition, and each head's change against ``against``.
+
+    Args:
+        frame: from `direct_logit_attribution` (batch means).
+        against: the condition the head heatmap subtracts (default ``"baseline"``); with one condition
+            the heatmap shows its head contributions.
+
+    Returns:
+        A figure: left, contribution per layer (lines: condition x attn/mlp); right, layer x head heatmap.
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import TwoSlopeNorm
+
+    if "example" in frame.columns:
+        frame = frame.groupby(["condition", "component", "layer", "head"], sort=False, dropna=False)[
+            ["contribution", "metric"]].mean().reset_index()
+    conditions = list(dict.fromkeys(frame["condition"]))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for condition in conditions:
+        sub = frame[frame.condition == condition]
+        metric = float(sub["metric"].iloc[0])
+        for component, style in (("attn", "-"), ("mlp", "--")):
+            part = sub[sub.component == component].sort_values("layer")
+            left.plot(part["layer"].astype(int), part["contribution"], style, marker=".",
+                      label=f"{condition} {component} (metric {metric:.2f})")
+    left.axhline(0.0, color="grey", lw=0.5)
+    left.set_xlabel("layer")
+    left.set_ylabel("direct contribution to the metric")
+    left.legend(fontsize=7)
+    left.set_title(f"direct logit attribution ({frame.attrs.get('direction', 'metric')})", fontsize=9)
+    heads = frame[frame.component == "head"].astype({"layer": int, "head": int})
+    table = heads.pivot_table(index="layer", columns=["condition", "head"], values="contribution")
+    shown = [c for c in conditions if c != against]
+    if shown and against in conditions:
+        data = table[shown[-1]] - table[against]
+        title = f"head contribution: {shown[-1]} - {against}"
+    else:
+        data = table[conditions[0]]
+        title = f"head contribution: {conditions[0]}"
+    values = data.to_numpy()
+    limit = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
+    im = right.imshow(values, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -max(limit, 1e-9), max(limit, 1e-9)))
+    right.set_xticks(range(values.shape[1]), [str(c) for c in data.columns])
+    right.set_yticks(range(values.shape[0]), [str(r) for r in data.index])
+    right.set_xlabel("head")
+    right.set_ylabel("layer")
+    right.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=right, label="contribution")
+    fig.tight_layout()
+    return fig
+
