@@ -1,0 +1,474 @@
+"""Linear probes for object presence on the residual stream: does an intervention remove visual evidence?
+
+A probe is an L2-regularised logistic regression per layer (and per label) on residuals taken at a
+position group (the mean over the image tokens, the last token, any group or mask), fitted on a
+discovery set of scenes and evaluated on held-out scenes:
+
+* `collect_residuals`: one batch → ``Float[batch, layer, d_model]`` (the group's mean per row), under
+  any interventions (`eah_interp.hf.intervene`); `collect_scenes` runs it over scenes with progress.
+* `scene_labels`: multi-label targets, one column per object kind (present / absent).
+* `fit_probe` → `LinearProbe` (torch, L-BFGS, features standardised on the training set);
+  `evaluate_probe`: accuracy and AUROC per layer with bootstrap CIs over scenes.
+* `compare_probes`: baseline vs edited residuals on the same scenes: the probe trained on the
+  baseline applied to the edited residuals (``transfer``: is the evidence still where it was?) and a
+  probe retrained on the edited residuals (``retrained``: is it still linearly there at all?), each with
+  its difference to the baseline (paired bootstrap over scenes, Holm-adjusted over layers x arms x
+  metrics).
+
+AUROC is pooled over all (scene, label) pairs (micro average): a present object must outscore an absent
+one, whichever kinds they are. Bootstrap resamples scenes (all of a scene's labels together), so CIs
+account for the labels of one scene being correlated.
+
+Example:
+    >>> scenes = list(iter_scenes("heldout", 300))
+    >>> y = scene_labels(scenes)
+    >>> base = collect_scenes(bundle, scenes, positions="image")
+    >>> eah = collect_scenes(bundle, scenes, positions="image", interventions=[EAH.paper(threshold=0.01)])
+    >>> compare_probes({"baseline": base, "eah": eah}, y, train=range(200), test=range(200, 300))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor, nn
+
+from eah_interp.errors import ConfigError, LayoutError
+from eah_interp.logit_lens import position_mask, residual_stream
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = [
+    "LinearProbe",
+    "auroc",
+    "collect_residuals",
+    "collect_scenes",
+    "compare_probes",
+    "evaluate_probe",
+    "fit_probe",
+    "scene_labels",
+]
+
+
+# ---------------------------------------------------------------------------------------------- residuals
+def collect_residuals(
+    model: nn.Module,
+    inputs: Mapping[str, Any],
+    *,
+    positions: str | Bool[Tensor, "batch seq"] | Sequence[str] = "image",
+    layers: int | Iterable[int] | None = None,
+    interventions: Any = None,
+) -> Float[Tensor, "batch layer d_model"] | dict[str, Float[Tensor, "batch layer d_model"]]:
+    """Residual stream after each chosen layer, averaged over a position group of each row (one forward).
+
+    Args:
+        model: an HF LVLM.
+        inputs: the processor's outputs.
+        positions: a group name (``"image"``: mean over the image tokens; ``"last"``: the last real token;
+            the layout's groups) or a bool mask ``[batch, seq]``; or a list/tuple of group names, read
+            from the same forward.
+        layers: decoder layers; all when None.
+        interventions: None or interventions for `eah_interp.hf.intervene` applied during the forward.
+
+    Returns:
+        ``Float[batch, layer, d_model]`` on the CPU (float32), layers in ascending order; for a list of
+        groups, ``{group: that tensor}``.
+
+    Raises:
+        LayoutError: the group is empty in some row.
+    """
+    residuals, _, layout = residual_stream(model, inputs, layers=layers, interventions=interventions)
+    if isinstance(positions, (list, tuple)):
+        return {str(group): _pooled(residuals, layout, group) for group in positions}
+    return _pooled(residuals, layout, positions)
+
+
+def _pooled(residuals: Tensor, layout: Any, positions: str | Tensor) -> Tensor:
+    """The mean of ``residuals [layer, batch, seq, d]`` over a position group of each row → ``[batch, layer, d]``."""
+    mask = position_mask(layout, positions).to(residuals.device)
+    empty = (~mask.any(-1)).nonzero().flatten().tolist()
+    if empty:
+        raise LayoutError(f"Position group {positions if isinstance(positions, str) else 'mask'!r} is empty in rows {empty}.")
+    weights = mask.float() / mask.sum(-1, keepdim=True)  # [batch, seq]
+    return torch.einsum("lbsd,bs->bld", residuals.float(), weights).cpu()
+
+
+def collect_scenes(
+    bundle: Any,
+    scenes: Sequence[Any],
+    *,
+    prompt: str | None = None,
+    positions: str | Sequence[str] = "image",
+    layers: int | Iterable[int] | None = None,
+    interventions: Any = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> Float[Tensor, "scene layer d_model"] | dict[str, Float[Tensor, "scene layer d_model"]]:
+    """`collect_residuals` over scenes (or any items with ``.image``), in batches, with a progress bar.
+
+    Args:
+        bundle: a `eah_interp.models.ModelBundle` (``load_model("organism")``): ``.model``, ``.encode``,
+            ``.caption_prompt``.
+        scenes: objects with an ``image`` attribute (`eah_interp.scenes.Scene`, dataset items).
+        prompt: the full prompt given with every image; the bundle's caption prompt when None.
+        positions, layers, interventions: as in `collect_residuals`.
+        batch_size: scenes per forward.
+        progress: show a tqdm bar.
+
+    Returns:
+        ``Float[scene, layer, d_model]``; for a list of groups, ``{group: that tensor}`` (one forward per batch).
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1; got {batch_size}.")
+    prompt = bundle.caption_prompt if prompt is None else prompt
+    chunks = []
+    for start in tqdm(range(0, len(scenes), batch_size), desc="residuals", disable=not progress, leave=False):
+        part = scenes[start : start + batch_size]
+        inputs = bundle.encode([prompt] * len(part), [s.image for s in part])
+        chunks.append(collect_residuals(bundle.model, inputs, positions=positions, layers=layers, interventions=interventions))
+    if not chunks:
+        raise ConfigError("collect_scenes got no scenes.")
+    if isinstance(chunks[0], dict):
+        return {group: torch.cat([c[group] for c in chunks]) for group in chunks[0]}
+    return torch.cat(chunks)
+
+
+def scene_labels(scenes: Sequence[Any], kinds: Sequence[str] | None = None) -> Bool[Tensor, "scene kind"]:
+    """Multi-label presence targets: ``[i, k]`` is True when kind ``k`` is in scene ``i``.
+
+    Args:
+        scenes: objects with a ``kinds`` set (`eah_interp.scenes.Scene`).
+        kinds: the label columns; the scene world's 15 kinds (`eah_interp.scenes.KINDS`) when None.
+    """
+    if kinds is None:
+        from eah_interp.scenes import KINDS
+
+        kinds = KINDS
+    return torch.tensor([[k in s.kinds for k in kinds] for s in scenes], dtype=torch.bool).reshape(len(scenes), len(kinds))
+
+
+# ---------------------------------------------------------------------------------------------- the probe
+@dataclass(frozen=True)
+class LinearProbe:
+    """Logistic-regression probes, one per layer and label, on standardised residuals.
+
+    ``logit = ((x - mean) / std) @ weight + bias`` per layer.
+
+    Attributes:
+        weight: ``Float[layer, d_model, label]``.
+        bias: ``Float[layer, label]``.
+        mean, std: ``Float[layer, d_model]``: the training set's feature statistics.
+        l2: the L2 penalty it was fitted with.
+        train_loss: ``Float[layer]``: the final penalised training loss per layer (mean over labels).
+    """
+
+    weight: Float[Tensor, "layer d_model label"]
+    bias: Float[Tensor, "layer label"]
+    mean: Float[Tensor, "layer d_model"]
+    std: Float[Tensor, "layer d_model"]
+    l2: float
+    train_loss: Float[Tensor, " layer"]
+
+    def logits(self, features: Float[Tensor, "n layer d_model"]) -> Float[Tensor, "n layer label"]:
+        """The probe's logits (``> 0`` predicts present)."""
+        x = _as_3d(features)
+        if x.shape[1:] != self.mean.shape:
+            raise ConfigError(
+                f"Features of shape {tuple(x.shape[1:])} (layer, d_model) do not fit the probe's {tuple(self.mean.shape)}."
+            )
+        z = (x.float() - self.mean) / self.std
+        return torch.einsum("nld,ldk->nlk", z, self.weight) + self.bias
+
+    def describe(self) -> str:
+        """One sentence: what the probe is."""
+        layers, d, k = self.weight.shape
+        return f"LinearProbe: {layers} layer(s) x {k} label(s), logistic regression on {d} standardised features, L2 {self.l2:g}."
+
+
+def _as_3d(features: Tensor) -> Tensor:
+    if features.ndim == 2:
+        return features[:, None, :]
+    if features.ndim != 3:
+        raise ConfigError(f"Features must be [n, d_model] or [n, layer, d_model]; got shape {tuple(features.shape)}.")
+    return features
+
+
+def _as_labels(labels: Tensor, n: int) -> Tensor:
+    y = torch.as_tensor(labels)
+    if y.ndim == 1:
+        y = y[:, None]
+    if y.ndim != 2 or y.shape[0] != n:
+        raise ConfigError(f"Labels must be [n] or [n, label] with n = {n} (one row per example); got {tuple(y.shape)}.")
+    if y.dtype != torch.bool:
+        if not bool(((y == 0) | (y == 1)).all()):
+            raise ConfigError("Labels must be booleans (or 0/1).")
+        y = y.bool()
+    return y
+
+
+def fit_probe(
+    features: Float[Tensor, "n layer d_model"],
+    labels: Bool[Tensor, "n label"],
+    *,
+    l2: float = 1e-2,
+    max_iter: int = 200,
+) -> LinearProbe:
+    """Fit logistic-regression probes for every layer and label (L-BFGS on the penalised mean log-loss).
+
+    Each (layer, label) probe minimises ``mean_i BCE(z_i @ w + b, y_i) + l2 / 2 * |w|^2`` on the
+    standardised features ``z`` (the bias is not penalised); the problems are independent and solved
+    jointly.
+
+    Args:
+        features: ``[n, layer, d_model]`` (or ``[n, d_model]`` for one layer).
+        labels: ``[n, label]`` booleans (or ``[n]`` for one label).
+        l2: the L2 penalty (> 0 keeps separable data's weights finite).
+        max_iter: L-BFGS iterations.
+
+    Returns:
+        The fitted `LinearProbe`.
+
+    Raises:
+        ConfigError: shapes that do not match, a non-positive ``l2``, or a label column with one class only.
+    """
+    x = _as_3d(features).float().cpu()
+    y = _as_labels(labels, x.shape[0]).cpu()
+    if l2 <= 0:
+        raise ConfigError(f"l2 must be positive (separable data would have infinite weights); got {l2}.")
+    constant = [k for k in range(y.shape[1]) if y[:, k].all() or not y[:, k].any()]
+    if constant:
+        raise ConfigError(
+            f"Label column(s) {constant} have one class only in the training set; a probe needs both present and "
+            "absent examples (more scenes, or drop those labels)."
+        )
+    n, n_layers, d = x.shape
+    mean = x.mean(0)
+    std = x.std(0, unbiased=False).clamp_min(1e-6)
+    z = (x - mean) / std
+    target = y.float()[:, None, :].expand(n, n_layers, y.shape[1])
+    weight = torch.zeros(n_layers, d, y.shape[1], requires_grad=True)
+    bias = torch.zeros(n_layers, y.shape[1], requires_grad=True)
+    optimiser = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-9)
+
+    def losses() -> Tensor:
+        logits = torch.einsum("nld,ldk->nlk", z, weight) + bias
+        bce = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(0)  # [layer, label]
+        return bce + l2 / 2 * weight.pow(2).sum(1)
+
+    def closure() -> Tensor:
+        optimiser.zero_grad()
+        loss = losses().sum()
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    with torch.no_grad():
+        final = losses().mean(-1)
+    return LinearProbe(weight.detach(), bias.detach(), mean, std, float(l2), final)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def auroc(
+    scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """AUROC (ties count one half) of scores against boolean labels, for one or many weightings of the examples.
+
+    Args:
+        scores: ``[m]`` scores.
+        labels: ``[m]`` booleans.
+        weights: ``[B, m]`` non-negative example weights (bootstrap multiplicities); all ones when None.
+
+    Returns:
+        ``[B]`` AUROCs (``[1]`` without weights); NaN where a weighting leaves no positive or no negative.
+    """
+    s = np.asarray(scores, dtype=float)
+    y = np.asarray(labels, dtype=bool)
+    w = np.ones((1, len(s))) if weights is None else np.asarray(weights, dtype=float)
+    uniq, inv = np.unique(s, return_inverse=True)
+    n_unique, n_draws = len(uniq), w.shape[0]
+    offsets = (np.arange(n_draws)[:, None] * n_unique + inv[None, ~y]).ravel()
+    neg = np.bincount(offsets, weights=w[:, ~y].ravel(), minlength=n_draws * n_unique).reshape(n_draws, n_unique)
+    below = np.cumsum(neg, axis=1) - neg
+    wins = (w[:, y] * (below[:, inv[y]] + 0.5 * neg[:, inv[y]])).sum(1)
+    total = w[:, y].sum(1) * w[:, ~y].sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, wins / np.where(total > 0, total, 1.0), np.nan)
+
+
+def _scene_weights(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """``[1 + n_boot, n]`` multiplicities: the sample itself, then bootstrap resamples of the n scenes."""
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n, size=(n_boot, n))
+    counts = np.stack([np.bincount(row, minlength=n) for row in draws]) if n_boot else np.zeros((0, n))
+    return np.concatenate([np.ones((1, n)), counts]).astype(float)
+
+
+def _metrics(logits: np.ndarray, y: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """Pooled accuracy and AUROC of ``logits [n, label]`` for each scene weighting ``[B, n]`` → ``[B]`` each."""
+    n, k = y.shape
+    pair_w = np.repeat(weights, k, axis=1)  # scene i's weight for each of its k labels (row-major flatten)
+    correct = ((logits > 0) == y).ravel().astype(float)
+    return {
+        "accuracy": (pair_w * correct).sum(1) / pair_w.sum(1),
+        "auroc": auroc(logits.ravel(), y.ravel(), pair_w),
+    }
+
+
+def _interval(draws: np.ndarray, ci: float) -> tuple[float, float]:
+    draws = draws[~np.isnan(draws)]
+    if len(draws) == 0:
+        return float("nan"), float("nan")
+    tail = (1 - ci) / 2 * 100
+    low, high = np.percentile(draws, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def evaluate_probe(
+    probe: LinearProbe,
+    features: Float[Tensor, "n layer d_model"],
+    labels: Bool[Tensor, "n label"],
+    *,
+    layers: Sequence[int] | None = None,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Accuracy and AUROC of a probe per layer on held-out examples, with bootstrap CIs over examples.
+
+    Args:
+        probe: a fitted `LinearProbe`.
+        features: ``[n, layer, d_model]`` of the held-out examples.
+        labels: ``[n, label]``.
+        layers: names for the layer axis (e.g. the decoder-layer indices); ``0 .. layer-1`` when None.
+        n_boot: bootstrap resamples of the examples (scenes).
+        ci: the interval's coverage.
+        seed: the resampling seed.
+
+    Returns:
+        One row per layer: ``layer, accuracy, accuracy_low, accuracy_high, auroc, auroc_low, auroc_high, n``.
+    """
+    import pandas as pd
+
+    logits = probe.logits(features).numpy()
+    y = _as_labels(labels, logits.shape[0]).numpy()
+    names = list(range(logits.shape[1])) if layers is None else list(layers)
+    if len(names) != logits.shape[1]:
+        raise ConfigError(f"{len(names)} layer names for {logits.shape[1]} layers.")
+    weights = _scene_weights(logits.shape[0], n_boot, seed)
+    rows = []
+    for li, layer in enumerate(names):
+        m = _metrics(logits[:, li], y, weights)
+        row: dict[str, Any] = {"layer": layer}
+        for metric in ("accuracy", "auroc"):
+            low, high = _interval(m[metric][1:], ci)
+            row.update({metric: float(m[metric][0]), f"{metric}_low": low, f"{metric}_high": high})
+        row["n"] = int(logits.shape[0])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def compare_probes(
+    features: Mapping[str, Float[Tensor, "n layer d_model"]],
+    labels: Bool[Tensor, "n label"],
+    train: Sequence[int] | Tensor,
+    test: Sequence[int] | Tensor,
+    *,
+    reference: str = "baseline",
+    layers: Sequence[int] | None = None,
+    l2: float = 1e-2,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Probes on the reference residuals vs each other condition's, on the same scenes (does an edit remove evidence?).
+
+    For every layer: the ``reference`` arm (probe fitted on the reference residuals of ``train``, tested on
+    the reference residuals of ``test``); for each other condition ``c``, ``c:transfer`` (that same probe
+    applied to ``c``'s residuals of ``test``) and ``c:retrained`` (a probe fitted on ``c``'s ``train``
+    residuals, tested on its ``test`` residuals). Each arm's difference to the reference arm is a paired
+    bootstrap over the test scenes (the same resamples for every arm and layer), with a two-sided
+    percentile-bootstrap p-value ``2 min(P*(d <= 0), P*(d >= 0))`` (+1 smoothing) Holm-adjusted over all
+    layers x arms x the two metrics. The smallest such p is ``2 / (n_boot + 1)``: with m tests Holm can
+    only reach 0.05 when ``n_boot >= 40 m``, so raise ``n_boot`` with the number of layers and arms.
+
+    Args:
+        features: ``{condition: Float[n, layer, d_model]}`` on the same n scenes, in the same order.
+        labels: ``[n, label]`` booleans.
+        train, test: disjoint scene indices (discovery and held-out).
+        reference: the condition the transfer probe is trained on.
+        layers: names of the layer axis; ``0 .. layer-1`` when None.
+        l2: the probes' L2 penalty (`fit_probe`).
+        n_boot, ci, seed: the bootstrap (`evaluate_probe`).
+
+    Returns:
+        One row per layer and arm: ``layer, arm, condition, probe_trained_on, accuracy(_low/_high),
+        auroc(_low/_high), d_accuracy(_low/_high), p_accuracy, p_accuracy_holm, d_auroc(...), p_auroc,
+        p_auroc_holm, n_train, n_test``; the reference arm's differences are 0 and its p-values NaN.
+    """
+    import pandas as pd
+
+    from eah_interp.metrics.stats import holm
+
+    if reference not in features:
+        raise ConfigError(f"The reference condition {reference!r} is not among the features' {list(features)}.")
+    train_idx = torch.as_tensor(list(train) if not isinstance(train, Tensor) else train, dtype=torch.long)
+    test_idx = torch.as_tensor(list(test) if not isinstance(test, Tensor) else test, dtype=torch.long)
+    overlap = set(train_idx.tolist()) & set(test_idx.tolist())
+    if overlap:
+        raise ConfigError(f"train and test share {len(overlap)} scene(s) (e.g. {sorted(overlap)[:3]}); keep them disjoint.")
+    shapes = {name: tuple(_as_3d(x).shape) for name, x in features.items()}
+    if len(set(shapes.values())) != 1:
+        raise ConfigError(f"The conditions' features differ in shape {shapes}; collect them on the same scenes and layers.")
+    feats = {name: _as_3d(x) for name, x in features.items()}
+    n_total = next(iter(shapes.values()))[0]
+    y = _as_labels(labels, n_total)
+    y_train, y_test = y[train_idx], y[test_idx].numpy()
+    n_layers = next(iter(shapes.values()))[1]
+    names = list(range(n_layers)) if layers is None else list(layers)
+    if len(names) != n_layers:
+        raise ConfigError(f"{len(names)} layer names for {n_layers} layers.")
+    weights = _scene_weights(len(test_idx), n_boot, seed)
+
+    ref_probe = fit_probe(feats[reference][train_idx], y_train, l2=l2)
+    arms: list[tuple[str, str, str, np.ndarray]] = [
+        (reference, reference, reference, ref_probe.logits(feats[reference][test_idx]).numpy())
+    ]
+    for name, x in feats.items():
+        if name == reference:
+            continue
+        arms.append((f"{name}:transfer", name, reference, ref_probe.logits(x[test_idx]).numpy()))
+        own = fit_probe(x[train_idx], y_train, l2=l2)
+        arms.append((f"{name}:retrained", name, name, own.logits(x[test_idx]).numpy()))
+
+    rows = []
+    for li, layer in enumerate(names):
+        ref_m = _metrics(arms[0][3][:, li], y_test, weights)
+        for arm, condition, trained_on, logits in arms:
+            m = ref_m if arm == reference else _metrics(logits[:, li], y_test, weights)
+            row: dict[str, Any] = {"layer": layer, "arm": arm, "condition": condition, "probe_trained_on": trained_on}
+            for metric in ("accuracy", "auroc"):
+                low, high = _interval(m[metric][1:], ci)
+                row.update({metric: float(m[metric][0]), f"{metric}_low": low, f"{metric}_high": high})
+                d = m[metric] - ref_m[metric]
+                d_low, d_high = _interval(d[1:], ci)
+                boot = d[1:][~np.isnan(d[1:])]
+                if arm == reference or len(boot) == 0:
+                    p = float("nan")
+                else:
+                    p = min(1.0, 2 * min((1 + (boot <= 0).sum()) / (1 + len(boot)), (1 + (boot >= 0).sum()) / (1 + len(boot))))
+                row.update({f"d_{metric}": float(d[0]), f"d_{metric}_low": d_low, f"d_{metric}_high": d_high, f"p_{metric}": p})
+            row.update({"n_train": len(train_idx), "n_test": len(test_idx)})
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    adjusted = holm(list(frame["p_accuracy"]) + list(frame["p_auroc"]))
+    frame["p_accuracy_holm"] = adjusted[: len(frame)]
+    frame["p_auroc_holm"] = adjusted[len(frame) :]
+    return frame
