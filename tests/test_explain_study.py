@@ -45,24 +45,17 @@ def test_uniform_map_by_hand():
     assert torch.allclose(got[1, 6], torch.full((7,), 1 / 7))
 
 
-def test_position_groups_by_hand():
-    groups = explain.position_groups(layout())
-    assert groups["system"].tolist() == [[0, 1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0]]
-    assert groups["image"].tolist() == IMAGE.tolist()
-    assert groups["question"].tolist() == [[0, 0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1, 0]]
-    assert groups["last"].tolist() == [[0, 0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0, 1]]
-
-
 def test_image_mass_equals_a_loop():
     g = torch.Generator().manual_seed(0)
     probs = torch.rand(2, 3, 7, 7, generator=g).softmax(-1)
-    rows = explain.position_groups(layout())["question"]
-    got = explain.image_mass(probs, layout(), rows)
+    rows = torch.tensor([[0, 0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1, 0]], dtype=torch.bool)  # the question, by hand
+    got = explain.image_mass(probs, layout(), "question")
     for b in range(2):
         values = [sum(float(probs[b, h, i, j]) for j in range(7) if IMAGE[b, j])
                   for h in range(3) for i in range(7) if rows[b, i]]
         assert math.isclose(float(got[b]), sum(values) / len(values), rel_tol=1e-5)
-    assert math.isnan(float(explain.image_mass(probs, layout(), torch.zeros(2, 7, dtype=torch.bool))[0]))
+    one_row = TokenLayout(IMAGE, torch.tensor([[0, 1, 1, 1, 0, 0, 0], [1] * 7], dtype=torch.bool) & ATTENTION)
+    assert math.isnan(float(explain.image_mass(probs, one_row, "question")[0]))  # row 0 has no question token
 
 
 @pytest.mark.parametrize("pattern", explain.PATTERNS)
@@ -108,6 +101,17 @@ def test_synthetic_map_is_what_the_layer_computes(pattern):
                 expected = sum(v[b, j, head // (n_heads // n_kv)] for j in keys) / len(keys)
                 assert torch.allclose(seen["z"][b, i, head * d : (head + 1) * d], expected, atol=1e-5)
     assert run.records and run.records[0].changed > 0
+
+
+def test_previous_token_map_agrees_with_the_sinks_null_model():
+    """Two independent constructions: the explicit map's sink scores == `sinks.null_scores`' closed form."""
+    from eah_interp.sinks import null_scores, sink_scores
+
+    for normalise in ("causal", "official", "rows"):
+        explicit = sink_scores(explain.previous_token_map(layout())[:, None], layout(), normalise)[:, 0]
+        assert torch.allclose(explicit, null_scores(layout(), normalise=normalise)["previous"], atol=1e-6)
+        explicit = sink_scores(explain.uniform_map(layout())[:, None], layout(), normalise)[:, 0]
+        assert torch.allclose(explicit, null_scores(layout(), normalise=normalise)["uniform"], atol=1e-6)
 
 
 def test_synthetic_map_validates_and_describes_itself():
@@ -172,7 +176,7 @@ def test_quick_study_writes_every_section_and_resumes(organism, tmp_path, monkey
     shares = q1["splits"]["discovery"]["previous_token_share"]
     assert len(shares) == 9 and all(0 <= s <= 1 for s in shares)
     # a previous-token map under the causal normaliser: every image key's score is 1 / (rows after it) > 0.01
-    assert q1["splits"]["discovery"]["null_density"]["previous_token/causal"][q1["thresholds"].index(0.01)] == 1.0
+    assert q1["splits"]["discovery"]["null_density"]["previous/causal"][q1["thresholds"].index(0.01)] == 1.0
     patches = (out / "patching.jsonl").read_text().splitlines()
 
     # a rerun recomputes nothing: no forward pass may run

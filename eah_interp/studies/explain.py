@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -46,7 +46,7 @@ from eah_interp.errors import ConfigError
 from eah_interp.interventions.base import Intervention
 from eah_interp.interventions.selectors import PHASES, Site, as_layers, check_choice
 from eah_interp.layout import TokenLayout
-from eah_interp.sinks import NORMALISE_CHOICES, query_positions, sink_scores
+from eah_interp.sinks import NORMALISE_CHOICES, query_positions
 
 #: Significance level, applied to Holm-adjusted p-values only.
 ALPHA = 0.05
@@ -56,6 +56,10 @@ SPLITS = {"discovery": 20_000, "replication": 30_000}
 PAIR_STRENGTH = 0.9
 #: Sink thresholds of the density-vs-threshold curves (0.01 is the organism's, 0.0008 the paper's).
 THRESHOLDS = (0.0008, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+#: Position groups of the activation-patching section (`eah_interp.layout.GROUPS`).
+PATCH_GROUPS = ("image", "question", "last")
+#: Position groups of the attribution-patching section.
+ATTRIBUTION_GROUPS = ("system", "image", "question", "last")
 #: Metrics of the paired tests: name -> (per-example column, which questions, what "worse" means).
 METRICS = {
     "probe_absent": ("probe", False, "higher = more 'yes' to an absent object"),
@@ -143,43 +147,11 @@ def uniform_map(layout: TokenLayout) -> Float[Tensor, "batch k k"]:
     return allowed / allowed.sum(-1, keepdim=True).clamp_min(1)
 
 
-# ---------------------------------------------------------------------------- position groups
-def position_groups(layout: TokenLayout) -> dict[str, Bool[Tensor, "batch seq"]]:
-    """``system`` / ``image`` / ``question`` / ``last`` masks of a prompt layout.
+def image_mass(probs: Float[Tensor, "batch heads q k"], layout: TokenLayout, rows: str) -> Float[Tensor, " batch"]:
+    """Mean over heads of `eah_interp.stats.group_attention` from the group ``rows`` to the image (NaN: no such row)."""
+    from eah_interp.stats import group_attention
 
-    ``question``: real text positions after the last image token, the last one excluded; ``system``: real
-    positions before the first image token. Uses `TokenLayout.group_mask` where the library has it.
-    """
-    if hasattr(layout, "group_mask"):
-        return {name: layout.group_mask(name) for name in ("system", "image", "question", "last")}
-    from eah_interp.patching import last_positions
-
-    pos = torch.arange(layout.seq_len, device=layout.attention_mask.device)[None, :]
-    start, end = layout.image_extent()
-    last = pos == last_positions(layout)[:, None]
-    real = layout.attention_mask
-    return {
-        "system": real & (pos < start[:, None]),
-        "image": layout.image_mask,
-        "question": real & (pos >= end[:, None]) & ~last & ~layout.image_mask,
-        "last": last,
-    }
-
-
-def image_mass(probs: Float[Tensor, "batch heads q k"], layout: TokenLayout, rows: Bool[Tensor, "batch seq"]) -> Float[Tensor, " batch"]:
-    """Mean over heads and over the chosen query rows of the attention mass on the image keys.
-
-    Args:
-        probs: one layer's prompt probabilities (``q == k``).
-        layout: the prompt layout.
-        rows: the query rows to average over (e.g. the question group).
-
-    Returns:
-        ``Float[batch]`` (NaN for a row with no chosen query row).
-    """
-    mass = (probs.float() * layout.image_mask[:, None, None, :].float()).sum(-1).mean(1)  # [b, q]
-    chosen = rows.float()
-    return (mass * chosen).sum(-1) / chosen.sum(-1).where(chosen.sum(-1) > 0, torch.tensor(float("nan")))
+    return group_attention(probs, layout, rows, "image").mean(-1)
 
 
 # ---------------------------------------------------------------------------- plan and examples
@@ -187,11 +159,11 @@ def image_mass(probs: Float[Tensor, "batch heads q k"], layout: TokenLayout, row
 class Plan:
     """How big a run is (the ``quick`` plan is a smoke test, not the documented numbers)."""
 
-    n_scenes: int = 20
+    n_scenes: int = 12
     batch_size: int = 8
-    patch_prompts: int = 5
-    resid_layers: tuple[int, ...] = (1, 2, 3, 5, 8, 12, 18, 29)
-    block_layers: tuple[int, ...] = (1, 2)
+    patch_prompts: int = 4
+    resid_layers: tuple[int, ...] = (2, 4, 8, 16)
+    block_layers: tuple[int, ...] = ()
     knockout_early: tuple[int, ...] = tuple(range(1, 11))
     knockout_late: tuple[int, ...] = tuple(range(11, 30))
     deep_layer: int = 27
@@ -204,7 +176,7 @@ class Plan:
     @classmethod
     def quick(cls) -> Plan:
         """One scene per split, three arms, a few patches: a smoke test of every section."""
-        return cls(n_scenes=1, batch_size=2, patch_prompts=1, resid_layers=(2,), block_layers=(),
+        return cls(n_scenes=1, batch_size=2, patch_prompts=1, resid_layers=(2,), block_layers=(1,),
                    arms=("baseline", "eah_paper", "control_previous_token_map"))
 
 
@@ -260,8 +232,10 @@ def arms(plan: Plan, threshold: float) -> dict[str, list[Any]]:
         "control_deep_layer": [EAHConfig.paper(threshold=threshold, layers=(plan.deep_layer,))],
         "control_previous_token_map": [SyntheticMap("previous_token", layers=(1,))],
         "control_uniform_map": [SyntheticMap("uniform", layers=(1,))],
-        "knockout_question_image_early": [Knockout(queries="question", keys="image", layers=plan.knockout_early)],
-        "knockout_question_image_late": [Knockout(queries="question", keys="image", layers=plan.knockout_late)],
+        "knockout_question_image_early": [Knockout(queries="question", keys="image", layers=plan.knockout_early),
+                                          Knockout(queries="last", keys="image", layers=plan.knockout_early)],
+        "knockout_question_image_late": [Knockout(queries="question", keys="image", layers=plan.knockout_late),
+                                         Knockout(queries="last", keys="image", layers=plan.knockout_late)],
     }
     unknown = [a for a in plan.arms if a not in every]
     if unknown or "baseline" not in plan.arms:
@@ -321,58 +295,63 @@ def section_source_head(bundle: Any, plan: Plan, out: Path, progress: bool = Tru
     """Q1: layer 1's heads on the discovery and replication prompts: local pattern shares, sink density vs threshold.
 
     For each head: the mean share of the image rows' attention on the previous token, on the token itself
-    and on the row's first real token; its sink density (image tokens whose sink score is above the
-    threshold) at every `THRESHOLDS` value under each normaliser; and the same density for a uniform causal
-    map and a pure previous-token map on the same layouts (the null models).
+    and on the row's first real token; its sink density (`eah_interp.sinks.density_curve`) at every
+    `THRESHOLDS` value under each normaliser; the density a uniform and a previous-token pattern get on
+    the same layouts (`eah_interp.sinks.null_densities`); and the share of prompts where a null explains
+    the head's "sinks" at the model's threshold (`eah_interp.sinks.explained_by_null`).
     """
     from eah_interp import hf
+    from eah_interp.sinks import density_curve, explained_by_null, null_densities
 
     path = out / "q1_source_head.json"
     if _done(path):
         return json.loads(path.read_text())
-    result: dict[str, Any] = {"thresholds": list(THRESHOLDS), "normalisers": list(NORMALISE_CHOICES), "splits": {}}
+    result: dict[str, Any] = {"thresholds": list(THRESHOLDS), "normalisers": list(NORMALISE_CHOICES), "splits": {},
+                              "model_threshold": bundle.threshold}
     for split in SPLITS:
         exs = examples(split, plan.n_scenes)
         prev, self_, first = [], [], []
-        dens = {n: [] for n in NORMALISE_CHOICES}
-        nulls = {(kind, n): [] for kind in ("uniform", "previous_token") for n in NORMALISE_CHOICES}
+        dens: dict[str, list[Tensor]] = {n: [] for n in NORMALISE_CHOICES}
+        nulls: dict[str, list[Tensor]] = {}
+        explained: dict[str, list[Tensor]] = {}
         for batch in tqdm(_batches(exs, plan.batch_size), desc=f"Q1 {split}", disable=not progress, leave=False):
             inputs = encode(bundle, batch)
             with torch.no_grad(), hf.record_attention(bundle.model, [1], keep_patterns=True) as rec:
                 bundle.model(**inputs, use_cache=False)
             probs, layout = rec.patterns[1][-1].float(), rec.layouts[-1].to("cpu")
-            b, h, q, k = probs.shape
+            b, _, _, k = probs.shape
             pos = torch.arange(k)
             image_rows = layout.image_mask.float()  # [b, q] (prefill: q == k)
             n_rows = image_rows.sum(-1).clamp_min(1)[:, None]
             firsts = layout.first_real_position()
-            on_prev = probs[:, :, pos[1:], pos[:-1]]  # [b, h, k-1]: row i -> i-1
+            on_prev = probs[:, :, pos[1:], pos[:-1]]  # [b, h, k-1]: row i -> key i-1
             prev.append((on_prev * image_rows[:, None, 1:]).sum(-1) / n_rows)
             self_.append((probs[:, :, pos, pos] * image_rows[:, None]).sum(-1) / n_rows)
             on_first = torch.stack([probs[i, :, :, int(firsts[i])] for i in range(b)])  # [b, h, q]
             first.append((on_first * image_rows[:, None]).sum(-1) / n_rows)
-            n_image = layout.n_image_tokens.clamp_min(1).float()[:, None, None]
-            thresholds = torch.tensor(THRESHOLDS)
             for normalise in NORMALISE_CHOICES:
-                scores = sink_scores(probs, layout, normalise)  # [b, h, k]
-                dens[normalise].append(((scores[..., None] > thresholds) & layout.image_mask[:, None, :, None]).sum(2) / n_image)
-                for kind, pattern in (("uniform", uniform_map(layout)), ("previous_token", previous_token_map(layout))):
-                    s = sink_scores(pattern[:, None], layout, normalise)
-                    nulls[(kind, normalise)].append(
-                        ((s[..., None] > thresholds) & layout.image_mask[:, None, :, None]).sum(2)[:, 0] / n_image[:, 0]
-                    )
+                curve = density_curve(probs, layout, THRESHOLDS, normalise)  # [t, b, h]
+                dens[normalise].append(curve)
+                null = null_densities(layout, THRESHOLDS, normalise=normalise)  # kind -> [t, b]
+                for kind, values in null.items():
+                    nulls.setdefault(f"{kind}/{normalise}", []).append(values)
+                at = null_densities(layout, bundle.threshold, normalise=normalise)
+                density = density_curve(probs, layout, bundle.threshold, normalise)[0]  # [b, h]
+                for kind, values in at.items():
+                    explained.setdefault(f"{kind}/{normalise}", []).append(explained_by_null(density, values[:, None]))
         prev_t, self_t, first_t = torch.cat(prev), torch.cat(self_), torch.cat(first)  # [n, h]
-        density = {n: torch.cat(v).mean(0) for n, v in dens.items()}  # [h, t]
         result["splits"][split] = {
             "n_prompts": len(exs),
             "previous_token_share": prev_t.mean(0).tolist(),
             "previous_token_share_min_max": [prev_t.min(0).values.tolist(), prev_t.max(0).values.tolist()],
             "self_share": self_t.mean(0).tolist(),
             "first_token_share": first_t.mean(0).tolist(),
-            "density": {n: d.tolist() for n, d in density.items()},
-            "null_density": {f"{kind}/{n}": torch.cat(v).mean(0).tolist() for (kind, n), v in nulls.items()},
+            "density": {n: torch.cat(v, 1).mean(1).T.tolist() for n, v in dens.items()},  # [h, t]
+            "null_density": {key: torch.cat(v, 1).mean(1).tolist() for key, v in nulls.items()},  # [t]
+            "explained_by_null_at_model_threshold": {
+                key: torch.cat(v).float().mean(0).tolist() for key, v in explained.items()  # [h]: share of prompts
+            },
         }
-    result["model_threshold"] = bundle.threshold
     _write_json(path, result)
     _plot_source_head(result, out / "q1_density_vs_threshold.png")
     return result
@@ -394,7 +373,7 @@ def _plot_source_head(result: dict[str, Any], path: Path) -> None:
             ax.plot(thresholds, density[head], color="C3" if head == int(shares.argmax()) else "0.7",
                     lw=2 if head == int(shares.argmax()) else 1,
                     label=f"head {head} (prev-token {shares[head]:.2f})" if head == int(shares.argmax()) else None)
-        for kind, style in (("uniform", "--"), ("previous_token", ":")):
+        for kind, style in (("uniform", "--"), ("previous", ":")):
             ax.plot(thresholds, split["null_density"][f"{kind}/{normalise}"], "k" + style, label=f"null: {kind}")
         ax.axvline(result["model_threshold"], color="C0", lw=0.8)
         ax.set_xscale("log")
@@ -418,10 +397,11 @@ def section_arms(bundle: Any, plan: Plan, out: Path, progress: bool = True) -> l
     from eah_interp.metrics import parse_yes_no, yes_no_logit_diff
 
     path = out / "arms.jsonl"
-    rows = _read_jsonl(path)
+    plan_arms = arms(plan, bundle.threshold)
+    wanted = {(split, arm, e.id) for split in SPLITS for e in examples(split, plan.n_scenes) for arm in plan_arms}
+    rows = [r for r in _read_jsonl(path) if (r["split"], r["arm"], r["id"]) in wanted]  # this plan's rows only
     done = {(r["split"], r["arm"], r["id"]) for r in rows}
     n_layers = hf.model_shape(bundle.model)[0]
-    plan_arms = arms(plan, bundle.threshold)
     jobs = [(split, arm) for split in SPLITS for arm in plan_arms]
     started = time.perf_counter()
     n_prompts = 0
@@ -445,9 +425,8 @@ def section_arms(bundle: Any, plan: Plan, out: Path, progress: bool = True) -> l
                     logits = bundle.model(**inputs, use_cache=False).logits[:, -1].float()
                     records = []
             layout = rec.layouts[-1].to("cpu")
-            groups = position_groups(layout)
-            q_mass = torch.stack([image_mass(rec.patterns[layer][-1], layout, groups["question"]) for layer in range(n_layers)], 1)
-            l_mass = torch.stack([image_mass(rec.patterns[layer][-1], layout, groups["last"]) for layer in range(n_layers)], 1)
+            q_mass = torch.stack([image_mass(rec.patterns[layer][-1], layout, "question") for layer in range(n_layers)], 1)
+            l_mass = torch.stack([image_mass(rec.patterns[layer][-1], layout, "last") for layer in range(n_layers)], 1)
             probe = yes_no_logit_diff(logits, bundle.yes_ids, bundle.no_ids)
             answers = bundle.processor.batch_decode(logits.argmax(-1)[:, None].cpu(), skip_special_tokens=True)
             heads = [[] for _ in batch]
@@ -620,7 +599,7 @@ def section_patching(bundle: Any, plan: Plan, out: Path, progress: bool = True) 
     path = out / "patching.jsonl"
     rows = _read_jsonl(path)
     done = {(r["site"], r["layer"], r["positions"], r["direction"]) for r in rows}
-    groups = ("image", "text", "last")
+    groups = PATCH_GROUPS
     jobs = [("resid", layer, g, d) for layer in plan.resid_layers for g in groups
             for d in ("eah_into_baseline", "baseline_into_eah")]
     jobs += [(site, layer, g, "eah_into_baseline") for site in ("attn_out", "mlp_out") for layer in plan.block_layers
@@ -687,7 +666,7 @@ def _plot_patching(table, out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
     for ax, direction in zip(axes, ("eah_into_baseline", "baseline_into_eah"), strict=True):
         sub = resid[resid.direction == direction].pivot_table(index="layer", columns="positions", values="effect_median")
-        sub = sub[[g for g in ("image", "text", "last") if g in sub.columns]]
+        sub = sub[[g for g in PATCH_GROUPS if g in sub.columns]]
         data = sub.to_numpy()
         limit = max(1.0, float(np.nanmax(np.abs(data)))) if np.isfinite(data).any() else 1.0
         im = ax.imshow(data, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -limit, limit))
@@ -704,6 +683,162 @@ def _plot_patching(table, out: Path) -> None:
     plt.close(fig)
 
 
+def section_attribution(bundle: Any, plan: Plan, out: Path, patch_rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Q3b: attribution patching (`eah_interp.attribution`) of every layer site and head, per example.
+
+    The same prompts as `section_patching`; sites ``attn_out`` / ``mlp_out`` / ``resid`` / ``head`` of every
+    layer at `ATTRIBUTION_GROUPS`, both directions, in one forward + backward per run. Its agreement with the
+    activation-patching rows of `section_patching` (same examples) is reported. None when the library has no
+    ``eah_interp.attribution``.
+    """
+    try:
+        from eah_interp.attribution import agreement, attribution_patching
+    except ImportError:
+        return None
+    import pandas as pd
+
+    from eah_interp.patching import LogitDiff
+
+    path = out / "q3_attribution.json"
+    if _done(path):
+        return json.loads(path.read_text())
+    exs = [e for e in examples("discovery", plan.n_scenes) if not e.label][: plan.patch_prompts]
+    inputs = encode(bundle, exs)
+    metric = LogitDiff(yes=tuple(bundle.yes_ids), no=tuple(bundle.no_ids))
+    started = time.perf_counter()
+    table = attribution_patching(bundle.model, inputs, EAHConfig.paper(threshold=bundle.threshold), metric,
+                                 positions=ATTRIBUTION_GROUPS, per_example=True)
+    seconds = time.perf_counter() - started
+    table.to_csv(out / "q3_attribution.csv", index=False)
+    activation = pd.DataFrame([
+        {"direction": r["direction"], "site": r["site"], "layer": r["layer"], "head": pd.NA, "positions": r["positions"],
+         "example": i, "metric": m, "baseline_metric": b, "eah_metric": e}
+        for r in patch_rows for i, (m, b, e) in enumerate(zip(r["metric"], r["baseline"], r["eah"], strict=True))
+    ])
+    if not activation.empty:
+        activation["head"] = activation["head"].astype("Int64")
+    agree = agreement(table, activation) if not activation.empty else None
+    means = table.groupby(["direction", "site", "layer", "head", "positions"], dropna=False)["normalised_effect"].median()
+    top = means.reset_index().dropna(subset=["normalised_effect"])
+    top = top.reindex(top["normalised_effect"].abs().sort_values(ascending=False).index).head(15)
+    result = {"ids": [e.id for e in exs], "seconds": seconds, "agreement": agree,
+              "top_by_median_effect": top.astype({"head": "object"}).where(top.notna(), None).to_dict("records")}
+    _write_json(path, result)
+    _plot_attribution(table, out / "q3_attribution.png")
+    return result
+
+
+def _plot_attribution(table, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sub = table[(table.direction == "eah_into_baseline") & (table.site != "head")]
+    groups = [g for g in ATTRIBUTION_GROUPS if g in set(sub.positions)]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharey=True)
+    for ax, site in zip(axes, ("attn_out", "mlp_out", "resid"), strict=True):
+        for group in groups:
+            med = sub[(sub.site == site) & (sub.positions == group)].groupby("layer")["normalised_effect"].median()
+            ax.plot(med.index, med.to_numpy(), marker=".", label=group)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_title(f"{site}: estimated effect of the EAH activation\n(attribution patching, median over examples)",
+                     fontsize=9)
+        ax.set_xlabel("layer")
+    axes[0].set_ylabel("normalised effect (0 = baseline, 1 = EAH)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def section_dla(bundle: Any, plan: Plan, out: Path, progress: bool = True) -> dict[str, Any] | None:
+    """Q3c: direct logit attribution of the yes-minus-no logit difference, baseline vs EAH, per example, both splits.
+
+    `eah_interp.attribution.direct_logit_attribution` splits the last position's logit difference (mean logit of
+    the "yes" ids minus mean logit of the "no" ids) into the embedding's and each layer's attention / MLP parts
+    (final norm frozen at each run's scale). Per layer part, the paired EAH-minus-baseline change is tested per
+    split (sign-flip, Holm over the parts). None when the library has no ``eah_interp.attribution``.
+    """
+    try:
+        from eah_interp.attribution import direct_logit_attribution
+    except ImportError:
+        return None
+    import pandas as pd
+
+    from eah_interp.metrics.stats import holm, sign_flip_p_value
+
+    path = out / "q3_dla.json"
+    if _done(path):
+        return json.loads(path.read_text())
+    result: dict[str, Any] = {}
+    for split in SPLITS:
+        csv = out / f"q3_dla_{split}.csv"
+        if csv.exists():
+            table = pd.read_csv(csv)
+        else:
+            parts = []
+            exs = examples(split, plan.n_scenes)
+            for batch in tqdm(_batches(exs, plan.batch_size), desc=f"Q3 DLA {split}", disable=not progress, leave=False):
+                frame_ = direct_logit_attribution(
+                    bundle.model, encode(bundle, batch), (tuple(bundle.yes_ids), tuple(bundle.no_ids)),
+                    interventions={"eah_paper": [EAHConfig.paper(threshold=bundle.threshold)]}, per_example=True,
+                )
+                frame_ = frame_[frame_.component.isin(["embed", "attn", "mlp"])].copy()
+                frame_["id"] = [batch[i].id for i in frame_["example"]]
+                frame_["label"] = [batch[i].label for i in frame_["example"]]
+                parts.append(frame_.drop(columns=["example"]))
+            table = pd.concat(parts)
+            table.to_csv(csv, index=False)
+        wide = table.pivot_table(index=["id", "label", "component", "layer"], columns="condition", values="contribution",
+                                 dropna=False).reset_index()
+        wide["change"] = wide["eah_paper"] - wide["baseline"]
+        entries = []
+        for (label, component, layer), group in wide.groupby(["label", "component", "layer"], dropna=False):
+            entries.append({"label": bool(label), "component": component,
+                            "layer": None if pd.isna(layer) else int(layer), "n": len(group),
+                            "baseline": float(group["baseline"].mean()), "change": float(group["change"].mean()),
+                            "p": sign_flip_p_value(group["change"].to_numpy())})
+        for entry, adjusted in zip(entries, holm([e["p"] for e in entries]), strict=True):
+            entry["p_holm"] = adjusted
+            entry["significant"] = bool(adjusted <= ALPHA)
+        metric = table.drop_duplicates(["id", "condition"]).pivot_table(index=["id", "label"], columns="condition",
+                                                                         values="metric").reset_index()
+        result[split] = {"parts": entries, "metric": {
+            str(lab): {"baseline": float(g["baseline"].mean()), "eah_paper": float(g["eah_paper"].mean()), "n": len(g)}
+            for lab, g in metric.groupby("label")}}
+    _write_json(path, result)
+    _plot_dla(result, out / "q3_dla.png")
+    return result
+
+
+def _plot_dla(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 6), sharex=True)
+    for col, split in enumerate(result):
+        for row, label in enumerate((False, True)):
+            ax = axes[row, col]
+            for offset, component in ((-0.2, "attn"), (0.2, "mlp")):
+                sub = [e for e in result[split]["parts"] if e["label"] == label and e["component"] == component]
+                ax.bar([e["layer"] + offset for e in sub], [e["change"] for e in sub], width=0.4, label=component,
+                       edgecolor=["k" if e["significant"] else "none" for e in sub])
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.set_title(f"{split}, {'present' if label else 'absent'} objects", fontsize=9)
+            ax.set_ylabel("EAH - baseline (logit diff.)")
+    axes[1, 0].set_xlabel("layer")
+    axes[1, 1].set_xlabel("layer")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("direct logit attribution: change of each layer's direct contribution to yes-minus-no "
+                 "(black edge: Holm-significant)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------------------- the report
 def _fmt_test(e: dict[str, Any]) -> str:
     mark = "**" if e["significant"] else ""
@@ -711,7 +846,8 @@ def _fmt_test(e: dict[str, Any]) -> str:
 
 
 def write_report(out: Path, plan: Plan, q1: dict[str, Any], rows: list[dict[str, Any]], evidence: dict[str, Any],
-                 tests: list[dict[str, Any]], patch_rows: list[dict[str, Any]], missing: dict[str, str]) -> Path:
+                 tests: list[dict[str, Any]], patch_rows: list[dict[str, Any]], missing: dict[str, str],
+                 attribution: dict[str, Any] | None = None, dla: dict[str, Any] | None = None) -> Path:
     """``report.md`` from the sections' results (every number in it comes from the JSON files beside it)."""
     table = frame(rows)
     lines = ["# Why the broadcast changes the organism's answers", "",
@@ -727,15 +863,20 @@ def write_report(out: Path, plan: Plan, q1: dict[str, Any], rows: list[dict[str,
         heads = [h for hs in eah_rows[eah_rows.split == split].source_heads for h in hs]
         counts = {h: heads.count(h) for h in sorted(set(heads))}
         lines.append(f"* {split}: EAH's source head at layer 1 (per prompt): {counts}")
-    lines += ["", "| head | prev-token share | self share | first-token share | " + " | ".join(
-        f"density@{q1['model_threshold']:g} ({n})" for n in q1["normalisers"]) + " |",
-        "| --- " * (4 + len(q1["normalisers"])) + "|"]
+    lines += ["", "Layer 1, discovery prompts (image query rows); density at the model's threshold under each "
+              "normaliser; 'explained' = share of prompts where a pure previous-token pattern explains the head's "
+              "'sinks' (`sinks.explained_by_null`, causal normaliser):", "",
+              "| head | prev-token share | self share | first-token share | " + " | ".join(
+                  f"density@{q1['model_threshold']:g} ({n})" for n in q1["normalisers"]) + " | explained (previous, causal) |",
+              "| --- " * (5 + len(q1["normalisers"])) + "|"]
     t_index = q1["thresholds"].index(q1["model_threshold"]) if q1["model_threshold"] in q1["thresholds"] else None
     d = q1["splits"]["discovery"]
     for head in range(len(d["previous_token_share"])):
         dens = [f"{d['density'][n][head][t_index]:.2f}" if t_index is not None else "-" for n in q1["normalisers"]]
+        explained = d.get("explained_by_null_at_model_threshold", {}).get("previous/causal")
         lines.append(f"| {head} | {d['previous_token_share'][head]:.2f} | {d['self_share'][head]:.2f} | "
-                     f"{d['first_token_share'][head]:.2f} | " + " | ".join(dens) + " |")
+                     f"{d['first_token_share'][head]:.2f} | " + " | ".join(dens)
+                     + f" | {'-' if explained is None else format(explained[head], '.2f')} |")
     lines += ["", "Null models (discovery layouts): sink density of a synthetic map at each threshold:", "",
               "| null / normaliser | " + " | ".join(f"{t:g}" for t in q1["thresholds"]) + " |",
               "| --- " * (1 + len(q1["thresholds"])) + "|"]
@@ -758,7 +899,7 @@ def write_report(out: Path, plan: Plan, q1: dict[str, Any], rows: list[dict[str,
     if patch_rows:
         ptable = patching_table(patch_rows)
         lines += [f"Activation patching (nnsight) on {len(patch_rows[0]['ids'])} discovery prompts about absent objects; "
-                  "position groups: `image`, `text` (every real non-image token but the last: system prompt and question), "
+                  "position groups: `image`, `question` (the prompt's text after the image, the last token excluded), "
                   "`last`. Normalised effect: 0 = baseline probe, 1 = EAH probe; `median` is over examples.", "",
                   "| site | layer | positions | direction | effect of the means | median per example | share > 0.5 |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -766,6 +907,33 @@ def write_report(out: Path, plan: Plan, q1: dict[str, Any], rows: list[dict[str,
             lines.append(f"| {r.site} | {r.layer} | {r.positions} | {r.direction} | {r.effect_mean:.2f} | "
                          f"{r.effect_median:.2f} | {r.share_above_half:.2f} |")
         lines += ["", "![patching](q3_patching_resid.png)", ""]
+    if attribution is not None:
+        agree = attribution["agreement"] or {}
+        lines += ["### Attribution patching", "",
+                  f"Every layer's `attn_out` / `mlp_out` / `resid` and every head at {', '.join(ATTRIBUTION_GROUPS)}, "
+                  f"both directions, per example, on the same prompts ({attribution['seconds']:.0f} s). Agreement with "
+                  f"the activation-patching rows above (effects per example): Pearson {agree.get('pearson', float('nan')):.2f}, "
+                  f"Spearman {agree.get('spearman', float('nan')):.2f}, sign agreement "
+                  f"{agree.get('sign_agreement', float('nan')):.2f} over {agree.get('n', 0)} rows "
+                  f"({agree.get('n_trivial', 0)} trivial rows left out).", "",
+                  "Largest estimated effects (median normalised effect over examples):", "",
+                  "| direction | site | layer | head | positions | median effect |", "| --- | --- | --- | --- | --- | --- |"]
+        for r in attribution["top_by_median_effect"]:
+            lines.append(f"| {r['direction']} | {r['site']} | {r['layer']} | {'' if r['head'] is None else r['head']} | "
+                         f"{r['positions']} | {r['normalised_effect']:.2f} |")
+        lines += ["", "![attribution](q3_attribution.png)", ""]
+    if dla is not None:
+        lines += ["### Direct logit attribution (yes-minus-no logit difference, baseline vs EAH)", ""]
+        for split, d in dla.items():
+            m = d["metric"]
+            lines.append(f"* {split}: logit difference absent objects {m['False']['baseline']:+.2f} -> "
+                         f"{m['False']['eah_paper']:+.2f}, present {m['True']['baseline']:+.2f} -> {m['True']['eah_paper']:+.2f}")
+            for label in (False, True):
+                parts = sorted((e for e in d["parts"] if e["label"] == label), key=lambda e: -abs(e["change"]))[:5]
+                lines.append(f"  * {'present' if label else 'absent'}: largest changes: " + "; ".join(
+                    f"{e['component']}{'' if e['layer'] is None else ' ' + str(e['layer'])} {e['change']:+.2f}"
+                    f"{' (Holm p ' + format(e['p_holm'], '.2g') + ')' if e['significant'] else ' (n.s.)'}" for e in parts))
+        lines += ["", "![dla](q3_dla.png)", ""]
     for name, why in missing.items():
         if name.startswith("Q3"):
             lines += [f"* {name}: not run: {why}", ""]
@@ -819,8 +987,10 @@ def main(out: Path, *, quick: bool = False, bundle: Any = None, progress: bool =
     tests = section_tests(rows, out)
     patch_rows = section_patching(bundle, plan, out, progress)
     _plot_patching(patching_table(patch_rows), out)
+    attribution = section_attribution(bundle, plan, out, patch_rows)
+    dla = section_dla(bundle, plan, out, progress)
     missing = _missing_tools()
-    return write_report(out, plan, q1, rows, evidence, tests, patch_rows, missing)
+    return write_report(out, plan, q1, rows, evidence, tests, patch_rows, missing, attribution, dla)
 
 
 def _missing_tools() -> dict[str, str]:
@@ -849,7 +1019,6 @@ __all__ = [
     "main",
     "paired_tests",
     "patching_table",
-    "position_groups",
     "previous_token_map",
     "uniform_map",
 ]
