@@ -177,6 +177,11 @@ def _applied(model: nn.Module, interventions: Any, layout: TokenLayout | None) -
     return contextlib.nullcontext() if interventions is None else hf.intervene(model, interventions, layout=layout)
 
 
+def _wide(x: Tensor) -> Tensor:
+    """``x`` in float32 at least (float64 stays float64): sums of products in half precision lose digits."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _first(value: Any) -> Tensor:
     return value[0] if isinstance(value, tuple) else value
 
@@ -282,20 +287,21 @@ def _run(
             keys = list(store)
             grads: dict[tuple[str, int], Tensor] = {}
             if grad:
-                tensors = [store[k] for k in keys]
-                found = torch.autograd.grad(values.sum(), tensors, allow_unused=True)
-                grads = {k: (torch.zeros_like(t) if g is None else g.detach()) for k, t, g in zip(keys, tensors, found, strict=True)}
+                live = [k for k in keys if store[k].requires_grad]  # a site the metric cannot depend on: gradient 0
+                found = torch.autograd.grad(values.sum(), [store[k] for k in live], allow_unused=True) if live else ()
+                grads = {k: torch.zeros_like(store[k]) for k in keys}
+                grads.update({k: g.detach() for k, g in zip(live, found, strict=True) if g is not None})
     finally:
         for handle in handles:
             handle.remove()
-    return _Run({k: v.detach() for k, v in store.items()}, grads, values.detach().float())
+    return _Run({k: v.detach() for k, v in store.items()}, grads, _wide(values.detach()))
 
 
 def _per_position(
     site: str, donor: Tensor, receiver: Tensor, grad: Tensor, n_heads: int, head_dim: int
 ) -> Float[Tensor, "batch seq *heads"]:
     """``(donor - receiver) * grad`` summed over features: ``[batch, seq]``, or ``[batch, seq, heads]`` for heads."""
-    prod = (donor.float() - receiver.float()) * grad.float()
+    prod = (_wide(donor) - _wide(receiver)) * _wide(grad)
     if site == "head":
         return prod.unflatten(-1, (n_heads, head_dim)).sum(-1)
     return prod.sum(-1)
@@ -372,7 +378,7 @@ def attribution_patching(
                   grad="baseline_into_eah" in directions)
 
     device = base.metric.device
-    group_masks = {label: mask.to(device).float() for label, mask in masks.items()}
+    group_masks = {label: mask.to(device) for label, mask in masks.items()}
     batch = base.metric.shape[0]
     columns: dict[str, list] = {c: [] for c in ("example", *ATTRIBUTION_COLUMNS)}
 
@@ -393,7 +399,8 @@ def attribution_patching(
                 key = (site, layer)
                 per_pos = _per_position(site, donor.acts[key], receiver.acts[key], receiver.grads[key], n_heads,
                                         modules.head_dim)
-                for group, weight in group_masks.items():
+                for group, where in group_masks.items():
+                    weight = where.to(per_pos.dtype)
                     if site == "head":
                         est = torch.einsum("bsh,bs->bh", per_pos, weight)
                         for head in head_list:
@@ -438,8 +445,7 @@ def _describe(item: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- agreement
 def _effects(frame: pd.DataFrame) -> pd.Series:
-    if "effect" in frame.columns:
-        return frame["effect"]
+    """The change each row's patch makes to its receiving run's metric (from the `COLUMNS` every table has)."""
     receiver = frame["baseline_metric"].where(frame["direction"] == "eah_into_baseline", frame["eah_metric"])
     return frame["metric"] - receiver
 
@@ -528,7 +534,7 @@ class _FrozenNorm:
     bias: Tensor | None  # LayerNorm's bias: a part of its own
 
     def __call__(self, part: Float[Tensor, "batch ... d_model"]) -> Float[Tensor, "batch ... d_model"]:
-        part = part.float()
+        part = _wide(part)
         if self.centre:
             part = part - part.mean(-1, keepdim=True)
         shape = (part.shape[0],) + (1,) * (part.ndim - 2) + (part.shape[-1],)
@@ -538,15 +544,15 @@ class _FrozenNorm:
 def _frozen_norm(norm: nn.Module, x: Float[Tensor, "batch d_model"]) -> _FrozenNorm:
     """Freeze the final norm at the run's input ``x`` (one position per row); checked against the module."""
     with torch.no_grad():
-        want = norm(x).float()
-    xf = x.float()
+        want = _wide(norm(x))
+    xf = _wide(x)
     weight = getattr(norm, "weight", None)
-    weight = torch.ones(x.shape[-1]) if weight is None else weight.detach().float()
+    weight = torch.ones_like(xf[0]) if weight is None else _wide(weight.detach()).to(xf.device)
     candidates = []
     if isinstance(norm, nn.LayerNorm):
         centred = xf - xf.mean(-1, keepdim=True)
         inv = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + norm.eps)
-        bias = None if norm.bias is None else norm.bias.detach().float()
+        bias = None if norm.bias is None else _wide(norm.bias.detach())
         candidates.append(_FrozenNorm(inv * weight, True, bias))
     else:
         eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
@@ -590,8 +596,8 @@ def _direction(
     direction: Any, unembed: nn.Linear
 ) -> tuple[Float[Tensor, " d_model"], float, str]:
     """The read-out vector in the final norm's output space, its bias and a label."""
-    weight = unembed.weight.detach().float()
-    bias = None if unembed.bias is None else unembed.bias.detach().float()
+    weight = _wide(unembed.weight.detach())
+    bias = None if unembed.bias is None else _wide(unembed.bias.detach())
     if isinstance(direction, LogitDiff):
         direction = (direction.yes, direction.no)
     if isinstance(direction, Tensor):
@@ -600,7 +606,7 @@ def _direction(
                 f"A metric direction tensor must be [d_model] = [{weight.shape[1]}] in the unembedding's input "
                 f"space; got {tuple(direction.shape)}."
             )
-        return direction.detach().float().to(weight.device), 0.0, "direction"
+        return direction.detach().to(weight), 0.0, "direction"
     if isinstance(direction, tuple) and len(direction) == 2:
         sides = []
         for side in direction:
@@ -728,7 +734,7 @@ def _dla_condition(
     rows = torch.arange(layout.batch_size)
 
     def pick(key: tuple[str, int]) -> Tensor:  # [batch, features] at each row's position
-        return store[key][rows, at.to(store[key].device)].float()
+        return _wide(store[key][rows, at.to(store[key].device)])
 
     x = pick(("resid", n_layers - 1))
     frozen = _frozen_norm(norm, store[("resid", n_layers - 1)][rows, at.to(x.device)])
@@ -751,12 +757,12 @@ def _dla_condition(
                   ("mlp", layer, None, contribution(pick(("mlp_out", layer))))]
         o_proj = modules.decoders[layer].self_attn.o_proj
         z = pick(("head", layer)).unflatten(-1, (n_heads, head_dim))  # [batch, heads, d_head]
-        w = o_proj.weight.detach().float().unflatten(1, (n_heads, head_dim))  # [d_model, heads, d_head]
+        w = _wide(o_proj.weight.detach()).unflatten(1, (n_heads, head_dim))  # [d_model, heads, d_head]
         per_head = contribution(torch.einsum("bhd,mhd->bhm", z, w.to(z.device)))  # [batch, heads]
         parts += [("head", layer, h, per_head[:, h]) for h in range(n_heads)]
         if o_proj.bias is not None:  # o_proj's bias is part of attn_out but no head's: with the heads, it splits attn
-            parts.append(("attn_bias", layer, None, contribution(o_proj.bias.detach().float().to(x.device).expand_as(x))))
-    constant = torch.zeros(x.shape[0], device=x.device)  # the norm's and the unembedding's biases, read out
+            parts.append(("attn_bias", layer, None, contribution(_wide(o_proj.bias.detach()).to(x).expand_as(x))))
+    constant = x.new_zeros(x.shape[0])  # the norm's and the unembedding's biases, read out
     if frozen.bias is not None:
         constant += (frozen.bias.to(x.device) * vector.to(x.device)).sum()
     constant += float(offset)
@@ -765,7 +771,8 @@ def _dla_condition(
     if isinstance(direction, Tensor):
         metric = contribution(x) + constant
     else:
-        metric = (logits[rows, at.to(logits.device)].float() @ _selector(direction, logits.shape[-1]).to(logits.device))
+        at_logits = _wide(logits[rows, at.to(logits.device)])
+        metric = at_logits @ _selector(direction, logits.shape[-1]).to(at_logits)
     return parts, metric.to(x.device)
 
 
