@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -52,25 +53,27 @@ from torch import Tensor, nn
 from eah_interp import hf
 from eah_interp.config import EAHConfig
 from eah_interp.errors import ConfigError, HeadIndexError, LayerIndexError, LayoutError, UnsupportedModelError
-from eah_interp.layout import TokenLayout
+from eah_interp.layout import GROUPS, TokenLayout
 from eah_interp.patching import (
     COLUMNS,
     DIRECTIONS,
+    EXAMPLE_COLUMNS,
     POSITION_GROUPS,
     SITES,
     LogitDiff,
     Metric,
     last_positions,
-    position_masks,
+    summarise,
 )
 
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
-#: Columns of `attribution_patching`'s table: `eah_interp.patching.COLUMNS` plus ``effect`` (the change
-#: the patch makes to the receiving run's metric) and ``method``; ``example`` first with ``per_example``.
-ATTRIBUTION_COLUMNS = (*COLUMNS, "effect", "method")
+#: Columns of `attribution_patching`'s batch summary: `eah_interp.patching.COLUMNS` plus ``method``.
+ATTRIBUTION_COLUMNS = (*COLUMNS, "method")
+#: Columns of its per-example table: `eah_interp.patching.EXAMPLE_COLUMNS` plus ``method``.
+ATTRIBUTION_EXAMPLE_COLUMNS = (*EXAMPLE_COLUMNS, "method")
 #: Columns of `direct_logit_attribution`'s table (``example`` first with ``per_example``).
 DLA_COLUMNS = ("condition", "component", "layer", "head", "contribution", "metric")
 #: DLA components: ``embed`` + per layer ``attn`` and ``mlp`` sum to the metric (plus a ``bias`` row for
@@ -80,6 +83,7 @@ DLA_COMPONENTS = ("embed", "attn", "mlp", "bias", "head", "attn_bias")
 
 __all__ = [
     "ATTRIBUTION_COLUMNS",
+    "ATTRIBUTION_EXAMPLE_COLUMNS",
     "DLA_COLUMNS",
     "DLA_COMPONENTS",
     "agreement",
@@ -113,8 +117,7 @@ def _layout(model: nn.Module, inputs: Mapping[str, Tensor], layout: TokenLayout 
 def resolve_positions(
     layout: TokenLayout, positions: str | Tensor | Mapping[str, Tensor] | Sequence[str | Tensor]
 ) -> dict[str, Bool[Tensor, "batch seq"]]:
-    """Position groups by label: names (`eah_interp.patching.POSITION_GROUPS`, or any name the layout's
-    ``group_mask`` knows) and user masks.
+    """Position groups by label: names of `eah_interp.layout.GROUPS` (``TokenLayout.group_mask``) and user masks.
 
     Args:
         layout: the prompt layout.
@@ -133,7 +136,6 @@ def resolve_positions(
     if not items:
         raise ConfigError("positions is empty: pass a group name (e.g. 'all'), a Bool[batch, seq] mask or a list of them.")
     n_masks = sum(isinstance(v, Tensor) for _, v in items)
-    named = position_masks(layout)
     out: dict[str, Tensor] = {}
     for i, (label, value) in enumerate(items):
         if isinstance(value, Tensor):
@@ -145,12 +147,9 @@ def resolve_positions(
             mask = value
             label = label or ("mask" if n_masks == 1 else f"mask{i}")
         elif isinstance(value, str):
-            if value in named:
-                mask = named[value]
-            elif hasattr(layout, "group_mask"):
-                mask = layout.group_mask(value)
-            else:
-                raise ConfigError(f"Unknown position group {value!r}; choose from {POSITION_GROUPS} or pass a Bool mask.")
+            if value not in GROUPS:
+                raise ConfigError(f"Unknown position group {value!r}; choose from {GROUPS} or pass a Bool[batch, seq] mask.")
+            mask = layout.group_mask(value)
             label = label or value
         else:
             raise ConfigError(f"positions entries are group names or Bool[batch, seq] masks; got {type(value).__name__}.")
@@ -338,15 +337,16 @@ def attribution_patching(
         layers: decoder layers (default: all).
         heads: heads for ``site="head"`` (default: all).
         directions: subset of `eah_interp.patching.DIRECTIONS`.
-        per_example: one row per batch example (column ``example``; baseline / EAH metrics of that
-            example, normalised by its own difference) instead of batch means.
+        per_example: return the per-example table (`ATTRIBUTION_EXAMPLE_COLUMNS`, one row per patch and
+            batch row) instead of the batch summary.
 
     Returns:
-        A tidy frame with `ATTRIBUTION_COLUMNS`: `eah_interp.patching.COLUMNS` (``metric`` is the
-        estimated metric of the patched run; ``normalised_effect = (metric - baseline_metric) /
-        (eah_metric - baseline_metric)``) plus ``effect`` (``metric`` minus the receiving run's metric)
-        and ``method = "attribution"``. The batch-mean table is the mean of the per-example one.
-        ``frame.attrs`` holds the two runs' metrics, the interventions and the metric.
+        The tables of `eah_interp.patching.sweep`, with ``metric`` the *estimated* metric of the patched
+        run and a column ``method = "attribution"``: the batch summary (`ATTRIBUTION_COLUMNS`:
+        `eah_interp.patching.summarise` of the per-example table, so ``normalised_effect = (mean metric -
+        mean baseline) / (mean eah - mean baseline)`` with its bootstrap interval from 10 rows), or the
+        per-example table (``effect = metric - baseline_metric`` and ``normalised_effect`` per row, as
+        in patching). ``frame.attrs`` holds the two runs' mean metrics, the interventions and the metric.
     """
     import pandas as pd
 
@@ -380,17 +380,23 @@ def attribution_patching(
     device = base.metric.device
     group_masks = {label: mask.to(device) for label, mask in masks.items()}
     batch = base.metric.shape[0]
-    columns: dict[str, list] = {c: [] for c in ("example", *ATTRIBUTION_COLUMNS)}
+    columns: dict[str, list] = {c: [] for c in ATTRIBUTION_EXAMPLE_COLUMNS}
+    base_rows, eah_rows = base.metric.tolist(), edited.metric.tolist()
+    change = edited.metric - base.metric
+    flat_rows = torch.isclose(edited.metric, base.metric, rtol=1e-6, atol=1e-6)
+    scale = torch.where(flat_rows, torch.full_like(change, math.nan), change)
 
-    def add(direction: str, site: str, layer: int, head: int | None, group: str, est: Tensor) -> None:
-        receiver = base.metric if direction == "eah_into_baseline" else edited.metric
-        value = receiver + est
-        for name, v in (("example", torch.arange(batch)), ("metric", value), ("effect", est),
-                        ("baseline_metric", base.metric), ("eah_metric", edited.metric)):
-            columns[name] += v.tolist()
+    def add(direction: str, site: str, layer: int, head: int | None, group: str, estimate: Tensor) -> None:
+        value = (base.metric if direction == "eah_into_baseline" else edited.metric) + estimate
         for name, v in (("direction", direction), ("site", site), ("layer", layer), ("head", head),
                         ("positions", group), ("method", "attribution")):
             columns[name] += [v] * batch
+        columns["example"] += list(range(batch))
+        columns["metric"] += value.tolist()
+        columns["baseline_metric"] += base_rows
+        columns["eah_metric"] += eah_rows
+        columns["effect"] += (value - base.metric).tolist()
+        columns["normalised_effect"] += ((value - base.metric) / scale).tolist()
 
     for direction in directions:
         receiver, donor = (base, edited) if direction == "eah_into_baseline" else (edited, base)
@@ -402,36 +408,22 @@ def attribution_patching(
                 for group, where in group_masks.items():
                     weight = where.to(per_pos.dtype)
                     if site == "head":
-                        est = torch.einsum("bsh,bs->bh", per_pos, weight)
+                        estimate = torch.einsum("bsh,bs->bh", per_pos, weight)
                         for head in head_list:
-                            add(direction, site, layer, head, group, est[:, head])
+                            add(direction, site, layer, head, group, estimate[:, head])
                     else:
                         add(direction, site, layer, None, group, (per_pos * weight).sum(-1))
-    columns["normalised_effect"] = [math.nan] * len(columns["metric"])
-    frame = pd.DataFrame(columns)[["example", *ATTRIBUTION_COLUMNS]]
+    frame = pd.DataFrame(columns)[list(ATTRIBUTION_EXAMPLE_COLUMNS)]
     frame["head"] = frame["head"].astype("Int64")
     baseline_mean, eah_mean = float(base.metric.mean()), float(edited.metric.mean())
-    if per_example:
-        denominator = frame["eah_metric"] - frame["baseline_metric"]
-        flat = denominator.abs() <= 1e-6
-        frame["normalised_effect"] = ((frame["metric"] - frame["baseline_metric"]) / denominator).where(~flat)
-    else:
-        keys = ["direction", "site", "layer", "head", "positions"]
-        frame = (frame.groupby(keys, sort=False, dropna=False)[["metric", "effect", "baseline_metric", "eah_metric"]]
-                 .mean().reset_index())
-        flat = math.isclose(eah_mean, baseline_mean, rel_tol=1e-6, abs_tol=1e-6)
-        frame["normalised_effect"] = math.nan if flat else (frame["metric"] - baseline_mean) / (eah_mean - baseline_mean)
-        frame["method"] = "attribution"
-        frame = frame[list(ATTRIBUTION_COLUMNS)]
-        frame["head"] = frame["head"].astype("Int64")
-        if flat:
-            import warnings
-
-            warnings.warn(
-                "The interventions do not change the metric on these inputs (|eah - baseline| <= 1e-6): "
-                "normalised effects are NaN; the effect column still holds the estimates.",
-                stacklevel=2,
-            )
+    if not per_example:
+        frame = summarise(frame).assign(method="attribution")
+    if math.isclose(eah_mean, baseline_mean, rel_tol=1e-6, abs_tol=1e-6):
+        warnings.warn(
+            "The interventions do not change the metric on these inputs (|eah - baseline| <= 1e-6): normalised "
+            "effects are NaN; the metric column still holds the estimates.",
+            stacklevel=2,
+        )
     frame.attrs.update(
         baseline_metric=baseline_mean, eah_metric=eah_mean, method="attribution", metric=repr(metric),
         interventions=[_describe(item) for item in hf.as_interventions(interventions)],

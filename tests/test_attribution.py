@@ -217,7 +217,8 @@ def test_equals_a_finite_difference_along_the_patch(setup64, direction, site, la
                                heads=None if head is None else [head], positions=group, directions=(direction,),
                                per_example=True)
     assert len(got) == 2
-    assert torch.allclose(torch.tensor(got["effect"].to_numpy()), want, rtol=1e-6, atol=1e-9)
+    estimate = got["metric"] - got["baseline_metric" if direction == "eah_into_baseline" else "eah_metric"]
+    assert torch.allclose(torch.tensor(estimate.to_numpy()), want, rtol=1e-6, atol=1e-9)
     assert want.abs().max() > 1e-4  # the reference is not trivially zero
 
 
@@ -249,7 +250,8 @@ def test_table_columns_batch_means_and_per_example_rows(setup):
     assert frame["normalised_effect"].to_numpy() == pytest.approx(
         ((frame["metric"] - frame.attrs["baseline_metric"]) / denominator).to_numpy())
     layer0 = attribution_patching(model, inputs, config, metric, layers=[0])  # before the edited layer: no change
-    assert (layer0["effect"] == 0).all()
+    receiver = layer0["baseline_metric"].where(layer0.direction == "eah_into_baseline", layer0["eah_metric"])
+    assert (layer0["metric"] == receiver).all()
 
     rows = attribution_patching(model, inputs, config, metric, layers=[1, 2], per_example=True)
     assert len(rows) == 2 * len(frame) and set(rows["example"]) == {0, 1}
@@ -406,5 +408,7 @@ def test_organism_dla_adds_up_and_attribution_runs_match_plain_runs():
     metric = LogitDiff(yes=tuple(bundle.yes_ids), no=tuple(bundle.no_ids))
     attr = attribution_patching(model, x, config, metric, sites=("attn_out",), layers=[0, 1], positions=("all",))
     assert attr.attrs["eah_metric"] != pytest.approx(attr.attrs["baseline_metric"], abs=1e-3)
-    # layer 1's attention output at every position carries EAH's whole edit: estimate = its gradient x difference
-    assert (attr[attr.layer == 0]["effect"] == 0).all()
+    layer0 = attr[attr.layer == 0]  # before the edit: nothing to patch
+    receiver = layer0["baseline_metric"].where(layer0.direction == "eah_into_baseline", layer0["eah_metric"])
+    assert (layer0["metric"] == receiver).all()
+    assert (attr[attr.layer == 1]["metric"] != attr[attr.layer == 1]["baseline_metric"]).any()
