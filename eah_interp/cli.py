@@ -466,11 +466,6 @@ def evaluate(
         part = distributed.Shard.resolve(shard)
     except ConfigError as err:
         raise typer.BadParameter(str(err), param_hint="--shard") from err
-    try:
-        dims = None if sink_dims is None else tuple(int(d) for d in sink_dims.split(",") if d.strip())
-    except ValueError as err:
-        raise typer.BadParameter(f"--sink-dims takes comma-separated integers (e.g. 2533,1415); got {sink_dims!r}.",
-                                 param_hint="--sink-dims") from err
     dataset = _dataset(images=images, coco_instances=coco_instances, pope=pope, n=n, seed=seed, default_scenes=100,
                        generate_pope=generate_pope)
     console.print(f"[bold]data:[/] {dataset.describe()}")

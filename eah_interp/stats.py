@@ -361,6 +361,13 @@ class HeadStats:
             raise LayoutError(f"Layer {layer} was fed {acc['sink_count'].n.shape[0]} heads before, now {n_heads}.")
         if overlap is not None and not self.sink_dims:
             raise ConfigError("overlap statistics given to a HeadStats without sink_dims: build it with sink_dims=(...).")
+        if overlap is None and self.sink_dims:
+            raise ConfigError(
+                f"This HeadStats compares sinks with massive activations (sink_dims={list(self.sink_dims)}) but got no "
+                "overlap statistics for this batch: feed it through update / update_from_sums with hidden=..., or "
+                "hf.record_attention (the nnsight and TransformerLens recorders do not pass hidden states), or build "
+                "it without sink_dims."
+            )
         if ids is None and self._next_ids is not None:
             if layer in self._labels_used:
                 raise ConfigError(

@@ -105,6 +105,8 @@ def test_sink_dims_without_hidden_states_is_an_error():
         stats.update(0, probs, layout, hidden=torch.randn(1, 4, 8))
     with pytest.raises(ConfigError, match="without sink_dims"):
         HeadStats().update_from_stats(0, head_statistics(probs, layout), overlap={"eah_sinks": torch.zeros(1)})
+    with pytest.raises(ConfigError, match="got no overlap statistics"):
+        stats.update_from_stats(0, head_statistics(probs, layout))
 
 
 def test_label_next_is_consumed_once_per_layer(model, inputs):

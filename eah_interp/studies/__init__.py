@@ -7,6 +7,7 @@ resumes) and returns the report's path. ``eah-interp study NAME --out DIR`` runs
 * ``methods``: EAH among its peers (PAI, VAR, VAF, middle-layer boost, AD-HH, head scaling) on the organism.
 * ``explain``: why the broadcast changes the organism's answers (source head, visual evidence, where the
   change travels, controls), with a discovery and a replication split.
+* ``sinks``: the organism's heads against the sink null models, and EAH's sinks vs massive-activation sinks.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 STUDIES: dict[str, str] = {
     "methods": "eah_interp.studies.methods",
     "explain": "eah_interp.studies.explain",
+    "sinks": "eah_interp.studies.sinks",
 }
 
 
