@@ -6,7 +6,7 @@ layer by layer, that an object is in the picture, with and without an interventi
 * `residual_stream`: the residual stream after each decoder layer (forward hooks on the decoder
   layers, under any list of interventions; `hf.intervene` applies them).
 * `decode`: residuals → logits with the model's own final norm and LM head (``lm_head(norm(h))``,
-  final-logit soft-capping applied where the config sets it). Decoding the last layer gives exactly
+  final-logit soft-capping applied where the model's own forward applies it). Decoding the last layer gives exactly
   the model's logits.
 * `object_vocabulary`: each object word → the token ids that stand for it.
 * `image_token_lens`: per layer and image token, every object word's logit, log-probability and its
@@ -222,7 +222,14 @@ def residual_stream(
 
     blocks = decoder_layers(model)
     chosen = _layers(layers, len(blocks))
-    layout = adapter_for(model).layout(model, inputs["input_ids"], inputs.get("attention_mask"), require_images=False)
+    adapter = adapter_for(model)
+    if adapter.visual_token_ids(model):
+        layout = adapter.layout(model, inputs["input_ids"], inputs.get("attention_mask"), require_images=False)
+    else:  # a text-only causal LM: no image positions
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        layout = TokenLayout(torch.zeros_like(real), real)
     seen: dict[int, Tensor] = {}
 
     def keep(layer: int) -> Callable:
@@ -246,12 +253,18 @@ def residual_stream(
 
 
 def unembedding(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
-    """The model's final norm, LM head and final-logit soft-cap (None when the config has none)."""
+    """The model's final norm, LM head and final-logit soft-cap (None when the model's forward applies none)."""
     from eah_interp.models.adapters import adapter_for
     from eah_interp.models.introspect import text_config
 
     adapter = adapter_for(model)
-    decoder, head = adapter.decoder(model), adapter.head(model)
+    try:
+        decoder, head = adapter.decoder(model), adapter.head(model)
+    except UnsupportedModelError:  # a text-only causal LM: transformers' public accessors
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if decoder is None or head is None:
+            raise
     norm = getattr(decoder, "norm", None)
     if norm is None:
         norm = getattr(decoder, "final_layernorm", None)
@@ -260,7 +273,9 @@ def unembedding(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
             f"{type(decoder).__name__} has no final norm at .norm or .final_layernorm; the logit lens decodes "
             "residuals through it. Register an adapter whose language_model path leads to a decoder with .norm."
         )
-    cap = getattr(text_config(model), "final_logit_softcapping", None)
+    # the cap as the model's own forward applies it: a causal LM (Gemma 2 / 3 ForCausalLM) reads its config's
+    # final_logit_softcapping; transformers' LVLM classes (Gemma3ForConditionalGeneration) do not apply it
+    cap = getattr(model.config, "final_logit_softcapping", None) if model.config is text_config(model) else None
     return norm, head, (float(cap) if cap else None)
 
 

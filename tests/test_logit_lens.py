@@ -199,3 +199,39 @@ def test_plots_run(model, inputs):
     conf = L.object_confidence(model, inputs, VOCAB, {"baseline": None, "eah": [EAH(layers=(1,), threshold=0.01)]})
     fig = L.plot_confidence(conf, "alpha")
     assert len(fig.axes[0].get_lines()) == 4  # 2 conditions x 2 groups
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "instructblip", "paligemma", "gemma3", "idefics3"])
+def test_decoding_the_last_layer_gives_the_logits_in_every_family(family):
+    """The adapter's decoder norm and LM head are the model's own: the last layer's lens = the model's logits."""
+    from eah_interp.models.tiny import tiny_family
+
+    model, inputs = tiny_family(family)
+    res, layers, _ = L.residual_stream(model, inputs, layers=[-1])
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert layers == [model.config.get_text_config().num_hidden_layers - 1]
+    torch.testing.assert_close(L.decode(model, res[0]), logits.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_final_logit_softcapping_is_applied_like_the_model():
+    """A Gemma 3 causal LM soft-caps its logits (cap * tanh(logits / cap)); the LVLM class does not (transformers 5)."""
+    from transformers import Gemma3ForCausalLM
+
+    from eah_interp.models.tiny import tiny_family
+
+    model, inputs = tiny_family("gemma3")
+    text = model.config.get_text_config()
+    text.final_logit_softcapping = 0.05  # small, so that a cap would bite
+    res, _, _ = L.residual_stream(model, inputs, layers=[-1])
+    with torch.no_grad():
+        logits = model(**inputs).logits.float()
+    torch.testing.assert_close(L.decode(model, res[0]), logits, rtol=1e-5, atol=1e-6)
+
+    lm = Gemma3ForCausalLM(text).eval()
+    ids = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    res, _, _ = L.residual_stream(lm, ids, layers=[-1])
+    with torch.no_grad():
+        capped = lm(**ids).logits.float()
+    assert capped.abs().max() <= 0.05
+    torch.testing.assert_close(L.decode(lm, res[0]), capped, rtol=1e-5, atol=1e-6)
