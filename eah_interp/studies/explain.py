@@ -159,7 +159,7 @@ def image_mass(probs: Float[Tensor, "batch heads q k"], layout: TokenLayout, row
 class Plan:
     """How big a run is (the ``quick`` plan is a smoke test, not the documented numbers)."""
 
-    n_scenes: int = 12
+    n_scenes: int = 24
     batch_size: int = 8
     patch_prompts: int = 4
     resid_layers: tuple[int, ...] = (2, 4, 8, 16)
@@ -305,7 +305,10 @@ def section_source_head(bundle: Any, plan: Plan, out: Path, progress: bool = Tru
 
     path = out / "q1_source_head.json"
     if _done(path):
-        return json.loads(path.read_text())
+        result = json.loads(path.read_text())
+        if not (out / "q1_density_vs_threshold.png").exists():
+            _plot_source_head(result, out / "q1_density_vs_threshold.png")
+        return result
     result: dict[str, Any] = {"thresholds": list(THRESHOLDS), "normalisers": list(NORMALISE_CHOICES), "splits": {},
                               "model_threshold": bundle.threshold}
     for split in SPLITS:
@@ -706,8 +709,11 @@ def section_attribution(bundle: Any, plan: Plan, out: Path, patch_rows: list[dic
     inputs = encode(bundle, exs)
     metric = LogitDiff(yes=tuple(bundle.yes_ids), no=tuple(bundle.no_ids))
     started = time.perf_counter()
-    table = attribution_patching(bundle.model, inputs, EAHConfig.paper(threshold=bundle.threshold), metric,
-                                 positions=ATTRIBUTION_GROUPS, per_example=True)
+    try:
+        table = attribution_patching(bundle.model, inputs, EAHConfig.paper(threshold=bundle.threshold), metric,
+                                     positions=ATTRIBUTION_GROUPS, per_example=True)
+    except Exception as err:  # the tool's failure is reported (and retried on the next run), never hidden
+        return {"error": f"{type(err).__name__}: {err}"}
     seconds = time.perf_counter() - started
     table.to_csv(out / "q3_attribution.csv", index=False)
     activation = pd.DataFrame([
@@ -770,7 +776,10 @@ def section_dla(bundle: Any, plan: Plan, out: Path, progress: bool = True) -> di
 
     path = out / "q3_dla.json"
     if _done(path):
-        return json.loads(path.read_text())
+        result = json.loads(path.read_text())
+        if not (out / "q3_dla.png").exists():
+            _plot_dla(result, out / "q3_dla.png")
+        return result
     result: dict[str, Any] = {}
     for split in SPLITS:
         csv = out / f"q3_dla_{split}.csv"
@@ -823,7 +832,8 @@ def _plot_dla(result: dict[str, Any], path: Path) -> None:
         for row, label in enumerate((False, True)):
             ax = axes[row, col]
             for offset, component in ((-0.2, "attn"), (0.2, "mlp")):
-                sub = [e for e in result[split]["parts"] if e["label"] == label and e["component"] == component]
+                sub = [e for e in result[split]["parts"]
+                       if e["label"] == label and e["component"] == component and e["layer"] is not None]
                 ax.bar([e["layer"] + offset for e in sub], [e["change"] for e in sub], width=0.4, label=component,
                        edgecolor=["k" if e["significant"] else "none" for e in sub])
             ax.axhline(0, color="grey", lw=0.8)
@@ -907,7 +917,11 @@ def write_report(out: Path, plan: Plan, q1: dict[str, Any], rows: list[dict[str,
             lines.append(f"| {r.site} | {r.layer} | {r.positions} | {r.direction} | {r.effect_mean:.2f} | "
                          f"{r.effect_median:.2f} | {r.share_above_half:.2f} |")
         lines += ["", "![patching](q3_patching_resid.png)", ""]
-    if attribution is not None:
+    if attribution is not None and "error" in attribution:
+        lines += ["### Attribution patching", "",
+                  f"**Failed** in this version of the library: `{attribution['error']}` (rerun the command after a fix: "
+                  "the section is retried).", ""]
+    elif attribution is not None:
         agree = attribution["agreement"] or {}
         lines += ["### Attribution patching", "",
                   f"Every layer's `attn_out` / `mlp_out` / `resid` and every head at {', '.join(ATTRIBUTION_GROUPS)}, "
