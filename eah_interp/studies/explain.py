@@ -703,7 +703,7 @@ def section_attribution(bundle: Any, plan: Plan, out: Path, patch_rows: list[dic
     from eah_interp.patching import LogitDiff
 
     path = out / "q3_attribution.json"
-    if _done(path):
+    if _done(path) and (out / "q3_attribution.csv").exists():
         return json.loads(path.read_text())
     exs = [e for e in examples("discovery", plan.n_scenes) if not e.label][: plan.patch_prompts]
     inputs = encode(bundle, exs)
@@ -724,14 +724,28 @@ def section_attribution(bundle: Any, plan: Plan, out: Path, patch_rows: list[dic
     if not activation.empty:
         activation["head"] = activation["head"].astype("Int64")
     agree = agreement(table, activation) if not activation.empty else None
-    means = table.groupby(["direction", "site", "layer", "head", "positions"], dropna=False)["normalised_effect"].median()
-    top = means.reset_index().dropna(subset=["normalised_effect"])
-    top = top.reindex(top["normalised_effect"].abs().sort_values(ascending=False).index).head(15)
-    result = {"ids": [e.id for e in exs], "seconds": seconds, "agreement": agree,
-              "top_by_median_effect": top.astype({"head": "object"}).where(top.notna(), None).to_dict("records")}
+    result = {"ids": [e.id for e in exs], "seconds": seconds, "agreement": agree}
     _write_json(path, result)
     _plot_attribution(table, out / "q3_attribution.png")
     return result
+
+
+def attribution_top(table, n: int = 8):
+    """The sites and heads that move the most of EAH's change in each direction, from a per-example attribution table.
+
+    ``moved`` is the share of EAH's change to the metric a patch makes (``eah_into_baseline``: the normalised
+    effect; ``baseline_into_eah``: one minus it, the share that restoring the site undoes), median over examples.
+    """
+    table = table.copy()
+    table["moved"] = table["normalised_effect"].where(table["direction"] == "eah_into_baseline",
+                                                      1 - table["normalised_effect"])
+    keys = ["direction", "site", "layer", "head", "positions"]
+    med = table.groupby(keys, dropna=False)["moved"].median().reset_index().dropna(subset=["moved"])
+    parts = [sub.reindex(sub["moved"].abs().sort_values(ascending=False).index).head(n)
+             for _, sub in med.groupby("direction", sort=False)]
+    import pandas as pd
+
+    return pd.concat(parts)
 
 
 def _plot_attribution(table, path: Path) -> None:
@@ -930,11 +944,15 @@ def write_report(out: Path, plan: Plan, q1: dict[str, Any], rows: list[dict[str,
                   f"Spearman {agree.get('spearman', float('nan')):.2f}, sign agreement "
                   f"{agree.get('sign_agreement', float('nan')):.2f} over {agree.get('n', 0)} rows "
                   f"({agree.get('n_trivial', 0)} trivial rows left out).", "",
-                  "Largest estimated effects (median normalised effect over examples):", "",
-                  "| direction | site | layer | head | positions | median effect |", "| --- | --- | --- | --- | --- | --- |"]
-        for r in attribution["top_by_median_effect"]:
-            lines.append(f"| {r['direction']} | {r['site']} | {r['layer']} | {'' if r['head'] is None else r['head']} | "
-                         f"{r['positions']} | {r['normalised_effect']:.2f} |")
+                  "Largest estimated shares of EAH's change moved by one site (median over examples; "
+                  "`eah_into_baseline`: the normalised effect; `baseline_into_eah`: one minus it, the share restoring "
+                  "the site undoes):", "",
+                  "| direction | site | layer | head | positions | share moved |", "| --- | --- | --- | --- | --- | --- |"]
+        import pandas as pd
+
+        for _, r in attribution_top(pd.read_csv(out / "q3_attribution.csv")).iterrows():
+            head = "" if pd.isna(r["head"]) else int(r["head"])
+            lines.append(f"| {r['direction']} | {r['site']} | {r['layer']} | {head} | {r['positions']} | {r['moved']:.2f} |")
         lines += ["", "![attribution](q3_attribution.png)", ""]
     if dla is not None:
         lines += ["### Direct logit attribution (yes-minus-no logit difference, baseline vs EAH)", ""]
@@ -1008,7 +1026,7 @@ def main(out: Path, *, quick: bool = False, bundle: Any = None, progress: bool =
 
 
 def _missing_tools() -> dict[str, str]:
-    """Sections whose tool this version of the library lacks, with the reason (said in the report, never faked)."""
+    """Sections this study does not run, with the reason (said in the report, never faked)."""
     import importlib.util
 
     missing = {}
@@ -1016,6 +1034,12 @@ def _missing_tools() -> dict[str, str]:
                             ("Q3 attribution patching / direct logit attribution", "eah_interp.attribution")):
         if importlib.util.find_spec(module) is None:
             missing[section] = f"`{module}` does not exist in this version of the library"
+        elif module != "eah_interp.attribution":
+            missing[section] = (
+                f"the tool exists (`{module}`) but this study does not run it: a presence probe needs a few hundred "
+                "training scenes per condition, beyond this study's CPU budget; docs/howto/explain.md shows the "
+                "tool on the organism"
+            )
     return missing
 
 
