@@ -813,21 +813,28 @@ def section_dla(bundle: Any, plan: Plan, out: Path, progress: bool = True) -> di
                 parts.append(frame_.drop(columns=["example"]))
             table = pd.concat(parts)
             table.to_csv(csv, index=False)
-        wide = table.pivot_table(index=["id", "label", "component", "layer"], columns="condition", values="contribution",
-                                 dropna=False).reset_index()
+        table = table.assign(layer=table["layer"].fillna(-1).astype(int))  # the embedding: layer -1
+        wide = table.pivot_table(index=["id", "label", "component", "layer"], columns="condition",
+                                 values="contribution").reset_index()
         wide["change"] = wide["eah_paper"] - wide["baseline"]
         entries = []
         for (label, component, layer), group in wide.groupby(["label", "component", "layer"], dropna=False):
             entries.append({"label": bool(label), "component": component,
-                            "layer": None if pd.isna(layer) else int(layer), "n": len(group),
+                            "layer": None if layer < 0 else int(layer), "n": len(group),
                             "baseline": float(group["baseline"].mean()), "change": float(group["change"].mean()),
                             "p": sign_flip_p_value(group["change"].to_numpy())})
         for entry, adjusted in zip(entries, holm([e["p"] for e in entries]), strict=True):
             entry["p_holm"] = adjusted
             entry["significant"] = bool(adjusted <= ALPHA)
+        blocks = {}
+        for label, group in wide.groupby("label"):
+            for component in ("attn", "mlp"):
+                for lo in (0, 10, 20):
+                    sub = group[(group.component == component) & group.layer.between(lo, lo + 9)]
+                    blocks[f"{bool(label)}/{component}/{lo}-{lo + 9}"] = float(sub.groupby("id")["change"].sum().mean())
         metric = table.drop_duplicates(["id", "condition"]).pivot_table(index=["id", "label"], columns="condition",
                                                                          values="metric").reset_index()
-        result[split] = {"parts": entries, "metric": {
+        result[split] = {"parts": entries, "blocks": blocks, "metric": {
             str(lab): {"baseline": float(g["baseline"].mean()), "eah_paper": float(g["eah_paper"].mean()), "n": len(g)}
             for lab, g in metric.groupby("label")}}
     _write_json(path, result)
@@ -960,6 +967,9 @@ def write_report(out: Path, plan: Plan, q1: dict[str, Any], rows: list[dict[str,
             m = d["metric"]
             lines.append(f"* {split}: logit difference absent objects {m['False']['baseline']:+.2f} -> "
                          f"{m['False']['eah_paper']:+.2f}, present {m['True']['baseline']:+.2f} -> {m['True']['eah_paper']:+.2f}")
+            lines.append("  * change summed over blocks of 10 layers: " + "; ".join(
+                f"{'present' if key.startswith('True') else 'absent'} {key.split('/', 1)[1]} {value:+.2f}"
+                for key, value in d.get("blocks", {}).items()))
             for label in (False, True):
                 parts = sorted((e for e in d["parts"] if e["label"] == label), key=lambda e: -abs(e["change"]))[:5]
                 lines.append(f"  * {'present' if label else 'absent'}: largest changes: " + "; ".join(
