@@ -165,7 +165,8 @@ def test_quick_study_writes_every_section_and_resumes(organism, tmp_path, monkey
     for heading in ("## Q1", "## Q2", "## Q3", "## Q4", "### discovery", "### replication"):
         assert heading in text
     for name in ("q1_source_head.json", "q2_image_mass.json", "q4_tests.json", "q1_density_vs_threshold.png",
-                 "q2_image_mass_by_layer.png", "q3_patching_resid.png", "q4_controls.png"):
+                 "q2_image_mass_by_layer.png", "q3_patching_resid.png", "q4_controls.png", "q2_probe.json",
+                 "q2_probe.png", "q3_attribution.json", "q3_attribution.png", "q3_dla.json", "q3_dla.png"):
         assert (out / name).exists(), name
     rows = [json.loads(line) for line in (out / "arms.jsonl").read_text().splitlines()]
     plan = explain.Plan.quick()

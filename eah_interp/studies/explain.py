@@ -585,6 +585,91 @@ def section_tests(rows: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]
     return tests
 
 
+#: Position groups the presence probe reads (`section_probe`).
+PROBE_GROUPS = ("question", "last")
+#: Layers the report's probe table shows (the figure has all).
+PROBE_REPORT_LAYERS = (0, 1, 2, 4, 8, 12, 16, 20, 24, 29)
+
+
+def section_probe(bundle: Any, plan: Plan, out: Path, progress: bool = True) -> dict[str, Any] | None:
+    """Q2b: is the asked object's presence linearly readable at the question / last positions, baseline vs EAH?
+
+    Residuals after every layer, averaged over the question tokens and at the last token
+    (`eah_interp.probing.collect_residuals`), for the baseline and the EAH run of every example. One logistic
+    probe per layer is fitted on the **discovery** examples (label: the asked object is in the picture) and
+    tested on the **replication** examples (`eah_interp.probing.compare_probes`): ``baseline`` (trained and
+    tested on baseline residuals), ``eah_paper:transfer`` (the baseline probe on EAH residuals: is the evidence
+    still where it was?) and ``eah_paper:retrained`` (trained and tested on EAH residuals: is it still linearly
+    there?); paired bootstrap over test examples, Holm over layers x arms x metrics. None without
+    ``eah_interp.probing``.
+    """
+    try:
+        from eah_interp.probing import collect_residuals, compare_probes
+    except ImportError:
+        return None
+    import pandas as pd
+
+    path = out / "q2_probe.json"
+    if _done(path) and (out / "q2_probe.csv").exists():
+        return json.loads(path.read_text())
+    exs = examples("discovery", plan.n_scenes) + examples("replication", plan.n_scenes)
+    conditions = {"baseline": None, "eah_paper": [EAHConfig.paper(threshold=bundle.threshold)]}
+    feats: dict[str, dict[str, list[Tensor]]] = {c: {g: [] for g in PROBE_GROUPS} for c in conditions}
+    for batch in tqdm(_batches(exs, plan.batch_size), desc="Q2 probe residuals", disable=not progress, leave=False):
+        inputs = encode(bundle, batch)
+        for condition, items in conditions.items():
+            with torch.no_grad():
+                got = collect_residuals(bundle.model, inputs, positions=list(PROBE_GROUPS), interventions=items)
+            for group in PROBE_GROUPS:
+                feats[condition][group].append(got[group])
+    labels = torch.tensor([e.label for e in exs])[:, None]
+    n_train = sum(e.split == "discovery" for e in exs)
+    tables = []
+    for group in PROBE_GROUPS:
+        table = compare_probes({c: torch.cat(f[group]) for c, f in feats.items()}, labels, range(n_train),
+                               range(n_train, len(exs)), n_boot=5000)
+        tables.append(table.assign(positions=group))
+    table = pd.concat(tables)
+    table.to_csv(out / "q2_probe.csv", index=False)
+    summary: dict[str, Any] = {"n_train": n_train, "n_test": len(exs) - n_train, "groups": {}}
+    for group, sub in table.groupby("positions", sort=False):
+        transfer = sub[sub.arm == "eah_paper:transfer"]
+        retrained = sub[sub.arm == "eah_paper:retrained"]
+        summary["groups"][group] = {
+            "layers_transfer_auroc_lower": int(((transfer.d_auroc < 0) & (transfer.p_auroc_holm <= ALPHA)).sum()),
+            "layers_retrained_auroc_lower": int(((retrained.d_auroc < 0) & (retrained.p_auroc_holm <= ALPHA)).sum()),
+            "auroc": {arm: dict(zip(g.layer.astype(int).tolist(), g.auroc.round(4).tolist(), strict=True))
+                      for arm, g in sub.groupby("arm", sort=False)},
+        }
+    _write_json(path, summary)
+    _plot_probe(table, out / "q2_probe.png")
+    return summary
+
+
+def _plot_probe(table, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys(table.positions))
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 3.6), sharey=True, squeeze=False)
+    for ax, group in zip(axes[0], groups, strict=True):
+        sub = table[table.positions == group]
+        for arm, g in sub.groupby("arm", sort=False):
+            ax.plot(g.layer, g.auroc, marker=".", label=arm)
+            ax.fill_between(g.layer, g.auroc_low, g.auroc_high, alpha=0.15)
+        ax.axhline(0.5, color="grey", lw=0.8)
+        ax.set_title(f"presence of the asked object, read at '{group}'\n(trained on discovery, tested on replication)",
+                     fontsize=9)
+        ax.set_xlabel("layer")
+    axes[0, 0].set_ylabel("AUROC")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------------------- Q3: where the change travels
 def section_patching(bundle: Any, plan: Plan, out: Path, progress: bool = True) -> list[dict[str, Any]]:
     """Q3: activation patching between the baseline and the EAH run, per example, on absent-object prompts.
@@ -878,7 +963,8 @@ def _fmt_test(e: dict[str, Any]) -> str:
 
 def write_report(out: Path, plan: Plan, q1: dict[str, Any], rows: list[dict[str, Any]], evidence: dict[str, Any],
                  tests: list[dict[str, Any]], patch_rows: list[dict[str, Any]], missing: dict[str, str],
-                 attribution: dict[str, Any] | None = None, dla: dict[str, Any] | None = None) -> Path:
+                 attribution: dict[str, Any] | None = None, dla: dict[str, Any] | None = None,
+                 probe: dict[str, Any] | None = None) -> Path:
     """``report.md`` from the sections' results (every number in it comes from the JSON files beside it)."""
     table = frame(rows)
     lines = ["# Why the broadcast changes the organism's answers", "",
@@ -922,6 +1008,22 @@ def write_report(out: Path, plan: Plan, q1: dict[str, Any], rows: list[dict[str,
         for arm, v in by_arm.items():
             lines.append(f"| {split} | {arm} | {np.nanmean(v['question_mass'][2:]):.3f} | {np.nanmean(v['last_mass'][2:]):.3f} |")
     lines += ["", "![image mass by layer](q2_image_mass_by_layer.png)", ""]
+    if probe is not None:
+        lines += ["### Linear probe: is the asked object's presence readable at the question / last positions?", "",
+                  f"Logistic probe per layer, trained on the {probe['n_train']} discovery questions, tested on the "
+                  f"{probe['n_test']} replication questions (AUROC; `transfer`: the baseline probe on EAH residuals; "
+                  "`retrained`: trained and tested on EAH residuals). Holm over layers x arms x metrics.", "",
+                  "| positions | arm | " + " | ".join(f"L{layer}" for layer in PROBE_REPORT_LAYERS) + " |",
+                  "| --- " * (2 + len(PROBE_REPORT_LAYERS)) + "|"]
+        for group, g in probe["groups"].items():
+            for arm, by_layer in g["auroc"].items():
+                lines.append(f"| {group} | {arm} | " + " | ".join(
+                    f"{by_layer.get(str(layer), by_layer.get(layer, float('nan'))):.2f}" for layer in PROBE_REPORT_LAYERS) + " |")
+        lines.append("")
+        for group, g in probe["groups"].items():
+            lines.append(f"* `{group}`: layers (of 30) whose AUROC is Holm-significantly below the baseline probe's: "
+                         f"transfer {g['layers_transfer_auroc_lower']}, retrained {g['layers_retrained_auroc_lower']}.")
+        lines += ["", "![probe](q2_probe.png)", ""]
     for name, why in missing.items():
         if name.startswith("Q2"):
             lines += [f"* {name}: not run: {why}", ""]
@@ -1027,12 +1129,13 @@ def main(out: Path, *, quick: bool = False, bundle: Any = None, progress: bool =
     rows = section_arms(bundle, plan, out, progress)
     evidence = section_evidence(rows, out)
     tests = section_tests(rows, out)
+    probe = section_probe(bundle, plan, out, progress)
     patch_rows = section_patching(bundle, plan, out, progress)
     _plot_patching(patching_table(patch_rows), out)
     attribution = section_attribution(bundle, plan, out, patch_rows)
     dla = section_dla(bundle, plan, out, progress)
     missing = _missing_tools()
-    return write_report(out, plan, q1, rows, evidence, tests, patch_rows, missing, attribution, dla)
+    return write_report(out, plan, q1, rows, evidence, tests, patch_rows, missing, attribution, dla, probe)
 
 
 def _missing_tools() -> dict[str, str]:
@@ -1044,11 +1147,11 @@ def _missing_tools() -> dict[str, str]:
                             ("Q3 attribution patching / direct logit attribution", "eah_interp.attribution")):
         if importlib.util.find_spec(module) is None:
             missing[section] = f"`{module}` does not exist in this version of the library"
-        elif module != "eah_interp.attribution":
+        elif module == "eah_interp.logit_lens":
             missing[section] = (
-                f"the tool exists (`{module}`) but this study does not run it: a presence probe needs a few hundred "
-                "training scenes per condition, beyond this study's CPU budget; docs/howto/explain.md shows the "
-                "tool on the organism"
+                "the tool exists (`eah_interp.logit_lens`) but this study does not run it (on these yes/no prompts the "
+                "question itself names the object, so a lens at the question positions reads the text, not the "
+                "picture); docs/howto/explain.md shows it on the image tokens"
             )
     return missing
 
