@@ -8,20 +8,25 @@ organism with the library's tools, on a **discovery** split of held-out scenes a
   attention on the previous token, on itself and on the first real token; sink density as a function of the
   threshold under each normaliser, next to the density a uniform and a previous-token pattern get on the same
   layout (null models);
-* **Q2 what the broadcast does to the question tokens' visual evidence** (`section_arms`, `section_evidence`):
-  per layer, the attention mass of the question rows and of the last row on the image, baseline vs EAH vs the
-  controls, per example;
-* **Q3 where the change travels** (`section_patching`): activation patching (nnsight, `eah_interp.patching`)
-  of layer sites x position groups between the baseline and the EAH run, on a batch of prompts, per example;
-* **Q4 the controls** (`section_arms`, `section_tests`): random head, fewest-sink head, deep layer, a synthetic
-  previous-token map broadcast (`SyntheticMap`: does a pure previous-token map reproduce EAH's effect? and a uniform map:
-  does any homogenisation of the heads?) and
-  a question->image attention knockout in a window of layers (a positive control); paired differences per
-  example, sign-flip p-values, Holm over arms x metrics within each split.
+* **Q2 what the broadcast does to the question tokens' visual evidence** (`section_arms`, `section_evidence`,
+  `section_probe`): per layer, the attention mass of the question rows and of the last row on the image, every
+  arm, per example; a linear presence probe (`eah_interp.probing`) on the question / last residuals, trained on
+  discovery and tested on replication, baseline vs EAH;
+* **Q3 where the change travels** (`section_patching`, `section_attribution`, `section_dla`): activation
+  patching (nnsight, `eah_interp.patching`) of the residual stream x position groups between the baseline and
+  the EAH run, per example; attribution patching of every site and head (`eah_interp.attribution`) with its
+  agreement with the activation-patching rows; direct logit attribution of the yes-minus-no logit difference,
+  baseline vs EAH, per example, both splits;
+* **Q4 the controls** (`section_arms`, `section_tests`): random head, fewest-sink head, deep layer, synthetic
+  maps broadcast at layer 1 (`SyntheticMap`: does a pure previous-token map reproduce EAH's effect? does a
+  uniform map, i.e. any homogenisation of the heads?) and a question+last -> image attention knockout in an
+  early and a late window of layers (a positive control); paired differences per example, sign-flip p-values,
+  Holm over arms x metrics within each split, replication = Holm-significant in both splits with one sign.
 
 Each section writes its JSON (and figures) into ``out`` when it is done; a rerun skips finished sections and
 resumes the per-example files (``arms.jsonl``, ``patching.jsonl``) where they stopped. A section whose tool does
-not exist in this version of the library says so in ``report.md``; it is never faked.
+not exist in this version of the library (or that this study does not run) says so in ``report.md``; it is
+never faked.
 """
 
 from __future__ import annotations
