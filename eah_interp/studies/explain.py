@@ -166,9 +166,9 @@ class Plan:
 
     n_scenes: int = 24
     batch_size: int = 8
-    patch_prompts: int = 4
+    patch_prompts: int = 8
     resid_layers: tuple[int, ...] = (2, 4, 8, 16)
-    block_layers: tuple[int, ...] = ()
+    block_layers: tuple[int, ...] = (1,)
     knockout_early: tuple[int, ...] = tuple(range(1, 11))
     knockout_late: tuple[int, ...] = tuple(range(11, 30))
     deep_layer: int = 27
