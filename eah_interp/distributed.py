@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from eah_interp.errors import ConfigError
+from eah_interp.resumable import read_items, recover_items  # noqa: F401 - public here too (shards, items files)
 from eah_interp.stats import HeadStats, _atomic_write
 
 #: The whole scan's checkpoint in its output folder (1 process, or the merge of all shards).
@@ -457,59 +458,6 @@ def item_key(item: dict[str, Any], fields: Sequence[str] = ITEM_KEY) -> tuple:
 def _sortable(key: tuple) -> tuple:
     # numbers before strings, each in its natural order: a deterministic total order over mixed keys
     return tuple((0, v, "") if isinstance(v, int | float) and not isinstance(v, bool) else (1, 0, json.dumps(v)) for v in key)
-
-
-def read_items(path: str | Path) -> tuple[list[dict[str, Any]], bool]:
-    """The items of a JSONL file, and whether its last line was cut off (a process killed mid-write).
-
-    A cut-off final line (no newline at the end, not valid JSON) is the trace of an append that was
-    interrupted: that item was never finished, so it is dropped (and reported). Any other bad line is
-    an error.
-
-    Raises:
-        ConfigError: a line other than an unfinished last one is not a JSON object.
-    """
-    text = Path(path).read_text()
-    lines = text.split("\n")
-    items: list[dict[str, Any]] = []
-    cut = False
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            if number == len(lines) and not text.endswith("\n"):
-                cut = True
-                continue
-            raise ConfigError(f"{path}, line {number}, is not JSON ({err}): fix or remove that line.") from err
-        if not isinstance(item, dict):
-            raise ConfigError(f"{path}, line {number}, is not a JSON object.")
-        items.append(item)
-    return items, cut
-
-
-def recover_items(path: str | Path) -> list[dict[str, Any]]:
-    """The items of a JSONL file a killed process was appending to, with its cut-off last line removed.
-
-    Call it before appending to the file again on resume: a line cut off by a kill (no newline at the
-    end) would otherwise run into the next appended line and corrupt both. The file is truncated to
-    its last complete line (in place: what remains is unchanged).
-
-    Returns:
-        The complete items (``[]`` if the file does not exist).
-
-    Raises:
-        ConfigError: a line other than an unfinished last one is not a JSON object (see `read_items`).
-    """
-    path = Path(path)
-    if not path.exists():
-        return []
-    items, cut = read_items(path)
-    if cut:
-        data = path.read_bytes()
-        os.truncate(path, data.rfind(b"\n") + 1)
-    return items
 
 
 def merge_items(paths: Sequence[str | Path], out: str | Path, *, key: Sequence[str] = ITEM_KEY) -> Path:

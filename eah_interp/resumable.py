@@ -11,7 +11,7 @@ File format (UTF-8 JSON lines):
   file, then ``os.replace``) before any record;
 * then one JSON object per finished unit, appended with a single ``write`` and ``fsync``. A line cut off
   by a kill (no final newline, not JSON) is the unit that was in flight: it is dropped on resume and
-  the file truncated to its last complete line (`eah_interp.distributed.recover_items`).
+  the file truncated to its last complete line (`recover_items`).
 
 Example:
     >>> log = ResumableLog(path, kind="patching sweep", arguments={"layers": [0, 1]})
@@ -72,8 +72,6 @@ class ResumableLog:
             ConfigError: the file is not a log of this kind, or was written with other arguments
                 (the message lists which).
         """
-        from eah_interp.distributed import recover_items
-
         if not self.path.exists():
             return None, []
         lines = recover_items(self.path)
@@ -108,3 +106,56 @@ class ResumableLog:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
+
+
+def read_items(path: str | Path) -> tuple[list[dict[str, Any]], bool]:
+    """The items of a JSONL file, and whether its last line was cut off (a process killed mid-write).
+
+    A cut-off final line (no newline at the end, not valid JSON) is the trace of an append that was
+    interrupted: that item was never finished, so it is dropped (and reported). Any other bad line is
+    an error.
+
+    Raises:
+        ConfigError: a line other than an unfinished last one is not a JSON object.
+    """
+    text = Path(path).read_text()
+    lines = text.split("\n")
+    items: list[dict[str, Any]] = []
+    cut = False
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines) and not text.endswith("\n"):
+                cut = True
+                continue
+            raise ConfigError(f"{path}, line {number}, is not JSON ({err}): fix or remove that line.") from err
+        if not isinstance(item, dict):
+            raise ConfigError(f"{path}, line {number}, is not a JSON object.")
+        items.append(item)
+    return items, cut
+
+
+def recover_items(path: str | Path) -> list[dict[str, Any]]:
+    """The items of a JSONL file a killed process was appending to, with its cut-off last line removed.
+
+    Call it before appending to the file again on resume: a line cut off by a kill (no newline at the
+    end) would otherwise run into the next appended line and corrupt both. The file is truncated to
+    its last complete line (in place: what remains is unchanged).
+
+    Returns:
+        The complete items (``[]`` if the file does not exist).
+
+    Raises:
+        ConfigError: a line other than an unfinished last one is not a JSON object (see `read_items`).
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    items, cut = read_items(path)
+    if cut:
+        data = path.read_bytes()
+        os.truncate(path, data.rfind(b"\n") + 1)
+    return items
