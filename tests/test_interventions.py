@@ -3,8 +3,9 @@
 The reference is a test-only attention function registered with transformers (it shares no code with
 eah_interp): it receives the layer's query/key/value after rotary embedding, builds the causal +
 padding mask itself, and applies each method's edit with Python loops over (row, head, query, key),
-written from the method's description (docs/methods.md), at the method's edit point. Every method is
-checked on a tiny LLaVA (Llama decoder, GQA 4 heads / 2 KV heads) and a tiny Qwen2-VL (M-RoPE, GQA),
+written from the method's description (docs/methods.md), at the method's edit point. Residual-stream
+edits are checked against plain forward hooks on the decoder layers that edit the hidden states by
+hand (`reference_model`). Every method is checked on a tiny LLaVA (Llama decoder, GQA 4 heads / 2 KV heads) and a tiny Qwen2-VL (M-RoPE, GQA),
 on a prompt forward and on decode steps (``generate`` logits step by step).
 """
 
@@ -29,7 +30,9 @@ from eah_interp.interventions import (
     Intervention,
     Knockout,
     MiddleLayerBoost,
+    ResidualEdit,
     Site,
+    ValueEdit,
     scaled_range,
 )
 from eah_interp.models.tiny import TINY_IMAGE_ID, tiny_qwen2_vl
@@ -60,6 +63,7 @@ class Reference:
     def __init__(self, interventions, input_ids, attention_mask, image_id):
         self.items = interventions
         self.prompt_len = input_ids.shape[1]
+        self.past = 0
         self.sinks = {}
         self.prompt_mask = attention_mask.bool()
         self.image = (input_ids == image_id).tolist()
@@ -76,6 +80,8 @@ class Reference:
             "system": [real[j] and j < first for j in range(k)],
             "text": [real[j] and j >= first and not image[j] for j in range(k)],
             "question": [real[j] and j >= first and not image[j] and j < self.prompt_len for j in range(k)],
+            "generated": [j >= self.prompt_len for j in range(k)],
+            "all": real,
             "end": end,
         }
 
@@ -157,6 +163,32 @@ class Reference:
                                 if text[j]:
                                     probs[row, head, q - 1, j] = 0.0
         out = (probs @ values).transpose(1, 2)  # [b, q, h, d]
+        value_edits = [item for item in active if isinstance(item, ValueEdit)]
+        if value_edits:  # each (row, query) reads the values edited by the ValueEdits that select it
+            for row in range(b):
+                g = groups[row]
+                for i in range(q):
+                    pos = offset + i
+                    kv = value[row].float().clone()  # [kv_heads, k, d]
+                    for item in value_edits:
+                        chosen = {"all": g["real"][pos], "last": i == q - 1 and g["real"][pos],
+                                  "decode": not prefill and g["real"][pos],
+                                  "after_image": g["real"][pos] and pos >= g["end"]}[item.rows]
+                        if not chosen:
+                            continue
+                        keys = [j for j in range(k) if g[item.keys][j]]
+                        for kv_head in range(kv.shape[0]):
+                            if item.heads is not None and kv_head not in item.heads:
+                                continue
+                            if item.mode == "mean":
+                                mean = sum(kv[kv_head, j] for j in keys) / len(keys)
+                                for j in keys:
+                                    kv[kv_head, j] = mean
+                            else:
+                                for j in keys:
+                                    kv[kv_head, j] = kv[kv_head, j] * item.scale
+                    for head in range(h):
+                        out[row, i, head] = sum(probs[row, head, i, j] * kv[head // group, j] for j in range(k))
         for item in active:
             if isinstance(item, HeadScale):
                 for layer_, head in item.heads:
@@ -209,6 +241,28 @@ class Reference:
                         out[row, head, i, j] = value + budget * value / total
         return out
 
+    def edit_residual(self, layer, where, hidden):
+        """ResidualEdit by hand: h * scale + add at the selected positions of this forward."""
+        b, q, _ = hidden.shape
+        total = self.past + q
+        hidden = hidden.clone()
+        for item in self.items:
+            if not (isinstance(item, ResidualEdit) and item.where == where and layer in item.layers):
+                continue
+            if not (item.phase == "both" or (item.phase == "prefill") == (q == total)):
+                continue
+            for row in range(b):
+                g = self.groups(row, total)
+                for i in range(q):
+                    pos = total - q + i
+                    chosen = (i == q - 1 and g["real"][pos]) if item.positions == "last" else g[item.positions][pos]
+                    if chosen:
+                        new = hidden[row, i] * item.scale
+                        if item.add is not None:
+                            new = new + torch.tensor(item.add, dtype=hidden.dtype)
+                        hidden[row, i] = new
+        return hidden
+
     @staticmethod
     def applies(item, layer, prefill):
         if isinstance(item, EAH):
@@ -233,6 +287,27 @@ class reference_model:  # noqa: N801 - a context manager
         self.previous = self.config._attn_implementation
         self.config._attn_implementation_internal = REFERENCE
         self.hooks = []
+        reference, layers = self.reference, self.model.model.language_model.layers
+
+        def note_past(module, args, kwargs):  # positions before this forward: 0 for the prompt, then counted
+            q = kwargs["input_ids"].shape[1]
+            reference.past = 0 if q == reference.prompt_len else reference.total
+            reference.total = reference.past + q
+
+        self.hooks.append(self.model.register_forward_pre_hook(note_past, with_kwargs=True))
+        for layer in range(len(layers)):
+            def edit_input(module, args, kwargs, layer=layer):
+                if "hidden_states" in kwargs:
+                    return args, {**kwargs, "hidden_states": reference.edit_residual(layer, "input", kwargs["hidden_states"])}
+                return (reference.edit_residual(layer, "input", args[0]), *args[1:]), kwargs
+
+            def edit_output(module, args, output, layer=layer):
+                if isinstance(output, tuple):
+                    return (reference.edit_residual(layer, "output", output[0]), *output[1:])
+                return reference.edit_residual(layer, "output", output)
+
+            self.hooks.append(layers[layer].register_forward_pre_hook(edit_input, with_kwargs=True))
+            self.hooks.append(layers[layer].register_forward_hook(edit_output))
         for item in self.reference.items:
             if isinstance(item, VAR):
                 for layer in item.layers:
@@ -263,6 +338,9 @@ def generated(model, inputs):
     return out.sequences, torch.stack(out.logits, 1)
 
 
+#: A steering vector of the tiny models' hidden size (64), with varied signs and sizes.
+STEER = tuple(0.5 * math.sin(1.7 * i) for i in range(64))
+
 CASES = {
     "PAI": [PAI(alpha=0.5, layers=(1, 2))],
     "MiddleLayerBoost": [MiddleLayerBoost(alpha=0.5, layers=(0, 2))],
@@ -277,6 +355,20 @@ CASES = {
         VAF(image_scale=2.0, system_scale=0.5, layers=(1,)),
         HeadScale(heads=((1, 3),), scale=2.0),
         Knockout(queries="last", keys="system", layers=(1,)),
+    ],
+    "ValueEdit-image-zero": [ValueEdit(keys="image", scale=0.0, layers=(1, 2))],
+    "ValueEdit-kv-head-last-row": [ValueEdit(keys="system", scale=3.0, heads=(1,), rows="last", layers=(0, 2))],
+    "ValueEdit-mean-after-image": [ValueEdit(keys="image", mode="mean", rows="after_image", layers=(1,))],
+    "ValueEdit-image-prefill-only": [ValueEdit(keys="image", scale=0.0, layers=(1,), phase="prefill")],
+    "ValueEdit-text-decode-only": [ValueEdit(keys="text", scale=0.0, layers=(1, 2), phase="decode")],
+    "ResidualEdit-output-image": [ResidualEdit(layers=(1,), where="output", positions="image", scale=0.5)],
+    "ResidualEdit-steer-last": [ResidualEdit(layers=(0, 2), where="input", positions="last", add=STEER)],
+    "ResidualEdit-decode-only": [ResidualEdit(layers=(2,), positions="all", add=STEER, phase="decode")],
+    "ValueEdit+PAI+ResidualEdit": [
+        ValueEdit(keys="image", scale=0.0, heads=(0,), rows="after_image", layers=(1,)),
+        PAI(alpha=0.5, layers=(1, 2)),
+        ResidualEdit(layers=(1,), where="input", positions="question", scale=2.0),
+        ValueEdit(keys="system", scale=2.0, layers=(1,)),
     ],
 }
 
@@ -296,7 +388,7 @@ def check_against_reference(model, inputs, image_id, items, case):
     with reference_model(model, reference):
         want = prompt_logits(model, inputs)
     assert torch.allclose(got[real], want[real], atol=1e-4), case
-    if case != "PAI-decode-only":
+    if not case.endswith("decode-only"):
         assert not torch.allclose(got[real], plain[real], atol=1e-4), f"{case} changed nothing"
         for index in range(len(items)):
             assert sum(r.changed for r in run.of(index)) > 0, (case, index)
@@ -310,8 +402,8 @@ def check_against_reference(model, inputs, image_id, items, case):
     assert torch.allclose(logits, want_logits, atol=1e-4), case
     assert sequences.tolist() == want_sequences.tolist()
     decode = [r for r in run.records if r.q_len < r.k_len]
-    eah_only_prefill = all(isinstance(i, EAH) for i in items)
-    assert bool(decode) != eah_only_prefill
+    prefill_only = all(isinstance(i, EAH) or i.phase == "prefill" for i in items)
+    assert bool(decode) != prefill_only
 
 
 VAR_DIMS = {TINY_IMAGE_TOKEN_ID: ((27, 51), 2.8), TINY_IMAGE_ID: ((15, 62), 2.5)}  # found with massive_dims
@@ -358,6 +450,29 @@ def test_rows_after_image_methods_recompute_only_those_rows(monkeypatch):
     assert shapes == [tail, tail]
 
 
+def test_value_edits_leave_the_kv_cache_unedited_and_keep_sdpa(monkeypatch):
+    """The cache holds the model's own values (HF fills it before the attention function runs); only the
+    outputs read edited ones. Value edits alone keep SDPA: no eager map, no score computation."""
+    model = sharp_tiny_llava(seed=0)
+    inputs = tiny_llava_inputs(model, prefix_lengths=(3, 6), seed=1)
+    with torch.no_grad():
+        plain = model(**inputs, use_cache=True)
+    monkeypatch.setattr(dispatch, "_scores", lambda *a: pytest.fail("scores computed for a value edit"))
+    monkeypatch.setattr(dispatch, "eager_attention", lambda *a, **k: pytest.fail("eager attention for a value edit"))
+    for rows in ("all", "last"):
+        with hf.intervene(model, [ValueEdit(keys="image", scale=0.0, rows=rows, layers=(1,))]) as run, torch.no_grad():
+            edited = model(**inputs, use_cache=True)
+        assert [r.layer for r in run.records] == [1]
+        cache, plain_cache = edited.past_key_values.layers, plain.past_key_values.layers
+        assert torch.equal(cache[1].values, plain_cache[1].values)  # layer 1's cache: the model's own values
+        assert torch.equal(cache[0].values, plain_cache[0].values)
+        assert not torch.allclose(cache[2].values, plain_cache[2].values, atol=1e-4)  # later layers read the edit
+        real = inputs["attention_mask"].bool()
+        assert not torch.allclose(edited.logits[real], plain.logits[real], atol=1e-4)
+        if rows == "last":  # rows before the last read the model's own values: same logits there
+            assert torch.allclose(edited.logits[:, :-1], plain.logits[:, :-1], atol=1e-5)
+
+
 def test_default_layers_scale_with_depth():
     """The documented rule, by hand: floor(x * n / 32 + 0.5) for both ends, at least one layer."""
     assert scaled_range(2, 32, 32) == tuple(range(2, 32))  # PAI on LLaVA-1.5-7B: unchanged
@@ -392,6 +507,8 @@ def test_selectors_resolve_spans_from_the_layout():
     Knockout(queries="question", keys="image", layers=(0,)), ADHH(heads=((1, 2),)), ADHH.llava15_7b(),
     HeadScale(heads=((0, 1),), scale=2.0),
     EAH.paper(threshold=0.01), VAR(dims=(3, 7), tau=15.0), VAR.llava15_7b(),
+    ValueEdit(keys="system", mode="mean", heads=(1,), rows="last", layers=(2,)),
+    ResidualEdit(layers=(1, 2), where="input", positions="image", scale=0.5, add=(1.0, -2.0)),
 ])
 def test_interventions_round_trip_through_json_and_describe_themselves(item):
     again = Intervention.from_json(item.to_json())
@@ -417,6 +534,18 @@ def test_bad_interventions_raise_errors_that_name_the_fix():
         hf.intervene(model, ["PAI"])
     with pytest.raises(ConfigError, match="at least one"):
         hf.intervene(model, [])
+    with pytest.raises(ConfigError, match="changes nothing"):
+        ValueEdit(scale=1.0)
+    with pytest.raises(IndexError, match="2 key/value heads.*not query heads"):
+        hf.intervene(model, [ValueEdit(heads=(3,))])  # 4 query heads share 2 KV heads
+    with pytest.raises(ConfigError, match="layers"):
+        ResidualEdit(scale=0.5)
+    with pytest.raises(ConfigError, match="changes nothing"):
+        ResidualEdit(layers=(1,))
+    with pytest.raises(ConfigError, match="positions"):
+        ResidualEdit(layers=(1,), scale=0.5, positions="middle")
+    with pytest.raises(ConfigError, match="3 entries but the language model's hidden size is 64"):
+        hf.intervene(model, [ResidualEdit(layers=(1,), add=(1.0, 2.0, 3.0))])
 
 
 def test_head_scale_from_head_stats_takes_the_top_heads():
