@@ -434,15 +434,15 @@ class intervene(_AttentionOverride):  # noqa: N801
         super().__enter__()
         try:
             layers = decoder_layers(self.model) if self._hidden_layers or self._residual_layers else {}
-            for layer in self._hidden_layers:
-                self._hidden_hooks.append(
-                    layers[layer].register_forward_pre_hook(self._note_hidden(layer), with_kwargs=True)
-                )
-            for layer in self._residual_layers:  # after _note_hidden: VAR reads the layer's input as it arrived
+            for layer in self._residual_layers:  # before _note_hidden: VAR reads the (edited) input the layer gets
                 self._hidden_hooks.append(
                     layers[layer].register_forward_pre_hook(self._edit_input(layer), with_kwargs=True)
                 )
                 self._hidden_hooks.append(layers[layer].register_forward_hook(self._edit_output(layer)))
+            for layer in self._hidden_layers:
+                self._hidden_hooks.append(
+                    layers[layer].register_forward_pre_hook(self._note_hidden(layer), with_kwargs=True)
+                )
         except BaseException:
             self.__exit__(None, None, None)
             raise

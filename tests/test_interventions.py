@@ -409,12 +409,18 @@ def check_against_reference(model, inputs, image_id, items, case):
 VAR_DIMS = {TINY_IMAGE_TOKEN_ID: ((27, 51), 2.8), TINY_IMAGE_ID: ((15, 62), 2.5)}  # found with massive_dims
 
 
-def test_var_equals_the_loop_written_reference_prefill_and_decode(family):
+@pytest.mark.parametrize("stacked", [False, True])
+def test_var_equals_the_loop_written_reference_prefill_and_decode(family, stacked):
     """VAR with sink dimensions of these random models (their largest RMS-normalised dims at layer 1) and
-    thresholds that mark a few image tokens; rho / summ loosened so that some heads qualify."""
+    thresholds that mark a few image tokens; rho / summ loosened so that some heads qualify. Stacked: a
+    residual edit of layer 1's input first makes the question tokens sinks too (a push along a sink
+    dimension); VAR reads the edited input, as the layer does."""
     model, inputs, image_id = family
     dims, tau = VAR_DIMS[image_id]
     items = [VAR(dims=dims, tau=tau, rho=0.9, summ=0.05, layers=(1,))]
+    if stacked:
+        push = tuple(1.0 if d == dims[0] else 0.0 for d in range(64))
+        items = [ResidualEdit(layers=(1,), where="input", positions="question", add=push), *items]
     check_against_reference(model, inputs, image_id, items, "VAR")
 
 
@@ -610,33 +616,50 @@ def test_massive_activation_sinks_by_hand():
         VAR()
 
 
-@pytest.mark.filterwarnings("ignore:Module .* has a submodule named 'output'")
-@pytest.mark.parametrize("case", ["PAI", "VAF", "HeadScale", "EAH+PAI", "Knockout-question"])
-def test_nnsight_intervene_equals_hf_intervene(case):
-    """The nnsight backend runs the same steps at the same sites: logits and records equal hf.intervene's
-    (which is checked against the loop-written reference above)."""
-    from nnsight import NNsight
+NNSIGHT_CASES = {
+    **{case: CASES[case] for case in CASES if not case.endswith("decode-only")},
+    "VAR": [VAR(dims=VAR_DIMS[TINY_IMAGE_TOKEN_ID][0], tau=VAR_DIMS[TINY_IMAGE_TOKEN_ID][1], rho=0.9, summ=0.05,
+                layers=(1,))],
+    "VAR+ResidualEdit+ValueEdit": [
+        ResidualEdit(layers=(1,), where="input", positions="image", scale=1.5),
+        VAR(dims=VAR_DIMS[TINY_IMAGE_TOKEN_ID][0], tau=VAR_DIMS[TINY_IMAGE_TOKEN_ID][1], rho=0.9, summ=0.05,
+            layers=(1, 2)),
+        ValueEdit(keys="image", scale=0.5, rows="last", layers=(2,)),
+    ],
+}
 
-    import eah_interp.nnsight as ens
+
+@pytest.fixture(scope="module")
+def nnsight_llava():
+    from nnsight import NNsight
 
     model = sharp_tiny_llava(seed=0)
     inputs = tiny_llava_inputs(model, prefix_lengths=(3, 6), suffix_lengths=(5, 2), padding_side="left", seed=1)
-    items = CASES[case]
+    return model, NNsight(model), inputs
+
+
+@pytest.mark.filterwarnings("ignore:Module .* has a submodule named 'output'")
+@pytest.mark.parametrize("case", list(NNSIGHT_CASES))
+def test_nnsight_intervene_equals_hf_intervene(nnsight_llava, case):
+    """The nnsight backend runs the same steps at the same sites, for every intervention (VAR reading its
+    sinks from the decoder input, residual edits through the decoder's inputs / output): logits and records
+    equal hf.intervene's (which is checked against the loop-written reference above)."""
+    import eah_interp.nnsight as ens
+
+    model, nn_model, inputs = nnsight_llava
+    items = NNSIGHT_CASES[case]
     with hf.intervene(model, items) as run:
         want = prompt_logits(model, inputs)
     layout = TokenLayout.from_input_ids(inputs["input_ids"], TINY_IMAGE_TOKEN_ID, inputs["attention_mask"])
-    nn_model = NNsight(model)
     with torch.no_grad(), nn_model.trace(**inputs, use_cache=False):
         records = ens.intervene(nn_model, items, layout)
         logits = nn_model.output.logits.save()
     real = inputs["attention_mask"].bool()
     assert torch.allclose(logits[real], want[real], atol=1e-5)
-    assert [(r.intervention, r.layer, r.changed) for r in records] == [
-        (r.intervention, r.layer, r.changed) for r in run.records
+    assert [(r.intervention, r.layer, r.point, r.changed) for r in records] == [
+        (r.intervention, r.layer, r.point, r.changed) for r in run.records
     ]
-    with pytest.raises(hf.UnsupportedModelError, match="hidden states"):
-        with nn_model.trace(**inputs, use_cache=False):
-            ens.intervene(nn_model, [VAR(dims=(1,), layers=(1,))], layout)
+    assert all(sum(r.changed for r in run.of(index)) > 0 for index in range(len(items))), case
 
 
 def test_compare_sink_definitions_counts_both_sink_kinds_by_hand():
