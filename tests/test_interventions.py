@@ -581,6 +581,23 @@ def test_intervene_stacks_with_record_attention_and_restores_everything(family):
     assert hf.active_contexts(model) == [] and not model._forward_pre_hooks
 
 
+def test_residual_and_hidden_state_hooks_are_removed_even_on_an_exception():
+    model = sharp_tiny_llava(seed=0)
+    inputs = tiny_llava_inputs(model, prefix_lengths=(3,), seed=1)
+    layers = model.model.language_model.layers
+    items = [ResidualEdit(layers=(0, 2), where="input", positions="image", scale=0.5),
+             ResidualEdit(layers=(1,), positions="last", add=STEER), VAR(dims=(27, 51), tau=2.8, layers=(1, 2))]
+    with pytest.raises(RuntimeError, match="boom"):
+        with hf.intervene(model, items) as run:
+            prompt_logits(model, inputs)
+            assert any(layer._forward_pre_hooks for layer in layers) and layers[1]._forward_hooks
+            raise RuntimeError("boom")
+    assert [r.point for r in run.records if r.intervention == "ResidualEdit"] == [
+        "residual_input", "residual_output", "residual_input"]  # layers 0, 1, 2 in execution order
+    assert not any(layer._forward_pre_hooks or layer._forward_hooks for layer in layers)
+    assert hf.active_contexts(model) == []
+
+
 def test_knockout_of_the_image_blocks_all_image_attention_in_recorded_maps():
     """Recorded after the edit: with the last row knocked out of image keys, its image mass is exactly 0."""
     model = sharp_tiny_llava(seed=0)
