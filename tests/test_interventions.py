@@ -11,6 +11,7 @@ on a prompt forward and on decode steps (``generate`` logits step by step).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -773,3 +774,36 @@ def test_decode_steps_of_sliding_window_layers_see_the_last_window_of_positions(
             if row[j] == TINY_IMAGE_ID
         )
         assert record.changed == heads * image_keys, step
+
+
+@pytest.mark.filterwarnings("ignore:Module .* has a submodule named 'output'")
+def test_nnsight_intervene_at_every_decode_step_equals_hf_generate(nnsight_llava):
+    """A traced generate calling intervene at every step: the value, residual and score edits of each step
+    (positions counted from the cache at the decoder input) equal hf.intervene's; VAR needs the prompt's sink
+    flags at decode steps, so there it raises an error naming the fix, and VAR(phase="prefill") runs."""
+    import nnsight
+
+    import eah_interp.nnsight as ens
+
+    model, nn_model, inputs = nnsight_llava
+    layout = TokenLayout.from_input_ids(inputs["input_ids"], TINY_IMAGE_TOKEN_ID, inputs["attention_mask"])
+    kwargs = dict(max_new_tokens=3, do_sample=False)
+    dims, tau = VAR_DIMS[TINY_IMAGE_TOKEN_ID]
+    var = VAR(dims=dims, tau=tau, rho=0.9, summ=0.05, layers=(1,), phase="prefill")
+    items = [ValueEdit(keys="image", scale=0.0, layers=(1,)), ResidualEdit(layers=(2,), positions="last", add=STEER),
+             PAI(alpha=0.5, layers=(1, 2)), var]
+    with hf.intervene(model, items) as run, torch.no_grad():
+        want = model.generate(**inputs, **kwargs)
+    with torch.no_grad(), nn_model.trace(**inputs, fn=model.generate, **kwargs) as tracer:
+        records = nnsight.save([])
+        for _ in tracer.iter[:3]:
+            records += ens.intervene(nn_model, items, layout)
+        got = tracer.result.save()
+    assert torch.equal(got, want)
+    key = [(r.intervention, r.layer, r.point, r.q_len, r.k_len, r.changed) for r in records]
+    assert key == [(r.intervention, r.layer, r.point, r.q_len, r.k_len, r.changed) for r in run.records]
+    assert {r[2] for r in key} == {"values", "residual_output", "scores", "probs"}
+    with pytest.raises(hf.UnsupportedModelError, match=r"prompt forwards only.*hf.intervene"), torch.no_grad():
+        with nn_model.trace(**inputs, fn=model.generate, **kwargs) as tracer:
+            for _ in tracer.iter[:3]:
+                ens.intervene(nn_model, [dataclasses.replace(var, phase="both")], layout)
