@@ -22,7 +22,9 @@ probabilities, ``P @ V``, output edits), choosing per call one of two paths:
   steps, stacked edits and other attention variants.
 
 Edits that touch only a prompt's last rows (the last row; the text after the image) keep the model's
-own attention for the other rows and recompute only those rows; output edits alone keep it entirely.
+own attention for the other rows and recompute only those rows; output and value edits alone keep it
+entirely (with the edited values). Residual-stream edits (`ResidualEdit`) are not attention edits:
+`intervene` applies them with hooks on the decoder layers' input and output.
 Both paths give the same numbers (tests compare them with explicit computations within 1e-5). On exit,
 even by exception, the config, the registries and the hooks are restored exactly.
 

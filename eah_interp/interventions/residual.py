@@ -110,7 +110,7 @@ class ResidualEdit(Intervention):
 
     def validate_model(self, n_layers: int, n_heads: int, n_kv_heads: int, hidden_size: int) -> None:
         check_layers(self.layers_for(n_layers), n_layers, "ResidualEdit")
-        if self.add is not None and len(self.add) != hidden_size:
+        if self.add is not None and hidden_size and len(self.add) != hidden_size:
             raise ConfigError(
                 f"ResidualEdit.add has {len(self.add)} entries but the language model's hidden size is {hidden_size}."
             )
