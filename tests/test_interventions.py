@@ -177,7 +177,7 @@ class Reference:
                                   "after_image": g["real"][pos] and pos >= g["end"]}[item.rows]
                         if not chosen:
                             continue
-                        keys = [j for j in range(k) if g[item.keys][j]]
+                        keys = [j for j in range(k) if self.span(g, item.keys, row, k)[j]]
                         for kv_head in range(kv.shape[0]):
                             if item.heads is not None and kv_head not in item.heads:
                                 continue
@@ -242,6 +242,12 @@ class Reference:
                         out[row, head, i, j] = value + budget * value / total
         return out
 
+    def span(self, g, spec, row, k):
+        """A named span of the row's groups, or a user mask over the prompt (generated positions: False)."""
+        if isinstance(spec, str):
+            return g[spec]
+        return [bool(spec[row][j]) and g["real"][j] if j < self.prompt_len else False for j in range(k)]
+
     def edit_residual(self, layer, where, hidden):
         """ResidualEdit by hand: h * scale + add at the selected positions of this forward."""
         b, q, _ = hidden.shape
@@ -256,7 +262,10 @@ class Reference:
                 g = self.groups(row, total)
                 for i in range(q):
                     pos = total - q + i
-                    chosen = (i == q - 1 and g["real"][pos]) if item.positions == "last" else g[item.positions][pos]
+                    if item.positions == "last":
+                        chosen = i == q - 1 and g["real"][pos]
+                    else:
+                        chosen = self.span(g, item.positions, row, total)[pos]
                     if chosen:
                         new = hidden[row, i] * item.scale
                         if item.add is not None:
@@ -410,6 +419,25 @@ def check_against_reference(model, inputs, image_id, items, case):
 VAR_DIMS = {TINY_IMAGE_TOKEN_ID: ((27, 51), 2.8), TINY_IMAGE_ID: ((15, 62), 2.5)}  # found with massive_dims
 
 
+def test_user_position_masks_equal_the_loop_written_reference(family):
+    """ValueEdit keys and ResidualEdit positions given as a Bool[batch, seq] mask of prompt positions (a
+    few hand-picked real positions per row, image and text), prompt forward and decode steps."""
+    model, inputs, image_id = family
+    ids = inputs["input_ids"]
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    for row in range(ids.shape[0]):
+        real = [j for j in range(ids.shape[1]) if inputs["attention_mask"][row, j]]
+        image = [j for j in real if ids[row, j] == image_id]
+        for j in (real[1], image[0], image[-2], real[-2]):
+            mask[row, j] = True
+    items = [ValueEdit(keys=mask, scale=0.0, layers=(1,)), ResidualEdit(layers=(0,), positions=mask, add=STEER)]
+    assert items[0].keys == tuple(tuple(row) for row in mask.tolist())
+    check_against_reference(model, inputs, image_id, items, "user masks")
+    with pytest.raises(hf.LayoutError, match="user position mask"), torch.no_grad():
+        with hf.intervene(model, [ValueEdit(keys=mask[:, 1:], layers=(1,))]):
+            model(**inputs)
+
+
 @pytest.mark.parametrize("stacked", [False, True])
 def test_var_equals_the_loop_written_reference_prefill_and_decode(family, stacked):
     """VAR with sink dimensions of these random models (their largest RMS-normalised dims at layer 1) and
@@ -515,6 +543,7 @@ def test_selectors_resolve_spans_from_the_layout():
     HeadScale(heads=((0, 1),), scale=2.0),
     EAH.paper(threshold=0.01), VAR(dims=(3, 7), tau=15.0), VAR.llava15_7b(),
     ValueEdit(keys="system", mode="mean", heads=(1,), rows="last", layers=(2,)),
+    ValueEdit(keys=[[True, False, True], [False, False, True]], layers=(1,)),
     ResidualEdit(layers=(1, 2), where="input", positions="image", scale=0.5, add=(1.0, -2.0)),
 ])
 def test_interventions_round_trip_through_json_and_describe_themselves(item):

@@ -27,10 +27,13 @@ from eah_interp.interventions.selectors import (
     PHASES,
     SPANS,
     Site,
+    UserMask,
     as_layers,
+    as_user_mask,
     check_choice,
     check_layers,
-    key_span,
+    positions_of,
+    span_text,
 )
 
 #: Positions a residual edit can select: a key span of the layout, or the forward's last position.
@@ -38,14 +41,14 @@ POSITIONS = (*SPANS, "last")
 WHERE = ("input", "output")
 
 
-def positions_mask(positions: str, site: Site) -> Bool[Tensor, "batch q"]:
+def positions_mask(positions: str | UserMask, site: Site) -> Bool[Tensor, "batch q"]:
     """The selected positions among the ``q`` positions of this forward (the last ``q`` of ``k``), real only."""
     real = site.layout.attention_mask[:, site.k_len - site.q_len :]
     if positions == "last":
         last = torch.zeros_like(real)
         last[:, -1] = True
         return real & last
-    return key_span(positions, site)[:, site.k_len - site.q_len :]
+    return positions_of(positions, site)[:, site.k_len - site.q_len :]
 
 
 def edit_hidden(
@@ -65,8 +68,9 @@ class ResidualEdit(Intervention):
     Args:
         layers: decoder layers (required: a residual edit has no method default).
         where: ``"input"`` (before the layer) or ``"output"`` (after it).
-        positions: a key span (``"image"``, ``"system"``, ``"question"``, ``"generated"``, ``"text"``, ``"all"``)
-            or ``"last"`` (the forward's last position: the prompt's last token, each new token).
+        positions: a key span (``"image"``, ``"system"``, ``"question"``, ``"generated"``, ``"text"``, ``"all"``),
+            ``"last"`` (the forward's last position: the prompt's last token, each new token), or a
+            ``Bool[batch, prompt length]`` mask of prompt positions (stored as tuples of booleans).
         scale: multiplier of the hidden state (1 = keep).
         add: a vector of the hidden size to add (steering), or None.
         phase: ``"both"``, ``"prefill"`` or ``"decode"``.
@@ -74,7 +78,7 @@ class ResidualEdit(Intervention):
 
     layers: tuple[int, ...] | None = None
     where: str = "output"
-    positions: str = "all"
+    positions: str | UserMask = "all"
     scale: float = 1.0
     add: tuple[float, ...] | None = None
     phase: str = "both"
@@ -86,7 +90,9 @@ class ResidualEdit(Intervention):
             raise ConfigError("ResidualEdit needs layers=(...): the decoder layers whose residual stream is edited.")
         object.__setattr__(self, "layers", as_layers(self.layers, "ResidualEdit"))
         check_choice("ResidualEdit.where", self.where, WHERE)
-        check_choice("ResidualEdit.positions", self.positions, POSITIONS)
+        object.__setattr__(self, "positions", as_user_mask(self.positions, "ResidualEdit.positions"))
+        if isinstance(self.positions, str):
+            check_choice("ResidualEdit.positions", self.positions, POSITIONS)
         check_choice("ResidualEdit.phase", self.phase, PHASES)
         if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
             raise ConfigError(f"ResidualEdit.scale must be a number; got {self.scale!r}.")
@@ -130,5 +136,5 @@ class ResidualEdit(Intervention):
         )
         return (
             f"ResidualEdit: at the {self.where} of layers {list(self.layers or ())}, {' and '.join(parts)} at "
-            f"{self.positions} positions ({self.phase} forwards)."
+            f"{span_text(self.positions)} positions ({self.phase} forwards)."
         )

@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-from eah_interp.errors import ConfigError, LayerIndexError
+from eah_interp.errors import ConfigError, LayerIndexError, LayoutError
 from eah_interp.layout import TokenLayout
 from eah_interp.sinks import query_positions
 
@@ -126,6 +126,57 @@ def key_span(span: str, site: Site) -> Bool[Tensor, "batch k"]:
     if span == "all":
         return real
     raise ConfigError(f"Unknown key span {span!r}; choose from {SPANS}.")
+
+
+#: A user position mask as an intervention stores it: one tuple of booleans per batch row (JSON-ready).
+UserMask = tuple[tuple[bool, ...], ...]
+
+
+def as_user_mask(value: object, what: str) -> str | UserMask:
+    """A span name as is, or a ``Bool[batch, seq]`` mask (tensor or nested lists) as tuples of booleans."""
+    if isinstance(value, str):
+        return value
+    try:
+        mask = torch.as_tensor(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{what} must be a span name or a Bool[batch, seq] mask; got {type(value).__name__}.") from err
+    if mask.ndim != 2 or mask.numel() == 0 or not (mask.dtype == torch.bool or bool(((mask == 0) | (mask == 1)).all())):
+        raise ConfigError(
+            f"{what} must be a span name or a Bool[batch, seq] mask over the prompt's positions; got shape "
+            f"{tuple(mask.shape)} and dtype {mask.dtype}."
+        )
+    return tuple(tuple(bool(x) for x in row) for row in mask.bool().tolist())
+
+
+def span_text(spec: str | UserMask) -> str:
+    """A span name, or ``"user-masked (n positions)"`` for a user mask (for ``describe``)."""
+    return spec if isinstance(spec, str) else f"user-masked ({sum(map(sum, spec))} positions)"
+
+
+def positions_of(spec: str | UserMask, site: Site) -> Bool[Tensor, "batch k"]:
+    """``Bool[batch, k]``: the call's keys in a span (`key_span`) or in a user mask over the prompt's positions.
+
+    A user mask covers the prompt (``[batch, prompt length]``); generated positions are never in it. At
+    a decode step of a sliding-window layer the call's keys are the last ``k`` positions, and the mask is
+    shifted accordingly.
+    """
+    if isinstance(spec, str):
+        return key_span(spec, site)
+    layout = site.layout
+    mask = torch.tensor(spec, dtype=torch.bool, device=layout.attention_mask.device)
+    batch, seq = mask.shape
+    shift = seq - site.prompt_len  # > 0 only when a sliding window dropped the first keys
+    if batch != layout.batch_size or shift < 0 or (site.prefill and seq != site.k_len):
+        raise LayoutError(
+            f"The user position mask has shape {(batch, seq)} but the prompt has {layout.batch_size} rows x "
+            f"{site.prompt_len if site.prefill else 'its'} positions: build it for these inputs "
+            "(e.g. from TokenLayout.from_input_ids(...).image_mask)."
+        )
+    columns = torch.arange(site.k_len, device=mask.device) + shift
+    inside = columns < seq
+    out = torch.zeros(batch, site.k_len, dtype=torch.bool, device=mask.device)
+    out[:, inside] = mask[:, columns[inside]]
+    return out & layout.attention_mask
 
 
 def query_rows(rows: str, site: Site) -> Bool[Tensor, "batch q"]:

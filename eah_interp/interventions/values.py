@@ -31,11 +31,14 @@ from eah_interp.interventions.selectors import (
     ROWS,
     SPANS,
     Site,
+    UserMask,
     as_layers,
+    as_user_mask,
     check_choice,
     check_layers,
-    key_span,
+    positions_of,
     query_rows,
+    span_text,
 )
 
 #: How a selected value vector is changed: multiplied by ``scale``, or replaced by the mean of the
@@ -70,8 +73,9 @@ class ValueEdit(Intervention):
     """Scale (``scale=0``: zero) or mean-ablate the value vectors of chosen keys in chosen KV heads.
 
     Args:
-        keys: the key span whose values are edited (`SPANS`: ``"image"``, ``"system"``, ``"question"``,
-            ``"generated"``, ``"text"``, ``"all"``).
+        keys: the keys whose values are edited: a span (`SPANS`: ``"image"``, ``"system"``, ``"question"``,
+            ``"generated"``, ``"text"``, ``"all"``) or a ``Bool[batch, prompt length]`` mask of prompt
+            positions (a tensor or nested lists; stored as tuples of booleans).
         scale: the multiplier in ``mode="scale"`` (0 = the keys contribute nothing to the output).
         mode: ``"scale"`` or ``"mean"`` (replace each selected value by the mean of the selected ones).
         heads: key/value heads to edit (None: all). In GQA models KV head ``g`` serves query heads
@@ -82,7 +86,7 @@ class ValueEdit(Intervention):
         phase: ``"both"``, ``"prefill"`` or ``"decode"`` (see the module docstring for the KV cache).
     """
 
-    keys: str = "image"
+    keys: str | UserMask = "image"
     scale: float = 0.0
     mode: str = "scale"
     heads: tuple[int, ...] | None = None
@@ -94,7 +98,9 @@ class ValueEdit(Intervention):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", as_layers(self.layers, "ValueEdit"))
-        check_choice("ValueEdit.keys", self.keys, SPANS)
+        object.__setattr__(self, "keys", as_user_mask(self.keys, "ValueEdit.keys"))
+        if isinstance(self.keys, str):
+            check_choice("ValueEdit.keys", self.keys, SPANS)
         check_choice("ValueEdit.mode", self.mode, MODES)
         check_choice("ValueEdit.rows", self.rows, ROWS)
         check_choice("ValueEdit.phase", self.phase, PHASES)
@@ -131,7 +137,7 @@ class ValueEdit(Intervention):
             raise HeadIndexError(f"ValueEdit.heads {list(self.heads or ())} out of range: this call has {kv} KV heads.")
         heads = torch.zeros(kv, dtype=torch.bool, device=tensor.device)
         heads[list(self.heads) if self.heads is not None else slice(None)] = True
-        keys = key_span(self.keys, site).to(tensor.device)
+        keys = positions_of(self.keys, site).to(tensor.device)
         edited, selected = edit_values(tensor, keys, heads, self.mode, float(self.scale))
         return edited, int(selected.sum()) * tensor.shape[-1]
 
@@ -140,6 +146,6 @@ class ValueEdit(Intervention):
         heads = "every KV head" if self.heads is None else f"KV heads {list(self.heads)}"
         layers = "every layer" if self.layers is None else f"layers {list(self.layers)}"
         return (
-            f"ValueEdit: at {layers}, {what} the value vectors of {self.keys} keys in {heads}, as read by "
+            f"ValueEdit: at {layers}, {what} the value vectors of {span_text(self.keys)} keys in {heads}, as read by "
             f"{self.rows} query rows ({self.phase} forwards; the KV cache keeps the model's own values)."
         )
