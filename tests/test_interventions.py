@@ -168,13 +168,23 @@ class Reference:
         if value_edits:  # each (row, query) reads the values edited by the ValueEdits that select it
             for row in range(b):
                 g = groups[row]
+                edited_values = {}  # which ValueEdits select the row -> that row's edited values
                 for i in range(q):
                     pos = offset + i
+                    flags = tuple(
+                        {"all": g["real"][pos], "last": i == q - 1 and g["real"][pos],
+                         "decode": not prefill and g["real"][pos],
+                         "after_image": g["real"][pos] and pos >= g["end"]}[item.rows]
+                        for item in value_edits
+                    )
+                    if flags in edited_values:
+                        kv = edited_values[flags]
+                        for head in range(h):
+                            out[row, i, head] = probs[row, head, i] @ kv[head // group]
+                        continue
                     kv = value[row].float().clone()  # [kv_heads, k, d]
-                    for item in value_edits:
-                        chosen = {"all": g["real"][pos], "last": i == q - 1 and g["real"][pos],
-                                  "decode": not prefill and g["real"][pos],
-                                  "after_image": g["real"][pos] and pos >= g["end"]}[item.rows]
+                    edited_values[flags] = kv
+                    for item, chosen in zip(value_edits, flags, strict=True):
                         if not chosen:
                             continue
                         keys = [j for j in range(k) if self.span(g, item.keys, row, k)[j]]
@@ -188,8 +198,8 @@ class Reference:
                             else:
                                 for j in keys:
                                     kv[kv_head, j] = kv[kv_head, j] * item.scale
-                    for head in range(h):
-                        out[row, i, head] = sum(probs[row, head, i, j] * kv[head // group, j] for j in range(k))
+                    for head in range(h):  # sum_j P[i, j] V'[j], with the query head's KV head
+                        out[row, i, head] = probs[row, head, i] @ kv[head // group]
         for item in active:
             if isinstance(item, HeadScale):
                 for layer_, head in item.heads:
