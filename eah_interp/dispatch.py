@@ -10,8 +10,8 @@ for its `AttentionStep`s and `run_steps` runs them:
 score edits (before the mask, then after it) → softmax → probability edits → recordings (they read
 the edited probabilities) → value edits → ``P @ V`` → per-head output edits.
 
-It picks the cheapest path the steps allow: the model's own attention when only output edits are
-active; map-free running sums (`eah_interp.chunked`) for recordings alone or with one plain-copy EAH;
+It picks the cheapest path the steps allow: the model's own attention when only output and value
+edits are active (with the edited values: one call per set of query rows reading the same values); map-free running sums (`eah_interp.chunked`) for recordings alone or with one plain-copy EAH;
 the model's own attention for a prompt's rows plus an eager recomputation of its last rows when the
 edits only touch those (the last row, the text after the image); otherwise the eager path. The user
 contexts (`eah`, `record_attention`, `intervene`) live in `eah_interp.hf`.
@@ -232,8 +232,8 @@ def run_steps(
     edits (in order) → recordings (they see the edited probabilities) → value edits (in order; each
     query row reads the values edited by the steps whose ``rows`` select it) → ``P @ V`` → output edits.
     Without a map where nothing needs it: output and value edits alone take the model's own attention
-    (``fallback``, with the edited values); recordings alone accumulate running sums (`eah_interp.chunked`); one plain-copy EAH
-    (optionally with recordings) runs map-free (`eah_interp.edit.map_free_eah`); edits of a prompt's last
+    (``fallback``, with the edited values); recordings alone accumulate running sums
+    (`eah_interp.chunked`); one plain-copy EAH (optionally with recordings) runs map-free (`eah_interp.edit.map_free_eah`); edits of a prompt's last
     rows alone (the last row, the text after the image) recompute only those rows, the others keep ``fallback``.
 
     Args:
