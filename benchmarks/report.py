@@ -1,4 +1,5 @@
-"""Markdown tables of a benchmark JSON (``python benchmarks/report.py docs/benchmarks.json``)."""
+"""Markdown tables of a benchmark JSON (``python benchmarks/report.py docs/benchmarks.json``; the stacking
+group's: ``python benchmarks/report.py --stacking docs/benchmarks_stacking.json``)."""
 
 from __future__ import annotations
 
@@ -82,5 +83,38 @@ def main(path: str = "docs/benchmarks.json") -> None:
         print(f"{head(n, b)} {cells} |")
 
 
+def stacking(path: str = "docs/benchmarks_stacking.json") -> None:
+    """The stacking group's table: each mode against ``stacking_plain``, as the ratio of medians and as the
+    median over rounds of the per-round ratio (each round runs every mode once, so a round's ratio shares
+    that round's machine load), then each stack's overhead against the sum of its parts'."""
+    import statistics
+
+    from run import STACKS  # benchmarks/run.py, next to this file
+
+    data = json.loads(Path(path).read_text())
+    times = {r["mode"]: r["seconds_all"] for r in data["rows"] if r["mode"].startswith("stacking_")}
+    plain = times["stacking_plain"]
+    median = {m: statistics.median(v) for m, v in times.items()}
+    of_medians = {m: median[m] / median["stacking_plain"] for m in times}
+    paired = {m: statistics.median(a / b for a, b in zip(v, plain, strict=True)) for m, v in times.items()}
+    spread = {m: (min(a / b for a, b in zip(v, plain, strict=True)), max(a / b for a, b in zip(v, plain, strict=True)))
+              for m, v in times.items()}
+    print("| mode | median s | / plain (ratio of medians) | / plain (median per-round ratio) | per-round range |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for m in times:
+        lo, hi = spread[m]
+        print(f"| `{m.removeprefix('stacking_')}` | {median[m]:.2f} | {of_medians[m]:.3f} | **{paired[m]:.3f}** | "
+              f"{lo:.2f}-{hi:.2f} |")
+    print("\n| stack | overhead (ratio of medians) | sum of the parts' | overhead (per-round) | sum of the parts' |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for stack, (a, b) in STACKS.items():
+        print(f"| `{stack.removeprefix('stacking_')}` = `{a.removeprefix('stacking_')}` + `{b.removeprefix('stacking_')}` | "
+              f"{of_medians[stack] - 1:+.3f} | {of_medians[a] + of_medians[b] - 2:+.3f} | "
+              f"**{paired[stack] - 1:+.3f}** | {paired[a] + paired[b] - 2:+.3f} |")
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1:2] == ["--stacking"]:
+        stacking(*sys.argv[2:])
+    else:
+        main(*sys.argv[1:])

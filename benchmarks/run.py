@@ -26,6 +26,10 @@ Modes (each timed against the baseline named in ``BASELINE``, in the same proces
   each `eah_interp.interventions` method at its default layers (scaled to depth), and two stacks
   (``generate_eah_pai``: EAH + PAI; ``generate_eah_intervene``: EAH alone through ``intervene``), against
   plain SDPA generation measured in the same process (``generate_plain``);
+* ``stacking_plain`` / ``stacking_<x>``: the same ``generate`` timed in a group of its own: the new edit points
+  (``stacking_value``: `ValueEdit` of the image values in the middle third of the layers;
+  ``stacking_residual``: a `ResidualEdit` steering vector there) and stacks of two methods (``STACKS``) next
+  to each of their parts alone; the summary compares each stack's overhead with the sum of its parts';
 
 ``--clock process`` times with the process's CPU time instead of the wall clock (for a machine shared
 with other jobs). Every measured process runs ``torch.set_num_threads(1)`` (the machine has 2 shared cores; ``--threads N``
@@ -69,11 +73,24 @@ BASELINE = {
 INTERVENTION_MODES = ["generate_pai", "generate_middle", "generate_vaf", "generate_adhh", "generate_headscale",
                       "generate_knockout", "generate_var", "generate_eah_intervene", "generate_eah_pai"]
 BASELINE.update({mode: "generate_plain" for mode in INTERVENTION_MODES})
+#: the "stacking" group, timed in its own process against its own plain run (``stacking_plain``): the two new
+#: edit points, and stacks of two methods next to each method alone; ``stacking_<x>`` runs ``generate_<x>``'s
+#: interventions. Stack -> its parts:
+STACKS = {
+    "stacking_var_pai": ("stacking_var", "stacking_pai"),
+    "stacking_vaf_pai": ("stacking_vaf", "stacking_pai"),
+    "stacking_value_residual": ("stacking_value", "stacking_residual"),
+    "stacking_eah_pai": ("stacking_eah_intervene", "stacking_pai"),
+}
+STACKING_MODES = ["stacking_value", "stacking_residual", "stacking_pai", "stacking_vaf", "stacking_var",
+                  "stacking_eah_intervene", *STACKS]
+BASELINE.update({mode: "stacking_plain" for mode in STACKING_MODES})
 GROUPS = {
     "generate": ["generate_sdpa", "generate_eah"],
     "stats": ["forward_sdpa", "stats_streamed", "stats_naive"],
     "backends": ["forward_sdpa_logits", "forward_eah_hf", "forward_eah_nnsight", "forward_eah_lens"],
     "interventions": ["generate_plain"] + INTERVENTION_MODES,
+    "stacking": ["stacking_plain"] + STACKING_MODES,
 }
 
 
@@ -146,12 +163,25 @@ def eah_config(n_image: int):
 
 def interventions(mode: str, model, embeds, config) -> list:
     """The intervention list a ``generate_<method>`` mode runs (defaults; heads and sink dims from the model)."""
-    from eah_interp.interventions import ADHH, EAH, PAI, VAF, VAR, HeadScale, Knockout, MiddleLayerBoost
+    from eah_interp.interventions import (
+        ADHH,
+        EAH,
+        PAI,
+        VAF,
+        VAR,
+        HeadScale,
+        Knockout,
+        MiddleLayerBoost,
+        ResidualEdit,
+        ValueEdit,
+    )
     from eah_interp.sinks import massive_dims
 
     n_layers = model.config.num_hidden_layers
     heads = ((n_layers // 2, 0), (n_layers // 2, 1))
-    if mode == "generate_var":  # the two dims with the largest RMS-normalised entries at layer 2's input
+    middle = tuple(range(n_layers // 3, max(n_layers // 3 + 1, 2 * n_layers // 3)))
+    direction = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    if mode in ("generate_var", "generate_var_pai"):  # the two dims with the largest RMS-normalised entries at layer 2's input
         with torch.no_grad():
             hidden = model(inputs_embeds=embeds[:1], output_hidden_states=True, use_cache=False).hidden_states
         dims = massive_dims(hidden[min(2, n_layers - 1)], top=2)
@@ -166,6 +196,14 @@ def interventions(mode: str, model, embeds, config) -> list:
         "generate_var": lambda: [VAR(dims=dims)],
         "generate_eah_intervene": lambda: [eah],
         "generate_eah_pai": lambda: [eah, PAI()],
+        # the new edit points: image values zeroed in the middle third of the layers (every query row reads
+        # them), and a steering vector (norm 4) added to every position's output of the same layers
+        "generate_value": lambda: [ValueEdit(keys="image", scale=0.0, layers=middle)],
+        "generate_residual": lambda: [ResidualEdit.steer(direction / direction.norm(), 4.0, layers=middle)],
+        "generate_var_pai": lambda: [VAR(dims=dims), PAI()],
+        "generate_vaf_pai": lambda: [VAF(), PAI()],
+        "generate_value_residual": lambda: [ValueEdit(keys="image", scale=0.0, layers=middle),
+                                            ResidualEdit.steer(direction / direction.norm(), 4.0, layers=middle)],
     }[mode]()
 
 
@@ -186,10 +224,10 @@ def make_runner(mode: str, model, embeds, mask, layout, config, new_tokens: int,
             with hf.eah(model, config, layout=layout):
                 model.generate(inputs_embeds=embeds, attention_mask=mask, **gen)
         return run
-    if mode == "generate_plain":
+    if mode in ("generate_plain", "stacking_plain"):
         return lambda: model.generate(inputs_embeds=embeds, attention_mask=mask, **gen)
-    if mode in INTERVENTION_MODES:
-        items = interventions(mode, model, embeds, config)
+    if mode in INTERVENTION_MODES or mode in STACKING_MODES:
+        items = interventions(mode.replace("stacking_", "generate_"), model, embeds, config)
 
         def run():
             with hf.intervene(model, items, layout=layout):
@@ -371,6 +409,16 @@ def summary(rows: list[dict], plan: list[tuple[int, int]]) -> list[str]:
         if ("generate_plain", n_image, batch) in by:
             parts = [f"{m.removeprefix('generate_')} x{r(m):.3f}" for m in INTERVENTION_MODES]
             lines.append(f"  interventions (generate vs plain SDPA {g('generate_plain'):.3f}s): " + "  ".join(parts))
+        if ("stacking_plain", n_image, batch) in by:
+            parts = [f"{m.removeprefix('stacking_')} x{r(m):.3f}" for m in STACKING_MODES]
+            lines.append(f"  stacking group (generate vs plain SDPA {g('stacking_plain'):.3f}s): " + "  ".join(parts))
+            for stack, (a, b) in STACKS.items():
+                extra, parts_sum = r(stack) - 1, (r(a) - 1) + (r(b) - 1)
+                lines.append(
+                    f"  stack {stack.removeprefix('stacking_')}: overhead {extra:+.3f} vs sum of its parts' "
+                    f"{parts_sum:+.3f} ({a.removeprefix('stacking_')} {r(a) - 1:+.3f}, "
+                    f"{b.removeprefix('stacking_')} {r(b) - 1:+.3f})"
+                )
     errors = [r for r in rows if "error" in r]
     for r in errors:
         lines.append(f"ERROR {r['mode']} n_image={r['n_image']} batch={r['batch']}: {r['error']}")
@@ -476,7 +524,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     started = time.perf_counter()
     rows: list[dict] = []
     for n_image, batch in plan:
-        groups = [g for g in args.groups if g not in ("backends", "interventions") or (n_image, batch) == plan[0]]
+        groups = [g for g in args.groups if g not in ("backends", "interventions", "stacking") or (n_image, batch) == plan[0]]
         for group in groups:
             spec = dict(model=model, layers=layers, n_image=n_image, batch=batch, repeats=repeats,
                         new_tokens=new_tokens, modes=GROUPS[group], threads=args.threads, clock=args.clock)

@@ -8,10 +8,10 @@ implementation (`pop`). Per attention call the dispatcher asks every active cont
 for its `AttentionStep`s and `run_steps` runs them:
 
 score edits (before the mask, then after it) → softmax → probability edits → recordings (they read
-the edited probabilities) → ``P @ V`` → per-head output edits.
+the edited probabilities) → value edits → ``P @ V`` → per-head output edits.
 
-It picks the cheapest path the steps allow: the model's own attention when only output edits are
-active; map-free running sums (`eah_interp.chunked`) for recordings alone or with one plain-copy EAH;
+It picks the cheapest path the steps allow: the model's own attention when only output and value
+edits are active (with the edited values: one call per set of query rows reading the same values); map-free running sums (`eah_interp.chunked`) for recordings alone or with one plain-copy EAH;
 the model's own attention for a prompt's rows plus an eager recomputation of its last rows when the
 edits only touch those (the last row, the text after the image); otherwise the eager path. The user
 contexts (`eah`, `record_attention`, `intervene`) live in `eah_interp.hf`.
@@ -98,8 +98,10 @@ def _plain_attention(module: nn.Module, kwargs: dict[str, Any]) -> bool:
 # ---------------------------------------------------------------------------- one attention call, its edits
 #: Where an edit acts inside one attention call, in the order the dispatcher runs them: scores before
 #: the mask is added, scores after it, probabilities after the softmax, recordings (they read the
-#: probabilities the layer really uses), then the per-head outputs (``P @ V``, before ``o_proj``).
-EDIT_POINTS = ("scores_premask", "scores", "probs", "record", "output")
+#: probabilities the layer really uses), the values ``[batch, kv_heads, k, d]`` (the whole KV cache at a
+#: decode step; the cache itself keeps the model's own values), then the per-head outputs (``P @ V``,
+#: before ``o_proj``).
+EDIT_POINTS = ("scores_premask", "scores", "probs", "record", "values", "output")
 
 
 @dataclass
@@ -148,8 +150,9 @@ class AttentionStep:
     Attributes:
         point: one of `EDIT_POINTS`.
         fn: ``fn(tensor, layout, call)``: scores ``[batch, heads, q, k]`` at the score points,
-            probabilities at ``"probs"`` / ``"record"``, the output ``[batch, q, heads, d]`` at
-            ``"output"``. Returns the edited tensor (None: unchanged; a recording returns None).
+            probabilities at ``"probs"`` / ``"record"``, the values ``[batch, kv_heads, k, d]`` at
+            ``"values"``, the output ``[batch, q, heads, d]`` at ``"output"``. Returns the edited tensor
+            (None: unchanged; a recording returns None).
         layout: the context's layout fitted to this call.
         sums: for a recording: ``sums(AttentionSums, layout, call)``, the same recording from running
             sums, so the dispatcher can take a map-free path; None if it needs the map.
@@ -157,6 +160,8 @@ class AttentionStep:
             edited layer)`` computing the whole edited layer without a map, or None.
         tail: the edit only ever changes (or reads) the call's last ``tail`` query rows (then a prompt's
             other rows keep the model's own attention and only those rows are recomputed); None: any row.
+        rows: for a value edit: ``rows(layout, call) -> Bool[batch, q]``, the query rows that read the
+            edited values (the others read the unedited ones); None: every row.
     """
 
     point: str
@@ -165,6 +170,7 @@ class AttentionStep:
     sums: Callable[[AttentionSums, TokenLayout, AttentionCall], None] | None = None
     map_free: Callable[[AttentionCall, TokenLayout, bool], tuple[Tensor, AttentionSums]] | None = None
     tail: int | None = None
+    rows: Callable[[TokenLayout, AttentionCall], Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.point not in EDIT_POINTS:
@@ -223,10 +229,11 @@ def run_steps(
     """One attention call with the edits of every active context, in the documented order.
 
     Score edits (before the mask, then after it; each group in stack order) → softmax → probability
-    edits (in order) → recordings (they see the edited probabilities) → ``P @ V`` → output edits.
-    Without a map where nothing needs it: output edits alone take the model's own attention
-    (``fallback``); recordings alone accumulate running sums (`eah_interp.chunked`); one plain-copy EAH
-    (optionally with recordings) runs map-free (`eah_interp.edit.map_free_eah`); edits of a prompt's last
+    edits (in order) → recordings (they see the edited probabilities) → value edits (in order; each
+    query row reads the values edited by the steps whose ``rows`` select it) → ``P @ V`` → output edits.
+    Without a map where nothing needs it: output and value edits alone take the model's own attention
+    (``fallback``, with the edited values); recordings alone accumulate running sums
+    (`eah_interp.chunked`); one plain-copy EAH (optionally with recordings) runs map-free (`eah_interp.edit.map_free_eah`); edits of a prompt's last
     rows alone (the last row, the text after the image) recompute only those rows, the others keep ``fallback``.
 
     Args:
@@ -242,6 +249,10 @@ def run_steps(
     result = None
     if not inner and fallback is not None:
         result = fallback(call.module, call.query, call.key, call.value, call.mask, **call.kwargs)
+    elif fallback is not None and all(s.point == "values" for s in inner):
+        # output and value edits alone: the model's own attention, once per set of edited values
+        result = _with_values(call, inner, lambda values: fallback(
+            call.module, call.query, call.key, values, call.mask, **call.kwargs)[0]), None
     if result is None and inner:
         result = _map_free(call, inner)
     if result is None and inner:
@@ -269,9 +280,42 @@ def _eager(call: AttentionCall, steps: list[AttentionStep]) -> tuple[Tensor, Ten
             probs, changed = edited, True
     for step in by_point["record"]:
         step.fn(probs, step.layout, call)
-    if changed or out is None:
+    if by_point["values"]:
+        out = _with_values(call, by_point["values"], lambda values: _times_values(probs, values))
+    elif changed or out is None:
         out = _times_values(probs, call.value)
     return out, probs
+
+
+def _with_values(
+    call: AttentionCall, steps: list[AttentionStep], attend: Callable[[Tensor], Tensor]
+) -> Float[Tensor, "batch q heads d"]:
+    """``attend(values)`` with the value edits: each query row gets the output computed from the values
+    edited by the steps (in order) whose ``rows`` select it. One ``attend`` per distinct set of steps
+    among the rows (one when every step edits every row); each step's ``fn`` runs once per distinct
+    prefix of that set (once when the steps select the same rows)."""
+    b, q = call.query.shape[0], call.q_len
+    device = call.query.device
+    masks = [
+        torch.ones(b, q, dtype=torch.bool, device=device) if s.rows is None else s.rows(s.layout, call).to(device)
+        for s in steps
+    ]
+    signature = torch.stack(masks, -1)  # [b, q, steps]
+    edited: dict[tuple[bool, ...], Tensor] = {(): call.value}
+    out = None
+    for combo in torch.unique(signature.reshape(-1, len(steps)), dim=0).tolist():
+        prefix: tuple[bool, ...] = ()
+        for step, on in zip(steps, combo, strict=True):
+            previous, prefix = edited[prefix], (*prefix, bool(on))
+            if prefix not in edited:
+                edited[prefix] = _apply(step, previous, call) if on else previous
+        result = attend(edited[prefix])
+        if out is None:
+            out = result
+        else:
+            chosen = (signature == torch.tensor(combo, dtype=torch.bool, device=device)).all(-1)
+            out = torch.where(chosen[:, :, None, None], result, out)
+    return out  # type: ignore[return-value]
 
 
 def _tail_rows(

@@ -22,7 +22,9 @@ probabilities, ``P @ V``, output edits), choosing per call one of two paths:
   steps, stacked edits and other attention variants.
 
 Edits that touch only a prompt's last rows (the last row; the text after the image) keep the model's
-own attention for the other rows and recompute only those rows; output edits alone keep it entirely.
+own attention for the other rows and recompute only those rows; output and value edits alone keep it
+entirely (with the edited values). Residual-stream edits (`ResidualEdit`) are not attention edits:
+`intervene` applies them with hooks on the decoder layers' input and output.
 Both paths give the same numbers (tests compare them with explicit computations within 1e-5). On exit,
 even by exception, the config, the registries and the hooks are restored exactly.
 
@@ -67,7 +69,7 @@ from eah_interp.errors import (
     LayoutError,
     UnsupportedModelError,  # noqa: F401  (re-exported: hf.UnsupportedModelError)
 )
-from eah_interp.interventions.base import Intervention, InterventionRecord
+from eah_interp.interventions.base import RESIDUAL_POINTS, Intervention, InterventionRecord
 from eah_interp.interventions.selectors import Site
 from eah_interp.layout import TokenLayout
 from eah_interp.models.adapters import image_token_ids as image_token_ids  # re-exported
@@ -147,6 +149,7 @@ class _State:
     step: int = -1
     prompt_len: int | None = None
     total_len: int | None = None  # positions so far at a decode step (from its 2-D attention mask)
+    past: int = 0  # positions already in the KV cache at the current forward (0: a prompt forward)
 
 
 class _AttentionOverride:
@@ -227,7 +230,8 @@ class _AttentionOverride:
         if dispatcher is not None and dispatcher.paused:
             return  # a forward inside `paused`: not this context's prompt
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if _past_length(input_ids, kwargs) > 0:  # a decode step: the prompt layout is extended in _layout_for
+        self.state.past = _past_length(input_ids, kwargs)
+        if self.state.past > 0:  # a decode step: the prompt layout is extended in _layout_for
             mask = kwargs.get("attention_mask")
             self.state.total_len = mask.shape[1] if isinstance(mask, Tensor) and mask.ndim == 2 else None
             return
@@ -383,10 +387,12 @@ class InterventionRun:
 class intervene(_AttentionOverride):  # noqa: N801
     """Apply several interventions to an HF LVLM inside the ``with`` block (``forward`` and ``generate``).
 
-    Each intervention edits at its own point (`EDIT_POINTS`); at one point they run in list order, and
-    the points run in the dispatcher's order (score edits, softmax, probability edits, ``P @ V``,
-    output edits; see `eah_interp.dispatch.run_steps`). Stacks with ``eah`` / ``record_attention``
-    contexts like any context.
+    Each intervention edits at its own point; at one point they run in list order, and within a
+    decoder layer the points run in this order: the layer's input hidden states (``residual_input``,
+    `ResidualEdit`), then the attention call's `EDIT_POINTS` in the dispatcher's order (score edits,
+    softmax, probability edits, value edits, ``P @ V``, output edits; see
+    `eah_interp.dispatch.run_steps`), then the layer's output hidden states (``residual_output``).
+    Stacks with ``eah`` / ``record_attention`` contexts like any context.
 
     Args:
         model: an HF LVLM (or LM) whose language model uses the AttentionInterface.
@@ -409,9 +415,8 @@ class intervene(_AttentionOverride):  # noqa: N801
     def __init__(self, model: nn.Module, interventions: Any, layout: TokenLayout | None = None) -> None:
         items = as_interventions(interventions)
         super().__init__(model, layout)
-        n_layers, n_heads, _ = model_shape(model)
+        n_layers = validate_interventions(items, model)
         for item in items:
-            item.validate_for(n_layers, n_heads)
             if isinstance(item, EAHConfig):
                 self._warn_if_causal_normaliser(item.normalise)
         self.n_layers = n_layers
@@ -422,11 +427,20 @@ class intervene(_AttentionOverride):  # noqa: N801
         self._hidden: dict[int, Tensor] = {}
         self._sink_history: dict[tuple[int, int], Tensor] = {}
         self._hidden_hooks: list[Any] = []
+        # residual-stream edits: hooks on the decoder layers' input / output
+        self._residual_layers = sorted({
+            layer for item in items if _is_residual(item) for layer in item.layers_for(n_layers)
+        })
 
     def __enter__(self) -> InterventionRun:  # type: ignore[override]
         super().__enter__()
         try:
-            layers = decoder_layers(self.model)
+            layers = decoder_layers(self.model) if self._hidden_layers or self._residual_layers else {}
+            for layer in self._residual_layers:  # before _note_hidden: VAR reads the (edited) input the layer gets
+                self._hidden_hooks.append(
+                    layers[layer].register_forward_pre_hook(self._edit_input(layer), with_kwargs=True)
+                )
+                self._hidden_hooks.append(layers[layer].register_forward_hook(self._edit_output(layer)))
             for layer in self._hidden_layers:
                 self._hidden_hooks.append(
                     layers[layer].register_forward_pre_hook(self._note_hidden(layer), with_kwargs=True)
@@ -453,6 +467,48 @@ class intervene(_AttentionOverride):  # noqa: N801
                 self._hidden[layer] = hidden.detach()
 
         return hook
+
+    def _edit_input(self, layer: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if "hidden_states" in kwargs:
+                edited = self._edit_residual(layer, "residual_input", kwargs["hidden_states"])
+                return None if edited is None else (args, {**kwargs, "hidden_states": edited})
+            if args and isinstance(args[0], Tensor):
+                edited = self._edit_residual(layer, "residual_input", args[0])
+                return None if edited is None else ((edited, *args[1:]), kwargs)
+            return None
+
+        return hook
+
+    def _edit_output(self, layer: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            hidden = output[0] if isinstance(output, tuple) else output
+            edited = self._edit_residual(layer, "residual_output", hidden) if isinstance(hidden, Tensor) else None
+            if edited is None:
+                return None
+            return (edited, *output[1:]) if isinstance(output, tuple) else edited
+
+        return hook
+
+    def _edit_residual(self, layer: int, point: str, hidden: Tensor) -> Tensor | None:
+        """The residual edits of one layer's input or output, in list order (None: none applies)."""
+        dispatcher = dispatch.dispatcher_for(self.config)
+        if dispatcher is not None and dispatcher.paused:
+            return None
+        q_len = hidden.shape[1]
+        total = self.state.past + q_len
+        chosen = [
+            (index, item) for index, item in enumerate(self.run.interventions)
+            if _is_residual(item) and item.point == point and item.applies(layer, q_len, total, self.n_layers)
+        ]
+        if not chosen:
+            return None
+        layout = self._layout_for(hidden.shape[0], q_len, total)
+        site = Site(layer=layer, layout=layout, q_len=q_len, k_len=total, prompt_len=self.state.prompt_len or total)
+        for index, item in chosen:
+            hidden, changed = item.edit(hidden, site)
+            self.run.records.append(InterventionRecord(type(item).__name__, index, layer, point, q_len, total, changed))
+        return hidden
 
     def _sinks(self, index: int, item: Any, call: AttentionCall) -> Tensor:
         """``Bool[batch, k]``: the massive-activation sinks among the call's keys (found in the prompt)."""
@@ -501,10 +557,28 @@ def as_interventions(interventions: Any) -> tuple[Any, ...]:
     return items
 
 
+def validate_interventions(items: tuple[Any, ...], model: nn.Module) -> int:
+    """Check every intervention against the model's sizes (layers, heads, KV heads, hidden size); its depth."""
+    n_layers, n_heads, n_kv_heads = model_shape(model)
+    hidden_size = int(getattr(text_config(model), "hidden_size", 0) or 0)
+    for item in items:
+        if isinstance(item, EAHConfig):
+            item.validate_for(n_layers, n_heads)
+        else:
+            item.validate_model(n_layers, n_heads, n_kv_heads, hidden_size)
+    return n_layers
+
+
+def _is_residual(item: Any) -> bool:
+    """Whether an intervention edits the residual stream (a decoder layer's input or output), not attention."""
+    return isinstance(item, Intervention) and item.point in RESIDUAL_POINTS
+
+
 def _intervention_applies(item: Any, call: AttentionCall, n_layers: int) -> bool:
+    """Whether an intervention edits this attention call (residual edits never do: hooks apply them)."""
     if isinstance(item, EAHConfig):
         return should_edit(item, call.layer, call.q_len, call.k_len)
-    return item.applies(call.layer, call.q_len, call.k_len, n_layers)
+    return not _is_residual(item) and item.applies(call.layer, call.q_len, call.k_len, n_layers)
 
 
 def intervention_steps(
@@ -561,7 +635,12 @@ def _intervention_step(
         return edited
 
     site = Site(layer=layer, layout=layout, q_len=q_len, k_len=k_len, prompt_len=prompt_len)
-    return AttentionStep(item.point, edit, layout, tail=item.tail_rows(site))
+    rows = None
+    if item.point == "values" and item.row_mask(site) is not None:
+        def rows(layout: TokenLayout, sub: AttentionCall) -> Tensor:
+            return item.row_mask(Site(layer=layer, layout=layout, q_len=sub.q_len, k_len=sub.k_len,
+                                      prompt_len=prompt_len))
+    return AttentionStep(item.point, edit, layout, tail=item.tail_rows(site), rows=rows)
 
 
 # ---------------------------------------------------------------------------- recording

@@ -348,10 +348,14 @@ def intervene(nn_model: Any, interventions: Any, layout: TokenLayout | None = No
 
     Each layer an intervention edits has its attention call pointed, in this trace only, at a function
     that runs the same dispatcher steps as the HF backend (`eah_interp.hf.intervention_steps` and
-    `eah_interp.dispatch.run_steps`: score edits, softmax, probability edits, ``P @ V``, output edits; the
-    model's own attention for rows nothing edits). Call it before reading ``.source`` of those layers'
-    attention calls yourself. In a traced ``generate`` it edits the first forward; call it inside
-    ``for step in tracer.iter[:]`` for every step. VAR (it reads hidden states) is not supported here.
+    `eah_interp.dispatch.run_steps`: score edits, softmax, probability edits, value edits, ``P @ V``, output
+    edits; the model's own attention for rows nothing edits). Residual-stream edits (`ResidualEdit`)
+    replace the decoder layer's ``.inputs`` / ``.output``; VAR reads its sinks from the decoder layer's
+    input (after any residual input edit, as in the HF backend). The layers are visited in execution order
+    (layer input, attention, layer output), so call this before reading those modules yourself. In a
+    traced ``generate`` it edits the first forward; call it inside ``for step in tracer.iter[:]`` for
+    every step (VAR only on prompt forwards here: its decode steps need the prompt's sink flags, which
+    `eah_interp.hf.intervene` keeps).
 
     Args:
         nn_model: the nnsight model (``nnsight.NNsight(hf_model)``).
@@ -361,42 +365,104 @@ def intervene(nn_model: Any, interventions: Any, layout: TokenLayout | None = No
     Returns:
         A list (saved, so it survives the trace) receiving one `InterventionRecord` per edit made.
     """
+    from eah_interp.interventions.base import InterventionRecord
+    from eah_interp.interventions.selectors import Site
+    from eah_interp.sinks import massive_activation_sinks
+
     model = hf_model(nn_model)
     layout = trace_layout(nn_model, layout, what="intervene")
     items = hf.as_interventions(interventions)
-    n_layers, n_heads, _ = hf.model_shape(model)
-    for item in items:
-        item.validate_for(n_layers, n_heads)
-        if getattr(item, "needs_hidden", False):
-            raise UnsupportedModelError(
-                f"{type(item).__name__} reads each layer's input hidden states; eah_interp.nnsight.intervene does "
-                "not provide them yet. Use eah_interp.hf.intervene."
-            )
-    layers = sorted({layer for item in items for layer in (item.layers if isinstance(item, EAHConfig) else item.layers_for(n_layers))})
+    n_layers = hf.validate_interventions(items, model)
+    residual = [(index, item) for index, item in enumerate(items) if hf._is_residual(item)]
+    readers = [(index, item) for index, item in enumerate(items) if getattr(item, "needs_hidden", False)]
+    attention_layers = {
+        layer for item in items if not hf._is_residual(item)
+        for layer in (item.layers if isinstance(item, EAHConfig) else item.layers_for(n_layers))
+    }
+    inputs_edited = {layer for _, item in residual if item.point == "residual_input" for layer in item.layers_for(n_layers)}
+    outputs_edited = {layer for _, item in residual if item.point == "residual_output"
+                      for layer in item.layers_for(n_layers)}
+    residual_layers = inputs_edited | outputs_edited
+    hidden_layers = {layer for _, item in readers for layer in item.layers_for(n_layers)}
+    decoders = hf.decoder_layers(model) if residual_layers or hidden_layers else {}
     implementation = compat.attn_implementation(hf.text_config(model)) or "eager"
     fallback = None if implementation == "eager" else compat.attention_functions().get(implementation)
     records: list = _save([])
+    sinks: dict[tuple[int, int], Tensor] = {}  # (intervention index, layer) -> Bool[batch, k] of this forward
+
+    def sink_flags(index: int, item: Any, call: dispatch.AttentionCall) -> Tensor:
+        flags = sinks.get((index, call.layer))
+        if flags is None or flags.shape[-1] != call.k_len:
+            raise UnsupportedModelError(
+                f"Layer {call.layer}: {type(item).__name__} needs the sink flags of all {call.k_len} key positions, but "
+                "this forward's decoder input covers only its new positions (a decode step): in nnsight, VAR runs on "
+                "prompt forwards only (VAR(phase='prefill')). Use eah_interp.hf.intervene for generation with VAR."
+            )
+        return flags
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         call = dispatch.AttentionCall(module, module.layer_idx, query, key, value, attention_mask, kwargs)
         fitted = layout.fit(query.shape[0], call.q_len, call.k_len)
-        steps = hf.intervention_steps(items, call, fitted, layout.seq_len, records, n_layers)
+        steps = hf.intervention_steps(items, call, fitted, layout.seq_len, records, n_layers, sinks=sink_flags)
         own = fallback or hf.eager_function(module)
         if not steps:
             return own(module, query, key, value, attention_mask, **kwargs)
         return dispatch.run_steps(call, steps, own)
 
-    _log_call("intervene", layers)
-    for layer in layers:
-        source = self_attn(nn_model, layer).source
-        binding = compat.op_label(source, compat.ATTENTION_CALL_PREFIX, what="the attention function binding",
-                                  last=False)
-        call_name = compat.op_label(source, compat.ATTENTION_CALL_PREFIX, what="the attention function call")
-        if binding == call_name:
-            raise AttentionImplementationError(
-                f"{source.prefix!r} calls attention_interface without binding it in forward; available ops: "
-                f"{', '.join(source.names)}."
-            )
+    def edit_residual(layer: int, point: str, hidden: Tensor, total: int) -> Tensor | None:
+        q_len = hidden.shape[1]
+        chosen = [(i, item) for i, item in residual
+                  if item.point == point and item.applies(layer, q_len, total, n_layers)]
+        if not chosen:
+            return None
+        site = Site(layer=layer, layout=layout.fit(hidden.shape[0], q_len, total), q_len=q_len, k_len=total,
+                    prompt_len=layout.seq_len)
+        for index, item in chosen:
+            hidden, changed = item.edit(hidden, site)
+            records.append(InterventionRecord(type(item).__name__, index, layer, point, q_len, total, changed))
+        return hidden
+
+    visited = sorted(attention_layers | residual_layers | hidden_layers)
+    _log_call("intervene", visited)
+    for layer in visited:
         with _in_forward_order("intervene", layer):
-            source.node(binding).output = attention
+            total = None
+            if layer in inputs_edited or layer in hidden_layers or layer in outputs_edited:  # the layer's input first
+                decoder = compat.envoy_of(nn_model, decoders[layer])
+                args, kwargs = decoder.inputs
+                positional = bool(args) and isinstance(args[0], Tensor)
+                hidden = args[0] if positional else kwargs["hidden_states"]
+                cache = kwargs.get("cache", kwargs.get("past_key_values"))
+                past = int(cache.get_seq_length(layer)) if cache is not None and hasattr(cache, "get_seq_length") else 0
+                total = past + hidden.shape[1]
+                edited = edit_residual(layer, "residual_input", hidden, total)
+                if edited is not None:
+                    hidden = edited
+                    decoder.inputs = ((edited, *args[1:]), kwargs) if positional else (args, {**kwargs, "hidden_states": edited})
+                if past == 0:
+                    for index, item in readers:
+                        if layer in item.layers_for(n_layers):
+                            sinks[(index, layer)] = massive_activation_sinks(hidden.detach(), item.dims, item.tau)
+            if layer in attention_layers:
+                _point_attention_at(nn_model, layer, attention)
+            if layer in outputs_edited:
+                decoder = compat.envoy_of(nn_model, decoders[layer])
+                output = decoder.output
+                hidden = output[0] if isinstance(output, tuple) else output
+                edited = edit_residual(layer, "residual_output", hidden, total if total is not None else hidden.shape[1])
+                if edited is not None:
+                    decoder.output = (edited, *output[1:]) if isinstance(output, tuple) else edited
     return records
+
+
+def _point_attention_at(nn_model: Any, layer: int, attention: Any) -> None:
+    """Inside a trace: make ``layer``'s attention call run ``attention`` (its binding op's output)."""
+    source = self_attn(nn_model, layer).source
+    binding = compat.op_label(source, compat.ATTENTION_CALL_PREFIX, what="the attention function binding", last=False)
+    call_name = compat.op_label(source, compat.ATTENTION_CALL_PREFIX, what="the attention function call")
+    if binding == call_name:
+        raise AttentionImplementationError(
+            f"{source.prefix!r} calls attention_interface without binding it in forward; available ops: "
+            f"{', '.join(source.names)}."
+        )
+    source.node(binding).output = attention

@@ -3,13 +3,15 @@
 The reference is a test-only attention function registered with transformers (it shares no code with
 eah_interp): it receives the layer's query/key/value after rotary embedding, builds the causal +
 padding mask itself, and applies each method's edit with Python loops over (row, head, query, key),
-written from the method's description (docs/methods.md), at the method's edit point. Every method is
-checked on a tiny LLaVA (Llama decoder, GQA 4 heads / 2 KV heads) and a tiny Qwen2-VL (M-RoPE, GQA),
+written from the method's description (docs/methods.md), at the method's edit point. Residual-stream
+edits are checked against plain forward hooks on the decoder layers that edit the hidden states by
+hand (`reference_model`). Every method is checked on a tiny LLaVA (Llama decoder, GQA 4 heads / 2 KV heads) and a tiny Qwen2-VL (M-RoPE, GQA),
 on a prompt forward and on decode steps (``generate`` logits step by step).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -29,7 +31,9 @@ from eah_interp.interventions import (
     Intervention,
     Knockout,
     MiddleLayerBoost,
+    ResidualEdit,
     Site,
+    ValueEdit,
     scaled_range,
 )
 from eah_interp.models.tiny import TINY_IMAGE_ID, tiny_qwen2_vl
@@ -60,6 +64,7 @@ class Reference:
     def __init__(self, interventions, input_ids, attention_mask, image_id):
         self.items = interventions
         self.prompt_len = input_ids.shape[1]
+        self.past = 0
         self.sinks = {}
         self.prompt_mask = attention_mask.bool()
         self.image = (input_ids == image_id).tolist()
@@ -76,6 +81,8 @@ class Reference:
             "system": [real[j] and j < first for j in range(k)],
             "text": [real[j] and j >= first and not image[j] for j in range(k)],
             "question": [real[j] and j >= first and not image[j] and j < self.prompt_len for j in range(k)],
+            "generated": [j >= self.prompt_len for j in range(k)],
+            "all": real,
             "end": end,
         }
 
@@ -157,6 +164,42 @@ class Reference:
                                 if text[j]:
                                     probs[row, head, q - 1, j] = 0.0
         out = (probs @ values).transpose(1, 2)  # [b, q, h, d]
+        value_edits = [item for item in active if isinstance(item, ValueEdit)]
+        if value_edits:  # each (row, query) reads the values edited by the ValueEdits that select it
+            for row in range(b):
+                g = groups[row]
+                edited_values = {}  # which ValueEdits select the row -> that row's edited values
+                for i in range(q):
+                    pos = offset + i
+                    flags = tuple(
+                        {"all": g["real"][pos], "last": i == q - 1 and g["real"][pos],
+                         "decode": not prefill and g["real"][pos],
+                         "after_image": g["real"][pos] and pos >= g["end"]}[item.rows]
+                        for item in value_edits
+                    )
+                    if flags in edited_values:
+                        kv = edited_values[flags]
+                        for head in range(h):
+                            out[row, i, head] = probs[row, head, i] @ kv[head // group]
+                        continue
+                    kv = value[row].float().clone()  # [kv_heads, k, d]
+                    edited_values[flags] = kv
+                    for item, chosen in zip(value_edits, flags, strict=True):
+                        if not chosen:
+                            continue
+                        keys = [j for j in range(k) if self.span(g, item.keys, row, k)[j]]
+                        for kv_head in range(kv.shape[0]):
+                            if item.heads is not None and kv_head not in item.heads:
+                                continue
+                            if item.mode == "mean":
+                                mean = sum(kv[kv_head, j] for j in keys) / len(keys)
+                                for j in keys:
+                                    kv[kv_head, j] = mean
+                            else:
+                                for j in keys:
+                                    kv[kv_head, j] = kv[kv_head, j] * item.scale
+                    for head in range(h):  # sum_j P[i, j] V'[j], with the query head's KV head
+                        out[row, i, head] = probs[row, head, i] @ kv[head // group]
         for item in active:
             if isinstance(item, HeadScale):
                 for layer_, head in item.heads:
@@ -209,6 +252,37 @@ class Reference:
                         out[row, head, i, j] = value + budget * value / total
         return out
 
+    def span(self, g, spec, row, k):
+        """A named span of the row's groups, or a user mask over the prompt (generated positions: False)."""
+        if isinstance(spec, str):
+            return g[spec]
+        return [bool(spec[row][j]) and g["real"][j] if j < self.prompt_len else False for j in range(k)]
+
+    def edit_residual(self, layer, where, hidden):
+        """ResidualEdit by hand: h * scale + add at the selected positions of this forward."""
+        b, q, _ = hidden.shape
+        total = self.past + q
+        hidden = hidden.clone()
+        for item in self.items:
+            if not (isinstance(item, ResidualEdit) and item.where == where and layer in item.layers):
+                continue
+            if not (item.phase == "both" or (item.phase == "prefill") == (q == total)):
+                continue
+            for row in range(b):
+                g = self.groups(row, total)
+                for i in range(q):
+                    pos = total - q + i
+                    if item.positions == "last":
+                        chosen = i == q - 1 and g["real"][pos]
+                    else:
+                        chosen = self.span(g, item.positions, row, total)[pos]
+                    if chosen:
+                        new = hidden[row, i] * item.scale
+                        if item.add is not None:
+                            new = new + torch.tensor(item.add, dtype=hidden.dtype)
+                        hidden[row, i] = new
+        return hidden
+
     @staticmethod
     def applies(item, layer, prefill):
         if isinstance(item, EAH):
@@ -233,6 +307,27 @@ class reference_model:  # noqa: N801 - a context manager
         self.previous = self.config._attn_implementation
         self.config._attn_implementation_internal = REFERENCE
         self.hooks = []
+        reference, layers = self.reference, self.model.model.language_model.layers
+
+        def note_past(module, args, kwargs):  # positions before this forward: 0 for the prompt, then counted
+            q = kwargs["input_ids"].shape[1]
+            reference.past = 0 if q == reference.prompt_len else reference.total
+            reference.total = reference.past + q
+
+        self.hooks.append(self.model.register_forward_pre_hook(note_past, with_kwargs=True))
+        for layer in range(len(layers)):
+            def edit_input(module, args, kwargs, layer=layer):
+                if "hidden_states" in kwargs:
+                    return args, {**kwargs, "hidden_states": reference.edit_residual(layer, "input", kwargs["hidden_states"])}
+                return (reference.edit_residual(layer, "input", args[0]), *args[1:]), kwargs
+
+            def edit_output(module, args, output, layer=layer):
+                if isinstance(output, tuple):
+                    return (reference.edit_residual(layer, "output", output[0]), *output[1:])
+                return reference.edit_residual(layer, "output", output)
+
+            self.hooks.append(layers[layer].register_forward_pre_hook(edit_input, with_kwargs=True))
+            self.hooks.append(layers[layer].register_forward_hook(edit_output))
         for item in self.reference.items:
             if isinstance(item, VAR):
                 for layer in item.layers:
@@ -263,6 +358,9 @@ def generated(model, inputs):
     return out.sequences, torch.stack(out.logits, 1)
 
 
+#: A steering vector of the tiny models' hidden size (64), with varied signs and sizes.
+STEER = tuple(0.5 * math.sin(1.7 * i) for i in range(64))
+
 CASES = {
     "PAI": [PAI(alpha=0.5, layers=(1, 2))],
     "MiddleLayerBoost": [MiddleLayerBoost(alpha=0.5, layers=(0, 2))],
@@ -277,6 +375,20 @@ CASES = {
         VAF(image_scale=2.0, system_scale=0.5, layers=(1,)),
         HeadScale(heads=((1, 3),), scale=2.0),
         Knockout(queries="last", keys="system", layers=(1,)),
+    ],
+    "ValueEdit-image-zero": [ValueEdit(keys="image", scale=0.0, layers=(1, 2))],
+    "ValueEdit-kv-head-last-row": [ValueEdit(keys="system", scale=3.0, heads=(1,), rows="last", layers=(0, 2))],
+    "ValueEdit-mean-after-image": [ValueEdit(keys="image", mode="mean", rows="after_image", layers=(1,))],
+    "ValueEdit-image-prefill-only": [ValueEdit(keys="image", scale=0.0, layers=(1,), phase="prefill")],
+    "ValueEdit-text-decode-only": [ValueEdit(keys="text", scale=0.0, layers=(1, 2), phase="decode")],
+    "ResidualEdit-output-image": [ResidualEdit(layers=(1,), where="output", positions="image", scale=0.5)],
+    "ResidualEdit-steer-last": [ResidualEdit(layers=(0, 2), where="input", positions="last", add=STEER)],
+    "ResidualEdit-decode-only": [ResidualEdit(layers=(2,), positions="all", add=STEER, phase="decode")],
+    "ValueEdit+PAI+ResidualEdit": [
+        ValueEdit(keys="image", scale=0.0, heads=(0,), rows="after_image", layers=(1,)),
+        PAI(alpha=0.5, layers=(1, 2)),
+        ResidualEdit(layers=(1,), where="input", positions="question", scale=2.0),
+        ValueEdit(keys="system", scale=2.0, layers=(1,)),
     ],
 }
 
@@ -296,7 +408,7 @@ def check_against_reference(model, inputs, image_id, items, case):
     with reference_model(model, reference):
         want = prompt_logits(model, inputs)
     assert torch.allclose(got[real], want[real], atol=1e-4), case
-    if case != "PAI-decode-only":
+    if not case.endswith("decode-only"):
         assert not torch.allclose(got[real], plain[real], atol=1e-4), f"{case} changed nothing"
         for index in range(len(items)):
             assert sum(r.changed for r in run.of(index)) > 0, (case, index)
@@ -310,19 +422,44 @@ def check_against_reference(model, inputs, image_id, items, case):
     assert torch.allclose(logits, want_logits, atol=1e-4), case
     assert sequences.tolist() == want_sequences.tolist()
     decode = [r for r in run.records if r.q_len < r.k_len]
-    eah_only_prefill = all(isinstance(i, EAH) for i in items)
-    assert bool(decode) != eah_only_prefill
+    prefill_only = all(isinstance(i, EAH) or i.phase == "prefill" for i in items)
+    assert bool(decode) != prefill_only
 
 
 VAR_DIMS = {TINY_IMAGE_TOKEN_ID: ((27, 51), 2.8), TINY_IMAGE_ID: ((15, 62), 2.5)}  # found with massive_dims
 
 
-def test_var_equals_the_loop_written_reference_prefill_and_decode(family):
+def test_user_position_masks_equal_the_loop_written_reference(family):
+    """ValueEdit keys and ResidualEdit positions given as a Bool[batch, seq] mask of prompt positions (a
+    few hand-picked real positions per row, image and text), prompt forward and decode steps."""
+    model, inputs, image_id = family
+    ids = inputs["input_ids"]
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    for row in range(ids.shape[0]):
+        real = [j for j in range(ids.shape[1]) if inputs["attention_mask"][row, j]]
+        image = [j for j in real if ids[row, j] == image_id]
+        for j in (real[1], image[0], image[-2], real[-2]):
+            mask[row, j] = True
+    items = [ValueEdit(keys=mask, scale=0.0, layers=(1,)), ResidualEdit(layers=(0,), positions=mask, add=STEER)]
+    assert items[0].keys == tuple(tuple(row) for row in mask.tolist())
+    check_against_reference(model, inputs, image_id, items, "user masks")
+    with pytest.raises(hf.LayoutError, match="user position mask"), torch.no_grad():
+        with hf.intervene(model, [ValueEdit(keys=mask[:, 1:], layers=(1,))]):
+            model(**inputs)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_var_equals_the_loop_written_reference_prefill_and_decode(family, stacked):
     """VAR with sink dimensions of these random models (their largest RMS-normalised dims at layer 1) and
-    thresholds that mark a few image tokens; rho / summ loosened so that some heads qualify."""
+    thresholds that mark a few image tokens; rho / summ loosened so that some heads qualify. Stacked: a
+    residual edit of layer 1's input first makes the question tokens sinks too (a push along a sink
+    dimension); VAR reads the edited input, as the layer does."""
     model, inputs, image_id = family
     dims, tau = VAR_DIMS[image_id]
     items = [VAR(dims=dims, tau=tau, rho=0.9, summ=0.05, layers=(1,))]
+    if stacked:
+        push = tuple(1.0 if d == dims[0] else 0.0 for d in range(64))
+        items = [ResidualEdit(layers=(1,), where="input", positions="question", add=push), *items]
     check_against_reference(model, inputs, image_id, items, "VAR")
 
 
@@ -356,6 +493,29 @@ def test_rows_after_image_methods_recompute_only_those_rows(monkeypatch):
     with hf.intervene(model, [VAF(layers=(1, 3)), PAI(layers=(3,))]):
         prompt_logits(model, inputs)
     assert shapes == [tail, tail]
+
+
+def test_value_edits_leave_the_kv_cache_unedited_and_keep_sdpa(monkeypatch):
+    """The cache holds the model's own values (HF fills it before the attention function runs); only the
+    outputs read edited ones. Value edits alone keep SDPA: no eager map, no score computation."""
+    model = sharp_tiny_llava(seed=0)
+    inputs = tiny_llava_inputs(model, prefix_lengths=(3, 6), seed=1)
+    with torch.no_grad():
+        plain = model(**inputs, use_cache=True)
+    monkeypatch.setattr(dispatch, "_scores", lambda *a: pytest.fail("scores computed for a value edit"))
+    monkeypatch.setattr(dispatch, "eager_attention", lambda *a, **k: pytest.fail("eager attention for a value edit"))
+    for rows in ("all", "last"):
+        with hf.intervene(model, [ValueEdit(keys="image", scale=0.0, rows=rows, layers=(1,))]) as run, torch.no_grad():
+            edited = model(**inputs, use_cache=True)
+        assert [r.layer for r in run.records] == [1]
+        cache, plain_cache = edited.past_key_values.layers, plain.past_key_values.layers
+        assert torch.equal(cache[1].values, plain_cache[1].values)  # layer 1's cache: the model's own values
+        assert torch.equal(cache[0].values, plain_cache[0].values)
+        assert not torch.allclose(cache[2].values, plain_cache[2].values, atol=1e-4)  # later layers read the edit
+        real = inputs["attention_mask"].bool()
+        assert not torch.allclose(edited.logits[real], plain.logits[real], atol=1e-4)
+        if rows == "last":  # rows before the last read the model's own values: same logits there
+            assert torch.allclose(edited.logits[:, :-1], plain.logits[:, :-1], atol=1e-5)
 
 
 def test_default_layers_scale_with_depth():
@@ -392,6 +552,9 @@ def test_selectors_resolve_spans_from_the_layout():
     Knockout(queries="question", keys="image", layers=(0,)), ADHH(heads=((1, 2),)), ADHH.llava15_7b(),
     HeadScale(heads=((0, 1),), scale=2.0),
     EAH.paper(threshold=0.01), VAR(dims=(3, 7), tau=15.0), VAR.llava15_7b(),
+    ValueEdit(keys="system", mode="mean", heads=(1,), rows="last", layers=(2,)),
+    ValueEdit(keys=[[True, False, True], [False, False, True]], layers=(1,)),
+    ResidualEdit(layers=(1, 2), where="input", positions="image", scale=0.5, add=(1.0, -2.0)),
 ])
 def test_interventions_round_trip_through_json_and_describe_themselves(item):
     again = Intervention.from_json(item.to_json())
@@ -417,6 +580,18 @@ def test_bad_interventions_raise_errors_that_name_the_fix():
         hf.intervene(model, ["PAI"])
     with pytest.raises(ConfigError, match="at least one"):
         hf.intervene(model, [])
+    with pytest.raises(ConfigError, match="changes nothing"):
+        ValueEdit(scale=1.0)
+    with pytest.raises(IndexError, match="2 key/value heads.*not query heads"):
+        hf.intervene(model, [ValueEdit(heads=(3,))])  # 4 query heads share 2 KV heads
+    with pytest.raises(ConfigError, match="layers"):
+        ResidualEdit(scale=0.5)
+    with pytest.raises(ConfigError, match="changes nothing"):
+        ResidualEdit(layers=(1,))
+    with pytest.raises(ConfigError, match="positions"):
+        ResidualEdit(layers=(1,), scale=0.5, positions="middle")
+    with pytest.raises(ConfigError, match="3 entries but the language model's hidden size is 64"):
+        hf.intervene(model, [ResidualEdit(layers=(1,), add=(1.0, 2.0, 3.0))])
 
 
 def test_head_scale_from_head_stats_takes_the_top_heads():
@@ -444,6 +619,23 @@ def test_intervene_stacks_with_record_attention_and_restores_everything(family):
     assert set(AttentionInterface._global_mapping) == keys
     assert model.config.get_text_config(decoder=True)._attn_implementation == impl
     assert hf.active_contexts(model) == [] and not model._forward_pre_hooks
+
+
+def test_residual_and_hidden_state_hooks_are_removed_even_on_an_exception():
+    model = sharp_tiny_llava(seed=0)
+    inputs = tiny_llava_inputs(model, prefix_lengths=(3,), seed=1)
+    layers = model.model.language_model.layers
+    items = [ResidualEdit(layers=(0, 2), where="input", positions="image", scale=0.5),
+             ResidualEdit(layers=(1,), positions="last", add=STEER), VAR(dims=(27, 51), tau=2.8, layers=(1, 2))]
+    with pytest.raises(RuntimeError, match="boom"):
+        with hf.intervene(model, items) as run:
+            prompt_logits(model, inputs)
+            assert any(layer._forward_pre_hooks for layer in layers) and layers[1]._forward_hooks
+            raise RuntimeError("boom")
+    assert [r.point for r in run.records if r.intervention == "ResidualEdit"] == [
+        "residual_input", "residual_output", "residual_input"]  # layers 0, 1, 2 in execution order
+    assert not any(layer._forward_pre_hooks or layer._forward_hooks for layer in layers)
+    assert hf.active_contexts(model) == []
 
 
 def test_knockout_of_the_image_blocks_all_image_attention_in_recorded_maps():
@@ -481,33 +673,50 @@ def test_massive_activation_sinks_by_hand():
         VAR()
 
 
-@pytest.mark.filterwarnings("ignore:Module .* has a submodule named 'output'")
-@pytest.mark.parametrize("case", ["PAI", "VAF", "HeadScale", "EAH+PAI", "Knockout-question"])
-def test_nnsight_intervene_equals_hf_intervene(case):
-    """The nnsight backend runs the same steps at the same sites: logits and records equal hf.intervene's
-    (which is checked against the loop-written reference above)."""
-    from nnsight import NNsight
+NNSIGHT_CASES = {
+    **{case: CASES[case] for case in CASES if not case.endswith("decode-only")},
+    "VAR": [VAR(dims=VAR_DIMS[TINY_IMAGE_TOKEN_ID][0], tau=VAR_DIMS[TINY_IMAGE_TOKEN_ID][1], rho=0.9, summ=0.05,
+                layers=(1,))],
+    "VAR+ResidualEdit+ValueEdit": [
+        ResidualEdit(layers=(1,), where="input", positions="image", scale=1.5),
+        VAR(dims=VAR_DIMS[TINY_IMAGE_TOKEN_ID][0], tau=VAR_DIMS[TINY_IMAGE_TOKEN_ID][1], rho=0.9, summ=0.05,
+            layers=(1, 2)),
+        ValueEdit(keys="image", scale=0.5, rows="last", layers=(2,)),
+    ],
+}
 
-    import eah_interp.nnsight as ens
+
+@pytest.fixture(scope="module")
+def nnsight_llava():
+    from nnsight import NNsight
 
     model = sharp_tiny_llava(seed=0)
     inputs = tiny_llava_inputs(model, prefix_lengths=(3, 6), suffix_lengths=(5, 2), padding_side="left", seed=1)
-    items = CASES[case]
+    return model, NNsight(model), inputs
+
+
+@pytest.mark.filterwarnings("ignore:Module .* has a submodule named 'output'")
+@pytest.mark.parametrize("case", list(NNSIGHT_CASES))
+def test_nnsight_intervene_equals_hf_intervene(nnsight_llava, case):
+    """The nnsight backend runs the same steps at the same sites, for every intervention (VAR reading its
+    sinks from the decoder input, residual edits through the decoder's inputs / output): logits and records
+    equal hf.intervene's (which is checked against the loop-written reference above)."""
+    import eah_interp.nnsight as ens
+
+    model, nn_model, inputs = nnsight_llava
+    items = NNSIGHT_CASES[case]
     with hf.intervene(model, items) as run:
         want = prompt_logits(model, inputs)
     layout = TokenLayout.from_input_ids(inputs["input_ids"], TINY_IMAGE_TOKEN_ID, inputs["attention_mask"])
-    nn_model = NNsight(model)
     with torch.no_grad(), nn_model.trace(**inputs, use_cache=False):
         records = ens.intervene(nn_model, items, layout)
         logits = nn_model.output.logits.save()
     real = inputs["attention_mask"].bool()
     assert torch.allclose(logits[real], want[real], atol=1e-5)
-    assert [(r.intervention, r.layer, r.changed) for r in records] == [
-        (r.intervention, r.layer, r.changed) for r in run.records
+    assert [(r.intervention, r.layer, r.point, r.changed) for r in records] == [
+        (r.intervention, r.layer, r.point, r.changed) for r in run.records
     ]
-    with pytest.raises(hf.UnsupportedModelError, match="hidden states"):
-        with nn_model.trace(**inputs, use_cache=False):
-            ens.intervene(nn_model, [VAR(dims=(1,), layers=(1,))], layout)
+    assert all(sum(r.changed for r in run.of(index)) > 0 for index in range(len(items))), case
 
 
 def test_compare_sink_definitions_counts_both_sink_kinds_by_hand():
@@ -604,3 +813,36 @@ def test_decode_steps_of_sliding_window_layers_see_the_last_window_of_positions(
             if row[j] == TINY_IMAGE_ID
         )
         assert record.changed == heads * image_keys, step
+
+
+@pytest.mark.filterwarnings("ignore:Module .* has a submodule named 'output'")
+def test_nnsight_intervene_at_every_decode_step_equals_hf_generate(nnsight_llava):
+    """A traced generate calling intervene at every step: the value, residual and score edits of each step
+    (positions counted from the cache at the decoder input) equal hf.intervene's; VAR needs the prompt's sink
+    flags at decode steps, so there it raises an error naming the fix, and VAR(phase="prefill") runs."""
+    import nnsight
+
+    import eah_interp.nnsight as ens
+
+    model, nn_model, inputs = nnsight_llava
+    layout = TokenLayout.from_input_ids(inputs["input_ids"], TINY_IMAGE_TOKEN_ID, inputs["attention_mask"])
+    kwargs = dict(max_new_tokens=3, do_sample=False)
+    dims, tau = VAR_DIMS[TINY_IMAGE_TOKEN_ID]
+    var = VAR(dims=dims, tau=tau, rho=0.9, summ=0.05, layers=(1,), phase="prefill")
+    items = [ValueEdit(keys="image", scale=0.0, layers=(1,)), ResidualEdit(layers=(2,), positions="last", add=STEER),
+             PAI(alpha=0.5, layers=(1, 2)), var]
+    with hf.intervene(model, items) as run, torch.no_grad():
+        want = model.generate(**inputs, **kwargs)
+    with torch.no_grad(), nn_model.trace(**inputs, fn=model.generate, **kwargs) as tracer:
+        records = nnsight.save([])
+        for _ in tracer.iter[:3]:
+            records += ens.intervene(nn_model, items, layout)
+        got = tracer.result.save()
+    assert torch.equal(got, want)
+    key = [(r.intervention, r.layer, r.point, r.q_len, r.k_len, r.changed) for r in records]
+    assert key == [(r.intervention, r.layer, r.point, r.q_len, r.k_len, r.changed) for r in run.records]
+    assert {r[2] for r in key} == {"values", "residual_output", "scores", "probs"}
+    with pytest.raises(hf.UnsupportedModelError, match=r"prompt forwards only.*hf.intervene"), torch.no_grad():
+        with nn_model.trace(**inputs, fn=model.generate, **kwargs) as tracer:
+            for _ in tracer.iter[:3]:
+                ens.intervene(nn_model, [dataclasses.replace(var, phase="both")], layout)

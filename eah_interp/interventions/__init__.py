@@ -1,8 +1,9 @@
 """Interventions: frozen, validated, JSON-serialisable edits that name where they act and on what.
 
 ``eah_interp.hf.intervene(model, [EAH.paper(), PAI()])`` applies several in one run, in list order
-within each edit point (see `eah_interp.dispatch.run_steps` for the order of the points), and records what
-each did. Sources and defaults of every method: docs/methods.md.
+within each edit point (see `eah_interp.dispatch.run_steps` for the order of the points inside an
+attention call; `ResidualEdit` acts on a decoder layer's input before them and its output after them),
+and records what each did. Sources and defaults of every method: docs/methods.md.
 """
 
 from eah_interp.interventions.adhh import ADHH
@@ -12,8 +13,10 @@ from eah_interp.interventions.head_scale import HeadScale
 from eah_interp.interventions.knockout import Knockout
 from eah_interp.interventions.middle import MiddleLayerBoost
 from eah_interp.interventions.pai import PAI
+from eah_interp.interventions.residual import ResidualEdit
 from eah_interp.interventions.selectors import PHASES, ROWS, SPANS, Site, scaled_range
 from eah_interp.interventions.vaf import VAF
+from eah_interp.interventions.values import ValueEdit
 from eah_interp.interventions.var import VAR
 
 __all__ = [
@@ -28,8 +31,10 @@ __all__ = [
     "Knockout",
     "MiddleLayerBoost",
     "PAI",
+    "ResidualEdit",
     "Site",
     "VAF",
     "VAR",
+    "ValueEdit",
     "scaled_range",
 ]

@@ -2,8 +2,9 @@
 
 Each method is one small frozen dataclass (one file per method) with
 
-* ``point``: the edit point, one of `eah_interp.hf.EDIT_POINTS` (``"scores_premask"``, ``"scores"``,
-  ``"probs"``, ``"output"``),
+* ``point``: the edit point: one of the attention call's `eah_interp.dispatch.EDIT_POINTS`
+  (``"scores_premask"``, ``"scores"``, ``"probs"``, ``"values"``, ``"output"``), or a decoder layer's
+  residual stream (``"residual_input"``, ``"residual_output"``; `RESIDUAL_POINTS`),
 * ``tail_rows(site)``: how many trailing query rows of a call it can change at most (1 for edits of
   the last row; the rows after the image for VAF and VAR; None: any row). The backend runs the other
   rows of a prompt with the model's fast attention and recomputes only those,
@@ -28,6 +29,9 @@ from torch import Tensor
 
 from eah_interp.errors import ConfigError
 from eah_interp.interventions.selectors import Site, check_layers, phase_matches
+
+#: Edit points on the residual stream: a decoder layer's input (before its attention) and its output.
+RESIDUAL_POINTS = ("residual_input", "residual_output")
 
 #: Registered intervention classes by name (`Intervention.from_dict` reads ``"method"``).
 _METHODS: dict[str, type[Intervention]] = {}
@@ -61,6 +65,10 @@ class Intervention:
     def validate_for(self, n_layers: int, n_heads: int) -> None:
         """Raise if a layer or head does not exist in a model with these sizes."""
         check_layers(self.layers_for(n_layers), n_layers, type(self).__name__)
+
+    def validate_model(self, n_layers: int, n_heads: int, n_kv_heads: int, hidden_size: int) -> None:
+        """Raise if the intervention does not fit a model of these sizes (layers, heads, KV heads, hidden size)."""
+        self.validate_for(n_layers, n_heads)
 
     def tail_rows(self, site: Site) -> int | None:
         """How many trailing query rows of the call this edit can change (None: any row)."""
@@ -133,8 +141,9 @@ class InterventionRecord:
         index: its position in the ``intervene`` list.
         layer: the decoder layer.
         point: the edit point.
-        q_len, k_len: query rows and key positions of the call.
-        changed: how many entries (scores / probabilities / output values) it changed.
+        q_len, k_len: query rows and key positions of the call (for a residual edit: the layer's positions in
+            this forward and the positions of the sequence so far).
+        changed: how many entries (scores / probabilities / value or output or hidden-state entries) it changed.
         eah: for EAH, its `eah_interp.edit.EditRecord` (source heads, sink counts).
     """
 

@@ -186,6 +186,15 @@ def key_span(span: str, site: Site) -> Bool[Tensor, "batch k"]:
     raise ConfigError(f"Unknown key span {span!r}; choose from {SPANS}.")
 
 
+#: A user position mask as an intervention stores it: one tuple of booleans per batch row (JSON-ready).
+UserMask = tuple[tuple[bool, ...], ...]
+
+
+def span_text(spec: str | UserMask) -> str:
+    """A group name, or ``"user-masked (n positions)"`` for a user mask (for ``describe``)."""
+    return spec if isinstance(spec, str) else f"user-masked ({sum(map(sum, spec))} positions)"
+
+
 def query_rows(rows: str | tuple[tuple[bool, ...], ...] | Tensor, site: Site) -> Bool[Tensor, "batch q"]:
     """``Bool[batch, q]``: the query rows of each batch row selected by ``rows``, real only.
 
