@@ -78,10 +78,13 @@ class Reference:
         return {
             "real": real,
             "image": image,
+            # the layout's groups (left padding: the last prompt position is prompt_len - 1)
             "system": [real[j] and j < first for j in range(k)],
-            "text": [real[j] and j >= first and not image[j] for j in range(k)],
-            "question": [real[j] and j >= first and not image[j] and j < self.prompt_len for j in range(k)],
+            "question": [real[j] and j >= first and not image[j] and j < self.prompt_len - 1 for j in range(k)],
+            "last": [j == self.prompt_len - 1 for j in range(k)],
             "generated": [j >= self.prompt_len for j in range(k)],
+            "text": [real[j] and not image[j] and j != self.prompt_len - 1 for j in range(k)],
+            "after_image": [real[j] and j >= first and not image[j] for j in range(k)],
             "all": real,
             "end": end,
         }
@@ -157,7 +160,7 @@ class Reference:
                     if layer_ != layer:
                         continue
                     for row in range(b):
-                        text = groups[row]["text"]
+                        text = groups[row]["after_image"]
                         mass = sum(float(probs[row, head, q - 1, j]) for j in range(k) if text[j])
                         if mass >= item.tau:
                             for j in range(k):
@@ -537,9 +540,11 @@ def test_selectors_resolve_spans_from_the_layout():
     from eah_interp.interventions.selectors import key_span, query_rows
 
     assert key_span("system", site).int().tolist() == [[0, 1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0, 0]]
-    assert key_span("question", site).int().tolist() == [[0, 0, 0, 0, 0, 1, 1, 0, 0]] * 2
+    assert key_span("question", site).int().tolist() == [[0, 0, 0, 0, 0, 1, 0, 0, 0]] * 2  # the last one is "last"
+    assert key_span("last", site).int().tolist() == [[0, 0, 0, 0, 0, 0, 1, 0, 0]] * 2
     assert key_span("generated", site).int().tolist() == [[0, 0, 0, 0, 0, 0, 0, 1, 1]] * 2
-    assert key_span("text", site).int().tolist() == [[0, 0, 0, 0, 0, 1, 1, 1, 1]] * 2
+    assert key_span("text", site).int().tolist() == [[0, 1, 1, 0, 0, 1, 0, 1, 1], [1, 1, 1, 0, 0, 1, 0, 1, 1]]
+    assert key_span("after_image", site).int().tolist() == [[0, 0, 0, 0, 0, 1, 1, 1, 1]] * 2
     assert query_rows("after_image", site).int().tolist() == [[0, 0, 0, 0, 0, 1, 1, 1, 1]] * 2
     assert query_rows("last", site).int().tolist() == [[0] * 8 + [1]] * 2
     decode = Site(layer=0, layout=layout, q_len=1, k_len=9, prompt_len=7)
@@ -642,7 +647,7 @@ def test_knockout_of_the_image_blocks_all_image_attention_in_recorded_maps():
     """Recorded after the edit: with the last row knocked out of image keys, its image mass is exactly 0."""
     model = sharp_tiny_llava(seed=0)
     inputs = tiny_llava_inputs(model, prefix_lengths=(3, 6), seed=1)
-    with hf.intervene(model, [Knockout(queries="text", keys="image", layers=(2,))]), hf.record_attention(
+    with hf.intervene(model, [Knockout(queries="after_image", keys="image", layers=(2,))]), hf.record_attention(
         model, [2], keep_patterns=True
     ) as rec:
         prompt_logits(model, inputs)

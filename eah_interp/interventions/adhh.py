@@ -95,7 +95,7 @@ class ADHH(Intervention):
     def edit(self, tensor: Tensor, site: Site) -> tuple[Tensor, int]:
         chosen = torch.zeros(tensor.shape[1], dtype=torch.bool, device=tensor.device)
         chosen[[h for layer, h in self.heads if layer == site.layer]] = True
-        text = entries(query_rows("last", site), key_span("text", site))  # [b, 1, q, k]
+        text = entries(query_rows("last", site), key_span("after_image", site))  # [b, 1, q, k]
         mass = (tensor * text).sum(-1, keepdim=True)  # [b, h, q, 1]
         selected = text & (mass >= self.tau) & chosen[None, :, None, None]
         return tensor.masked_fill(selected, 0.0), count(selected)

@@ -33,7 +33,7 @@ from eah_interp.interventions.selectors import (
 from eah_interp.sinks import query_positions
 
 #: Query groups: ``"last"`` (the call's last row) or a span of `SPANS` (rows at those positions).
-QUERY_GROUPS = ("last",) + SPANS
+QUERY_GROUPS = SPANS  # "last" here is the call's last row (`query_rows`): the last prompt position, or the new token
 Mask = tuple[tuple[bool, ...], ...]
 
 

@@ -37,7 +37,7 @@ from eah_interp.interventions.selectors import (
 )
 
 #: Positions a residual edit can select: a key span of the layout, or the forward's last position.
-POSITIONS = (*SPANS, "last")
+POSITIONS = SPANS
 WHERE = ("input", "output")
 
 
@@ -68,8 +68,8 @@ class ResidualEdit(Intervention):
     Args:
         layers: decoder layers (required: a residual edit has no method default).
         where: ``"input"`` (before the layer) or ``"output"`` (after it).
-        positions: a key span (``"image"``, ``"system"``, ``"question"``, ``"generated"``, ``"text"``, ``"all"``),
-            ``"last"`` (the forward's last position: the prompt's last token, each new token), or a
+        positions: a position group (`SPANS`: the layout's groups, e.g. ``"image"``, ``"question"``,
+            plus ``"after_image"``); ``"last"`` here is the forward's last position: the prompt's last token, each new token), or a
             ``Bool[batch, prompt length]`` mask of prompt positions (stored as tuples of booleans).
         scale: multiplier of the hidden state (1 = keep).
         add: a vector of the hidden size to add (steering), or None.

@@ -16,19 +16,20 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from eah_interp.errors import ConfigError, LayerIndexError, LayoutError
-from eah_interp.layout import TokenLayout
+from eah_interp.layout import GROUPS, TokenLayout
 from eah_interp.sinks import query_positions
 
 #: Query-row selectors: every row, rows after the last image token, the call's last row (the next-token
 #: row in a prefill, the new token at a decode step), or decode steps only.
 ROWS = ("all", "after_image", "last", "decode")
-#: Key spans: image tokens; the system prompt (real tokens before the first image token); the prompt's
-#: text after the first image token ("question"); generated tokens; question + generated ("text");
-#: every real key ("all").
-SPANS = ("image", "system", "question", "generated", "text", "all")
-#: Key groups: the `SPANS` plus ``"last"``, the last real prompt position (`TokenLayout.group_mask`);
-#: wherever a group is taken, a user ``Bool[batch, seq]`` mask of the prompt's positions works too.
-KEY_GROUPS = (*SPANS, "last")
+#: Key spans: the layout's position groups (`eah_interp.layout.GROUPS`: "system", "image", "question",
+#: "last", "generated", "text", "all", exactly as `TokenLayout.group_mask` defines them, so an intervention,
+#: a patch and a statistic mean the same positions by one name), plus "after_image": every real non-image
+#: position after the first image token (question + last + generated: AD-HH's "text after the image").
+SPANS = (*GROUPS, "after_image")
+#: Key groups (`Knockout`, `ValueEdit`, `ResidualEdit`): the `SPANS`; wherever a group is taken, a user
+#: ``Bool[batch, seq]`` mask of the prompt's positions works too.
+KEY_GROUPS = SPANS
 #: Phases: the prompt forward, decode steps with a KV cache, or both.
 PHASES = ("prefill", "decode", "both")
 
@@ -144,9 +145,6 @@ def group_keys(group: str | tuple[tuple[bool, ...], ...] | Tensor, site: Site) -
     """
     layout = site.layout
     if isinstance(group, str):
-        if group == "last":
-            n_prompt = min(site.prompt_len, layout.seq_len)
-            return dataclasses.replace(layout, prompt_len=n_prompt).group_mask("last")
         return key_span(group, site)
     mask = torch.as_tensor(group, dtype=torch.bool, device=layout.attention_mask.device)
     batch, width = mask.shape
@@ -156,34 +154,26 @@ def group_keys(group: str | tuple[tuple[bool, ...], ...] | Tensor, site: Site) -
         mask = torch.cat([mask, mask.new_zeros(mask.shape[0], layout.seq_len - width)], dim=1)
     if tuple(mask.shape) != (layout.batch_size, layout.seq_len):
         raise LayoutError(
-            f"A position mask of shape {(batch, width)} does not fit this call ({layout.batch_size} rows x "
+            f"A user position mask of shape {(batch, width)} does not fit this call ({layout.batch_size} rows x "
             f"{layout.seq_len} keys, prompt of {site.prompt_len}): pass a mask of the prompt's shape (batch, seq)."
         )
     return layout.group_mask(mask)
 
 
 def key_span(span: str, site: Site) -> Bool[Tensor, "batch k"]:
-    """``Bool[batch, k]``: the keys of each row in ``span`` (see `SPANS`), real positions only."""
-    layout = site.layout
-    real = layout.attention_mask
-    pos = torch.arange(layout.seq_len, device=real.device)[None, :]
+    """``Bool[batch, k]``: the keys of each row in ``span`` (see `SPANS`), real positions only.
+
+    The layout's groups (`TokenLayout.group_mask`) with the call's prompt length, so that keys at or
+    after it (decode steps) are "generated"; "after_image" is question + last + generated.
+    """
+    check_choice("key span", span, SPANS)
+    layout = dataclasses.replace(site.layout, prompt_len=min(site.prompt_len, site.layout.seq_len))
+    if span != "after_image":
+        return layout.group_mask(span)
+    pos = torch.arange(layout.seq_len, device=layout.attention_mask.device)[None, :]
     start, _ = layout.image_extent()
-    has_image = layout.image_mask.any(-1, keepdim=True)
-    after_first_image = (pos >= start[:, None]) & has_image
-    generated = pos >= site.prompt_len
-    if span == "image":
-        return layout.image_mask
-    if span == "system":
-        return real & ~after_first_image & ~layout.image_mask & has_image
-    if span == "question":
-        return real & after_first_image & ~layout.image_mask & ~generated
-    if span == "generated":
-        return real & generated
-    if span == "text":
-        return real & after_first_image & ~layout.image_mask
-    if span == "all":
-        return real
-    raise ConfigError(f"Unknown key span {span!r}; choose from {SPANS}.")
+    after_first_image = (pos >= start[:, None]) & layout.image_mask.any(-1, keepdim=True)
+    return layout.attention_mask & after_first_image & ~layout.image_mask
 
 
 #: A user position mask as an intervention stores it: one tuple of booleans per batch row (JSON-ready).

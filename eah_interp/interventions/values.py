@@ -73,8 +73,8 @@ class ValueEdit(Intervention):
     """Scale (``scale=0``: zero) or mean-ablate the value vectors of chosen keys in chosen KV heads.
 
     Args:
-        keys: the keys whose values are edited: a span (`SPANS`: ``"image"``, ``"system"``, ``"question"``,
-            ``"generated"``, ``"text"``, ``"all"``) or a ``Bool[batch, prompt length]`` mask of prompt
+        keys: the keys whose values are edited: a position group (`SPANS`: the layout's groups, e.g. ``"image"``,
+            ``"system"``, ``"question"``, ``"last"``, plus ``"after_image"``) or a ``Bool[batch, prompt length]`` mask of prompt
             positions (a tensor or nested lists; stored as tuples of booleans).
         scale: the multiplier in ``mode="scale"`` (0 = the keys contribute nothing to the output).
         mode: ``"scale"`` or ``"mean"`` (replace each selected value by the mean of the selected ones).
