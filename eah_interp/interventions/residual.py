@@ -69,8 +69,8 @@ class ResidualEdit(Intervention):
         layers: decoder layers (required: a residual edit has no method default).
         where: ``"input"`` (before the layer) or ``"output"`` (after it).
         positions: a position group (`SPANS`: the layout's groups, e.g. ``"image"``, ``"question"``,
-            plus ``"after_image"``); ``"last"`` here is the forward's last position: the prompt's last token, each new token), or a
-            ``Bool[batch, prompt length]`` mask of prompt positions (stored as tuples of booleans).
+            plus ``"after_image"``; ``"last"`` here is the forward's last position: the prompt's last
+            token, each new token), or a ``Bool[batch, prompt length]`` mask of prompt positions (stored as tuples of booleans).
         scale: multiplier of the hidden state (1 = keep).
         add: a vector of the hidden size to add (steering), or None.
         phase: ``"both"``, ``"prefill"`` or ``"decode"``.
