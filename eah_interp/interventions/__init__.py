@@ -15,6 +15,7 @@ from eah_interp.interventions.middle import MiddleLayerBoost
 from eah_interp.interventions.pai import PAI
 from eah_interp.interventions.residual import ResidualEdit
 from eah_interp.interventions.selectors import PHASES, ROWS, SPANS, Site, scaled_range
+from eah_interp.interventions.synthetic import SyntheticMap
 from eah_interp.interventions.vaf import VAF
 from eah_interp.interventions.values import ValueEdit
 from eah_interp.interventions.var import VAR
@@ -33,6 +34,7 @@ __all__ = [
     "PAI",
     "ResidualEdit",
     "Site",
+    "SyntheticMap",
     "VAF",
     "VAR",
     "ValueEdit",

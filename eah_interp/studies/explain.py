@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,10 +48,9 @@ from tqdm.auto import tqdm
 
 from eah_interp.config import EAHConfig
 from eah_interp.errors import ConfigError
-from eah_interp.interventions.base import Intervention
-from eah_interp.interventions.selectors import PHASES, Site, as_layers, check_choice
+from eah_interp.interventions.synthetic import PATTERNS, SyntheticMap, previous_token_map, uniform_map
 from eah_interp.layout import TokenLayout
-from eah_interp.sinks import NORMALISE_CHOICES, query_positions
+from eah_interp.sinks import NORMALISE_CHOICES
 
 #: Significance level, applied to Holm-adjusted p-values only.
 ALPHA = 0.05
@@ -74,82 +73,6 @@ METRICS = {
     "question_image_mass": ("question_mass_after", None, "question rows' attention on the image, layers 2-29"),
     "last_image_mass": ("last_mass_after", None, "last row's attention on the image, layers 2-29"),
 }
-
-
-# ---------------------------------------------------------------------------- the synthetic controls
-#: The synthetic maps `SyntheticMap` can broadcast.
-PATTERNS = ("previous_token", "uniform")
-
-
-@dataclass(frozen=True)
-class SyntheticMap(Intervention):
-    """Replace every head's attention map at ``layers`` with a synthetic map (a control for EAH's broadcast).
-
-    ``pattern="previous_token"``: each real query row at position ``i`` puts probability 1 on position ``i - 1``
-    (a row's first real token on itself). ``pattern="uniform"``: each real row spreads its weight evenly over
-    the real keys up to itself. Padding rows are left as they are. EAH copies one head's map onto every head;
-    if that head is a previous-token head, broadcasting the pure previous-token map should reproduce EAH's
-    effect, and the uniform map tells whether any homogenisation of the heads does the same.
-
-    Args:
-        pattern: one of `PATTERNS`.
-        layers: decoder layers to edit.
-        phase: ``"prefill"`` (EAH's default: the prompt forward), ``"decode"`` or ``"both"``.
-    """
-
-    pattern: str = "previous_token"
-    layers: tuple[int, ...] | None = (1,)
-    phase: str = "prefill"
-
-    point: ClassVar[str] = "probs"
-
-    def __post_init__(self) -> None:
-        check_choice("SyntheticMap.pattern", self.pattern, PATTERNS)
-        object.__setattr__(self, "layers", as_layers(self.layers, "SyntheticMap"))
-        check_choice("SyntheticMap.phase", self.phase, PHASES)
-
-    def edit(self, tensor: Float[Tensor, "batch heads q k"], site: Site) -> tuple[Tensor, int]:
-        if self.pattern == "previous_token":
-            target = previous_token_map(site.layout, site.q_len)
-        else:
-            target = uniform_map(site.layout)[:, site.k_len - site.q_len :]
-        target = target.to(tensor.device, tensor.dtype)
-        real = site.layout.attention_mask.to(tensor.device)[:, query_positions(site.q_len, site.k_len, tensor.device)]
-        out = torch.where(real[:, None, :, None], target[:, None], tensor)
-        return out, int((out != tensor).sum())
-
-    def describe(self) -> str:
-        what = "attends with weight 1 to the previous token" if self.pattern == "previous_token" else (
-            "attends uniformly to every real key up to itself")
-        return f"SyntheticMap: at {self._layers_text()}, every head {what} ({self.phase} forwards)."
-
-
-def previous_token_map(layout: TokenLayout, q_len: int | None = None) -> Float[Tensor, "batch q k"]:
-    """The pure previous-token attention map of a layout: row ``i`` -> key ``i - 1`` (first real row -> itself).
-
-    Args:
-        layout: the layout of the ``k`` key positions.
-        q_len: query rows (the last ``q_len`` positions; default: all ``k``).
-
-    Returns:
-        ``Float[batch, q, k]``; padding rows are all zero.
-    """
-    k = layout.seq_len
-    q = k if q_len is None else q_len
-    qpos = query_positions(q, k, layout.attention_mask.device)
-    first = layout.first_real_position()  # [b]
-    target = torch.where(qpos[None, :] > first[:, None], qpos[None, :] - 1, qpos[None, :])  # [b, q]
-    out = torch.nn.functional.one_hot(target, k).float()
-    return out * layout.attention_mask[:, qpos, None].float()
-
-
-def uniform_map(layout: TokenLayout) -> Float[Tensor, "batch k k"]:
-    """The uniform causal attention map of a layout: row ``i`` spreads weight evenly over the real keys ``<= i``."""
-    k = layout.seq_len
-    real = layout.attention_mask.float()
-    causal = torch.tril(torch.ones(k, k, device=real.device))
-    allowed = causal[None] * real[:, None, :] * real[:, :, None]
-    return allowed / allowed.sum(-1, keepdim=True).clamp_min(1)
 
 
 def image_mass(probs: Float[Tensor, "batch heads q k"], layout: TokenLayout, rows: str) -> Float[Tensor, " batch"]:
