@@ -586,7 +586,7 @@ def merge(
 
 @app.command()
 def study(
-    name: Annotated[str, typer.Argument(help="'methods' (EAH among its peers) or 'explain' (why the broadcast works)")],
+    name: Annotated[str, typer.Argument(help="'methods' (EAH among its peers), 'explain' (why the broadcast works) or 'sinks' (sinks vs null models)")],
     out: Annotated[Path | None, typer.Option(help="output folder (default: docs/results/NAME; rerun to resume)")] = None,
     quick: Annotated[bool, typer.Option(help="a small, fast run (smoke test), not the documented numbers")] = False,
 ) -> None:
