@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from eah_interp import hf
 from eah_interp.config import EAHConfig
-from eah_interp.errors import ConfigError, HeadIndexError, LayerIndexError, LayoutError, UnsupportedModelError
+from eah_interp.errors import ConfigError, HeadIndexError, LayerIndexError, UnsupportedModelError
 from eah_interp.layout import GROUPS, TokenLayout
 from eah_interp.patching import (
     COLUMNS,
@@ -65,6 +65,7 @@ from eah_interp.patching import (
     SITES,
     LogitDiff,
     Metric,
+    _default_layout,
     last_positions,
     summarise,
 )
@@ -107,14 +108,7 @@ def _as_metric(metric: Any) -> Metric:
 
 
 def _layout(model: nn.Module, inputs: Mapping[str, Tensor], layout: TokenLayout | None) -> TokenLayout:
-    if layout is not None:
-        return layout
-    tokens = hf.image_token_ids(model)
-    if not tokens or "input_ids" not in inputs:
-        raise LayoutError(
-            "Cannot derive the token layout (no image token id in the config or no input_ids): pass layout=TokenLayout(...)."
-        )
-    return TokenLayout.from_input_ids(inputs["input_ids"], tokens, inputs.get("attention_mask"))
+    return _default_layout(model, dict(inputs), layout)
 
 
 def resolve_positions(

@@ -173,6 +173,25 @@ class _AttentionOverride:
         self._hook = None
         self._previous_generate: Any = None
         self._entered = False
+        # decoder-layer hooks a subclass adds (layer inputs it reads, residual edits), removed on exit
+        self._hidden: dict[int, Tensor] = {}
+        self._hidden_hooks: list[Any] = []
+
+    def _note_hidden(self, layer: int) -> Callable:
+        """A forward pre-hook keeping ``layer``'s input hidden states (detached) in ``self._hidden``."""
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            if isinstance(hidden, Tensor):
+                self._hidden[layer] = hidden.detach()
+
+        return hook
+
+    def _remove_layer_hooks(self) -> None:
+        """Remove the decoder-layer hooks and drop the hidden states they kept."""
+        for hook in self._hidden_hooks:
+            hook.remove()
+        self._hidden_hooks.clear()
+        self._hidden.clear()
 
     def _warn_if_causal_normaliser(self, normalise: str) -> None:
         """Warn when sink scores would divide by later rows only, but image tokens also attend backwards."""
@@ -424,9 +443,7 @@ class intervene(_AttentionOverride):  # noqa: N801
         # interventions that read a layer's input hidden states (VAR's massive-activation sinks)
         readers = [item for item in items if getattr(item, "needs_hidden", False)]
         self._hidden_layers = sorted({layer for item in readers for layer in item.layers_for(n_layers)})
-        self._hidden: dict[int, Tensor] = {}
         self._sink_history: dict[tuple[int, int], Tensor] = {}
-        self._hidden_hooks: list[Any] = []
         # residual-stream edits: hooks on the decoder layers' input / output
         self._residual_layers = sorted({
             layer for item in items if _is_residual(item) for layer in item.layers_for(n_layers)
@@ -452,21 +469,10 @@ class intervene(_AttentionOverride):  # noqa: N801
 
     def __exit__(self, *exc) -> None:
         try:
-            for hook in self._hidden_hooks:
-                hook.remove()
-            self._hidden_hooks.clear()
-            self._hidden.clear()
+            self._remove_layer_hooks()
             self._sink_history.clear()
         finally:
             super().__exit__(*exc)
-
-    def _note_hidden(self, layer: int) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            if isinstance(hidden, Tensor):
-                self._hidden[layer] = hidden.detach()
-
-        return hook
 
     def _edit_input(self, layer: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -695,8 +701,7 @@ class record_attention(_AttentionOverride):  # noqa: N801
         self._keep_patterns = keep_patterns
         self.recording = Recording(layers=chosen, stats=stats)
         # a HeadStats comparing sinks with massive activations reads each layer's input hidden states
-        self._hidden: dict[int, Tensor] = {}
-        self._hidden_hooks: list[Any] = []
+        # (self._note_hidden hooks, added on entry)
 
     def __enter__(self) -> Recording:  # type: ignore[override]
         super().__enter__()
@@ -715,20 +720,9 @@ class record_attention(_AttentionOverride):  # noqa: N801
 
     def __exit__(self, *exc) -> None:
         try:
-            for hook in self._hidden_hooks:
-                hook.remove()
-            self._hidden_hooks.clear()
-            self._hidden.clear()
+            self._remove_layer_hooks()
         finally:
             super().__exit__(*exc)
-
-    def _note_hidden(self, layer: int) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            if isinstance(hidden, Tensor):
-                self._hidden[layer] = hidden.detach()
-
-        return hook
 
     def _prompt_hidden(self, call: AttentionCall) -> Tensor | None:
         """The recorded layer's input hidden states of this prompt forward (None without ``sink_dims``)."""
