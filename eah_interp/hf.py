@@ -398,9 +398,9 @@ class InterventionRun:
 
     def of(self, which: int | str) -> list[InterventionRecord]:
         """The records of one intervention: its index in the list, or its method name."""
-        if isinstance(which, int):
-            return [r for r in self.records if r.index == which]
-        return [r for r in self.records if r.intervention == which]
+        from eah_interp.interventions.base import records_of
+
+        return records_of(self.records, which)
 
 
 class intervene(_AttentionOverride):  # noqa: N801

@@ -68,6 +68,7 @@ from eah_interp.errors import (
     LayoutError,
     UnsupportedModelError,
 )
+from eah_interp.interventions.base import InterventionRecords
 from eah_interp.layout import TokenLayout
 from eah_interp.stats import HeadStats, head_statistics
 
@@ -343,7 +344,7 @@ def feed_head_stats(
 
 
 # ---------------------------------------------------------------------------- interventions
-def intervene(nn_model: Any, interventions: Any, layout: TokenLayout | None = None) -> list:
+def intervene(nn_model: Any, interventions: Any, layout: TokenLayout | None = None) -> InterventionRecords:
     """Inside a trace: apply `eah_interp.interventions` to this forward, as `eah_interp.hf.intervene` does.
 
     Each layer an intervention edits has its attention call pointed, in this trace only, at a function
@@ -363,7 +364,8 @@ def intervene(nn_model: Any, interventions: Any, layout: TokenLayout | None = No
         layout: layout of the prompt rows this trace sees (extended for decode steps; default: `trace_layout`).
 
     Returns:
-        A list (saved, so it survives the trace) receiving one `InterventionRecord` per edit made.
+        An `InterventionRecords` (a saved list, so it survives the trace) receiving one `InterventionRecord`
+        per edit made; read it as `eah_interp.hf.InterventionRun`: ``.records``, ``.interventions``, ``.of(which)``.
     """
     from eah_interp.interventions.base import InterventionRecord
     from eah_interp.interventions.selectors import Site
@@ -387,7 +389,7 @@ def intervene(nn_model: Any, interventions: Any, layout: TokenLayout | None = No
     decoders = hf.decoder_layers(model) if residual_layers or hidden_layers else {}
     implementation = compat.attn_implementation(hf.text_config(model)) or "eager"
     fallback = None if implementation == "eager" else compat.attention_functions().get(implementation)
-    records: list = _save([])
+    records = _save(InterventionRecords(items))
     sinks: dict[tuple[int, int], Tensor] = {}  # (intervention index, layer) -> Bool[batch, k] of this forward
 
     def sink_flags(index: int, item: Any, call: dispatch.AttentionCall) -> Tensor:

@@ -722,6 +722,12 @@ def test_nnsight_intervene_equals_hf_intervene(nnsight_llava, case):
         (r.intervention, r.layer, r.point, r.changed) for r in run.records
     ]
     assert all(sum(r.changed for r in run.of(index)) > 0 for index in range(len(items))), case
+    # one calling convention: nnsight's records read like hf's run
+    assert records.records is records and records.interventions == run.interventions
+    assert all(
+        [(r.layer, r.point, r.changed) for r in records.of(index)] == [(r.layer, r.point, r.changed) for r in run.of(index)]
+        for index in range(len(items))
+    ), case
 
 
 def test_compare_sink_definitions_counts_both_sink_kinds_by_hand():

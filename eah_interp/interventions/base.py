@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -163,6 +164,34 @@ class InterventionRecord:
             f"q={self.q_len}, k={self.k_len}, changed={self.changed}{extra})"
         )
 
+
+
+def records_of(records: Iterable[InterventionRecord], which: int | str) -> list[InterventionRecord]:
+    """The records of one intervention: its index in the ``intervene`` list, or its method name."""
+    if isinstance(which, int):
+        return [r for r in records if r.index == which]
+    return [r for r in records if r.intervention == which]
+
+
+class InterventionRecords(list):
+    """The `InterventionRecord` list of one ``intervene`` call, read like `eah_interp.hf.InterventionRun`.
+
+    ``run.records`` (itself), ``run.interventions`` and ``run.of(which)`` are what ``hf.intervene(...)``
+    yields, so code reading records works whichever backend made them; it is still a plain list.
+    """
+
+    def __init__(self, interventions: Iterable[Any] = (), records: Iterable[InterventionRecord] = ()) -> None:
+        super().__init__(records)
+        self.interventions = tuple(interventions)
+
+    @property
+    def records(self) -> InterventionRecords:
+        """The records themselves (as ``InterventionRun.records``)."""
+        return self
+
+    def of(self, which: int | str) -> list[InterventionRecord]:
+        """The records of one intervention: its index in the list, or its method name."""
+        return records_of(self, which)
 
 def count(mask: Tensor) -> int:
     """Number of True entries of a boolean tensor, as an int."""
