@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from eah_interp.errors import ConfigError
-from eah_interp.resumable import read_items, recover_items  # noqa: F401 - public here too (shards, items files)
+from eah_interp.resumable import read_items, recover_items
 from eah_interp.stats import HeadStats, _atomic_write
 
 #: The whole scan's checkpoint in its output folder (1 process, or the merge of all shards).
