@@ -48,9 +48,12 @@ from tqdm.auto import tqdm
 
 from eah_interp.config import EAHConfig
 from eah_interp.errors import ConfigError
+from eah_interp.experiments import _batches
 from eah_interp.interventions.synthetic import PATTERNS, SyntheticMap, previous_token_map, uniform_map
 from eah_interp.layout import TokenLayout
+from eah_interp.resumable import recover_items
 from eah_interp.sinks import NORMALISE_CHOICES
+from eah_interp.stats import _atomic_write
 
 #: Significance level, applied to Holm-adjusted p-values only.
 ALPHA = 0.05
@@ -177,9 +180,7 @@ def _done(path: Path) -> bool:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_jsonable))
-    tmp.replace(path)
+    _atomic_write(path, json.dumps(data, indent=1, default=_jsonable).encode())
 
 
 def _jsonable(value: Any) -> Any:
@@ -192,26 +193,10 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut off by an interruption: dropped, recomputed on resume
-            continue
-    return rows
-
-
 def _append_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     with path.open("a") as f:
         for row in rows:
             f.write(json.dumps(row, default=_jsonable) + "\n")
-
-
-def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _nan_to_none(values: Iterable[float]) -> list[float | None]:
@@ -330,7 +315,7 @@ def section_arms(bundle: Any, plan: Plan, out: Path, progress: bool = True) -> l
     path = out / "arms.jsonl"
     plan_arms = arms(plan, bundle.threshold)
     wanted = {(split, arm, e.id) for split in SPLITS for e in examples(split, plan.n_scenes) for arm in plan_arms}
-    rows = [r for r in _read_jsonl(path) if (r["split"], r["arm"], r["id"]) in wanted]  # this plan's rows only
+    rows = [r for r in recover_items(path) if (r["split"], r["arm"], r["id"]) in wanted]  # this plan's rows only
     done = {(r["split"], r["arm"], r["id"]) for r in rows}
     n_layers = hf.model_shape(bundle.model)[0]
     jobs = [(split, arm) for split in SPLITS for arm in plan_arms]
@@ -613,7 +598,7 @@ def section_patching(bundle: Any, plan: Plan, out: Path, progress: bool = True) 
     from eah_interp.patching import LogitDiff, NNsightPatcher, Patch, last_positions, run_with_patches
 
     path = out / "patching.jsonl"
-    rows = _read_jsonl(path)
+    rows = recover_items(path)
     done = {(r["site"], r["layer"], r["positions"], r["direction"]) for r in rows}
     groups = PATCH_GROUPS
     jobs = [("resid", layer, g, d) for layer in plan.resid_layers for g in groups
