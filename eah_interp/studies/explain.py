@@ -75,6 +75,8 @@ THRESHOLDS = (0.0008, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 PATCH_GROUPS = ("image", "question", "last")
 #: Position groups of the attribution-patching section.
 ATTRIBUTION_GROUPS = ("system", "image", "question", "last")
+#: The attribution section's per-example table (gzip-compressed CSV; `pandas.read_csv` reads it as it is).
+ATTRIBUTION_CSV = "q3_attribution.csv.gz"
 #: Metrics of the paired tests: name -> (per-example column, which questions, what "worse" means).
 METRICS = {
     "probe_absent": ("probe", False, "higher = more 'yes' to an absent object"),
@@ -988,7 +990,8 @@ def _plot_patching(table, out: Path) -> None:
     panels = [p for p in panels if not resid[(resid.split == p[0]) & (resid.label == p[1])].empty]
     cols = 4
     nrows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.8 * nrows), squeeze=False)
+    fig.subplots_adjust(hspace=0.45)
     im = None
     for ax, (split, label, direction) in zip(axes.ravel(), panels, strict=False):
         sub = resid[(resid.split == split) & (resid.label == label) & (resid.direction == direction)]
@@ -1029,7 +1032,7 @@ def section_attribution(bundle: Any, plan: Plan, out: Path, patch_rows: list[dic
     from eah_interp.patching import LogitDiff
 
     path = out / "q3_attribution.json"
-    if _done(path) and (out / "q3_attribution.csv").exists():
+    if _done(path) and (out / ATTRIBUTION_CSV).exists():
         return json.loads(path.read_text())
     metric = LogitDiff(yes=tuple(bundle.yes_ids), no=tuple(bundle.no_ids))
     tables, ids, started = [], [], time.perf_counter()
@@ -1044,7 +1047,7 @@ def section_attribution(bundle: Any, plan: Plan, out: Path, patch_rows: list[dic
         ids += [e.id for e in exs]
     seconds = time.perf_counter() - started
     table = pd.concat(tables, ignore_index=True)
-    table.to_csv(out / "q3_attribution.csv", index=False)
+    table.to_csv(out / ATTRIBUTION_CSV, index=False)  # gzip: 48 examples x every site and head
     index = {i: n for n, i in enumerate(ids)}
     activation = pd.DataFrame([
         {"direction": r["direction"], "site": r["site"], "layer": r["layer"], "head": pd.NA, "positions": r["positions"],
@@ -1396,7 +1399,7 @@ def write_report(out: Path, plan: Plan, q1: dict[str, Any], rows: list[dict[str,
                   "| direction | site | layer | head | positions | share moved |", "| --- | --- | --- | --- | --- | --- |"]
         import pandas as pd
 
-        for _, r in attribution_top(pd.read_csv(out / "q3_attribution.csv")).iterrows():
+        for _, r in attribution_top(pd.read_csv(out / ATTRIBUTION_CSV)).iterrows():
             head = "" if pd.isna(r["head"]) else int(r["head"])
             lines.append(f"| {r['direction']} | {r['site']} | {r['layer']} | {head} | {r['positions']} | {r['moved']:.2f} |")
         lines += ["", "![attribution](q3_attribution.png)", ""]
