@@ -8,7 +8,7 @@ model, i.e. ``2 x 30 x 9 x 4 = 2,160`` rows on the organism (`eah_interp.patchin
 `NNsightPatcher`: one forward per row plus two collecting forwards; `eah_interp.attribution.
 attribution_patching`: one forward + backward per run). Inputs: the yes/no prompt of
 docs/patching.md's example (scene 100000001, "Is there a triangle in the image?"), the metric
-``LogitDiff(bundle.yes_ids, bundle.no_ids)``, EAH ``EAHConfig.paper(threshold=bundle.threshold)``.
+``LogitDiff(bundle.yes_ids, bundle.no_ids)``, EAH ``EAH.paper(threshold=bundle.threshold)``.
 
 Timing, in one process: the full attribution sweep ``--repeats`` times after one warm-up (median), then
 the activation sweep once. Both the wall clock and the process CPU time (``time.process_time``, robust
@@ -44,15 +44,15 @@ def _timed(fn):
 
 
 def _setup(quick: bool):
-    from eah_interp import EAHConfig
+    from eah_interp import EAH
     from eah_interp.patching import LogitDiff
 
     if quick:
-        from eah_interp._testing import sharp_tiny_llava, tiny_llava_inputs
+        from eah_interp.models.tiny import sharp_tiny_llava, tiny_llava_inputs
 
         model = sharp_tiny_llava()
         inputs = tiny_llava_inputs(model, prefix_lengths=(3,), seed=1)
-        return model, inputs, EAHConfig.paper(threshold=0.05), LogitDiff(yes=80, no=99), "tiny random LLaVA (4 layers x 4 heads)"
+        return model, inputs, EAH.paper(threshold=0.05), LogitDiff(yes=80, no=99), "tiny random LLaVA (4 layers x 4 heads)"
     from eah_interp.models import load_model
     from eah_interp.scenes import make_scene, question_for
 
@@ -60,7 +60,7 @@ def _setup(quick: bool):
     scene = make_scene(100000001)
     inputs = bundle.processor([bundle.yes_no_prompt(question_for("triangle"))], [scene.image])
     metric = LogitDiff(yes=tuple(bundle.yes_ids), no=tuple(bundle.no_ids))
-    return bundle.model, inputs, EAHConfig.paper(threshold=bundle.threshold), metric, "organism (30 layers x 9 heads)"
+    return bundle.model, inputs, EAH.paper(threshold=bundle.threshold), metric, "organism (30 layers x 9 heads)"
 
 
 def _write(out: Path | None, result: dict) -> None:

@@ -17,7 +17,7 @@ from activation patching on given inputs; do not trust a ranking it has not been
 organism it ranks heads downstream of the edit well and the edited layer's own heads poorly: see
 docs/benchmarks.md).
 
-"The EAH run" is any list `eah_interp.hf.intervene` accepts (an `EAHConfig`, ``[EAH(...), PAI(...)]``,
+"The EAH run" is any list `eah_interp.hf.intervene` accepts (an `EAH`, ``[EAH(...), PAI(...)]``,
 ...); the two runs and their backward passes use plain PyTorch hooks on the HF model. The gradient of
 an edit's discrete choices (EAH's source head, sink sets) is zero: they are held at the run's values.
 
@@ -34,9 +34,9 @@ metric; the price is that a part's number is what it adds *at this run's norm sc
 it would do (removing a part changes the scale, and later layers' inputs).
 
 Example:
-    >>> frame = attribution_patching(model, inputs, EAHConfig.paper(threshold=0.01), LogitDiff(yes, no))
+    >>> frame = attribution_patching(model, inputs, EAH.paper(threshold=0.01), LogitDiff(yes, no))
     >>> patching.plot_heads(frame, direction="eah_into_baseline", positions="last")
-    >>> dla = direct_logit_attribution(model, inputs, (yes, no), interventions=EAHConfig.paper(threshold=0.01))
+    >>> dla = direct_logit_attribution(model, inputs, (yes, no), interventions=EAH.paper(threshold=0.01))
     >>> plot_dla(dla)
 """
 
@@ -54,9 +54,11 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from eah_interp import hf
-from eah_interp.config import EAHConfig
 from eah_interp.errors import ConfigError, HeadIndexError, LayerIndexError, UnsupportedModelError
+from eah_interp.interventions import EAH
+from eah_interp.interventions.compile import as_interventions
 from eah_interp.layout import GROUPS, TokenLayout
+from eah_interp.models.introspect import decoder_layers, model_shape, text_config
 from eah_interp.patching import (
     COLUMNS,
     DIRECTIONS,
@@ -198,8 +200,8 @@ class _Modules:
 
     @classmethod
     def of(cls, model: nn.Module) -> _Modules:
-        decoders = hf.decoder_layers(model)
-        n_layers, n_heads, _ = hf.model_shape(model)
+        decoders = decoder_layers(model)
+        n_layers, n_heads, _ = model_shape(model)
         for layer, block in decoders.items():
             missing = [name for name in ("self_attn", "mlp") if not hasattr(block, name)]
             if not hasattr(getattr(block, "self_attn", None), "o_proj"):
@@ -209,7 +211,7 @@ class _Modules:
                     f"Decoder layer {layer} ({type(block).__name__}) has no {missing}; attribution needs the "
                     "Llama-style layout (self_attn.o_proj, mlp)."
                 )
-        text = hf.text_config(model)
+        text = text_config(model)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // n_heads
         return cls(decoders, n_heads, head_dim)
 
@@ -324,7 +326,7 @@ def attribution_patching(
         model: an HF LVLM (the ``hf`` backend: its decoder layers need ``self_attn.o_proj`` and ``mlp``).
         inputs: model inputs (``input_ids``, ``attention_mask``, ``pixel_values``, ...), ``[batch, seq]``.
         interventions: what makes "the EAH run": anything `eah_interp.hf.intervene` accepts (an
-            `EAHConfig`, an intervention, a list). Default: ``EAHConfig.paper`` with the threshold of
+            `EAH`, an intervention, a list). Default: ``EAH.paper`` with the threshold of
             `eah_interp.models.default_threshold` for the prompt's image-token count.
         metric: ``(logits [batch, seq, vocab], last [batch]) -> [batch]`` (`LogitDiff`, `TokenLogProb`,
             ...) or a ``(yes_id, no_id)`` pair. Required.
@@ -367,7 +369,7 @@ def attribution_patching(
     if interventions is None:
         from eah_interp.models import default_threshold
 
-        interventions = EAHConfig.paper(threshold=default_threshold(int(layout.n_image_tokens.max())))
+        interventions = EAH.paper(threshold=default_threshold(int(layout.n_image_tokens.max())))
     last = last_positions(layout)
     base = _run(model, inputs, None, metric, last, modules, layer_list, sites, layout,
                 grad="eah_into_baseline" in directions)
@@ -424,13 +426,9 @@ def attribution_patching(
         )
     frame.attrs.update(
         baseline_metric=baseline_mean, eah_metric=eah_mean, method="attribution", metric=repr(metric),
-        interventions=[_describe(item) for item in hf.as_interventions(interventions)],
+        interventions=[item.to_dict() for item in as_interventions(interventions)],
     )
     return frame
-
-
-def _describe(item: Any) -> dict[str, Any]:
-    return item.to_dict() if hasattr(item, "to_dict") else {"repr": repr(item)}
 
 
 # ---------------------------------------------------------------------------- agreement
@@ -586,7 +584,7 @@ def _final_norm_and_unembed(model: nn.Module, modules: _Modules) -> tuple[nn.Mod
             f"{type(model).__name__}: direct logit attribution needs the language model's final norm (.norm next "
             "to .layers) and a linear unembedding (get_output_embeddings())."
         )
-    if getattr(hf.text_config(model), "final_logit_softcapping", None):
+    if getattr(text_config(model), "final_logit_softcapping", None):
         raise UnsupportedModelError(
             "The model soft-caps its final logits (tanh), so logit differences are not linear in the residual "
             "stream; direct logit attribution does not apply."
@@ -627,8 +625,7 @@ def _direction(
 
 
 def _condition_label(interventions: Any) -> str:
-    items = hf.as_interventions(interventions)
-    return "+".join("EAH" if isinstance(i, EAHConfig) else type(i).__name__ for i in items)
+    return "+".join(type(i).__name__ for i in as_interventions(interventions))
 
 
 def direct_logit_attribution(

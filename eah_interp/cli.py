@@ -159,18 +159,18 @@ def _images(n_scenes: int, photos: list[str], images: list[Path]):
 
 
 def _preset(name: str, layers: list[int] | None, threshold: float | None, default_threshold: float):
-    from eah_interp.config import EAHConfig
+    from eah_interp.interventions import EAH
 
     overrides: dict = {"threshold": default_threshold if threshold is None else threshold}
     if layers:
         overrides["layers"] = tuple(layers)
     if name == "paper":
-        return EAHConfig.paper(**overrides)
+        return EAH.paper(**overrides)
     if name == "reference":
-        return EAHConfig.reference(**overrides)
+        return EAH.reference(**overrides)
     if Path(name).is_file():
-        return EAHConfig.from_json(Path(name).read_text())
-    raise typer.BadParameter(f"--preset must be 'paper', 'reference' or a JSON EAHConfig file; got {name!r}.")
+        return EAH.from_json(Path(name).read_text())
+    raise typer.BadParameter(f"--preset must be 'paper', 'reference' or a JSON EAH file; got {name!r}.")
 
 
 def _write_scan(stats, out: Path, title: str) -> Table:
@@ -315,7 +315,7 @@ def _scan_source(dataset) -> str:
 def generate(
     model: ModelOpt = "organism",
     use_eah: Annotated[bool, typer.Option("--eah/--no-eah", help="also caption with EAH, side by side")] = True,
-    preset: Annotated[str, typer.Option(help="'paper', 'reference' or a JSON EAHConfig file")] = "paper",
+    preset: Annotated[str, typer.Option(help="'paper', 'reference' or a JSON EAH file")] = "paper",
     layers: Annotated[list[int] | None, typer.Option("--layer", help="layer(s) to edit (repeatable)")] = None,
     threshold: float | None = None,
     images: ImagesOpt = None,

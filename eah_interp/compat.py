@@ -365,9 +365,11 @@ def trace_inputs() -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------- TransformerLens
 #: Hook names of the bridge, by site, with ``{}`` for the layer.
 LENS_HOOKS: dict[str, str] = {
+    "attn_scores": "blocks.{}.attn.hook_attn_scores",
     "pattern": "blocks.{}.attn.hook_pattern",
     "attn_out": "blocks.{}.hook_attn_out",
     "mlp_out": "blocks.{}.hook_mlp_out",
+    "resid_pre": "blocks.{}.hook_resid_pre",
     "resid": "blocks.{}.hook_resid_post",
     "head": "blocks.{}.attn.hook_z",
 }
@@ -389,10 +391,11 @@ def bridge_class() -> type:
     return TransformerBridge
 
 
-def bridge_shape(bridge: Any) -> tuple[int, int]:
-    """``(blocks, heads)`` of a bridge."""
-    with _internal("transformer-lens", "bridge.cfg.n_layers / n_heads"):
-        return bridge.cfg.n_layers, bridge.cfg.n_heads
+def bridge_shape(bridge: Any) -> tuple[int, int, int, int]:
+    """``(blocks, heads, key/value heads, d_model)`` of a bridge."""
+    with _internal("transformer-lens", "bridge.cfg.n_layers / n_heads / n_key_value_heads / d_model"):
+        cfg = bridge.cfg
+        return cfg.n_layers, cfg.n_heads, getattr(cfg, "n_key_value_heads", None) or cfg.n_heads, cfg.d_model
 
 
 def bridge_hook_names(bridge: Any) -> list[str]:

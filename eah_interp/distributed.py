@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from eah_interp.errors import ConfigError
+from eah_interp.head_stats import HeadStats, _atomic_write
 from eah_interp.resumable import read_items, recover_items
-from eah_interp.stats import HeadStats, _atomic_write
 
 #: The whole scan's checkpoint in its output folder (1 process, or the merge of all shards).
 SCAN_CHECKPOINT = "scan_checkpoint.safetensors"

@@ -1,6 +1,6 @@
 """The hallucination experiment runner: baseline vs EAH vs controls on any dataset, paired, resumable.
 
-For every condition (a named `EAHConfig`, or None for baseline decoding) and every item of a
+For every condition (a named `EAH`, or None for baseline decoding) and every item of a
 `eah_interp.data.Dataset` it records one JSON line per result in ``<out>/items.jsonl``, keyed by
 (condition, task, item, question):
 
@@ -31,13 +31,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from eah_interp import hf
-from eah_interp.config import EAHConfig
 from eah_interp.data import Dataset, Item, Question
 from eah_interp.errors import ConfigError
 from eah_interp.experiments import Treatment, generate_texts, treated
+from eah_interp.interventions import EAH
+from eah_interp.interventions.compile import as_interventions
 from eah_interp.metrics.stats import holm, sign_flip_p_value
 from eah_interp.models.bundle import ModelBundle
+from eah_interp.models.introspect import model_shape
 
 #: Significance level of the report's marks (applied to Holm-adjusted p-values only).
 ALPHA = 0.05
@@ -47,8 +48,8 @@ ALPHA = 0.05
 class Condition:
     """One arm of the experiment: a name, what it applies and the beam width.
 
-    ``config`` is None (baseline), an `EAHConfig` (`hf.eah`) or a tuple of interventions stacked by
-    `hf.intervene` (e.g. ``(EAH.paper(), PAI())``, `eah_interp.interventions`).
+    ``config`` is None (baseline) or interventions applied by `hf.intervene` (one, e.g. ``EAH.paper()``, or
+    a list, e.g. ``(EAH.paper(), PAI())``; kept as a tuple), serialised through their own ``to_dict``.
     """
 
     name: str
@@ -56,14 +57,11 @@ class Condition:
     num_beams: int = 1
 
     def __post_init__(self) -> None:
-        if self.config is not None and not isinstance(self.config, EAHConfig):
-            object.__setattr__(self, "config", hf.as_interventions(self.config))
+        if self.config is not None:
+            object.__setattr__(self, "config", as_interventions(self.config))
 
     def to_dict(self) -> dict[str, Any]:
-        if self.config is None or isinstance(self.config, EAHConfig):
-            config = None if self.config is None else self.config.to_dict()
-            return {"name": self.name, "num_beams": self.num_beams, "config": config}
-        return {"name": self.name, "num_beams": self.num_beams, "interventions": [i.to_dict() for i in self.config]}
+        return {"name": self.name, "num_beams": self.num_beams, "interventions": [i.to_dict() for i in self.config or ()]}
 
 
 #: The two parts of a replication split, in report order.
@@ -186,23 +184,23 @@ def default_conditions(bundle: ModelBundle, *, beams: int = 3) -> list[Condition
     shallow to have one) instead of layer 1, and a sink-free variant (the source map with its sink
     columns removed). Beam search (``beams``) for baseline and EAH-paper.
     """
-    n_layers = hf.model_shape(bundle.model)[0]
+    n_layers = model_shape(bundle.model)[0]
     t = bundle.threshold
-    paper = EAHConfig.paper(threshold=t)
-    reference = EAHConfig.reference(threshold=t, layers=(min(15, n_layers - 1),))
+    paper = EAH.paper(threshold=t)
+    reference = EAH.reference(threshold=t, layers=(min(15, n_layers - 1),))
     conditions = [
         Condition("baseline"),
         Condition("eah_paper", paper),
         Condition("eah_reference", reference),
-        Condition("control_random_head", EAHConfig.paper(threshold=t, source="random", seed=0)),
-        Condition("control_fewest_sinks", EAHConfig.paper(threshold=t, source="fewest")),
+        Condition("control_random_head", EAH.paper(threshold=t, source="random", seed=0)),
+        Condition("control_fewest_sinks", EAH.paper(threshold=t, source="fewest")),
     ]
     try:
         deep = deep_control_layer(n_layers, paper.layers + reference.layers, paper.layers)
-        conditions.append(Condition("control_deep_layer", EAHConfig.paper(threshold=t, layers=(deep,))))
+        conditions.append(Condition("control_deep_layer", EAH.paper(threshold=t, layers=(deep,))))
     except ConfigError as err:
         warnings.warn(f"control_deep_layer left out: {err}", stacklevel=2)
-    conditions.append(Condition("control_sink_free", EAHConfig.paper(threshold=t, drop_sinks=True)))
+    conditions.append(Condition("control_sink_free", EAH.paper(threshold=t, drop_sinks=True)))
     if beams > 1:
         conditions += [Condition(f"baseline_beam{beams}", None, beams), Condition(f"eah_paper_beam{beams}", paper, beams)]
     return conditions

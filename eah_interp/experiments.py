@@ -10,27 +10,23 @@ import torch
 from tqdm.auto import tqdm
 
 from eah_interp import hf
-from eah_interp.config import EAHConfig
+from eah_interp.head_stats import HeadStats
+from eah_interp.interventions import Intervention
 from eah_interp.models.bundle import ModelBundle
-from eah_interp.stats import HeadStats
 
-#: What an arm applies: nothing (None), EAH (an `EAHConfig`, through `hf.eah`), or a list of interventions
-#: (`eah_interp.interventions` objects and/or `EAHConfig`, stacked through `hf.intervene`).
-Treatment = Union[EAHConfig, Sequence[Any], None]  # noqa: UP007 - a runtime alias, not only an annotation
+#: What an arm applies: nothing (None), or one intervention or a list (`eah_interp.interventions`, through
+#: `hf.intervene`).
+Treatment = Union[Intervention, Sequence[Intervention], None]  # noqa: UP007 - a runtime alias, not only an annotation
 
 
 @contextlib.contextmanager
 def treated(model: Any, treatment: Treatment) -> Iterator[Callable[[], list[Any]]]:
     """Apply ``treatment`` inside the block; yields a function returning EAH's `EditRecord`s made so far.
 
-    An `EAHConfig` runs through `hf.eah` (its records), a list of interventions through `hf.intervene`
-    (the records of its EAH members); None changes nothing (no records).
+    Interventions run through `hf.intervene` (the records of its EAH members); None changes nothing (no records).
     """
     if treatment is None:
         yield list
-    elif isinstance(treatment, EAHConfig):
-        with hf.eah(model, treatment) as run:
-            yield lambda: list(run.records)
     else:
         with hf.intervene(model, treatment) as run:
             yield lambda: [r.eah for r in run.records if r.eah is not None]
@@ -98,7 +94,7 @@ def generate_texts(
     """Greedy (or beam) generation for prompt/image pairs, with EAH or other interventions when ``config`` is given.
 
     Args:
-        config: a `Treatment`: None, an `EAHConfig`, or a list of interventions (`hf.intervene`).
+        config: a `Treatment`: None, or interventions (one or a list, `hf.intervene`).
 
     Returns:
         ``(texts, source_heads)``: the decoded continuations and, per item, the source head EAH used

@@ -86,7 +86,7 @@ class TokenLayout:
         """
         if input_ids.ndim != 2:
             raise LayoutError(f"input_ids must be [batch, seq]; got shape {tuple(input_ids.shape)}.")
-        ids = torch.as_tensor([image_token_id] if isinstance(image_token_id, int) else list(image_token_id))
+        ids = torch.as_tensor([image_token_id] if isinstance(image_token_id, int) else list(image_token_id), dtype=torch.long)
         image_mask = torch.isin(input_ids, ids.to(input_ids.device))
         if attention_mask is None:
             mask = torch.ones_like(input_ids, dtype=torch.bool)

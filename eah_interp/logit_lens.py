@@ -211,25 +211,17 @@ def residual_stream(
         inputs: the processor's outputs (``input_ids``, ``attention_mask``, ``pixel_values``, ...).
         layers: decoder layers (negative counts from the end); all when None.
         interventions: None (the plain model), or interventions for `eah_interp.hf.intervene`
-            (``[EAH.paper()]``, an `EAHConfig`, ...) applied during the forward.
+            (``[EAH.paper()]``, an `EAH`, ...) applied during the forward.
 
     Returns:
         ``(residuals, layers, layout)``: ``Float[layer, batch, seq, d_model]`` (each decoder layer's output,
         before the final norm, on the model's device), the layer indices in that order, and the `TokenLayout`.
     """
-    from eah_interp.hf import decoder_layers
-    from eah_interp.models.adapters import adapter_for
+    from eah_interp.models import decoder_layers, token_layout
 
     blocks = decoder_layers(model)
     chosen = _layers(layers, len(blocks))
-    adapter = adapter_for(model)
-    if adapter.visual_token_ids(model):
-        layout = adapter.layout(model, inputs["input_ids"], inputs.get("attention_mask"), require_images=False)
-    else:  # a text-only causal LM: no image positions
-        ids = inputs["input_ids"]
-        mask = inputs.get("attention_mask")
-        real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-        layout = TokenLayout(torch.zeros_like(real), real)
+    layout = token_layout(model, inputs["input_ids"], inputs.get("attention_mask"), require_images=False)
     seen: dict[int, Tensor] = {}
 
     def keep(layer: int) -> Callable:

@@ -1,7 +1,7 @@
 """Activation patching stacked with EAH: which components carry the change EAH makes to an answer.
 
 Two runs of the same inputs are compared: the **baseline** (the plain model) and the **EAH** run (the
-model with `EAHConfig` applied). A *patch* copies one site's activation, at a group of positions, from
+model with `EAH` applied). A *patch* copies one site's activation, at a group of positions, from
 one run into the other, and the metric (default: the yes-minus-no logit difference at the last real
 position) is measured on the patched run:
 
@@ -32,12 +32,12 @@ finished patch to a `eah_interp.resumable.ResumableLog`: rerun with the same arg
 is done; with other arguments, it refuses the file.
 
 Two implementations share the sweep and the tables: `NNsightPatcher` (primary: nnsight interventions,
-EAH by `eah_interp.nnsight.apply_eah`) and `LensPatcher` (TransformerLens hooks, EAH by
-`eah_interp.lens.eah_hooks`). The tests check they agree.
+EAH by `eah_interp.nnsight.intervene`) and `LensPatcher` (TransformerLens hooks, EAH by
+`eah_interp.transformer_lens.intervene`). The tests check they agree.
 
 Example:
     >>> metric = LogitDiff(yes=yes_id, no=no_id)
-    >>> frame = patch_nnsight(nnsight.NNsight(model), inputs, EAHConfig.paper(), metric)
+    >>> frame = patch_nnsight(nnsight.NNsight(model), inputs, EAH.paper(), metric)
     >>> plot_sites(frame, direction="eah_into_baseline", positions="all")
 """
 
@@ -58,9 +58,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from eah_interp import compat
-from eah_interp.config import EAHConfig
 from eah_interp.errors import ConfigError, HeadIndexError, LayerIndexError, LayoutError, UnsupportedModelError
+from eah_interp.interventions import EAH
 from eah_interp.layout import GROUPS, TokenLayout
+from eah_interp.models.adapters import token_layout
+from eah_interp.models.introspect import model_shape, text_config
 from eah_interp.resumable import ResumableLog, tensor_digest
 
 if TYPE_CHECKING:
@@ -244,7 +246,7 @@ class Patcher(Protocol):
     n_layers: int
     n_heads: int
     layout: TokenLayout
-    config: EAHConfig
+    config: EAH
 
     def collect(self, eah: bool) -> tuple[dict[tuple[str, int], Tensor], Tensor]:
         """All site activations (keyed ``(site, layer)``) and the logits of the baseline/EAH run."""
@@ -256,21 +258,16 @@ class Patcher(Protocol):
 
 
 def _default_layout(model: Any, inputs: dict[str, Tensor], layout: TokenLayout | None) -> TokenLayout:
-    from eah_interp import hf
-
     if layout is not None:
         return layout
-    tokens = hf.image_token_ids(model)
-    if not tokens or "input_ids" not in inputs:
-        raise LayoutError(
-            "Cannot derive the token layout (no image token id in the config or no input_ids): pass layout=TokenLayout(...)."
-        )
-    return TokenLayout.from_input_ids(inputs["input_ids"], tokens, inputs.get("attention_mask"))
+    if "input_ids" not in inputs:
+        raise LayoutError("Cannot derive the token layout without input_ids: pass layout=TokenLayout(...).")
+    return token_layout(model, inputs["input_ids"], inputs.get("attention_mask"))
 
 
 @dataclass
 class NNsightPatcher:
-    """Patching runs as nnsight traces; EAH by `eah_interp.nnsight.apply_eah` in the same trace.
+    """Patching runs as nnsight traces; EAH by `eah_interp.nnsight.intervene` in the same trace.
 
     Args:
         nn_model: ``nnsight.NNsight(hf_model)``.
@@ -281,18 +278,17 @@ class NNsightPatcher:
 
     nn_model: Any
     inputs: dict[str, Tensor]
-    config: EAHConfig
+    config: EAH
     layout: TokenLayout | None = None
     _donors: dict[bool, dict[tuple[str, int], Tensor]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        from eah_interp import hf
         from eah_interp.nnsight import hf_model
 
         model = hf_model(self.nn_model)
-        self.n_layers, self.n_heads, _ = hf.model_shape(model)
+        self.n_layers, self.n_heads, _ = model_shape(model)
         self.config.validate_for(self.n_layers, self.n_heads)
-        text = hf.text_config(model)
+        text = text_config(model)
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // self.n_heads
         self.layout = _default_layout(model, self.inputs, self.layout)
         self._layers = [self._layer_envoy(i) for i in range(self.n_layers)]
@@ -304,12 +300,12 @@ class NNsightPatcher:
 
     def _trace(self, eah: bool, edit: Callable[[int, str, Any, Callable[[], Tensor], Callable[[Tensor], None]], None]) -> Tensor:
         """One forward; ``edit(layer, site, envoy, read, write)`` is called at each site in forward order."""
-        from eah_interp.nnsight import apply_eah
+        from eah_interp.nnsight import intervene
 
         with torch.no_grad(), self.nn_model.trace(**self.inputs):
             for layer, block in enumerate(self._layers):
                 if eah and layer in self.config.layers:
-                    apply_eah(self.nn_model, self.config, self.layout, layers=[layer])
+                    intervene(self.nn_model, [dataclasses.replace(self.config, layers=(layer,))], self.layout)
                 attn, mlp = block.self_attn, block.mlp
 
                 def write_z(v, attn=attn):
@@ -371,12 +367,12 @@ _LENS_HOOKS = {site: compat.LENS_HOOKS[site] for site in ("attn_out", "mlp_out",
 
 @dataclass
 class LensPatcher:
-    """Patching runs as TransformerLens hooks on a `TransformerBridge`; EAH by `eah_interp.lens.eah_hooks`.
+    """Patching runs as TransformerLens hooks on a `TransformerBridge`; EAH by `eah_interp.transformer_lens.intervene`.
 
     Args:
-        bridge: from `eah_interp.lens.boot_bridge`.
+        bridge: from `eah_interp.transformer_lens.boot_bridge`.
         inputs: the processor's outputs (``input_ids``, ``attention_mask``, ``pixel_values``, ...; a
-            language-model-only bridge from `eah_interp.lens.boot_bridge` builds the embeddings itself), or
+            language-model-only bridge from `eah_interp.transformer_lens.boot_bridge` builds the embeddings itself), or
             a float ``inputs_embeds`` with ``attention_mask`` (then pass ``layout``).
         config: the EAH edit.
         layout: the prompt layout (default: from ``input_ids`` and the config's image token id).
@@ -384,14 +380,14 @@ class LensPatcher:
 
     bridge: Any
     inputs: dict[str, Tensor]
-    config: EAHConfig
+    config: EAH
     layout: TokenLayout | None = None
     _donors: dict[bool, dict[tuple[str, int], Tensor]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        self.n_layers, self.n_heads = compat.bridge_shape(self.bridge)
+        self.n_layers, self.n_heads = compat.bridge_shape(self.bridge)[:2]
         self.config.validate_for(self.n_layers, self.n_heads)
-        from eah_interp.lens import lvlm_of  # the LVLM also behind a language-model-only bridge
+        from eah_interp.transformer_lens import lvlm_of  # the LVLM also behind a language-model-only bridge
 
         self.layout = _default_layout(lvlm_of(self.bridge), self.inputs, self.layout)
         hook_names = compat.bridge_hook_names(self.bridge)
@@ -402,13 +398,13 @@ class LensPatcher:
             )
 
     def _call(self, eah: bool, hooks: list) -> Tensor:
-        from eah_interp.lens import eah_hooks
+        from eah_interp.transformer_lens import intervene
 
         kwargs = dict(self.inputs)
         first = kwargs.pop("inputs_embeds", None)
         if first is None:
             first = kwargs.pop("input_ids")
-        all_hooks = (eah_hooks(self.bridge, self.config, self.layout) if eah else []) + hooks
+        all_hooks = (intervene(self.bridge, [self.config], self.layout)[0] if eah else []) + hooks
         with torch.no_grad():
             return self.bridge.run_with_hooks(first, fwd_hooks=all_hooks, return_type="logits", **kwargs)
 
@@ -669,7 +665,7 @@ def summarise(per_example: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
 
 
 def patch_nnsight(
-    nn_model: Any, inputs: dict[str, Tensor], config: EAHConfig, metric: Metric | tuple[int, int], *,
+    nn_model: Any, inputs: dict[str, Tensor], config: EAH, metric: Metric | tuple[int, int], *,
     layout: TokenLayout | None = None, **options: Any,
 ) -> pd.DataFrame:
     """`sweep` with an `NNsightPatcher` (``options``: those of `sweep`)."""
@@ -677,7 +673,7 @@ def patch_nnsight(
 
 
 def patch_lens(
-    bridge: Any, inputs: dict[str, Tensor], config: EAHConfig, metric: Metric | tuple[int, int], *,
+    bridge: Any, inputs: dict[str, Tensor], config: EAH, metric: Metric | tuple[int, int], *,
     layout: TokenLayout | None = None, **options: Any,
 ) -> pd.DataFrame:
     """`sweep` with a `LensPatcher` (``options``: those of `sweep`)."""

@@ -94,7 +94,7 @@ class ResumableLog:
 
     def start(self, **extra: Any) -> None:
         """Write the header (kind, arguments and ``extra`` values), atomically, replacing any file."""
-        from eah_interp.stats import _atomic_write
+        from eah_interp.head_stats import _atomic_write
 
         header = {"kind": self.kind, "arguments": self.arguments, **extra}
         _atomic_write(self.path, (json.dumps(header) + "\n").encode())

@@ -19,6 +19,21 @@ from eah_interp.layout import TokenLayout
 Normalise = Literal["causal", "official", "rows"]
 NORMALISE_CHOICES = ("causal", "official", "rows")
 
+def normaliser_warning(family: str, bidirectional_image_attention: bool, normalise: str) -> str | None:
+    """Why ``normalise`` misleads on a model family, or None: ``"causal"`` divides by later rows only, but
+    image tokens that attend to each other bidirectionally are also attended to by earlier rows."""
+    if not (bidirectional_image_attention and normalise == "causal"):
+        return None
+    return (
+        f"{family}: image tokens attend to each other bidirectionally, so earlier rows also attend to an image "
+        "token and normalise='causal' (later rows only) inflates sink scores of late image tokens. Use "
+        "normalise='rows'."
+    )
+
+
+#: EAH's sink threshold in the official code (its README documents 0.002); `HeadStats` and `EAH` default to it.
+OFFICIAL_THRESHOLD = 0.0008
+
 #: Query rows summed per chunk when column sums are accumulated (bounds the float32 working copy).
 QUERY_CHUNK = 512
 

@@ -19,8 +19,7 @@ import pytest
 import torch
 from nnsight import NNsight
 
-from eah_interp import EAHConfig, hf
-from eah_interp._testing import sharp_tiny_llava
+from eah_interp import EAH, hf
 from eah_interp.attribution import (
     ATTRIBUTION_COLUMNS,
     agreement,
@@ -30,7 +29,8 @@ from eah_interp.attribution import (
     resolve_positions,
 )
 from eah_interp.errors import ConfigError, HeadIndexError, LayerIndexError
-from eah_interp.interventions import EAH, PAI
+from eah_interp.interventions import PAI
+from eah_interp.models.tiny import sharp_tiny_llava
 from eah_interp.patching import (
     COLUMNS,
     LogitDiff,
@@ -400,7 +400,7 @@ def test_organism_dla_adds_up_and_attribution_runs_match_plain_runs():
     bundle = load_model("organism")
     model = bundle.model
     x = bundle.processor([bundle.yes_no_prompt(question_for("triangle"))], [make_scene(100000001).image])
-    config = EAHConfig.paper(threshold=bundle.threshold)
+    config = EAH.paper(threshold=bundle.threshold)
     yes, no = bundle.yes_ids[0], bundle.no_ids[0]
     frame = direct_logit_attribution(model, x, (yes, no), interventions=config)
     for condition, cfg in (("baseline", None), ("EAH", config)):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from eah_interp import (
+    EAH,
     ConfigError,
-    EAHConfig,
     HeadIndexError,
     HeadStats,
     LayerIndexError,
@@ -182,11 +182,11 @@ def test_drop_columns_renormalises_rows():
 
 # ---------------------------------------------------------------------------- config
 def test_config_presets_roundtrip_and_validation():
-    paper, ref = EAHConfig.paper(), EAHConfig.reference()
+    paper, ref = EAH.paper(), EAH.reference()
     assert paper.layers == (1,) and paper.normalise == "causal" and not paper.skip_if_head0
     assert ref.layers == (15,) and ref.normalise == "official" and ref.skip_if_head0 and ref.threshold == 0.0008
-    for cfg in (paper, ref, EAHConfig(layers=[2, 3], region="image", alpha=0.5, target_heads=[1])):
-        assert EAHConfig.from_json(cfg.to_json()) == cfg
+    for cfg in (paper, ref, EAH(layers=[2, 3], region="image", alpha=0.5, target_heads=[1])):
+        assert EAH.from_json(cfg.to_json()) == cfg
         json.loads(cfg.to_json())
     assert "layer(s) [15]" in ref.describe()
     for bad in (
@@ -201,42 +201,42 @@ def test_config_presets_roundtrip_and_validation():
         dict(target_heads=()),
     ):
         with pytest.raises(ConfigError):
-            EAHConfig(**bad)
+            EAH(**bad)
     with pytest.raises(LayerIndexError, match="15"):
-        EAHConfig.reference().validate_for(n_layers=4, n_heads=4)
+        EAH.reference().validate_for(n_layers=4, n_heads=4)
     with pytest.raises(HeadIndexError):
-        EAHConfig(source=7).validate_for(n_layers=4, n_heads=4)
+        EAH(source=7).validate_for(n_layers=4, n_heads=4)
 
 
 # ---------------------------------------------------------------------------- edit
 def test_apply_eah_picks_the_densest_head_and_records_it():
     probs, layout = example()
     probs = probs[:, [1, 0]]  # head 1 is now the sink head
-    edited, record = apply_eah_to_probs(probs, layout, EAHConfig(layers=(0,), threshold=0.3), layer=0)
+    edited, record = apply_eah_to_probs(probs, layout, EAH(layers=(0,), threshold=0.3), layer=0)
     assert record.source_head.tolist() == [1] and record.sink_counts.tolist() == [[0, 1]]
     assert torch.equal(edited[0, 0], HEAD_A) and torch.equal(edited[0, 1], HEAD_A)
     # no head above the threshold: nothing changes
-    edited, record = apply_eah_to_probs(probs, layout, EAHConfig(layers=(0,), threshold=0.9), layer=0)
+    edited, record = apply_eah_to_probs(probs, layout, EAH(layers=(0,), threshold=0.9), layer=0)
     assert record.source_head.tolist() == [-1] and torch.equal(edited, probs)
 
 
 def test_reference_quirk_skips_head0_only_when_asked():
     probs, layout = example()  # head 0 is the sink head
-    cfg = EAHConfig.reference(layers=(0,), threshold=0.3)
+    cfg = EAH.reference(layers=(0,), threshold=0.3)
     edited, record = apply_eah_to_probs(probs, layout, cfg, layer=0)
     assert record.source_head.tolist() == [-1] and torch.equal(edited, probs)
-    edited, record = apply_eah_to_probs(probs, layout, EAHConfig(layers=(0,), threshold=0.3), layer=0)
+    edited, record = apply_eah_to_probs(probs, layout, EAH(layers=(0,), threshold=0.3), layer=0)
     assert record.source_head.tolist() == [0] and torch.equal(edited[0, 1], HEAD_A)
 
 
 def test_controls_fewest_random_and_sink_free():
     probs, layout = example()
-    _, rec = apply_eah_to_probs(probs, layout, EAHConfig(layers=(0,), threshold=0.3, source="fewest"), layer=0)
+    _, rec = apply_eah_to_probs(probs, layout, EAH(layers=(0,), threshold=0.3, source="fewest"), layer=0)
     assert rec.source_head.tolist() == [1]
-    _, rec1 = apply_eah_to_probs(probs, layout, EAHConfig(layers=(0,), source="random", seed=3), layer=0)
-    _, rec2 = apply_eah_to_probs(probs, layout, EAHConfig(layers=(0,), source="random", seed=3), layer=0)
+    _, rec1 = apply_eah_to_probs(probs, layout, EAH(layers=(0,), source="random", seed=3), layer=0)
+    _, rec2 = apply_eah_to_probs(probs, layout, EAH(layers=(0,), source="random", seed=3), layer=0)
     assert rec1.source_head.tolist() == rec2.source_head.tolist()
-    edited, _ = apply_eah_to_probs(probs, layout, EAHConfig(layers=(0,), threshold=0.3, drop_sinks=True), layer=0)
+    edited, _ = apply_eah_to_probs(probs, layout, EAH(layers=(0,), threshold=0.3, drop_sinks=True), layer=0)
     expected_row5 = [x / 0.7 for x in [0.1, 0, 0.1, 0.1, 0.2, 0.2]]
     assert edited[0, 1, 5].tolist() == pytest.approx(expected_row5)
 

@@ -20,12 +20,12 @@ import pytest
 from typer.testing import CliRunner
 
 from eah_interp import cli, distributed
-from eah_interp._testing import scene_items
 from eah_interp.data import scene_dataset
 from eah_interp.distributed import Shard, merge_items, merge_scan, read_checkpoint, read_items
 from eah_interp.errors import ConfigError
 from eah_interp.experiments import scan_images
 from eah_interp.models import load_model
+from eah_interp.models.tiny import scene_items
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
@@ -405,14 +405,14 @@ def remote_setup():
     import torch
     from nnsight import NNsight
 
-    from eah_interp import EAHConfig, TokenLayout
-    from eah_interp._testing import TINY_IMAGE_TOKEN_ID, sharp_tiny_llava, tiny_llava_inputs
+    from eah_interp import EAH, TokenLayout
+    from eah_interp.models.tiny import TINY_IMAGE_TOKEN_ID, sharp_tiny_llava, tiny_llava_inputs
 
     model = sharp_tiny_llava()
     inputs = tiny_llava_inputs(model, prefix_lengths=(3, 6), suffix_lengths=(5, 2), padding_side="left", seed=1)
     layout = TokenLayout.from_input_ids(inputs["input_ids"], TINY_IMAGE_TOKEN_ID, inputs["attention_mask"])
     torch.set_num_threads(1)
-    return model, NNsight(model), inputs, layout, EAHConfig.paper(threshold=0.02)
+    return model, NNsight(model), inputs, layout, EAH.paper(threshold=0.02)
 
 
 def test_apply_eah_trace_body_ships_only_its_arguments(remote_setup):
@@ -425,7 +425,7 @@ def test_apply_eah_trace_body_ships_only_its_arguments(remote_setup):
     from nnsight.tracing.backend import Backend
 
     import eah_interp.nnsight as ens
-    from eah_interp import EAHConfig, TokenLayout
+    from eah_interp import EAH, TokenLayout
 
     model, nn_model, inputs, layout, config = remote_setup
     shipped = {}
@@ -438,16 +438,16 @@ def test_apply_eah_trace_body_ships_only_its_arguments(remote_setup):
 
     local_helper = lambda: 0  # noqa: E731  (a local object the body does not use: must not be shipped)
     with torch.no_grad(), nn_model.trace(**inputs, use_cache=False, backend=Capture()):
-        records = ens.apply_eah(nn_model, config, layout)  # noqa: F841
+        records = ens.eah(nn_model, config, layout)  # noqa: F841
         logits = nn_model.output.logits.save()  # noqa: F841
     assert "records" not in locals()  # Capture only built the payload; nothing ran here
     assert local_helper() == 0
     source, globals_, locals_ = shipped["block"]
-    assert "ens.apply_eah(nn_model, config, layout)" in source
+    assert "ens.eah(nn_model, config, layout)" in source
     captured = {**globals_, **locals_}
     assert set(captured) == {"ens", "nn_model", "config", "layout"}, sorted(captured)
     assert captured["ens"] is ens and isinstance(captured["nn_model"], Envoy)
-    assert isinstance(captured["config"], EAHConfig) and isinstance(captured["layout"], TokenLayout)
+    assert isinstance(captured["config"], EAH) and isinstance(captured["layout"], TokenLayout)
     for field in vars(captured["layout"]).values():
         assert field is None or isinstance(field, torch.Tensor | int | float | str | tuple), type(field)
     # the weights travel as persistent ids (the server's own model), not in the payload
@@ -455,7 +455,7 @@ def test_apply_eah_trace_body_ships_only_its_arguments(remote_setup):
     assert shipped["bytes"] < n_weight_bytes / 4, (shipped["bytes"], n_weight_bytes)
 
 
-def test_apply_eah_runs_under_nnsights_remote_serialisation(remote_setup, monkeypatch):
+def test_eah_runs_under_nnsights_remote_serialisation(remote_setup, monkeypatch):
     """``remote="local"`` semantics: serialise the trace, deserialise it with the caller's own modules hidden
     (eah_interp counted as installed on the server), run it; equals `hf.eah` on the plain model."""
     import torch
@@ -467,12 +467,13 @@ def test_apply_eah_runs_under_nnsights_remote_serialisation(remote_setup, monkey
     model, nn_model, inputs, layout, config = remote_setup
     monkeypatch.setattr(nn_local, "_SERVER_MODULES", nn_local._SERVER_MODULES | {"eah_interp"})
     with torch.no_grad(), nn_model.trace(**inputs, use_cache=False, backend=nn_local.LocalSimulationBackend(_Server(nn_model))):
-        records = ens.apply_eah(nn_model, config, layout)
+        nn_run = ens.eah(nn_model, config, layout)
         logits = nn_model.output.logits.save()
+    records = nn_run.records
     with torch.no_grad(), hf.eah(model, config) as run:
         want = model(**inputs, use_cache=False).logits
     mask = inputs["attention_mask"].bool()
     assert torch.allclose(logits[mask], want[mask], atol=1e-5)
     assert [r.source_head.tolist() for r in records] == [r.source_head.tolist() for r in run.records]
-    assert [r.sink_counts.tolist() for r in records] == [r.sink_counts.tolist() for r in run.records]
-    assert any(r.sink_counts.sum() > 0 for r in records)  # the edit did something to compare
+    assert [r.eah.sink_counts.tolist() for r in records] == [r.eah.sink_counts.tolist() for r in run.records]
+    assert any(r.eah.sink_counts.sum() > 0 for r in records)  # the edit did something to compare

@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 
 from eah_interp import evaluation
-from eah_interp.config import EAHConfig
 from eah_interp.data import scene_dataset
 from eah_interp.errors import ConfigError
 from eah_interp.evaluation import Condition, deep_control_layer, default_conditions, run_experiment, summarise
+from eah_interp.interventions import EAH
 from eah_interp.metrics.stats import holm
 from eah_interp.models import load_model
 
@@ -33,7 +33,7 @@ def key(record):
 
 
 def test_runner_resumes_without_losing_or_duplicating_items(tmp_path, bundle):
-    arms = [Condition("baseline"), Condition("eah_paper", EAHConfig.paper(threshold=bundle.threshold))]
+    arms = [Condition("baseline"), Condition("eah_paper", EAH.paper(threshold=bundle.threshold))]
     data = scene_dataset(3)
     run = lambda: run_experiment(bundle, data, tmp_path, conditions=arms, max_new_tokens=2, progress=False)  # noqa: E731
     path = run()
@@ -56,7 +56,7 @@ def test_runner_resumes_without_losing_or_duplicating_items(tmp_path, bundle):
     assert settings["dataset"] == "scenes" and settings["max_new_tokens"] == 2 and settings["chair_protocol"] == "strict"
     with pytest.raises(ConfigError, match="max_new_tokens: then 2, now 3"):  # other settings: not mixed in
         run_experiment(bundle, data, tmp_path, conditions=arms, max_new_tokens=3, progress=False)
-    other = [Condition("eah_paper", EAHConfig.paper(threshold=bundle.threshold, layers=(2,)))]
+    other = [Condition("eah_paper", EAH.paper(threshold=bundle.threshold, layers=(2,)))]
     with pytest.raises(ConfigError, match=r"condition\(s\) \['eah_paper'\] with another configuration"):
         run_experiment(bundle, data, tmp_path, conditions=other, max_new_tokens=2, progress=False)
     assert path.read_text().splitlines() == [json.dumps(r) for r in resumed]  # refused runs write nothing
@@ -221,9 +221,9 @@ def test_significance_comes_from_holm_not_the_raw_p(tmp_path, monkeypatch):
 def test_deep_layer_control_never_edits_a_treatment_layer(bundle):
     """Trap 4: on a 4-layer model the third-last layer (1) is the paper's layer: another one is chosen."""
     arms = {c.name: c for c in default_conditions(bundle)}
-    treatment = set(arms["eah_paper"].config.layers) | set(arms["eah_reference"].config.layers)
+    treatment = set(arms["eah_paper"].config[0].layers) | set(arms["eah_reference"].config[0].layers)
     assert treatment == {1, 3}
-    deep = arms["control_deep_layer"].config.layers
+    deep = arms["control_deep_layer"].config[0].layers
     assert deep == (2,) and not set(deep) & treatment
 
 
@@ -237,7 +237,7 @@ def test_deep_control_layer_rule():
 
 def test_a_model_too_shallow_for_the_deep_control_leaves_it_out(monkeypatch):
     fake = SimpleNamespace(model=None, threshold=0.01)
-    monkeypatch.setattr(evaluation.hf, "model_shape", lambda model: (3, 4, 4))
+    monkeypatch.setattr(evaluation, "model_shape", lambda model: (3, 4, 4))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         names = [c.name for c in default_conditions(fake, beams=1)]
@@ -305,10 +305,10 @@ def test_both_chair_protocols_on_coco_images(tmp_path, bundle):
 
 def test_an_arm_can_stack_interventions(tmp_path, bundle):
     """A condition holding a list of interventions runs them through hf.intervene: an EAH-only list gives the
-    same captions, answers and source heads as the EAHConfig arm; PAI changes the yes/no logits."""
+    same captions, answers and source heads as the EAH arm; PAI changes the yes/no logits."""
     from eah_interp.interventions import EAH, PAI
 
-    paper = EAHConfig.paper(threshold=bundle.threshold)
+    paper = EAH.paper(threshold=bundle.threshold)
     arms = [Condition("baseline"), Condition("eah_paper", paper),
             Condition("eah_as_list", [EAH.paper(threshold=bundle.threshold)]),
             Condition("eah_plus_pai", (EAH.paper(threshold=bundle.threshold), PAI(alpha=0.5))),

@@ -11,9 +11,9 @@ import torch
 
 from eah_interp import hf
 from eah_interp import logit_lens as L
-from eah_interp._testing import TINY_IMAGE_TOKEN_ID, tiny_llava, tiny_llava_inputs
 from eah_interp.errors import ConfigError, LayerIndexError, LayoutError
 from eah_interp.interventions import EAH
+from eah_interp.models.tiny import TINY_IMAGE_TOKEN_ID, tiny_llava, tiny_llava_inputs
 
 VOCAB = {"alpha": (5,), "beta": (7, 9), "gamma": (11,)}
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from nnsight import NNsight
 
-import eah_interp.lens as lens
-from eah_interp import EAHConfig
-from eah_interp._testing import TINY_IMAGE_TOKEN_ID, sharp_tiny_llava
+import eah_interp.transformer_lens as lens
+from eah_interp import EAH
 from eah_interp.errors import LayoutError
+from eah_interp.models.tiny import TINY_IMAGE_TOKEN_ID, sharp_tiny_llava
 from eah_interp.patching import (
     COLUMNS,
     EXAMPLE_COLUMNS,
@@ -187,7 +187,7 @@ def test_subsets_other_metrics_and_a_null_edit(setup, patcher):
     assert row(logprob, positions="all").normalised_effect == pytest.approx(1.0, abs=1e-4)
     pair = sweep(patcher, (metric.yes, metric.no), sites=("attn_out",), layers=[1], positions=("all",))
     assert len(pair) == 2
-    null = NNsightPatcher(patcher.nn_model, inputs, EAHConfig(layers=(1,), source=2, target_heads=(2,)))
+    null = NNsightPatcher(patcher.nn_model, inputs, EAH(layers=(1,), source=2, target_heads=(2,)))
     with pytest.warns(UserWarning, match="does not change the metric"):
         frame = sweep(null, metric, sites=("resid",), layers=[3], positions=("all",))
     assert frame.normalised_effect.isna().all()

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from eah_interp import probing as P
-from eah_interp._testing import TINY_IMAGE_TOKEN_ID, TinyProcessor, tiny_llava, tiny_llava_inputs
 from eah_interp.errors import ConfigError, LayoutError
 from eah_interp.interventions import EAH
 from eah_interp.metrics.probes import probe_scores
+from eah_interp.models.tiny import TINY_IMAGE_TOKEN_ID, TinyProcessor, tiny_llava, tiny_llava_inputs
 
 
 def _synthetic(n=240, d=16, k=3, seed=0):

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from eah_interp import cli
 from eah_interp.errors import ConfigError
 from eah_interp.experiments import scan_images
+from eah_interp.head_stats import STATISTICS, HeadStats
 from eah_interp.models import load_model
-from eah_interp.stats import STATISTICS, HeadStats
 
 N, BATCH = 5, 2  # batches of the scan: [0, 1], [2, 3], [4]
 

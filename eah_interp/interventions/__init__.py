@@ -1,13 +1,16 @@
 """Interventions: frozen, validated, JSON-serialisable edits that name where they act and on what.
 
-``eah_interp.hf.intervene(model, [EAH.paper(), PAI()])`` applies several in one run, in list order
-within each edit point (see `eah_interp.dispatch.run_steps` for the order of the points inside an
-attention call; `ResidualEdit` acts on a decoder layer's input before them and its output after them),
-and records what each did. Sources and defaults of every method: docs/methods.md.
+EAH is one of them (`EAH.paper()`, `EAH.reference()`). ``intervene(model, [EAH.paper(), PAI()])`` of any
+backend (`eah_interp.hf`, `eah_interp.nnsight`, `eah_interp.transformer_lens`) applies several in one run,
+in list order within each edit point (see `eah_interp.dispatch.run_steps` for the order of the points
+inside an attention call; `ResidualEdit` acts on a decoder layer's input before them and its output after
+them), and returns one `InterventionRun` recording what each did. The list is compiled for a model by
+`eah_interp.interventions.compile.Plan`. A new method is one subclass of `Intervention` (see its
+docstring). Sources and defaults of every method: docs/methods.md.
 """
 
 from eah_interp.interventions.adhh import ADHH
-from eah_interp.interventions.base import Intervention, InterventionRecord
+from eah_interp.interventions.base import Intervention, InterventionRecord, InterventionRun
 from eah_interp.interventions.eah import EAH
 from eah_interp.interventions.head_scale import HeadScale
 from eah_interp.interventions.knockout import Knockout
@@ -29,6 +32,7 @@ __all__ = [
     "HeadScale",
     "Intervention",
     "InterventionRecord",
+    "InterventionRun",
     "Knockout",
     "MiddleLayerBoost",
     "PAI",

@@ -13,18 +13,17 @@ import torch
 from torch import Tensor
 
 from eah_interp.errors import ConfigError
-from eah_interp.interventions.adhh import as_heads, check_heads
-from eah_interp.interventions.base import Intervention
-from eah_interp.interventions.selectors import PHASES, Site, check_choice
+from eah_interp.interventions.adhh import HeadList
+from eah_interp.interventions.selectors import Site
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from eah_interp.stats import HeadStats
+    from eah_interp.head_stats import HeadStats
 
 
 @dataclass(frozen=True)
-class HeadScale(Intervention):
+class HeadScale(HeadList):
     """Multiply the per-head attention outputs (``[batch, q, heads, d]``, before ``o_proj``) of listed heads.
 
     Args:
@@ -33,17 +32,14 @@ class HeadScale(Intervention):
         phase: ``"both"``, ``"prefill"`` or ``"decode"``.
     """
 
-    heads: tuple[tuple[int, int], ...] = ()
     scale: float = 0.0
-    phase: str = "both"
 
     point: ClassVar[str] = "output"
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "heads", as_heads(self.heads, "HeadScale"))
+    def check(self) -> None:
+        super().check()
         if not isinstance(self.scale, (int, float)):
             raise ConfigError(f"HeadScale.scale must be a number; got {self.scale!r}.")
-        check_choice("HeadScale.phase", self.phase, PHASES)
 
     @classmethod
     def from_frame(cls, frame: pd.DataFrame, top: int, scale: float = 0.0, **kwargs: Any) -> HeadScale:
@@ -61,15 +57,9 @@ class HeadScale(Intervention):
         """The ``top`` heads of a `HeadStats` ranked by a statistic's mean (see `HeadStats.rank`)."""
         return cls.from_frame(stats.rank(by=by, ascending=ascending), top, scale, **kwargs)
 
-    def layers_for(self, n_layers: int) -> tuple[int, ...]:
-        return tuple(sorted({layer for layer, _ in self.heads}))
-
-    def validate_for(self, n_layers: int, n_heads: int) -> None:
-        check_heads(self.heads, n_layers, n_heads, "HeadScale")
-
     def edit(self, tensor: Tensor, site: Site) -> tuple[Tensor, int]:
         factors = torch.ones(tensor.shape[2], dtype=tensor.dtype, device=tensor.device)
-        chosen = [h for layer, h in self.heads if layer == site.layer]
+        chosen = self.heads_of(site.layer)
         factors[chosen] = float(self.scale)
         real = site.layout.attention_mask[:, site.k_len - site.q_len :]
         return tensor * factors[None, None, :, None], int(real.sum()) * len(chosen) * tensor.shape[-1]

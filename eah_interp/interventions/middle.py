@@ -17,16 +17,7 @@ from torch import Tensor
 
 from eah_interp.errors import ConfigError
 from eah_interp.interventions.base import Intervention, count
-from eah_interp.interventions.selectors import (
-    PHASES,
-    Site,
-    as_layers,
-    check_choice,
-    entries,
-    key_span,
-    query_rows,
-    visible,
-)
+from eah_interp.interventions.selectors import Site, entries, key_span, query_rows, visible
 
 
 @dataclass(frozen=True)
@@ -40,18 +31,14 @@ class MiddleLayerBoost(Intervention):
     """
 
     alpha: float = 0.5
-    layers: tuple[int, ...] | None = None
-    phase: str = "both"
 
     point: ClassVar[str] = "scores"
     last_row_only: ClassVar[bool] = True
     default_layers: ClassVar[tuple[int, int] | None] = (5, 19)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", as_layers(self.layers, "MiddleLayerBoost"))
+    def check(self) -> None:
         if not isinstance(self.alpha, (int, float)) or self.alpha < 0:
             raise ConfigError(f"MiddleLayerBoost.alpha must be a number >= 0; got {self.alpha!r}.")
-        check_choice("MiddleLayerBoost.phase", self.phase, PHASES)
 
     def edit(self, tensor: Tensor, site: Site) -> tuple[Tensor, int]:
         selected = entries(query_rows("last", site), key_span("image", site)) & visible(tensor)

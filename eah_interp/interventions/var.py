@@ -24,16 +24,8 @@ from torch import Tensor
 
 from eah_interp.errors import ConfigError
 from eah_interp.interventions.base import Intervention, count
-from eah_interp.interventions.selectors import (
-    PHASES,
-    Site,
-    as_layers,
-    check_choice,
-    check_layers,
-    key_span,
-    query_rows,
-    rows_after_image,
-)
+from eah_interp.interventions.selectors import Site, key_span, query_rows, rows_after_image
+from eah_interp.sinks import massive_activation_sinks
 
 
 def redistribute(
@@ -88,11 +80,9 @@ class VAR(Intervention):
     rho: float = 0.5
     summ: float = 0.2
     p: float = 0.6
-    layers: tuple[int, ...] | None = None
-    phase: str = "both"
 
     point: ClassVar[str] = "probs"
-    needs_hidden: ClassVar[bool] = True
+    reads_hidden: ClassVar[bool] = True
 
     @classmethod
     def llava15_7b(cls, **overrides: object) -> VAR:
@@ -104,8 +94,7 @@ class VAR(Intervention):
         """The official settings for LLaVA-1.5-13B (LLaMA-2-13B sink dims 2100 and 4743)."""
         return cls(**{"dims": (2100, 4743), **overrides})  # type: ignore[arg-type]
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", as_layers(self.layers, "VAR"))
+    def check(self) -> None:
         dims = tuple(int(d) for d in self.dims)
         if not dims or any(d < 0 for d in dims):
             raise ConfigError(
@@ -119,22 +108,23 @@ class VAR(Intervention):
                 raise ConfigError(f"VAR.{name} must be in [{lo}, {hi}]; got {value!r}.")
         if not isinstance(self.tau, (int, float)) or self.tau < 0:
             raise ConfigError(f"VAR.tau must be a number >= 0; got {self.tau!r}.")
-        check_choice("VAR.phase", self.phase, PHASES)
 
     def layers_for(self, n_layers: int) -> tuple[int, ...]:
         if self.layers is not None:
             return tuple(self.layers)
         return tuple(range(min(2, n_layers - 1), n_layers - 1)) or (0,)
 
-    def validate_for(self, n_layers: int, n_heads: int) -> None:
-        check_layers(self.layers_for(n_layers), n_layers, "VAR")
-
     def tail_rows(self, site: Site) -> int | None:
         return rows_after_image(site)  # only rows after the image are edited
 
-    def edit(self, tensor: Tensor, site: Site, sinks: Tensor | None = None) -> tuple[Tensor, int]:
+    def hidden_flags(self, hidden: Tensor) -> Tensor:
+        """The massive-activation sinks of a layer's input hidden states (`massive_activation_sinks`)."""
+        return massive_activation_sinks(hidden, self.dims, self.tau)
+
+    def edit(self, tensor: Tensor, site: Site) -> tuple[Tensor, int]:
+        sinks = site.key_flags
         if sinks is None:
-            raise ConfigError("VAR.edit needs the sink mask of the call's keys (from the layer's hidden states).")
+            raise ConfigError("VAR.edit needs site.key_flags: the sinks of the call's keys (VAR.hidden_flags).")
         rows = query_rows("after_image", site)
         edited, chosen = redistribute(
             tensor, rows, key_span("image", site), sinks, rho=float(self.rho), summ=float(self.summ), p=float(self.p)

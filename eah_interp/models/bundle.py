@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from eah_interp.config import OFFICIAL_THRESHOLD
 from eah_interp.errors import EAHError, ModelLoadError, UnsupportedModelError
 from eah_interp.models.introspect import execution_device
+from eah_interp.sinks import OFFICIAL_THRESHOLD
 
 #: The paper's threshold 0.0008 is tuned for LLaVA-1.5's 576 image tokens. Sink scores are averages of
 #: attention shares, which scale roughly with 1 / prompt length, so for the organism's 49 image tokens
@@ -281,8 +281,8 @@ def _registry_bundle(name: str) -> ModelBundle:
             ids["yes"], ids["no"], chat_prompt, caption_request=CAPTION_QUESTION, yes_no_suffix=YES_NO_SUFFIX,
             image_tokens=processor.num_image_tokens,
         )
-    from eah_interp._testing import TinyProcessor, tiny_llava
     from eah_interp.models.organism.processor import CAPTION_QUESTION, YES_NO_SUFFIX, chat_prompt
+    from eah_interp.models.tiny import TinyProcessor, tiny_llava
 
     model = tiny_llava()
     processor = TinyProcessor(model)

@@ -46,14 +46,15 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from eah_interp.config import EAHConfig
 from eah_interp.errors import ConfigError
 from eah_interp.experiments import _batches
+from eah_interp.head_stats import _atomic_write
+from eah_interp.interventions import EAH
 from eah_interp.interventions.synthetic import PATTERNS, SyntheticMap, previous_token_map, uniform_map
 from eah_interp.layout import TokenLayout
+from eah_interp.models.introspect import model_shape
 from eah_interp.resumable import recover_items
 from eah_interp.sinks import NORMALISE_CHOICES
-from eah_interp.stats import _atomic_write
 
 #: Significance level, applied to Holm-adjusted p-values only.
 ALPHA = 0.05
@@ -79,8 +80,8 @@ METRICS = {
 
 
 def image_mass(probs: Float[Tensor, "batch heads q k"], layout: TokenLayout, rows: str) -> Float[Tensor, " batch"]:
-    """Mean over heads of `eah_interp.stats.group_attention` from the group ``rows`` to the image (NaN: no such row)."""
-    from eah_interp.stats import group_attention
+    """Mean over heads of `eah_interp.head_stats.group_attention` from the group ``rows`` to the image (NaN: no such row)."""
+    from eah_interp.head_stats import group_attention
 
     return group_attention(probs, layout, rows, "image").mean(-1)
 
@@ -157,10 +158,10 @@ def arms(plan: Plan, threshold: float) -> dict[str, list[Any]]:
 
     every = {
         "baseline": [],
-        "eah_paper": [EAHConfig.paper(threshold=threshold)],
-        "control_random_head": [EAHConfig.paper(threshold=threshold, source="random")],
-        "control_fewest_sinks": [EAHConfig.paper(threshold=threshold, source="fewest")],
-        "control_deep_layer": [EAHConfig.paper(threshold=threshold, layers=(plan.deep_layer,))],
+        "eah_paper": [EAH.paper(threshold=threshold)],
+        "control_random_head": [EAH.paper(threshold=threshold, source="random")],
+        "control_fewest_sinks": [EAH.paper(threshold=threshold, source="fewest")],
+        "control_deep_layer": [EAH.paper(threshold=threshold, layers=(plan.deep_layer,))],
         "control_previous_token_map": [SyntheticMap("previous_token", layers=(1,))],
         "control_uniform_map": [SyntheticMap("uniform", layers=(1,))],
         "knockout_question_image_early": [Knockout(queries="question", keys="image", layers=plan.knockout_early),
@@ -317,7 +318,7 @@ def section_arms(bundle: Any, plan: Plan, out: Path, progress: bool = True) -> l
     wanted = {(split, arm, e.id) for split in SPLITS for e in examples(split, plan.n_scenes) for arm in plan_arms}
     rows = [r for r in recover_items(path) if (r["split"], r["arm"], r["id"]) in wanted]  # this plan's rows only
     done = {(r["split"], r["arm"], r["id"]) for r in rows}
-    n_layers = hf.model_shape(bundle.model)[0]
+    n_layers = model_shape(bundle.model)[0]
     jobs = [(split, arm) for split in SPLITS for arm in plan_arms]
     started = time.perf_counter()
     n_prompts = 0
@@ -328,7 +329,7 @@ def section_arms(bundle: Any, plan: Plan, out: Path, progress: bool = True) -> l
             # the random head is drawn per row from a seed; the seed follows the batch's first scene, so that
             # draws differ between batches and a resumed run repeats them
             items = [
-                EAHConfig.from_dict({**i.to_dict(), "seed": batch[0].seed}) if isinstance(i, EAHConfig) and i.source == "random"
+                EAH.from_dict({**i.to_dict(), "seed": batch[0].seed}) if isinstance(i, EAH) and i.source == "random"
                 else i
                 for i in plan_arms[arm]
             ]
@@ -526,7 +527,7 @@ def section_probe(bundle: Any, plan: Plan, out: Path, progress: bool = True) -> 
     if _done(path) and (out / "q2_probe.csv").exists():
         return json.loads(path.read_text())
     exs = examples("discovery", plan.n_scenes) + examples("replication", plan.n_scenes)
-    conditions = {"baseline": None, "eah_paper": [EAHConfig.paper(threshold=bundle.threshold)]}
+    conditions = {"baseline": None, "eah_paper": [EAH.paper(threshold=bundle.threshold)]}
     feats: dict[str, dict[str, list[Tensor]]] = {c: {g: [] for g in PROBE_GROUPS} for c in conditions}
     for batch in tqdm(_batches(exs, plan.batch_size), desc="Q2 probe residuals", disable=not progress, leave=False):
         inputs = encode(bundle, batch)
@@ -609,7 +610,7 @@ def section_patching(bundle: Any, plan: Plan, out: Path, progress: bool = True) 
         return rows
     exs = [e for e in examples("discovery", plan.n_scenes) if not e.label][: plan.patch_prompts]
     inputs = encode(bundle, exs)
-    config = EAHConfig.paper(threshold=bundle.threshold)
+    config = EAH.paper(threshold=bundle.threshold)
     patcher = NNsightPatcher(nnsight.NNsight(bundle.model), inputs, config)
     metric = LogitDiff(yes=tuple(bundle.yes_ids), no=tuple(bundle.no_ids))
     last = last_positions(patcher.layout)
@@ -708,7 +709,7 @@ def section_attribution(bundle: Any, plan: Plan, out: Path, patch_rows: list[dic
     metric = LogitDiff(yes=tuple(bundle.yes_ids), no=tuple(bundle.no_ids))
     started = time.perf_counter()
     try:
-        table = attribution_patching(bundle.model, inputs, EAHConfig.paper(threshold=bundle.threshold), metric,
+        table = attribution_patching(bundle.model, inputs, EAH.paper(threshold=bundle.threshold), metric,
                                      positions=ATTRIBUTION_GROUPS, per_example=True)
     except Exception as err:  # the tool's failure is reported (and retried on the next run), never hidden
         return {"error": f"{type(err).__name__}: {err}"}
@@ -803,7 +804,7 @@ def section_dla(bundle: Any, plan: Plan, out: Path, progress: bool = True) -> di
             for batch in tqdm(_batches(exs, plan.batch_size), desc=f"Q3 DLA {split}", disable=not progress, leave=False):
                 frame_ = direct_logit_attribution(
                     bundle.model, encode(bundle, batch), (tuple(bundle.yes_ids), tuple(bundle.no_ids)),
-                    interventions={"eah_paper": [EAHConfig.paper(threshold=bundle.threshold)]}, per_example=True,
+                    interventions={"eah_paper": [EAH.paper(threshold=bundle.threshold)]}, per_example=True,
                 )
                 frame_ = frame_[frame_.component.isin(["embed", "attn", "mlp"])].copy()
                 frame_["id"] = [batch[i].id for i in frame_["example"]]

@@ -44,6 +44,7 @@ from eah_interp.evaluation import (
 )
 from eah_interp.interventions import ADHH, EAH, PAI, VAF, VAR, HeadScale, MiddleLayerBoost
 from eah_interp.interventions.selectors import REFERENCE_DEPTH
+from eah_interp.models.introspect import model_shape
 
 #: LLaVA-1.5-7B, the model every official default was set for: image tokens, hidden size, heads per layer.
 REFERENCE_IMAGE_TOKENS = 576
@@ -261,7 +262,6 @@ def main(out: Path, *, quick: bool = False, plan: Plan | None = None, progress: 
         plan: an explicit `Plan` (overrides ``quick``).
         progress: show progress bars.
     """
-    from eah_interp import hf
     from eah_interp.models import load_model
 
     plan = plan or (QUICK if quick else FULL)
@@ -269,7 +269,7 @@ def main(out: Path, *, quick: bool = False, plan: Plan | None = None, progress: 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     bundle = load_model("organism")
-    n_layers, n_heads = hf.model_shape(bundle.model)[:2]
+    n_layers, n_heads = model_shape(bundle.model)[:2]
     hidden = int(bundle.model.config.text_config.hidden_size)
     split = ReplicationSplit(0.5, by="order")
     pope, captions = _datasets(plan)
