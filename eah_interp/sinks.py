@@ -66,8 +66,13 @@ def sink_denominator(
     """The normaliser ``d(j)`` of the sink score, per row and key position.
 
     ``"causal"``: the number of real query rows strictly after ``j`` (``q_len - 1 - j`` in an unpadded
-    prefill). ``"official"``: ``s + e - j`` for the row's image extent ``[s, e)``, positions counted from
-    the row's first real token (the official code's ``647 - j`` for LLaVA-1.5's span ``[36, 611)``).
+    prefill). ``"official"``: the official code's window and divisor, placed on the row's image extent
+    ``[s, e)`` (first image position, last + 1; positions counted from the row's first real token): keys
+    ``s + 1 .. e - 1`` are scored with ``d(j) = (s + 1) + e - j`` (``e`` at ``s + 1`` down to ``s + 2``
+    at ``e - 1``) and the first image token ``s`` is never scored (``d = 0``). That is the official
+    ``atten_process_cal`` (itsqyh/Shallow-Focus-Deep-Fixes@092c454, ``modeling_llama_eah.py:82-86``:
+    keys ``[36, 611)``, divisor ``torch.arange(611, 36, -1)`` = ``647 - j``) with its hard-coded start
+    and end read as ``s + 1`` and ``e`` of LLaVA-1.5's image span ``[35, 611)``.
     ``"rows"``: the number of real query rows other than ``j``, before or after it: the right count for
     models whose image tokens attend to each other bidirectionally (Gemma 3, PaliGemma), where earlier
     rows also attend to ``j``.
@@ -86,7 +91,8 @@ def sink_denominator(
         return real_query.sum(-1, keepdim=True) - real_query.cumsum(-1)
     start, end = layout.image_extent()
     first = layout.first_real_position()
-    return (start + end - first)[:, None].float() - pos[None, :].float()
+    denom = (start + 1 + end - first)[:, None].float() - pos[None, :].float()
+    return torch.where(pos[None, :] > start[:, None], denom, torch.zeros_like(denom))  # key s: never scored
 
 
 def sink_scores(
@@ -100,7 +106,8 @@ def sink_scores(
     Args:
         attn: post-softmax probabilities of one layer, ``[batch, heads, q, k]``.
         layout: the layout of the ``k`` key positions.
-        normalise: ``"causal"`` (true row count) or ``"official"`` (the official code's formula).
+        normalise: ``"causal"`` (true row count), ``"official"`` (the official code's window and
+            divisor, `sink_denominator`) or ``"rows"``.
 
     Returns:
         ``Float[batch, heads, k]`` in float32.
