@@ -119,7 +119,7 @@ def run(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             tokens.append(token)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            out = model(input_ids=token, attention_mask=mask, cache=out.past_key_values, use_cache=True)
+            out = model(input_ids=token, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
             logits.append(out.logits[0])
     return torch.cat(logits), torch.cat(tokens, 1)
 
