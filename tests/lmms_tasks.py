@@ -9,8 +9,11 @@ generates 24 tokens instead of 2048.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
+from eah_interp.interventions import Intervention
 from tests.photos import PHOTOS, POPE_ADVERSARIAL, POPE_RANDOM
 
 #: The task names the YAML files define.
@@ -36,6 +39,19 @@ def chair_i(rows):
 def mentions(rows):
     return float(sum(r["mentions"] for r in rows))
 '''
+
+
+@dataclass(frozen=True)
+class Explode(Intervention):
+    """An intervention that raises inside the model's forward (``explode`` in a spec): the run must stop."""
+
+    point: ClassVar[str] = "probs"
+
+    def edit(self, tensor, site):
+        raise RuntimeError("Explode: raised inside the attention call")
+
+    def describe(self) -> str:
+        return "raises"
 
 
 def _photos() -> dict[str, object]:

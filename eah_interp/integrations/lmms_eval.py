@@ -89,31 +89,38 @@ class EvaluationAborted(BaseException):  # noqa: N818 - it stops the run; it is 
 
 
 # ---------------------------------------------------------------------------------------------- arguments
-def rejoin_spec(spec: Any, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Put back a spec that lmms-eval's comma split cut inside ``(...)``.
+def rejoin_spec(kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The ``interventions`` spec of lmms-eval's model arguments, put back if the comma split cut it.
 
     ``interventions=pai(alpha=0.5,layers=[2])`` reaches the model as ``interventions="pai(alpha=0.5"`` and
     ``layers="[2])"`` (lmms-eval protects only ``[]``, ``{}`` and quotes). While the spec's parentheses are
-    unbalanced, the next keyword arguments (in their command-line order) are joined back as ``,key=value``.
+    unbalanced, the keyword arguments that followed it (in their command-line order, which ``**kwargs``
+    keeps) are joined back as ``,key=value``.
+
+    Args:
+        kwargs: every model argument, in command-line order.
 
     Returns:
-        The spec text (surrounding quotes removed) and the remaining keyword arguments.
+        The spec text (``none`` if absent; surrounding quotes removed) and the other arguments.
 
     Raises:
         ConfigError: the parentheses never balance.
     """
-    text = str(spec).strip()
+    keys = list(kwargs)
+    rest = dict(kwargs)
+    if "interventions" not in rest:
+        return "none", rest
+    text = str(rest.pop("interventions")).strip()
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
         text = text[1:-1]
-    rest = dict(kwargs)
-    keys = list(rest)
+    after = keys[keys.index("interventions") + 1 :]
     while text.count("(") > text.count(")"):
-        if not keys:
+        if not after:
             raise ConfigError(
                 f"interventions={text!r} has an unclosed '('; write the whole call, e.g. "
                 "interventions=pai(alpha=0.5) (quote the --model_args value in the shell)."
             )
-        key = keys.pop(0)
+        key = after.pop(0)
         text += f",{key}={_literal(rest.pop(key))}"
     return text, rest
 
@@ -305,18 +312,11 @@ class InterventionModel(lmms):
         **kwargs: everything else, for the base unchanged.
     """
 
-    def __init__(
-        self,
-        pretrained: str | None = None,
-        interventions: Any = "none",
-        base: str = "llava_hf",
-        base_simple: bool = False,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, **kwargs: Any) -> None:  # one **kwargs: their command-line order matters (rejoin_spec)
         super().__init__()
-        spec, kwargs = rejoin_spec(interventions, kwargs)
-        if pretrained is not None:
-            kwargs["pretrained"] = pretrained
+        spec, kwargs = rejoin_spec(kwargs)
+        base = str(kwargs.pop("base", "llava_hf"))
+        base_simple = kwargs.pop("base_simple", False)
         if base in OWN_BASES:
             self.base = BundleModel(**kwargs)
             model = self.base.model
@@ -340,7 +340,8 @@ class InterventionModel(lmms):
         from eah_interp import hf
         from eah_interp.interventions import format_spec
 
-        hf.intervene(model, list(self.items))  # validates layers / heads against the model now, not at request 1
+        if self.items:
+            hf.intervene(model, list(self.items))  # validates layers / heads against the model now, not at request 1
         self.spec = format_spec(self.items)
         self.is_simple = self.base.is_simple  # the tasks build simple or chat requests as the base needs
         self._rank = getattr(self.base, "rank", 0)
