@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+if os.environ.get("EAH_REQUIRE_LMMS") == "1":  # .ci/lmms-env: these tests must run, not skip
+    import lmms_eval  # noqa: F401
 pytest.importorskip(
     "lmms_eval",
     reason="lmms-eval is not installed (pip install -e '.[lmms]' && pip install --no-deps lmms-eval==0.7.3); "
@@ -281,3 +283,30 @@ def test_cli_exits_non_zero_when_an_intervention_raises(tasks, llava_checkpoint,
     assert done.returncode != 0
     assert "EvaluationAborted" in done.stderr and "Explode: raised inside the attention call" in done.stderr
     assert not list((tmp_path / "out").rglob("*_samples_*.jsonl"))
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def test_pope_same_answers_lmms_eval_vs_eah_interp():
+    """lmms-eval scores an exact match of the lower-cased answer and its yes-ratio counts ground-truth "yes";
+    eah-interp reads the first word and counts predicted "yes". Expected values counted by hand."""
+    from benchmarks.lmms_eval_metrics import eah_pope, lmms_pope
+
+    answers = [("Yes", "yes"), ("No.", "no"), ("Yes, there is a dog.", "yes"), ("no", "yes"), ("Yes", "no"),
+               ("There is a cat.", "no")]
+    lmms, ours = lmms_pope(answers), eah_pope(answers)
+    # lmms-eval: exact "yes"/"no" only: right on 1 of 6; TP=1 FP=1 FN=1 ("Yes, there is a dog." is neither)
+    assert lmms == pytest.approx({"accuracy": 1 / 6, "precision": 1 / 2, "recall": 1 / 2, "f1": 1 / 2, "yes_ratio": 3 / 6})
+    # eah-interp: first word: right on 4 of 6 ("There is a cat." unparsed = no); TP=2 FP=1 FN=1
+    assert ours == pytest.approx({"accuracy": 4 / 6, "precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "yes_ratio": 3 / 6,
+                                  "unparsed": 1})
+    exact = [("yes", "yes"), ("no", "no"), ("yes", "no"), ("no", "yes"), ("yes", "yes")]
+    same = {k: v for k, v in lmms_pope(exact).items() if k != "yes_ratio"}
+    assert same == pytest.approx({k: v for k, v in eah_pope(exact).items() if k in same})  # one-word answers agree
+    assert lmms_pope(exact)["yes_ratio"] == 3 / 5 and eah_pope(exact)["yes_ratio"] == 3 / 5
+
+
+def test_chair_aggregation_same_words_is_eah_interps_in_percent():
+    from benchmarks.lmms_eval_metrics import chair_aggregation
+
+    both = chair_aggregation()
+    assert {k: v / 100 for k, v in both["lmms_eval_on_the_same_words"].items()} == pytest.approx(both["eah_interp"])
