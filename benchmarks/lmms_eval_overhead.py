@@ -87,6 +87,9 @@ def main() -> None:
         "eah eah+pai": get_model("eah").create_from_arg_string(f"{common},interventions=eah+pai", config),
     }
 
+    for lm in arms.values():  # simple_evaluate ends with lm.clean(), which deletes the model: keep it for reuse
+        object.__setattr__(lm, "clean", lambda: None)
+
     def run(lm, limit: int) -> tuple[float, float]:
         wall, cpu = time.perf_counter(), time.process_time()
         simple_evaluate(model=lm, tasks=[POPE_TASK], limit=limit, log_samples=True, task_manager=manager,
