@@ -181,7 +181,7 @@ def model_defaults(model: Any, processor: Any, name: str) -> dict[str, dict[str,
     side and pad token and the model's ``generation_config.pad_token_id``, which building a bundle sets,
     are put back, so the base runs exactly as it would alone.
     """
-    from eah_interp.models.bundle import _bundle_for
+    from eah_interp.models import bundle_for
 
     if processor is None or getattr(processor, "tokenizer", None) is None:
         raise ConfigError(
@@ -192,7 +192,7 @@ def model_defaults(model: Any, processor: Any, name: str) -> dict[str, dict[str,
     generation = getattr(model, "generation_config", None)
     saved = (tokenizer.padding_side, tokenizer.pad_token, getattr(generation, "pad_token_id", None))
     try:
-        bundle = _bundle_for(name, model, processor)
+        bundle = bundle_for(name, model, processor)
     finally:
         tokenizer.padding_side = saved[0]
         if tokenizer.pad_token != saved[1]:
