@@ -159,17 +159,17 @@ def _images(n_scenes: int, photos: list[str], images: list[Path]):
 
 
 def _preset(name: str, layers: list[int] | None, threshold: float | None, default_threshold: float):
-    from eah_interp.config import EAHConfig
+    from eah_interp.interventions import EAH
 
     overrides: dict = {"threshold": default_threshold if threshold is None else threshold}
     if layers:
         overrides["layers"] = tuple(layers)
     if name == "paper":
-        return EAHConfig.paper(**overrides)
+        return EAH.paper(**overrides)
     if name == "reference":
-        return EAHConfig.reference(**overrides)
+        return EAH.reference(**overrides)
     if Path(name).is_file():
-        return EAHConfig.from_json(Path(name).read_text())
+        return EAH.from_json(Path(name).read_text())
     raise typer.BadParameter(f"--preset must be 'paper', 'reference' or a JSON EAHConfig file; got {name!r}.")
 
 
@@ -365,7 +365,7 @@ def _caption_table(bundle, preset, layers, threshold, items, max_new_tokens, use
     if use_eah:
         config = _preset(preset, layers, threshold, bundle.threshold)
         console.print(f"[bold]EAH:[/] {config.describe()}")
-        edited, heads = generate_texts(bundle, prompts, imgs, config=config, max_new_tokens=max_new_tokens, desc="EAH")
+        edited, heads = generate_texts(bundle, prompts, imgs, interventions=config, max_new_tokens=max_new_tokens, desc="EAH")
         for row, e, h in zip(rows, edited, heads, strict=True):
             row += [e, ", ".join(map(str, h))]
     for row in rows:
@@ -460,14 +460,7 @@ def evaluate(
 
     from eah_interp import distributed
     from eah_interp.errors import ConfigError
-    from eah_interp.evaluation import (
-        ReplicationSplit,
-        default_conditions,
-        load_items,
-        run_experiment,
-        source_head_table,
-        write_report,
-    )
+    from eah_interp.evaluation import ReplicationSplit, default_arms, run_experiment, write_report
     from eah_interp.experiments import scan_images
 
     if chair_protocol not in (None, "reference", "strict", "both"):
@@ -496,7 +489,7 @@ def evaluate(
     bundle = _load(model, dtype=dtype, device=device, device_map=device_map, trust_remote_code=trust_remote_code)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        arms = default_conditions(bundle, beams=beams)
+        arms = default_arms(bundle, beams=beams)
     for w in caught:
         console.print(f"[yellow]{w.message}[/]")
     if conditions:
@@ -508,33 +501,22 @@ def evaluate(
     if "pope" in chosen_tasks and not dataset.n_questions:
         console.print("[yellow]no yes/no questions in this dataset (pass --pope FILE, or --generate-pope with "
                       "--coco-instances): POPE is skipped.[/]")
-    run = functools.partial(run_experiment, bundle, conditions=arms, tasks=chosen_tasks, prompt=prompt,
+    run = functools.partial(run_experiment, bundle, arms=arms, tasks=chosen_tasks, prompt=prompt,
                             max_new_tokens=max_new_tokens, chair_protocol=chair_protocol, batch_size=batch_size,
                             replication=split)
     try:
-        if part.count > 1:  # this rank's or job's items, into its own results file
-            shard_items = tuple(part.select(dataset.items))
-            with distributed.process_group(part) as barrier:
-                done = run(dataclasses.replace(dataset, items=shard_items), out,
-                           items_file=distributed.items_path(out, part).name)
-                barrier()
-            if not (part.launched and part.index == 0):
-                hint = ("rank 0 merges" if part.launched else
-                        f"when all {part.count} shards are done, rerun this command without --shard: it merges them, "
-                        "runs anything missing and writes the report")
-                console.print(f"shard {part} done: {done} ({hint})")
-                return
-        # one process, or rank 0 after the barrier: take in every shard's results, finish what is missing
-        shard_files = sorted(out.glob("items.shard-*-of-*.jsonl"))
-        if shard_files:
-            present = [out / "items.jsonl"] if (out / "items.jsonl").exists() else []
-            distributed.merge_items(present + shard_files, out / "items.jsonl")
-            console.print(f"merged {len(shard_files)} shard result file(s) into {out / 'items.jsonl'}")
-        items = run(dataset, out)
+        items = distributed.run_sharded(
+            lambda chosen, name: run(dataclasses.replace(dataset, items=tuple(chosen)), out, items_file=name),
+            dataset.items, out, part, log=console.print)
     except ConfigError as err:
         raise typer.BadParameter(str(err)) from None
+    if items is None:
+        hint = ("rank 0 merges" if part.launched else f"when all {part.count} shards are done, rerun this command "
+                "without --shard: it merges them, runs anything missing and writes the report")
+        console.print(f"shard {part} done: {distributed.items_path(out, part)} ({hint})")
+        return
     summary = write_report(items, out, title=f"EAH on {bundle.name}: baseline vs EAH vs controls", n_resamples=bootstrap)
-    extra = ["## Source heads chosen (prompt forward, per item)", "", source_head_table(load_items(items)), ""]
+    extra = []
     if scan:
         from eah_interp.data import LazyImages
 
@@ -548,8 +530,9 @@ def evaluate(
         )
         extra += [f"## Head statistics over {len(scanned)} images of the dataset (threshold {stats.threshold})", "",
                   "![sink density](sink_density.png)", "", per_layer.round(3).to_markdown(), ""]
-    with (out / "report.md").open("a") as f:
-        f.write("\n".join(extra) + "\n")
+    if extra:
+        with (out / "report.md").open("a") as f:
+            f.write("\n".join(extra) + "\n")
     console.print((out / "report.md").read_text())
     console.print(f"wrote {out}/items.jsonl, run.json, results.csv, report.md, effects.png ({len(summary)} rows)")
 

@@ -73,7 +73,7 @@ def test_eval_on_photos_with_coco_and_two_pope_splits(files, tmp_path):
     assert {r["chair_protocol"] for r in captions} == {"reference"} and all(r["truth"] for r in captions)
     assert {r["split"] for r in questions} == {"random", "adversarial"}
     run = json.loads((out / "run.json").read_text())
-    assert run["settings"]["dataset"] == "pope" and run["settings"]["vocabulary"] == "coco"
+    assert run["arguments"]["dataset"] == "pope" and run["arguments"]["vocabulary"] == "coco"
     report = (out / "report.md").read_text()
     assert "split `random`" in report and "split `adversarial`" in report and "popular" not in report
     assert "Holm p" in report and "CHAIR protocol: `reference`" in report
@@ -143,7 +143,7 @@ def test_scan_generate_eval_on_a_checkpoint_folder(family, request, files, tmp_p
     records = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
     assert {r["condition"] for r in records} == {"baseline", "eah_paper", "control_sink_free"}
     assert len({r["item"] for r in records}) == 2
-    prompt = json.loads((out / "run.json").read_text())["settings"]["prompt"]
+    prompt = json.loads((out / "run.json").read_text())["arguments"]["prompt"]
     assert "Please describe this image in detail." in prompt and prompt != "Please describe this image in detail."
     assert "split `random`" in (out / "report.md").read_text() or "split `adversarial`" in (out / "report.md").read_text()
 

@@ -51,9 +51,8 @@ from eah_interp.errors import ConfigError
 from eah_interp.experiments import _batches
 from eah_interp.interventions.synthetic import PATTERNS, SyntheticMap, previous_token_map, uniform_map
 from eah_interp.layout import TokenLayout
-from eah_interp.resumable import recover_items
+from eah_interp.resumable import atomic_write, recover_items
 from eah_interp.sinks import NORMALISE_CHOICES
-from eah_interp.stats import _atomic_write
 
 #: Significance level, applied to Holm-adjusted p-values only.
 ALPHA = 0.05
@@ -180,7 +179,7 @@ def _done(path: Path) -> bool:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    _atomic_write(path, json.dumps(data, indent=1, default=_jsonable).encode())
+    atomic_write(path, json.dumps(data, indent=1, default=_jsonable).encode())
 
 
 def _jsonable(value: Any) -> Any:
