@@ -108,9 +108,10 @@ class ResumableLog:
         different = sorted(k for k in set(saved) | set(self.arguments) if saved.get(k) != self.arguments.get(k))
         if different:
             detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {self.arguments.get(k)!r}" for k in different[:4])
+            files = self.path if self.header is None else f"{self.path} and {self.header}"
             raise ConfigError(
-                f"{self.path} holds a {self.kind} run with other arguments ({', '.join(different)}: {detail}). "
-                "Resuming would mix two runs: pass a new path, or delete the file to start over."
+                f"{self.path} holds a {self.kind} run with other arguments ({detail}). Resuming would mix two runs: "
+                f"pass a new path, or delete {files} to start over."
             )
         return header, records
 

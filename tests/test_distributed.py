@@ -139,6 +139,32 @@ def test_scan_refuses_duplicate_names_and_another_dataset(tmp_path):
 
 
 # ---------------------------------------------------------------------------- items (eval)
+def test_logs_under_one_header_file(tmp_path):
+    """Two shard logs share run.json as their header: other arguments are refused, records stay when the
+    header is rewritten, a log whose header file is gone is refused, and a cut last line is dropped on open."""
+    from eah_interp.resumable import ResumableLog
+
+    header = tmp_path / "run.json"
+    logs = [ResumableLog(tmp_path / f"items.shard-{i}-of-2.jsonl", "evaluation", {"model": "m"}, header=header)
+            for i in range(2)]
+    assert logs[0].open() == (None, [])
+    logs[0].start(conditions=["baseline"])
+    logs[0].append({"k": 1}, {"k": 2})
+    logs[1].append({"k": 3})
+    logs[1].path.write_text(logs[1].path.read_text() + '{"k": 4')  # killed mid-write
+    logs[1].start(conditions=["baseline", "eah"])  # a resumed run with a new arm: the header only is replaced
+    assert json.loads(header.read_text()) == {"kind": "evaluation", "arguments": {"model": "m"},
+                                              "conditions": ["baseline", "eah"]}
+    assert logs[0].open()[1] == [{"k": 1}, {"k": 2}] and logs[1].open()[1] == [{"k": 3}]
+    assert logs[1].path.read_text() == '{"k": 3}\n'
+    with pytest.raises(ConfigError, match=r"other arguments \(model: saved 'm', now 'n'\)"):
+        ResumableLog(logs[1].path, "evaluation", {"model": "n"}, header=header).open()
+    header.unlink()
+    with pytest.raises(ConfigError, match="header .*run.json is missing"):
+        logs[0].open()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def _write(path: Path, lines: list[str], end: str = "\n") -> Path:
     path.write_text("\n".join(lines) + end)
     return path
