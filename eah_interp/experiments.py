@@ -29,6 +29,12 @@ def treated(model: Any, interventions: Any) -> Iterator[list[Any]]:
         yield run.records
 
 
+def check_fits(model: Any, interventions: Any) -> None:
+    """Raise now if an intervention does not fit the model (`LayerIndexError`: a layer it lacks), not mid-run."""
+    with treated(model, interventions):
+        pass
+
+
 def batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     """Consecutive slices of ``size`` items, taken one at a time (a lazy sequence reads one batch at a time)."""
     for i in range(0, len(items), size):

@@ -45,7 +45,7 @@ def names() -> list[str]:
 @pytest.fixture(scope="module")
 def reference() -> pd.DataFrame:
     """An uninterrupted 1-process scan of the N images (`scan_images`, not the CLI or this module)."""
-    images = [image for _, image, _ in cli._images(N, [], [])]
+    images = [item.load_image() for item in cli._images(N, [], [])]
     stats = scan_images(load_model("tiny-llava"), images, threshold=float(THRESHOLD), batch_size=BATCH, progress=False)
     frame = stats.to_frame()
     assert (frame.n == N).all()
@@ -334,7 +334,7 @@ def test_accelerate_launch_two_processes_equal_one_process(tmp_path, names, refe
 
 # ---------------------------------------------------------------------------- data-parallel eval
 #: One item a batch, so that every result is computed alone whichever shard computes it.
-EVAL = ["eval", "--model", "tiny-llava", "-n", "3", "--condition", "eah_paper", "--beams", "1", "--max-new-tokens", "2",
+EVAL = ["eval", "--model", "tiny-llava", "-n", "3", "--arm", "eah_paper", "--beams", "1", "--max-new-tokens", "2",
         "--bootstrap", "50", "--batch-size", "1"]
 
 

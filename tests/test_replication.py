@@ -149,7 +149,7 @@ def test_eval_cli_takes_a_replication_split(tmp_path):
 
     from eah_interp.cli import app
 
-    common = ["eval", "--model", "tiny-llava", "-n", "4", "--condition", "eah_paper", "--beams", "1", "--task", "pope"]
+    common = ["eval", "--model", "tiny-llava", "-n", "4", "--arm", "eah_paper", "--beams", "1", "--task", "pope"]
     bad = CliRunner().invoke(app, [*common, "--replication", "1.5", "--out", str(tmp_path / "bad")])
     assert bad.exit_code != 0 and "strictly between 0 and 1" in bad.output
     result = CliRunner().invoke(app, [*common, "--replication", "0.5", "--replicate-by", "order",

@@ -25,7 +25,7 @@ from eah_interp.data import Dataset, Item, Question
 from eah_interp.errors import ConfigError
 from eah_interp.evaluation.arms import Arm, default_arms
 from eah_interp.evaluation.statistics import PARTS, ReplicationSplit
-from eah_interp.experiments import batches, generate_texts, progress_bar, treated
+from eah_interp.experiments import batches, check_fits, generate_texts, progress_bar, treated
 from eah_interp.resumable import ResumableLog
 
 #: The kind of the results log (``run.json``'s ``"kind"``).
@@ -92,6 +92,7 @@ def run_experiment(
             ``by="order"`` the split is taken over ``dataset`` as given (pass the whole dataset, not a shard).
 
     Raises:
+        LayerIndexError: an arm edits a layer the model lacks (checked before anything runs).
         ConfigError: an empty dataset or an unknown task; ``out`` holds results of a run with other settings
             (model, dataset, prompt, max_new_tokens, CHAIR protocol), or of an arm of the same name that
             applied something else.
@@ -124,6 +125,8 @@ def run_experiment(
         if replication.by == "order":  # the parts depend on the whole dataset: another size is another split
             settings["replication"]["n_items"] = len(dataset)
     parts = None if replication is None else replication.assign([item.id for item in dataset])
+    for arm in arms:  # an arm that does not fit the model (a layer it lacks) is refused before anything runs
+        check_fits(bundle.model, arm.interventions)
     log = ResumableLog(Path(out) / items_file, KIND, settings, header=Path(out) / "run.json")
     header, records = log.open()
     before = {a["name"]: a for a in (header or {}).get("conditions", [])}
