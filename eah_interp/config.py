@@ -26,7 +26,7 @@ class EAHConfig:
         threshold: sink threshold ``tau``: image key ``j`` is a sink of head ``h`` if its sink score
             is strictly above it.
         normalise: ``d(j)`` of the sink score: ``"causal"`` (real query rows after ``j``),
-            ``"official"`` (``s + e - j``, the official code) or ``"rows"`` (all other real rows: for
+            ``"official"`` (``(s + 1) + e - j`` on keys ``s + 1 .. e - 1``, the official code) or ``"rows"`` (all other real rows: for
             models with bidirectional image attention, Gemma 3 and PaliGemma).
         region: ``"full"`` (copy the whole map, EAH) or ``"image"`` (only image-key columns, rows
             keep their image mass).
@@ -110,7 +110,7 @@ class EAHConfig:
 
     @classmethod
     def reference(cls, **overrides: Any) -> EAHConfig:
-        """The official code: layer 15, ``d(j) = s + e - j``, threshold 0.0008, no broadcast from head 0.
+        """The official code: layer 15, ``d(j) = (s + 1) + e - j`` on keys ``s + 1 .. e - 1``, threshold 0.0008, no broadcast from head 0.
 
         On a model with fewer than 16 layers, override ``layers``.
         """
@@ -168,7 +168,7 @@ class EAHConfig:
             "fewest": "the head with the fewest vision sinks (control)",
             "random": f"a random head (seed {self.seed}, control)",
         }.get(self.source, f"head {self.source}")  # type: ignore[arg-type]
-        d = {"causal": "real query rows after j", "rows": "all other real query rows", "official": "s + e - j (official)"}[
+        d = {"causal": "real query rows after j", "rows": "all other real query rows", "official": "(s + 1) + e - j on keys s + 1 .. e - 1 (official)"}[
             self.normalise
         ]
         what = "its whole attention map" if self.region == "full" else "its image-key attention (mass-preserving)"

@@ -882,6 +882,24 @@ class ContrastiveLogits:
         self._out: Any = None
         self._mask: Tensor | None = None
 
+    # LALBJ/PAI@9bbd8bd ships two gammas. With --use-cfg its scripts leave the prompt forward unedited
+    # (llama_modify sets use_cfg on the edited layers, attention.py:90 skips the edit, CFGLogits resets the
+    # flag only after its first call, CFG.py:48-49): the official run of both parts is PAI(phase="decode").
+    @classmethod
+    def chair_eval(cls, model: nn.Module, unconditional: dict[str, Tensor], **kwargs: Any) -> ContrastiveLogits:
+        """``gamma=2``: the default of the scripts' ``--gamma`` (``chair_eval.py:53``, ``pope_eval.py:53``)."""
+        return cls(model, unconditional, **{"gamma": 2.0, **kwargs})
+
+    @classmethod
+    def readme(cls, model: nn.Module, unconditional: dict[str, Tensor], **kwargs: Any) -> ContrastiveLogits:
+        """``gamma=1.1``: the README's commands (``README.md:65, 68, 82``) and ``init_cfg_processor`` (``model_loader.py:253``).
+
+        Those commands decode greedily (no ``--sample``); ``README.md:51`` recommends nucleus sampling
+        without giving its settings (``--sample`` calls ``generate(do_sample=True)`` with the checkpoint's
+        own ``top_p`` / ``temperature``).
+        """
+        return cls(model, unconditional, **{"gamma": 1.1, **kwargs})
+
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         scores = torch.log_softmax(scores.float(), dim=-1)
         if self.gamma == 1:

@@ -108,10 +108,11 @@ class ResumableLog:
         different = sorted(k for k in set(saved) | set(self.arguments) if saved.get(k) != self.arguments.get(k))
         if different:
             detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {self.arguments.get(k)!r}" for k in different[:4])
+            more = f"; and {', '.join(different[4:])}" if len(different) > 4 else ""
             files = self.path if self.header is None else f"{self.path} and {self.header}"
             raise ConfigError(
-                f"{self.path} holds a {self.kind} run with other arguments ({detail}). Resuming would mix two runs: "
-                f"pass a new path, or delete {files} to start over."
+                f"{self.path} holds a {self.kind} run with other arguments ({detail}{more}). Resuming would mix two "
+                f"runs: pass a new path, or delete {files} to start over."
             )
         return header, records
 

@@ -304,6 +304,7 @@ def format_spec(items: Iterable[Intervention]) -> str:
 def _register_builtins() -> None:
     from eah_interp.interventions.adhh import ADHH
     from eah_interp.interventions.eah import EAH
+    from eah_interp.interventions.head_scale import HeadScale
     from eah_interp.interventions.var import VAR
 
     register_preset("eah", EAH.paper, method=EAH, summary="EAH as in the paper: layer 1 ('layer two'), causal normaliser")
@@ -312,6 +313,8 @@ def _register_builtins() -> None:
     register_preset("var-llava15-7b", VAR.llava15_7b, summary="VAR with LLaMA-2-7B's sink dims (LLaVA-1.5-7B)")
     register_preset("var-llava15-13b", VAR.llava15_13b, summary="VAR with LLaMA-2-13B's sink dims (LLaVA-1.5-13B)")
     register_preset("adhh-llava15-7b", ADHH.llava15_7b, summary="AD-HH with the official head list of LLaVA-1.5-7B")
+    register_preset("allpath", HeadScale.allpath,
+                    summary="AllPath's head scaling: hallucination heads x0, good heads x2 (pass both head lists)")
 
 
 _register_builtins()
