@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from eah_interp.errors import ConfigError
-from eah_interp.metrics.stats import holm, sign_flip_p_value
+from eah_interp.metrics.stats import bootstrap_weights, holm, sign_flip_p_value
 
 #: Significance level, applied to Holm-adjusted p-values only.
 ALPHA = 0.05
@@ -279,9 +279,10 @@ def summarise_items(items, *, baseline: str = "baseline", n_resamples: int = 500
                     alpha: float = ALPHA):
     """Metrics per arm (and replication part) with paired bootstrap 95% CIs of the difference to ``baseline``.
 
-    Items are the resampling unit: each bootstrap draw resamples items with replacement and recomputes
-    every metric (a ratio of sums over items) on the same items for the arm and the baseline, restricted
-    to items where both have a non-zero denominator. The p-value is a paired sign-flip permutation test
+    Items are the resampling unit (`eah_interp.metrics.stats.bootstrap_weights`; an item's questions move
+    together: a cluster bootstrap of questions in images): each draw resamples items with replacement and
+    recomputes every metric (a ratio of sums over items) on the same items for the arm and the baseline,
+    restricted to items where both have a non-zero denominator. The p-value is a paired sign-flip permutation test
     on per-item differences. ``p_holm`` adjusts the p-values of one family (every non-baseline arm x
     metric of one part; without a replication split, ``part == "all"`` and the whole table is one family)
     and ``significant`` is `holm_family`'s rule, ``p_holm <= alpha``, never the raw p.
@@ -304,7 +305,6 @@ def _summarise_part(items, baseline: str, n_resamples: int, seed: int, alpha: fl
     import pandas as pd
 
     table = item_table(items)
-    rng = np.random.default_rng(seed)
     rows = []
     metrics = metrics_for(items)
     for metric in metrics:
@@ -339,7 +339,7 @@ def _summarise_part(items, baseline: str, n_resamples: int, seed: int, alpha: fl
             value, ref = a_num.sum() / a_den.sum(), b_num.sum() / b_den.sum()
             row.update(value=value, baseline=ref, diff=value - ref, n=len(paired))
             if cond != baseline:
-                counts = rng.multinomial(len(paired), np.full(len(paired), 1 / len(paired)), size=n_resamples)
+                counts = bootstrap_weights(None, len(paired), n_resamples=n_resamples, seed=seed)
                 with np.errstate(invalid="ignore", divide="ignore"):
                     diffs = (counts @ a_num) / (counts @ a_den) - (counts @ b_num) / (counts @ b_den)
                     per_item = a_num / a_den - b_num / b_den
