@@ -81,20 +81,30 @@ def _part_tables(summary, baseline: str, level: str = "##") -> list[str]:
     return lines
 
 
-def replication_markdown(table) -> list[str]:
-    """`replication_table` as Markdown lines (tested arm x metrics; replicated ones first)."""
-    if table.empty:
-        return ["(nothing was tested)", ""]
+def replication_markdown(table, *, hide_null: bool = False) -> list[str]:
+    """A ``## Replication`` section: how many discoveries replicated, then `replication_table` as Markdown
+    (replicated first; ``hide_null``: without the arm x metrics significant in neither part)."""
+    counts = table["verdict"].value_counts()
+    found = int(counts.get("replicated", 0) + counts.get("not replicated", 0))
+    lines = ["## Replication", "", f"A result is **replicated** when it is significant after Holm in discovery and "
+             f"significant after Holm, with the same sign, in replication: {int(counts.get('replicated', 0))} of {found} "
+             f"discoveries replicated ({len(table)} arm x metric tests per part).", ""]
+    shown = table[table["verdict"] != "null"] if hide_null else table
+    if shown.empty:
+        return lines + ["(no arm x metric is significant in either part)" if hide_null else "(nothing was tested)", ""]
     order = {"replicated": 0, "not replicated": 1, "replication only": 2, "null": 3}
-    table = table.assign(_o=table["verdict"].map(order)).sort_values("_o", kind="stable")
-    lines = ["| condition | metric | discovery diff (Holm p) | replication diff [95% CI] (Holm p) | verdict |",
-             "|---|---|---|---|---|"]
-    for r in table.itertuples():
+    shown = shown.assign(_o=shown["verdict"].map(order)).sort_values("_o", kind="stable")
+    lines += ["| condition | metric | discovery diff (Holm p) | replication diff [95% CI] (Holm p) | verdict |",
+              "|---|---|---|---|---|"]
+    for r in shown.itertuples():
         disc = f"{r.diff_discovery:+.3f} ({r.p_holm_discovery:.3f})" if r.diff_discovery == r.diff_discovery else ""
         rep = (f"{r.diff_replication:+.3f} [{r.ci_low_replication:+.3f}, {r.ci_high_replication:+.3f}] "
                f"({r.p_holm_replication:.3f})") if r.diff_replication == r.diff_replication else ""
         verdict = f"**{r.verdict}**" if r.verdict == "replicated" else r.verdict
         lines.append(f"| {r.condition} | {r.metric} | {disc} | {rep} | {verdict} |")
+    if hide_null:
+        lines += ["", f"({int(counts.get('null', 0))} arm x metric tests significant in neither part are left out; "
+                  "all are in replication.csv.)"]
     return lines + [""]
 
 
@@ -185,12 +195,6 @@ def write_report(
         if set(PARTS) <= set(parts):
             table = replication_table(summary)
             table.to_csv(out / "replication.csv", index=False)
-            counts = table["verdict"].value_counts()
-            lines += ["## Replication", "",
-                      f"A result is **replicated** when it is significant after Holm in discovery and significant "
-                      f"after Holm, with the same sign, in replication: {int(counts.get('replicated', 0))} of "
-                      f"{int(counts.get('replicated', 0) + counts.get('not replicated', 0))} discoveries replicated "
-                      f"({len(table)} arm x metric tests per part).", ""]
             lines += replication_markdown(table)
         for part in parts:
             lines += [f"## {part.capitalize()} part ({n_part[part]} items)", ""]

@@ -403,14 +403,7 @@ def _report(meta: dict, items, summary, table, direct) -> list[str]:
                   for layer, row in counts["layers"].items()]
         lines.append("")
     if not table.empty:
-        counts = table["verdict"].value_counts()
-        lines += ["## Replication", "",
-                  f"{int(counts.get('replicated', 0))} of {int(counts.get('replicated', 0) + counts.get('not replicated', 0))}"
-                  " discoveries replicated (significant after Holm in both parts, same sign).", ""]
-        shown = table[table["verdict"] != "null"]
-        lines += replication_markdown(shown) if not shown.empty else ["(no arm x metric is significant in either part)", ""]
-        lines += [f"({int(counts.get('null', 0))} arm x metric tests significant in neither part are left out; "
-                  "all are in replication.csv.)", ""]
+        lines += replication_markdown(table, hide_null=True)
     for part in PARTS:
         rows = summary[summary["part"] == part]
         if rows.empty:
