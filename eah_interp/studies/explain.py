@@ -48,12 +48,11 @@ from tqdm.auto import tqdm
 
 from eah_interp.config import EAHConfig
 from eah_interp.errors import ConfigError
-from eah_interp.experiments import _batches
+from eah_interp.experiments import batches
 from eah_interp.interventions.synthetic import PATTERNS, SyntheticMap, previous_token_map, uniform_map
 from eah_interp.layout import TokenLayout
-from eah_interp.resumable import recover_items
+from eah_interp.resumable import atomic_write, recover_items
 from eah_interp.sinks import NORMALISE_CHOICES
-from eah_interp.stats import _atomic_write
 
 #: Significance level, applied to Holm-adjusted p-values only.
 ALPHA = 0.05
@@ -180,7 +179,7 @@ def _done(path: Path) -> bool:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    _atomic_write(path, json.dumps(data, indent=1, default=_jsonable).encode())
+    atomic_write(path, json.dumps(data, indent=1, default=_jsonable).encode())
 
 
 def _jsonable(value: Any) -> Any:
@@ -230,7 +229,7 @@ def section_source_head(bundle: Any, plan: Plan, out: Path, progress: bool = Tru
         dens: dict[str, list[Tensor]] = {n: [] for n in NORMALISE_CHOICES}
         nulls: dict[str, list[Tensor]] = {}
         explained: dict[str, list[Tensor]] = {}
-        for batch in tqdm(_batches(exs, plan.batch_size), desc=f"Q1 {split}", disable=not progress, leave=False):
+        for batch in tqdm(batches(exs, plan.batch_size), desc=f"Q1 {split}", disable=not progress, leave=False):
             inputs = encode(bundle, batch)
             with torch.no_grad(), hf.record_attention(bundle.model, [1], keep_patterns=True) as rec:
                 bundle.model(**inputs, use_cache=False)
@@ -323,7 +322,7 @@ def section_arms(bundle: Any, plan: Plan, out: Path, progress: bool = True) -> l
     n_prompts = 0
     for split, arm in tqdm(jobs, desc="arms", disable=not progress):
         exs = [e for e in examples(split, plan.n_scenes) if (split, arm, e.id) not in done]
-        for batch in _batches(exs, plan.batch_size):
+        for batch in batches(exs, plan.batch_size):
             inputs = encode(bundle, batch)
             # the random head is drawn per row from a seed; the seed follows the batch's first scene, so that
             # draws differ between batches and a resumed run repeats them
@@ -528,7 +527,7 @@ def section_probe(bundle: Any, plan: Plan, out: Path, progress: bool = True) -> 
     exs = examples("discovery", plan.n_scenes) + examples("replication", plan.n_scenes)
     conditions = {"baseline": None, "eah_paper": [EAHConfig.paper(threshold=bundle.threshold)]}
     feats: dict[str, dict[str, list[Tensor]]] = {c: {g: [] for g in PROBE_GROUPS} for c in conditions}
-    for batch in tqdm(_batches(exs, plan.batch_size), desc="Q2 probe residuals", disable=not progress, leave=False):
+    for batch in tqdm(batches(exs, plan.batch_size), desc="Q2 probe residuals", disable=not progress, leave=False):
         inputs = encode(bundle, batch)
         for condition, items in conditions.items():
             with torch.no_grad():
@@ -800,7 +799,7 @@ def section_dla(bundle: Any, plan: Plan, out: Path, progress: bool = True) -> di
         else:
             parts = []
             exs = examples(split, plan.n_scenes)
-            for batch in tqdm(_batches(exs, plan.batch_size), desc=f"Q3 DLA {split}", disable=not progress, leave=False):
+            for batch in tqdm(batches(exs, plan.batch_size), desc=f"Q3 DLA {split}", disable=not progress, leave=False):
                 frame_ = direct_logit_attribution(
                     bundle.model, encode(bundle, batch), (tuple(bundle.yes_ids), tuple(bundle.no_ids)),
                     interventions={"eah_paper": [EAHConfig.paper(threshold=bundle.threshold)]}, per_example=True,
