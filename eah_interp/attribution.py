@@ -345,10 +345,23 @@ def agreement(
         ``{"n", "n_trivial", "pearson", "spearman", "sign_agreement", "matched", "by_direction": {...},
         "by_site": {...}}`` (one ``by_<column>`` per ``by``, keyed by the column's values);
         ``sign_agreement`` is the share of rows whose effects have the same sign.
+
+    Raises:
+        ConfigError: a frame holds two rows with the same key (e.g. per-batch frames concatenated with
+            ``example`` restarting at 0): they would be matched many to many.
     """
     keys = ["direction", "site", "layer", "head", "positions"]
     if "example" in attribution_frame.columns and "example" in activation_frame.columns:
         keys.append("example")
+    for name, frame in (("attribution_frame", attribution_frame), ("activation_frame", activation_frame)):
+        duplicated = frame.duplicated(subset=keys, keep=False)
+        if duplicated.any():
+            first = frame.loc[duplicated, keys].iloc[0].to_dict()
+            raise ConfigError(
+                f"{name} has {int(duplicated.sum())} rows that share a key ({', '.join(keys)}), e.g. {first}: matching "
+                "them would pair every copy with every other one. Give each example one id across batches (e.g. "
+                "add the batch's offset to `example` when concatenating per-batch frames), or aggregate first."
+            )
     left = attribution_frame.assign(_effect=_effects(attribution_frame))[[*keys, "_effect"]]
     right = activation_frame.assign(_effect=_effects(activation_frame))[[*keys, "_effect"]]
     merged = left.merge(right, on=keys, suffixes=("_a", "_b"))

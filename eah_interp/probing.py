@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from eah_interp.errors import ConfigError, LayoutError
 from eah_interp.logit_lens import residual_stream
+from eah_interp.metrics.stats import auroc, bootstrap_weights
 from eah_interp.sites import resolve_positions
 
 if TYPE_CHECKING:
@@ -284,39 +285,9 @@ def fit_probe(
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def auroc(
-    scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None
-) -> np.ndarray:
-    """AUROC (ties count one half) of scores against boolean labels, for one or many weightings of the examples.
-
-    Args:
-        scores: ``[m]`` scores.
-        labels: ``[m]`` booleans.
-        weights: ``[B, m]`` non-negative example weights (bootstrap multiplicities); all ones when None.
-
-    Returns:
-        ``[B]`` AUROCs (``[1]`` without weights); NaN where a weighting leaves no positive or no negative.
-    """
-    s = np.asarray(scores, dtype=float)
-    y = np.asarray(labels, dtype=bool)
-    w = np.ones((1, len(s))) if weights is None else np.asarray(weights, dtype=float)
-    uniq, inv = np.unique(s, return_inverse=True)
-    n_unique, n_draws = len(uniq), w.shape[0]
-    offsets = (np.arange(n_draws)[:, None] * n_unique + inv[None, ~y]).ravel()
-    neg = np.bincount(offsets, weights=w[:, ~y].ravel(), minlength=n_draws * n_unique).reshape(n_draws, n_unique)
-    below = np.cumsum(neg, axis=1) - neg
-    wins = (w[:, y] * (below[:, inv[y]] + 0.5 * neg[:, inv[y]])).sum(1)
-    total = w[:, y].sum(1) * w[:, ~y].sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 0, wins / np.where(total > 0, total, 1.0), np.nan)
-
-
 def _scene_weights(n: int, n_boot: int, seed: int) -> np.ndarray:
     """``[1 + n_boot, n]`` multiplicities: the sample itself, then bootstrap resamples of the n scenes."""
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n, size=(n_boot, n))
-    counts = np.stack([np.bincount(row, minlength=n) for row in draws]) if n_boot else np.zeros((0, n))
-    return np.concatenate([np.ones((1, n)), counts]).astype(float)
+    return np.concatenate([np.ones((1, n)), bootstrap_weights(None, n, n_resamples=n_boot, seed=seed)])
 
 
 METRICS = ("accuracy", "auroc", "auroc_macro")

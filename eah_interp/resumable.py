@@ -86,8 +86,9 @@ class ResumableLog:
         different = sorted(k for k in set(saved) | set(self.arguments) if saved.get(k) != self.arguments.get(k))
         if different:
             detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {self.arguments.get(k)!r}" for k in different[:4])
+            more = f"; and {', '.join(different[4:])}" if len(different) > 4 else ""
             raise ConfigError(
-                f"{self.path} holds a {self.kind} run with other arguments ({', '.join(different)}: {detail}). "
+                f"{self.path} holds a {self.kind} run with other arguments ({detail}{more}). "
                 "Resuming would mix two runs: pass a new path, or delete the file to start over."
             )
         return header, records

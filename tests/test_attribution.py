@@ -345,6 +345,20 @@ def test_agreement_by_hand():
         agreement(a, _frame([1.0], "baseline_into_treatment"))
 
 
+
+def test_agreement_refuses_duplicate_keys():
+    # two batches of two examples each, concatenated with `example` restarting at 0: the keys repeat
+    batch = pd.concat([_frame([1.0, 2.0]).assign(example=[0, 1]), _frame([3.0, 4.0]).assign(example=[0, 1])])
+    other = batch.assign(metric=batch["metric"] + 0.5)
+    with pytest.raises(ConfigError, match="share a key.*offset"):
+        agreement(batch, other)
+    with pytest.raises(ConfigError, match="activation_frame"):
+        agreement(batch.assign(head=[0, 1, 2, 3]), other)
+    # one id per example across batches: matched one to one (4 rows, not 8)
+    fixed = batch.assign(example=[0, 1, 2, 3])
+    assert agreement(fixed, fixed.assign(metric=fixed["metric"] + 0.5))["matched"] == 4
+
+
 # ---------------------------------------------------------------------------- direct logit attribution
 def _final_resid_and_z(model, inputs, layer, config=None):
     lm = model.model.language_model

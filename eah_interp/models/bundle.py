@@ -115,6 +115,11 @@ class ModelBundle:
             f"{'trained' if self.trained else 'RANDOM weights'})"
         )
 
+    def intervention_defaults(self) -> dict[str, dict[str, Any]]:
+        """Model-aware defaults of the spec grammar (`eah_interp.interventions.parse`'s ``defaults``):
+        EAH's sink threshold scaled to this model's image tokens (`threshold`)."""
+        return {"EAH": {"threshold": self.threshold}}
+
     # ------------------------------------------------------------------ prompts
     def prompt(self, text: str) -> str:
         """Any user request (``"Please describe this image in detail."``) as a full prompt with one image."""
