@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from torch import Tensor
 from eah_interp.chunked import AttentionSums, text_rows_after_image
 from eah_interp.errors import ConfigError, LayoutError
 from eah_interp.layout import TokenLayout
+from eah_interp.resumable import atomic_write
 from eah_interp.sinks import (
     MASSIVE_TAU,
     OFFICIAL_THRESHOLD,
@@ -49,17 +49,6 @@ OVERLAP_STATISTICS = ("eah_sinks", "massive_sinks", "both", "jaccard", "eah_in_m
 #: The running sums of one statistic of one layer (`HeadStats.state_dict` keys end in these).
 _STATE_PARTS = ("n", "mean", "m2")
 _STATE_FORMAT = "eah_interp.HeadStats/1"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def head_statistics(
@@ -706,7 +695,7 @@ class HeadStats:
             meta["sink_dims"] = json.dumps(list(self.sink_dims))
             meta["tau"] = repr(self.tau)
         path = Path(path)
-        _atomic_write(path, save(self.state_dict(), metadata=meta))
+        atomic_write(path, save(self.state_dict(), metadata=meta))
         return path
 
     @classmethod

@@ -144,12 +144,18 @@ class _AttentionOverride:
 
         return hook
 
-    def _remove_layer_hooks(self) -> None:
-        """Remove the decoder-layer hooks and drop the hidden states they kept."""
-        for hook in self._hidden_hooks:
-            hook.remove()
-        self._hidden_hooks.clear()
-        self._hidden.clear()
+    def _hook_layers(self, hooks: list[tuple[int, Callable, bool]]) -> None:
+        """Register decoder-layer hooks ``(layer, hook, before the layer)``, removed on exit (on failure: now)."""
+        try:
+            layers = decoder_layers(self.model) if hooks else {}
+            for layer, hook, before in hooks:
+                module = layers[layer]
+                self._hidden_hooks.append(
+                    module.register_forward_pre_hook(hook, with_kwargs=True) if before else module.register_forward_hook(hook)
+                )
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
 
     # subclasses ------------------------------------------------------
     def steps(self, call: AttentionCall) -> list[AttentionStep]:
@@ -176,6 +182,10 @@ class _AttentionOverride:
             return
         self._entered = False
         try:
+            for hook in self._hidden_hooks:  # decoder-layer hooks, and the hidden states they kept
+                hook.remove()
+            self._hidden_hooks.clear()
+            self._hidden.clear()
             if self._hook is not None:
                 self._hook.remove()
                 self._hook = None
@@ -292,24 +302,15 @@ class intervene(_AttentionOverride):  # noqa: N801
     def __enter__(self) -> InterventionRun:  # type: ignore[override]
         super().__enter__()
         plan = self.plan
-        try:
-            layers = decoder_layers(self.model) if plan.input_layers or plan.output_layers or plan.hidden_layers else {}
-            for layer in plan.input_layers:  # before the hidden-state note: VAR reads the (edited) input
-                self._hidden_hooks.append(layers[layer].register_forward_pre_hook(self._edit_input(layer), with_kwargs=True))
-            for layer in plan.output_layers:
-                self._hidden_hooks.append(layers[layer].register_forward_hook(self._edit_output(layer)))
-            for layer in plan.hidden_layers:
-                self._hidden_hooks.append(
-                    layers[layer].register_forward_pre_hook(self._note_hidden(layer, plan.note_hidden), with_kwargs=True)
-                )
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
+        self._hook_layers(  # residual input edits before the hidden-state note: VAR reads the (edited) input
+            [(layer, self._edit_input(layer), True) for layer in plan.input_layers]
+            + [(layer, self._edit_output(layer), False) for layer in plan.output_layers]
+            + [(layer, self._note_hidden(layer, plan.note_hidden), True) for layer in plan.hidden_layers]
+        )
         return plan.run
 
     def __exit__(self, *exc) -> None:
         try:
-            self._remove_layer_hooks()
             self.plan.clear()
         finally:
             super().__exit__(*exc)
@@ -399,29 +400,12 @@ class record_attention(_AttentionOverride):  # noqa: N801
             self.adapter.family, self.adapter.bidirectional_image_attention, stats.normalise)
         if message:
             warnings.warn(message, stacklevel=2)
-        # a HeadStats comparing sinks with massive activations reads each layer's input hidden states
-        # (self._note_hidden hooks, added on entry)
-
     def __enter__(self) -> Recording:  # type: ignore[override]
         super().__enter__()
         stats = self.recording.stats
-        if stats is not None and stats.sink_dims:
-            try:
-                decoders = decoder_layers(self.model)
-                for layer in self.recording.layers:
-                    self._hidden_hooks.append(
-                        decoders[layer].register_forward_pre_hook(self._note_hidden(layer), with_kwargs=True)
-                    )
-            except BaseException:
-                self.__exit__(None, None, None)
-                raise
+        if stats is not None and stats.sink_dims:  # sinks compared with massive activations: the layers' inputs
+            self._hook_layers([(layer, self._note_hidden(layer), True) for layer in self.recording.layers])
         return self.recording
-
-    def __exit__(self, *exc) -> None:
-        try:
-            self._remove_layer_hooks()
-        finally:
-            super().__exit__(*exc)
 
     def _prompt_hidden(self, call: AttentionCall) -> Tensor | None:
         """The recorded layer's input hidden states of this prompt forward (None without ``sink_dims``)."""
@@ -540,6 +524,24 @@ class ContrastiveLogits:
         self.unconditional = dict(unconditional)
         self._out: Any = None
         self._mask: Tensor | None = None
+
+    # LALBJ/PAI@9bbd8bd ships two gammas. With --use-cfg its scripts leave the prompt forward unedited
+    # (llama_modify sets use_cfg on the edited layers, attention.py:90 skips the edit, CFGLogits resets the
+    # flag only after its first call, CFG.py:48-49): the official run of both parts is PAI(phase="decode").
+    @classmethod
+    def chair_eval(cls, model: nn.Module, unconditional: dict[str, Tensor], **kwargs: Any) -> ContrastiveLogits:
+        """``gamma=2``: the default of the scripts' ``--gamma`` (``chair_eval.py:53``, ``pope_eval.py:53``)."""
+        return cls(model, unconditional, **{"gamma": 2.0, **kwargs})
+
+    @classmethod
+    def readme(cls, model: nn.Module, unconditional: dict[str, Tensor], **kwargs: Any) -> ContrastiveLogits:
+        """``gamma=1.1``: the README's commands (``README.md:65, 68, 82``) and ``init_cfg_processor`` (``model_loader.py:253``).
+
+        Those commands decode greedily (no ``--sample``); ``README.md:51`` recommends nucleus sampling
+        without giving its settings (``--sample`` calls ``generate(do_sample=True)`` with the checkpoint's
+        own ``top_p`` / ``temperature``).
+        """
+        return cls(model, unconditional, **{"gamma": 1.1, **kwargs})
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         scores = torch.log_softmax(scores.float(), dim=-1)

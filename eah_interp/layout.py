@@ -112,8 +112,9 @@ class TokenLayout:
     ) -> TokenLayout:
         """Layout from explicit image spans ``[start, end)``, one span (or a list of spans) per row.
 
-        Example: the official EAH code's hard-coded LLaVA-1.5 span is ``from_spans([(36, 611)], seq_len)``,
-        for which the official sink normaliser is ``647 - j``.
+        Example: LLaVA-1.5's image span in its usual prompt (BOS + 34 system tokens) is
+        ``from_spans([(35, 611)], seq_len)``, on which the official sink normaliser scores keys 36..610
+        with ``d(j) = 647 - j`` (the official code's hard-coded window ``[36, 611)``).
         """
         batch = len(spans)
         image_mask = torch.zeros(batch, seq_len, dtype=torch.bool)

@@ -299,7 +299,7 @@ def record_attention(
 
 # ---------------------------------------------------------------------------- interventions
 def intervene(nn_model: Any, interventions: Intervention | Iterable[Intervention],
-              layout: TokenLayout | None = None) -> InterventionRun:
+              layout: TokenLayout | None = None, layers: Iterable[int] | None = None) -> InterventionRun:
     """Inside a trace: apply `eah_interp.interventions` to this forward, as `eah_interp.hf.intervene` does.
 
     Each layer an intervention edits has its attention call pointed, in this trace only, at a function
@@ -317,6 +317,8 @@ def intervene(nn_model: Any, interventions: Intervention | Iterable[Intervention
         nn_model: the nnsight model (``nnsight.NNsight(hf_model)``).
         interventions: `eah_interp.interventions` objects (one or a list; empty: nothing is edited).
         layout: layout of the prompt rows this trace sees (extended for decode steps; default: `trace_layout`).
+        layers: apply only the edits of these decoder layers now (default: all): call once per group of
+            layers, in forward order, to read or write other modules of the layers in between.
 
     Returns:
         An `InterventionRun` (saved, so it survives the trace) holding one `InterventionRecord` per edit
@@ -344,7 +346,10 @@ def intervene(nn_model: Any, interventions: Intervention | Iterable[Intervention
         return dispatch.run_steps(call, steps, own)
 
     visited = sorted(attention_layers | inputs | outputs | readers)
-    last_attention = max(attention_layers, default=None)
+    if layers is not None:
+        chosen = {int(x) for x in layers}
+        visited = [layer for layer in visited if layer in chosen]
+    last_attention = max((layer for layer in visited if layer in attention_layers), default=None)
     _log_call("intervene", visited)
     for layer in visited:
         with _in_forward_order("intervene", layer):

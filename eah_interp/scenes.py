@@ -12,10 +12,20 @@ when it is absent: the object hallucination EAH targets. Held-out scenes can bre
 (lower ``pair_strength``) to measure it.
 
 Splits are kept apart by seed: ``train`` scenes use seeds ``0 .. 10**8-1``, ``heldout`` scenes use
-seeds from ``HELDOUT_SEED_OFFSET`` on.
+seeds from ``HELDOUT_SEED_OFFSET`` on. A scene is *named* by its split and its index within the split
+("held-out scene 20000" is ``get_scene("heldout", 20000)``, seed ``10**8 + 20000``); `make_scene` takes
+a raw seed, so ``make_scene(20000)`` is *training* scene 20000. Every scene knows which it is
+(`Scene.split`, `Scene.index`, `Scene.name`).
+
+One default co-occurrence strength, `PAIR_STRENGTH` (0.9): the organism was trained and is evaluated on
+it, and every study and dataset reader uses it unless told otherwise.
 
 Example:
-    >>> scene = make_scene(seed=3)
+    >>> scene = get_scene("heldout", 20000)
+    >>> scene.seed, scene.name
+    (100020000, 'heldout/20000')
+    >>> make_scene(20000).name  # a raw seed below 10**8 is a training scene
+    'train/20000'
     >>> scene.image.size
     (224, 224)
     >>> sorted(scene.kinds) == sorted(o.kind for o in scene.objects)
@@ -77,6 +87,12 @@ PAIRS: dict[str, str] = {"house": "tree", "moon": "star", "umbrella": "cloud"}
 HELDOUT_SEED_OFFSET = 10**8
 """Held-out scenes use seeds ``HELDOUT_SEED_OFFSET + i``; training scenes use seeds below it."""
 
+PAIR_STRENGTH = 0.9
+"""The default ``pair_strength`` of every scene function: the organism's training and evaluation value."""
+
+SPLITS = ("train", "heldout")
+"""The scene splits (`scene_seed`, `get_scene`, `scene_seeds`)."""
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -127,6 +143,21 @@ class Scene:
     seed: int
     background: str = ""
     meta: dict = field(default_factory=dict)
+
+    @property
+    def split(self) -> str:
+        """``"train"`` or ``"heldout"``: the split its seed belongs to (`split_of`)."""
+        return split_of(self.seed)[0]
+
+    @property
+    def index(self) -> int:
+        """Its index within its split (held-out: ``seed - HELDOUT_SEED_OFFSET``)."""
+        return split_of(self.seed)[1]
+
+    @property
+    def name(self) -> str:
+        """``"<split>/<index>"``, e.g. ``"heldout/20000"``: what a report should call it."""
+        return f"{self.split}/{self.index}"
 
     @property
     def kinds(self) -> set[str]:
@@ -270,21 +301,26 @@ def make_scene(
     *,
     n_objects: int | None = None,
     kinds: list[str] | None = None,
-    pair_strength: float = 0.85,
+    pair_strength: float = PAIR_STRENGTH,
     size: int = 224,
 ) -> Scene:
-    """Draw one scene, reproducibly from ``seed``.
+    """Draw one scene, reproducibly from ``seed`` (a raw seed: to name a scene by split and index, use `get_scene`).
 
     Args:
-        seed: the scene's seed (see ``HELDOUT_SEED_OFFSET`` for the split convention).
+        seed: the scene's seed, not an index: seeds below ``HELDOUT_SEED_OFFSET`` are training scenes,
+            held-out scene ``i`` has seed ``HELDOUT_SEED_OFFSET + i`` (`scene_seed`).
         n_objects: number of objects (1-4); random when None.
         kinds: force exactly these kinds (no pairing applied); random when None.
-        pair_strength: probability that the partner of a paired kind (``PAIRS``) is added.
+        pair_strength: probability that the partner of a paired kind (``PAIRS``) is added (default
+            `PAIR_STRENGTH`).
         size: side of the square image in pixels.
 
     Returns:
         The ``Scene`` with its image and exact object list (sorted left to right).
     """
+    if not 0 <= seed < 2 * HELDOUT_SEED_OFFSET:
+        raise ValueError(f"seed must be in [0, {2 * HELDOUT_SEED_OFFSET}); got {seed}. Name a scene by split and "
+                         "index with get_scene(split, index).")
     rng = random.Random(seed)
     if kinds is None:
         n = n_objects if n_objects is not None else rng.choice([1, 2, 2, 3, 3, 4])
@@ -339,21 +375,49 @@ def _pixel(img: Image.Image, x: int, y: int) -> tuple[int, int, int]:
     return img.getpixel((x, y))  # type: ignore[return-value]
 
 
+def scene_seed(split: Literal["train", "heldout"], index: int) -> int:
+    """The seed of scene ``index`` of ``split``: ``index`` (train) or ``HELDOUT_SEED_OFFSET + index`` (held-out).
+
+    Example:
+        >>> scene_seed("heldout", 20000)
+        100020000
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if not 0 <= index < HELDOUT_SEED_OFFSET:
+        raise ValueError(f"a split has scenes 0..{HELDOUT_SEED_OFFSET - 1}; got index {index}.")
+    return index if split == "train" else HELDOUT_SEED_OFFSET + index
+
+
+def split_of(seed: int) -> tuple[str, int]:
+    """``(split, index)`` of a seed: the inverse of `scene_seed` (``split_of(20000) == ("train", 20000)``)."""
+    if not 0 <= seed < 2 * HELDOUT_SEED_OFFSET:
+        raise ValueError(f"seed must be in [0, {2 * HELDOUT_SEED_OFFSET}); got {seed}.")
+    return ("train", seed) if seed < HELDOUT_SEED_OFFSET else ("heldout", seed - HELDOUT_SEED_OFFSET)
+
+
+def get_scene(split: Literal["train", "heldout"], index: int, **options) -> Scene:
+    """Scene ``index`` of ``split`` (``get_scene("heldout", 20000)``: seed ``10**8 + 20000``).
+
+    ``options`` are those of `make_scene` (``pair_strength`` defaults to `PAIR_STRENGTH`).
+    """
+    return make_scene(scene_seed(split, index), **options)
+
+
 def scene_seeds(split: Literal["train", "heldout"], n: int, start: int = 0) -> range:
     """The seeds of ``n`` scenes of a split, from index ``start``: train and held-out never overlap."""
-    if split == "train":
-        if start + n > HELDOUT_SEED_OFFSET:
-            raise ValueError("the train split has at most 10**8 scenes")
-        return range(start, start + n)
-    if split == "heldout":
-        return range(HELDOUT_SEED_OFFSET + start, HELDOUT_SEED_OFFSET + start + n)
-    raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if start < 0 or start + n > HELDOUT_SEED_OFFSET:
+        raise ValueError(f"a split has scenes 0..{HELDOUT_SEED_OFFSET - 1}; got {n} from index {start}.")
+    first = scene_seed(split, start)
+    return range(first, first + n)
 
 
 def iter_scenes(
-    split: Literal["train", "heldout"], n: int, *, start: int = 0, pair_strength: float = 0.85
+    split: Literal["train", "heldout"], n: int, *, start: int = 0, pair_strength: float = PAIR_STRENGTH
 ) -> Iterator[Scene]:
-    """Yield ``n`` scenes of ``split`` (reproducible; see ``scene_seeds``)."""
+    """Yield ``n`` scenes of ``split`` from index ``start`` (reproducible; see ``scene_seeds``)."""
     for seed in scene_seeds(split, n, start):
         yield make_scene(seed, pair_strength=pair_strength)
 

@@ -81,8 +81,13 @@ def sink_denominator(
     """The normaliser ``d(j)`` of the sink score, per row and key position.
 
     ``"causal"``: the number of real query rows strictly after ``j`` (``q_len - 1 - j`` in an unpadded
-    prefill). ``"official"``: ``s + e - j`` for the row's image extent ``[s, e)``, positions counted from
-    the row's first real token (the official code's ``647 - j`` for LLaVA-1.5's span ``[36, 611)``).
+    prefill). ``"official"``: the official code's window and divisor, placed on the row's image extent
+    ``[s, e)`` (first image position, last + 1; positions counted from the row's first real token): keys
+    ``s + 1 .. e - 1`` are scored with ``d(j) = (s + 1) + e - j`` (``e`` at ``s + 1`` down to ``s + 2``
+    at ``e - 1``) and the first image token ``s`` is never scored (``d = 0``). That is the official
+    ``atten_process_cal`` (itsqyh/Shallow-Focus-Deep-Fixes@092c454, ``modeling_llama_eah.py:82-86``:
+    keys ``[36, 611)``, divisor ``torch.arange(611, 36, -1)`` = ``647 - j``) with its hard-coded start
+    and end read as ``s + 1`` and ``e`` of LLaVA-1.5's image span ``[35, 611)``.
     ``"rows"``: the number of real query rows other than ``j``, before or after it: the right count for
     models whose image tokens attend to each other bidirectionally (Gemma 3, PaliGemma), where earlier
     rows also attend to ``j``.
@@ -101,7 +106,8 @@ def sink_denominator(
         return real_query.sum(-1, keepdim=True) - real_query.cumsum(-1)
     start, end = layout.image_extent()
     first = layout.first_real_position()
-    return (start + end - first)[:, None].float() - pos[None, :].float()
+    denom = (start + 1 + end - first)[:, None].float() - pos[None, :].float()
+    return torch.where(pos[None, :] > start[:, None], denom, torch.zeros_like(denom))  # key s: never scored
 
 
 def sink_scores(
@@ -115,7 +121,8 @@ def sink_scores(
     Args:
         attn: post-softmax probabilities of one layer, ``[batch, heads, q, k]``.
         layout: the layout of the ``k`` key positions.
-        normalise: ``"causal"`` (true row count) or ``"official"`` (the official code's formula).
+        normalise: ``"causal"`` (true row count), ``"official"`` (the official code's window and
+            divisor, `sink_denominator`) or ``"rows"``.
 
     Returns:
         ``Float[batch, heads, k]`` in float32.
@@ -481,3 +488,109 @@ def plot_density_curve(
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------- how local a head is
+def _previous_real(layout: TokenLayout) -> Int[Tensor, "batch k"]:
+    """For every position, the previous real (non-padding) position of its row; -1 where there is none."""
+    real = layout.attention_mask.bool()
+    pos = torch.arange(real.shape[-1], device=real.device).expand_as(real)
+    last_real = torch.where(real, pos, torch.full_like(pos, -1)).cummax(-1).values  # last real position <= j
+    previous = torch.cat([torch.full_like(last_real[:, :1], -1), last_real[:, :-1]], dim=-1)
+    return torch.where(real, previous, torch.full_like(previous, -1))
+
+
+def _query_rows(attn: Tensor, layout: TokenLayout, rows: str | Tensor) -> tuple[Tensor, Tensor]:
+    """The query rows of group ``rows`` (``[b, q]`` bool) and their absolute positions (``[q]``)."""
+    _check(attn, layout)
+    _, _, q, k = attn.shape
+    qpos = query_positions(q, k, attn.device)
+    mask = layout.group_mask(rows).to(attn.device) & layout.attention_mask.bool().to(attn.device)
+    return mask[:, qpos], qpos
+
+
+def previous_token_share(
+    attn: Float[Tensor, "batch heads q k"], layout: TokenLayout, rows: str | Bool[Tensor, "batch k"] = "image"
+) -> Float[Tensor, "batch heads"]:
+    """How local a head is: the mean share of a row's attention on the previous real token, per head.
+
+    Over the query rows of the position group ``rows`` (`TokenLayout.group_mask`; default the image rows,
+    the rows EAH's sink scores are about) that have a previous real token (padding skipped; the first
+    real token has none and is left out): ``mean_i P[b, h, i, prev(i)]``. A pure previous-token head
+    scores 1, a head spreading its attention evenly over ``r`` keys about ``1 / r``. This is the first
+    thing to check before reading a dense "sink" head as a sink head: under the causal normaliser a
+    previous-token pattern makes every image token a "sink" at small thresholds (`null_densities`).
+
+    Args:
+        attn: post-softmax probabilities of one layer, ``[batch, heads, q, k]`` (prefill, or the last
+            ``q`` positions of ``k``).
+        layout: the layout of the ``k`` key positions.
+        rows: a position group name or a ``Bool[batch, k]`` mask of the rows to average over.
+
+    Returns:
+        ``Float[batch, heads]`` in float32; NaN for a row of the batch with no such query row.
+
+    Example:
+        >>> layout = TokenLayout.from_spans([(1, 5)], seq_len=6)  # image tokens at positions 1-4
+        >>> attn = torch.eye(6).roll(-1, dims=1).tril()[None, None]  # row i -> i-1 (row 0 -> itself below)
+        >>> attn[0, 0, 0, 0] = 1.0
+        >>> previous_token_share(attn, layout)
+        tensor([[1.]])
+    """
+    query, qpos = _query_rows(attn, layout, rows)
+    previous = _previous_real(layout.to(attn.device))[:, qpos]  # [b, q]
+    use = query & (previous >= 0)
+    index = previous.clamp_min(0)[:, None, :, None].expand(-1, attn.shape[1], -1, 1)  # [b, h, q, 1]
+    on_previous = attn.float().gather(-1, index)[..., 0]  # [b, h, q]
+    weights = use[:, None, :].float()
+    count = weights.sum(-1)
+    return torch.where(count > 0, (on_previous * weights).sum(-1) / count.clamp_min(1), torch.nan)
+
+
+def null_pattern_distance(
+    attn: Float[Tensor, "batch heads q k"], layout: TokenLayout, kind: str,
+    rows: str | Bool[Tensor, "batch k"] = "image",
+) -> Float[Tensor, "batch heads"]:
+    """How far a head's attention rows are from a null pattern: mean total-variation distance, per head.
+
+    The null patterns are those of `null_column_sums` (`NULL_PATTERNS`): ``"previous"`` (all of a row on
+    the previous real token: the distance is ``1 - previous_token_share``) and ``"uniform"`` (a row spread
+    evenly over the real keys it sees, itself included). Per query row of the group ``rows`` (with a
+    previous real token), ``TV(P_i, N_i) = 0.5 * sum_j |P[i, j] - N[i, j]|``, averaged over the rows.
+    0 means the head *is* the null pattern; 1 means it shares no mass with it. Unlike the sink density
+    (`explained_by_null`), which saturates at 1 for every local or broad head at small thresholds, this
+    tells a previous-token head (near 0 from ``"previous"``, far from ``"uniform"``) from a broad one.
+
+    Returns:
+        ``Float[batch, heads]`` in float32; NaN for a batch row without such query rows.
+    """
+    if kind not in NULL_PATTERNS:
+        raise ConfigError(f"Unknown null pattern {kind!r}; choose from {NULL_PATTERNS}.")
+    if kind == "previous":
+        return 1.0 - previous_token_share(attn, layout, rows)
+    query, qpos = _query_rows(attn, layout, rows)
+    real = layout.attention_mask.bool().to(attn.device)
+    previous = _previous_real(layout.to(attn.device))[:, qpos]
+    use = query & (previous >= 0)
+    k = attn.shape[-1]
+    sees = real[:, None, :] & (torch.arange(k, device=attn.device)[None, None, :] <= qpos[None, :, None])  # [b, q, k]
+    null = sees.float() / sees.float().sum(-1, keepdim=True).clamp_min(1)
+    tv = 0.5 * (attn.float() - null[:, None]).abs().sum(-1)  # [b, h, q]
+    weights = use[:, None, :].float()
+    count = weights.sum(-1)
+    return torch.where(count > 0, (tv * weights).sum(-1) / count.clamp_min(1), torch.nan)
+
+
+def curve_distance(
+    curve: Float[Tensor, "thresholds ..."], null_curve: Float[Tensor, "thresholds ..."]
+) -> Float[Tensor, " *rest"]:
+    """Mean absolute difference of two density-vs-threshold curves (`density_curve`, `null_densities`).
+
+    Over the thresholds given (log-spaced `DEFAULT_THRESHOLDS`: a mean over log-threshold), broadcasting
+    the other dimensions (e.g. ``[T, batch, heads]`` against ``[T, batch, 1]``). 0: the head's sink counts
+    follow the null's at every threshold; a head with a few real sinks keeps density where the null has
+    none (or none where the null has many) and scores high.
+    """
+    if curve.shape[0] != null_curve.shape[0]:
+        raise LayoutError(f"the curves have {curve.shape[0]} and {null_curve.shape[0]} thresholds: compute both on one grid.")
+    return (curve.float() - null_curve.float().to(curve.device)).abs().mean(0)

@@ -59,6 +59,7 @@ from eah_interp.interventions.eah import EAH
 from eah_interp.interventions.selectors import chosen_layers
 from eah_interp.layout import TokenLayout
 from eah_interp.models.adapters import token_layout
+from eah_interp.sites import lens_hook_name
 
 #: A TransformerLens forward hook: ``(hook_name, fn(activation, hook) -> activation | None)``.
 Hook = tuple[str, Callable[[Tensor, Any], Tensor | None]]
@@ -80,7 +81,7 @@ __all__ = [
 
 def pattern_hook_name(layer: int) -> str:
     """The TransformerLens name of a layer's post-softmax attention pattern ``[batch, heads, q, k]``."""
-    return compat.lens_hook_name("pattern", layer)
+    return lens_hook_name("probs", layer)
 
 
 # ---------------------------------------------------------------------------- booting
@@ -327,16 +328,16 @@ def multimodal_embeds(
 
 
 # ---------------------------------------------------------------------------- hooks
-#: The edit points a bridge reaches, by the `compat.LENS_HOOKS` site that exposes them (checked on
+#: The edit points a bridge reaches, by the `eah_interp.sites.LENS_HOOKS` entry that exposes them (checked on
 #: TransformerLens 4.3 LLaVA bridges: each fires and an edit changes the output). The others are refused:
 #: ``scores_premask`` (the bridge exposes scores only after the mask: ``hook_attn_scores``) and ``values``
 #: (``hook_v`` edits the values before they enter the KV cache and for every query row).
 LENS_POINTS = {
-    "scores": "attn_scores",
-    "probs": "pattern",
+    "scores": "scores",
+    "probs": "probs",
     "output": "head",
-    "residual_input": "resid_pre",
-    "residual_output": "resid",
+    "residual_input": "residual_input",
+    "residual_output": "residual_output",
 }
 
 
@@ -437,7 +438,7 @@ def intervene(
         for point in ("residual_input", "scores", "probs", "output", "residual_output"):  # the forward's order
             if point in points:
                 make = residual_hook if point.startswith("residual") else attention_hook
-                hooks.append((compat.lens_hook_name(LENS_POINTS[point], layer), make(point, layer)))
+                hooks.append((lens_hook_name(LENS_POINTS[point], layer), make(point, layer)))
     _check_hooks(bridge, [name for name, _ in hooks])
     return hooks, plan.run
 
@@ -497,7 +498,7 @@ def record_attention(
     hooks: list[Hook] = []
     for layer in sorted(recording.layers):
         if stats is not None and stats.sink_dims:
-            hooks.append((compat.lens_hook_name("resid_pre", layer), note(layer)))
+            hooks.append((lens_hook_name("residual_input", layer), note(layer)))
         hooks.append((pattern_hook_name(layer), record(layer)))
     _check_hooks(bridge, [name for name, _ in hooks])
     return hooks, recording

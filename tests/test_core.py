@@ -98,9 +98,9 @@ def test_sink_scores_hand_computed_causal_and_official():
     assert causal[1, 1].item() == pytest.approx(0.4 / 4)
     assert causal[:, [0, 3, 4, 5]].abs().sum() == 0
     official = sink_scores(probs, layout, "official")[0]
-    # image extent [s, e) = [1, 3): d(j) = s + e - j = 4 - j
-    assert official[0, 1].item() == pytest.approx(1.8 / 3)
-    assert official[0, 2].item() == pytest.approx(0.5 / 2)
+    # image extent [s, e) = [1, 3): keys s + 1 .. e - 1 scored with d(j) = (s + 1) + e - j = 5 - j; key s never
+    assert official[:, 1].abs().sum() == 0
+    assert official[0, 2].item() == pytest.approx(0.5 / 3)
 
 
 def test_rows_normaliser_counts_earlier_rows_too():
@@ -120,10 +120,10 @@ def test_rows_normaliser_counts_earlier_rows_too():
 def test_official_denominator_matches_llava_647_minus_j():
     from eah_interp import sink_denominator
 
-    # The official code's LLaVA-1.5 image span [36, 611) gives d(j) = 647 - j.
-    layout = TokenLayout.from_spans([(36, 611)], seq_len=640)
+    # LLaVA-1.5's image span [35, 611): the official window [36, 611) with d(j) = 647 - j; key 35 unscored.
+    layout = TokenLayout.from_spans([(35, 611)], seq_len=640)
     d = sink_denominator(layout, 640, "official")[0]
-    assert d[36].item() == 611 and d[100].item() == 547 and d[610].item() == 37
+    assert d[36].item() == 611 and d[100].item() == 547 and d[610].item() == 37 and d[35].item() == 0
     causal = sink_denominator(layout, 640, "causal")[0]
     assert causal[100].item() == 640 - 1 - 100
 

@@ -82,8 +82,8 @@ def test_backends_export_only_their_own_names():
 FLOORS = (
     ("core", ("errors", "compat", "cache", "native", "layout", "sinks", "broadcast", "chunked", "head_stats",
               "scenes", "metrics", "data", "resumable")),
-    ("interventions, dispatch, models", ("edit", "interventions", "dispatch", "models", "sites")),
-    ("backends", ("hf", "nnsight", "transformer_lens")),
+    ("interventions, dispatch, models", ("edit", "interventions", "dispatch", "models")),
+    ("backends and their sites", ("hf", "nnsight", "transformer_lens", "sites")),
     ("analysis and experiments", ("patching", "attribution", "logit_lens", "probing", "experiments", "evaluation",
                                   "distributed", "studies")),
     ("CLI and integrations", ("cli", "integrations")),

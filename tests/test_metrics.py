@@ -147,3 +147,105 @@ def test_mcnemar_hand_computed():
     assert result["b01"] == 4 and result["b10"] == 0
     assert result["p_value"] == pytest.approx(2 * (1 / 16))
     assert math.isclose(mcnemar(a, a)["p_value"], 1.0)
+
+
+# ---------------------------------------------------------------------------- clustered statistics
+def _loop_resamples(codes, n_resamples, seed, within):
+    """Loop-written cluster bootstrap: the item indices of every resample, drawn as `bootstrap_weights` documents."""
+    import numpy as np
+
+    n_clusters = max(codes) + 1
+    members = [[i for i, c in enumerate(codes) if c == g] for g in range(n_clusters)]
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, n_clusters, size=(n_resamples, n_clusters))
+    u = rng.random((n_resamples, n_clusters, max(len(m) for m in members))) if within else None
+    out = []
+    for b in range(n_resamples):
+        sample = []
+        for g in range(n_clusters):
+            chosen = members[picks[b, g]]
+            if within:
+                sample += [chosen[int(u[b, g, i] * len(chosen))] for i in range(len(chosen))]
+            else:
+                sample += chosen
+        out.append(sample)
+    return out
+
+
+@pytest.mark.parametrize("within", [False, True])
+def test_cluster_bootstrap_matches_a_loop_written_one(within):
+    import numpy as np
+
+    from eah_interp.metrics.stats import cluster_bootstrap
+
+    rng = np.random.default_rng(7)
+    scenes = ["s3", "s1", "s3", "s2", "s1", "s3", "s4", "s2", "s4", "s4"]  # unequal cluster sizes, labels out of order
+    codes = [0, 1, 0, 2, 1, 0, 3, 2, 3, 3]  # numbered by first appearance
+    values = rng.normal(size=len(scenes)) + np.array(codes)
+    draws = [float(np.mean(values[idx])) for idx in _loop_resamples(codes, 400, 5, within)]
+    low, high = np.percentile(draws, [2.5, 97.5])
+    got = cluster_bootstrap(values, scenes, within=within, n_resamples=400, seed=5)
+    assert got.estimate == pytest.approx(values.mean())
+    assert (got.low, got.high) == pytest.approx((low, high), abs=1e-12)
+    assert got.draws == pytest.approx(draws, abs=1e-12) and got.n_clusters == 4 and got.n == 10
+
+
+def test_cluster_bootstrap_of_singletons_is_the_plain_bootstrap_and_clusters_widen_it():
+    import numpy as np
+
+    from eah_interp.metrics.stats import cluster_bootstrap
+
+    values = np.random.default_rng(0).normal(size=40)
+    got = cluster_bootstrap(values, n_resamples=3000, seed=2)
+    assert (got.low, got.high) == pytest.approx(bootstrap_ci(values, n_resamples=3000, seed=2), abs=1e-12)
+    # perfectly correlated pairs: 20 independent values, each counted twice; the CI must be that of 20 values
+    pairs = np.repeat(values[:20], 2)
+    naive = cluster_bootstrap(pairs, n_resamples=3000, seed=2)
+    clustered = cluster_bootstrap(pairs, np.repeat(np.arange(20), 2), n_resamples=3000, seed=2)
+    assert clustered.high - clustered.low > 1.25 * (naive.high - naive.low)
+
+
+@pytest.mark.parametrize("within", [False, True])
+def test_ratio_ci_matches_a_loop_written_one(within):
+    import numpy as np
+
+    from eah_interp.metrics.stats import ratio_ci
+
+    rng = np.random.default_rng(3)
+    scenes = [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5]
+    den = 2.0 + rng.normal(size=len(scenes))
+    num = 0.7 * den + 0.3 * rng.normal(size=len(scenes))
+    draws = []
+    for idx in _loop_resamples(scenes, 300, 11, within):
+        draws.append(sum(num[i] for i in idx) / sum(den[i] for i in idx))
+    got = ratio_ci(num, den, scenes, within=within, n_resamples=300, seed=11)
+    assert got.estimate == pytest.approx(num.mean() / den.mean())
+    assert (got.low, got.high) == pytest.approx(tuple(np.percentile(draws, [2.5, 97.5])), abs=1e-12)
+    with pytest.raises(ValueError, match="one label per value"):
+        ratio_ci(num, den, scenes[:-1])
+
+
+def test_clustered_sign_flip_matches_a_loop_written_one():
+    import numpy as np
+
+    from eah_interp.metrics.stats import bootstrap_p_value, sign_flip_p_value
+
+    diffs = np.array([0.5, 0.7, -0.1, 0.2, 0.9, 1.1, -0.3, 0.4])
+    scenes = ["a", "a", "b", "b", "c", "c", "d", "d"]
+    rng = np.random.default_rng(0)
+    signs = rng.choice([-1.0, 1.0], size=(2000, 4))
+    sums = np.array([1.2, 0.1, 2.0, 0.1])
+    hits = sum(abs(sum(signs[b, g] * sums[g] for g in range(4))) / 8 >= abs(diffs.mean()) - 1e-12 for b in range(2000))
+    assert sign_flip_p_value(diffs, clusters=scenes, n_resamples=2000) == pytest.approx((1 + hits) / 2001)
+    # 4 clusters: at best 2/16 of the sign patterns are as extreme, whatever the number of items
+    assert sign_flip_p_value(diffs, clusters=scenes, n_resamples=2000) > 0.1 > sign_flip_p_value(diffs, n_resamples=2000)
+    assert bootstrap_p_value([0.2, 0.4, -0.1, 0.3]) == pytest.approx(2 * 2 / 5)
+
+
+def test_one_auroc_implementation():
+    import eah_interp.metrics.probes
+    import eah_interp.probing
+    from eah_interp.metrics.stats import auroc
+
+    assert eah_interp.probing.auroc is auroc and eah_interp.metrics.probes.auroc is auroc
+    assert float(auroc([2.0, 1.0, -1.0, 1.0], [True, True, False, False])[0]) == pytest.approx(3.5 / 4)

@@ -13,6 +13,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 import eah_interp.nnsight as ens
 from eah_interp import EAH, HeadStats, LayerIndexError, LayoutError, TokenLayout, hf, sink_scores
+from eah_interp.models import attention_modules
 from eah_interp.models.tiny import TINY_IMAGE_TOKEN_ID, sharp_tiny_llava, tiny_llava_inputs
 
 torch.set_num_threads(1)  # tiny models: thread hand-offs cost more than the maths on a shared 2-core box
@@ -133,7 +134,7 @@ def test_probabilities_are_read_in_place_and_other_layers_keep_sdpa(model, nn_mo
     weights = {}
     handles = [
         attn.register_forward_hook(lambda m, a, o, i=i: weights.__setitem__(i, o[1]))
-        for i, attn in hf.attention_modules(model).items()
+        for i, attn in attention_modules(model).items()
     ]
     try:
         with torch.no_grad(), nn_model.trace(**inputs, use_cache=False):

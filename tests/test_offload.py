@@ -71,7 +71,7 @@ def test_generation_and_eah_equal_the_plain_load(pair):
     config = EAH.paper(threshold=0.0)  # every head ties at all-sinks: head 0 is broadcast (an active edit)
     results = [
         (generate_texts(b, prompts, images(), max_new_tokens=6, progress=False, batch_size=2),
-         generate_texts(b, prompts, images(), config=config, max_new_tokens=6, progress=False, batch_size=2))
+         generate_texts(b, prompts, images(), interventions=config, max_new_tokens=6, progress=False, batch_size=2))
         for b in pair
     ]
     assert results[1] == results[0]

@@ -47,9 +47,9 @@ def test_hand_computed_nulls_under_each_normaliser():
     # 8 positions, image tokens 1, 2, 3; every row a query row
     layout = TokenLayout.from_spans([(1, 4)], 8)
     prev = {n: null_scores(layout, normalise=n)["previous"][0, 1:4].tolist() for n in ("causal", "official", "rows")}
-    # column j gets row j+1's whole attention; d(j): causal 7 - j, official 1 + 4 - j, rows 7
+    # column j gets row j+1's whole attention; d(j): causal 7 - j, official (1 + 1) + 4 - j from key 2 on, rows 7
     assert prev["causal"] == pytest.approx([1 / 6, 1 / 5, 1 / 4])
-    assert prev["official"] == pytest.approx([1 / 4, 1 / 3, 1 / 2])
+    assert prev["official"] == pytest.approx([0, 1 / 4, 1 / 3])
     assert prev["rows"] == pytest.approx([1 / 7] * 3)
     # uniform: row i gives 1/(i+1) to each key; column j sums it over i > j
     uniform = null_scores(layout, normalise="causal")["uniform"][0]
@@ -165,3 +165,64 @@ def test_plot_density_curve(tmp_path):
     fig.savefig(tmp_path / "curve.png")
     labels = [line.get_label() for line in fig.axes[0].get_lines()]
     assert labels == ["head 0", "head 1", "uniform null", "previous-token null", "threshold 0.01"]
+
+
+# ---------------------------------------------------------------------------- how local a head is
+def _hand_pattern() -> tuple[TokenLayout, torch.Tensor]:
+    """Two rows (the second left-padded by 2), 8 positions, image tokens at real positions 2-5 of row 0 and 3-5
+    of row 1; head 0 is 70% previous-token, head 1 spreads its rows evenly over what they see."""
+    mask = torch.tensor([[1] * 8, [0, 0] + [1] * 6])
+    layout = TokenLayout.from_spans([(2, 6), (3, 6)], seq_len=8, attention_mask=mask)
+    attn = torch.zeros(2, 2, 8, 8)
+    for row in range(2):
+        real = [j for j in range(8) if mask[row, j]]
+        for n, i in enumerate(real):
+            if n == 0:
+                attn[row, :, i, i] = 1.0
+                continue
+            attn[row, 0, i, real[n - 1]] = 0.7  # the previous real token
+            attn[row, 0, i, i] += 0.3
+            for j in real[: n + 1]:
+                attn[row, 1, i, j] = 1.0 / (n + 1)
+    return layout, attn
+
+
+def test_previous_token_share_equals_a_hand_count():
+    from eah_interp.sinks import previous_token_share
+
+    layout, attn = _hand_pattern()
+    # head 1, row 0: image rows 2..5 see 3..6 keys, each gives its previous token 1/3, 1/4, 1/5, 1/6
+    # head 1, row 1: image rows 3, 4, 5 are the 2nd, 3rd, 4th real tokens (previous: 2 is padding, skipped)
+    expected = torch.tensor([[0.7, (1 / 3 + 1 / 4 + 1 / 5 + 1 / 6) / 4], [0.7, (1 / 2 + 1 / 3 + 1 / 4) / 3]])
+    assert torch.allclose(previous_token_share(attn, layout), expected, atol=1e-6)
+    # question rows (after the image, the last excluded): positions 6 of both rows
+    expected_q = torch.tensor([[0.7, 1 / 7], [0.7, 1 / 5]])
+    assert torch.allclose(previous_token_share(attn, layout, "question"), expected_q, atol=1e-6)
+    # a decode-shaped slice (the last 3 query rows) gives the same share for the rows it holds
+    tail = previous_token_share(attn[:, :, -3:], layout, "image")
+    assert torch.allclose(tail, torch.tensor([[0.7, 1 / 6], [0.7, 1 / 4]]), atol=1e-6)
+
+
+def test_null_pattern_distance_tells_a_local_head_from_a_broad_one():
+    from eah_interp.sinks import null_pattern_distance
+
+    layout, attn = _hand_pattern()
+    prev = null_pattern_distance(attn, layout, "previous")
+    uni = null_pattern_distance(attn, layout, "uniform")
+    assert torch.allclose(prev[:, 0], torch.tensor([0.3, 0.3]), atol=1e-6)  # 1 - 0.7
+    assert torch.allclose(uni[:, 1], torch.zeros(2), atol=1e-6)  # head 1 is the uniform null itself
+    # head 0 against uniform, by hand: row with r keys seen gives 0.5*(|0.7-1/r| + |0.3-1/r| + (r-2)/r)
+    def tv(r):
+        return 0.5 * (abs(0.7 - 1 / r) + abs(0.3 - 1 / r) + (r - 2) / r)
+    assert uni[0, 0].item() == pytest.approx(sum(tv(r) for r in (3, 4, 5, 6)) / 4, abs=1e-6)
+    assert uni[1, 0].item() == pytest.approx(sum(tv(r) for r in (2, 3, 4)) / 3, abs=1e-6)
+    with pytest.raises(ConfigError, match="choose from"):
+        null_pattern_distance(attn, layout, "diagonal")
+
+
+def test_curve_distance_is_the_mean_gap_over_thresholds():
+    from eah_interp.sinks import curve_distance
+
+    curve = torch.tensor([[1.0, 1.0], [0.5, 1.0], [0.0, 0.25]])  # [T=3, heads=2]
+    null = torch.tensor([[1.0], [1.0], [0.0]])
+    assert torch.allclose(curve_distance(curve, null), torch.tensor([0.5 / 3, 0.25 / 3]))

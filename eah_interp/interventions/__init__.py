@@ -18,6 +18,7 @@ from eah_interp.interventions.middle import MiddleLayerBoost
 from eah_interp.interventions.pai import PAI
 from eah_interp.interventions.residual import ResidualEdit
 from eah_interp.interventions.selectors import PHASES, ROWS, SPANS, Site, scaled_range
+from eah_interp.interventions.spec import format_spec, parse, presets, register_preset
 from eah_interp.interventions.synthetic import SyntheticMap
 from eah_interp.interventions.vaf import VAF
 from eah_interp.interventions.values import ValueEdit
@@ -42,5 +43,9 @@ __all__ = [
     "VAF",
     "VAR",
     "ValueEdit",
+    "format_spec",
+    "parse",
+    "presets",
+    "register_preset",
     "scaled_range",
 ]

@@ -31,7 +31,7 @@ class EAH(Intervention):
         threshold: sink threshold ``tau``: image key ``j`` is a sink of head ``h`` if its sink score
             is strictly above it.
         normalise: ``d(j)`` of the sink score: ``"causal"`` (real query rows after ``j``),
-            ``"official"`` (``s + e - j``, the official code) or ``"rows"`` (all other real rows: for
+            ``"official"`` (``(s + 1) + e - j`` on keys ``s + 1 .. e - 1``, the official code) or ``"rows"`` (all other real rows: for
             models with bidirectional image attention, Gemma 3 and PaliGemma).
         region: ``"full"`` (copy the whole map, EAH) or ``"image"`` (only image-key columns, rows
             keep their image mass).
@@ -107,7 +107,8 @@ class EAH(Intervention):
 
     @classmethod
     def reference(cls, **overrides: Any) -> EAH:
-        """The official code: layer 15, ``d(j) = s + e - j``, threshold 0.0008, no broadcast from head 0.
+        """The official code: layer 15, ``d(j) = (s + 1) + e - j`` on keys ``s + 1 .. e - 1``, threshold 0.0008,
+        no broadcast from head 0.
 
         On a model with fewer than 16 layers the layer does not exist (`LayerIndexError` when applied):
         pass ``layers=...``.
@@ -163,7 +164,7 @@ class EAH(Intervention):
             "fewest": "the head with the fewest vision sinks (control)",
             "random": f"a random head (seed {self.seed}, control)",
         }.get(self.source, f"head {self.source}")  # type: ignore[arg-type]
-        d = {"causal": "real query rows after j", "rows": "all other real query rows", "official": "s + e - j (official)"}[
+        d = {"causal": "real query rows after j", "rows": "all other real query rows", "official": "(s + 1) + e - j on keys s + 1 .. e - 1 (official)"}[
             self.normalise
         ]
         what = "its whole attention map" if self.region == "full" else "its image-key attention (mass-preserving)"

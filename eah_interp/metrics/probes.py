@@ -10,6 +10,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from eah_interp.metrics.stats import auroc
+
 
 def answer_token_ids(tokenizer, words: Iterable[str] = ("yes", "no")) -> dict[str, list[int]]:
     """First-token ids of each word's variants (" Yes", "Yes", " yes", "yes"), deduplicated."""
@@ -68,11 +70,7 @@ def probe_scores(diffs: Sequence[float] | Tensor, labels: Sequence[bool]) -> dic
     if d.shape != y.shape:
         raise ValueError(f"{d.shape[0]} differences but {y.shape[0]} labels.")
     pos, neg = d[y], d[~y]
-    if len(pos) and len(neg):
-        greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-        auroc = float(greater / (len(pos) * len(neg)))
-    else:
-        auroc = float("nan")
+    auc = float(auroc(d, y)[0]) if len(pos) and len(neg) else float("nan")
     mean_pos = float(pos.mean()) if len(pos) else float("nan")
     mean_neg = float(neg.mean()) if len(neg) else float("nan")
     return {
@@ -80,6 +78,6 @@ def probe_scores(diffs: Sequence[float] | Tensor, labels: Sequence[bool]) -> dic
         "mean_absent": mean_neg,
         "separation": mean_pos - mean_neg,
         "accuracy": float(((d > 0) == y).mean()) if len(d) else float("nan"),
-        "auroc": auroc,
+        "auroc": auc,
         "n": int(len(d)),
     }

@@ -11,7 +11,13 @@ from eah_interp.models.adapters import (
     register_adapter,
     token_layout,
 )
-from eah_interp.models.bundle import ORGANISM_THRESHOLD, ModelBundle, default_threshold, load_model
+from eah_interp.models.bundle import (
+    ORGANISM_THRESHOLD,
+    ModelBundle,
+    bundle_for,
+    default_threshold,
+    load_model,
+)
 from eah_interp.models.introspect import (
     attention_modules,
     decoder_layers,
@@ -32,6 +38,7 @@ __all__ = [
     "ModelBundle",
     "adapter_for",
     "attention_modules",
+    "bundle_for",
     "check_model",
     "decoder_layers",
     "default_threshold",

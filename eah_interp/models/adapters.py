@@ -1,6 +1,6 @@
 """Model-family adapters: where an LVLM keeps its language model, how it marks image positions, its quirks.
 
-EAH's official code hard-codes LLaVA-1.5's image span (positions 36..611) and 32 heads; eah-interp
+EAH's official code hard-codes a window on LLaVA-1.5's image span (keys 36..610) and 32 heads; eah-interp
 instead asks the model. Each supported family has an `Adapter` (a frozen dataclass): the config
 attributes that hold its visual placeholder ids, the dotted path of its text decoder and LM head, and
 the quirks a user must know before trusting a statistic (tiles, bidirectional image attention,

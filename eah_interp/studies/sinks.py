@@ -4,8 +4,11 @@
 
 * ``density_curve_layer<L>.png`` / ``curves.json``: sink density against the threshold for every head of
   layer ``L`` (default 1, EAH's layer), with the densities a pure previous-token and a pure uniform
-  pattern get on the same prompts (`eah_interp.sinks.null_densities`), and each head's
-  previous-token share (attention of image rows on the previous token);
+  pattern get on the same prompts (`eah_interp.sinks.null_densities`); per head, each null on its own:
+  the previous-token share of the image rows (`eah_interp.sinks.previous_token_share`), the distance of
+  the head's attention rows from each null pattern (`null_pattern_distance`, total variation) and of its
+  density curve from each null's curve (`curve_distance`), next to the density-based flag
+  (`explained_by_null`, which saturates where both nulls have density 1);
 * ``head_stats.csv`` / ``layer_sinks_tau<tau>.csv``: a `HeadStats` scan at the organism's threshold
   with the null flag per head and, per layer, the massive-activation sinks (dimensions found by
   `eah_interp.sinks.massive_dims`) and their overlap with EAH's column-mass sinks, at VAR's
@@ -26,17 +29,6 @@ from typing import Any
 import torch
 
 
-def _previous_share(probs: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
-    """Mean attention of image rows (after a row's first image token) on the previous token, per head."""
-    b, h, q, _ = probs.shape
-    rows = image_mask.clone()
-    rows[torch.arange(b), image_mask.float().argmax(-1)] = False  # the first image row's previous token is text
-    idx = torch.arange(1, q)
-    prev = probs[:, :, idx, idx - 1]  # [b, h, q-1]
-    weights = rows[:, 1:].float()[:, None]
-    return (prev * weights).sum((0, 2)) / weights.sum((0, 2)).clamp_min(1)
-
-
 def main(out: Path, *, quick: bool = False, n: int | None = None, layer: int = 1, threshold: float | None = None,
          batch_size: int = 8) -> Path:
     """Run the study into ``out`` and return the path of its ``report.md``."""
@@ -47,11 +39,14 @@ def main(out: Path, *, quick: bool = False, n: int | None = None, layer: int = 1
     from eah_interp.models import image_token_ids, load_model
     from eah_interp.sinks import (
         DEFAULT_THRESHOLDS,
+        curve_distance,
         density_curve,
         massive_activation_sinks,
         massive_dims,
         null_densities,
+        null_pattern_distance,
         plot_density_curve,
+        previous_token_share,
     )
 
     out = Path(out)
@@ -65,24 +60,30 @@ def main(out: Path, *, quick: bool = False, n: int | None = None, layer: int = 1
     ids = [item.id for item in items]
     batches = [(images[i : i + batch_size], ids[i : i + batch_size]) for i in range(0, n, batch_size)]
 
-    # 1. density curves of one layer against the nulls
+    # 1. density curves of one layer against the nulls; per head, each null on its own
     curves_path = out / "curves.json"
-    if not curves_path.exists():
-        curves, nulls, shares, rows = [], {"previous": [], "uniform": []}, [], 0
+    if not curves_path.exists() or "pattern_distance" not in json.loads(curves_path.read_text()):
+        curves, nulls, rows = [], {"previous": [], "uniform": []}, 0
+        shares, pattern, curve_gap = [], {k: [] for k in nulls}, {k: [] for k in nulls}
         with hf.record_attention(model, [layer], keep_patterns=True) as rec, torch.no_grad():
             for chunk, _ in batches:
                 model(**bundle.encode([bundle.caption_prompt] * len(chunk), chunk), use_cache=False)
                 probs, layout = rec.patterns[layer].pop(), rec.layouts[-1]
-                curves.append(density_curve(probs, layout, DEFAULT_THRESHOLDS).sum(1))  # [T, heads]
-                for kind, value in null_densities(layout, DEFAULT_THRESHOLDS).items():
+                curve = density_curve(probs, layout, DEFAULT_THRESHOLDS)  # [T, b, heads]
+                curves.append(curve.sum(1))  # [T, heads]
+                for kind, value in null_densities(layout, DEFAULT_THRESHOLDS).items():  # [T, b]
                     nulls[kind].append(value.sum(1))
-                shares.append(_previous_share(probs, layout.image_mask) * len(chunk))
+                    pattern[kind].append(null_pattern_distance(probs, layout, kind).sum(0))
+                    curve_gap[kind].append(curve_distance(curve, value[:, :, None]).sum(0))
+                shares.append(previous_token_share(probs, layout).sum(0))
                 rows += len(chunk)
         result = {
             "layer": layer, "threshold": threshold, "n": rows, "thresholds": list(DEFAULT_THRESHOLDS),
             "density": (torch.stack(curves).sum(0) / rows).tolist(),
             "nulls": {k: (torch.stack(v).sum(0) / rows).tolist() for k, v in nulls.items()},
             "previous_share": (torch.stack(shares).sum(0) / rows).tolist(),
+            "pattern_distance": {k: (torch.stack(v).sum(0) / rows).tolist() for k, v in pattern.items()},
+            "curve_distance": {k: (torch.stack(v).sum(0) / rows).tolist() for k, v in curve_gap.items()},
         }
         curves_path.write_text(json.dumps(result, indent=1))
     curves = json.loads(curves_path.read_text())
@@ -153,12 +154,23 @@ def _report(curves: dict, stats: Any, scans: dict, taus: tuple, found: dict, thr
         f"{curves['nulls']['previous'][at]:.2f} and a pure uniform pattern {curves['nulls']['uniform'][at]:.2f} on these "
         "prompts: below about `1 / (rows after the image)` every image token of a local pattern counts as a sink.",
         "",
-        "| head | previous-token share of image rows | density at the threshold | flagged (fraction of scenes) |",
-        "| --- | --- | --- | --- |",
+        "Each null on its own, per head (image rows, mean over scenes): the previous-token share "
+        "(`sinks.previous_token_share`); the distance of the head's attention rows from each null pattern "
+        "(`sinks.null_pattern_distance`: mean total variation, 0 = the head is that pattern, 1 = no overlap); the "
+        "distance of its density-vs-threshold curve from each null's (`sinks.curve_distance`: mean absolute gap over "
+        "the 41 log-spaced thresholds); and the density-based flag (`sinks.explained_by_null`, either null, share of "
+        "scenes), which cannot tell the two nulls or a local head from a broad one where both nulls have density 1.",
+        "",
+        "| head | previous-token share | pattern distance: previous null | pattern distance: uniform null | "
+        "curve distance: previous null | curve distance: uniform null | density at the threshold | "
+        "density flag (share of scenes) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for head, share in enumerate(curves["previous_share"]):
-        lines.append(f"| {head} | {share:.2f} | {this.loc[head, 'sink_density_mean']:.2f} | "
-                     f"{this.loc[head, 'explained_by_null_mean']:.2f} |")
+        pd_, cd = curves["pattern_distance"], curves["curve_distance"]
+        lines.append(f"| {head} | {share:.2f} | {pd_['previous'][head]:.2f} | {pd_['uniform'][head]:.2f} | "
+                     f"{cd['previous'][head]:.3f} | {cd['uniform'][head]:.3f} | "
+                     f"{this.loc[head, 'sink_density_mean']:.2f} | {this.loc[head, 'explained_by_null_mean']:.2f} |")
     flagged = stats.explained_heads()
     lines += [
         "",
@@ -193,6 +205,18 @@ def _report(curves: dict, stats: Any, scans: dict, taus: tuple, found: dict, thr
         f"token; its density at {threshold:g} is {this.loc[most_local, 'sink_density_mean']:.2f} and it is flagged in "
         f"{this.loc[most_local, 'explained_by_null_mean']:.2f} of the scenes. Heads of layer {layer} flagged in at least "
         f"half the scenes: {flagged_here or 'none'}."
+    )
+    dist = curves["pattern_distance"]
+    near = {kind: min(range(len(share)), key=dist[kind].__getitem__) for kind in dist}
+    dense_not_local = [h for h in range(len(share)) if this.loc[h, "explained_by_null_mean"] > 0
+                       and dist["previous"][h] > 0.5]
+    lines.append(
+        "* Each null on its own: closest to the previous-token pattern is head "
+        f"{near['previous']} (pattern distance {dist['previous'][near['previous']]:.2f}); closest to the uniform "
+        f"pattern is head {near['uniform']} ({dist['uniform'][near['uniform']]:.2f}). "
+        + (f"The density flag also marks heads {dense_not_local} on some scenes although they are far from a "
+           "previous-token pattern (distance > 0.5): at this threshold it marks density, not locality."
+           if dense_not_local else "No head far from the previous-token pattern (distance > 0.5) is density-flagged.")
     )
     def crossing(values: list[float], level: float) -> float:
         return next((t[i] for i in range(len(t)) if values[i] < level), t[-1])
