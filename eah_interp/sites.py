@@ -72,7 +72,7 @@ READ_ORDER = ("residual_input", "head", "attn_out", "mlp_out", "resid")
 #: Where interventions edit, in forward order within a layer.
 EDIT_POINTS = ("residual_input", *dispatch.EDIT_POINTS, "residual_output")
 #: TransformerLens (`TransformerBridge`) hook names of the sites and of edit points (tests/test_compat.py checks
-#: they exist; whether an edit there reaches the output is the bridge adapter's, see eah_interp.lens).
+#: they exist; whether an edit there reaches the output is the bridge adapter's, see eah_interp.transformer_lens.LENS_POINTS).
 LENS_HOOKS: dict[str, str] = {
     "residual_input": "blocks.{}.hook_resid_pre",
     "scores": "blocks.{}.attn.hook_attn_scores",
