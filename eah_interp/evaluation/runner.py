@@ -63,7 +63,6 @@ def run_experiment(
     *,
     arms: Sequence[Arm] | None = None,
     tasks: Sequence[str] = ("caption", "pope"),
-    prompt: str | None = None,
     max_new_tokens: int = 30,
     chair_protocol: str | None = None,
     batch_size: int = 8,
@@ -74,13 +73,12 @@ def run_experiment(
     """Run (or resume) the experiment on ``dataset``; returns the results file ``out/items.jsonl``.
 
     Args:
-        bundle: the model (`eah_interp.models.load_model`).
+        bundle: the model (`eah_interp.models.load_model`); captions use its ``caption_prompt``.
         dataset: the items (`eah_interp.data`): captions for every item, POPE for every question.
         out: the output folder; ``run.json`` records the settings, the dataset and the arms (with the
             layers each intervention edits in this model).
         arms: the arms (default: `default_arms`); results are keyed by arm name.
         tasks: ``"caption"`` and/or ``"pope"``.
-        prompt: the caption request (``bundle.prompt(prompt)``); default: the model's caption prompt.
         max_new_tokens: caption length budget.
         chair_protocol: ``"reference"``, ``"strict"`` or ``"both"`` (default: the dataset's), recorded in every
             caption.
@@ -111,12 +109,7 @@ def run_experiment(
             f"chair_protocol='both' needs the COCO vocabulary (the reference protocol is COCO's); dataset "
             f"{dataset.name!r} uses {dataset.vocabulary!r}: pass 'strict'."
         )
-    if prompt is None:
-        caption_prompt = bundle.caption_prompt
-    elif callable(getattr(bundle, "prompt", None)):
-        caption_prompt = bundle.prompt(prompt)
-    else:
-        raise ConfigError(f"model {bundle.name!r} cannot wrap a custom prompt (its bundle has no .prompt); drop --prompt.")
+    caption_prompt = bundle.caption_prompt
     settings = {"model": bundle.name, "dataset": dataset.name, "prompt": caption_prompt,
                 "yes_no_prompt": bundle.yes_no_prompt("<question>"), "max_new_tokens": max_new_tokens,
                 "chair_protocol": protocol, "vocabulary": dataset.vocabulary}
