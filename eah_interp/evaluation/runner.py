@@ -22,6 +22,7 @@ import torch
 
 from eah_interp import hf
 from eah_interp.data import Dataset, Item, Question
+from eah_interp.distributed import item_key
 from eah_interp.errors import ConfigError
 from eah_interp.evaluation.arms import Arm, default_arms
 from eah_interp.evaluation.statistics import PARTS, ReplicationSplit
@@ -46,14 +47,6 @@ def first_token_answers(
     answers = bundle.processor.batch_decode(logits.argmax(-1)[:, None].cpu(), skip_special_tokens=True)
     diffs = yes_no_logit_diff(logits.float(), bundle.yes_ids, bundle.no_ids)
     return [a.strip() for a in answers], diffs.tolist()
-
-
-def _key(record: dict[str, Any], path: Path) -> tuple[str, str, str, str]:
-    try:
-        return (record["condition"], record["task"], record["item"], record["question"])
-    except KeyError:
-        raise ConfigError(f"{path} holds a line that is not an eah-interp result (fields condition, task, item, "
-                          "question): use another --out.") from None
 
 
 def run_experiment(
@@ -139,7 +132,7 @@ def run_experiment(
             "n": {part: sum(v == part for v in parts.values()) for part in PARTS},
         }}),
     )
-    done = {_key(r, log.path) for r in records}
+    done = {item_key(r) for r in records}
     for arm in progress_bar(arms, progress, desc="arms"):
         if "caption" in tasks:
             _run_captions(bundle, dataset, arm, log, done, caption_prompt, max_new_tokens, protocol, batch_size,
@@ -151,7 +144,7 @@ def run_experiment(
 
 def _append(log: ResumableLog, done: set, records: list[dict[str, Any]]) -> None:
     log.append(*records)
-    done.update(_key(r, log.path) for r in records)
+    done.update(item_key(r) for r in records)
 
 
 def _run_captions(bundle, dataset: Dataset, arm: Arm, log: ResumableLog, done: set, prompt: str,
