@@ -76,12 +76,12 @@ def _plot(frames: list, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
-    for ax, direction in zip(axes, ("eah_into_baseline", "baseline_into_eah"), strict=True):
+    for ax, direction in zip(axes, ("treatment_into_baseline", "baseline_into_treatment"), strict=True):
         for attribution, activation in frames:
             keys = ["direction", "site", "layer", "head", "positions"]
             merged = attribution.merge(activation, on=keys, suffixes=("_attr", "_act"))
             merged = merged[merged.direction == direction]
-            receiver = "baseline_metric" if direction == "eah_into_baseline" else "eah_metric"
+            receiver = "baseline_metric" if direction == "treatment_into_baseline" else "treatment_metric"
             act = merged["metric_act"] - merged[f"{receiver}_act"]
             attr = merged["metric_attr"] - merged[f"{receiver}_attr"]
             for site, sub in merged.groupby("site"):
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         patcher = NNsightPatcher(NNsight(model), inputs, config)
         layers = None if args.layers is None else [int(x) for x in args.layers.split(",")]
         # sweep starts with two collecting forwards (baseline, EAH): timed apart, they are no per-row cost
-        _, collect_wall, collect_cpu = _timed(lambda: (patcher.collect(False), patcher.collect(True)))
+        _, collect_wall, collect_cpu = _timed(lambda: (patcher.collect("baseline"), patcher.collect("treatment")))
         heads_act, wall, cpu = _timed(lambda: sweep(patcher, metric, sites=("head",), positions=GROUPS,
                                                     layers=layers, progress=False))
         full, rows = len(heads_attr), len(heads_act)
@@ -161,9 +161,9 @@ def main(argv: list[str] | None = None) -> dict:
         result["ratio_wall"] = result["activation"]["extrapolated_wall_s"] / result["attribution"]["median_wall_s"]
         result["ratio_cpu"] = result["activation"]["extrapolated_cpu_s"] / result["attribution"]["median_cpu_s"]
         result["ratio_is_extrapolated"] = len(heads_act) != full
-        result["metrics"] = {"baseline": heads_act.attrs["baseline_metric"], "eah": heads_act.attrs["eah_metric"],
+        result["metrics"] = {"baseline": heads_act.attrs["baseline_metric"], "eah": heads_act.attrs["treatment_metric"],
                              "baseline_attribution_run": heads_attr.attrs["baseline_metric"],
-                             "eah_attribution_run": heads_attr.attrs["eah_metric"]}
+                             "eah_attribution_run": heads_attr.attrs["treatment_metric"]}
         result["agreement_heads"] = agreement(heads_attr, heads_act, by=("direction", "site", "layer", "positions"))
         _write(args.out, result)
         print(f"activation: {len(heads_act)} rows, {wall:.1f} s wall; ratio {result['ratio_wall']:.0f}x wall, "

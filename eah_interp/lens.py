@@ -74,7 +74,9 @@ __all__ = [
 
 def pattern_hook_name(layer: int) -> str:
     """The TransformerLens name of a layer's post-softmax attention pattern ``[batch, heads, q, k]``."""
-    return compat.lens_hook_name("pattern", layer)
+    from eah_interp.sites import lens_hook_name
+
+    return lens_hook_name("probs", layer)
 
 
 # ---------------------------------------------------------------------------- booting

@@ -344,7 +344,9 @@ def feed_head_stats(
 
 
 # ---------------------------------------------------------------------------- interventions
-def intervene(nn_model: Any, interventions: Any, layout: TokenLayout | None = None) -> InterventionRecords:
+def intervene(
+    nn_model: Any, interventions: Any, layout: TokenLayout | None = None, layers: Iterable[int] | None = None
+) -> InterventionRecords:
     """Inside a trace: apply `eah_interp.interventions` to this forward, as `eah_interp.hf.intervene` does.
 
     Each layer an intervention edits has its attention call pointed, in this trace only, at a function
@@ -362,6 +364,8 @@ def intervene(nn_model: Any, interventions: Any, layout: TokenLayout | None = No
         nn_model: the nnsight model (``nnsight.NNsight(hf_model)``).
         interventions: `eah_interp.interventions` objects and/or `EAHConfig` (one or a list).
         layout: layout of the prompt rows this trace sees (extended for decode steps; default: `trace_layout`).
+        layers: apply only the edits of these decoder layers now (default: all): call once per group of
+            layers, in forward order, to read or write other modules of the layers in between.
 
     Returns:
         An `InterventionRecords` (a saved list, so it survives the trace) receiving one `InterventionRecord`
@@ -425,6 +429,9 @@ def intervene(nn_model: Any, interventions: Any, layout: TokenLayout | None = No
         return hidden
 
     visited = sorted(attention_layers | residual_layers | hidden_layers)
+    if layers is not None:
+        chosen = {int(x) for x in layers}
+        visited = [layer for layer in visited if layer in chosen]
     _log_call("intervene", visited)
     for layer in visited:
         with _in_forward_order("intervene", layer):

@@ -18,6 +18,7 @@ import eah_interp.lens as lens
 import eah_interp.nnsight as ens
 from eah_interp import EAHConfig, HeadStats, LayoutError, TokenLayout, hf, patching
 from eah_interp._testing import n_image_tokens, sharp_tiny_llava, tiny_llava_inputs
+from eah_interp.interventions import EAH
 from eah_interp.stats import STATISTICS
 
 PREFIX = (3, 6)  # row r: [bos, PREFIX[r] text tokens, image tokens, 1 token, SUFFIX[r] tokens]
@@ -162,14 +163,16 @@ def test_language_model_only_bridge_refuses_placeholders_without_an_image(inputs
 def test_patch_lens_on_the_language_model_only_bridge_takes_the_processor_outputs(bridges, inputs):
     """Was: LayoutError "Cannot derive the token layout" (the wrapped causal LM has no image token id)."""
     full, lm_only = bridges
-    options = dict(sites=("attn_out",), positions=("image", "last"), layers=[1], directions=("eah_into_baseline",))
-    got = patching.patch_lens(lm_only, dict(inputs), CONFIG, (5, 7), **options)
-    want = patching.patch_lens(full, dict(inputs), CONFIG, (5, 7), **options)
+    options = dict(sites=("attn_out",), positions=("image", "last"), layers=[1], directions=("treatment_into_baseline",),
+                   progress=False)
+    eah = [EAH.from_dict(CONFIG.to_dict())]
+    got = patching.sweep(patching.LensPatcher(lm_only, dict(inputs), eah), (5, 7), **options)
+    want = patching.sweep(patching.LensPatcher(full, dict(inputs), eah), (5, 7), **options)
     assert len(got) == len(want) == 2
-    for column in ("metric", "baseline_metric", "eah_metric"):
+    for column in ("metric", "baseline_metric", "treatment_metric"):
         torch.testing.assert_close(torch.tensor(got[column].to_numpy()), torch.tensor(want[column].to_numpy()),
                                    rtol=0, atol=1e-4)
-    assert got["baseline_metric"].iloc[0] != got["eah_metric"].iloc[0]  # the edit is active
+    assert got["baseline_metric"].iloc[0] != got["treatment_metric"].iloc[0]  # the edit is active
 
 
 @pytest.mark.parametrize("family", ["instructblip", "smolvlm"])

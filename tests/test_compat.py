@@ -364,15 +364,19 @@ def bridge():
 
 
 def test_lens_bridge_has_the_hook_names_eah_interp_uses(bridge):
+    from eah_interp.sites import LENS_HOOKS, lens_hook_name
+
     names = set(compat.bridge_hook_names(bridge))
-    for site in compat.LENS_HOOKS:
+    for site in LENS_HOOKS:
         for layer in range(4):
-            assert compat.lens_hook_name(site, layer) in names, compat.lens_hook_name(site, layer)
+            assert lens_hook_name(site, layer) in names, lens_hook_name(site, layer)
     assert compat.bridge_shape(bridge) == (4, 4)  # tiny_llava: 4 decoder layers, 4 heads
 
 
 def test_lens_pattern_hook_sees_the_post_softmax_probabilities(bridge, llava):
     """``blocks.{l}.attn.hook_pattern`` carries ``[batch, heads, q, k]`` rows that sum to one."""
+    from eah_interp.sites import lens_hook_name
+
     _, inputs = llava
     seen = {}
 
@@ -381,7 +385,7 @@ def test_lens_pattern_hook_sees_the_post_softmax_probabilities(bridge, llava):
 
     with torch.no_grad():
         bridge.run_with_hooks(
-            inputs["input_ids"], fwd_hooks=[(compat.lens_hook_name("pattern", 1), keep)],
+            inputs["input_ids"], fwd_hooks=[(lens_hook_name("probs", 1), keep)],
             pixel_values=inputs["pixel_values"], attention_mask=inputs["attention_mask"],
         )
     pattern = seen["pattern"]

@@ -10,7 +10,13 @@ from eah_interp.models.adapters import (
     image_token_ids,
     register_adapter,
 )
-from eah_interp.models.bundle import ORGANISM_THRESHOLD, ModelBundle, default_threshold, load_model
+from eah_interp.models.bundle import (
+    ORGANISM_THRESHOLD,
+    ModelBundle,
+    bundle_for,
+    default_threshold,
+    load_model,
+)
 from eah_interp.models.introspect import attention_modules, execution_device, model_shape, text_config
 from eah_interp.models.organism import load_organism
 from eah_interp.models.validate import ModelCheck, check_model
@@ -25,6 +31,7 @@ __all__ = [
     "ModelBundle",
     "adapter_for",
     "attention_modules",
+    "bundle_for",
     "check_model",
     "default_threshold",
     "describe",

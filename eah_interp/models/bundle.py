@@ -343,7 +343,7 @@ def _checkpoint_bundle(
     )
     model.eval()
     processor = _load_processor(name, source, trust_remote_code)
-    return _bundle_for(name, model, processor)
+    return bundle_for(name, model, processor)
 
 
 def _load_error(name: str, what: str, error: Exception) -> ModelLoadError:
@@ -466,8 +466,16 @@ def _plain_template(image_token: str) -> Callable[[str], str]:
     return wrap
 
 
-def _bundle_for(name: str, model: Any, processor: Any) -> ModelBundle:
-    """The bundle of a loaded HF model and processor: template, padding, yes/no ids, threshold."""
+def bundle_for(name: str, model: Any, processor: Any) -> ModelBundle:
+    """The bundle of an HF model and processor loaded by someone else (what `load_model` builds after loading).
+
+    It finds the chat template, the yes/no ids and the sink threshold (`default_threshold` of the image tokens
+    of a caption prompt with one 336 px image), and sets what generation needs: the tokenizer pads on the left
+    and has a pad token, and ``model.generation_config.pad_token_id`` is set.
+
+    Raises:
+        ModelLoadError: the model's config has no image token id (register an adapter, docs/new_model.md).
+    """
     from PIL import Image
 
     from eah_interp.metrics.probes import answer_token_ids

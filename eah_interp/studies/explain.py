@@ -588,7 +588,7 @@ def section_patching(bundle: Any, plan: Plan, out: Path, progress: bool = True) 
 
     Sites: the residual stream after each of ``plan.resid_layers`` and the attention / MLP outputs of
     ``plan.block_layers``; position groups image / text-before-the-last-token / last; both directions
-    (``eah_into_baseline``: sufficiency; ``baseline_into_eah``: necessity; the block sites sufficiency only).
+    (``treatment_into_baseline``: sufficiency; ``baseline_into_treatment``: necessity; the block sites sufficiency only).
     The metric is the yes-minus-no probe at the last position, kept per example; ``patching.jsonl`` gets one
     line per patch (resumable).
     """
@@ -601,8 +601,8 @@ def section_patching(bundle: Any, plan: Plan, out: Path, progress: bool = True) 
     done = {(r["site"], r["layer"], r["positions"], r["direction"]) for r in rows}
     groups = PATCH_GROUPS
     jobs = [("resid", layer, g, d) for layer in plan.resid_layers for g in groups
-            for d in ("eah_into_baseline", "baseline_into_eah")]
-    jobs += [(site, layer, g, "eah_into_baseline") for site in ("attn_out", "mlp_out") for layer in plan.block_layers
+            for d in ("treatment_into_baseline", "baseline_into_treatment")]
+    jobs += [(site, layer, g, "treatment_into_baseline") for site in ("attn_out", "mlp_out") for layer in plan.block_layers
              for g in groups]
     if all(job in done for job in jobs) and (out / "q3_patching_runs.json").exists():
         return rows
@@ -612,8 +612,8 @@ def section_patching(bundle: Any, plan: Plan, out: Path, progress: bool = True) 
     patcher = NNsightPatcher(nnsight.NNsight(bundle.model), inputs, config)
     metric = LogitDiff(yes=tuple(bundle.yes_ids), no=tuple(bundle.no_ids))
     last = last_positions(patcher.layout)
-    base = metric(patcher.collect(eah=False)[1], last).tolist()
-    eah = metric(patcher.collect(eah=True)[1], last).tolist()
+    base = metric(patcher.collect("baseline")[1], last).tolist()
+    eah = metric(patcher.collect("treatment")[1], last).tolist()
     _write_json(out / "q3_patching_runs.json", {"ids": [e.id for e in exs], "baseline": base, "eah": eah})
     started, n = time.perf_counter(), 0
     for site, layer, group, direction in tqdm(jobs, desc="Q3 patching", disable=not progress):
@@ -664,7 +664,7 @@ def _plot_patching(table, out: Path) -> None:
     if resid.empty:
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
-    for ax, direction in zip(axes, ("eah_into_baseline", "baseline_into_eah"), strict=True):
+    for ax, direction in zip(axes, ("treatment_into_baseline", "baseline_into_treatment"), strict=True):
         sub = resid[resid.direction == direction].pivot_table(index="layer", columns="positions", values="effect_median")
         sub = sub[[g for g in PATCH_GROUPS if g in sub.columns]]
         data = sub.to_numpy()
@@ -715,7 +715,7 @@ def section_attribution(bundle: Any, plan: Plan, out: Path, patch_rows: list[dic
     table.to_csv(out / "q3_attribution.csv", index=False)
     activation = pd.DataFrame([
         {"direction": r["direction"], "site": r["site"], "layer": r["layer"], "head": pd.NA, "positions": r["positions"],
-         "example": i, "metric": m, "baseline_metric": b, "eah_metric": e}
+         "example": i, "metric": m, "baseline_metric": b, "treatment_metric": e}
         for r in patch_rows for i, (m, b, e) in enumerate(zip(r["metric"], r["baseline"], r["eah"], strict=True))
     ])
     if not activation.empty:
@@ -730,11 +730,11 @@ def section_attribution(bundle: Any, plan: Plan, out: Path, patch_rows: list[dic
 def attribution_top(table, n: int = 8):
     """The sites and heads that move the most of EAH's change in each direction, from a per-example attribution table.
 
-    ``moved`` is the share of EAH's change to the metric a patch makes (``eah_into_baseline``: the normalised
-    effect; ``baseline_into_eah``: one minus it, the share that restoring the site undoes), median over examples.
+    ``moved`` is the share of EAH's change to the metric a patch makes (``treatment_into_baseline``: the normalised
+    effect; ``baseline_into_treatment``: one minus it, the share that restoring the site undoes), median over examples.
     """
     table = table.copy()
-    table["moved"] = table["normalised_effect"].where(table["direction"] == "eah_into_baseline",
+    table["moved"] = table["normalised_effect"].where(table["direction"] == "treatment_into_baseline",
                                                       1 - table["normalised_effect"])
     keys = ["direction", "site", "layer", "head", "positions"]
     med = table.groupby(keys, dropna=False)["moved"].median().reset_index().dropna(subset=["moved"])
@@ -751,7 +751,7 @@ def _plot_attribution(table, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sub = table[(table.direction == "eah_into_baseline") & (table.site != "head")]
+    sub = table[(table.direction == "treatment_into_baseline") & (table.site != "head")]
     groups = [g for g in ATTRIBUTION_GROUPS if g in set(sub.positions)]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharey=True)
     for ax, site in zip(axes, ("attn_out", "mlp_out", "resid"), strict=True):
@@ -966,7 +966,7 @@ def write_report(out: Path, plan: Plan, q1: dict[str, Any], rows: list[dict[str,
                   f"{agree.get('sign_agreement', float('nan')):.2f} over {agree.get('n', 0)} rows "
                   f"({agree.get('n_trivial', 0)} trivial rows left out).", "",
                   "Largest estimated shares of EAH's change moved by one site (median over examples; "
-                  "`eah_into_baseline`: the normalised effect; `baseline_into_eah`: one minus it, the share restoring "
+                  "`treatment_into_baseline`: the normalised effect; `baseline_into_treatment`: one minus it, the share restoring "
                   "the site undoes):", "",
                   "| direction | site | layer | head | positions | share moved |", "| --- | --- | --- | --- | --- | --- |"]
         import pandas as pd
