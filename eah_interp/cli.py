@@ -190,8 +190,11 @@ def _write_scan(stats, out: Path, title: str) -> Table:
     out.mkdir(parents=True, exist_ok=True)
     frame = stats.to_frame()
     frame.to_csv(out / "head_stats.csv", index=False)
+    import matplotlib.pyplot as plt
+
     fig = stats.plot_heatmap("sink_density", title=title)
     fig.savefig(out / "sink_density.png", dpi=120)
+    plt.close(fig)  # a long-lived process (tests, notebooks) would keep every figure
     layers = stats.layer_frame().set_index("layer") if stats.sink_dims else None
     if layers is not None:
         layers.to_csv(out / "layer_sinks.csv")
