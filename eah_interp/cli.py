@@ -190,8 +190,11 @@ def _write_scan(stats, out: Path, title: str) -> Table:
     out.mkdir(parents=True, exist_ok=True)
     frame = stats.to_frame()
     frame.to_csv(out / "head_stats.csv", index=False)
+    import matplotlib.pyplot as plt
+
     fig = stats.plot_heatmap("sink_density", title=title)
     fig.savefig(out / "sink_density.png", dpi=120)
+    plt.close(fig)  # a long-lived process (tests, notebooks) would keep every figure
     layers = stats.layer_frame().set_index("layer") if stats.sink_dims else None
     if layers is not None:
         layers.to_csv(out / "layer_sinks.csv")
@@ -367,13 +370,12 @@ def generate(
 def _caption_table(bundle, label: str, interventions, items, max_new_tokens: int):
     """Caption `Item`s with the plain model and (when ``interventions`` is not empty) with them; print a table."""
     from eah_interp.data import LazyImages
-    from eah_interp.evaluation import Arm
+    from eah_interp.evaluation.arms import Arm, edits_text
     from eah_interp.experiments import check_fits, generate_texts
     from eah_interp.models import model_shape
 
     check_fits(bundle.model, interventions)  # a layer the model lacks: refused before anything runs
-    for edit in Arm(label, interventions).edits(model_shape(bundle.model)[0]):
-        console.print(f"[bold]{label}:[/] {edit['method']} at layers {edit['layers']}")
+    console.print(f"[bold]{label}:[/] {edits_text(Arm(label, interventions).edits(model_shape(bundle.model)[0]))}")
     prompts = [bundle.caption_prompt] * len(items)
     base, _ = generate_texts(bundle, prompts, LazyImages(items), max_new_tokens=max_new_tokens, desc="baseline")
     rows = [[item.id, ", ".join(sorted(item.objects)) if item.objects else "?", b] for item, b in zip(items, base, strict=True)]
@@ -510,7 +512,8 @@ def evaluate(
                 param_hint="--replicate-by",
             )
         console.print(f"[bold]replication:[/] {split.describe()}")
-    bundle = _load(model, dtype=dtype, device=device, device_map=device_map, trust_remote_code=trust_remote_code)
+    bundle = _with_prompt(_load(model, dtype=dtype, device=device, device_map=device_map,
+                                trust_remote_code=trust_remote_code), prompt)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         arms = default_arms(bundle, beams=beams)
@@ -527,7 +530,7 @@ def evaluate(
     if "pope" in chosen_tasks and not dataset.n_questions:
         console.print("[yellow]no yes/no questions in this dataset (pass --pope FILE, or --generate-pope with "
                       "--coco-instances): POPE is skipped.[/]")
-    run = functools.partial(run_experiment, bundle, arms=arms, tasks=chosen_tasks, prompt=prompt,
+    run = functools.partial(run_experiment, bundle, arms=arms, tasks=chosen_tasks,
                             max_new_tokens=max_new_tokens, chair_protocol=chair_protocol, batch_size=batch_size,
                             replication=split)
     with _usage():
@@ -545,7 +548,7 @@ def evaluate(
         from eah_interp.data import LazyImages
 
         scanned = dataset.items[:scan]
-        stats = scan_images(_with_prompt(bundle, prompt), LazyImages(scanned), batch_size=batch_size)
+        stats = scan_images(bundle, LazyImages(scanned), batch_size=batch_size)
         console.print(_write_scan(stats, out, f"{bundle.name}: sink density (n={len(scanned)})"))
         per_layer = stats.to_frame().groupby("layer").agg(
             sink_density=("sink_density_mean", "mean"), max_head_density=("sink_density_mean", "max"),

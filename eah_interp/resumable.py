@@ -101,9 +101,10 @@ class ResumableLog:
                                   "another path, or delete the file to start over.")
         if header is None:
             return None, []
+        a = "an" if self.kind[:1] in "aeiou" else "a"
         if header.get("kind") != self.kind or "arguments" not in header:
             where = "its first line" if self.header is None else self.header
-            raise ConfigError(f"{self.path} is not a {self.kind} log ({where} is not its header): pass another path.")
+            raise ConfigError(f"{self.path} is not {a} {self.kind} log ({where} is not its header): pass another path.")
         saved = header["arguments"]
         different = sorted(k for k in set(saved) | set(self.arguments) if saved.get(k) != self.arguments.get(k))
         if different:
@@ -111,7 +112,7 @@ class ResumableLog:
             more = f"; and {', '.join(different[4:])}" if len(different) > 4 else ""
             files = self.path if self.header is None else f"{self.path} and {self.header}"
             raise ConfigError(
-                f"{self.path} holds a {self.kind} run with other arguments ({detail}{more}). Resuming would mix two "
+                f"{self.path} holds {a} {self.kind} run with other arguments ({detail}{more}). Resuming would mix two "
                 f"runs: pass a new path, or delete {files} to start over."
             )
         return header, records

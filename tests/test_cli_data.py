@@ -203,7 +203,7 @@ def test_a_layer_the_model_lacks_is_refused_in_one_line_and_the_report_names_eac
     assert result.exit_code == 0, result.output
     assert "eah_reference edits layer 3 (this model's last)" in flat(result.output)
     report = (out / "report.md").read_text()
-    assert "| eah_reference | EAH at layers [3] |" in report and "| pai(alpha=0.5) | PAI at layers [0, 1, 2, 3] |" in report
+    assert "| eah_reference | EAH at layers 3 |" in report and "| pai(alpha=0.5) | PAI at layers 0..3 |" in report
 
 
 def test_eval_arms_are_specs_with_the_models_defaults(tmp_path):
@@ -227,7 +227,7 @@ def test_generate_takes_an_intervention_spec(tmp_path):
     result = invoke("generate", "--model", "tiny-llava", "--scenes", "1", "--max-new-tokens", "2", "-i", "pai(alpha=0.5)")
     assert result.exit_code == 0, result.output
     out = flat(result.output)
-    assert "baseline vs pai(alpha=0.5)" in out and "PAI at layers [0, 1, 2, 3]" in out and "source head" not in out
+    assert "baseline vs pai(alpha=0.5)" in out and "PAI at layers 0..3" in out and "source head" not in out
     plain = invoke("generate", "--model", "tiny-llava", "--scenes", "1", "--max-new-tokens", "2", "-i", "none")
     assert plain.exit_code == 0 and "captions: baseline" in flat(plain.output) and " vs " not in flat(plain.output)
 

@@ -332,3 +332,22 @@ def test_an_arm_can_stack_interventions(tmp_path, bundle):
     assert saved["eah_plus_pai"]["interventions"][1]["alpha"] == 0.5
     assert Arm.from_dict(saved["eah_plus_pai"]) == arms[2] and Arm("x", PAI()).interventions == (PAI(),)
     assert saved["eah"]["edits"] == [{"method": "EAH", "layers": [1]}]
+
+
+def test_one_significance_rule_holm_p_at_most_alpha(monkeypatch):
+    """Significant means p_holm <= alpha (the runner used '<', the explain study '<='): a Holm p equal to alpha counts."""
+    from eah_interp.evaluation import holm_family, replication_table, verdict
+
+    assert holm_family([0.025, 0.025]) == ([0.05, 0.05], [True, True])  # 2 x 0.025 = 0.05 exactly
+    assert holm_family([0.03, float("nan")])[1] == [True, False]  # NaN: not tested, not significant
+    monkeypatch.setattr(evaluation.statistics, "sign_flip_p_value", lambda *a, **k: 0.01)
+    items = hand_items()
+    m = int(summarise_items(items, n_resamples=50)["p_value"].notna().sum())
+    summary = summarise_items(items, n_resamples=50, alpha=m * 0.01)  # every p_holm is m x 0.01, exactly alpha
+    tested = summary[summary["p_value"].notna()]
+    assert (tested["p_holm"] == m * 0.01).all() and tested["significant"].all()
+    both = pd.concat([summary.assign(part=p) for p in ("discovery", "replication")], ignore_index=True)
+    verdicts = replication_table(both, alpha=m * 0.01).set_index(["condition", "metric"])["verdict"]
+    assert verdicts[("eah", "chair_i")] == "replicated"  # diff -0.2 in both parts, Holm p = alpha in both
+    assert verdict(True, True, 0.2, 0.1) == "replicated" and verdict(True, True, 0.2, -0.1) == "not replicated"
+    assert verdict(False, True, 0.0, 0.1) == "replication only" and verdict(False, False, 1.0, 1.0) == "null"

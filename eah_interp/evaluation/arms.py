@@ -49,6 +49,20 @@ class Arm:
                 for i in self.interventions]
 
 
+def edits_text(edits: list[dict[str, Any]]) -> str:
+    """`Arm.edits` as text: ``"EAH at layers 1; PAI at layers 2..29"`` (``"none (baseline)"`` when empty)."""
+    def runs(layers: list[int]) -> str:
+        spans: list[list[int]] = []
+        for layer in sorted(layers):
+            if spans and layer == spans[-1][-1] + 1:
+                spans[-1].append(layer)
+            else:
+                spans.append([layer])
+        return ", ".join(f"{r[0]}..{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in spans)
+
+    return "; ".join(f"{e['method']} at layers {runs(e['layers'])}" for e in edits) or "none (baseline)"
+
+
 def deep_control_layer(n_layers: int, treatment_layers: Any, shallow_layers: Any = (1,)) -> int:
     """The layer of the deep-layer control: the third-last layer, or the nearest layer that no treatment uses.
 

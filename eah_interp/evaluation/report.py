@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from eah_interp.evaluation.arms import edits_text
 from eah_interp.evaluation.statistics import ALPHA, PARTS, replication_table, summarise_items
 
 
@@ -24,21 +25,22 @@ def arms_markdown(run: dict[str, Any], items) -> list[str]:
     """Per arm: its interventions, the layers each edits in this model and, for EAH, the source heads it chose.
 
     Source heads are those of the prompt forward of each caption (``source_heads``: one per edited layer),
-    counted over items as ``head: items``.
+    counted over items as ``head x items`` (``none``: no broadcast in that row, e.g. the reference preset's
+    skip when head 0 would be the source).
     """
     lines = ["| arm | interventions (resolved layers) | EAH source heads (prompt forward: head x items) |",
              "|---|---|---|"]
     captions = items[items["task"] == "caption"] if "source_heads" in items else None
     for arm in run.get("conditions", []):
-        edits = "; ".join(f"{e['method']} at layers {e['layers']}" for e in arm.get("edits", [])) or "none (baseline)"
+        edits = edits_text(arm.get("edits", []))
         heads: dict[str, int] = {}
         chosen_per_item = [] if captions is None else captions.loc[captions["condition"] == arm["name"], "source_heads"]
         for per_item in chosen_per_item:
             for h in per_item if isinstance(per_item, list) else []:
                 heads[str(h)] = heads.get(str(h), 0) + 1
-        chosen = ", ".join(f"{h} x {n}" for h, n in sorted(heads.items(), key=lambda kv: -kv[1])) or "-"
+        chosen = ", ".join(f"{h if h != '-1' else 'none'} x {n}" for h, n in sorted(heads.items(), key=lambda kv: -kv[1]))
         beams = f" (beam {arm['num_beams']})" if arm.get("num_beams", 1) > 1 else ""
-        lines.append(f"| {arm['name']}{beams} | {edits} | {chosen} |")
+        lines.append(f"| {arm['name']}{beams} | {edits} | {chosen or '-'} |")
     return lines + [""]
 
 

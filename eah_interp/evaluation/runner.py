@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from eah_interp.data import Dataset, Item, Question
+from eah_interp.distributed import item_key
 from eah_interp.errors import ConfigError
 from eah_interp.evaluation.arms import Arm, default_arms
 from eah_interp.evaluation.statistics import PARTS, ReplicationSplit
@@ -48,14 +49,6 @@ def first_token_answers(
     return [a.strip() for a in answers], diffs.tolist()
 
 
-def _key(record: dict[str, Any], path: Path) -> tuple[str, str, str, str]:
-    try:
-        return (record["condition"], record["task"], record["item"], record["question"])
-    except KeyError:
-        raise ConfigError(f"{path} holds a line that is not an eah-interp result (fields condition, task, item, "
-                          "question): use another --out.") from None
-
-
 def run_experiment(
     bundle: Any,
     dataset: Dataset,
@@ -63,7 +56,6 @@ def run_experiment(
     *,
     arms: Sequence[Arm] | None = None,
     tasks: Sequence[str] = ("caption", "pope"),
-    prompt: str | None = None,
     max_new_tokens: int = 30,
     chair_protocol: str | None = None,
     batch_size: int = 8,
@@ -74,13 +66,12 @@ def run_experiment(
     """Run (or resume) the experiment on ``dataset``; returns the results file ``out/items.jsonl``.
 
     Args:
-        bundle: the model (`eah_interp.models.load_model`).
+        bundle: the model (`eah_interp.models.load_model`); captions use its ``caption_prompt``.
         dataset: the items (`eah_interp.data`): captions for every item, POPE for every question.
         out: the output folder; ``run.json`` records the settings, the dataset and the arms (with the
             layers each intervention edits in this model).
         arms: the arms (default: `default_arms`); results are keyed by arm name.
         tasks: ``"caption"`` and/or ``"pope"``.
-        prompt: the caption request (``bundle.prompt(prompt)``); default: the model's caption prompt.
         max_new_tokens: caption length budget.
         chair_protocol: ``"reference"``, ``"strict"`` or ``"both"`` (default: the dataset's), recorded in every
             caption.
@@ -111,12 +102,7 @@ def run_experiment(
             f"chair_protocol='both' needs the COCO vocabulary (the reference protocol is COCO's); dataset "
             f"{dataset.name!r} uses {dataset.vocabulary!r}: pass 'strict'."
         )
-    if prompt is None:
-        caption_prompt = bundle.caption_prompt
-    elif callable(getattr(bundle, "prompt", None)):
-        caption_prompt = bundle.prompt(prompt)
-    else:
-        raise ConfigError(f"model {bundle.name!r} cannot wrap a custom prompt (its bundle has no .prompt); drop --prompt.")
+    caption_prompt = bundle.caption_prompt
     settings = {"model": bundle.name, "dataset": dataset.name, "prompt": caption_prompt,
                 "yes_no_prompt": bundle.yes_no_prompt("<question>"), "max_new_tokens": max_new_tokens,
                 "chair_protocol": protocol, "vocabulary": dataset.vocabulary}
@@ -146,7 +132,7 @@ def run_experiment(
             "n": {part: sum(v == part for v in parts.values()) for part in PARTS},
         }}),
     )
-    done = {_key(r, log.path) for r in records}
+    done = {item_key(r) for r in records}
     for arm in progress_bar(arms, progress, desc="arms"):
         if "caption" in tasks:
             _run_captions(bundle, dataset, arm, log, done, caption_prompt, max_new_tokens, protocol, batch_size,
@@ -158,7 +144,7 @@ def run_experiment(
 
 def _append(log: ResumableLog, done: set, records: list[dict[str, Any]]) -> None:
     log.append(*records)
-    done.update(_key(r, log.path) for r in records)
+    done.update(item_key(r) for r in records)
 
 
 def _run_captions(bundle, dataset: Dataset, arm: Arm, log: ResumableLog, done: set, prompt: str,

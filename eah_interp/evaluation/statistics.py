@@ -157,10 +157,9 @@ CAPTION_METRICS = (
 )
 
 #: The same CHAIR metrics under the strict protocol, reported next to the reference ones for ``"both"``.
-STRICT_CAPTION_METRICS = (
-    RatioMetric("chair_s_strict", "caption", "any_hallucination_strict", "chair_n", "no ground-truth objects"),
-    RatioMetric("chair_i_strict", "caption", "n_hallucinated_strict", "n_mentioned_strict", "no mentions"),
-    RatioMetric("recall_strict", "caption", "n_recalled_strict", "n_truth", "no ground-truth objects"),
+STRICT_CAPTION_METRICS = tuple(
+    RatioMetric(f"{m.name}_strict", "caption", f"{m.numerator}_strict", m.denominator.replace("mentioned", "mentioned_strict"),
+                m.undefined) for m in CAPTION_METRICS[:3]
 )
 
 #: The logit probe over each item's distinct questions (a question in two splits counts once).
@@ -211,19 +210,14 @@ def item_table(items):
         if rec["task"] == "caption":
             row.update(one=1.0, n_words=float(rec["n_words"]))
             if isinstance(rec.get("mentioned"), list) and isinstance(rec.get("truth"), list):
-                # counted mentions as the CHAIR protocol lists them (once per object, or every mention)
-                mentioned, halluc, truth = rec["mentioned"], rec["hallucinated"], set(rec["truth"])
-                row.update(
-                    chair_n=1.0, any_hallucination=float(len(halluc) > 0), n_hallucinated=float(len(halluc)),
-                    n_mentioned=float(len(mentioned)), n_recalled=float(len(set(mentioned) & truth)),
-                    n_truth=float(len(truth)),
-                )
-                if isinstance(rec.get("mentioned_strict"), list):
-                    mentioned, halluc = rec["mentioned_strict"], rec["hallucinated_strict"]
-                    row.update(
-                        any_hallucination_strict=float(len(halluc) > 0), n_hallucinated_strict=float(len(halluc)),
-                        n_mentioned_strict=float(len(mentioned)), n_recalled_strict=float(len(set(mentioned) & truth)),
-                    )
+                truth = set(rec["truth"])
+                row.update(chair_n=1.0, n_truth=float(len(truth)))
+                for sfx in ("", "_strict"):  # counted mentions as the protocol lists them (once per object, or all)
+                    mentioned, halluc = rec.get(f"mentioned{sfx}"), rec.get(f"hallucinated{sfx}")
+                    if isinstance(mentioned, list):
+                        row.update({f"any_hallucination{sfx}": float(len(halluc) > 0),
+                                    f"n_hallucinated{sfx}": float(len(halluc)), f"n_mentioned{sfx}": float(len(mentioned)),
+                                    f"n_recalled{sfx}": float(len(set(mentioned) & truth))})
             continue
         said = rec["said_yes"] is True or rec["said_yes"] == 1  # unparsed (None/NaN) counts as "no"
         label, split = bool(rec["label"]), rec["split"]
