@@ -8,7 +8,7 @@ model, i.e. ``2 x 30 x 9 x 4 = 2,160`` rows on the organism (`eah_interp.patchin
 `NNsightPatcher`: one forward per row plus two collecting forwards; `eah_interp.attribution.
 attribution_patching`: one forward + backward per run). Inputs: the yes/no prompt of
 docs/patching.md's example (scene 100000001, "Is there a triangle in the image?"), the metric
-``LogitDiff(bundle.yes_ids, bundle.no_ids)``, EAH ``EAHConfig.paper(threshold=bundle.threshold)``.
+``LogitDiff(bundle.yes_ids, bundle.no_ids)``, EAH ``EAH.paper(threshold=bundle.threshold)``.
 
 Timing, in one process: the full attribution sweep ``--repeats`` times after one warm-up (median), then
 the activation sweep once. Both the wall clock and the process CPU time (``time.process_time``, robust
@@ -44,15 +44,15 @@ def _timed(fn):
 
 
 def _setup(quick: bool):
-    from eah_interp import EAHConfig
+    from eah_interp import EAH
     from eah_interp.patching import LogitDiff
 
     if quick:
-        from eah_interp._testing import sharp_tiny_llava, tiny_llava_inputs
+        from eah_interp.models.tiny import sharp_tiny_llava, tiny_llava_inputs
 
         model = sharp_tiny_llava()
         inputs = tiny_llava_inputs(model, prefix_lengths=(3,), seed=1)
-        return model, inputs, EAHConfig.paper(threshold=0.05), LogitDiff(yes=80, no=99), "tiny random LLaVA (4 layers x 4 heads)"
+        return model, inputs, EAH.paper(threshold=0.05), LogitDiff(yes=80, no=99), "tiny random LLaVA (4 layers x 4 heads)"
     from eah_interp.models import load_model
     from eah_interp.scenes import make_scene, question_for
 
@@ -60,7 +60,7 @@ def _setup(quick: bool):
     scene = make_scene(100000001)
     inputs = bundle.processor([bundle.yes_no_prompt(question_for("triangle"))], [scene.image])
     metric = LogitDiff(yes=tuple(bundle.yes_ids), no=tuple(bundle.no_ids))
-    return bundle.model, inputs, EAHConfig.paper(threshold=bundle.threshold), metric, "organism (30 layers x 9 heads)"
+    return bundle.model, inputs, EAH.paper(threshold=bundle.threshold), metric, "organism (30 layers x 9 heads)"
 
 
 def _write(out: Path | None, result: dict) -> None:
@@ -76,12 +76,12 @@ def _plot(frames: list, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
-    for ax, direction in zip(axes, ("eah_into_baseline", "baseline_into_eah"), strict=True):
+    for ax, direction in zip(axes, ("treatment_into_baseline", "baseline_into_treatment"), strict=True):
         for attribution, activation in frames:
             keys = ["direction", "site", "layer", "head", "positions"]
             merged = attribution.merge(activation, on=keys, suffixes=("_attr", "_act"))
             merged = merged[merged.direction == direction]
-            receiver = "baseline_metric" if direction == "eah_into_baseline" else "eah_metric"
+            receiver = "baseline_metric" if direction == "treatment_into_baseline" else "treatment_metric"
             act = merged["metric_act"] - merged[f"{receiver}_act"]
             attr = merged["metric_attr"] - merged[f"{receiver}_attr"]
             for site, sub in merged.groupby("site"):
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         patcher = NNsightPatcher(NNsight(model), inputs, config)
         layers = None if args.layers is None else [int(x) for x in args.layers.split(",")]
         # sweep starts with two collecting forwards (baseline, EAH): timed apart, they are no per-row cost
-        _, collect_wall, collect_cpu = _timed(lambda: (patcher.collect(False), patcher.collect(True)))
+        _, collect_wall, collect_cpu = _timed(lambda: (patcher.collect("baseline"), patcher.collect("treatment")))
         heads_act, wall, cpu = _timed(lambda: sweep(patcher, metric, sites=("head",), positions=GROUPS,
                                                     layers=layers, progress=False))
         full, rows = len(heads_attr), len(heads_act)
@@ -161,9 +161,9 @@ def main(argv: list[str] | None = None) -> dict:
         result["ratio_wall"] = result["activation"]["extrapolated_wall_s"] / result["attribution"]["median_wall_s"]
         result["ratio_cpu"] = result["activation"]["extrapolated_cpu_s"] / result["attribution"]["median_cpu_s"]
         result["ratio_is_extrapolated"] = len(heads_act) != full
-        result["metrics"] = {"baseline": heads_act.attrs["baseline_metric"], "eah": heads_act.attrs["eah_metric"],
+        result["metrics"] = {"baseline": heads_act.attrs["baseline_metric"], "eah": heads_act.attrs["treatment_metric"],
                              "baseline_attribution_run": heads_attr.attrs["baseline_metric"],
-                             "eah_attribution_run": heads_attr.attrs["eah_metric"]}
+                             "eah_attribution_run": heads_attr.attrs["treatment_metric"]}
         result["agreement_heads"] = agreement(heads_attr, heads_act, by=("direction", "site", "layer", "positions"))
         _write(args.out, result)
         print(f"activation: {len(heads_act)} rows, {wall:.1f} s wall; ratio {result['ratio_wall']:.0f}x wall, "

@@ -48,16 +48,16 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from eah_interp import distributed, hf
-    from eah_interp._testing import scene_items
-    from eah_interp.models import load_model
-    from eah_interp.stats import HeadStats
+    from eah_interp import distributed
+    from eah_interp.head_stats import HeadStats
+    from eah_interp.models import load_model, model_shape
+    from eah_interp.models.tiny import scene_items
 
     rank = int(os.environ.get("RANK", "0"))
     log = Path(args.log)
     t0 = time.time()
     bundle = load_model(args.model)
-    n_layers = hf.model_shape(bundle.model)[0]
+    n_layers = model_shape(bundle.model)[0]
 
     def record(_module, _args, kwargs):
         with open(log / f"forwards.rank{rank}.jsonl", "a") as f:
@@ -132,7 +132,7 @@ def compare(a: Path, b: Path) -> dict:
     import math
 
     from eah_interp.distributed import SCAN_CHECKPOINT
-    from eah_interp.stats import HeadStats
+    from eah_interp.head_stats import HeadStats
 
     fa, fb = HeadStats.load(a / SCAN_CHECKPOINT).to_frame(), HeadStats.load(b / SCAN_CHECKPOINT).to_frame()
     same_counts = fa[["layer", "head", "n"]].equals(fb[["layer", "head", "n"]])

@@ -8,7 +8,7 @@ SDPA with a materialised float mask (what every non-chosen layer got inside an `
 docs/benchmarks.md), the family's eager attention (full ``[b, h, q, k]`` maps), `stats.head_statistics`,
 `edit.apply_eah_to_probs` (the eager path), the map-free path the HF backend takes by default
 (`chunked.chunked_attention`, with the native row kernel and with PyTorch rows;
-`edit.apply_eah_to_attention`), and two floors for any exact statistics
+`edit.map_free_eah`), and two floors for any exact statistics
 pass: the causal ``Q K^T`` products alone, and with their ``exp``.
 """
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from eah_interp import EAHConfig, TokenLayout
+    from eah_interp import EAH, TokenLayout
 
     print("| piece (one layer, batch 1) | " + " | ".join(f"{n} tokens" for n in args.tokens) + " |")
     print("| --- |" + " ---: |" * len(args.tokens))
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         v = torch.randn(1, 3, seq, 64, generator=g)
         n_image = seq - 24
         layout = TokenLayout.from_spans([(4, 4 + n_image)], seq)
-        config = EAHConfig.paper(threshold=0.0008 * 576 / n_image)
+        config = EAH.paper(threshold=0.0008 * 576 / n_image)
         allowed = torch.ones(seq, seq, dtype=torch.bool).tril()
         float_mask = torch.zeros(seq, seq).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
         for name, fn in pieces(q, k, v, float_mask, layout, config).items():
@@ -69,8 +69,8 @@ def pieces(q, k, v, float_mask, layout, config) -> dict:
 
     from eah_interp import native
     from eah_interp.chunked import chunked_attention
-    from eah_interp.edit import apply_eah_to_attention, apply_eah_to_probs
-    from eah_interp.stats import head_statistics
+    from eah_interp.edit import apply_eah_to_probs, map_free_eah
+    from eah_interp.head_stats import head_statistics
 
     class Module:  # what eager_attention_forward reads from the attention module
         num_key_value_groups = 3
@@ -104,13 +104,13 @@ def pieces(q, k, v, float_mask, layout, config) -> dict:
             q, kr, vr, attn_mask=float_mask),
         "eager attention, full maps (chosen layer)": lambda: eager_attention_forward(
             Module(), q, k, v, float_mask, scaling=0.125, dropout=0.0),
-        "stats.head_statistics on the full map": lambda: head_statistics(probs, layout),
+        "head_stats.head_statistics on the full map": lambda: head_statistics(probs, layout),
         "edit.apply_eah_to_probs on the full map": lambda: apply_eah_to_probs(probs, layout, config, 1),
         "chunked attention + statistics sums (record_attention)": lambda: chunked_attention(
             q, k, v, None, 0.125, layout, output=True, statistics=True),
         "same, PyTorch rows instead of the native kernel (EAH_INTERP_NATIVE=0, or no C compiler)": without_native(
             lambda: chunked_attention(q, k, v, None, 0.125, layout, output=True, statistics=True)),
-        "map-free EAH: chunked column sums + SDPA with the source head (hf.eah)": lambda: apply_eah_to_attention(
+        "map-free EAH: chunked column sums + SDPA with the source head (hf.eah)": lambda: map_free_eah(
             q, k, v, None, 0.125, layout, config, 1),
         "floor: causal Q K^T alone, 32-row chunks (no softmax, no sums)": lambda: logits_only(False),
         "floor: causal Q K^T + exp, 32-row chunks (no sums)": lambda: logits_only(True),

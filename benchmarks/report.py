@@ -69,8 +69,8 @@ def main(path: str = "docs/benchmarks.json") -> None:
         print("| backend | seconds | vs HF EAH | vs plain SDPA forward | extra peak RSS (MB) |")
         print("| --- | ---: | ---: | ---: | ---: |")
         for mode, name in (("forward_sdpa_logits", "plain SDPA forward (no EAH)"), ("forward_eah_hf", "HF (`hf.eah`)"),
-                           ("forward_eah_nnsight", "nnsight (`nnsight.apply_eah`)"),
-                           ("forward_eah_lens", "TransformerLens (`lens.eah_hooks`)")):
+                           ("forward_eah_nnsight", "nnsight (`nnsight.eah`)"),
+                           ("forward_eah_lens", "TransformerLens (`transformer_lens.eah`)")):
             print(f"| {name} | {get(mode, n0, b0):.3f} | {rat(mode, 'forward_eah_hf', n0, b0):.2f} | "
                   f"{rat(mode, 'forward_sdpa_logits', n0, b0):.2f} | {get(mode, n0, b0, 'act_mb'):.0f} |")
 

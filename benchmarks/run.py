@@ -14,7 +14,7 @@ the vision tower is not what is measured.
 Modes (each timed against the baseline named in ``BASELINE``, in the same process, interleaved):
 
 * ``generate_sdpa`` / ``generate_eah``: greedy ``generate`` of ``--new-tokens`` tokens, plain SDPA vs
-  inside ``hf.eah(model, EAHConfig.paper(...))``;
+  inside ``hf.eah(model, EAH.paper(...))``;
 * ``forward_sdpa`` / ``stats_streamed`` / ``stats_naive``: a prompt forward, plain vs
   ``hf.record_attention(model, "all", stats=HeadStats())`` vs the naive route (eager in every layer,
   ``output_attentions=True``, every layer's map kept, then ``HeadStats.update`` per layer); these run with
@@ -155,17 +155,16 @@ def prompt(model, n_image: int, batch: int):
 
 
 def eah_config(n_image: int):
-    from eah_interp import EAHConfig
+    from eah_interp import EAH
 
     # the paper's threshold is tuned for 576 image tokens; sink scores scale ~ 1 / prompt length
-    return EAHConfig.paper(threshold=0.0008 * 576 / n_image)
+    return EAH.paper(threshold=0.0008 * 576 / n_image)
 
 
 def interventions(mode: str, model, embeds, config) -> list:
     """The intervention list a ``generate_<method>`` mode runs (defaults; heads and sink dims from the model)."""
     from eah_interp.interventions import (
         ADHH,
-        EAH,
         PAI,
         VAF,
         VAR,
@@ -185,7 +184,7 @@ def interventions(mode: str, model, embeds, config) -> list:
         with torch.no_grad():
             hidden = model(inputs_embeds=embeds[:1], output_hidden_states=True, use_cache=False).hidden_states
         dims = massive_dims(hidden[min(2, n_layers - 1)], top=2)
-    eah = EAH(**{k: v for k, v in config.to_dict().items()})
+    eah = config
     return {
         "generate_pai": lambda: [PAI()],
         "generate_middle": lambda: [MiddleLayerBoost()],
@@ -271,13 +270,13 @@ def make_runner(mode: str, model, embeds, mask, layout, config, new_tokens: int,
 
         def run():
             with nn_model.trace(inputs_embeds=embeds, attention_mask=mask, use_cache=False):
-                ens.apply_eah(nn_model, config, layout)
+                ens.eah(nn_model, config, layout)
         return run
     if mode == "forward_eah_lens":
-        import eah_interp.lens as lens
+        import eah_interp.transformer_lens as lens
 
         bridge = lens.boot_bridge(model, copy=isolate)  # the bridge rewires (and switches to eager) in place
-        hooks = lens.eah_hooks(bridge, config, layout)
+        hooks, _ = lens.eah(bridge, config, layout)
         return lambda: bridge.run_with_hooks(embeds, fwd_hooks=hooks, attention_mask=mask)
     raise ValueError(f"unknown mode {mode!r}")
 

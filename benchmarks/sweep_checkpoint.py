@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from nnsight import NNsight
 
-    from eah_interp import EAHConfig
+    from eah_interp import EAH
     from eah_interp.models import load_model
     from eah_interp.patching import LogitDiff, NNsightPatcher, sweep
     from eah_interp.scenes import make_scene, question_for
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = [bundle.yes_no_prompt(question_for(o)) for o in ("triangle", "heart", "tree", "star")]
     inputs = bundle.processor(prompts, [s.image for s in scenes])
     metric = LogitDiff(yes=tuple(bundle.yes_ids), no=tuple(bundle.no_ids))
-    patcher = NNsightPatcher(NNsight(bundle.model), inputs, EAHConfig.paper(threshold=bundle.threshold))
+    patcher = NNsightPatcher(NNsight(bundle.model), inputs, EAH.paper(threshold=bundle.threshold))
     options = dict(sites=("resid",), layers=range(args.layers), positions=("system", "image", "question", "last"),
                    progress=False)
     sweep(patcher, metric, **options)  # warm-up (donors cached, kernels built)

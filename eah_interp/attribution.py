@@ -6,8 +6,8 @@ circuit discovery") estimates every row of an activation-patching sweep (`eah_in
 from one forward and one backward pass per run. For a site activation ``a`` (at a group of positions,
 and one head's slice for ``site="head"``) and the metric ``m``:
 
-* ``eah_into_baseline``: ``m(base with a_eah) ≈ m_base + sum((a_eah - a_base) * ∂m/∂a |_base)``;
-* ``baseline_into_eah``: ``m(eah with a_base) ≈ m_eah + sum((a_base - a_eah) * ∂m/∂a |_eah)``,
+* ``treatment_into_baseline``: ``m(base with a_treat) ≈ m_base + sum((a_treat - a_base) * ∂m/∂a |_base)``;
+* ``baseline_into_treatment``: ``m(treat with a_base) ≈ m_treat + sum((a_base - a_treat) * ∂m/∂a |_treat)``,
 
 the sums running over the group's positions and the site's features. It is the first-order Taylor
 expansion of activation patching around the receiving run: exact where the metric is linear in the
@@ -17,8 +17,9 @@ from activation patching on given inputs; do not trust a ranking it has not been
 organism it ranks heads downstream of the edit well and the edited layer's own heads poorly: see
 docs/benchmarks.md).
 
-"The EAH run" is any list `eah_interp.hf.intervene` accepts (an `EAHConfig`, ``[EAH(...), PAI(...)]``,
-...); the two runs and their backward passes use plain PyTorch hooks on the HF model. The gradient of
+The treatment and the baseline are any intervention lists `eah_interp.hf.intervene` accepts
+(``[EAH(...), PAI(...)]``, ...; the baseline's default ``[]`` is the plain model); the two runs and their
+backward passes use plain PyTorch hooks on the HF model (`eah_interp.sites.hf_hooks`). The gradient of
 an edit's discrete choices (EAH's source head, sink sets) is zero: they are held at the run's values.
 
 Sites, position groups, directions and the tables (per-example rows and the `patching.summarise`
@@ -34,9 +35,9 @@ metric; the price is that a part's number is what it adds *at this run's norm sc
 it would do (removing a part changes the scale, and later layers' inputs).
 
 Example:
-    >>> frame = attribution_patching(model, inputs, EAHConfig.paper(threshold=0.01), LogitDiff(yes, no))
-    >>> patching.plot_heads(frame, direction="eah_into_baseline", positions="last")
-    >>> dla = direct_logit_attribution(model, inputs, (yes, no), interventions=EAHConfig.paper(threshold=0.01))
+    >>> frame = attribution_patching(model, inputs, [EAH.paper(threshold=0.01)], LogitDiff(yes, no))
+    >>> patching.plot_heads(frame, direction="treatment_into_baseline", positions="last")
+    >>> dla = direct_logit_attribution(model, inputs, (yes, no), interventions=[EAH.paper(threshold=0.01)])
     >>> plot_dla(dla)
 """
 
@@ -50,13 +51,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from eah_interp import hf
-from eah_interp.config import EAHConfig
 from eah_interp.errors import ConfigError, HeadIndexError, LayerIndexError, UnsupportedModelError
-from eah_interp.layout import GROUPS, TokenLayout
+from eah_interp.layout import TokenLayout
+from eah_interp.models.introspect import model_shape, text_config
 from eah_interp.patching import (
     COLUMNS,
     DIRECTIONS,
@@ -65,10 +65,13 @@ from eah_interp.patching import (
     SITES,
     LogitDiff,
     Metric,
+    _as_metric,
     _default_layout,
+    _describe,
     last_positions,
     summarise,
 )
+from eah_interp.sites import _as_list, check_sites, hf_hooks, hf_intervened, hf_module, resolve_positions
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -94,68 +97,10 @@ __all__ = [
     "attribution_patching",
     "direct_logit_attribution",
     "plot_dla",
-    "resolve_positions",
 ]
 
 
 # ---------------------------------------------------------------------------- shared helpers
-def _as_metric(metric: Any) -> Metric:
-    if isinstance(metric, tuple) and len(metric) == 2:
-        return LogitDiff(yes=metric[0], no=metric[1])
-    if not callable(metric):
-        raise ConfigError(f"metric must be a callable (LogitDiff, TokenLogProb) or a (yes_id, no_id) pair; got {metric!r}.")
-    return metric
-
-
-def _layout(model: nn.Module, inputs: Mapping[str, Tensor], layout: TokenLayout | None) -> TokenLayout:
-    return _default_layout(model, dict(inputs), layout)
-
-
-def resolve_positions(
-    layout: TokenLayout, positions: str | Tensor | Mapping[str, Tensor] | Sequence[str | Tensor]
-) -> dict[str, Bool[Tensor, "batch seq"]]:
-    """Position groups by label: names of `eah_interp.layout.GROUPS` (``TokenLayout.group_mask``) and user masks.
-
-    Args:
-        layout: the prompt layout.
-        positions: a group name, a ``Bool[batch, seq]`` mask (labelled ``"mask"``), a ``{label: mask}``
-            mapping, or a sequence of names / masks (masks labelled ``"mask0"``, ``"mask1"``, ...).
-
-    Returns:
-        ``{label: Bool[batch, seq]}`` in the order given.
-    """
-    if isinstance(positions, (str, Tensor)):
-        items: list[tuple[str | None, str | Tensor]] = [(None, positions)]
-    elif isinstance(positions, Mapping):
-        items = [(str(k), v) for k, v in positions.items()]
-    else:
-        items = [(None, p) for p in positions]
-    if not items:
-        raise ConfigError("positions is empty: pass a group name (e.g. 'all'), a Bool[batch, seq] mask or a list of them.")
-    n_masks = sum(isinstance(v, Tensor) for _, v in items)
-    out: dict[str, Tensor] = {}
-    for i, (label, value) in enumerate(items):
-        if isinstance(value, Tensor):
-            if value.dtype != torch.bool or tuple(value.shape) != (layout.batch_size, layout.seq_len):
-                raise ConfigError(
-                    f"A position mask must be Bool[batch, seq] = {(layout.batch_size, layout.seq_len)}; got "
-                    f"{value.dtype} {tuple(value.shape)}. Build it like layout.image_mask (True = patched position)."
-                )
-            mask = value
-            label = label or ("mask" if n_masks == 1 else f"mask{i}")
-        elif isinstance(value, str):
-            if value not in GROUPS:
-                raise ConfigError(f"Unknown position group {value!r}; choose from {GROUPS} or pass a Bool[batch, seq] mask.")
-            mask = layout.group_mask(value)
-            label = label or value
-        else:
-            raise ConfigError(f"positions entries are group names or Bool[batch, seq] masks; got {type(value).__name__}.")
-        if label in out:
-            raise ConfigError(f"Position group label {label!r} appears twice.")
-        out[label] = mask
-    return out
-
-
 @contextlib.contextmanager
 def _frozen_parameters(model: nn.Module) -> Iterator[None]:
     """Parameters need no gradient here (only activations do): turned off inside, restored on exit."""
@@ -169,92 +114,9 @@ def _frozen_parameters(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _applied(model: nn.Module, interventions: Any, layout: TokenLayout | None) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext() if interventions is None else hf.intervene(model, interventions, layout=layout)
-
-
 def _wide(x: Tensor) -> Tensor:
     """``x`` in float32 at least (float64 stays float64): sums of products in half precision lose digits."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def _first(value: Any) -> Tensor:
-    return value[0] if isinstance(value, tuple) else value
-
-
-def _hidden_arg(args: tuple, kwargs: dict) -> tuple[Tensor | None, bool]:
-    if "hidden_states" in kwargs:
-        return kwargs["hidden_states"], True
-    return (args[0] if args else None), False
-
-
-@dataclass
-class _Modules:
-    """The HF modules of each decoder layer that hold a site."""
-
-    decoders: dict[int, nn.Module]
-    n_heads: int
-    head_dim: int
-
-    @classmethod
-    def of(cls, model: nn.Module) -> _Modules:
-        decoders = hf.decoder_layers(model)
-        n_layers, n_heads, _ = hf.model_shape(model)
-        for layer, block in decoders.items():
-            missing = [name for name in ("self_attn", "mlp") if not hasattr(block, name)]
-            if not hasattr(getattr(block, "self_attn", None), "o_proj"):
-                missing.append("self_attn.o_proj")
-            if missing:
-                raise UnsupportedModelError(
-                    f"Decoder layer {layer} ({type(block).__name__}) has no {missing}; attribution needs the "
-                    "Llama-style layout (self_attn.o_proj, mlp)."
-                )
-        text = hf.text_config(model)
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // n_heads
-        return cls(decoders, n_heads, head_dim)
-
-    def hooks(self, layers: Iterable[int], store: dict[tuple[str, int], Tensor], sites: Iterable[str]) -> list[Any]:
-        """Forward hooks writing each site's activation (the tensor the model goes on with) into ``store``."""
-        sites = set(sites)
-        handles = []
-        for layer in layers:
-            block = self.decoders[layer]
-
-            def put(key):
-                def hook(module, args, output):
-                    store[key] = _first(output)
-
-                return hook
-
-            def put_input(key):
-                def hook(module, args):
-                    store[key] = args[0]
-
-                return hook
-
-            if "head" in sites:
-                handles.append(block.self_attn.o_proj.register_forward_pre_hook(put_input(("head", layer))))
-            if "attn_out" in sites:
-                handles.append(block.self_attn.register_forward_hook(put(("attn_out", layer))))
-            if "mlp_out" in sites:
-                handles.append(block.mlp.register_forward_hook(put(("mlp_out", layer))))
-            if "resid" in sites:
-                handles.append(block.register_forward_hook(put(("resid", layer))))
-        return handles
-
-    def leaf_input(self) -> Any:
-        """Layer 0's input hidden states as a fresh leaf that requires grad (the graph starts there)."""
-
-        def hook(module, args, kwargs):
-            hidden, in_kwargs = _hidden_arg(args, kwargs)
-            if not isinstance(hidden, Tensor):
-                raise UnsupportedModelError("Decoder layer 0 was called without hidden states; cannot attribute.")
-            leaf = hidden.detach().requires_grad_(True)
-            if in_kwargs:
-                return args, {**kwargs, "hidden_states": leaf}
-            return (leaf, *args[1:]), kwargs
-
-        return self.decoders[min(self.decoders)].register_forward_pre_hook(hook, with_kwargs=True)
 
 
 @dataclass
@@ -267,52 +129,47 @@ class _Run:
 
 
 def _run(
-    model: nn.Module, inputs: Mapping[str, Tensor], interventions: Any, metric: Metric, last: Tensor,
-    modules: _Modules, layers: Sequence[int], sites: Sequence[str], layout: TokenLayout | None, *, grad: bool,
+    model: nn.Module, inputs: Mapping[str, Tensor], interventions: tuple[Any, ...], metric: Metric, last: Tensor,
+    keys: Sequence[tuple[str, int]], layout: TokenLayout, *, grad: bool,
 ) -> _Run:
     """One forward (and backward if ``grad``) with every chosen site captured; hooks removed on exit."""
     store: dict[tuple[str, int], Tensor] = {}
-    handles = []
-    try:
-        with _frozen_parameters(model), _applied(model, interventions, layout), torch.set_grad_enabled(grad):
-            if grad:
-                handles.append(modules.leaf_input())
-            handles += modules.hooks(layers, store, sites)
-            logits = model(**inputs, use_cache=False).logits
-            values = metric(logits, last.to(logits.device))
-            keys = list(store)
-            grads: dict[tuple[str, int], Tensor] = {}
-            if grad:
-                live = [k for k in keys if store[k].requires_grad]  # a site the metric cannot depend on: gradient 0
-                found = torch.autograd.grad(values.sum(), [store[k] for k in live], allow_unused=True) if live else ()
-                grads = {k: torch.zeros_like(store[k]) for k in keys}
-                grads.update({k: g.detach() for k, g in zip(live, found, strict=True) if g is not None})
-    finally:
-        for handle in handles:
-            handle.remove()
+
+    def keep(key: tuple[str, int]):
+        return lambda value: store.__setitem__(key, value)
+
+    visits = {key: keep(key) for key in keys}
+    if grad:  # the graph starts at layer 0's input (parameters need no gradient)
+        visits = {("residual_input", 0): lambda hidden: hidden.detach().requires_grad_(True), **visits}
+    with _frozen_parameters(model), hf_intervened(model, interventions, layout), torch.set_grad_enabled(grad), \
+            hf_hooks(model, visits):
+        logits = model(**inputs, use_cache=False).logits
+        values = metric(logits, last.to(logits.device))
+        grads: dict[tuple[str, int], Tensor] = {}
+        if grad:
+            live = [k for k in keys if store[k].requires_grad]  # a site the metric cannot depend on: gradient 0
+            found = torch.autograd.grad(values.sum(), [store[k] for k in live], allow_unused=True) if live else ()
+            grads = {k: torch.zeros_like(store[k]) for k in keys}
+            grads.update({k: g.detach() for k, g in zip(live, found, strict=True) if g is not None})
     return _Run({k: v.detach() for k, v in store.items()}, grads, _wide(values.detach()))
 
 
-def _per_position(
-    site: str, donor: Tensor, receiver: Tensor, grad: Tensor, n_heads: int, head_dim: int
-) -> Float[Tensor, "batch seq *heads"]:
+def _per_position(donor: Tensor, receiver: Tensor, grad: Tensor) -> Float[Tensor, "batch seq *heads"]:
     """``(donor - receiver) * grad`` summed over features: ``[batch, seq]``, or ``[batch, seq, heads]`` for heads."""
-    prod = (_wide(donor) - _wide(receiver)) * _wide(grad)
-    if site == "head":
-        return prod.unflatten(-1, (n_heads, head_dim)).sum(-1)
-    return prod.sum(-1)
+    return ((_wide(donor) - _wide(receiver)) * _wide(grad)).sum(-1)
 
 
 # ---------------------------------------------------------------------------- attribution patching
 def attribution_patching(
     model: nn.Module,
     inputs: Mapping[str, Tensor],
-    interventions: Any = None,
+    treatment: Any = None,
     metric: Metric | tuple[int, int] | None = None,
     *,
+    baseline: Any = (),
     layout: TokenLayout | None = None,
     sites: Sequence[str] = SITES,
-    positions: str | Tensor | Mapping[str, Tensor] | Sequence[str | Tensor] = POSITION_GROUPS,
+    positions: str | Tensor | Mapping[str, str | Tensor] | Sequence[str | Tensor] = POSITION_GROUPS,
     layers: Iterable[int] | None = None,
     heads: Iterable[int] | None = None,
     directions: Sequence[str] = DIRECTIONS,
@@ -323,14 +180,15 @@ def attribution_patching(
     Args:
         model: an HF LVLM (the ``hf`` backend: its decoder layers need ``self_attn.o_proj`` and ``mlp``).
         inputs: model inputs (``input_ids``, ``attention_mask``, ``pixel_values``, ...), ``[batch, seq]``.
-        interventions: what makes "the EAH run": anything `eah_interp.hf.intervene` accepts (an
-            `EAHConfig`, an intervention, a list). Default: ``EAHConfig.paper`` with the threshold of
-            `eah_interp.models.default_threshold` for the prompt's image-token count.
+        treatment: the treatment run's interventions (anything `eah_interp.hf.intervene` accepts: one, a
+            list). Default: ``[EAH.paper(...)]`` with the threshold of `eah_interp.models.default_threshold`
+            for the prompt's image-token count.
         metric: ``(logits [batch, seq, vocab], last [batch]) -> [batch]`` (`LogitDiff`, `TokenLogProb`,
             ...) or a ``(yes_id, no_id)`` pair. Required.
-        layout: the prompt layout (default: from ``input_ids`` and the config's image token id).
-        sites: subset of `eah_interp.patching.SITES`.
-        positions: group name(s) and/or ``Bool[batch, seq]`` masks (see `resolve_positions`).
+        baseline: the baseline run's interventions (default ``[]``: the plain model).
+        layout: the prompt layout (default: from ``input_ids`` and the model's image token id).
+        sites: subset of `eah_interp.sites.SITES`.
+        positions: group name(s) and/or ``Bool[batch, seq]`` masks (`eah_interp.sites.resolve_positions`).
         layers: decoder layers (default: all).
         heads: heads for ``site="head"`` (default: all).
         directions: subset of `eah_interp.patching.DIRECTIONS`.
@@ -341,102 +199,94 @@ def attribution_patching(
         The tables of `eah_interp.patching.sweep`, with ``metric`` the *estimated* metric of the patched
         run and a column ``method = "attribution"``: the batch summary (`ATTRIBUTION_COLUMNS`:
         `eah_interp.patching.summarise` of the per-example table, so ``normalised_effect = (mean metric -
-        mean baseline) / (mean eah - mean baseline)`` with its bootstrap interval from 10 rows), or the
+        mean baseline) / (mean treatment - mean baseline)`` with its bootstrap interval from 10 rows), or the
         per-example table (``effect = metric - baseline_metric`` and ``normalised_effect`` per row, as
-        in patching). ``frame.attrs`` holds the two runs' mean metrics, the interventions and the metric.
+        in patching). ``frame.attrs`` holds the two runs' mean metrics, both intervention lists and the metric.
     """
     import pandas as pd
 
     if metric is None:
         raise ConfigError("attribution_patching needs a metric: LogitDiff(yes=..., no=...), TokenLogProb(...) or (yes_id, no_id).")
     metric = _as_metric(metric)
-    for name, given, allowed in (("site", sites, SITES), ("direction", directions, DIRECTIONS)):
-        unknown = [x for x in given if x not in allowed]
-        if unknown:
-            raise ConfigError(f"Unknown {name}(s) {unknown}; choose from {allowed}.")
-    layout = _layout(model, inputs, layout)
+    check_sites(sites)
+    if unknown := [x for x in directions if x not in DIRECTIONS]:
+        raise ConfigError(f"Unknown direction(s) {unknown}; choose from {DIRECTIONS}.")
+    layout = _default_layout(model, inputs, layout)
     masks = resolve_positions(layout, positions)
-    modules = _Modules.of(model)
-    n_layers, n_heads = len(modules.decoders), modules.n_heads
+    n_layers, n_heads, _ = model_shape(model)
     layer_list = list(range(n_layers)) if layers is None else sorted({int(x) for x in layers})
     head_list = list(range(n_heads)) if heads is None else sorted({int(x) for x in heads})
     if bad := [x for x in layer_list if not 0 <= x < n_layers]:
         raise LayerIndexError(f"Layers {bad} out of range: the language model has {n_layers} layers (0..{n_layers - 1}).")
     if bad := [x for x in head_list if not 0 <= x < n_heads]:
         raise HeadIndexError(f"Heads {bad} out of range: the language model has {n_heads} heads (0..{n_heads - 1}).")
-    if interventions is None:
+    if treatment is None:
+        from eah_interp.interventions import EAH
         from eah_interp.models import default_threshold
 
-        interventions = EAHConfig.paper(threshold=default_threshold(int(layout.n_image_tokens.max())))
+        treatment = [EAH.paper(threshold=default_threshold(int(layout.n_image_tokens.max())))]
+    treatment, baseline = _as_list(treatment), _as_list(baseline)
     last = last_positions(layout)
-    base = _run(model, inputs, None, metric, last, modules, layer_list, sites, layout,
-                grad="eah_into_baseline" in directions)
-    edited = _run(model, inputs, interventions, metric, last, modules, layer_list, sites, layout,
-                  grad="baseline_into_eah" in directions)
+    keys = [(site, layer) for site in sites for layer in layer_list]
+    base = _run(model, inputs, baseline, metric, last, keys, layout, grad="treatment_into_baseline" in directions)
+    treated = _run(model, inputs, treatment, metric, last, keys, layout, grad="baseline_into_treatment" in directions)
 
     device = base.metric.device
     group_masks = {label: mask.to(device) for label, mask in masks.items()}
     batch = base.metric.shape[0]
     columns: dict[str, list] = {c: [] for c in ATTRIBUTION_EXAMPLE_COLUMNS}
-    base_rows, eah_rows = base.metric.tolist(), edited.metric.tolist()
-    change = edited.metric - base.metric
-    flat_rows = torch.isclose(edited.metric, base.metric, rtol=1e-6, atol=1e-6)
+    base_rows, treated_rows = base.metric.tolist(), treated.metric.tolist()
+    change = treated.metric - base.metric
+    flat_rows = torch.isclose(treated.metric, base.metric, rtol=1e-6, atol=1e-6)
     scale = torch.where(flat_rows, torch.full_like(change, math.nan), change)
 
     def add(direction: str, site: str, layer: int, head: int | None, group: str, estimate: Tensor) -> None:
         estimate = estimate.to(base.metric)
-        value = (base.metric if direction == "eah_into_baseline" else edited.metric) + estimate
+        value = (base.metric if direction == "treatment_into_baseline" else treated.metric) + estimate
         for name, v in (("direction", direction), ("site", site), ("layer", layer), ("head", head),
                         ("positions", group), ("method", "attribution")):
             columns[name] += [v] * batch
         columns["example"] += list(range(batch))
         columns["metric"] += value.tolist()
         columns["baseline_metric"] += base_rows
-        columns["eah_metric"] += eah_rows
+        columns["treatment_metric"] += treated_rows
         columns["effect"] += (value - base.metric).tolist()
         columns["normalised_effect"] += ((value - base.metric) / scale).tolist()
 
     for direction in directions:
-        receiver, donor = (base, edited) if direction == "eah_into_baseline" else (edited, base)
-        for site in sites:
-            for layer in layer_list:
-                key = (site, layer)
-                per_pos = _per_position(site, donor.acts[key], receiver.acts[key], receiver.grads[key], n_heads,
-                                        modules.head_dim)
-                for group, where in group_masks.items():
-                    weight = where.to(per_pos.device, per_pos.dtype)  # sites may sit on other devices
-                    if site == "head":
-                        estimate = torch.einsum("bsh,bs->bh", per_pos, weight)
-                        for head in head_list:
-                            add(direction, site, layer, head, group, estimate[:, head])
-                    else:
-                        add(direction, site, layer, None, group, (per_pos * weight).sum(-1))
+        receiver, donor = (base, treated) if direction == "treatment_into_baseline" else (treated, base)
+        for site, layer in keys:
+            per_pos = _per_position(donor.acts[(site, layer)], receiver.acts[(site, layer)], receiver.grads[(site, layer)])
+            for group, where in group_masks.items():
+                weight = where.to(per_pos.device, per_pos.dtype)  # sites may sit on other devices
+                if site == "head":
+                    estimate = torch.einsum("bsh,bs->bh", per_pos, weight)
+                    for head in head_list:
+                        add(direction, site, layer, head, group, estimate[:, head])
+                else:
+                    add(direction, site, layer, None, group, (per_pos * weight).sum(-1))
     frame = pd.DataFrame(columns)[list(ATTRIBUTION_EXAMPLE_COLUMNS)]
     frame["head"] = frame["head"].astype("Int64")
-    baseline_mean, eah_mean = float(base.metric.mean()), float(edited.metric.mean())
+    baseline_mean, treatment_mean = float(base.metric.mean()), float(treated.metric.mean())
     if not per_example:
         frame = summarise(frame).assign(method="attribution")
-    if math.isclose(eah_mean, baseline_mean, rel_tol=1e-6, abs_tol=1e-6):
+    if math.isclose(treatment_mean, baseline_mean, rel_tol=1e-6, abs_tol=1e-6):
         warnings.warn(
-            "The interventions do not change the metric on these inputs (|eah - baseline| <= 1e-6): normalised "
+            "The treatment does not change the metric on these inputs (|treatment - baseline| <= 1e-6): normalised "
             "effects are NaN; the metric column still holds the estimates.",
             stacklevel=2,
         )
     frame.attrs.update(
-        baseline_metric=baseline_mean, eah_metric=eah_mean, method="attribution", metric=repr(metric),
-        interventions=[_describe(item) for item in hf.as_interventions(interventions)],
+        baseline_metric=baseline_mean, treatment_metric=treatment_mean, method="attribution", metric=repr(metric),
+        treatment=[_describe(item) for item in treatment], baseline=[_describe(item) for item in baseline],
     )
     return frame
-
-
-def _describe(item: Any) -> dict[str, Any]:
-    return item.to_dict() if hasattr(item, "to_dict") else {"repr": repr(item)}
 
 
 # ---------------------------------------------------------------------------- agreement
 def _effects(frame: pd.DataFrame) -> pd.Series:
     """The change each row's patch makes to its receiving run's metric (from the `COLUMNS` every table has)."""
-    receiver = frame["baseline_metric"].where(frame["direction"] == "eah_into_baseline", frame["eah_metric"])
+    receiver = frame["baseline_metric"].where(frame["direction"] == "treatment_into_baseline", frame["treatment_metric"])
     return frame["metric"] - receiver
 
 
@@ -481,13 +331,13 @@ def agreement(
 
     Rows are matched on (direction, site, layer, head, positions[, example]) and compared on their
     *effect*: the change the patch makes to the receiving run's metric (``metric - baseline_metric``
-    for ``eah_into_baseline``, ``metric - eah_metric`` for ``baseline_into_eah``), so the two directions'
+    for ``treatment_into_baseline``, ``metric - treatment_metric`` for ``baseline_into_treatment``), so the two directions'
     different offsets do not inflate the correlation. Rows where both effects are within ``atol``
     (sites before the edited layer: exactly 0 in both) are left out and counted in ``n_trivial``.
 
     Args:
         attribution_frame: from `attribution_patching`.
-        activation_frame: from `eah_interp.patching.sweep` / `patch_nnsight` / `patch_lens` (same inputs).
+        activation_frame: from `eah_interp.patching.sweep` (same inputs).
         atol: effects this small count as zero.
         by: key columns to break the scores down by (e.g. ``("layer", "positions")`` as well).
 
@@ -584,8 +434,8 @@ def _frozen_norm(norm: nn.Module, x: Float[Tensor, "batch d_model"]) -> _FrozenN
     )
 
 
-def _final_norm_and_unembed(model: nn.Module, modules: _Modules) -> tuple[nn.Module, nn.Module]:
-    first = modules.decoders[min(modules.decoders)]
+def _final_norm_and_unembed(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    first = hf_module(model, "resid", 0)  # the first decoder layer
     for module in model.modules():
         layers = getattr(module, "layers", None)
         if isinstance(layers, nn.ModuleList) and any(m is first for m in layers):
@@ -599,7 +449,7 @@ def _final_norm_and_unembed(model: nn.Module, modules: _Modules) -> tuple[nn.Mod
             f"{type(model).__name__}: direct logit attribution needs the language model's final norm (.norm next "
             "to .layers) and a linear unembedding (get_output_embeddings())."
         )
-    if getattr(hf.text_config(model), "final_logit_softcapping", None):
+    if getattr(text_config(model), "final_logit_softcapping", None):
         raise UnsupportedModelError(
             "The model soft-caps its final logits (tanh), so logit differences are not linear in the residual "
             "stream; direct logit attribution does not apply."
@@ -609,8 +459,8 @@ def _final_norm_and_unembed(model: nn.Module, modules: _Modules) -> tuple[nn.Mod
 
 def _direction(
     direction: Any, unembed: nn.Linear
-) -> tuple[Float[Tensor, " d_model"], float, str]:
-    """The read-out vector in the final norm's output space, its bias and a label."""
+) -> tuple[Float[Tensor, " d_model"], float, str, tuple[list[int], list[int]] | None]:
+    """The read-out vector in the final norm's output space, its bias, a label and the (yes, no) ids (None: a vector)."""
     weight = _wide(unembed.weight.detach())
     bias = None if unembed.bias is None else _wide(unembed.bias.detach())
     if isinstance(direction, LogitDiff):
@@ -621,7 +471,7 @@ def _direction(
                 f"A metric direction tensor must be [d_model] = [{weight.shape[1]}] in the unembedding's input "
                 f"space; got {tuple(direction.shape)}."
             )
-        return direction.detach().to(weight), 0.0, "direction"
+        return direction.detach().to(weight), 0.0, "direction", None
     if isinstance(direction, tuple) and len(direction) == 2:
         sides = []
         for side in direction:
@@ -632,7 +482,7 @@ def _direction(
         yes, no = sides
         vector = weight[yes].mean(0) - weight[no].mean(0)
         offset = 0.0 if bias is None else float(bias[yes].mean() - bias[no].mean())
-        return vector, offset, f"mean logit {yes} - mean logit {no}"
+        return vector, offset, f"mean logit {yes} - mean logit {no}", (yes, no)
     raise ConfigError(
         "direction must be a (yes_id, no_id) pair (ids or tuples of ids: the mean logit of each side), a LogitDiff, "
         f"or a Float[d_model] vector; got {direction!r}."
@@ -640,8 +490,7 @@ def _direction(
 
 
 def _condition_label(interventions: Any) -> str:
-    items = hf.as_interventions(interventions)
-    return "+".join("EAH" if isinstance(i, EAHConfig) else type(i).__name__ for i in items)
+    return "+".join(type(i).__name__ for i in _as_list(interventions))
 
 
 def direct_logit_attribution(
@@ -690,17 +539,16 @@ def direct_logit_attribution(
         conditions = {"baseline": None, **{str(k): v for k, v in interventions.items()}}
     else:
         conditions = {"baseline": None, _condition_label(interventions): interventions}
-    layout = _layout(model, inputs, layout)
+    layout = _default_layout(model, inputs, layout)
     at = last_positions(layout) if positions is None else torch.as_tensor(positions).long()
     if at.shape != (layout.batch_size,):
         raise ConfigError(f"positions must be Int[batch] = [{layout.batch_size}] (one position per row); got {tuple(at.shape)}.")
-    modules = _Modules.of(model)
-    norm, unembed = _final_norm_and_unembed(model, modules)
-    vector, offset, label = _direction(direction, unembed)
+    norm, unembed = _final_norm_and_unembed(model)
+    vector, offset, label, ids = _direction(direction, unembed)
     rows: list[dict[str, Any]] = []
     residual = 0.0
     for condition, items in conditions.items():
-        parts, metric = _dla_condition(model, inputs, items, layout, at, modules, norm, vector, offset, direction)
+        parts, metric = _dla_condition(model, inputs, _as_list(items), layout, at, norm, vector, offset, ids)
         total = sum(value for component, _, _, value in parts if component in ("embed", "attn", "mlp", "bias"))
         gap = float((metric - total).abs().max())
         residual = max(residual, gap)
@@ -726,26 +574,19 @@ def direct_logit_attribution(
 
 
 def _dla_condition(
-    model: nn.Module, inputs: Mapping[str, Tensor], items: Any, layout: TokenLayout, at: Tensor, modules: _Modules,
-    norm: nn.Module, vector: Tensor, offset: float, direction: Any,
+    model: nn.Module, inputs: Mapping[str, Tensor], items: tuple[Any, ...], layout: TokenLayout, at: Tensor,
+    norm: nn.Module, vector: Tensor, offset: float, ids: tuple[list[int], list[int]] | None,
 ) -> tuple[list[tuple[str, int | None, int | None, Float[Tensor, " batch"]]], Float[Tensor, " batch"]]:
     """One run's direct contributions ``(component, layer, head, [batch])`` and its metric ``[batch]``."""
-    n_layers, n_heads, head_dim = len(modules.decoders), modules.n_heads, modules.head_dim
-    first = modules.decoders[min(modules.decoders)]
+    n_layers, n_heads, _ = model_shape(model)
     store: dict[tuple[str, int], Tensor] = {}
 
-    def keep_input(module, args, kwargs):
-        store[("embed", -1)] = _hidden_arg(args, kwargs)[0].detach()
+    def keep(key: tuple[str, int]):
+        return lambda value: store.__setitem__(key, value.detach())
 
-    handles = []
-    try:
-        with torch.no_grad(), _applied(model, items, layout):
-            handles.append(first.register_forward_pre_hook(keep_input, with_kwargs=True))
-            handles += modules.hooks(range(n_layers), store, ("head", "attn_out", "mlp_out", "resid"))
-            logits = model(**inputs, use_cache=False).logits
-    finally:
-        for handle in handles:
-            handle.remove()
+    keys = [("residual_input", 0)] + [(site, layer) for layer in range(n_layers) for site in SITES]
+    with torch.no_grad(), hf_intervened(model, items, layout), hf_hooks(model, {key: keep(key) for key in keys}):
+        logits = model(**inputs, use_cache=False).logits
     rows = torch.arange(layout.batch_size)
 
     def pick(key: tuple[str, int]) -> Tensor:  # [batch, features] at each row's position
@@ -760,19 +601,19 @@ def _dla_condition(
             part = part - part.mean(-1, keepdim=True)
         return (part * read.view((part.shape[0],) + (1,) * (part.ndim - 2) + (part.shape[-1],))).sum(-1)
 
-    stream = pick(("embed", -1)) + sum(pick(("attn_out", layer)) + pick(("mlp_out", layer)) for layer in range(n_layers))
+    stream = pick(("residual_input", 0)) + sum(pick(("attn_out", layer)) + pick(("mlp_out", layer)) for layer in range(n_layers))
     if not torch.allclose(stream, x, rtol=1e-3, atol=1e-3 * float(x.abs().max().clamp_min(1.0))):
         raise UnsupportedModelError(
             f"{type(model).__name__}: the residual stream is not the embedding plus the attention and MLP outputs "
             "(extra norms or scales around the sublayers?), so direct logit attribution would not add up."
         )
-    parts: list[tuple[str, int | None, int | None, Tensor]] = [("embed", None, None, contribution(pick(("embed", -1))))]
+    parts: list[tuple[str, int | None, int | None, Tensor]] = [("embed", None, None, contribution(pick(("residual_input", 0))))]
     for layer in range(n_layers):
         parts += [("attn", layer, None, contribution(pick(("attn_out", layer)))),
                   ("mlp", layer, None, contribution(pick(("mlp_out", layer))))]
-        o_proj = modules.decoders[layer].self_attn.o_proj
-        z = pick(("head", layer)).unflatten(-1, (n_heads, head_dim))  # [batch, heads, d_head]
-        w = _wide(o_proj.weight.detach()).unflatten(1, (n_heads, head_dim))  # [d_model, heads, d_head]
+        o_proj = hf_module(model, "head", layer)
+        z = pick(("head", layer))  # [batch, heads, d_head]
+        w = _wide(o_proj.weight.detach()).unflatten(1, (n_heads, -1))  # [d_model, heads, d_head]
         per_head = contribution(torch.einsum("bhd,mhd->bhm", z, w.to(z.device)))  # [batch, heads]
         parts += [("head", layer, h, per_head[:, h]) for h in range(n_heads)]
         if o_proj.bias is not None:  # o_proj's bias is part of attn_out but no head's: with the heads, it splits attn
@@ -783,23 +624,12 @@ def _dla_condition(
     constant += float(offset)
     if bool((constant != 0).any()):
         parts.append(("bias", None, None, constant))
-    if isinstance(direction, Tensor):
+    if ids is None:  # a vector direction: no logit to read it off
         metric = contribution(x) + constant
-    else:
+    else:  # read off the model's own logits: the mean logit of each side
         at_logits = _wide(logits[rows, at.to(logits.device)])
-        metric = at_logits @ _selector(direction, logits.shape[-1]).to(at_logits)
+        metric = at_logits[:, ids[0]].mean(-1) - at_logits[:, ids[1]].mean(-1)
     return parts, metric.to(x.device)
-
-
-def _selector(direction: Any, vocab: int) -> Float[Tensor, " vocab"]:
-    """``logits @ selector`` = mean logit of the yes ids minus mean logit of the no ids."""
-    if isinstance(direction, LogitDiff):
-        direction = (direction.yes, direction.no)
-    out = torch.zeros(vocab)
-    for sign, side in zip((1.0, -1.0), direction, strict=True):
-        ids = [side] if isinstance(side, int) else [int(i) for i in side]
-        out[ids] += sign / len(ids)
-    return out
 
 
 def plot_dla(frame: pd.DataFrame, *, against: str = "baseline") -> Figure:

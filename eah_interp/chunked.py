@@ -13,8 +13,8 @@ divide the reduced quantities), and log-probabilities are clamped at `LOG_FLOOR`
 * ``image_mass[b, h]``: attention mass on image keys, summed over text rows after the first image token,
 * ``entropy[b, h]``: row entropy, summed over real rows.
 
-`eah_interp.stats.head_statistics_from_sums` turns them into the same statistics `head_statistics`
-computes from a full map; `eah_interp.edit.apply_eah_to_attention` picks the EAH source head from the
+`eah_interp.head_stats.head_statistics_from_sums` turns them into the same statistics `head_statistics`
+computes from a full map; `eah_interp.edit.map_free_eah` picks the EAH source head from the
 column sums and computes the broadcast output without materialising the broadcast map. The maths is
 that of the model family's eager attention (scaled ``Q K^T`` + additive mask, softmax in float32), for
 decoders without logit soft-capping or attention sinks (the HF backend checks this before using it).

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -29,6 +32,11 @@ PopeOpt = Annotated[list[Path] | None, typer.Option(
     "--pope", help="a POPE question file (JSON lines: question_id, image, text, label); repeat for several splits",
 )]
 SeedOpt = Annotated[int, typer.Option(help="seed of the image draw (--n)")]
+SPEC_HELP = ("an intervention spec: 'none', a preset ('eah', 'eah-reference', 'pai', 'var', ...; any intervention class "
+             "by name), a call with keyword arguments ('pai(alpha=0.5)', 'eah(layers=[2])'), a '+' stack ('eah+pai') "
+             "or a JSON file of to_dict() entries; EAH's threshold defaults to the model's")
+BatchOpt = Annotated[int, typer.Option(min=1, help="images per forward pass")]
+TokensOpt = Annotated[int, typer.Option(min=1, help="caption length budget (the CHAIR protocol of OPERA uses 512)")]
 PromptOpt = Annotated[str | None, typer.Option(
     help="the caption request, wrapped by the model's chat template (default: the model's caption prompt)",
 )]
@@ -46,6 +54,21 @@ TrustOpt = Annotated[bool, typer.Option(
 
 #: Set by the app-level ``--device`` option.
 _OPTIONS = {"device": None}
+
+
+def _n_option(default: str) -> typer.models.OptionInfo:
+    return typer.Option("--n", "-n", min=1, help=f"images (drawn with --seed; default: {default})")
+
+
+@contextlib.contextmanager
+def _usage(hint: str | None = None) -> Iterator[None]:
+    """What eah-interp refuses on purpose (an `EAHError`: a bad file, spec, layer) is one line and exit 2."""
+    from eah_interp.errors import EAHError
+
+    try:
+        yield
+    except EAHError as err:
+        raise typer.BadParameter(f"{type(err).__name__}: {err}", param_hint=hint) from None
 
 
 @app.callback()
@@ -79,6 +102,10 @@ def _load(
     from eah_interp.models import load_model
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if not sys.stderr.isatty():  # transformers' own bars (loading weights): no carriage returns in a log
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     options = {"dtype": _dtype(dtype), "device": device or _OPTIONS["device"], "device_map": device_map,
                "trust_remote_code": trust_remote_code or None}
     kwargs = {k: v for k, v in options.items() if v is not None}
@@ -113,64 +140,43 @@ def _dataset(
 ):
     """The dataset the options name: POPE files, COCO instances, an image folder, or (none given) held-out scenes.
 
-    A missing or malformed file is a one-line usage error naming the file, the line and the field.
+    A missing or malformed file raises `DataFormatError` naming the file, the line and the field.
     """
     from eah_interp import data
-    from eah_interp.errors import DataFormatError
 
-    try:
-        if (pope or coco_instances) and images is None:
-            raise typer.BadParameter(
-                f"{'--pope' if pope else '--coco-instances'} needs --images DIR, the folder its image file names refer to.",
-                param_hint="--images",
-            )
-        if pope:
-            objects = None
-            if coco_instances is not None:
-                files, found = data.read_coco_instances(coco_instances)
-                objects = {files[i]: frozenset(found[i]) for i in files}
-            return data.read_pope(pope, images, objects=objects, n=n, seed=seed)  # type: ignore[arg-type]
+    if (pope or coco_instances) and images is None:
+        raise typer.BadParameter(
+            f"{'--pope' if pope else '--coco-instances'} needs --images DIR, the folder its image file names refer to.",
+            param_hint="--images",
+        )
+    if pope:
+        objects = None
         if coco_instances is not None:
-            dataset = data.coco_instances(coco_instances, images, n=n, seed=seed)  # type: ignore[arg-type]
-            return data.generate_pope(dataset, seed=seed) if generate_pope else dataset
-        if generate_pope:
-            raise typer.BadParameter("--generate-pope needs --coco-instances (ground-truth objects).",
-                                     param_hint="--generate-pope")
-        if images is not None:
-            return data.image_folder(images, n=n, seed=seed)
-        return data.scene_dataset(default_scenes if n is None else n)
-    except DataFormatError as err:
-        raise typer.BadParameter(str(err)) from None
+            files, found = data.read_coco_instances(coco_instances)
+            objects = {files[i]: frozenset(found[i]) for i in files}
+        return data.read_pope(pope, images, objects=objects, n=n, seed=seed)  # type: ignore[arg-type]
+    if coco_instances is not None:
+        dataset = data.coco_instances(coco_instances, images, n=n, seed=seed)  # type: ignore[arg-type]
+        return data.generate_pope(dataset, seed=seed) if generate_pope else dataset
+    if generate_pope:
+        raise typer.BadParameter("--generate-pope needs --coco-instances (ground-truth objects).",
+                                 param_hint="--generate-pope")
+    if images is not None:
+        return data.image_folder(images, n=n, seed=seed)
+    return data.scene_dataset(default_scenes if n is None else n)
 
 
-def _images(n_scenes: int, photos: list[str], images: list[Path]):
-    """``(name, image, objects)`` of held-out scenes, skimage photos and image files (scan, generate, demo)."""
-    from PIL import Image
+def _images(n_scenes: int, photos: list[str], images: list[Path]) -> list:
+    """Items of held-out scenes, skimage photos and image files (generate, demo), read when used."""
+    from eah_interp.data import Item, scene_dataset
 
-    from eah_interp.data import scene_dataset
-
-    items = [(item.id, item.load_image(), set(item.objects or ())) for item in scene_dataset(n_scenes)]
+    items = list(scene_dataset(n_scenes)) if n_scenes else []
     if photos:
+        from PIL import Image
         from skimage import data as skdata
 
-        items += [(f"skimage.{p}", Image.fromarray(getattr(skdata, p)()), None) for p in photos]
-    items += [(str(p), Image.open(p).convert("RGB"), None) for p in images]
-    return items
-
-
-def _preset(name: str, layers: list[int] | None, threshold: float | None, default_threshold: float):
-    from eah_interp.config import EAHConfig
-
-    overrides: dict = {"threshold": default_threshold if threshold is None else threshold}
-    if layers:
-        overrides["layers"] = tuple(layers)
-    if name == "paper":
-        return EAHConfig.paper(**overrides)
-    if name == "reference":
-        return EAHConfig.reference(**overrides)
-    if Path(name).is_file():
-        return EAHConfig.from_json(Path(name).read_text())
-    raise typer.BadParameter(f"--preset must be 'paper', 'reference' or a JSON EAHConfig file; got {name!r}.")
+        items += [Item(f"skimage.{p}", Image.fromarray(getattr(skdata, p)())) for p in photos]
+    return items + [Item(str(p), p) for p in images]
 
 
 def _write_scan(stats, out: Path, title: str) -> Table:
@@ -184,8 +190,11 @@ def _write_scan(stats, out: Path, title: str) -> Table:
     out.mkdir(parents=True, exist_ok=True)
     frame = stats.to_frame()
     frame.to_csv(out / "head_stats.csv", index=False)
+    import matplotlib.pyplot as plt
+
     fig = stats.plot_heatmap("sink_density", title=title)
     fig.savefig(out / "sink_density.png", dpi=120)
+    plt.close(fig)  # a long-lived process (tests, notebooks) would keep every figure
     layers = stats.layer_frame().set_index("layer") if stats.sink_dims else None
     if layers is not None:
         layers.to_csv(out / "layer_sinks.csv")
@@ -225,7 +234,7 @@ def _write_scan(stats, out: Path, title: str) -> Table:
 @app.command()
 def scan(
     model: ModelOpt = "organism",
-    n: Annotated[int | None, typer.Option("--n", "-n", help="images to scan (drawn with --seed; default: all, or 32 held-out scenes; -n under torchrun, which takes --n for its own --nnodes)")] = None,
+    n: Annotated[int | None, _n_option("all, or 32 held-out scenes; under torchrun write -n: torchrun takes --n")] = None,
     images: ImagesOpt = None,
     coco_instances: CocoOpt = None,
     pope: PopeOpt = None,
@@ -233,7 +242,7 @@ def scan(
     prompt: PromptOpt = None,
     threshold: Annotated[float | None, typer.Option(help="sink threshold (default: the model's)")] = None,
     normalise: Annotated[str, typer.Option(help="'causal', 'official' or 'rows' (bidirectional image attention: Gemma 3, PaliGemma)")] = "causal",
-    batch_size: int = 8,
+    batch_size: BatchOpt = 8,
     out: Annotated[Path, typer.Option(help="output folder (rerun to resume)")] = Path("runs/scan"),
     resume: Annotated[bool, typer.Option(
         "--resume/--no-resume",
@@ -267,30 +276,33 @@ def scan(
 
     Launched with torchrun / accelerate launch, each rank scans its shard (item index modulo world size)
     into its own checkpoint and rank 0 merges them; with --shard i/N, run `eah-interp merge` afterwards.
+    Images are read one batch at a time: an unreadable image stops the scan with its name, and the
+    checkpoint keeps every batch before it (fix or remove the file, rerun the command to continue).
     """
     from eah_interp import distributed
-    from eah_interp.errors import ConfigError
+    from eah_interp.errors import DataFormatError
 
-    try:
+    with _usage("--shard"):
         part = distributed.Shard.resolve(shard)
-    except ConfigError as err:
-        raise typer.BadParameter(str(err), param_hint="--shard") from err
     try:
         dims = None if sink_dims is None else tuple(int(d) for d in sink_dims.split(",") if d.strip())
     except ValueError as err:
         raise typer.BadParameter(f"--sink-dims takes comma-separated integers (e.g. 2533,1415); got {sink_dims!r}.",
                                  param_hint="--sink-dims") from err
-    dataset = _dataset(images=images, coco_instances=coco_instances, pope=pope, n=n, seed=seed, default_scenes=32)
+    with _usage():
+        dataset = _dataset(images=images, coco_instances=coco_instances, pope=pope, n=n, seed=seed, default_scenes=32)
     bundle = _with_prompt(_load(model, dtype=dtype, device=device, device_map=device_map,
                                 trust_remote_code=trust_remote_code), prompt)
     console.print(f"[bold]data:[/] {dataset.describe()}")
     items = [(item.id, item.load_image) for item in dataset]  # loaders: a shard reads only its own images
-    try:
-        result = distributed.scan(bundle, items, out, shard=part, dataset=_scan_source(dataset),
-                                  threshold=threshold, normalise=normalise, batch_size=batch_size, resume=resume,
-                                  log=console.print, keep_examples=keep_examples, sink_dims=dims, tau=tau)
-    except ConfigError as err:
-        raise typer.BadParameter(str(err), param_hint="--out") from err
+    with _usage("--out"):
+        try:
+            result = distributed.scan(bundle, items, out, shard=part, dataset=_scan_source(dataset),
+                                      threshold=threshold, normalise=normalise, batch_size=batch_size, resume=resume,
+                                      log=console.print, keep_examples=keep_examples, sink_dims=dims, tau=tau)
+        except DataFormatError as err:  # raised while reading an image: what is counted so far is in the checkpoint
+            raise typer.BadParameter(f"{err} The batches before it are kept in {out / part.checkpoint_name}: rerun "
+                                     "this command to continue.", param_hint="--images") from None
     if not result.merged:
         merge_hint = "rank 0 merges" if part.launched else f"when all {part.count} shards are done: eah-interp merge {out}"
         console.print(f"shard {part} done: {result.checkpoint} ({merge_hint})")
@@ -314,88 +326,101 @@ def _scan_source(dataset) -> str:
 @app.command()
 def generate(
     model: ModelOpt = "organism",
-    use_eah: Annotated[bool, typer.Option("--eah/--no-eah", help="also caption with EAH, side by side")] = True,
-    preset: Annotated[str, typer.Option(help="'paper', 'reference' or a JSON EAHConfig file")] = "paper",
-    layers: Annotated[list[int] | None, typer.Option("--layer", help="layer(s) to edit (repeatable)")] = None,
-    threshold: float | None = None,
+    interventions: Annotated[str, typer.Option("--interventions", "-i", help=f"{SPEC_HELP}. Captioned beside the "
+                                               "baseline ('none': the baseline only)")] = "eah",
     images: ImagesOpt = None,
     coco_instances: CocoOpt = None,
     pope: PopeOpt = None,
-    n: Annotated[int | None, typer.Option(help="images to caption from --images / --coco-instances / --pope (drawn with --seed)")] = None,
+    n: Annotated[int | None, _n_option("4 from --images / --coco-instances / --pope")] = None,
     seed: SeedOpt = 0,
     prompt: PromptOpt = None,
-    scenes: Annotated[int, typer.Option(help="held-out scenes to caption (when no dataset option is given)")] = 4,
+    scenes: Annotated[int, typer.Option(min=0, help="held-out scenes to caption (when no dataset option is given)")] = 4,
     photo: Annotated[list[str] | None, typer.Option(help="skimage.data photo names, e.g. chelsea")] = None,
     image: Annotated[list[Path] | None, typer.Option(help="image files")] = None,
-    max_new_tokens: int = 30,
+    max_new_tokens: TokensOpt = 30,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
     device_map: DeviceMapOpt = None,
     trust_remote_code: TrustOpt = False,
 ) -> None:
-    """Caption images, baseline and (with --eah) EAH side by side.
+    """Caption images, baseline and with --interventions (default: EAH, the paper preset) side by side.
 
     The images: a dataset (--images DIR, with --coco-instances or --pope for their file names; --n of
     them drawn with --seed), or else --scenes held-out scenes plus any --photo / --image.
     """
-    if images is not None or coco_instances is not None or pope:
-        dataset = _dataset(images=images, coco_instances=coco_instances, pope=pope, n=4 if n is None else n, seed=seed,
-                           default_scenes=scenes)
-        items = [(item.id, item.load_image(), item.objects) for item in dataset]
-        items += _images(0, photo or [], image or [])
-    else:
-        items = _images(scenes if n is None else n, photo or [], image or [])
+    from eah_interp.interventions import parse
+
+    with _usage():
+        if images is not None or coco_instances is not None or pope:
+            dataset = _dataset(images=images, coco_instances=coco_instances, pope=pope, n=4 if n is None else n,
+                               seed=seed, default_scenes=scenes)
+            items = list(dataset) + _images(0, photo or [], image or [])
+        else:
+            items = _images(scenes if n is None else n, photo or [], image or [])
+    if not items:
+        raise typer.BadParameter("no images to caption: pass --scenes N (at least 1), --image FILE, --photo NAME or "
+                                 "--images DIR.", param_hint="--scenes")
     bundle = _with_prompt(_load(model, dtype=dtype, device=device, device_map=device_map,
                                 trust_remote_code=trust_remote_code), prompt)
-    _caption_table(bundle, preset, layers, threshold, items, max_new_tokens, use_eah)
+    with _usage("--interventions"):
+        _caption_table(bundle, interventions, parse(interventions, defaults=bundle.intervention_defaults()), items,
+                       max_new_tokens)
 
 
-def _caption_table(bundle, preset, layers, threshold, items, max_new_tokens, use_eah):
-    """Caption ``(name, image, objects)`` items baseline (and EAH) and print them side by side."""
-    from eah_interp.experiments import generate_texts
+def _caption_table(bundle, label: str, interventions, items, max_new_tokens: int):
+    """Caption `Item`s with the plain model and (when ``interventions`` is not empty) with them; print a table."""
+    from eah_interp.data import LazyImages
+    from eah_interp.evaluation.arms import Arm, edits_text
+    from eah_interp.experiments import check_fits, generate_texts
+    from eah_interp.models import model_shape
 
-    imgs = [img for _, img, _ in items]
+    check_fits(bundle.model, interventions)  # a layer the model lacks: refused before anything runs
+    console.print(f"[bold]{label}:[/] {edits_text(Arm(label, interventions).edits(model_shape(bundle.model)[0]))}")
     prompts = [bundle.caption_prompt] * len(items)
-    base, _ = generate_texts(bundle, prompts, imgs, max_new_tokens=max_new_tokens, desc="baseline")
-    table = Table(title="captions" + (" (baseline vs EAH)" if use_eah else ""), show_lines=True)
-    for col in ["image", "objects", "baseline"] + (["EAH", "source head"] if use_eah else []):
+    base, _ = generate_texts(bundle, prompts, LazyImages(items), max_new_tokens=max_new_tokens, desc="baseline")
+    rows = [[item.id, ", ".join(sorted(item.objects)) if item.objects else "?", b] for item, b in zip(items, base, strict=True)]
+    columns, edited = ["image", "objects", "baseline"], None
+    if interventions:
+        edited, heads = generate_texts(bundle, prompts, LazyImages(items), interventions=interventions,
+                                       max_new_tokens=max_new_tokens, desc=label)
+        columns.append(label)
+        for row, e in zip(rows, edited, strict=True):
+            row.append(e)
+        if any(heads):
+            columns.append("EAH source head")
+            for row, h in zip(rows, heads, strict=True):
+                row.append(", ".join(map(str, h)))
+    table = Table(title=f"captions: {' vs '.join(columns[2:4])}", show_lines=True)
+    for col in columns:
         table.add_column(col)
-    rows = [[name, ", ".join(sorted(k)) if k else "?", b] for (name, _, k), b in zip(items, base, strict=True)]
-    edited = None
-    if use_eah:
-        config = _preset(preset, layers, threshold, bundle.threshold)
-        console.print(f"[bold]EAH:[/] {config.describe()}")
-        edited, heads = generate_texts(bundle, prompts, imgs, config=config, max_new_tokens=max_new_tokens, desc="EAH")
-        for row, e, h in zip(rows, edited, heads, strict=True):
-            row += [e, ", ".join(map(str, h))]
     for row in rows:
         table.add_row(*row)
     console.print(table)
-    return items, base, edited
+    return base, edited
 
 
 @app.command()
 def demo(
     model: ModelOpt = "organism",
-    n_scan: Annotated[int, typer.Option(help="scenes for the head scan")] = 16,
-    n_captions: Annotated[int, typer.Option(help="scenes to caption")] = 8,
+    n_scan: Annotated[int, typer.Option(min=1, help="scenes for the head scan")] = 16,
+    n_captions: Annotated[int, typer.Option(min=1, help="scenes to caption")] = 8,
     out: Path = Path("runs/demo"),
 ) -> None:
     """The main job: head scan + EAH vs baseline captions (with CHAIR) on the bundled model."""
+    from eah_interp.data import LazyImages
     from eah_interp.experiments import scan_images
+    from eah_interp.interventions import parse
 
     bundle = _load(model, fallback=True)
-    items = _images(n_scan, [], [])
-    stats = scan_images(bundle, [img for _, img, _ in items])
+    stats = scan_images(bundle, LazyImages(_images(n_scan, [], [])))
     console.print(_write_scan(stats, out, f"{bundle.name}: sink density (n={n_scan})"))
-    items, base, edited = _caption_table(bundle, "paper", None, None, _images(n_captions, ["chelsea"], []), 30, True)
+    items = _images(n_captions, ["chelsea"], [])
+    base, edited = _caption_table(bundle, "eah", parse("eah", defaults=bundle.intervention_defaults()), items, 30)
     summary: dict = {"model": bundle.name, "trained": bundle.trained, "n_captions": n_captions}
-    try:
+    if bundle.trained:
         from eah_interp.metrics import chair_scores
-    except ImportError:  # pragma: no cover - metrics always ship; guard for partial installs
-        chair_scores = None
-    if chair_scores is not None and bundle.trained:
-        truth = [k for _, _, k in items if k is not None]
+
+        truth = [item.objects for item in items if item.objects is not None]
         for name, caps in (("baseline", base), ("eah", edited)):
             scores = chair_scores(caps[: len(truth)], truth, vocabulary="scenes")
             summary[name] = {k: round(scores[k], 4) for k in ("chair_s", "chair_i", "recall", "length")}
@@ -407,27 +432,30 @@ def demo(
 @app.command("eval")
 def evaluate(
     model: ModelOpt = "organism",
+    arm_specs: Annotated[list[str] | None, typer.Option("--arm", help=(
+        f"an arm (repeat for several): {SPEC_HELP}; the spec text is the arm's name. Or the name of a default arm "
+        "(eah_paper, eah_reference, control_random_head, control_fewest_sinks, control_deep_layer, control_sink_free, "
+        "baseline_beamN, eah_paper_beamN). The baseline always runs. Default: every default arm"))] = None,
     images: ImagesOpt = None,
     coco_instances: CocoOpt = None,
     pope: PopeOpt = None,
     generate_pope: Annotated[bool, typer.Option(
         "--generate-pope", help="ask POPE questions (random, popular, adversarial) generated from --coco-instances",
     )] = False,
-    n: Annotated[int | None, typer.Option("--n", "-n", help="images (drawn with --seed; default: all, or 100 held-out scenes)")] = None,
+    n: Annotated[int | None, _n_option("all, or 100 held-out scenes")] = None,
     seed: SeedOpt = 0,
     prompt: PromptOpt = None,
-    max_new_tokens: Annotated[int, typer.Option(help="caption length budget (the CHAIR protocol of OPERA uses 512)")] = 30,
+    max_new_tokens: TokensOpt = 30,
     chair_protocol: Annotated[str | None, typer.Option(
         help="CHAIR word matching: 'reference', 'strict' or 'both' (COCO: reference in the main metrics, strict "
              "as *_strict beside them); default: reference for COCO, strict for scenes",
     )] = None,
     out: Annotated[Path, typer.Option(help="output folder (rerun to resume)")] = Path("runs/eval"),
-    beams: Annotated[int, typer.Option(help="beam width of the beam-search arms (1 = none)")] = 3,
-    conditions: Annotated[list[str] | None, typer.Option("--condition", help="run only these arms (and the baseline)")] = None,
+    beams: Annotated[int, typer.Option(min=1, help="beam width of the beam-search arms (1 = none)")] = 3,
     tasks: Annotated[list[str] | None, typer.Option("--task", help="caption and/or pope")] = None,
-    batch_size: int = 8,
-    bootstrap: Annotated[int, typer.Option(help="bootstrap resamples")] = 5000,
-    scan: Annotated[int, typer.Option(help="also scan head statistics over this many of the dataset's images (0 = no)")] = 0,
+    batch_size: BatchOpt = 8,
+    bootstrap: Annotated[int, typer.Option(min=1, help="bootstrap resamples")] = 5000,
+    scan: Annotated[int, typer.Option(min=0, help="also scan head statistics over this many of the dataset's images (0 = no)")] = 0,
     replication: Annotated[float | None, typer.Option(
         help="pre-registered replication split: this share of the items (e.g. 0.5) is kept to confirm what the rest "
              "discovers; each part gets its own tables and Holm family, and the report says what replicated",
@@ -446,46 +474,37 @@ def evaluate(
              "by themselves and rank 0 merges.",
     )] = None,
 ) -> None:
-    """Baseline vs EAH (paper, reference) vs controls on any model and dataset: CHAIR, POPE per split, probe. Resumable.
+    """Baseline vs EAH (paper, reference) vs controls, or the --arm specs, on any model and dataset. Resumable.
 
-    The dataset: --pope files (with --coco-instances, captions get CHAIR too), --coco-instances (add
-    --generate-pope for POPE questions), a plain --images folder (captions only), each with --images DIR;
-    or, with none of them, held-out synthetic scenes. Paired bootstrap CIs, permutation p-values and
-    Holm-adjusted p-values across all arms x metrics; with --replication, a pre-registered discovery /
-    replication split (Holm within each part; "replicated" = significant after Holm in both, same sign).
+    CHAIR, POPE per split, the logit probe. The dataset: --pope files (with --coco-instances, captions get
+    CHAIR too), --coco-instances (add --generate-pope for POPE questions), a plain --images folder
+    (captions only), each with --images DIR; or, with none of them, held-out synthetic scenes. Paired
+    bootstrap CIs, permutation p-values and Holm-adjusted p-values across all arms x metrics; with
+    --replication, a pre-registered discovery / replication split (Holm within each part; "replicated" =
+    significant after Holm in both, same sign). report.md names the layers each arm edits.
     """
     import dataclasses
     import functools
     import warnings
 
     from eah_interp import distributed
-    from eah_interp.errors import ConfigError
-    from eah_interp.evaluation import (
-        ReplicationSplit,
-        default_conditions,
-        load_items,
-        run_experiment,
-        source_head_table,
-        write_report,
-    )
+    from eah_interp.evaluation import Arm, ReplicationSplit, default_arms, run_experiment, write_report
     from eah_interp.experiments import scan_images
+    from eah_interp.resumable import read_items
 
     if chair_protocol not in (None, "reference", "strict", "both"):
         raise typer.BadParameter(f"--chair-protocol must be 'reference', 'strict' or 'both'; got {chair_protocol!r}.")
-    try:
+    with _usage("--shard"):
         part = distributed.Shard.resolve(shard)
-    except ConfigError as err:
-        raise typer.BadParameter(str(err), param_hint="--shard") from err
-    dataset = _dataset(images=images, coco_instances=coco_instances, pope=pope, n=n, seed=seed, default_scenes=100,
-                       generate_pope=generate_pope)
+    with _usage():
+        dataset = _dataset(images=images, coco_instances=coco_instances, pope=pope, n=n, seed=seed,
+                           default_scenes=100, generate_pope=generate_pope)
     console.print(f"[bold]data:[/] {dataset.describe()}")
     split = None
     if replication is not None:
-        try:
+        with _usage("--replication / --replicate-by"):
             split = ReplicationSplit(replication, by=replicate_by)
             split.assign([item.id for item in dataset])  # a part left empty is an error now, not after the run
-        except ConfigError as err:
-            raise typer.BadParameter(str(err), param_hint="--replication / --replicate-by") from None
         if split.by == "order" and part.count > 1:
             raise typer.BadParameter(
                 "--replicate-by order splits the whole dataset by position, which a shard does not see; "
@@ -493,65 +512,57 @@ def evaluate(
                 param_hint="--replicate-by",
             )
         console.print(f"[bold]replication:[/] {split.describe()}")
-    bundle = _load(model, dtype=dtype, device=device, device_map=device_map, trust_remote_code=trust_remote_code)
+    bundle = _with_prompt(_load(model, dtype=dtype, device=device, device_map=device_map,
+                                trust_remote_code=trust_remote_code), prompt)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        arms = default_conditions(bundle, beams=beams)
-    for w in caught:
-        console.print(f"[yellow]{w.message}[/]")
-    if conditions:
-        unknown = set(conditions) - {c.name for c in arms}
-        if unknown:
-            raise typer.BadParameter(f"unknown condition(s) {sorted(unknown)}; known: {[c.name for c in arms]}")
-        arms = [c for c in arms if c.name in conditions or c.name == "baseline"]
+        arms = default_arms(bundle, beams=beams)
+    if arm_specs:
+        named = {a.name: a for a in arms}
+        with _usage("--arm"):
+            chosen = [named.get(spec) or Arm.from_spec(spec, defaults=bundle.intervention_defaults())
+                      for spec in arm_specs]
+        arms = list({a.name: a for a in [arms[0], *chosen] if a.interventions or a.num_beams > 1 or a is arms[0]}.values())
+    for w in caught:  # the default arms' warnings: about an arm that runs
+        if not arm_specs or str(w.message).split()[0] in {a.name for a in arms}:
+            console.print(f"[yellow]{w.message}[/]")
     chosen_tasks = tuple(tasks or ("caption", "pope"))
     if "pope" in chosen_tasks and not dataset.n_questions:
         console.print("[yellow]no yes/no questions in this dataset (pass --pope FILE, or --generate-pope with "
                       "--coco-instances): POPE is skipped.[/]")
-    run = functools.partial(run_experiment, bundle, conditions=arms, tasks=chosen_tasks, prompt=prompt,
+    run = functools.partial(run_experiment, bundle, arms=arms, tasks=chosen_tasks,
                             max_new_tokens=max_new_tokens, chair_protocol=chair_protocol, batch_size=batch_size,
                             replication=split)
-    try:
-        if part.count > 1:  # this rank's or job's items, into its own results file
-            shard_items = tuple(part.select(dataset.items))
-            with distributed.process_group(part) as barrier:
-                done = run(dataclasses.replace(dataset, items=shard_items), out,
-                           items_file=distributed.items_path(out, part).name)
-                barrier()
-            if not (part.launched and part.index == 0):
-                hint = ("rank 0 merges" if part.launched else
-                        f"when all {part.count} shards are done, rerun this command without --shard: it merges them, "
-                        "runs anything missing and writes the report")
-                console.print(f"shard {part} done: {done} ({hint})")
-                return
-        # one process, or rank 0 after the barrier: take in every shard's results, finish what is missing
-        shard_files = sorted(out.glob("items.shard-*-of-*.jsonl"))
-        if shard_files:
-            present = [out / "items.jsonl"] if (out / "items.jsonl").exists() else []
-            distributed.merge_items(present + shard_files, out / "items.jsonl")
-            console.print(f"merged {len(shard_files)} shard result file(s) into {out / 'items.jsonl'}")
-        items = run(dataset, out)
-    except ConfigError as err:
-        raise typer.BadParameter(str(err)) from None
-    summary = write_report(items, out, title=f"EAH on {bundle.name}: baseline vs EAH vs controls", n_resamples=bootstrap)
-    extra = ["## Source heads chosen (prompt forward, per item)", "", source_head_table(load_items(items)), ""]
+    with _usage():
+        items = distributed.run_sharded(
+            lambda chosen, name: run(dataclasses.replace(dataset, items=tuple(chosen)), out, items_file=name),
+            dataset.items, out, part, log=console.print)
+    if items is None:
+        hint = ("rank 0 merges" if part.launched else f"when all {part.count} shards are done, rerun this command "
+                "without --shard: it merges them, runs anything missing and writes the report")
+        console.print(f"shard {part} done: {distributed.items_path(out, part)} ({hint})")
+        return
+    title = " vs ".join(a.name for a in arms) if arm_specs else "baseline vs EAH vs controls"
+    summary = write_report(items, out, title=f"{bundle.name}: {title}", n_resamples=bootstrap)
     if scan:
         from eah_interp.data import LazyImages
 
         scanned = dataset.items[:scan]
-        stats = scan_images(_with_prompt(bundle, prompt), LazyImages(scanned), batch_size=batch_size)
+        stats = scan_images(bundle, LazyImages(scanned), batch_size=batch_size)
         console.print(_write_scan(stats, out, f"{bundle.name}: sink density (n={len(scanned)})"))
-        frame = stats.to_frame()
-        per_layer = frame.groupby("layer").agg(
+        per_layer = stats.to_frame().groupby("layer").agg(
             sink_density=("sink_density_mean", "mean"), max_head_density=("sink_density_mean", "max"),
             image_mass_text=("image_mass_text_mean", "mean"), entropy=("entropy_mean", "mean"),
         )
-        extra += [f"## Head statistics over {len(scanned)} images of the dataset (threshold {stats.threshold})", "",
-                  "![sink density](sink_density.png)", "", per_layer.round(3).to_markdown(), ""]
-    with (out / "report.md").open("a") as f:
-        f.write("\n".join(extra) + "\n")
-    console.print((out / "report.md").read_text())
-    console.print(f"wrote {out}/items.jsonl, run.json, results.csv, report.md, effects.png ({len(summary)} rows)")
+        with (out / "report.md").open("a") as f:
+            f.write("\n".join([f"## Head statistics over {len(scanned)} images of the dataset (threshold "
+                               f"{stats.threshold})", "", "![sink density](sink_density.png)", "",
+                               per_layer.round(3).to_markdown(), ""]) + "\n")
+    typer.echo((out / "report.md").read_text())  # plain text: tables stay whole, whatever the terminal's width
+    wrote = [f"items.jsonl ({len(read_items(items)[0])} results)", "run.json",
+             f"results.csv ({len(summary)} rows: arm x metric)", "report.md"]
+    wrote += [f for f in ("replication.csv", "effects.png", "head_stats.csv", "sink_density.png") if (out / f).exists()]
+    console.print(f"wrote {out}/: " + ", ".join(wrote))
 
 
 @app.command()
@@ -568,17 +579,14 @@ def merge(
     rounding). With --items, evaluation items are merged by key (no duplicates, sorted).
     """
     from eah_interp import distributed
-    from eah_interp.errors import ConfigError
 
     target = out or (paths[0] if paths[0].is_dir() else paths[0].parent)
-    try:
+    with _usage():
         if items:
             console.print(f"wrote {distributed.merge_items(items, target / 'items.jsonl')}")
             if not any(p.is_file() or distributed.find_shards([p], missing_ok=True) for p in paths):
                 return  # items only
         stats = distributed.merge_scan(paths, target, partial=partial)
-    except ConfigError as err:
-        raise typer.BadParameter(str(err)) from err
     n = max(stats.n_examples(layer) for layer in stats.layers) if stats.layers else 0
     console.print(_write_scan(stats, target, f"{stats.model or 'model'}: sink density (n={n})"))
     console.print(f"merged {n} images into {target / 'head_stats.csv'} (checkpoint: {target / SCAN_CHECKPOINT})")

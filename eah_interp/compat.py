@@ -12,9 +12,9 @@ are called directly where they are used. What is *not* public is reached only th
 * nnsight: the ``.source`` operation labels (``attention_interface_<n>``, ``<name>_<n>`` for a call of a
   local ``<name>``, ``nn_functional_dropout_<n>``), an envoy's ``_module`` and the interleaver's record
   of calls already drilled into (``interleaver.sourced``);
-* TransformerLens: ``TransformerBridge.boot_transformers``, the bridge's hook names
-  (``blocks.{l}.attn.hook_pattern`` ...), ``bridge.cfg`` / ``bridge.hook_dict`` and the
-  runtime-install helper ``model_bridge.sources.transformers.helpers._ensure_torchvision``.
+* TransformerLens: ``TransformerBridge.boot_transformers``, ``bridge.cfg`` / ``bridge.hook_dict`` and the
+  runtime-install helper ``model_bridge.sources.transformers.helpers._ensure_torchvision`` (the
+  bridge's hook names of each site, ``blocks.{l}.attn.hook_pattern`` ..., are `eah_interp.sites.LENS_HOOKS`).
 
 ``tests/test_compat.py`` checks each assumption against the installed framework, one test per
 assumption, so a release that breaks one fails one clearly named test; at run time a broken assumption
@@ -38,7 +38,6 @@ __all__ = [
     "ATTENTION_CALL_PREFIX",
     "FLOORS",
     "PROBABILITY_OP_FRAGMENT",
-    "LENS_HOOKS",
     "FrameworkVersionError",
     "attention_functions",
     "attn_implementation",
@@ -51,7 +50,6 @@ __all__ = [
     "family_eager_attention",
     "installed_version",
     "is_missing_bridge_adapter",
-    "lens_hook_name",
     "mask_function",
     "no_runtime_installs",
     "op_label",
@@ -363,21 +361,6 @@ def trace_inputs() -> dict[str, Any] | None:
 
 
 # ---------------------------------------------------------------------------- TransformerLens
-#: Hook names of the bridge, by site, with ``{}`` for the layer.
-LENS_HOOKS: dict[str, str] = {
-    "pattern": "blocks.{}.attn.hook_pattern",
-    "attn_out": "blocks.{}.hook_attn_out",
-    "mlp_out": "blocks.{}.hook_mlp_out",
-    "resid": "blocks.{}.hook_resid_post",
-    "head": "blocks.{}.attn.hook_z",
-}
-
-
-def lens_hook_name(site: str, layer: int) -> str:
-    """The bridge's hook name of ``site`` (a key of `LENS_HOOKS`) in block ``layer``."""
-    return LENS_HOOKS[site].format(layer)
-
-
 def bridge_class() -> type:
     """TransformerLens's ``TransformerBridge`` (TransformerLens 4's wrapper of HF models)."""
     try:
@@ -389,10 +372,11 @@ def bridge_class() -> type:
     return TransformerBridge
 
 
-def bridge_shape(bridge: Any) -> tuple[int, int]:
-    """``(blocks, heads)`` of a bridge."""
-    with _internal("transformer-lens", "bridge.cfg.n_layers / n_heads"):
-        return bridge.cfg.n_layers, bridge.cfg.n_heads
+def bridge_shape(bridge: Any) -> tuple[int, int, int, int]:
+    """``(blocks, heads, key/value heads, d_model)`` of a bridge."""
+    with _internal("transformer-lens", "bridge.cfg.n_layers / n_heads / n_key_value_heads / d_model"):
+        cfg = bridge.cfg
+        return cfg.n_layers, cfg.n_heads, getattr(cfg, "n_key_value_heads", None) or cfg.n_heads, cfg.d_model
 
 
 def bridge_hook_names(bridge: Any) -> list[str]:

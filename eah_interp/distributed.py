@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from eah_interp.errors import ConfigError
-from eah_interp.resumable import read_items, recover_items
-from eah_interp.stats import HeadStats, _atomic_write
+from eah_interp.head_stats import HeadStats
+from eah_interp.resumable import atomic_write, read_items
 
 #: The whole scan's checkpoint in its output folder (1 process, or the merge of all shards).
 SCAN_CHECKPOINT = "scan_checkpoint.safetensors"
@@ -211,22 +211,6 @@ def write_checkpoint(path: Path, stats: HeadStats, config: dict[str, Any], shard
                                       "scan_planned": json.dumps(list(planned))})
 
 
-class _Lazy(Sequence):
-    """The images of ``items`` (``(name, image)`` pairs), loaded on access when an image is a loader."""
-
-    def __init__(self, items: Sequence[tuple[str, Any]]) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i):  # type: ignore[override]
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        image = self.items[i][1]
-        return image() if callable(image) else image
-
-
 @dataclass(frozen=True)
 class ScanResult:
     """What `scan` returns.
@@ -255,7 +239,7 @@ def scan(
     normalise: str = "causal",
     batch_size: int = 8,
     resume: bool = True,
-    progress: bool = True,
+    progress: bool | None = None,
     log: Callable[[str], None] = print,
     keep_examples: bool = False,
     sink_dims: Sequence[int] | None = None,
@@ -281,7 +265,7 @@ def scan(
         normalise: the sink-score normalisation (`eah_interp.sinks.sink_scores`).
         batch_size: images per forward pass (may change between resumptions).
         resume: continue from the shard's checkpoint (default), or discard it and start over.
-        progress: show a progress bar.
+        progress: a progress bar: on, off, or None (on only when stderr is a terminal).
         log: where progress messages go.
         keep_examples: keep every image's values, with its name as the example id (`HeadStats`).
         sink_dims, tau: also count massive-activation sinks and their overlap with EAH's per layer
@@ -291,14 +275,18 @@ def scan(
         A `ScanResult` (merged statistics on rank 0 and in a 1-shard run, the shard's otherwise).
 
     Raises:
-        ConfigError: the checkpoint is of another scan (model, threshold, normalisation, prompt), has
+        ConfigError: no items; the checkpoint is of another scan (model, threshold, normalisation, prompt), has
             counted images this run does not ask for, or two items share a name.
+        DataFormatError: an image cannot be read (the checkpoint keeps every batch before its own).
     """
+    from eah_interp.data import Item, LazyImages
     from eah_interp.experiments import scan_images
 
     shard = Shard.from_env() if shard is None else shard
     out = Path(out)
     names = [item[0] for item in items]
+    if not names:
+        raise ConfigError("the scan has no images: pass a dataset with at least one.")
     if len(set(names)) != len(names):
         dup = next(name for name in names if names.count(name) > 1)
         raise ConfigError(f"Item names are the keys of a scan and must be unique; {dup!r} appears twice.")
@@ -334,7 +322,7 @@ def scan(
             write_checkpoint(path, stats, config, shard, done + [name for name, _ in todo[:counted]], planned)
 
         checkpoint(0)  # records this run's plan (a larger --n extends a finished shard)
-        scan_images(bundle, _Lazy(todo), stats=stats, batch_size=batch_size, progress=progress, on_batch=checkpoint,
+        scan_images(bundle, LazyImages([Item(name, image) for name, image in todo]), stats=stats, batch_size=batch_size, progress=progress, on_batch=checkpoint,
                     ids=[name for name, _ in todo])
         barrier()
         if shard.count == 1:
@@ -450,6 +438,32 @@ def items_path(out: str | Path, shard: Shard) -> Path:
     return Path(out) / name
 
 
+def run_sharded(run: Callable[[Sequence[T], str], Any], items: Sequence[T], out: str | Path, shard: Shard,
+                log: Callable[[str], None] = print) -> Any:
+    """A data-parallel ``run(items, items_file)`` (the evaluation runner): this process's shard, then the merge.
+
+    With several shards, this process runs its items (`Shard.select`) into its own file (`items_path`)
+    and, under a launcher, waits at a barrier for the other ranks. The process that merges (one process,
+    rank 0 of a launched run, or a rerun without ``--shard`` after separate shard jobs) merges every shard
+    file in ``out`` into ``out/items.jsonl`` (`merge_items`) and runs all ``items`` into it: only what no
+    shard finished runs. Returns what that last ``run`` returns, or None for a shard that leaves the merge
+    to another process.
+    """
+    out = Path(out)
+    if shard.count > 1:
+        with process_group(shard) as barrier:
+            run(shard.select(items), items_path(out, shard).name)
+            barrier()
+        if not (shard.launched and shard.index == 0):
+            return None
+    shard_files = sorted(out.glob("items.shard-*-of-*.jsonl"))
+    if shard_files:
+        merged = out / "items.jsonl"
+        merge_items(([merged] if merged.exists() else []) + shard_files, merged)
+        log(f"merged {len(shard_files)} shard result file(s) into {merged}")
+    return run(items, "items.jsonl")
+
+
 def item_key(item: dict[str, Any], fields: Sequence[str] = ITEM_KEY) -> tuple:
     """The key of one item: its ``fields`` values (a missing field is ``""``)."""
     return tuple(item.get(f, "") for f in fields)
@@ -492,12 +506,12 @@ def merge_items(paths: Sequence[str | Path], out: str | Path, *, key: Sequence[s
             source.setdefault(k, str(p))
     out = Path(out)
     lines = [json.dumps(merged[k]) + "\n" for k in sorted(merged, key=_sortable)]
-    _atomic_write(out, "".join(lines).encode())
+    atomic_write(out, "".join(lines).encode())
     return out
 
 
 __all__ = [
     "ITEM_KEY", "SCAN_CHECKPOINT", "SHARD_CHECKPOINT", "ScanCheckpoint", "ScanResult", "Shard", "find_shards",
-    "item_key", "items_path", "merge_items", "recover_items", "merge_scan", "process_group", "read_checkpoint", "read_items", "scan", "scan_config",
-    "write_checkpoint",
+    "item_key", "items_path", "merge_items", "merge_scan", "process_group", "read_checkpoint", "run_sharded", "scan",
+    "scan_config", "write_checkpoint",
 ]

@@ -1,9 +1,10 @@
-"""`apply_eah_to_probs`: the one function every backend calls to edit a layer's attention probabilities."""
+"""`apply_eah_to_probs`: EAH's edit of one layer's attention probabilities (`EAH.edit` calls it), and its
+map-free form for plain copies of a prompt (`map_free_eah`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,6 @@ from torch import Tensor
 
 from eah_interp.broadcast import broadcast_heads, drop_columns, source_map
 from eah_interp.chunked import AttentionSums, chunked_attention
-from eah_interp.config import EAHConfig
 from eah_interp.layout import TokenLayout
 from eah_interp.sinks import (
     select_fewest_sink_heads,
@@ -21,6 +21,9 @@ from eah_interp.sinks import (
     sink_scores,
     sink_scores_from_column_sums,
 )
+
+if TYPE_CHECKING:
+    from eah_interp.interventions.eah import EAH
 
 
 @dataclass
@@ -54,39 +57,7 @@ class EditRecord:
         )
 
 
-class EditRecords(list):
-    """The `EditRecord` list of one EAH application, read like `eah_interp.hf.EAHRun` by every backend.
-
-    ``run.records`` (itself), ``run.config`` and ``run.source_heads(layer)`` are what ``hf.eah(...)``
-    yields, so code reading records works whichever backend made them; it is still a plain list of
-    `EditRecord` (``records[0]``, ``len(records)``, ``records += ...``).
-    """
-
-    def __init__(self, config: EAHConfig | None = None, records: Iterable[EditRecord] = ()) -> None:
-        super().__init__(records)
-        self.config = config
-
-    @property
-    def records(self) -> EditRecords:
-        """The records themselves (as ``EAHRun.records``)."""
-        return self
-
-    def source_heads(self, layer: int | None = None) -> list[list[int]]:
-        """Source head per row of each edited call (optionally of one layer), ``-1`` where none."""
-        return [r.source_head.tolist() for r in self if layer is None or r.layer == layer]
-
-
-def is_prefill(q_len: int, k_len: int) -> bool:
-    """A call is a prompt (prefill) forward when every key position is also a query row."""
-    return q_len == k_len
-
-
-def should_edit(config: EAHConfig, layer: int, q_len: int, k_len: int) -> bool:
-    """Whether EAH edits this call: an edited layer, and a prefill unless ``apply_to_decode``."""
-    return layer in config.layers and (config.apply_to_decode or is_prefill(q_len, k_len))
-
-
-def choose_source_heads(counts: Int[Tensor, "batch heads"], config: EAHConfig, layer: int) -> Int[Tensor, "batch top_k"]:
+def choose_source_heads(counts: Int[Tensor, "batch heads"], config: EAH, layer: int) -> Int[Tensor, "batch top_k"]:
     """The source head(s) per row under ``config.source`` (``-1``: nothing to broadcast in that row).
 
     ``"auto"``: the most sinks (``source_top_k`` heads; none from head 0 with ``skip_if_head0``);
@@ -107,14 +78,14 @@ def choose_source_heads(counts: Int[Tensor, "batch heads"], config: EAHConfig, l
 
 
 def apply_eah_to_probs(
-    probs: Float[Tensor, "batch heads q k"], layout: TokenLayout, config: EAHConfig, layer: int
+    probs: Float[Tensor, "batch heads q k"], layout: TokenLayout, config: EAH, layer: int
 ) -> tuple[Float[Tensor, "batch heads q k"], EditRecord]:
     """Apply EAH to one layer's post-softmax probabilities.
 
     Sink scores are computed per row (`sink_scores` with ``config.normalise``), sinks counted with
     ``config.threshold``, the source head chosen per ``config.source`` and its map broadcast per
     ``config.region`` / ``alpha`` / ``target_heads``. The caller decides whether the call should be
-    edited at all (see `should_edit`).
+    edited at all (`EAH.applies`: its layers and phase).
 
     Args:
         probs: ``[batch, heads, q, k]`` probabilities (any float dtype; statistics run in float32).
@@ -150,42 +121,11 @@ def apply_eah_to_probs(
     return edited, record
 
 
-def is_plain_copy(config: EAHConfig) -> bool:
+def is_plain_copy(config: EAH) -> bool:
     """Whether the edit gives every head the source head's whole map (the paper's EAH), so that
-    `apply_eah_to_attention` can compute it without a probability map."""
+    `map_free_eah` can compute it without a probability map."""
     one_source = config.source != "auto" or config.source_top_k == 1
     return config.region == "full" and config.alpha == 1.0 and config.target_heads is None and not config.drop_sinks and one_source
-
-
-def apply_eah_to_attention(
-    query: Float[Tensor, "batch heads q d"],
-    key: Float[Tensor, "batch kv_heads q d"],
-    value: Float[Tensor, "batch kv_heads q d"],
-    mask: Tensor | None,
-    scaling: float,
-    layout: TokenLayout,
-    config: EAHConfig,
-    layer: int,
-) -> tuple[Float[Tensor, "batch q heads d"], EditRecord]:
-    """EAH on one prompt layer from its projections, never materialising a ``[batch, heads, q, q]`` map.
-
-    A chunked pass (`eah_interp.chunked.chunked_attention`) accumulates the column sums, hence the sink
-    scores and the source head per row (as `apply_eah_to_probs` would choose it). Every head then
-    attends with the source head's map: head ``h`` outputs ``P_src @ V_g(h)``, computed per KV group
-    ``g`` as one SDPA call with the source head's query and key. Only for `is_plain_copy` configs and
-    prompt forwards (``q == k``).
-
-    Args:
-        query, key, value: the layer's projections after rotary embedding.
-        mask: the model's mask for SDPA: None (causal, no padding), boolean or additive ``[batch, 1, q, q]``.
-        scaling: the logit scale.
-        layout, config, layer: as in `apply_eah_to_probs`.
-
-    Returns:
-        ``(attention output [batch, q, heads, d], EditRecord)``.
-    """
-    out, record, _ = map_free_eah(query, key, value, mask, scaling, layout, config, layer)
-    return out, record
 
 
 def edited_sums(sums: AttentionSums, source_heads: Int[Tensor, " batch"]) -> AttentionSums:
@@ -223,28 +163,35 @@ def map_free_eah(
     mask: Tensor | None,
     scaling: float,
     layout: TokenLayout,
-    config: EAHConfig,
+    config: EAH,
     layer: int,
     *,
     statistics: bool = False,
 ) -> tuple[Float[Tensor, "batch q heads d"], EditRecord, AttentionSums]:
-    """`apply_eah_to_attention` that also returns the running sums of the EDITED layer.
+    """EAH on one prompt layer from its projections, never materialising a ``[batch, heads, q, q]`` map.
 
-    The sums are those `head_statistics` would accumulate over the broadcast map (`edited_sums` of the
-    chunked pass), so a recording stacked on EAH sees what the edited layer computes without a map.
+    A chunked pass (`eah_interp.chunked.chunked_attention`) accumulates the column sums, hence the sink
+    scores and the source head per row (as `apply_eah_to_probs` would choose it). Every head then
+    attends with the source head's map: head ``h`` outputs ``P_src @ V_g(h)``, computed per KV group
+    ``g`` as one SDPA call with the source head's query and key. Only for `is_plain_copy` configs and
+    prompt forwards (``q == k``). The returned sums are those `head_statistics` would accumulate over
+    the broadcast map (`edited_sums`), so a recording stacked on EAH sees what the edited layer computes.
 
     Args:
-        query, key, value, mask, scaling, layout, config, layer: as in `apply_eah_to_attention`.
+        query, key, value: the layer's projections after rotary embedding.
+        mask: the model's mask for SDPA: None (causal, no padding), boolean or additive ``[batch, 1, q, q]``.
+        scaling: the logit scale.
+        layout, config, layer: as in `apply_eah_to_probs`.
         statistics: also accumulate image mass and entropy (what `HeadStats` needs), not only column sums.
 
     Returns:
         ``(attention output [batch, q, heads, d], EditRecord, AttentionSums of the edited layer)``.
     """
     if not is_plain_copy(config):
-        raise ValueError("apply_eah_to_attention only computes plain-copy edits (see is_plain_copy).")
+        raise ValueError("map_free_eah only computes plain-copy edits (see is_plain_copy).")
     b, h, q, _ = query.shape
     if key.shape[-2] != q:
-        raise ValueError("apply_eah_to_attention is for prompt forwards (as many keys as queries).")
+        raise ValueError("map_free_eah is for prompt forwards (as many keys as queries).")
     layout = layout.to(query.device)
     # The sums only choose the source head and feed statistics (discrete / recorded, never differentiated):
     # detached, so that a forward with gradients (attribution patching) runs through this path.

@@ -8,7 +8,7 @@ class EAHError(Exception):
 
 
 class ConfigError(EAHError, ValueError):
-    """An `EAHConfig` (or another option set) is invalid or self-contradictory."""
+    """An `EAH` (or another option set) is invalid or self-contradictory."""
 
 
 class LayoutError(EAHError, ValueError):

@@ -1,43 +1,44 @@
-"""Building blocks of the CLI and the evaluation runner: scan heads, caption images with or without EAH."""
+"""Building blocks of the CLI, the evaluation runner and the studies: scan heads, caption images with interventions."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Union
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from eah_interp import hf
-from eah_interp.config import EAHConfig
+from eah_interp.head_stats import HeadStats
 from eah_interp.models.bundle import ModelBundle
-from eah_interp.stats import HeadStats
 
-#: What an arm applies: nothing (None), EAH (an `EAHConfig`, through `hf.eah`), or a list of interventions
-#: (`eah_interp.interventions` objects and/or `EAHConfig`, stacked through `hf.intervene`).
-Treatment = Union[EAHConfig, Sequence[Any], None]  # noqa: UP007 - a runtime alias, not only an annotation
+
+def progress_bar(iterable: Iterable[Any], progress: bool | None, **kwargs: Any) -> tqdm:
+    """A tqdm bar: on (True), off (False), or tqdm's own rule (None: on only when stderr is a terminal)."""
+    return tqdm(iterable, disable=None if progress is None else not progress, **kwargs)
 
 
 @contextlib.contextmanager
-def treated(model: Any, treatment: Treatment) -> Iterator[Callable[[], list[Any]]]:
-    """Apply ``treatment`` inside the block; yields a function returning EAH's `EditRecord`s made so far.
-
-    An `EAHConfig` runs through `hf.eah` (its records), a list of interventions through `hf.intervene`
-    (the records of its EAH members); None changes nothing (no records).
-    """
-    if treatment is None:
-        yield list
-    elif isinstance(treatment, EAHConfig):
-        with hf.eah(model, treatment) as run:
-            yield lambda: list(run.records)
-    else:
-        with hf.intervene(model, treatment) as run:
-            yield lambda: [r.eah for r in run.records if r.eah is not None]
+def treated(model: Any, interventions: Any) -> Iterator[list[Any]]:
+    """Apply ``interventions`` (one or a list; empty: the plain model) through `hf.intervene`; yields its records."""
+    if not interventions:
+        yield []
+        return
+    with hf.intervene(model, interventions) as run:
+        yield run.records
 
 
-def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
+def check_fits(model: Any, interventions: Any) -> None:
+    """Raise now if an intervention does not fit the model (`LayerIndexError`: a layer it lacks), not mid-run."""
+    with treated(model, interventions):
+        pass
+
+
+def batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    """Consecutive slices of ``size`` items, taken one at a time (a lazy sequence reads one batch at a time)."""
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
 
 
 def scan_images(
@@ -48,7 +49,7 @@ def scan_images(
     threshold: float | None = None,
     normalise: str = "causal",
     batch_size: int = 8,
-    progress: bool = True,
+    progress: bool | None = None,
     stats: HeadStats | None = None,
     on_batch: Callable[[int], None] | None = None,
     ids: Sequence[str] | None = None,
@@ -58,6 +59,9 @@ def scan_images(
     """Head statistics of the caption prompt over ``images`` (all layers by default), streamed.
 
     Args:
+        images: the images; a lazy sequence (`eah_interp.data.LazyImages`) is read one batch at a time, so an
+            unreadable image stops the scan after the batches before it (``on_batch`` saw them).
+        progress: a progress bar: on, off, or None (on only when stderr is a terminal).
         stats: accumulate into this `HeadStats` (e.g. one loaded from a checkpoint) instead of a new one
             built from ``threshold`` / ``normalise`` / ``keep_examples`` / ``sink_dims``.
         on_batch: called after every batch with the number of images counted so far in this call
@@ -74,7 +78,7 @@ def scan_images(
     model = bundle.model
     counted = 0
     with hf.record_attention(model, layers, stats=stats), torch.no_grad():
-        for chunk in tqdm(_batches(images, batch_size), desc="scan", disable=not progress):
+        for chunk in progress_bar(batches(images, batch_size), progress, desc="scan", total=-(-len(images) // batch_size)):
             stats.label_next(None if ids is None else list(ids[counted : counted + len(chunk)]))
             model(**bundle.encode([bundle.caption_prompt] * len(chunk), list(chunk)), use_cache=False)
             counted += len(chunk)
@@ -88,17 +92,18 @@ def generate_texts(
     prompts: Sequence[str],
     images: Sequence[Any],
     *,
-    config: Treatment = None,
+    interventions: Any = (),
     max_new_tokens: int = 30,
     num_beams: int = 1,
     batch_size: int = 8,
-    progress: bool = True,
+    progress: bool | None = None,
     desc: str = "generate",
 ) -> tuple[list[str], list[list[int]]]:
-    """Greedy (or beam) generation for prompt/image pairs, with EAH or other interventions when ``config`` is given.
+    """Greedy (or beam) generation for prompt/image pairs, with ``interventions`` applied (`hf.intervene`).
 
     Args:
-        config: a `Treatment`: None, an `EAHConfig`, or a list of interventions (`hf.intervene`).
+        interventions: one intervention or a list (empty: the plain model).
+        progress: a progress bar: on, off, or None (on only when stderr is a terminal).
 
     Returns:
         ``(texts, source_heads)``: the decoded continuations and, per item, the source head EAH used
@@ -108,12 +113,12 @@ def generate_texts(
     texts: list[str] = []
     heads: list[list[int]] = []
     pairs = list(zip(prompts, images, strict=True))
-    for chunk in tqdm(_batches(pairs, batch_size), desc=desc, disable=not progress):
+    for chunk in progress_bar(batches(pairs, batch_size), progress, desc=desc, total=-(-len(pairs) // batch_size)):
         inputs = bundle.encode([p for p, _ in chunk], [i for _, i in chunk])
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams)
-        with torch.no_grad(), treated(model, config) as records:
+        with torch.no_grad(), treated(model, interventions) as records:
             out = model.generate(**inputs, **kwargs)
-            prefill = [r for r in records() if r.q_len == r.k_len]
+        prefill = [r.eah for r in records if r.eah is not None and r.q_len == r.k_len]
         per_layer = [r.source_head.view(len(chunk), -1)[:, 0].tolist() for r in prefill]
         heads += [[layer_heads[i] for layer_heads in per_layer] for i in range(len(chunk))]
         texts += bundle.decode(out, inputs)

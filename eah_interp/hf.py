@@ -1,40 +1,27 @@
-"""HF transformers backend: EAH, attention recording and interventions inside ``forward`` / ``generate``.
+"""HF transformers backend: interventions (EAH and the others) and attention recording in ``forward`` / ``generate``.
 
-A model gets exactly one attention override while any context is active: the first context entered
-registers a uniquely named function with transformers' `AttentionInterface` (and a mask function under
-the same name with `AttentionMaskInterface`, or the function would receive no causal mask: SDPA's own
-for an SDPA model, so the other layers keep their fast causal path), sets it on the language model's
-config only, and the last context to exit restores everything. The function holds the ordered stack of
-active contexts and dispatches on ``module.layer_idx``: a layer no context wants runs the
-implementation the model had before (e.g. SDPA); otherwise `run_steps` runs every context's steps in
-one order (score edits before / after the mask, softmax, probability edits, recordings of the edited
-probabilities, ``P @ V``, output edits), choosing per call one of two paths:
+A model gets exactly one attention override while any context is active (`eah_interp.dispatch`): the
+first context entered registers a uniquely named function with transformers' `AttentionInterface` (and a
+mask function under the same name with `AttentionMaskInterface`, or the function would receive no causal
+mask: SDPA's own for an SDPA model, so the other layers keep their fast causal path), sets it on the
+language model's config only, and the last context to exit restores everything. The function holds the
+ordered stack of active contexts and dispatches on ``module.layer_idx``: a layer no context wants runs the
+implementation the model had before (e.g. SDPA); otherwise `eah_interp.dispatch.run_steps` runs every
+context's steps in one order, on the cheapest path they allow (map-free running sums for statistics and
+plain-copy EAH, the model's own attention plus the last rows for edits of a prompt's last rows, else the
+eager map). Both paths give the same numbers (tests compare them with explicit computations within 1e-5).
 
-* **map-free** (for decoders whose attention is softmax of scaled ``Q K^T`` + mask, without soft-capping
-  or attention sinks): recordings of statistics alone compute the layer a chunk of query rows at a time
-  and accumulate the statistics' sums (`eah_interp.chunked`); a plain-copy EAH edit
-  (`eah_interp.edit.is_plain_copy`, e.g. the paper preset), alone or with such recordings, gets the sink
-  scores from chunked column sums and the output from one SDPA call with the source head's query and
-  key (`eah_interp.edit.map_free_eah`). No ``[batch, heads, q, k]`` map exists;
-* **eager**: the model family's own eager function (or, when a score edit is active, the same
-  computation written out so the scores can be edited) gives the probabilities, the steps edit or read
-  them and ``P @ V`` is recomputed: for kept patterns, blends, image-region or dropped-sink edits, decode
-  steps, stacked edits and other attention variants.
+This module only says how to reach the sites of an HF model: what an intervention list does at each
+site is compiled by `eah_interp.interventions.compile.Plan`; residual-stream edits and the hidden
+states interventions read (VAR) are reached with hooks on the decoder layers. On exit, even by
+exception, the config, the registries and the hooks are restored exactly.
 
-Edits that touch only a prompt's last rows (the last row; the text after the image) keep the model's
-own attention for the other rows and recompute only those rows; output and value edits alone keep it
-entirely (with the edited values). Residual-stream edits (`ResidualEdit`) are not attention edits:
-`intervene` applies them with hooks on the decoder layers' input and output.
-Both paths give the same numbers (tests compare them with explicit computations within 1e-5). On exit,
-even by exception, the config, the registries and the hooks are restored exactly.
-
-Contexts: `eah` (EAH), `record_attention` (statistics / patterns), `intervene` (any list of
-`eah_interp.interventions`), `paused` (an unedited forward inside an edited run, e.g. for
+Contexts: `intervene` (any list of `eah_interp.interventions`; `eah` is ``intervene(model, [config])``),
+`record_attention` (statistics / patterns), `paused` (an unedited forward inside an edited run, e.g. for
 `ContrastiveLogits`).
 
 Example:
-    >>> config = EAHConfig.paper()
-    >>> with eah_interp.hf.eah(model, config) as run:
+    >>> with eah_interp.hf.eah(model, EAH.paper()) as run:
     ...     out = model.generate(**inputs, max_new_tokens=30, do_sample=False)
     >>> run.records[0].source_head  # the head whose map was broadcast, per row
 """
@@ -45,7 +32,7 @@ import contextlib
 import functools
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,36 +40,29 @@ from torch import Tensor, nn
 
 from eah_interp import dispatch
 from eah_interp.chunked import AttentionSums
-from eah_interp.config import EAHConfig
-from eah_interp.dispatch import EDIT_POINTS as EDIT_POINTS  # re-exported: the backend's public names
-from eah_interp.dispatch import AttentionCall as AttentionCall
-from eah_interp.dispatch import AttentionStep as AttentionStep
-from eah_interp.dispatch import additive_mask as additive_mask
-from eah_interp.dispatch import eager_attention as eager_attention
-from eah_interp.dispatch import eager_function as eager_function
-from eah_interp.dispatch import run_steps as run_steps
-from eah_interp.edit import EditRecord, apply_eah_to_probs, is_plain_copy, map_free_eah, should_edit
-from eah_interp.errors import AttentionImplementationError as AttentionImplementationError
-from eah_interp.errors import (
-    ConfigError,
-    LayerIndexError,
-    LayoutError,
-    UnsupportedModelError,  # noqa: F401  (re-exported: hf.UnsupportedModelError)
-)
-from eah_interp.interventions.base import RESIDUAL_POINTS, Intervention, InterventionRecord
-from eah_interp.interventions.selectors import Site
+from eah_interp.dispatch import AttentionCall, AttentionStep
+from eah_interp.errors import ConfigError, LayoutError
+from eah_interp.head_stats import HeadStats, Recording
+from eah_interp.interventions.base import Intervention, InterventionRun
+from eah_interp.interventions.compile import Plan, as_interventions
+from eah_interp.interventions.eah import EAH
+from eah_interp.interventions.selectors import chosen_layers
 from eah_interp.layout import TokenLayout
-from eah_interp.models.adapters import image_token_ids as image_token_ids  # re-exported
-from eah_interp.models.introspect import attention_modules, model_shape, text_config
-from eah_interp.sinks import Normalise
-from eah_interp.stats import HeadStats
+from eah_interp.models.adapters import adapter_for, token_layout
+from eah_interp.models.introspect import attention_modules, decoder_layers, model_shape, text_config
+from eah_interp.sinks import Normalise, normaliser_warning
+
+__all__ = [
+    "ContrastiveLogits",
+    "active_contexts",
+    "compare_sink_definitions",
+    "eah",
+    "intervene",
+    "paused",
+    "record_attention",
+]
 
 _MISSING = object()
-
-
-# ---------------------------------------------------------------------------- model introspection
-# text_config, attention_modules, model_shape and image_token_ids live in eah_interp.models (the
-# backends use them, never the reverse); they are re-exported here for existing callers.
 
 
 def _past_length(input_ids: Tensor | None, kwargs: dict[str, Any]) -> int:
@@ -94,23 +74,6 @@ def _past_length(input_ids: Tensor | None, kwargs: dict[str, Any]) -> int:
     if input_ids is not None and isinstance(mask, Tensor) and mask.ndim == 2:
         return mask.shape[1] - input_ids.shape[1]
     return 0
-
-
-def decoder_layers(model: nn.Module) -> dict[int, nn.Module]:
-    """The language model's decoder layers by index: the modules whose ``self_attn`` is a layer's attention."""
-    attention = {id(module): layer for layer, module in attention_modules(model).items()}
-    found = {}
-    for module in model.modules():
-        layer = attention.get(id(getattr(module, "self_attn", None)))
-        if layer is not None:
-            found.setdefault(layer, module)
-    if len(found) != len(attention):
-        raise UnsupportedModelError(
-            f"Found decoder layers (modules with .self_attn) for layers {sorted(found)} of {sorted(attention)} in "
-            f"{type(model).__name__}; interventions that read hidden states need every one."
-        )
-    return found
-
 
 
 # ---------------------------------------------------------------------------- contexts on the dispatcher
@@ -144,7 +107,6 @@ def active_contexts(model: nn.Module) -> list[_AttentionOverride]:
 class _State:
     layout: TokenLayout | None = None
     user_layout: TokenLayout | None = None
-    token_ids: tuple[int, ...] = ()
     generate_layout: TokenLayout | None = None
     step: int = -1
     prompt_len: int | None = None
@@ -155,17 +117,13 @@ class _State:
 class _AttentionOverride:
     """A context on the model's dispatcher: tracks the prompt layout; subclasses say which steps to run."""
 
-    kind = "override"
-
     def __init__(self, model: nn.Module, layout: TokenLayout | None, *, needs_layout: bool = True) -> None:
-        from eah_interp.models.adapters import adapter_for
-
         self.model = model
         self.config = text_config(model)
-        self.modules = attention_modules(model)
+        attention_modules(model)  # raises UnsupportedModelError when the decoder cannot be instrumented
         self.adapter = adapter_for(model)
-        self.state = _State(user_layout=layout, token_ids=self.adapter.visual_token_ids(model))
-        if needs_layout and layout is None and not self.state.token_ids:
+        self.state = _State(user_layout=layout)
+        if needs_layout and layout is None and not self.adapter.visual_token_ids(model):
             raise LayoutError(
                 f"{type(model).__name__} has no image_token_id in its config: pass layout=TokenLayout(...) "
                 "(e.g. TokenLayout.from_spans) so eah-interp knows which positions are image tokens."
@@ -177,35 +135,27 @@ class _AttentionOverride:
         self._hidden: dict[int, Tensor] = {}
         self._hidden_hooks: list[Any] = []
 
-    def _note_hidden(self, layer: int) -> Callable:
-        """A forward pre-hook keeping ``layer``'s input hidden states (detached) in ``self._hidden``."""
+    def _note_hidden(self, layer: int, keep: Callable[[int, Tensor], None] | None = None) -> Callable:
+        """A forward pre-hook handing ``layer``'s input hidden states (detached) to ``keep`` (default: ``self._hidden``)."""
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             if isinstance(hidden, Tensor):
-                self._hidden[layer] = hidden.detach()
+                (keep or self._hidden.__setitem__)(layer, hidden.detach())
 
         return hook
 
-    def _remove_layer_hooks(self) -> None:
-        """Remove the decoder-layer hooks and drop the hidden states they kept."""
-        for hook in self._hidden_hooks:
-            hook.remove()
-        self._hidden_hooks.clear()
-        self._hidden.clear()
-
-    def _warn_if_causal_normaliser(self, normalise: str) -> None:
-        """Warn when sink scores would divide by later rows only, but image tokens also attend backwards."""
-        if self.adapter.bidirectional_image_attention and normalise == "causal":
-            warnings.warn(
-                f"{self.adapter.family}: image tokens attend to each other bidirectionally, so earlier rows also "
-                "attend to an image token and normalise='causal' (later rows only) inflates sink scores of late "
-                "image tokens. Use normalise='rows'.",
-                stacklevel=3,
-            )
-
-    def _prompt_layout(self, input_ids: Tensor, attention_mask: Tensor | None) -> TokenLayout:
-        """The layout of a prompt from its ids: positions holding the family's visual token ids."""
-        return TokenLayout.from_input_ids(input_ids, self.state.token_ids, attention_mask)  # type: ignore[arg-type]
+    def _hook_layers(self, hooks: list[tuple[int, Callable, bool]]) -> None:
+        """Register decoder-layer hooks ``(layer, hook, before the layer)``, removed on exit (on failure: now)."""
+        try:
+            layers = decoder_layers(self.model) if hooks else {}
+            for layer, hook, before in hooks:
+                module = layers[layer]
+                self._hidden_hooks.append(
+                    module.register_forward_pre_hook(hook, with_kwargs=True) if before else module.register_forward_hook(hook)
+                )
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
 
     # subclasses ------------------------------------------------------
     def steps(self, call: AttentionCall) -> list[AttentionStep]:
@@ -232,6 +182,10 @@ class _AttentionOverride:
             return
         self._entered = False
         try:
+            for hook in self._hidden_hooks:  # decoder-layer hooks, and the hidden states they kept
+                hook.remove()
+            self._hidden_hooks.clear()
+            self._hidden.clear()
             if self._hook is not None:
                 self._hook.remove()
                 self._hook = None
@@ -259,7 +213,7 @@ class _AttentionOverride:
         if self.state.user_layout is not None:
             self.state.layout = self.state.user_layout  # fitted to each call (beams, decode) in _layout_for
         elif input_ids is not None:
-            self.state.layout = self._prompt_layout(input_ids, kwargs.get("attention_mask"))
+            self.state.layout = token_layout(self.model, input_ids, kwargs.get("attention_mask"))
         else:  # inputs_embeds only: the layout `generate` noted from its input_ids, else none (`_layout_for` raises)
             self.state.layout = self.state.generate_layout
         self.state.prompt_len = None if self.state.layout is None else self.state.layout.seq_len
@@ -272,7 +226,7 @@ class _AttentionOverride:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], Tensor) else None)
             if self.state.user_layout is None and isinstance(input_ids, Tensor) and input_ids.ndim == 2:
-                self.state.generate_layout = self._prompt_layout(input_ids, kwargs.get("attention_mask"))
+                self.state.generate_layout = token_layout(self.model, input_ids, kwargs.get("attention_mask"))
                 self.state.layout = self.state.generate_layout
                 self.state.prompt_len = self.state.layout.seq_len
             try:
@@ -309,170 +263,61 @@ class _AttentionOverride:
         return self._total_len(call.q_len, call.k_len) - call.k_len
 
 
-# ---------------------------------------------------------------------------- EAH
-@dataclass
-class EAHRun:
-    """What happened inside an `eah` context: one `EditRecord` per edited attention call."""
-
-    config: EAHConfig
-    records: list[EditRecord] = field(default_factory=list)
-
-    def source_heads(self, layer: int | None = None) -> list[list[int]]:
-        """Source head per row of each edited call (optionally of one layer), ``-1`` where none."""
-        return [r.source_head.tolist() for r in self.records if layer is None or r.layer == layer]
-
-
-class eah(_AttentionOverride):  # noqa: N801 - used as a function-style context manager
-    """Apply EAH to an HF LVLM inside the ``with`` block (``forward`` and ``generate``).
-
-    Args:
-        model: an HF LVLM (or LM) whose language model uses the AttentionInterface.
-        config: the edit (`EAHConfig`); its layers and heads are checked against the model.
-        layout: optional explicit layout of the prompt; by default it is rebuilt from ``input_ids``
-            at every prompt forward (positions holding the family's image token ids, see
-            `image_token_ids`; padding from the mask).
-
-    Yields:
-        An `EAHRun` whose ``records`` list every edited call (chosen source heads, sink counts).
-    """
-
-    kind = "eah"
-
-    def __init__(self, model: nn.Module, config: EAHConfig, layout: TokenLayout | None = None) -> None:
-        if not isinstance(config, EAHConfig):
-            raise TypeError(f"config must be an EAHConfig; got {type(config).__name__}.")
-        super().__init__(model, layout)
-        n_layers, n_heads, _ = model_shape(model)
-        config.validate_for(n_layers, n_heads)
-        self._warn_if_causal_normaliser(config.normalise)
-        self.eah_config = config
-        self.run = EAHRun(config)
-
-    def __enter__(self) -> EAHRun:  # type: ignore[override]
-        super().__enter__()
-        return self.run
-
-    def steps(self, call: AttentionCall) -> list[AttentionStep]:
-        if not should_edit(self.eah_config, call.layer, call.q_len, call.k_len):
-            return []
-        layout = self._layout_for(call.query.shape[0], call.q_len, call.k_len)
-        return [eah_step(self.eah_config, layout, call, self.run.records.append)]
-
-
-def eah_step(
-    config: EAHConfig, layout: TokenLayout, call: AttentionCall, note: Callable[[EditRecord], None]
-) -> AttentionStep:
-    """The dispatcher step of an EAH edit: a probability edit, map-free for plain copies of a prompt.
-
-    Args:
-        config: the edit.
-        layout: the layout fitted to the call.
-        call: the attention call (decides whether the map-free path is possible).
-        note: receives the `EditRecord` of every edit made.
-    """
-
-    def edit_probs(probs: Tensor, layout: TokenLayout, call: AttentionCall) -> Tensor:
-        edited, record = apply_eah_to_probs(probs, layout, config, call.layer)
-        note(record)
-        return edited
-
-    def map_free(call: AttentionCall, layout: TokenLayout, statistics: bool) -> tuple[Tensor, AttentionSums]:
-        out, record, sums = map_free_eah(
-            call.query, call.key, call.value, call.mask, call.scaling, layout, config, call.layer,
-            statistics=statistics,
-        )
-        note(record)
-        return out, sums
-
-    fast = map_free if call.prefill and is_plain_copy(config) else None
-    return AttentionStep("probs", edit_probs, layout, map_free=fast)
-
-
 # ---------------------------------------------------------------------------- interventions
-@dataclass
-class InterventionRun:
-    """What happened inside an `intervene` context: one `InterventionRecord` per edit made, in order."""
-
-    interventions: tuple[Any, ...]
-    records: list[InterventionRecord] = field(default_factory=list)
-
-    def of(self, which: int | str) -> list[InterventionRecord]:
-        """The records of one intervention: its index in the list, or its method name."""
-        from eah_interp.interventions.base import records_of
-
-        return records_of(self.records, which)
-
-
 class intervene(_AttentionOverride):  # noqa: N801
-    """Apply several interventions to an HF LVLM inside the ``with`` block (``forward`` and ``generate``).
+    """Apply interventions to an HF LVLM inside the ``with`` block (``forward`` and ``generate``).
 
     Each intervention edits at its own point; at one point they run in list order, and within a
     decoder layer the points run in this order: the layer's input hidden states (``residual_input``,
     `ResidualEdit`), then the attention call's `EDIT_POINTS` in the dispatcher's order (score edits,
     softmax, probability edits, value edits, ``P @ V``, output edits; see
     `eah_interp.dispatch.run_steps`), then the layer's output hidden states (``residual_output``).
-    Stacks with ``eah`` / ``record_attention`` contexts like any context.
+    The list is compiled once (`eah_interp.interventions.compile.Plan`); an empty list runs the plain
+    model. Stacks with other ``intervene`` / ``record_attention`` contexts like any context.
 
     Args:
         model: an HF LVLM (or LM) whose language model uses the AttentionInterface.
-        interventions: `eah_interp.interventions` objects (``EAH``, ``PAI``, ``VAF``, ...) and/or
-            `EAHConfig` objects; one alone is accepted too.
-        layout: optional explicit prompt layout (see `eah`).
+        interventions: `eah_interp.interventions` objects (``EAH``, ``PAI``, ``VAF``, ...); one alone is
+            accepted too. Layers and heads are checked against the model (`LayerIndexError` names its depth).
+        layout: optional explicit prompt layout; by default it is rebuilt from ``input_ids`` at every
+            prompt forward (`eah_interp.models.token_layout`: the family's image token ids, padding from
+            the mask).
 
     Yields:
-        An `InterventionRun` whose ``records`` say what each intervention did in each attention call.
+        An `InterventionRun` whose ``records`` say what each intervention did in each call.
 
     Example:
         >>> from eah_interp.interventions import EAH, PAI
         >>> with eah_interp.hf.intervene(model, [EAH.paper(), PAI(alpha=0.2)]) as run:
         ...     out = model.generate(**inputs, max_new_tokens=30, do_sample=False)
-        >>> run.of("PAI")[0]
+        >>> run.of("PAI")[0], run.source_heads()
     """
 
-    kind = "intervene"
-
-    def __init__(self, model: nn.Module, interventions: Any, layout: TokenLayout | None = None) -> None:
+    def __init__(self, model: nn.Module, interventions: Intervention | Iterable[Intervention],
+                 layout: TokenLayout | None = None) -> None:
         items = as_interventions(interventions)
-        super().__init__(model, layout)
-        n_layers = validate_interventions(items, model)
-        for item in items:
-            if isinstance(item, EAHConfig):
-                self._warn_if_causal_normaliser(item.normalise)
-        self.n_layers = n_layers
-        self.run = InterventionRun(items)
-        # interventions that read a layer's input hidden states (VAR's massive-activation sinks)
-        readers = [item for item in items if getattr(item, "needs_hidden", False)]
-        self._hidden_layers = sorted({layer for item in readers for layer in item.layers_for(n_layers)})
-        self._sink_history: dict[tuple[int, int], Tensor] = {}
-        # residual-stream edits: hooks on the decoder layers' input / output
-        self._residual_layers = sorted({
-            layer for item in items if _is_residual(item) for layer in item.layers_for(n_layers)
-        })
+        super().__init__(model, layout, needs_layout=bool(items))
+        self.plan = Plan.for_model(items, model)
 
     def __enter__(self) -> InterventionRun:  # type: ignore[override]
         super().__enter__()
-        try:
-            layers = decoder_layers(self.model) if self._hidden_layers or self._residual_layers else {}
-            for layer in self._residual_layers:  # before _note_hidden: VAR reads the (edited) input the layer gets
-                self._hidden_hooks.append(
-                    layers[layer].register_forward_pre_hook(self._edit_input(layer), with_kwargs=True)
-                )
-                self._hidden_hooks.append(layers[layer].register_forward_hook(self._edit_output(layer)))
-            for layer in self._hidden_layers:
-                self._hidden_hooks.append(
-                    layers[layer].register_forward_pre_hook(self._note_hidden(layer), with_kwargs=True)
-                )
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self.run
+        plan = self.plan
+        self._hook_layers(  # residual input edits before the hidden-state note: VAR reads the (edited) input
+            [(layer, self._edit_input(layer), True) for layer in plan.input_layers]
+            + [(layer, self._edit_output(layer), False) for layer in plan.output_layers]
+            + [(layer, self._note_hidden(layer, plan.note_hidden), True) for layer in plan.hidden_layers]
+        )
+        return plan.run
 
     def __exit__(self, *exc) -> None:
         try:
-            self._remove_layer_hooks()
-            self._sink_history.clear()
+            self.plan.clear()
         finally:
             super().__exit__(*exc)
+
+    def _paused(self) -> bool:
+        dispatcher = dispatch.dispatcher_for(self.config)
+        return dispatcher is not None and bool(dispatcher.paused)
 
     def _edit_input(self, layer: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -497,169 +342,31 @@ class intervene(_AttentionOverride):  # noqa: N801
         return hook
 
     def _edit_residual(self, layer: int, point: str, hidden: Tensor) -> Tensor | None:
-        """The residual edits of one layer's input or output, in list order (None: none applies)."""
-        dispatcher = dispatch.dispatcher_for(self.config)
-        if dispatcher is not None and dispatcher.paused:
+        if self._paused():
             return None
-        q_len = hidden.shape[1]
-        total = self.state.past + q_len
-        chosen = [
-            (index, item) for index, item in enumerate(self.run.interventions)
-            if _is_residual(item) and item.point == point and item.applies(layer, q_len, total, self.n_layers)
-        ]
-        if not chosen:
-            return None
-        layout = self._layout_for(hidden.shape[0], q_len, total)
-        site = Site(layer=layer, layout=layout, q_len=q_len, k_len=total, prompt_len=self.state.prompt_len or total)
-        for index, item in chosen:
-            hidden, changed = item.edit(hidden, site)
-            self.run.records.append(InterventionRecord(type(item).__name__, index, layer, point, q_len, total, changed))
-        return hidden
-
-    def _sinks(self, index: int, item: Any, call: AttentionCall) -> Tensor:
-        """``Bool[batch, k]``: the massive-activation sinks among the call's keys (found in the prompt)."""
-        from eah_interp.sinks import massive_activation_sinks
-
-        hidden = self._hidden.get(call.layer)
-        if call.prefill and (hidden is None or hidden.shape[1] != call.q_len):
-            raise UnsupportedModelError(
-                f"Layer {call.layer}: {type(item).__name__} reads the decoder layer's input hidden states, but no "
-                "hidden states of this call were seen (is the decoder layer a module with .self_attn?)."
-            )
-        key = (index, call.layer)
-        previous = self._sink_history.get(key)
-        if call.prefill or previous is None:
-            history = massive_activation_sinks(hidden, item.dims, item.tau)
-        else:  # as in the official code, sinks come from the prompt: generated tokens are never sinks
-            history = torch.cat([previous, previous.new_zeros(previous.shape[0], call.q_len)], dim=1)
-        total = self._total_len(call.q_len, call.k_len)
-        if history.shape != (call.query.shape[0], total):
-            raise LayoutError(
-                f"Layer {call.layer}: {type(item).__name__} tracked sink flags for {tuple(history.shape)} positions "
-                f"but the call has {call.query.shape[0]} rows x {total} positions (beam search or a cache this "
-                "context did not see from the prompt on?)."
-            )
-        self._sink_history[key] = history
-        return history[:, -call.k_len :]  # a sliding-window layer's keys are the last k_len positions
+        total = self.state.past + hidden.shape[1]
+        return self.plan.edit_residual(layer, point, hidden, self._layout_for, total, self.state.prompt_len or total)
 
     def steps(self, call: AttentionCall) -> list[AttentionStep]:
-        if not any(_intervention_applies(item, call, self.n_layers) for item in self.run.interventions):
+        if not self.plan.applies(call.layer, call.q_len, call.k_len):
             return []
         layout = self._layout_for(call.query.shape[0], call.q_len, call.k_len)
         prompt_len = call.k_len if call.prefill else (self.state.prompt_len or call.k_len) - self._window_start(call)
-        return intervention_steps(
-            self.run.interventions, call, layout, prompt_len, self.run.records, self.n_layers, sinks=self._sinks
-        )
+        return self.plan.steps(call, layout, prompt_len, self._total_len(call.q_len, call.k_len))
 
 
-def as_interventions(interventions: Any) -> tuple[Any, ...]:
-    """A tuple of interventions from one or a list (`eah_interp.interventions` objects or `EAHConfig`)."""
-    items = (interventions,) if isinstance(interventions, (Intervention, EAHConfig)) else tuple(interventions)
-    if not items:
-        raise ConfigError("intervene needs at least one intervention, e.g. [PAI()] or [EAHConfig.paper()].")
-    for item in items:
-        if not isinstance(item, (Intervention, EAHConfig)):
-            raise TypeError(f"intervene takes eah_interp.interventions objects or EAHConfig; got {type(item).__name__}.")
-    return items
+def eah(model: nn.Module, config: EAH, layout: TokenLayout | None = None) -> intervene:
+    """Apply one EAH edit: ``intervene(model, [config], layout)``.
 
-
-def validate_interventions(items: tuple[Any, ...], model: nn.Module) -> int:
-    """Check every intervention against the model's sizes (layers, heads, KV heads, hidden size); its depth."""
-    n_layers, n_heads, n_kv_heads = model_shape(model)
-    hidden_size = int(getattr(text_config(model), "hidden_size", 0) or 0)
-    for item in items:
-        if isinstance(item, EAHConfig):
-            item.validate_for(n_layers, n_heads)
-        else:
-            item.validate_model(n_layers, n_heads, n_kv_heads, hidden_size)
-    return n_layers
-
-
-def _is_residual(item: Any) -> bool:
-    """Whether an intervention edits the residual stream (a decoder layer's input or output), not attention."""
-    return isinstance(item, Intervention) and item.point in RESIDUAL_POINTS
-
-
-def _intervention_applies(item: Any, call: AttentionCall, n_layers: int) -> bool:
-    """Whether an intervention edits this attention call (residual edits never do: hooks apply them)."""
-    if isinstance(item, EAHConfig):
-        return should_edit(item, call.layer, call.q_len, call.k_len)
-    return not _is_residual(item) and item.applies(call.layer, call.q_len, call.k_len, n_layers)
-
-
-def intervention_steps(
-    items: tuple[Any, ...],
-    call: AttentionCall,
-    layout: TokenLayout,
-    prompt_len: int,
-    records: list[InterventionRecord],
-    n_layers: int,
-    sinks: Callable[[int, Any, AttentionCall], Tensor] | None = None,
-) -> list[AttentionStep]:
-    """The dispatcher steps of a list of interventions for one attention call (shared by the backends).
-
-    Args:
-        items: the interventions, in list order.
-        call: the attention call.
-        layout: the layout fitted to the call.
-        prompt_len: positions of the prompt (later keys are generated tokens).
-        records: receives one `InterventionRecord` per edit made.
-        n_layers: the model's depth (resolves ``layers=None``).
-        sinks: ``sinks(index, item, call) -> Bool[batch, k]`` for interventions that read hidden states (VAR).
+    Example:
+        >>> with eah_interp.hf.eah(model, EAH.paper()) as run:
+        ...     out = model.generate(**inputs, max_new_tokens=30, do_sample=False)
+        >>> run.source_heads()  # the head whose map was broadcast, per edited call and row
     """
-    steps = []
-    for index, item in enumerate(items):
-        if _intervention_applies(item, call, n_layers):
-            steps.append(_intervention_step(index, item, call, layout, prompt_len, records, sinks))
-    return steps
-
-
-def _intervention_step(
-    index: int, item: Any, call: AttentionCall, layout: TokenLayout, prompt_len: int,
-    records: list[InterventionRecord], sinks: Callable | None,
-) -> AttentionStep:
-    q_len, k_len, layer = call.q_len, call.k_len, call.layer
-    if isinstance(item, EAHConfig):
-        def note(record: EditRecord) -> None:
-            changed = int(record.edited.sum())
-            records.append(InterventionRecord("EAH", index, layer, "probs", q_len, k_len, changed, eah=record))
-
-        return eah_step(item, layout, call, note)
-    flags = None
-    if getattr(item, "needs_hidden", False):
-        if sinks is None:
-            raise UnsupportedModelError(
-                f"{type(item).__name__} reads each layer's input hidden states; this backend cannot provide them "
-                "(use eah_interp.hf.intervene)."
-            )
-        flags = sinks(index, item, call)
-
-    def edit(tensor: Tensor, layout: TokenLayout, sub: AttentionCall) -> Tensor:
-        site = Site(layer=layer, layout=layout, q_len=sub.q_len, k_len=sub.k_len, prompt_len=prompt_len)
-        edited, changed = item.edit(tensor, site) if flags is None else item.edit(tensor, site, sinks=flags)
-        records.append(InterventionRecord(type(item).__name__, index, layer, item.point, q_len, k_len, changed))
-        return edited
-
-    site = Site(layer=layer, layout=layout, q_len=q_len, k_len=k_len, prompt_len=prompt_len)
-    rows = None
-    if item.point == "values" and item.row_mask(site) is not None:
-        def rows(layout: TokenLayout, sub: AttentionCall) -> Tensor:
-            return item.row_mask(Site(layer=layer, layout=layout, q_len=sub.q_len, k_len=sub.k_len,
-                                      prompt_len=prompt_len))
-    return AttentionStep(item.point, edit, layout, tail=item.tail_rows(site), rows=rows)
+    return intervene(model, [config], layout)
 
 
 # ---------------------------------------------------------------------------- recording
-@dataclass
-class Recording:
-    """What `record_attention` collected: prompt patterns per layer (if kept) and the `HeadStats`."""
-
-    layers: tuple[int, ...]
-    stats: HeadStats | None
-    patterns: dict[int, list[Tensor]] = field(default_factory=dict)
-    layouts: list[TokenLayout] = field(default_factory=list)
-
-
 class record_attention(_AttentionOverride):  # noqa: N801
     """Collect prompt attention statistics (into `HeadStats`) and/or patterns of chosen layers.
 
@@ -671,13 +378,12 @@ class record_attention(_AttentionOverride):  # noqa: N801
         layers: ``"all"`` or layer indices.
         stats: a `HeadStats` to feed (one update per prompt forward and layer), or None.
         keep_patterns: keep each prompt's probabilities (``[batch, heads, q, k]``, on CPU) per layer.
-        layout: optional explicit layout (see `eah`).
+        layout: optional explicit layout (see `intervene`).
 
     Yields:
-        A `Recording`.
+        A `Recording`. The same verb, arguments and result in every backend: `eah_interp.nnsight.record_attention`
+        (inside a trace), `eah_interp.transformer_lens.record_attention` (hooks).
     """
-
-    kind = "record"
 
     def __init__(
         self,
@@ -689,40 +395,17 @@ class record_attention(_AttentionOverride):  # noqa: N801
         layout: TokenLayout | None = None,
     ) -> None:
         super().__init__(model, layout)
-        n_layers, _, _ = model_shape(model)
-        chosen = tuple(range(n_layers)) if layers == "all" else tuple(int(x) for x in layers)  # type: ignore[union-attr]
-        bad = [x for x in chosen if not 0 <= x < n_layers]
-        if bad:
-            raise LayerIndexError(f"Layers {bad} out of range: the language model has {n_layers} layers.")
-        if stats is None and not keep_patterns:
-            raise ValueError("record_attention needs stats=HeadStats(...) and/or keep_patterns=True.")
-        if stats is not None:
-            self._warn_if_causal_normaliser(stats.normalise)
-        self._keep_patterns = keep_patterns
-        self.recording = Recording(layers=chosen, stats=stats)
-        # a HeadStats comparing sinks with massive activations reads each layer's input hidden states
-        # (self._note_hidden hooks, added on entry)
-
+        self.recording = Recording(chosen_layers(layers, model_shape(model)[0]), stats, keep_patterns)
+        message = None if stats is None else normaliser_warning(
+            self.adapter.family, self.adapter.bidirectional_image_attention, stats.normalise)
+        if message:
+            warnings.warn(message, stacklevel=2)
     def __enter__(self) -> Recording:  # type: ignore[override]
         super().__enter__()
         stats = self.recording.stats
-        if stats is not None and stats.sink_dims:
-            try:
-                decoders = decoder_layers(self.model)
-                for layer in self.recording.layers:
-                    self._hidden_hooks.append(
-                        decoders[layer].register_forward_pre_hook(self._note_hidden(layer), with_kwargs=True)
-                    )
-            except BaseException:
-                self.__exit__(None, None, None)
-                raise
+        if stats is not None and stats.sink_dims:  # sinks compared with massive activations: the layers' inputs
+            self._hook_layers([(layer, self._note_hidden(layer), True) for layer in self.recording.layers])
         return self.recording
-
-    def __exit__(self, *exc) -> None:
-        try:
-            self._remove_layer_hooks()
-        finally:
-            super().__exit__(*exc)
 
     def _prompt_hidden(self, call: AttentionCall) -> Tensor | None:
         """The recorded layer's input hidden states of this prompt forward (None without ``sink_dims``)."""
@@ -742,54 +425,14 @@ class record_attention(_AttentionOverride):  # noqa: N801
         if call.layer not in self.recording.layers or not call.prefill:
             return []
         layout = self._layout_for(call.query.shape[0], call.q_len, call.k_len)
-        from_sums = None if self._keep_patterns or self.recording.stats is None else self._record_sums
+        from_sums = None if self.recording.keep_patterns or self.recording.stats is None else self._record_sums
         return [AttentionStep("record", self._record_probs, layout, sums=from_sums)]
 
     def _record_sums(self, sums: AttentionSums, layout: TokenLayout, call: AttentionCall) -> None:
-        stats = self.recording.stats
-        assert stats is not None
-        stats.update_from_sums(call.layer, sums, layout, call.q_len, hidden=self._prompt_hidden(call))
-        self._note_layout(layout)
+        self.recording.add_sums(call.layer, sums, layout, call.q_len, hidden=self._prompt_hidden(call))
 
     def _record_probs(self, probs: Tensor, layout: TokenLayout, call: AttentionCall) -> None:
-        rec = self.recording
-        if rec.stats is not None:
-            rec.stats.update(call.layer, probs, layout, hidden=self._prompt_hidden(call))
-        if self._keep_patterns:
-            rec.patterns.setdefault(call.layer, []).append(probs.detach().to("cpu"))
-        self._note_layout(layout)
-
-    def _note_layout(self, layout: TokenLayout) -> None:
-        """Keep each prompt's layout once (the layers of one forward share it)."""
-        if not self.recording.layouts or self.recording.layouts[-1] is not layout:
-            self.recording.layouts.append(layout)
-
-
-def scan_heads(
-    model: nn.Module,
-    batches: Iterable[dict[str, Any]],
-    *,
-    layers: str | Iterable[int] = "all",
-    threshold: float = 0.0008,
-    normalise: Normalise = "causal",
-    progress: bool = True,
-    keep_examples: bool = False,
-    sink_dims: Iterable[int] | None = None,
-    tau: float = 20.0,
-) -> HeadStats:
-    """Stream head statistics of every prompt forward over an iterable of model input dicts.
-
-    ``keep_examples``, ``sink_dims`` and ``tau`` are those of `HeadStats`: per-example values, and the
-    massive-activation sinks and their overlap with the column-mass sinks per layer (`HeadStats.layer_frame`).
-    """
-    from tqdm.auto import tqdm
-
-    stats = HeadStats(threshold=threshold, normalise=normalise, keep_examples=keep_examples,
-                      sink_dims=None if sink_dims is None else tuple(sink_dims), tau=tau)
-    with record_attention(model, layers, stats=stats), torch.no_grad():
-        for inputs in tqdm(batches, desc="scanning heads", disable=not progress):
-            model(**inputs)
-    return stats
+        self.recording.add(call.layer, probs, layout, hidden=self._prompt_hidden(call))
 
 
 def compare_sink_definitions(
@@ -881,6 +524,24 @@ class ContrastiveLogits:
         self.unconditional = dict(unconditional)
         self._out: Any = None
         self._mask: Tensor | None = None
+
+    # LALBJ/PAI@9bbd8bd ships two gammas. With --use-cfg its scripts leave the prompt forward unedited
+    # (llama_modify sets use_cfg on the edited layers, attention.py:90 skips the edit, CFGLogits resets the
+    # flag only after its first call, CFG.py:48-49): the official run of both parts is PAI(phase="decode").
+    @classmethod
+    def chair_eval(cls, model: nn.Module, unconditional: dict[str, Tensor], **kwargs: Any) -> ContrastiveLogits:
+        """``gamma=2``: the default of the scripts' ``--gamma`` (``chair_eval.py:53``, ``pope_eval.py:53``)."""
+        return cls(model, unconditional, **{"gamma": 2.0, **kwargs})
+
+    @classmethod
+    def readme(cls, model: nn.Module, unconditional: dict[str, Tensor], **kwargs: Any) -> ContrastiveLogits:
+        """``gamma=1.1``: the README's commands (``README.md:65, 68, 82``) and ``init_cfg_processor`` (``model_loader.py:253``).
+
+        Those commands decode greedily (no ``--sample``); ``README.md:51`` recommends nucleus sampling
+        without giving its settings (``--sample`` calls ``generate(do_sample=True)`` with the checkpoint's
+        own ``top_p`` / ``temperature``).
+        """
+        return cls(model, unconditional, **{"gamma": 1.1, **kwargs})
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         scores = torch.log_softmax(scores.float(), dim=-1)

@@ -86,7 +86,7 @@ class TokenLayout:
         """
         if input_ids.ndim != 2:
             raise LayoutError(f"input_ids must be [batch, seq]; got shape {tuple(input_ids.shape)}.")
-        ids = torch.as_tensor([image_token_id] if isinstance(image_token_id, int) else list(image_token_id))
+        ids = torch.as_tensor([image_token_id] if isinstance(image_token_id, int) else list(image_token_id), dtype=torch.long)
         image_mask = torch.isin(input_ids, ids.to(input_ids.device))
         if attention_mask is None:
             mask = torch.ones_like(input_ids, dtype=torch.bool)
@@ -112,8 +112,9 @@ class TokenLayout:
     ) -> TokenLayout:
         """Layout from explicit image spans ``[start, end)``, one span (or a list of spans) per row.
 
-        Example: the official EAH code's hard-coded LLaVA-1.5 span is ``from_spans([(36, 611)], seq_len)``,
-        for which the official sink normaliser is ``647 - j``.
+        Example: LLaVA-1.5's image span in its usual prompt (BOS + 34 system tokens) is
+        ``from_spans([(35, 611)], seq_len)``, on which the official sink normaliser scores keys 36..610
+        with ``d(j) = 647 - j`` (the official code's hard-coded window ``[36, 611)``).
         """
         batch = len(spans)
         image_mask = torch.zeros(batch, seq_len, dtype=torch.bool)

@@ -3,8 +3,9 @@
 What an image token "means" to the language model at each layer, and how confident the model is,
 layer by layer, that an object is in the picture, with and without an intervention (e.g. EAH):
 
-* `residual_stream`: the residual stream after each decoder layer (forward hooks on the decoder
-  layers, under any list of interventions; `hf.intervene` applies them).
+* `residual_stream`: the residual stream after each decoder layer (the ``resid`` site of
+  `eah_interp.sites`, read by `eah_interp.sites.hf_hooks`, under any list of interventions; `hf.intervene`
+  applies them).
 * `decode`: residuals → logits with the model's own final norm and LM head (``lm_head(norm(h))``,
   final-logit soft-capping applied where the model's own forward applies it). Decoding the last layer gives exactly
   the model's logits.
@@ -39,17 +40,17 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Float
 from torch import Tensor, nn
 
 from eah_interp.errors import ConfigError, LayerIndexError, LayoutError, UnsupportedModelError
 from eah_interp.layout import TokenLayout
+from eah_interp.sites import hf_hooks, hf_intervened, resolve_positions
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -65,7 +66,6 @@ __all__ = [
     "object_vocabulary",
     "plot_confidence",
     "plot_grid",
-    "position_mask",
     "residual_stream",
     "unembedding",
 ]
@@ -143,30 +143,6 @@ def _check_vocabulary(vocabulary: Mapping[str, Sequence[int]], vocab_size: int) 
             raise ConfigError(f"Object {word!r}: ids {bad} are outside the model's vocabulary (0..{vocab_size - 1}).")
 
 
-# ---------------------------------------------------------------------------------------------- positions
-def position_mask(layout: TokenLayout, positions: str | Bool[Tensor, "batch seq"]) -> Bool[Tensor, "batch seq"]:
-    """A position group of each row as a boolean mask: a group name or a user mask ``[batch, seq]``.
-
-    Group names are those of the layout (``TokenLayout.group_mask`` where it exists: ``"system"``,
-    ``"image"``, ``"question"``, ``"last"``, ...), else `eah_interp.patching.POSITION_GROUPS`.
-    """
-    if isinstance(positions, Tensor):
-        if positions.dtype != torch.bool or tuple(positions.shape) != (layout.batch_size, layout.seq_len):
-            raise LayoutError(
-                f"A position mask must be a bool tensor of shape (batch, seq) = ({layout.batch_size}, {layout.seq_len}); "
-                f"got {positions.dtype} of shape {tuple(positions.shape)}."
-            )
-        return positions.to(layout.attention_mask.device) & layout.attention_mask
-    if hasattr(layout, "group_mask"):
-        return layout.group_mask(positions) & layout.attention_mask
-    from eah_interp.patching import POSITION_GROUPS, position_masks
-
-    masks = position_masks(layout)
-    if positions not in masks:
-        raise ConfigError(f"Unknown position group {positions!r}; choose from {POSITION_GROUPS} or pass a bool mask (batch, seq).")
-    return masks[positions] & layout.attention_mask
-
-
 # ---------------------------------------------------------------------------------------------- residuals
 def _layers(layers: int | Iterable[int] | None, n_layers: int) -> list[int]:
     if layers is None:
@@ -178,14 +154,6 @@ def _layers(layers: int | Iterable[int] | None, n_layers: int) -> list[int]:
             f"The language model has {n_layers} decoder layers (0..{n_layers - 1}); layers {bad} do not exist."
         )
     return sorted({layer % n_layers for layer in chosen})
-
-
-def _interventions_context(model: nn.Module, interventions: Any) -> contextlib.AbstractContextManager:
-    if interventions is None or (isinstance(interventions, (list, tuple)) and len(interventions) == 0):
-        return contextlib.nullcontext()
-    from eah_interp import hf
-
-    return hf.intervene(model, interventions)
 
 
 def _conditions(interventions: Any) -> dict[str, Any]:
@@ -211,41 +179,23 @@ def residual_stream(
         inputs: the processor's outputs (``input_ids``, ``attention_mask``, ``pixel_values``, ...).
         layers: decoder layers (negative counts from the end); all when None.
         interventions: None (the plain model), or interventions for `eah_interp.hf.intervene`
-            (``[EAH.paper()]``, an `EAHConfig`, ...) applied during the forward.
+            (``[EAH.paper()]``, an `EAH`, ...) applied during the forward.
 
     Returns:
         ``(residuals, layers, layout)``: ``Float[layer, batch, seq, d_model]`` (each decoder layer's output,
         before the final norm, on the model's device), the layer indices in that order, and the `TokenLayout`.
     """
-    from eah_interp.hf import decoder_layers
-    from eah_interp.models.adapters import adapter_for
+    from eah_interp.models import model_shape, token_layout
 
-    blocks = decoder_layers(model)
-    chosen = _layers(layers, len(blocks))
-    adapter = adapter_for(model)
-    if adapter.visual_token_ids(model):
-        layout = adapter.layout(model, inputs["input_ids"], inputs.get("attention_mask"), require_images=False)
-    else:  # a text-only causal LM: no image positions
-        ids = inputs["input_ids"]
-        mask = inputs.get("attention_mask")
-        real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-        layout = TokenLayout(torch.zeros_like(real), real)
+    chosen = _layers(layers, model_shape(model)[0])
+    layout = token_layout(model, inputs["input_ids"], inputs.get("attention_mask"), require_images=False)
     seen: dict[int, Tensor] = {}
 
-    def keep(layer: int) -> Callable:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            hidden = output[0] if isinstance(output, tuple) else output
-            seen[layer] = hidden.detach()
+    def keep(layer: int) -> Callable[[Tensor], None]:
+        return lambda hidden: seen.__setitem__(layer, hidden.detach())
 
-        return hook
-
-    handles = [blocks[layer].register_forward_hook(keep(layer)) for layer in chosen]
-    try:
-        with torch.no_grad(), _interventions_context(model, interventions):
-            model(**inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with torch.no_grad(), hf_intervened(model, interventions), hf_hooks(model, {("resid", la): keep(la) for la in chosen}):
+        model(**inputs)
     missing = [layer for layer in chosen if layer not in seen]
     if missing:
         raise UnsupportedModelError(f"Decoder layers {missing} did not run in the forward; cannot read their residuals.")
@@ -429,20 +379,15 @@ def object_confidence(
     """
     import pandas as pd
 
-    groups = [positions] if isinstance(positions, (str, Tensor)) else list(positions)
     words = list(vocabulary)
     id_lists = [[int(i) for i in vocabulary[w]] for w in words]
     records: list[dict[str, Any]] = []
     for condition, items in _conditions(interventions).items():
         residuals, chosen, layout = residual_stream(model, inputs, layers=layers, interventions=items)
-        named = []
-        for g, group in enumerate(groups):
-            mask = position_mask(layout, group)
-            empty = (~mask.any(-1)).nonzero().flatten().tolist()
-            name = group if isinstance(group, str) else f"mask{g}"
-            if empty:
+        named = list(resolve_positions(layout, positions).items())
+        for name, mask in named:
+            if empty := (~mask.any(-1)).nonzero().flatten().tolist():
                 raise LayoutError(f"Position group {name!r} is empty in rows {empty}; choose a group every row has.")
-            named.append((name, mask))
         for row in range(layout.batch_size):
             for name, mask in named:
                 pos = mask[row].nonzero().flatten().to(residuals.device)

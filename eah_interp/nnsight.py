@@ -1,21 +1,25 @@
-"""nnsight 0.8 backend: attention probabilities, head statistics and EAH as interventions in a trace.
+"""nnsight 0.8 backend: interventions and attention recording inside a trace.
 
 Everything here is called **inside** ``with nn_model.trace(...)`` (or a traced ``generate``), where
 ``nn_model = nnsight.NNsight(hf_model)``. The functions are ordinary nnsight reads and writes, so they
 stack with whatever else the trace does (ablate a head at ``o_proj``'s input, save a residual, ...).
+The verbs are those of `eah_interp.hf`: `intervene` (any list of `eah_interp.interventions`, compiled by
+`eah_interp.interventions.compile.Plan`; `eah` is ``intervene(nn_model, [config])``) and
+`record_attention`, with the same arguments and results (`InterventionRun`, `Recording`).
 
-How the probabilities are reached (``.source``)
-------------------------------------------------
+How an attention call is reached (``.source``)
+----------------------------------------------
 HF attention modules pick their attention function at run time::
 
     attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(...)   # op attention_interface_0
     attn_output, attn_weights = attention_interface(self, query_states, ...)     # op attention_interface_1
 
-SDPA never materialises the probabilities, so for each layer we read or edit, `eager_attention_probs`
-**assigns** the output of the binding op (``self_attn.source.attention_interface_0.output =
-eager_attention``): that layer, in this trace only, calls `eager_attention`, which runs the model
-family's own ``eager_attention_forward``. The probabilities are then the output of the eager
-function's dropout call, right before ``@ V``::
+`intervene` **assigns** the output of the binding op (``self_attn.source.attention_interface_0.output``):
+that layer, in this trace only, calls a function running the dispatcher's steps
+(`eah_interp.dispatch.run_steps`, as the HF backend does). To read probabilities, `eager_attention_probs`
+points the binding at `eah_interp.dispatch.eager_attention`, which runs the model family's own
+``eager_attention_forward``; the probabilities are then the output of the eager function's dropout call,
+right before ``@ V``::
 
     self_attn.source.attention_interface_1            # the call, now to `eager_attention`
         .source.family_1                              # its call of the family's eager function
@@ -24,31 +28,25 @@ function's dropout call, right before ``@ V``::
 Writing that ``.output`` changes ``P @ V`` and thus the layer output. Labels are resolved at run time
 from the ``.source`` listings (an error lists the available names). Nothing outside the trace is
 changed: no config, no registry, no other layer (every other layer keeps SDPA), so there is nothing to
-restore and an exception cannot leave the model modified. `eager_attention` converts whatever mask the
-model built for SDPA (``None`` = causal, or boolean) into eager's additive mask, so it is correct
-whatever implementation the rest of the model uses.
+restore and an exception cannot leave the model modified.
 
 nnsight caches a drilled-into call for the rest of the run: in a traced ``generate`` the chosen layer
-keeps calling `eager_attention` at every decode step (numerically equal to SDPA up to float
-rounding; edits apply only where you write, and `apply_eah` writes only in the prefill unless
-``config.apply_to_decode``).
+keeps calling the swapped-in function at every decode step (numerically equal to SDPA up to float
+rounding); edits apply at the forwards their ``phase`` names, in the forwards `intervene` is called for.
 
 Example:
     >>> import nnsight, torch
-    >>> from eah_interp import EAHConfig, TokenLayout
+    >>> from eah_interp import EAH
     >>> from eah_interp import nnsight as eah_nn
     >>> nn_model = nnsight.NNsight(hf_model)
-    >>> layout = TokenLayout.from_input_ids(inputs["input_ids"], hf_model.config.image_token_id,
-    ...                                     inputs["attention_mask"])
     >>> with torch.no_grad(), nn_model.trace(**inputs):
-    ...     records = eah_nn.apply_eah(nn_model, EAHConfig.paper(), layout)
+    ...     run = eah_nn.eah(nn_model, EAH.paper())       # the layout from the trace's input_ids
     ...     logits = nn_model.output.logits.save()
-    >>> records[0].source_head  # the head broadcast per row
+    >>> run.records[0].source_head  # the head broadcast per row
 """
 
 from __future__ import annotations
 
-import dataclasses
 import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -58,9 +56,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from eah_interp import compat, dispatch, hf
-from eah_interp.config import EAHConfig
-from eah_interp.edit import EditRecords, apply_eah_to_probs, should_edit
+from eah_interp import compat, dispatch
+from eah_interp.dispatch import eager_attention
 from eah_interp.errors import (
     AttentionImplementationError,
     EAHError,
@@ -68,29 +65,26 @@ from eah_interp.errors import (
     LayoutError,
     UnsupportedModelError,
 )
-from eah_interp.interventions.base import InterventionRecords
+from eah_interp.head_stats import HeadStats, Recording
+from eah_interp.interventions.base import Intervention, InterventionRun
+from eah_interp.interventions.compile import Plan
+from eah_interp.interventions.eah import EAH
+from eah_interp.interventions.selectors import chosen_layers
 from eah_interp.layout import TokenLayout
-from eah_interp.stats import HeadStats, head_statistics
+from eah_interp.models.adapters import token_layout
+from eah_interp.models.introspect import attention_modules, decoder_layers, model_shape, text_config
 
 __all__ = [
     "TraceOrderError",
-    "apply_eah",
     "attention_probs",
-    "eager_attention",
     "eager_attention_probs",
-    "feed_head_stats",
+    "eah",
     "hf_model",
     "intervene",
+    "record_attention",
     "self_attn",
     "trace_layout",
 ]
-
-
-# ---------------------------------------------------------------------------- the function we swap in
-# `eager_attention` (defined in `eah_interp.hf`, which uses it for its eager path too): a layer calls it in
-# place of its attention function; its op ``family_1`` is the family's ``eager_attention_forward``, whose
-# dropout output holds the probabilities.
-eager_attention = hf.eager_attention
 
 
 # ---------------------------------------------------------------------------- forward order
@@ -156,7 +150,7 @@ def hf_model(nn_model: Any) -> nn.Module:
 
 def self_attn(nn_model: Any, layer: int) -> Any:
     """The envoy of the language model's attention module of decoder layer ``layer``."""
-    modules = hf.attention_modules(hf_model(nn_model))
+    modules = attention_modules(hf_model(nn_model))
     if layer not in modules:
         raise LayerIndexError(
             f"Layer {layer} out of range: the language model has attention modules for layers "
@@ -170,12 +164,10 @@ def self_attn(nn_model: Any, layer: int) -> Any:
 
 
 def trace_layout(nn_model: Any, layout: TokenLayout | None = None, *, what: str = "this call") -> TokenLayout:
-    """Inside a trace: ``layout``, or the layout of the trace's inputs, derived as `eah_interp.hf` does.
+    """Inside a trace: ``layout``, or the layout of the trace's inputs (`eah_interp.models.token_layout`).
 
-    The image positions are those of ``input_ids`` holding the family's image token ids
-    (`eah_interp.models.adapter_for`), with the trace's ``attention_mask`` for padding: the same rule as
-    the HF backend's contexts, read from ``nn_model.trace(**inputs)`` without a request to the model
-    (so it works wherever in the trace body it is called).
+    Read from ``nn_model.trace(**inputs)`` without a request to the model (so it works wherever in the
+    trace body it is called).
 
     Raises:
         LayoutError: the trace has no ``input_ids`` (embeddings only) or several invokes, or the config
@@ -183,9 +175,6 @@ def trace_layout(nn_model: Any, layout: TokenLayout | None = None, *, what: str 
     """
     if layout is not None:
         return layout
-    from eah_interp.models.adapters import adapter_for
-
-    model = hf_model(nn_model)
     inputs = compat.trace_inputs()
     ids = None if inputs is None else inputs.get("input_ids")
     if not isinstance(ids, torch.Tensor) or ids.ndim != 2:
@@ -195,7 +184,7 @@ def trace_layout(nn_model: Any, layout: TokenLayout | None = None, *, what: str 
             "layout=TokenLayout.from_input_ids(input_ids, model.config.image_token_id, attention_mask)."
         )
     mask = inputs.get("attention_mask") if inputs is not None else None
-    return adapter_for(model).layout(model, ids, mask if isinstance(mask, torch.Tensor) else None)
+    return token_layout(hf_model(nn_model), ids, mask if isinstance(mask, torch.Tensor) else None)
 
 
 def eager_attention_probs(nn_model: Any, layer: int) -> Any:
@@ -228,15 +217,7 @@ def _probs_op(nn_model: Any, layer: int) -> Any:
     call = source.node(compat.op_label(source, compat.ATTENTION_CALL_PREFIX, what="the attention function call"))
     drilled = compat.drilled_function(nn_model, call)
     if drilled is None:  # this run has not drilled into the call yet: swap in eager_attention first
-        binding = compat.op_label(
-            source, compat.ATTENTION_CALL_PREFIX, what="the attention function binding", last=False
-        )
-        if binding == call.name:
-            raise AttentionImplementationError(
-                f"{source.prefix!r} calls attention_interface without binding it in forward; available ops: "
-                f"{', '.join(source.names)}."
-            )
-        source.node(binding).output = eager_attention
+        _point_attention_at(nn_model, layer, eager_attention)
     elif getattr(drilled, "__qualname__", None) != eager_attention.__qualname__:
         raise AttentionImplementationError(
             f"Layer {layer}'s attention call was already drilled into ({call.path}.source) with "
@@ -258,7 +239,7 @@ def attention_probs(nn_model: Any, layer: int) -> Float[Tensor, "batch heads q k
         return _probs_op(nn_model, layer).output
 
 
-# ---------------------------------------------------------------------------- EAH and statistics
+# ---------------------------------------------------------------------------- statistics
 def _save(value: Any) -> Any:
     """Mark ``value`` to survive the trace (nnsight only returns saved objects)."""
     import nnsight
@@ -266,199 +247,147 @@ def _save(value: Any) -> Any:
     return nnsight.save(value)
 
 
-def apply_eah(
-    nn_model: Any, config: EAHConfig, layout: TokenLayout | None = None, layers: Iterable[int] | None = None
-) -> EditRecords:
-    """Inside a trace: apply EAH to the configured layers of this forward.
-
-    For each layer in increasing order: read its probabilities (`eager_attention_probs`), edit them with
-    `apply_eah_to_probs` when `should_edit` says so (prefill; decode steps too with
-    ``config.apply_to_decode``), and write them back. Call it where those layers run in your trace body:
-    after interventions on earlier modules, before later ones. In a traced ``generate`` it edits the
-    first forward (the prefill); call it inside ``for step in tracer.iter[:]`` for every step.
-
-    Args:
-        nn_model: the nnsight model.
-        config: the edit; its layers and heads are checked against the model.
-        layout: layout of the prompt rows this trace (invoke) sees; it is extended for decode steps.
-            Default: derived from the trace's ``input_ids`` (`trace_layout`).
-        layers: edit these layers instead of ``config.layers``.
-
-    Returns:
-        `EditRecords` (saved, so it survives the trace): a list receiving one `EditRecord` per edited
-        layer, with ``.records`` / ``.config`` / ``.source_heads()`` as ``hf.eah`` yields them.
-    """
-    if not isinstance(config, EAHConfig):
-        raise TypeError(f"config must be an EAHConfig; got {type(config).__name__}.")
-    if layers is not None:
-        config = dataclasses.replace(config, layers=tuple(sorted({int(x) for x in layers})))
-    n_layers, n_heads, _ = hf.model_shape(hf_model(nn_model))
-    config.validate_for(n_layers, n_heads)
-    layout = trace_layout(nn_model, layout, what="apply_eah")
-    records = _save(EditRecords(config))
-    _log_call("apply_eah", config.layers)
-    for layer in sorted(config.layers):
-        with _in_forward_order("apply_eah", layer):
-            op = _probs_op(nn_model, layer)
-            probs = op.output
-            b, _, q, k = probs.shape
-            if not should_edit(config, layer, q, k):
-                continue
-            edited, record = apply_eah_to_probs(probs, layout.fit(b, q, k), config, layer)
-            op.output = edited
-        records.append(record)
-    return records
+def _decoder_input(nn_model: Any, decoder: nn.Module) -> tuple[Any, tuple, dict, Tensor]:
+    """Inside a trace: a decoder layer's envoy, its ``(args, kwargs)`` and its input hidden states."""
+    envoy = compat.envoy_of(nn_model, decoder)
+    args, kwargs = envoy.inputs
+    hidden = args[0] if args and isinstance(args[0], Tensor) else kwargs["hidden_states"]
+    return envoy, args, kwargs, hidden
 
 
-def feed_head_stats(
-    nn_model: Any, stats: HeadStats, layout: TokenLayout | None = None, layers: Iterable[int] | None = None
-) -> HeadStats:
-    """Inside a trace: add the prompt statistics of ``layers`` to ``stats`` (no attention map is kept).
+def record_attention(
+    nn_model: Any,
+    layers: str | Iterable[int] = "all",
+    *,
+    stats: HeadStats | None = None,
+    keep_patterns: bool = False,
+    layout: TokenLayout | None = None,
+) -> Recording:
+    """Inside a trace: record the prompt statistics (into ``stats``) and/or patterns of ``layers``.
 
-    Only prompt (prefill) forwards are counted; decode steps are ignored. Call it before `apply_eah` on
-    the same layer to get pre-edit statistics (the order of calls is the order in the forward).
+    The verb, arguments and result of `eah_interp.hf.record_attention`. Only prompt (prefill) forwards are
+    counted. Call it before `intervene` on the same layers for pre-edit statistics (the order of calls is
+    the order in the forward).
 
     Args:
         nn_model: the nnsight model.
-        stats: the accumulator (its ``threshold`` / ``normalise`` are used).
-        layout: layout of the prompt rows this trace (invoke) sees (default: `trace_layout`).
-        layers: decoder layers to read (default: all).
+        layers: ``"all"`` or decoder layer indices.
+        stats: a `HeadStats` to feed (its ``threshold`` / ``normalise``; with ``sink_dims`` each layer's
+            input hidden states are read too).
+        keep_patterns: keep each prompt's probabilities (``[batch, heads, q, k]``, on CPU) per layer.
+        layout: layout of the prompt rows this trace sees (default: `trace_layout`).
 
     Returns:
-        ``stats`` (saved, so it survives the trace; fed as the forward runs), as ``hf.record_attention(...).stats``.
+        A `Recording` (saved, so it survives the trace; fed as the forward runs).
     """
-    layout = trace_layout(nn_model, layout, what="feed_head_stats")
-    n_layers = hf.model_shape(hf_model(nn_model))[0]
-    chosen = list(range(n_layers)) if layers is None else sorted({int(x) for x in layers})
-    _log_call("feed_head_stats", chosen)
-    for layer in chosen:
-        with _in_forward_order("feed_head_stats", layer):
+    model = hf_model(nn_model)
+    layout = trace_layout(nn_model, layout, what="record_attention")
+    recording = _save(Recording(chosen_layers(layers, model_shape(model)[0]), stats, keep_patterns))
+    decoders = decoder_layers(model) if stats is not None and stats.sink_dims else {}
+    _log_call("record_attention", recording.layers)
+    for layer in sorted(recording.layers):
+        with _in_forward_order("record_attention", layer):
+            hidden = _decoder_input(nn_model, decoders[layer])[3] if decoders else None
             probs = _probs_op(nn_model, layer).output
         if probs.shape[-2] != probs.shape[-1]:
             continue
         with torch.no_grad():
-            values = head_statistics(probs.detach(), layout.fit(probs.shape[0], probs.shape[-2], probs.shape[-1]),
-                                     stats.threshold, stats.normalise)  # type: ignore[arg-type]
-        stats.update_from_stats(layer, values)
-    return _save(stats)
+            fitted = layout.fit(probs.shape[0], probs.shape[-2], probs.shape[-1])
+            recording.add(layer, probs, fitted, hidden=None if hidden is None else hidden.detach())
+    return recording
 
 
 # ---------------------------------------------------------------------------- interventions
-def intervene(nn_model: Any, interventions: Any, layout: TokenLayout | None = None) -> InterventionRecords:
+def intervene(nn_model: Any, interventions: Intervention | Iterable[Intervention],
+              layout: TokenLayout | None = None, layers: Iterable[int] | None = None) -> InterventionRun:
     """Inside a trace: apply `eah_interp.interventions` to this forward, as `eah_interp.hf.intervene` does.
 
     Each layer an intervention edits has its attention call pointed, in this trace only, at a function
-    that runs the same dispatcher steps as the HF backend (`eah_interp.hf.intervention_steps` and
-    `eah_interp.dispatch.run_steps`: score edits, softmax, probability edits, value edits, ``P @ V``, output
-    edits; the model's own attention for rows nothing edits). Residual-stream edits (`ResidualEdit`)
-    replace the decoder layer's ``.inputs`` / ``.output``; VAR reads its sinks from the decoder layer's
-    input (after any residual input edit, as in the HF backend). The layers are visited in execution order
-    (layer input, attention, layer output), so call this before reading those modules yourself. In a
-    traced ``generate`` it edits the first forward; call it inside ``for step in tracer.iter[:]`` for
-    every step (VAR only on prompt forwards here: its decode steps need the prompt's sink flags, which
-    `eah_interp.hf.intervene` keeps).
+    that runs the same dispatcher steps as the HF backend (`eah_interp.interventions.compile.Plan.steps`
+    and `eah_interp.dispatch.run_steps`: score edits, softmax, probability edits, value edits, ``P @ V``,
+    output edits; the model's own attention for rows nothing edits). Residual-stream edits (`ResidualEdit`)
+    replace the decoder layer's ``.inputs`` / ``.output``; interventions that read hidden states (VAR) read
+    the decoder layer's input (after any residual input edit, as in the HF backend). The layers are visited
+    in execution order (layer input, attention, layer output), so call this before reading those modules
+    yourself. In a traced ``generate`` it edits the first forward; call it inside ``for step in
+    tracer.iter[:]`` for every step (VAR only on prompt forwards here: its decode steps need the prompt's
+    sink flags, which `eah_interp.hf.intervene` keeps).
 
     Args:
         nn_model: the nnsight model (``nnsight.NNsight(hf_model)``).
-        interventions: `eah_interp.interventions` objects and/or `EAHConfig` (one or a list).
+        interventions: `eah_interp.interventions` objects (one or a list; empty: nothing is edited).
         layout: layout of the prompt rows this trace sees (extended for decode steps; default: `trace_layout`).
+        layers: apply only the edits of these decoder layers now (default: all): call once per group of
+            layers, in forward order, to read or write other modules of the layers in between.
 
     Returns:
-        An `InterventionRecords` (a saved list, so it survives the trace) receiving one `InterventionRecord`
-        per edit made; read it as `eah_interp.hf.InterventionRun`: ``.records``, ``.interventions``, ``.of(which)``.
+        An `InterventionRun` (saved, so it survives the trace) holding one `InterventionRecord` per edit
+        made, as ``hf.intervene`` yields it: ``.records``, ``.of(which)``, ``.source_heads()``, ``.summary()``.
+        It is complete when ``intervene`` returns (it waits for the last edited attention call).
     """
-    from eah_interp.interventions.base import InterventionRecord
-    from eah_interp.interventions.selectors import Site
-    from eah_interp.sinks import massive_activation_sinks
-
     model = hf_model(nn_model)
+    plan = Plan.for_model(interventions, model)
+    run = _save(plan.run)
+    if not plan.items:
+        return run
     layout = trace_layout(nn_model, layout, what="intervene")
-    items = hf.as_interventions(interventions)
-    n_layers = hf.validate_interventions(items, model)
-    residual = [(index, item) for index, item in enumerate(items) if hf._is_residual(item)]
-    readers = [(index, item) for index, item in enumerate(items) if getattr(item, "needs_hidden", False)]
-    attention_layers = {
-        layer for item in items if not hf._is_residual(item)
-        for layer in (item.layers if isinstance(item, EAHConfig) else item.layers_for(n_layers))
-    }
-    inputs_edited = {layer for _, item in residual if item.point == "residual_input" for layer in item.layers_for(n_layers)}
-    outputs_edited = {layer for _, item in residual if item.point == "residual_output"
-                      for layer in item.layers_for(n_layers)}
-    residual_layers = inputs_edited | outputs_edited
-    hidden_layers = {layer for _, item in readers for layer in item.layers_for(n_layers)}
-    decoders = hf.decoder_layers(model) if residual_layers or hidden_layers else {}
-    implementation = compat.attn_implementation(hf.text_config(model)) or "eager"
+    inputs, outputs, readers = set(plan.input_layers), set(plan.output_layers), set(plan.hidden_layers)
+    attention_layers = set(plan.attention_layers)
+    decoders = decoder_layers(model) if inputs | outputs | readers else {}
+    implementation = compat.attn_implementation(text_config(model)) or "eager"
     fallback = None if implementation == "eager" else compat.attention_functions().get(implementation)
-    records = _save(InterventionRecords(items))
-    sinks: dict[tuple[int, int], Tensor] = {}  # (intervention index, layer) -> Bool[batch, k] of this forward
-
-    def sink_flags(index: int, item: Any, call: dispatch.AttentionCall) -> Tensor:
-        flags = sinks.get((index, call.layer))
-        if flags is None or flags.shape[-1] != call.k_len:
-            raise UnsupportedModelError(
-                f"Layer {call.layer}: {type(item).__name__} needs the sink flags of all {call.k_len} key positions, but "
-                "this forward's decoder input covers only its new positions (a decode step): in nnsight, VAR runs on "
-                "prompt forwards only (VAR(phase='prefill')). Use eah_interp.hf.intervene for generation with VAR."
-            )
-        return flags
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         call = dispatch.AttentionCall(module, module.layer_idx, query, key, value, attention_mask, kwargs)
-        fitted = layout.fit(query.shape[0], call.q_len, call.k_len)
-        steps = hf.intervention_steps(items, call, fitted, layout.seq_len, records, n_layers, sinks=sink_flags)
-        own = fallback or hf.eager_function(module)
-        if not steps:
+        own = fallback or dispatch.eager_function(module)
+        if not plan.applies(call.layer, call.q_len, call.k_len):
             return own(module, query, key, value, attention_mask, **kwargs)
+        steps = plan.steps(call, layout.fit(query.shape[0], call.q_len, call.k_len), layout.seq_len)
         return dispatch.run_steps(call, steps, own)
 
-    def edit_residual(layer: int, point: str, hidden: Tensor, total: int) -> Tensor | None:
-        q_len = hidden.shape[1]
-        chosen = [(i, item) for i, item in residual
-                  if item.point == point and item.applies(layer, q_len, total, n_layers)]
-        if not chosen:
-            return None
-        site = Site(layer=layer, layout=layout.fit(hidden.shape[0], q_len, total), q_len=q_len, k_len=total,
-                    prompt_len=layout.seq_len)
-        for index, item in chosen:
-            hidden, changed = item.edit(hidden, site)
-            records.append(InterventionRecord(type(item).__name__, index, layer, point, q_len, total, changed))
-        return hidden
-
-    visited = sorted(attention_layers | residual_layers | hidden_layers)
+    visited = sorted(attention_layers | inputs | outputs | readers)
+    if layers is not None:
+        chosen = {int(x) for x in layers}
+        visited = [layer for layer in visited if layer in chosen]
+    last_attention = max((layer for layer in visited if layer in attention_layers), default=None)
     _log_call("intervene", visited)
     for layer in visited:
         with _in_forward_order("intervene", layer):
             total = None
-            if layer in inputs_edited or layer in hidden_layers or layer in outputs_edited:  # the layer's input first
-                decoder = compat.envoy_of(nn_model, decoders[layer])
-                args, kwargs = decoder.inputs
-                positional = bool(args) and isinstance(args[0], Tensor)
-                hidden = args[0] if positional else kwargs["hidden_states"]
+            if layer in inputs | outputs | readers:  # the layer's input first
+                envoy, args, kwargs, hidden = _decoder_input(nn_model, decoders[layer])
                 cache = kwargs.get("cache", kwargs.get("past_key_values"))
                 past = int(cache.get_seq_length(layer)) if cache is not None and hasattr(cache, "get_seq_length") else 0
                 total = past + hidden.shape[1]
-                edited = edit_residual(layer, "residual_input", hidden, total)
+                edited = plan.edit_residual(layer, "residual_input", hidden, layout.fit, total, layout.seq_len)
                 if edited is not None:
                     hidden = edited
-                    decoder.inputs = ((edited, *args[1:]), kwargs) if positional else (args, {**kwargs, "hidden_states": edited})
+                    positional = bool(args) and isinstance(args[0], Tensor)
+                    envoy.inputs = ((edited, *args[1:]), kwargs) if positional else (args, {**kwargs, "hidden_states": edited})
                 if past == 0:
-                    for index, item in readers:
-                        if layer in item.layers_for(n_layers):
-                            sinks[(index, layer)] = massive_activation_sinks(hidden.detach(), item.dims, item.tau)
+                    plan.note_hidden(layer, hidden)
             if layer in attention_layers:
-                _point_attention_at(nn_model, layer, attention)
-            if layer in outputs_edited:
-                decoder = compat.envoy_of(nn_model, decoders[layer])
-                output = decoder.output
+                call = _point_attention_at(nn_model, layer, attention)
+                if layer == last_attention:  # wait for the call: the run holds every record when intervene returns
+                    _ = call.output
+            if layer in outputs:
+                envoy = compat.envoy_of(nn_model, decoders[layer])
+                output = envoy.output
                 hidden = output[0] if isinstance(output, tuple) else output
-                edited = edit_residual(layer, "residual_output", hidden, total if total is not None else hidden.shape[1])
+                total = total if total is not None else hidden.shape[1]
+                edited = plan.edit_residual(layer, "residual_output", hidden, layout.fit, total, layout.seq_len)
                 if edited is not None:
-                    decoder.output = (edited, *output[1:]) if isinstance(output, tuple) else edited
-    return records
+                    envoy.output = (edited, *output[1:]) if isinstance(output, tuple) else edited
+    return run
 
 
-def _point_attention_at(nn_model: Any, layer: int, attention: Any) -> None:
-    """Inside a trace: make ``layer``'s attention call run ``attention`` (its binding op's output)."""
+def eah(nn_model: Any, config: EAH, layout: TokenLayout | None = None) -> InterventionRun:
+    """Inside a trace: apply one EAH edit, ``intervene(nn_model, [config], layout)``."""
+    return intervene(nn_model, [config], layout)
+
+
+def _point_attention_at(nn_model: Any, layer: int, attention: Any) -> Any:
+    """Inside a trace: make ``layer``'s attention call run ``attention`` (its binding op's output); the call's op."""
     source = self_attn(nn_model, layer).source
     binding = compat.op_label(source, compat.ATTENTION_CALL_PREFIX, what="the attention function binding", last=False)
     call_name = compat.op_label(source, compat.ATTENTION_CALL_PREFIX, what="the attention function call")
@@ -468,3 +397,4 @@ def _point_attention_at(nn_model: Any, layer: int, attention: Any) -> None:
             f"{', '.join(source.names)}."
         )
     source.node(binding).output = attention
+    return source.node(call_name)

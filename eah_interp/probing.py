@@ -45,8 +45,9 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 from eah_interp.errors import ConfigError, LayoutError
-from eah_interp.logit_lens import position_mask, residual_stream
+from eah_interp.logit_lens import residual_stream
 from eah_interp.metrics.stats import auroc, bootstrap_weights
+from eah_interp.sites import resolve_positions
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -71,7 +72,7 @@ def collect_residuals(
     model: nn.Module,
     inputs: Mapping[str, Any],
     *,
-    positions: str | Bool[Tensor, "batch seq"] | Sequence[str] = "image",
+    positions: str | Bool[Tensor, "batch seq"] | Sequence[str | Tensor] = "image",
     layers: int | Iterable[int] | None = None,
     interventions: Any = None,
 ) -> Float[Tensor, "batch layer d_model"] | dict[str, Float[Tensor, "batch layer d_model"]]:
@@ -81,30 +82,28 @@ def collect_residuals(
         model: an HF LVLM.
         inputs: the processor's outputs.
         positions: a group name (``"image"``: mean over the image tokens; ``"last"``: the last real token;
-            the layout's groups) or a bool mask ``[batch, seq]``; or a list/tuple of group names, read
-            from the same forward.
+            the layout's groups) or a bool mask ``[batch, seq]``; or a list/tuple of them, read from the
+            same forward (`eah_interp.sites.resolve_positions`: a mask is labelled ``"mask{i}"``).
         layers: decoder layers; all when None.
         interventions: None or interventions for `eah_interp.hf.intervene` applied during the forward.
 
     Returns:
         ``Float[batch, layer, d_model]`` on the CPU (float32), layers in ascending order; for a list of
-        groups, ``{group: that tensor}``.
+        groups, ``{label: that tensor}``.
 
     Raises:
-        LayoutError: the group is empty in some row.
+        LayoutError: a bad group name or mask, or a group empty in some row.
     """
     residuals, _, layout = residual_stream(model, inputs, layers=layers, interventions=interventions)
-    if isinstance(positions, (list, tuple)):
-        return {str(group): _pooled(residuals, layout, group) for group in positions}
-    return _pooled(residuals, layout, positions)
+    pooled = {label: _pooled(residuals, label, mask) for label, mask in resolve_positions(layout, positions).items()}
+    return pooled if isinstance(positions, (list, tuple)) else next(iter(pooled.values()))
 
 
-def _pooled(residuals: Tensor, layout: Any, positions: str | Tensor) -> Tensor:
+def _pooled(residuals: Tensor, label: str, mask: Tensor) -> Tensor:
     """The mean of ``residuals [layer, batch, seq, d]`` over a position group of each row → ``[batch, layer, d]``."""
-    mask = position_mask(layout, positions).to(residuals.device)
-    empty = (~mask.any(-1)).nonzero().flatten().tolist()
-    if empty:
-        raise LayoutError(f"Position group {positions if isinstance(positions, str) else 'mask'!r} is empty in rows {empty}.")
+    mask = mask.to(residuals.device)
+    if empty := (~mask.any(-1)).nonzero().flatten().tolist():
+        raise LayoutError(f"Position group {label!r} is empty in rows {empty}.")
     weights = mask.float() / mask.sum(-1, keepdim=True)  # [batch, seq]
     return torch.einsum("lbsd,bs->bld", residuals.float(), weights).cpu()
 

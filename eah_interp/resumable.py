@@ -1,15 +1,15 @@
-"""A resumable results log: one JSONL file, a header with the arguments, then one line per finished unit.
+"""Resumable results: a JSONL log tied to its arguments, atomic file writes, and recovery after a kill.
 
-Long sweeps (`eah_interp.patching.sweep`, and any other loop over independent units of work) append
-each finished unit to the log as it completes, so an interrupted run loses at most the unit in flight.
-Rerun with the same arguments, the log says what is done; with other arguments, it refuses (a log
-mixes nothing).
+Long runs (`eah_interp.patching.sweep`, the evaluation runner, the studies) append each finished unit
+to a log as it completes, so an interrupted run loses at most the unit in flight. Rerun with the same
+arguments, the log says what is done; with other arguments, it refuses (a log mixes nothing).
 
 File format (UTF-8 JSON lines):
 
-* line 1, the header: ``{"kind": ..., "arguments": {...}, ...extra}``, written atomically (a temporary
-  file, then ``os.replace``) before any record;
-* then one JSON object per finished unit, appended with a single ``write`` and ``fsync``. A line cut off
+* the header ``{"kind": ..., "arguments": {...}, ...extra}``: line 1 of the log, or its own JSON file
+  (``header=``: several logs under one header, e.g. the shards of one evaluation and its ``run.json``),
+  written atomically (`atomic_write`: a temporary file, then ``os.replace``);
+* one JSON object per finished unit, appended with a single ``write`` and ``fsync``. A line cut off
   by a kill (no final newline, not JSON) is the unit that was in flight: it is dropped on resume and
   the file truncated to its last complete line (`recover_items`).
 
@@ -34,7 +34,23 @@ from torch import Tensor
 
 from eah_interp.errors import ConfigError
 
-__all__ = ["ResumableLog", "tensor_digest"]
+__all__ = ["ResumableLog", "atomic_write", "read_items", "recover_items", "tensor_digest"]
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a partial one.
+
+    The temporary file is named for this process, so processes writing one file at once (the ranks of a
+    launched run) each replace it whole.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def tensor_digest(tensor: Tensor) -> str:
@@ -54,14 +70,17 @@ class ResumableLog:
         path: the log file (its folder is created).
         kind: what wrote it (e.g. ``"patching sweep"``); a log of another kind is refused.
         arguments: JSON-ready arguments of the run; a log written with other arguments is refused.
+        header: the header's own JSON file, or None (line 1 of ``path``). Several logs may share one.
     """
 
     path: Path
     kind: str
     arguments: dict[str, Any]
+    header: Path | None = None
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
+        self.header = None if self.header is None else Path(self.header)
         # normalise through JSON so that tuples and lists compare equal to what a header holds
         self.arguments = json.loads(json.dumps(self.arguments))
 
@@ -72,39 +91,49 @@ class ResumableLog:
             ConfigError: the file is not a log of this kind, or was written with other arguments
                 (the message lists which).
         """
-        if not self.path.exists():
+        records = recover_items(self.path)
+        if self.header is None:
+            header, records = (records[0], records[1:]) if records else (None, [])
+        else:
+            header = json.loads(self.header.read_text()) if self.header.exists() else None
+            if header is None and records:
+                raise ConfigError(f"{self.path} holds results but their header {self.header} is missing: pass "
+                                  "another path, or delete the file to start over.")
+        if header is None:
             return None, []
-        lines = recover_items(self.path)
-        if not lines:
-            return None, []
-        header, records = lines[0], lines[1:]
+        a = "an" if self.kind[:1] in "aeiou" else "a"
         if header.get("kind") != self.kind or "arguments" not in header:
-            raise ConfigError(
-                f"{self.path} is not a {self.kind} log (its first line is not its header): pass another path."
-            )
+            where = "its first line" if self.header is None else self.header
+            raise ConfigError(f"{self.path} is not {a} {self.kind} log ({where} is not its header): pass another path.")
         saved = header["arguments"]
         different = sorted(k for k in set(saved) | set(self.arguments) if saved.get(k) != self.arguments.get(k))
         if different:
             detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {self.arguments.get(k)!r}" for k in different[:4])
             more = f"; and {', '.join(different[4:])}" if len(different) > 4 else ""
+            files = self.path if self.header is None else f"{self.path} and {self.header}"
             raise ConfigError(
-                f"{self.path} holds a {self.kind} run with other arguments ({detail}{more}). "
-                "Resuming would mix two runs: pass a new path, or delete the file to start over."
+                f"{self.path} holds {a} {self.kind} run with other arguments ({detail}{more}). Resuming would mix two "
+                f"runs: pass a new path, or delete {files} to start over."
             )
         return header, records
 
     def start(self, **extra: Any) -> None:
-        """Write the header (kind, arguments and ``extra`` values), atomically, replacing any file."""
-        from eah_interp.stats import _atomic_write
+        """Write the header (kind, arguments and ``extra`` values), atomically.
 
+        A header on line 1 replaces the whole log (a new run); a header file is replaced alone (the records
+        stay: a resumed run may record more, e.g. new arms).
+        """
         header = {"kind": self.kind, "arguments": self.arguments, **extra}
-        _atomic_write(self.path, (json.dumps(header) + "\n").encode())
+        if self.header is None:
+            atomic_write(self.path, (json.dumps(header) + "\n").encode())
+        else:
+            atomic_write(self.header, json.dumps(header, indent=1, default=str).encode())
 
-    def append(self, record: dict[str, Any]) -> None:
-        """Append one finished unit as one line (one ``write``, flushed and fsynced)."""
-        line = json.dumps(record) + "\n"
+    def append(self, *records: dict[str, Any]) -> None:
+        """Append finished units, one line each (one ``write``, flushed and fsynced)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
+            f.write("".join(json.dumps(record) + "\n" for record in records))
             f.flush()
             os.fsync(f.fileno())
 

@@ -19,6 +19,21 @@ from eah_interp.layout import TokenLayout
 Normalise = Literal["causal", "official", "rows"]
 NORMALISE_CHOICES = ("causal", "official", "rows")
 
+def normaliser_warning(family: str, bidirectional_image_attention: bool, normalise: str) -> str | None:
+    """Why ``normalise`` misleads on a model family, or None: ``"causal"`` divides by later rows only, but
+    image tokens that attend to each other bidirectionally are also attended to by earlier rows."""
+    if not (bidirectional_image_attention and normalise == "causal"):
+        return None
+    return (
+        f"{family}: image tokens attend to each other bidirectionally, so earlier rows also attend to an image "
+        "token and normalise='causal' (later rows only) inflates sink scores of late image tokens. Use "
+        "normalise='rows'."
+    )
+
+
+#: EAH's sink threshold in the official code (its README documents 0.002); `HeadStats` and `EAH` default to it.
+OFFICIAL_THRESHOLD = 0.0008
+
 #: Query rows summed per chunk when column sums are accumulated (bounds the float32 working copy).
 QUERY_CHUNK = 512
 
@@ -66,8 +81,13 @@ def sink_denominator(
     """The normaliser ``d(j)`` of the sink score, per row and key position.
 
     ``"causal"``: the number of real query rows strictly after ``j`` (``q_len - 1 - j`` in an unpadded
-    prefill). ``"official"``: ``s + e - j`` for the row's image extent ``[s, e)``, positions counted from
-    the row's first real token (the official code's ``647 - j`` for LLaVA-1.5's span ``[36, 611)``).
+    prefill). ``"official"``: the official code's window and divisor, placed on the row's image extent
+    ``[s, e)`` (first image position, last + 1; positions counted from the row's first real token): keys
+    ``s + 1 .. e - 1`` are scored with ``d(j) = (s + 1) + e - j`` (``e`` at ``s + 1`` down to ``s + 2``
+    at ``e - 1``) and the first image token ``s`` is never scored (``d = 0``). That is the official
+    ``atten_process_cal`` (itsqyh/Shallow-Focus-Deep-Fixes@092c454, ``modeling_llama_eah.py:82-86``:
+    keys ``[36, 611)``, divisor ``torch.arange(611, 36, -1)`` = ``647 - j``) with its hard-coded start
+    and end read as ``s + 1`` and ``e`` of LLaVA-1.5's image span ``[35, 611)``.
     ``"rows"``: the number of real query rows other than ``j``, before or after it: the right count for
     models whose image tokens attend to each other bidirectionally (Gemma 3, PaliGemma), where earlier
     rows also attend to ``j``.
@@ -86,7 +106,8 @@ def sink_denominator(
         return real_query.sum(-1, keepdim=True) - real_query.cumsum(-1)
     start, end = layout.image_extent()
     first = layout.first_real_position()
-    return (start + end - first)[:, None].float() - pos[None, :].float()
+    denom = (start + 1 + end - first)[:, None].float() - pos[None, :].float()
+    return torch.where(pos[None, :] > start[:, None], denom, torch.zeros_like(denom))  # key s: never scored
 
 
 def sink_scores(
@@ -100,7 +121,8 @@ def sink_scores(
     Args:
         attn: post-softmax probabilities of one layer, ``[batch, heads, q, k]``.
         layout: the layout of the ``k`` key positions.
-        normalise: ``"causal"`` (true row count) or ``"official"`` (the official code's formula).
+        normalise: ``"causal"`` (true row count), ``"official"`` (the official code's window and
+            divisor, `sink_denominator`) or ``"rows"``.
 
     Returns:
         ``Float[batch, heads, k]`` in float32.

@@ -5,7 +5,7 @@ exception handler runs), at its ``k``-th call of:
 
 * ``layer``: `HeadStats.update_from_stats` (one call per layer of a forward: ``k`` not a multiple of the
   layer count is the middle of a batch);
-* ``replace``: ``os.replace`` in `eah_interp.stats._atomic_write`, i.e. after a checkpoint's temporary
+* ``replace``: ``os.replace`` in `eah_interp.resumable.atomic_write`, i.e. after a checkpoint's temporary
   file is written and before it replaces the checkpoint;
 * ``generate``: `eah_interp.experiments.generate_texts` as the evaluation runner calls it (one batch of
   captions), i.e. in the middle of an ``eval`` run.
@@ -31,7 +31,7 @@ def _install_fault(spec: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
     if where == "layer":
-        from eah_interp.stats import HeadStats
+        from eah_interp.head_stats import HeadStats
 
         original = HeadStats.update_from_stats
 
@@ -41,7 +41,7 @@ def _install_fault(spec: str) -> None:
 
         HeadStats.update_from_stats = update  # type: ignore[method-assign]
     elif where == "replace":
-        import eah_interp.stats as stats_module
+        import eah_interp.resumable as resumable
 
         real_replace = os.replace
 
@@ -54,9 +54,9 @@ def _install_fault(spec: str) -> None:
                 hit()
                 real_replace(src, dst)
 
-        stats_module.os = _Os()  # type: ignore[assignment]
+        resumable.os = _Os()  # type: ignore[assignment]
     elif where == "generate":
-        import eah_interp.evaluation as evaluation
+        import eah_interp.evaluation.runner as evaluation
 
         original_generate = evaluation.generate_texts
 

@@ -32,8 +32,8 @@ def explicit_sink_scores(p, image_pos, real, normalise, first_real):
             d = rows_after
         elif normalise == "rows":  # every other real row (bidirectional image attention)
             d = sum(1 for i in range(n) if real[i] and i != j)
-        else:
-            d = (s - first_real) + (e - first_real) - (j - first_real)
+        else:  # the official window: keys s + 1 .. e - 1 (relative), divisor (s + 1) + e - j; key s never scored
+            d = (s - first_real) + 1 + (e - first_real) - (j - first_real) if j > s else 0
         scores[j] = total / d if d > 0 else 0.0
     return scores
 

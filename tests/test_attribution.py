@@ -19,27 +19,26 @@ import pytest
 import torch
 from nnsight import NNsight
 
-from eah_interp import EAHConfig, hf
-from eah_interp._testing import sharp_tiny_llava
+from eah_interp import hf
 from eah_interp.attribution import (
     ATTRIBUTION_COLUMNS,
     agreement,
     attribution_patching,
     direct_logit_attribution,
     plot_dla,
-    resolve_positions,
 )
-from eah_interp.errors import ConfigError, HeadIndexError, LayerIndexError
+from eah_interp.errors import ConfigError, HeadIndexError, LayerIndexError, LayoutError
 from eah_interp.interventions import EAH, PAI
+from eah_interp.models.tiny import sharp_tiny_llava
 from eah_interp.patching import (
     COLUMNS,
     LogitDiff,
     NNsightPatcher,
     plot_heads,
     plot_sites,
-    position_masks,
     sweep,
 )
+from eah_interp.sites import resolve_positions
 from tests.test_nnsight_backend import hf_logits, preset, tiny_inputs, tiny_layout
 
 matplotlib.use("Agg")
@@ -72,7 +71,7 @@ def _metric_moved_by(model, inputs, config, kind=LogitDiff):
 def setup():
     model = sharp_tiny_llava()
     inputs = tiny_inputs(model)
-    config = preset("paper", model, inputs)
+    config = EAH.from_dict(preset("paper", model, inputs).to_dict())
     return model, inputs, config, _metric_moved_by(model, inputs, config)
 
 
@@ -104,7 +103,7 @@ def setup64():
     model = float64_llava()
     inputs = tiny_inputs(model)
     inputs["pixel_values"] = inputs["pixel_values"].double()
-    config = preset("paper", model, inputs)
+    config = EAH.from_dict(preset("paper", model, inputs).to_dict())
     return model, inputs, config, _metric_moved_by(model, inputs, config, ExactDiff)
 
 
@@ -123,7 +122,7 @@ def test_equals_activation_patching_where_the_metric_is_linear_in_the_site():
     model.model.language_model.layers[-1].mlp = Zero()
     inputs = tiny_inputs(model)
     inputs["pixel_values"] = inputs["pixel_values"].double()
-    config = preset("paper", model, inputs)
+    config = EAH.from_dict(preset("paper", model, inputs).to_dict())
     metric = _metric_moved_by(model, inputs, config, ExactDiff)
     last = N_LAYERS - 1
     got = attribution_patching(model, inputs, config, metric, layers=[last])
@@ -189,10 +188,10 @@ def _metric_with_added(model, inputs, site, layer, delta, config, metric, last):
 @pytest.mark.parametrize(
     ("direction", "site", "layer", "head", "group"),
     [
-        ("eah_into_baseline", "head", 2, 1, "image"),
-        ("baseline_into_eah", "resid", 1, None, "text"),
-        ("baseline_into_eah", "head", 1, 3, "all"),  # through the edited layer's backward (map-free EAH path)
-        ("eah_into_baseline", "mlp_out", 2, None, "last"),
+        ("treatment_into_baseline", "head", 2, 1, "image"),
+        ("baseline_into_treatment", "resid", 1, None, "text"),
+        ("baseline_into_treatment", "head", 1, 3, "all"),  # through the edited layer's backward (map-free EAH path)
+        ("treatment_into_baseline", "mlp_out", 2, None, "last"),
     ],
 )
 def test_equals_a_finite_difference_along_the_patch(setup64, direction, site, layer, head, group):
@@ -200,9 +199,9 @@ def test_equals_a_finite_difference_along_the_patch(setup64, direction, site, la
     model, inputs, config, metric = setup64
     layout = tiny_layout(inputs)
     last = torch.tensor([inputs["input_ids"].shape[1] - 1] * 2)  # left padding
-    receiver_config, donor_config = (None, config) if direction == "eah_into_baseline" else (config, None)
+    receiver_config, donor_config = (None, config) if direction == "treatment_into_baseline" else (config, None)
     delta = _capture(model, inputs, site, layer, donor_config) - _capture(model, inputs, site, layer, receiver_config)
-    where = position_masks(layout)[group][..., None].double()
+    where = layout.group_mask(group)[..., None].double()
     if site == "head":
         cols = torch.zeros(delta.shape[-1], dtype=torch.float64)
         cols[head * HEAD_DIM : (head + 1) * HEAD_DIM] = 1.0
@@ -217,7 +216,7 @@ def test_equals_a_finite_difference_along_the_patch(setup64, direction, site, la
                                heads=None if head is None else [head], positions=group, directions=(direction,),
                                per_example=True)
     assert len(got) == 2
-    estimate = got["metric"] - got["baseline_metric" if direction == "eah_into_baseline" else "eah_metric"]
+    estimate = got["metric"] - got["baseline_metric" if direction == "treatment_into_baseline" else "treatment_metric"]
     assert torch.allclose(torch.tensor(estimate.to_numpy()), want, rtol=1e-6, atol=1e-9)
     assert want.abs().max() > 1e-4  # the reference is not trivially zero
 
@@ -245,12 +244,12 @@ def test_table_columns_batch_means_and_per_example_rows(setup):
     base, eah = hf_logits(model, inputs), hf_logits(model, inputs, config)[0]
     last = torch.tensor([inputs["input_ids"].shape[1] - 1] * 2)
     assert frame.attrs["baseline_metric"] == pytest.approx(float(metric(base, last).mean()), abs=1e-5)
-    assert frame.attrs["eah_metric"] == pytest.approx(float(metric(eah, last).mean()), abs=1e-5)
-    denominator = frame.attrs["eah_metric"] - frame.attrs["baseline_metric"]
+    assert frame.attrs["treatment_metric"] == pytest.approx(float(metric(eah, last).mean()), abs=1e-5)
+    denominator = frame.attrs["treatment_metric"] - frame.attrs["baseline_metric"]
     assert frame["normalised_effect"].to_numpy() == pytest.approx(
         ((frame["metric"] - frame.attrs["baseline_metric"]) / denominator).to_numpy())
     layer0 = attribution_patching(model, inputs, config, metric, layers=[0])  # before the edited layer: no change
-    receiver = layer0["baseline_metric"].where(layer0.direction == "eah_into_baseline", layer0["eah_metric"])
+    receiver = layer0["baseline_metric"].where(layer0.direction == "treatment_into_baseline", layer0["treatment_metric"])
     assert (layer0["metric"] == receiver).all()
 
     rows = attribution_patching(model, inputs, config, metric, layers=[1, 2], per_example=True)
@@ -273,10 +272,12 @@ def test_position_masks_and_plots(setup):
     assert set(masked["positions"]) == {"img"}
     assert masked["metric"].to_numpy() == pytest.approx(named["metric"].to_numpy(), abs=1e-7)
     assert list(resolve_positions(layout, ["last", layout.image_mask, ~layout.image_mask])) == ["last", "mask1", "mask2"]
-    with pytest.raises(ConfigError, match="Bool\\[batch, seq\\]"):
+    with pytest.raises(LayoutError, match="shape"):  # one error type for a bad position everywhere
         resolve_positions(layout, layout.image_mask[:, :3])
-    with pytest.raises(ConfigError, match="Unknown position group"):
+    with pytest.raises(LayoutError, match="Unknown position group"):
         resolve_positions(layout, "middle")
+    with pytest.raises(LayoutError, match="Unknown position group"):
+        attribution_patching(model, inputs, config, metric, positions="middle")
     frame = attribution_patching(model, inputs, config, metric)
     assert plot_heads(frame, positions="last").axes and plot_sites(frame, positions="image").axes
 
@@ -284,13 +285,21 @@ def test_position_masks_and_plots(setup):
 def test_any_intervention_list(setup):
     """An intervention list through hf.intervene: the EAH-run metric is that of the plain intervened forward."""
     model, inputs, config, metric = setup
-    items = [EAH.from_dict(config.to_dict()), PAI(alpha=0.5, layers=(2, 3))]
+    items = [config, PAI(alpha=0.5, layers=(2, 3))]
     frame = attribution_patching(model, inputs, items, metric, sites=("attn_out",), positions="last")
     with hf.intervene(model, items), torch.no_grad():
         logits = model(**inputs, use_cache=False).logits
     last = torch.tensor([inputs["input_ids"].shape[1] - 1] * 2)
-    assert frame.attrs["eah_metric"] == pytest.approx(float(metric(logits, last).mean()), abs=1e-5)
-    assert len(frame.attrs["interventions"]) == 2
+    assert frame.attrs["treatment_metric"] == pytest.approx(float(metric(logits, last).mean()), abs=1e-5)
+    assert frame.attrs["treatment"] == [item.to_dict() for item in items] and frame.attrs["baseline"] == []
+    # an intervention list on the baseline side too: what PAI adds to EAH
+    stacked = attribution_patching(model, inputs, items, metric, baseline=items[:1], sites=("attn_out",), positions="last")
+    with hf.intervene(model, items[:1]), torch.no_grad():
+        base = model(**inputs, use_cache=False).logits
+    assert stacked.attrs["baseline_metric"] == pytest.approx(float(metric(base, last).mean()), abs=1e-5)
+    assert stacked.attrs["treatment_metric"] == pytest.approx(frame.attrs["treatment_metric"], abs=1e-6)
+    layer1 = stacked[(stacked.layer == 1) & (stacked.direction == "treatment_into_baseline")]  # PAI acts from layer 2
+    assert (layer1["metric"] - layer1["baseline_metric"]).abs().max() < 1e-6
 
 
 def test_errors_name_the_problem(setup):
@@ -306,11 +315,11 @@ def test_errors_name_the_problem(setup):
 
 
 # ---------------------------------------------------------------------------- agreement
-def _frame(effects, direction="eah_into_baseline"):
+def _frame(effects, direction="treatment_into_baseline"):
     n = len(effects)
     return pd.DataFrame({"direction": direction, "site": "head", "layer": 1, "head": list(range(n)),
                          "positions": "all", "metric": [10.0 + e for e in effects], "baseline_metric": 10.0,
-                         "eah_metric": 12.0})
+                         "treatment_metric": 12.0})
 
 
 def test_agreement_by_hand():
@@ -328,12 +337,12 @@ def test_agreement_by_hand():
     assert set(by_head) == {0, 1, 2, 3, 4} and by_head[4]["n"] == 0 and by_head[3]["n"] == 1
     with pytest.raises(ConfigError, match="break down"):
         agreement(a, b, by=("colour",))
-    # baseline_into_eah effects are measured from the EAH metric, not the baseline
-    c = _frame([0.0, 0.0, 0.0], "baseline_into_eah").assign(metric=[12.0, 13.0, 14.0])  # effects 0, 1, 2 from 12
+    # baseline_into_treatment effects are measured from the treatment metric, not the baseline
+    c = _frame([0.0, 0.0, 0.0], "baseline_into_treatment").assign(metric=[12.0, 13.0, 14.0])  # effects 0, 1, 2 from 12
     out = agreement(c, c.assign(metric=[12.0, 13.5, 13.0]))  # effects 0, 1.5, 1
     assert out["n_trivial"] == 1 and out["n"] == 2 and out["sign_agreement"] == 1.0
     with pytest.raises(ConfigError, match="share no"):
-        agreement(a, _frame([1.0], "baseline_into_eah"))
+        agreement(a, _frame([1.0], "baseline_into_treatment"))
 
 
 
@@ -414,7 +423,7 @@ def test_organism_dla_adds_up_and_attribution_runs_match_plain_runs():
     bundle = load_model("organism")
     model = bundle.model
     x = bundle.processor([bundle.yes_no_prompt(question_for("triangle"))], [make_scene(100000001).image])
-    config = EAHConfig.paper(threshold=bundle.threshold)
+    config = EAH.paper(threshold=bundle.threshold)
     yes, no = bundle.yes_ids[0], bundle.no_ids[0]
     frame = direct_logit_attribution(model, x, (yes, no), interventions=config)
     for condition, cfg in (("baseline", None), ("EAH", config)):
@@ -425,9 +434,9 @@ def test_organism_dla_adds_up_and_attribution_runs_match_plain_runs():
         assert sub[sub.component.isin(["embed", "attn", "mlp"])]["contribution"].sum() == pytest.approx(want, abs=2e-3)
     metric = LogitDiff(yes=tuple(bundle.yes_ids), no=tuple(bundle.no_ids))
     attr = attribution_patching(model, x, config, metric, sites=("attn_out",), layers=[0, 1], positions=("all",))
-    assert attr.attrs["eah_metric"] != pytest.approx(attr.attrs["baseline_metric"], abs=1e-3)
+    assert attr.attrs["treatment_metric"] != pytest.approx(attr.attrs["baseline_metric"], abs=1e-3)
     layer0 = attr[attr.layer == 0]  # before the edit: nothing to patch
-    receiver = layer0["baseline_metric"].where(layer0.direction == "eah_into_baseline", layer0["eah_metric"])
+    receiver = layer0["baseline_metric"].where(layer0.direction == "treatment_into_baseline", layer0["treatment_metric"])
     assert (layer0["metric"] == receiver).all()
     assert (attr[attr.layer == 1]["metric"] != attr[attr.layer == 1]["baseline_metric"]).any()
 

@@ -1,9 +1,11 @@
 """Issue 18: one calling convention for the three backends, and the TransformerLens route takes processor outputs.
 
 On one tiny LLaVA (two rows whose image tokens start at different positions), with the layout left out
-everywhere, ``hf``, ``nnsight`` and ``lens`` apply the same EAH edit (same records, read the same way:
-``run.records``, ``run.source_heads()``, ``run.config``) and feed the same `HeadStats`; the reference is a
-run with a layout written out by hand from the known token positions. A language-model-only bridge takes
+everywhere, ``hf``, ``nnsight`` and ``transformer_lens`` apply the same EAH edit (one result type, read the
+same way: ``run.records``, ``run.source_heads()``, ``run.interventions``) and feed the same `HeadStats`;
+the reference is a run with a layout written out by hand from the known token positions. The edit is
+chosen so that the layout matters (a threshold under which the rows pick different source heads, and an
+image-region copy): a layout one position off changes the logits, so these comparisons can fail. A language-model-only bridge takes
 the processor's dict (``input_ids`` + ``pixel_values`` + ``attention_mask``) and equals the HF model; ids
 with image placeholders but no image are refused instead of being embedded as text.
 """
@@ -14,15 +16,17 @@ import pytest
 import torch
 from nnsight import NNsight
 
-import eah_interp.lens as lens
 import eah_interp.nnsight as ens
-from eah_interp import EAHConfig, HeadStats, LayoutError, TokenLayout, hf, patching
-from eah_interp._testing import n_image_tokens, sharp_tiny_llava, tiny_llava_inputs
-from eah_interp.stats import STATISTICS
+import eah_interp.transformer_lens as lens
+from eah_interp import EAH, HeadStats, LayoutError, TokenLayout, hf, patching
+from eah_interp.head_stats import STATISTICS
+from eah_interp.interventions import InterventionRun
+from eah_interp.models.tiny import n_image_tokens, sharp_tiny_llava, tiny_llava_inputs
 
 PREFIX = (3, 6)  # row r: [bos, PREFIX[r] text tokens, image tokens, 1 token, SUFFIX[r] tokens]
 SUFFIX = (5, 2)
-CONFIG = EAHConfig(layers=(1,), threshold=0.0, normalise="causal")  # every image token a sink: ties -> head 0
+#: Rows pick heads 1 and 2 at this threshold, and only image-key columns are copied: the logits depend on the layout.
+CONFIG = EAH(layers=(1,), threshold=0.06, normalise="causal", region="image")
 LAYERS = (0, 2)
 
 
@@ -82,29 +86,47 @@ def test_hf_derives_the_hand_layout(model, inputs, reference):
     with torch.no_grad(), hf.record_attention(model, LAYERS, stats=stats):
         model(**inputs)
     torch.testing.assert_close(logits, want_logits, rtol=0, atol=0)
-    assert run.source_heads() == want_heads and run.config is CONFIG and run.records[0].layer == 1
+    assert run.source_heads() == want_heads and run.interventions == (CONFIG,) and run.records[0].layer == 1
     same_stats(stats, want_stats)
+
+
+def test_a_wrong_layout_changes_the_reference(model, inputs, hand_layout, reference):
+    """The comparisons above can fail: the image span one position off gives other logits and statistics."""
+    want_logits, want_heads, want_stats = reference
+    assert want_heads == [[1, 2]]  # not head 0: the threshold separates the heads
+    shifted = TokenLayout(hand_layout.image_mask.roll(1, dims=1), hand_layout.attention_mask)
+    stats = HeadStats(threshold=0.01)
+    with torch.no_grad(), hf.eah(model, CONFIG, layout=shifted):
+        logits = model(**inputs).logits
+    with torch.no_grad(), hf.record_attention(model, LAYERS, stats=stats, layout=shifted):
+        model(**inputs)
+    assert (logits - want_logits).abs().max() > 1e-3
+    with pytest.raises(AssertionError):
+        same_stats(stats, want_stats)
 
 
 def test_nnsight_without_a_layout_equals_hf(model, inputs, reference):
     want_logits, want_heads, want_stats = reference
     nn_model = NNsight(model)
+    stats = HeadStats(threshold=0.01)
     with torch.no_grad(), nn_model.trace(**inputs):
-        stats = ens.feed_head_stats(nn_model, HeadStats(threshold=0.01), layers=LAYERS[:1])
-        run = ens.apply_eah(nn_model, CONFIG)
-        ens.feed_head_stats(nn_model, stats, layers=LAYERS[1:])  # after the edit: the edited layer 2 sees layer 1's change
+        ens.record_attention(nn_model, LAYERS[:1], stats=stats)
+        run = ens.eah(nn_model, CONFIG)
+        # after the edit: the edited layer 2 sees layer 1's change
+        ens.record_attention(nn_model, LAYERS[1:], stats=stats)
         logits = nn_model.output.logits.save()
     torch.testing.assert_close(logits, want_logits, rtol=0, atol=1e-5)
-    assert run.source_heads() == want_heads and run.config == CONFIG and run.records is run
+    assert run.source_heads() == want_heads and run.interventions == (CONFIG,) and type(run) is InterventionRun
     assert stats.n_examples(0) == 2
 
 
 def test_nnsight_statistics_without_a_layout_equal_hf(model, inputs, reference):
     *_, want_stats = reference
     nn_model = NNsight(model)
+    stats = HeadStats(threshold=0.01)
     with torch.no_grad(), nn_model.trace(inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                          pixel_values=inputs["pixel_values"]):  # ids as the first positional input
-        stats = ens.feed_head_stats(nn_model, HeadStats(threshold=0.01), layers=LAYERS)
+        ens.record_attention(nn_model, LAYERS, stats=stats)
     same_stats(stats, want_stats)
 
 
@@ -116,9 +138,9 @@ def test_lens_without_a_layout_equals_hf(bridges, inputs, reference, which):
     stats = HeadStats(threshold=0.01)
     with torch.no_grad():
         logits = bridge.run_with_hooks(**inputs, fwd_hooks=hooks)
-        bridge.run_with_hooks(**inputs, fwd_hooks=lens.head_stats_hooks(bridge, stats, layers=LAYERS))
+        bridge.run_with_hooks(**inputs, fwd_hooks=lens.record_attention(bridge, LAYERS, stats=stats)[0])
     torch.testing.assert_close(logits, want_logits, rtol=0, atol=1e-5)
-    assert run.source_heads() == want_heads and run.config is CONFIG and run.records is run
+    assert run.source_heads() == want_heads and run.interventions == (CONFIG,) and type(run) is InterventionRun
     same_stats(stats, want_stats)
 
 
@@ -132,7 +154,7 @@ def test_a_layout_is_asked_for_where_it_cannot_be_derived(model, inputs, bridges
     nn_model = NNsight(model)
     with pytest.raises(LayoutError, match="derives the token layout from the trace's input_ids"):
         with torch.no_grad(), nn_model.trace(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]):
-            ens.apply_eah(nn_model, CONFIG)
+            ens.eah(nn_model, CONFIG)
 
 
 # ---------------------------------------------------------------------------- the language-model-only route
@@ -162,14 +184,16 @@ def test_language_model_only_bridge_refuses_placeholders_without_an_image(inputs
 def test_patch_lens_on_the_language_model_only_bridge_takes_the_processor_outputs(bridges, inputs):
     """Was: LayoutError "Cannot derive the token layout" (the wrapped causal LM has no image token id)."""
     full, lm_only = bridges
-    options = dict(sites=("attn_out",), positions=("image", "last"), layers=[1], directions=("eah_into_baseline",))
-    got = patching.patch_lens(lm_only, dict(inputs), CONFIG, (5, 7), **options)
-    want = patching.patch_lens(full, dict(inputs), CONFIG, (5, 7), **options)
+    options = dict(sites=("attn_out",), positions=("image", "last"), layers=[1], directions=("treatment_into_baseline",),
+                   progress=False)
+    eah = [EAH.from_dict(CONFIG.to_dict())]
+    got = patching.sweep(patching.LensPatcher(lm_only, dict(inputs), eah), (5, 7), **options)
+    want = patching.sweep(patching.LensPatcher(full, dict(inputs), eah), (5, 7), **options)
     assert len(got) == len(want) == 2
-    for column in ("metric", "baseline_metric", "eah_metric"):
+    for column in ("metric", "baseline_metric", "treatment_metric"):
         torch.testing.assert_close(torch.tensor(got[column].to_numpy()), torch.tensor(want[column].to_numpy()),
                                    rtol=0, atol=1e-4)
-    assert got["baseline_metric"].iloc[0] != got["eah_metric"].iloc[0]  # the edit is active
+    assert got["baseline_metric"].iloc[0] != got["treatment_metric"].iloc[0]  # the edit is active
 
 
 @pytest.mark.parametrize("family", ["instructblip", "smolvlm"])
@@ -199,7 +223,7 @@ def test_the_organism_through_its_language_model_takes_the_processor_outputs():
     model = bundle.model
     x = bundle.processor([bundle.yes_no_prompt(question_for("triangle"))], [make_scene(100000001).image])
     bridge = lens.boot_bridge(model, bundle.processor.tokenizer, copy=True, language_model_only=True)
-    config = EAHConfig.paper(threshold=bundle.threshold)
+    config = EAH.paper(threshold=bundle.threshold)
     model.set_attn_implementation({"text_config": "eager"})  # the bridge runs eager attention everywhere
     try:
         with torch.no_grad(), hf.eah(model, config) as want_run:

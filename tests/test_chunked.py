@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eah_interp import EAHConfig, TokenLayout, native
+from eah_interp import EAH, TokenLayout, native
 from eah_interp.chunked import chunked_attention
-from eah_interp.edit import apply_eah_to_attention, apply_eah_to_probs, is_plain_copy
-from eah_interp.stats import head_statistics, head_statistics_from_sums
+from eah_interp.edit import apply_eah_to_probs, is_plain_copy, map_free_eah
+from eah_interp.head_stats import head_statistics, head_statistics_from_sums
 
 B, H, KV, N, D = 2, 6, 2, 19, 8
 
@@ -92,11 +92,11 @@ def test_map_free_eah_equals_editing_the_full_map(source, normalise):
     lay = layout(4)
     allowed, _ = masks(lay)
     probs, _ = explicit(q, k, v, allowed)
-    config = EAHConfig(layers=(1,), threshold=0.03, source=source, normalise=normalise)
+    config = EAH(layers=(1,), threshold=0.03, source=source, normalise=normalise)
     assert is_plain_copy(config)
     edited, want_record = apply_eah_to_probs(probs.nan_to_num(0.0), lay, config, layer=1)
     want = (edited @ v.repeat_interleave(H // KV, 1)).transpose(1, 2)
-    got, record = apply_eah_to_attention(q, k, v, allowed, SCALE, lay, config, layer=1)
+    got, record, _ = map_free_eah(q, k, v, allowed, SCALE, lay, config, layer=1)
     real = lay.attention_mask
     assert torch.equal(record.source_heads, want_record.source_heads)
     assert torch.equal(record.sink_counts, want_record.sink_counts)
@@ -108,8 +108,8 @@ def test_rows_without_a_sink_head_keep_plain_attention():
     lay = layout(0)
     allowed, _ = masks(lay)
     _, plain = explicit(q, k, v, allowed)
-    config = EAHConfig(layers=(1,), threshold=10.0)  # no score reaches 10: no source head anywhere
-    got, record = apply_eah_to_attention(q, k, v, None, SCALE, lay, config, layer=1)
+    config = EAH(layers=(1,), threshold=10.0)  # no score reaches 10: no source head anywhere
+    got, record, _ = map_free_eah(q, k, v, None, SCALE, lay, config, layer=1)
     assert (record.source_heads == -1).all() and not record.edited.any()
     assert torch.allclose(got, plain, atol=1e-5)
 
@@ -117,9 +117,9 @@ def test_rows_without_a_sink_head_keep_plain_attention():
 def test_map_free_eah_refuses_what_it_cannot_compute():
     q, k, v = projections()
     with pytest.raises(ValueError, match="plain-copy"):
-        apply_eah_to_attention(q, k, v, None, SCALE, layout(0), EAHConfig(layers=(1,), alpha=0.5), 1)
+        map_free_eah(q, k, v, None, SCALE, layout(0), EAH(layers=(1,), alpha=0.5), 1)
     with pytest.raises(ValueError, match="prompt forwards"):
-        apply_eah_to_attention(q[:, :, -1:], k, v, None, SCALE, layout(0), EAHConfig(layers=(1,)), 1)
+        map_free_eah(q[:, :, -1:], k, v, None, SCALE, layout(0), EAH(layers=(1,)), 1)
 
 
 def float64_reference(q, k, v, allowed):

@@ -33,11 +33,11 @@ def test_scan_and_generate_on_a_tiny_model(tmp_path, no_network):
     frame = pd.read_csv(tmp_path / "head_stats.csv")
     assert len(frame) == 4 * 4 and (frame["n"] == 3).all()  # 4 layers x 4 heads, 3 images each
     assert (tmp_path / "sink_density.png").stat().st_size > 0
-    result = runner.invoke(app, ["generate", "--model", "tiny-llava", "--scenes", "2", "--max-new-tokens", "3"])
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["generate", "--model", "tiny-llava", "--scenes", "2", "--max-new-tokens", "3"])
     assert result.exit_code == 0, result.output
-    assert "EAH" in result.output and "source head" in result.output
-    bad = runner.invoke(app, ["generate", "--model", "tiny-llava", "--preset", "nonsense"])
-    assert bad.exit_code != 0 and "preset" in bad.output
+    assert "baseline vs eah" in result.output and "EAH source head" in result.output
+    bad = runner.invoke(app, ["generate", "--model", "tiny-llava", "--interventions", "nonsense"])
+    assert bad.exit_code == 2 and "Unknown" in bad.output and "nonsense" in bad.output
 
 
 @pytest.mark.slow

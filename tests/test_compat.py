@@ -18,10 +18,9 @@ import transformers
 from nnsight import NNsight
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from eah_interp import compat, hf
-from eah_interp._testing import tiny_llava, tiny_llava_inputs
+from eah_interp import compat, dispatch
 from eah_interp.errors import AttentionImplementationError, FrameworkVersionError
-from eah_interp.models.tiny import tiny_family
+from eah_interp.models.tiny import tiny_family, tiny_llava, tiny_llava_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -259,7 +258,7 @@ def test_transformers_lvlm_get_placeholder_mask_marks_the_image_token_positions(
     model, inputs = tiny_family(family)
     ids = inputs["input_ids"]
     (token,) = adapter_for(model).visual_token_ids(model)[:1]
-    inner = getattr(model, "model", model)  # as eah_interp.lens.multimodal_embeds finds it
+    inner = getattr(model, "model", model)  # as eah_interp.transformer_lens.multimodal_embeds finds it
     embeds = model.get_input_embeddings()(ids)
     n_image = int((ids == token).sum())
     features = torch.zeros(n_image, embeds.shape[-1])
@@ -342,7 +341,7 @@ def test_nnsight_interleaver_records_the_calls_drilled_into(llava):
         found.append(compat.drilled_function(nn_model, call))
     before, after = found
     assert before is None
-    assert after is not None and after.__qualname__ == hf.eager_attention.__qualname__
+    assert after is not None and after.__qualname__ == dispatch.eager_attention.__qualname__
 
 
 def test_nnsight_envoys_wrap_their_module_as_module_attribute(llava):
@@ -358,21 +357,25 @@ def test_nnsight_envoys_wrap_their_module_as_module_attribute(llava):
 # ---------------------------------------------------------------------------- TransformerLens
 @pytest.fixture(scope="module")
 def bridge():
-    from eah_interp.lens import boot_bridge
+    from eah_interp.transformer_lens import boot_bridge
 
     return boot_bridge(tiny_llava())
 
 
 def test_lens_bridge_has_the_hook_names_eah_interp_uses(bridge):
+    from eah_interp.sites import LENS_HOOKS, lens_hook_name
+
     names = set(compat.bridge_hook_names(bridge))
-    for site in compat.LENS_HOOKS:
+    for site in LENS_HOOKS:
         for layer in range(4):
-            assert compat.lens_hook_name(site, layer) in names, compat.lens_hook_name(site, layer)
-    assert compat.bridge_shape(bridge) == (4, 4)  # tiny_llava: 4 decoder layers, 4 heads
+            assert lens_hook_name(site, layer) in names, lens_hook_name(site, layer)
+    assert compat.bridge_shape(bridge) == (4, 4, 2, 64)  # tiny_llava: 4 decoder layers, 4 heads, 2 KV heads, d 64
 
 
 def test_lens_pattern_hook_sees_the_post_softmax_probabilities(bridge, llava):
     """``blocks.{l}.attn.hook_pattern`` carries ``[batch, heads, q, k]`` rows that sum to one."""
+    from eah_interp.sites import lens_hook_name
+
     _, inputs = llava
     seen = {}
 
@@ -381,7 +384,7 @@ def test_lens_pattern_hook_sees_the_post_softmax_probabilities(bridge, llava):
 
     with torch.no_grad():
         bridge.run_with_hooks(
-            inputs["input_ids"], fwd_hooks=[(compat.lens_hook_name("pattern", 1), keep)],
+            inputs["input_ids"], fwd_hooks=[(lens_hook_name("probs", 1), keep)],
             pixel_values=inputs["pixel_values"], attention_mask=inputs["attention_mask"],
         )
     pattern = seen["pattern"]
@@ -404,7 +407,7 @@ def test_lens_runtime_install_helper_is_replaced_while_booting_and_restored():
 def test_lens_boot_without_an_adapter_raises_value_error_naming_supported_architectures():
     """``boot_transformers`` refuses an architecture it has no adapter for with a ValueError eah-interp recognises."""
     from eah_interp.errors import UnsupportedModelError
-    from eah_interp.lens import boot_bridge
+    from eah_interp.transformer_lens import boot_bridge
 
     model, _ = tiny_family("qwen2_vl")
     with pytest.raises(UnsupportedModelError, match="no bridge adapter") as caught:

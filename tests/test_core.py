@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from eah_interp import (
+    EAH,
     ConfigError,
-    EAHConfig,
     HeadIndexError,
     HeadStats,
     LayerIndexError,
@@ -98,9 +98,9 @@ def test_sink_scores_hand_computed_causal_and_official():
     assert causal[1, 1].item() == pytest.approx(0.4 / 4)
     assert causal[:, [0, 3, 4, 5]].abs().sum() == 0
     official = sink_scores(probs, layout, "official")[0]
-    # image extent [s, e) = [1, 3): d(j) = s + e - j = 4 - j
-    assert official[0, 1].item() == pytest.approx(1.8 / 3)
-    assert official[0, 2].item() == pytest.approx(0.5 / 2)
+    # image extent [s, e) = [1, 3): keys s + 1 .. e - 1 scored with d(j) = (s + 1) + e - j = 5 - j; key s never
+    assert official[:, 1].abs().sum() == 0
+    assert official[0, 2].item() == pytest.approx(0.5 / 3)
 
 
 def test_rows_normaliser_counts_earlier_rows_too():
@@ -120,10 +120,10 @@ def test_rows_normaliser_counts_earlier_rows_too():
 def test_official_denominator_matches_llava_647_minus_j():
     from eah_interp import sink_denominator
 
-    # The official code's LLaVA-1.5 image span [36, 611) gives d(j) = 647 - j.
-    layout = TokenLayout.from_spans([(36, 611)], seq_len=640)
+    # LLaVA-1.5's image span [35, 611): the official window [36, 611) with d(j) = 647 - j; key 35 unscored.
+    layout = TokenLayout.from_spans([(35, 611)], seq_len=640)
     d = sink_denominator(layout, 640, "official")[0]
-    assert d[36].item() == 611 and d[100].item() == 547 and d[610].item() == 37
+    assert d[36].item() == 611 and d[100].item() == 547 and d[610].item() == 37 and d[35].item() == 0
     causal = sink_denominator(layout, 640, "causal")[0]
     assert causal[100].item() == 640 - 1 - 100
 
@@ -182,11 +182,11 @@ def test_drop_columns_renormalises_rows():
 
 # ---------------------------------------------------------------------------- config
 def test_config_presets_roundtrip_and_validation():
-    paper, ref = EAHConfig.paper(), EAHConfig.reference()
+    paper, ref = EAH.paper(), EAH.reference()
     assert paper.layers == (1,) and paper.normalise == "causal" and not paper.skip_if_head0
     assert ref.layers == (15,) and ref.normalise == "official" and ref.skip_if_head0 and ref.threshold == 0.0008
-    for cfg in (paper, ref, EAHConfig(layers=[2, 3], region="image", alpha=0.5, target_heads=[1])):
-        assert EAHConfig.from_json(cfg.to_json()) == cfg
+    for cfg in (paper, ref, EAH(layers=[2, 3], region="image", alpha=0.5, target_heads=[1])):
+        assert EAH.from_json(cfg.to_json()) == cfg
         json.loads(cfg.to_json())
     assert "layer(s) [15]" in ref.describe()
     for bad in (
@@ -201,42 +201,42 @@ def test_config_presets_roundtrip_and_validation():
         dict(target_heads=()),
     ):
         with pytest.raises(ConfigError):
-            EAHConfig(**bad)
+            EAH(**bad)
     with pytest.raises(LayerIndexError, match="15"):
-        EAHConfig.reference().validate_for(n_layers=4, n_heads=4)
+        EAH.reference().validate_for(n_layers=4, n_heads=4)
     with pytest.raises(HeadIndexError):
-        EAHConfig(source=7).validate_for(n_layers=4, n_heads=4)
+        EAH(source=7).validate_for(n_layers=4, n_heads=4)
 
 
 # ---------------------------------------------------------------------------- edit
 def test_apply_eah_picks_the_densest_head_and_records_it():
     probs, layout = example()
     probs = probs[:, [1, 0]]  # head 1 is now the sink head
-    edited, record = apply_eah_to_probs(probs, layout, EAHConfig(layers=(0,), threshold=0.3), layer=0)
+    edited, record = apply_eah_to_probs(probs, layout, EAH(layers=(0,), threshold=0.3), layer=0)
     assert record.source_head.tolist() == [1] and record.sink_counts.tolist() == [[0, 1]]
     assert torch.equal(edited[0, 0], HEAD_A) and torch.equal(edited[0, 1], HEAD_A)
     # no head above the threshold: nothing changes
-    edited, record = apply_eah_to_probs(probs, layout, EAHConfig(layers=(0,), threshold=0.9), layer=0)
+    edited, record = apply_eah_to_probs(probs, layout, EAH(layers=(0,), threshold=0.9), layer=0)
     assert record.source_head.tolist() == [-1] and torch.equal(edited, probs)
 
 
 def test_reference_quirk_skips_head0_only_when_asked():
     probs, layout = example()  # head 0 is the sink head
-    cfg = EAHConfig.reference(layers=(0,), threshold=0.3)
+    cfg = EAH.reference(layers=(0,), threshold=0.3)
     edited, record = apply_eah_to_probs(probs, layout, cfg, layer=0)
     assert record.source_head.tolist() == [-1] and torch.equal(edited, probs)
-    edited, record = apply_eah_to_probs(probs, layout, EAHConfig(layers=(0,), threshold=0.3), layer=0)
+    edited, record = apply_eah_to_probs(probs, layout, EAH(layers=(0,), threshold=0.3), layer=0)
     assert record.source_head.tolist() == [0] and torch.equal(edited[0, 1], HEAD_A)
 
 
 def test_controls_fewest_random_and_sink_free():
     probs, layout = example()
-    _, rec = apply_eah_to_probs(probs, layout, EAHConfig(layers=(0,), threshold=0.3, source="fewest"), layer=0)
+    _, rec = apply_eah_to_probs(probs, layout, EAH(layers=(0,), threshold=0.3, source="fewest"), layer=0)
     assert rec.source_head.tolist() == [1]
-    _, rec1 = apply_eah_to_probs(probs, layout, EAHConfig(layers=(0,), source="random", seed=3), layer=0)
-    _, rec2 = apply_eah_to_probs(probs, layout, EAHConfig(layers=(0,), source="random", seed=3), layer=0)
+    _, rec1 = apply_eah_to_probs(probs, layout, EAH(layers=(0,), source="random", seed=3), layer=0)
+    _, rec2 = apply_eah_to_probs(probs, layout, EAH(layers=(0,), source="random", seed=3), layer=0)
     assert rec1.source_head.tolist() == rec2.source_head.tolist()
-    edited, _ = apply_eah_to_probs(probs, layout, EAHConfig(layers=(0,), threshold=0.3, drop_sinks=True), layer=0)
+    edited, _ = apply_eah_to_probs(probs, layout, EAH(layers=(0,), threshold=0.3, drop_sinks=True), layer=0)
     expected_row5 = [x / 0.7 for x in [0.1, 0, 0.1, 0.1, 0.2, 0.2]]
     assert edited[0, 1, 5].tolist() == pytest.approx(expected_row5)
 

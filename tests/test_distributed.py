@@ -20,12 +20,13 @@ import pytest
 from typer.testing import CliRunner
 
 from eah_interp import cli, distributed
-from eah_interp._testing import scene_items
 from eah_interp.data import scene_dataset
-from eah_interp.distributed import Shard, merge_items, merge_scan, read_checkpoint, read_items
+from eah_interp.distributed import Shard, merge_items, merge_scan, read_checkpoint
 from eah_interp.errors import ConfigError
 from eah_interp.experiments import scan_images
 from eah_interp.models import load_model
+from eah_interp.models.tiny import scene_items
+from eah_interp.resumable import read_items, recover_items
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
@@ -44,7 +45,7 @@ def names() -> list[str]:
 @pytest.fixture(scope="module")
 def reference() -> pd.DataFrame:
     """An uninterrupted 1-process scan of the N images (`scan_images`, not the CLI or this module)."""
-    images = [image for _, image, _ in cli._images(N, [], [])]
+    images = [item.load_image() for item in cli._images(N, [], [])]
     stats = scan_images(load_model("tiny-llava"), images, threshold=float(THRESHOLD), batch_size=BATCH, progress=False)
     frame = stats.to_frame()
     assert (frame.n == N).all()
@@ -138,6 +139,32 @@ def test_scan_refuses_duplicate_names_and_another_dataset(tmp_path):
 
 
 # ---------------------------------------------------------------------------- items (eval)
+def test_logs_under_one_header_file(tmp_path):
+    """Two shard logs share run.json as their header: other arguments are refused, records stay when the
+    header is rewritten, a log whose header file is gone is refused, and a cut last line is dropped on open."""
+    from eah_interp.resumable import ResumableLog
+
+    header = tmp_path / "run.json"
+    logs = [ResumableLog(tmp_path / f"items.shard-{i}-of-2.jsonl", "evaluation", {"model": "m"}, header=header)
+            for i in range(2)]
+    assert logs[0].open() == (None, [])
+    logs[0].start(conditions=["baseline"])
+    logs[0].append({"k": 1}, {"k": 2})
+    logs[1].append({"k": 3})
+    logs[1].path.write_text(logs[1].path.read_text() + '{"k": 4')  # killed mid-write
+    logs[1].start(conditions=["baseline", "eah"])  # a resumed run with a new arm: the header only is replaced
+    assert json.loads(header.read_text()) == {"kind": "evaluation", "arguments": {"model": "m"},
+                                              "conditions": ["baseline", "eah"]}
+    assert logs[0].open()[1] == [{"k": 1}, {"k": 2}] and logs[1].open()[1] == [{"k": 3}]
+    assert logs[1].path.read_text() == '{"k": 3}\n'
+    with pytest.raises(ConfigError, match=r"other arguments \(model: saved 'm', now 'n'\)"):
+        ResumableLog(logs[1].path, "evaluation", {"model": "n"}, header=header).open()
+    header.unlink()
+    with pytest.raises(ConfigError, match="header .*run.json is missing"):
+        logs[0].open()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def _write(path: Path, lines: list[str], end: str = "\n") -> Path:
     path.write_text("\n".join(lines) + end)
     return path
@@ -169,13 +196,13 @@ def test_merge_items_by_key_without_duplicates_in_a_fixed_order(tmp_path):
     with pytest.raises(ConfigError, match="none of the key fields"):
         merge_items([keyless], tmp_path / "x.jsonl")
     # resuming an items file a kill cut off: the cut line is removed before anything is appended
-    assert distributed.recover_items(tmp_path / "none.jsonl") == []
-    recovered = distributed.recover_items(b)
+    assert recover_items(tmp_path / "none.jsonl") == []
+    recovered = recover_items(b)
     assert recovered == items and b.read_text().endswith("\n") and b.read_text().count("\n") == 4
     with b.open("a") as f:
         f.write(json.dumps(rows[0]) + "\n")
     assert read_items(b) == (items + [rows[0]], False)
-    assert distributed.recover_items(a) == rows[:5] and a.read_text().count("\n") == 5  # a whole file: untouched
+    assert recover_items(a) == rows[:5] and a.read_text().count("\n") == 5  # a whole file: untouched
     # from the command line: items only (no scan shards in the folder)
     result = CliRunner().invoke(cli.app, ["merge", str(tmp_path), "--items", str(a), "--items", str(b)])
     assert result.exit_code == 0, result.output
@@ -278,7 +305,7 @@ def test_sigkill_of_one_rank_then_rerun_equals_the_uninterrupted_run(tmp_path, n
     killed = torchrun([*SCAN, "--out", str(tmp_path)], worker=True, EAH_TEST_FAULT="1:replace:2")
     assert killed.returncode != 0 and not (tmp_path / "head_stats.csv").exists()
     assert done_of(shard1) == [names[1], names[3]] and read_checkpoint(shard1).stats.n_examples(0) == 2
-    assert (tmp_path / (shard1.name + ".tmp")).exists()  # the unfinished write, never read
+    assert list(tmp_path.glob(shard1.name + ".*.tmp"))  # the unfinished write, never read
     # run 3: the same command, no fault
     result = torchrun([*SCAN, "--out", str(tmp_path)])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -307,7 +334,7 @@ def test_accelerate_launch_two_processes_equal_one_process(tmp_path, names, refe
 
 # ---------------------------------------------------------------------------- data-parallel eval
 #: One item a batch, so that every result is computed alone whichever shard computes it.
-EVAL = ["eval", "--model", "tiny-llava", "-n", "3", "--condition", "eah_paper", "--beams", "1", "--max-new-tokens", "2",
+EVAL = ["eval", "--model", "tiny-llava", "-n", "3", "--arm", "eah_paper", "--beams", "1", "--max-new-tokens", "2",
         "--bootstrap", "50", "--batch-size", "1"]
 
 
@@ -405,17 +432,17 @@ def remote_setup():
     import torch
     from nnsight import NNsight
 
-    from eah_interp import EAHConfig, TokenLayout
-    from eah_interp._testing import TINY_IMAGE_TOKEN_ID, sharp_tiny_llava, tiny_llava_inputs
+    from eah_interp import EAH, TokenLayout
+    from eah_interp.models.tiny import TINY_IMAGE_TOKEN_ID, sharp_tiny_llava, tiny_llava_inputs
 
     model = sharp_tiny_llava()
     inputs = tiny_llava_inputs(model, prefix_lengths=(3, 6), suffix_lengths=(5, 2), padding_side="left", seed=1)
     layout = TokenLayout.from_input_ids(inputs["input_ids"], TINY_IMAGE_TOKEN_ID, inputs["attention_mask"])
     torch.set_num_threads(1)
-    return model, NNsight(model), inputs, layout, EAHConfig.paper(threshold=0.02)
+    return model, NNsight(model), inputs, layout, EAH.paper(threshold=0.02)
 
 
-def test_apply_eah_trace_body_ships_only_its_arguments(remote_setup):
+def test_eah_trace_body_ships_only_its_arguments(remote_setup):
     """The block nnsight would send to a server references the package, the model's envoys, the config and the
     layout (plain tensors) only: no local function, closure or object of the caller."""
     import torch
@@ -425,7 +452,7 @@ def test_apply_eah_trace_body_ships_only_its_arguments(remote_setup):
     from nnsight.tracing.backend import Backend
 
     import eah_interp.nnsight as ens
-    from eah_interp import EAHConfig, TokenLayout
+    from eah_interp import EAH, TokenLayout
 
     model, nn_model, inputs, layout, config = remote_setup
     shipped = {}
@@ -438,16 +465,16 @@ def test_apply_eah_trace_body_ships_only_its_arguments(remote_setup):
 
     local_helper = lambda: 0  # noqa: E731  (a local object the body does not use: must not be shipped)
     with torch.no_grad(), nn_model.trace(**inputs, use_cache=False, backend=Capture()):
-        records = ens.apply_eah(nn_model, config, layout)  # noqa: F841
+        records = ens.eah(nn_model, config, layout)  # noqa: F841
         logits = nn_model.output.logits.save()  # noqa: F841
     assert "records" not in locals()  # Capture only built the payload; nothing ran here
     assert local_helper() == 0
     source, globals_, locals_ = shipped["block"]
-    assert "ens.apply_eah(nn_model, config, layout)" in source
+    assert "ens.eah(nn_model, config, layout)" in source
     captured = {**globals_, **locals_}
     assert set(captured) == {"ens", "nn_model", "config", "layout"}, sorted(captured)
     assert captured["ens"] is ens and isinstance(captured["nn_model"], Envoy)
-    assert isinstance(captured["config"], EAHConfig) and isinstance(captured["layout"], TokenLayout)
+    assert isinstance(captured["config"], EAH) and isinstance(captured["layout"], TokenLayout)
     for field in vars(captured["layout"]).values():
         assert field is None or isinstance(field, torch.Tensor | int | float | str | tuple), type(field)
     # the weights travel as persistent ids (the server's own model), not in the payload
@@ -455,7 +482,7 @@ def test_apply_eah_trace_body_ships_only_its_arguments(remote_setup):
     assert shipped["bytes"] < n_weight_bytes / 4, (shipped["bytes"], n_weight_bytes)
 
 
-def test_apply_eah_runs_under_nnsights_remote_serialisation(remote_setup, monkeypatch):
+def test_eah_runs_under_nnsights_remote_serialisation(remote_setup, monkeypatch):
     """``remote="local"`` semantics: serialise the trace, deserialise it with the caller's own modules hidden
     (eah_interp counted as installed on the server), run it; equals `hf.eah` on the plain model."""
     import torch
@@ -467,12 +494,13 @@ def test_apply_eah_runs_under_nnsights_remote_serialisation(remote_setup, monkey
     model, nn_model, inputs, layout, config = remote_setup
     monkeypatch.setattr(nn_local, "_SERVER_MODULES", nn_local._SERVER_MODULES | {"eah_interp"})
     with torch.no_grad(), nn_model.trace(**inputs, use_cache=False, backend=nn_local.LocalSimulationBackend(_Server(nn_model))):
-        records = ens.apply_eah(nn_model, config, layout)
+        nn_run = ens.eah(nn_model, config, layout)
         logits = nn_model.output.logits.save()
+    records = nn_run.records
     with torch.no_grad(), hf.eah(model, config) as run:
         want = model(**inputs, use_cache=False).logits
     mask = inputs["attention_mask"].bool()
     assert torch.allclose(logits[mask], want[mask], atol=1e-5)
     assert [r.source_head.tolist() for r in records] == [r.source_head.tolist() for r in run.records]
-    assert [r.sink_counts.tolist() for r in records] == [r.sink_counts.tolist() for r in run.records]
-    assert any(r.sink_counts.sum() > 0 for r in records)  # the edit did something to compare
+    assert [r.eah.sink_counts.tolist() for r in records] == [r.eah.sink_counts.tolist() for r in run.records]
+    assert any(r.eah.sink_counts.sum() > 0 for r in records)  # the edit did something to compare

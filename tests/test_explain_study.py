@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from eah_interp import hf
-from eah_interp._testing import TINY_IMAGE_TOKEN_ID, sharp_tiny_llava, tiny_llava_inputs
 from eah_interp.errors import ConfigError
 from eah_interp.layout import TokenLayout
 from eah_interp.metrics.stats import holm
+from eah_interp.models.tiny import TINY_IMAGE_TOKEN_ID, sharp_tiny_llava, tiny_llava_inputs
 from eah_interp.studies import explain
 
 # two rows, left padding on row 0: [pad, sys, img, img, q, q, last] and [sys, sys, img, img, q, last, last']

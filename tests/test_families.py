@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import eah_interp.nnsight as ens
-from eah_interp import EAHConfig, HeadStats, TokenLayout, UnsupportedModelError, hf
+from eah_interp import EAH, HeadStats, TokenLayout, UnsupportedModelError, hf
 from eah_interp.models import ADAPTERS, adapter_for, check_model, describe
 from eah_interp.models.tiny import TINY_FAMILIES, tiny_family
 from tests.reference import explicit_edit, explicit_sink_scores
@@ -107,8 +107,8 @@ class Reference:
                     return t
         raise AssertionError(f"{self.name}: no threshold gives every row a sink head")
 
-    def config(self) -> EAHConfig:
-        return EAHConfig(layers=(LAYER,), threshold=self.threshold, normalise=self.normalise)
+    def config(self) -> EAH:
+        return EAH(layers=(LAYER,), threshold=self.threshold, normalise=self.normalise)
 
     def expected(self):
         """(expected o_proj input at LAYER, expected logits, chosen head per row) under EAH."""
@@ -213,16 +213,16 @@ def test_nnsight_equals_hf_backend(ref):
     layout = TokenLayout(ref.image, ref.mask)
     nn_model = NNsight(ref.model)
     with torch.no_grad(), nn_model.trace(**ref.inputs, use_cache=False):
-        records = ens.apply_eah(nn_model, ref.config(), layout)
+        run = ens.eah(nn_model, ref.config(), layout)
         logits = nn_model.output.logits.save()
     assert torch.allclose(real(logits, ref.mask), real(want, ref.mask), atol=ref.logit_atol)
-    assert [r.source_head.tolist() for r in records] == [r.source_head.tolist() for r in hf_records]
+    assert [r.source_head.tolist() for r in run.records] == [r.source_head.tolist() for r in hf_records]
 
 
 def test_lens_support_is_as_documented(ref):
     """"yes": the full bridge with EAH hooks equals the HF backend; "lm-only": the bridge over the language
     model, fed the model's own image embeddings, does; otherwise booting the full bridge fails."""
-    import eah_interp.lens as lens
+    import eah_interp.transformer_lens as lens
 
     support = adapter_for(ref.model).support["lens"]
     layout = TokenLayout(ref.image, ref.mask)
@@ -242,7 +242,7 @@ def test_lens_support_is_as_documented(ref):
             source = lens.multimodal_embeds(bridge_source(ref), ref.inputs["input_ids"], ref.inputs["pixel_values"], **image_kwargs)
         extra = {"attention_mask": ref.inputs["attention_mask"]}
     with torch.no_grad():
-        got = bridge.run_with_hooks(source, fwd_hooks=lens.eah_hooks(bridge, ref.config(), layout), **extra)
+        got = bridge.run_with_hooks(source, fwd_hooks=lens.eah(bridge, ref.config(), layout)[0], **extra)
     assert torch.allclose(real(got, ref.mask), real(want, ref.mask), atol=ref.logit_atol)
 
 
@@ -273,14 +273,14 @@ def test_unknown_model_is_refused_with_the_family_list():
     with pytest.raises(UnsupportedModelError, match=r"no attention modules.*qwen2_vl \(Qwen2VLFor.*docs/new_model.md"):
         adapter_for(vision_only)
     with pytest.raises(UnsupportedModelError, match="docs/new_model.md"):
-        hf.eah(vision_only, EAHConfig.paper())
+        hf.eah(vision_only, EAH.paper())
 
 
 @pytest.mark.parametrize("name", sorted(BIDIRECTIONAL))
 def test_causal_normaliser_on_bidirectional_family_warns(name):
     model, _ = tiny_family(name)
     with pytest.warns(UserWarning, match="normalise='rows'"):
-        hf.eah(model, EAHConfig.paper())
+        hf.eah(model, EAH.paper())
     with pytest.warns(UserWarning, match="normalise='rows'"):
         hf.record_attention(model, [1], stats=HeadStats())
 
@@ -301,11 +301,11 @@ def test_nested_contexts_during_generate_of_a_delegating_model():
     forward: both nested contexts still see the prompt layout, and the wrappers unwind in order."""
     model, inputs = tiny_family("instructblip")
     stats = HeadStats(threshold=0.0)
-    with torch.no_grad(), hf.record_attention(model, [0], stats=stats), hf.eah(model, EAHConfig.paper(threshold=0.0)) as run:
+    with torch.no_grad(), hf.record_attention(model, [0], stats=stats), hf.eah(model, EAH.paper(threshold=0.0)) as run:
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert len(run.records) == 1 and stats.n_examples(0) == 2
     assert "generate" not in vars(model)
     with pytest.raises(Exception, match="No token layout"):  # a later inputs_embeds-only call reuses nothing
-        with hf.eah(model, EAHConfig.paper(threshold=0.0)), torch.no_grad():
+        with hf.eah(model, EAH.paper(threshold=0.0)), torch.no_grad():
             embeds = model.get_input_embeddings()(inputs["input_ids"])
             model.language_model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from eah_interp.errors import LayoutError
+from eah_interp.head_stats import group_attention
 from eah_interp.layout import TokenLayout
-from eah_interp.stats import group_attention
 
 # row 0: [pad, sys, IMG, IMG, q, q, last]; row 1: [sys, sys, IMG, IMG, IMG, q, last]
 LAYOUT = TokenLayout(

@@ -7,8 +7,17 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from eah_interp import EAHConfig, HeadStats, LayerIndexError, NoImageTokensError, TokenLayout, hf, sink_scores
-from eah_interp._testing import TINY_IMAGE_TOKEN_ID, sharp_tiny_llava, tiny_llava, tiny_llava_inputs
+from eah_interp import (
+    EAH,
+    AttentionImplementationError,
+    HeadStats,
+    LayerIndexError,
+    NoImageTokensError,
+    TokenLayout,
+    hf,
+    sink_scores,
+)
+from eah_interp.models.tiny import TINY_IMAGE_TOKEN_ID, sharp_tiny_llava, tiny_llava, tiny_llava_inputs
 from tests.reference import explicit_eah_layer
 
 
@@ -54,7 +63,7 @@ def test_identity_edit_equals_eager_and_other_layers_keep_sdpa(model, inputs):
     finally:
         model.set_attn_implementation({"text_config": "sdpa"})
     # a head broadcast onto itself changes nothing; the edited layer runs eager attention
-    identity = EAHConfig(layers=(1,), source=2, target_heads=(2,))
+    identity = EAH(layers=(1,), source=2, target_heads=(2,))
     with hf.eah(model, identity) as run:
         edited = logits(model, inputs)
     assert len(run.records) == 1
@@ -74,7 +83,7 @@ def test_eah_logits_equal_an_explicit_computation(model, inputs, preset):
     layer = 1 if preset == "paper" else 2
     normalise = "causal" if preset == "paper" else "official"
     threshold = discriminative_threshold(model, inputs, layer, normalise)
-    config = (EAHConfig.paper if preset == "paper" else EAHConfig.reference)(layers=(layer,), threshold=threshold)
+    config = (EAH.paper if preset == "paper" else EAH.reference)(layers=(layer,), threshold=threshold)
     with hf.eah(model, config) as run:
         got = logits(model, inputs)
     image_mask = inputs["input_ids"] == TINY_IMAGE_TOKEN_ID
@@ -87,7 +96,7 @@ def test_eah_logits_equal_an_explicit_computation(model, inputs, preset):
     finally:
         model.set_attn_implementation({"text_config": "sdpa"})
     assert run.records[0].source_head.tolist() == [c for c, _ in record]
-    assert run.records[0].sink_counts.tolist() == [counts for _, counts in record]
+    assert run.records[0].eah.sink_counts.tolist() == [counts for _, counts in record]
     assert all(c >= 0 for c, _ in record[1:]) and any(c > 0 for c, _ in record)
     assert torch.allclose(real(got, inputs), real(want, inputs), atol=1e-5)
     assert not torch.allclose(real(got, inputs), real(logits(model, inputs), inputs), atol=1e-3)
@@ -95,7 +104,7 @@ def test_eah_logits_equal_an_explicit_computation(model, inputs, preset):
 
 def test_generate_equals_edited_prefill_then_plain_decoding(model):
     x = tiny_llava_inputs(model, prefix_lengths=(4,), seed=3)
-    config = EAHConfig.paper(threshold=discriminative_threshold(model, x, 1))
+    config = EAH.paper(threshold=discriminative_threshold(model, x, 1))
     with hf.eah(model, config) as run, torch.no_grad():
         generated = model.generate(**x, max_new_tokens=6, do_sample=False)
     assert len(run.records) == 1 and run.records[0].q_len == run.records[0].k_len  # prefill only
@@ -119,7 +128,7 @@ def test_model_is_restored_exactly_also_after_an_exception(model, inputs):
     impl = model.config.text_config._attn_implementation
     keys = set(AttentionInterface._global_mapping), set(AttentionMaskInterface._global_mapping)
     with pytest.raises(RuntimeError, match="boom"):
-        with hf.eah(model, EAHConfig.paper(threshold=0.0)):
+        with hf.eah(model, EAH.paper(threshold=0.0)):
             logits(model, inputs)
             raise RuntimeError("boom")
     with pytest.raises(KeyboardInterrupt):
@@ -136,9 +145,9 @@ def test_model_is_restored_exactly_also_after_an_exception(model, inputs):
 def test_nested_and_two_models_do_not_interfere(model, inputs):
     other = tiny_llava(seed=1)
     stats = HeadStats()
-    config = EAHConfig.paper(threshold=0.0)
+    config = EAH.paper(threshold=0.0)
     with hf.eah(model, config) as run_a, hf.record_attention(other, "all", stats=stats), hf.eah(
-        other, EAHConfig(layers=(2,), threshold=0.0)
+        other, EAH(layers=(2,), threshold=0.0)
     ) as run_b:
         logits(model, inputs)
         logits(other, inputs)
@@ -149,7 +158,7 @@ def test_nested_and_two_models_do_not_interfere(model, inputs):
 
 
 def test_batched_rows_equal_rows_alone(model, inputs):
-    config = EAHConfig.paper(threshold=discriminative_threshold(model, inputs, 1))
+    config = EAH.paper(threshold=discriminative_threshold(model, inputs, 1))
     with hf.eah(model, config) as run:
         batched = logits(model, inputs)
     mask = inputs["attention_mask"].bool()
@@ -182,15 +191,15 @@ def test_record_attention_streams_stats_and_patterns(model, inputs):
 
 def test_errors_name_the_problem(model, inputs):
     with pytest.raises(LayerIndexError, match="4 decoder layers"):
-        hf.eah(model, EAHConfig.reference())
+        hf.eah(model, EAH.reference())
     no_image = {"input_ids": torch.tensor([[1, 5, 6, 7]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
     with pytest.raises(NoImageTokensError, match="no image tokens"):
-        with hf.eah(model, EAHConfig.paper()):
+        with hf.eah(model, EAH.paper()):
             logits(model, no_image)
     model.config.text_config._attn_implementation_internal = "flash_attention_2"
     try:
-        with pytest.raises(hf.AttentionImplementationError, match="flash_attention_2"):
-            with hf.eah(model, EAHConfig.paper()):
+        with pytest.raises(AttentionImplementationError, match="flash_attention_2"):
+            with hf.eah(model, EAH.paper()):
                 pass
     finally:
         model.config.text_config._attn_implementation_internal = "sdpa"
@@ -213,7 +222,7 @@ def test_layers_that_keep_sdpa_keep_its_causal_shortcut(model):
 
     AttentionInterface._global_mapping["sdpa"] = spy
     try:
-        with hf.eah(model, EAHConfig(layers=(1,), source=2, target_heads=(2,))):  # identity edit
+        with hf.eah(model, EAH(layers=(1,), source=2, target_heads=(2,))):  # identity edit
             got = logits(model, unpadded)
     finally:
         AttentionInterface._global_mapping["sdpa"] = sdpa

@@ -28,12 +28,12 @@ def test_backends_are_attributes_of_the_package():
     out = _fresh(
         "import sys, eah_interp\n"
         "assert 'eah_interp.hf' not in sys.modules  # lazy: importing the package does not load the backends\n"
-        "print(eah_interp.hf.eah.__name__, eah_interp.nnsight.__name__, eah_interp.lens.__name__, eah_interp.patching.__name__)\n"
-        "print(sorted({'hf', 'nnsight', 'lens', 'patching'} & set(dir(eah_interp))))\n"
+        "print(eah_interp.hf.eah.__name__, eah_interp.nnsight.__name__, eah_interp.transformer_lens.__name__, eah_interp.patching.__name__)\n"
+        "print(sorted({'hf', 'nnsight', 'transformer_lens', 'patching'} & set(dir(eah_interp))))\n"
     )
     assert out.split("\n")[:2] == [
-        "eah eah_interp.nnsight eah_interp.lens eah_interp.patching",
-        "['hf', 'lens', 'nnsight', 'patching']",
+        "eah eah_interp.nnsight eah_interp.transformer_lens eah_interp.patching",
+        "['hf', 'nnsight', 'patching', 'transformer_lens']",
     ]
 
 
@@ -43,8 +43,8 @@ def test_unknown_attribute_is_still_an_attribute_error():
 
 
 def test_models_do_not_import_the_backends():
-    """models/ is below the backends: no module-level import of hf / nnsight / lens / patching in it."""
-    backends = {"eah_interp.hf", "eah_interp.nnsight", "eah_interp.lens", "eah_interp.patching"}
+    """models/ is below the backends: no module-level import of hf / nnsight / transformer_lens / patching in it."""
+    backends = {"eah_interp.hf", "eah_interp.nnsight", "eah_interp.transformer_lens", "eah_interp.patching"}
     offenders = []
     for path in (PACKAGE / "models").rglob("*.py"):
         tree = ast.parse(path.read_text())
@@ -60,13 +60,106 @@ def test_models_do_not_import_the_backends():
     assert out.strip() == "[]"
 
 
-def test_introspection_lives_in_models_and_hf_reexports_it():
-    from eah_interp import hf
-    from eah_interp.models import introspect
+def test_backends_export_only_their_own_names():
+    """``__all__`` of each backend lists what it defines (no re-exports "for existing callers"), and the model
+    introspection they share lives in ``eah_interp.models``, defined in no backend."""
+    import importlib
 
-    for name in ("text_config", "attention_modules", "model_shape"):
-        assert getattr(hf, name) is getattr(introspect, name)
-        assert name not in {n.name for n in ast.parse((PACKAGE / "hf.py").read_text()).body if isinstance(n, ast.FunctionDef)}
+    for backend in ("hf", "nnsight", "transformer_lens"):
+        module = importlib.import_module(f"eah_interp.{backend}")
+        tree = ast.parse((PACKAGE / f"{backend}.py").read_text())
+        defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)} | {
+            t.id for n in tree.body if isinstance(n, ast.Assign | ast.AnnAssign)
+            for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)
+        }
+        assert set(module.__all__) <= defined, (backend, sorted(set(module.__all__) - defined))
+        assert not {"text_config", "attention_modules", "model_shape", "decoder_layers"} & defined, backend
+
+
+# ---------------------------------------------------------------------------------------------- layers
+#: The floors of the package, lowest first: a module imports only from its own floor or below. A module
+#: named by its first dotted part (``models`` covers ``models.adapters``); the package ``__init__`` is exempt.
+FLOORS = (
+    ("core", ("errors", "compat", "cache", "native", "layout", "sinks", "broadcast", "chunked", "head_stats",
+              "scenes", "metrics", "data", "resumable")),
+    ("interventions, dispatch, models", ("edit", "interventions", "dispatch", "models")),
+    ("backends and their sites", ("hf", "nnsight", "transformer_lens", "sites")),
+    ("analysis and experiments", ("patching", "attribution", "logit_lens", "probing", "experiments", "evaluation",
+                                  "distributed", "studies")),
+    ("CLI and integrations", ("cli", "integrations")),
+)
+#: Imports inside a function that reach up, on purpose: ``check_model`` runs the HF backend on a new model.
+UPWARD_ALLOWED = {("eah_interp.models.validate", "eah_interp.hf")}
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(("eah_interp", *path.relative_to(PACKAGE).with_suffix("").parts))
+        found[name.removesuffix(".__init__")] = path
+    return found
+
+
+def _imports(path: Path, modules: dict[str, Path]) -> list[tuple[str, bool]]:
+    """``(imported eah_interp module, at module level)`` for each runtime import (``TYPE_CHECKING`` blocks skipped)."""
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                   and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
+    top = {id(n) for node in tree.body for n in ast.walk(node)
+           if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)}
+    out = []
+    for node in ast.walk(tree):
+        if id(node) in typing_only or not isinstance(node, ast.Import | ast.ImportFrom):
+            continue
+        if isinstance(node, ast.ImportFrom):
+            if not (node.module or "").startswith("eah_interp"):
+                continue
+            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                     for a in node.names]
+        else:
+            names = [a.name for a in node.names if a.name.startswith("eah_interp")]
+        out += [(name, id(node) in top) for name in names if name in modules]
+    return out
+
+
+def _floor(module: str) -> int:
+    part = module.split(".")[1]
+    for index, (_, names) in enumerate(FLOORS):
+        if part in names:
+            return index
+    raise AssertionError(f"{module} is on no floor: add it to tests/test_house.py FLOORS")
+
+
+def test_no_module_imports_from_a_floor_above_it():
+    """core <- interventions / dispatch / models <- backends <- analysis and experiments <- CLI."""
+    modules = _modules()
+    upward = []
+    for name, path in modules.items():
+        if name == "eah_interp":
+            continue
+        for target, _ in _imports(path, modules):
+            if target != "eah_interp" and _floor(target) > _floor(name) and (name, target) not in UPWARD_ALLOWED:
+                upward.append(f"{name} ({FLOORS[_floor(name)][0]}) imports {target} ({FLOORS[_floor(target)][0]})")
+    assert upward == []
+
+
+def test_no_import_cycle_at_module_level():
+    modules = _modules()
+    graph = {name: {t for t, top in _imports(path, modules) if top and t != name} for name, path in modules.items()}
+    done: set[str] = set()
+
+    def visit(name: str, stack: list[str]) -> None:
+        if name in stack:
+            raise AssertionError("import cycle: " + " -> ".join([*stack[stack.index(name):], name]))
+        if name in done:
+            return
+        for target in sorted(graph.get(name, ())):
+            if not (target == "eah_interp" or name.startswith(target + ".")):  # a package imports its own parts
+                visit(target, [*stack, name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
 
 
 # ---------------------------------------------------------------------------------------------- trap 7

@@ -19,8 +19,16 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from eah_interp import ConfigError, HeadStats, LayerIndexError, TokenLayout, dispatch, hf
-from eah_interp._testing import TINY_IMAGE_TOKEN_ID, sharp_tiny_llava, tiny_llava_inputs
+from eah_interp import (
+    ConfigError,
+    HeadStats,
+    LayerIndexError,
+    LayoutError,
+    TokenLayout,
+    UnsupportedModelError,
+    dispatch,
+    hf,
+)
 from eah_interp.interventions import (
     ADHH,
     EAH,
@@ -36,7 +44,13 @@ from eah_interp.interventions import (
     ValueEdit,
     scaled_range,
 )
-from eah_interp.models.tiny import TINY_IMAGE_ID, tiny_qwen2_vl
+from eah_interp.models.tiny import (
+    TINY_IMAGE_ID,
+    TINY_IMAGE_TOKEN_ID,
+    sharp_tiny_llava,
+    tiny_llava_inputs,
+    tiny_qwen2_vl,
+)
 from tests.reference import explicit_edit
 
 REFERENCE = "eah_interp_tests.reference_attention"
@@ -446,7 +460,7 @@ def test_user_position_masks_equal_the_loop_written_reference(family):
     items = [ValueEdit(keys=mask, scale=0.0, layers=(1,)), ResidualEdit(layers=(0,), positions=mask, add=STEER)]
     assert items[0].keys == tuple(tuple(row) for row in mask.tolist())
     check_against_reference(model, inputs, image_id, items, "user masks")
-    with pytest.raises(hf.LayoutError, match="user position mask"), torch.no_grad():
+    with pytest.raises(LayoutError, match="user position mask"), torch.no_grad():
         with hf.intervene(model, [ValueEdit(keys=mask[:, 1:], layers=(1,))]):
             model(**inputs)
 
@@ -581,10 +595,8 @@ def test_bad_interventions_raise_errors_that_name_the_fix():
         hf.intervene(model, [PAI(layers=(7,))])
     with pytest.raises(IndexError, match="4 heads"):
         hf.intervene(model, [HeadScale(heads=((0, 9),))])
-    with pytest.raises(TypeError, match="EAHConfig"):
+    with pytest.raises(TypeError, match="EAH"):
         hf.intervene(model, ["PAI"])
-    with pytest.raises(ConfigError, match="at least one"):
-        hf.intervene(model, [])
     with pytest.raises(ConfigError, match="changes nothing"):
         ValueEdit(scale=1.0)
     with pytest.raises(IndexError, match="2 key/value heads.*not query heads"):
@@ -714,18 +726,18 @@ def test_nnsight_intervene_equals_hf_intervene(nnsight_llava, case):
         want = prompt_logits(model, inputs)
     layout = TokenLayout.from_input_ids(inputs["input_ids"], TINY_IMAGE_TOKEN_ID, inputs["attention_mask"])
     with torch.no_grad(), nn_model.trace(**inputs, use_cache=False):
-        records = ens.intervene(nn_model, items, layout)
+        got = ens.intervene(nn_model, items, layout)
         logits = nn_model.output.logits.save()
     real = inputs["attention_mask"].bool()
     assert torch.allclose(logits[real], want[real], atol=1e-5)
-    assert [(r.intervention, r.layer, r.point, r.changed) for r in records] == [
+    assert [(r.intervention, r.layer, r.point, r.changed) for r in got.records] == [
         (r.intervention, r.layer, r.point, r.changed) for r in run.records
     ]
     assert all(sum(r.changed for r in run.of(index)) > 0 for index in range(len(items))), case
-    # one calling convention: nnsight's records read like hf's run
-    assert records.records is records and records.interventions == run.interventions
+    # one result type: nnsight returns what hf yields
+    assert type(got) is type(run) and got.interventions == run.interventions and got.summary() == run.summary()
     assert all(
-        [(r.layer, r.point, r.changed) for r in records.of(index)] == [(r.layer, r.point, r.changed) for r in run.of(index)]
+        [(r.layer, r.point, r.changed) for r in got.of(index)] == [(r.layer, r.point, r.changed) for r in run.of(index)]
         for index in range(len(items))
     ), case
 
@@ -847,13 +859,13 @@ def test_nnsight_intervene_at_every_decode_step_equals_hf_generate(nnsight_llava
     with torch.no_grad(), nn_model.trace(**inputs, fn=model.generate, **kwargs) as tracer:
         records = nnsight.save([])
         for _ in tracer.iter[:3]:
-            records += ens.intervene(nn_model, items, layout)
+            records += ens.intervene(nn_model, items, layout).records
         got = tracer.result.save()
     assert torch.equal(got, want)
     key = [(r.intervention, r.layer, r.point, r.q_len, r.k_len, r.changed) for r in records]
     assert key == [(r.intervention, r.layer, r.point, r.q_len, r.k_len, r.changed) for r in run.records]
     assert {r[2] for r in key} == {"values", "residual_output", "scores", "probs"}
-    with pytest.raises(hf.UnsupportedModelError, match=r"prompt forwards only.*hf.intervene"), torch.no_grad():
+    with pytest.raises(UnsupportedModelError, match=r"prompt forwards only.*hf.intervene"), torch.no_grad():
         with nn_model.trace(**inputs, fn=model.generate, **kwargs) as tracer:
             for _ in tracer.iter[:3]:
                 ens.intervene(nn_model, [dataclasses.replace(var, phase="both")], layout)

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from eah_interp import hf
-from eah_interp._testing import TINY_IMAGE_TOKEN_ID, sharp_tiny_llava, tiny_llava_inputs
 from eah_interp.errors import LayoutError
 from eah_interp.interventions import Intervention, Knockout
 from eah_interp.interventions.selectors import Site
 from eah_interp.layout import TokenLayout
+from eah_interp.models.tiny import TINY_IMAGE_TOKEN_ID, sharp_tiny_llava, tiny_llava_inputs
 
 MIN = torch.finfo(torch.float32).min
 # row 0: [pad, sys, IMG, IMG, q, last]; row 1: [sys, IMG, IMG, q, q, last]

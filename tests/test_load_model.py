@@ -305,8 +305,8 @@ def test_loading_a_folder_touches_no_network(llava_checkpoint, monkeypatch):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_scan_and_eah_run_on_a_loaded_checkpoint(family, request):
-    from eah_interp.config import EAHConfig
     from eah_interp.experiments import generate_texts, scan_images
+    from eah_interp.interventions import EAH
     from eah_interp.models import check_model, model_shape
 
     bundle = request.getfixturevalue(family)
@@ -318,7 +318,7 @@ def test_scan_and_eah_run_on_a_loaded_checkpoint(family, request):
     assert stats.layers == list(range(n_layers)) and stats.n_examples(0) == 3
     assert stats.matrix("sink_density").shape == (n_layers, n_heads)
     texts, heads = generate_texts(
-        bundle, [bundle.caption_prompt] * 2, photos(2), config=EAHConfig.paper(threshold=bundle.threshold, normalise=normalise),
+        bundle, [bundle.caption_prompt] * 2, photos(2), interventions=EAH.paper(threshold=bundle.threshold, normalise=normalise),
         max_new_tokens=3, progress=False,
     )
     assert len(texts) == 2 and all(len(h) == 1 for h in heads)  # one edited layer (the paper's layer 1) per item

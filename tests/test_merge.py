@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eah_interp.errors import ConfigError, LayoutError
-from eah_interp.stats import STATISTICS, HeadStats
+from eah_interp.head_stats import STATISTICS, HeadStats
 
 REL = 1e-6
 

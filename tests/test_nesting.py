@@ -17,8 +17,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from eah_interp import EAHConfig, HeadStats, TokenLayout, hf, sink_scores
-from eah_interp._testing import TINY_IMAGE_TOKEN_ID, sharp_tiny_llava, tiny_llava_inputs
+from eah_interp import EAH, HeadStats, TokenLayout, hf, sink_scores
+from eah_interp.models.tiny import TINY_IMAGE_TOKEN_ID, sharp_tiny_llava, tiny_llava_inputs
 from tests.reference import explicit_eah_layer, explicit_sink_scores
 
 LAYER = 1
@@ -114,7 +114,7 @@ def nested(model, config, stats, order, **record_kwargs):
 @pytest.mark.parametrize("order", ["eah_outside", "record_outside"])
 @pytest.mark.parametrize("keep_patterns", [False, True], ids=["map_free", "eager"])
 def test_nested_eah_and_recording_chain_in_either_order(model, inputs, threshold, order, keep_patterns):
-    config = EAHConfig.paper(threshold=threshold)
+    config = EAH.paper(threshold=threshold)
     stats = HeadStats(threshold=threshold)
     outer, inner = nested(model, config, stats, order, keep_patterns=keep_patterns)
     with outer as first, inner as second:
@@ -124,7 +124,7 @@ def test_nested_eah_and_recording_chain_in_either_order(model, inputs, threshold
     real = inputs["attention_mask"].bool()
     # (a) EAH was applied, once, with its record, and the layer was recorded
     assert len(run.records) == 1 and run.records[0].layer == LAYER
-    assert run.records[0].edited.all()
+    assert run.records[0].eah.edited.all()
     assert torch.allclose(got[real], want[real], atol=1e-5)
     assert not torch.allclose(got[real], logits(model, inputs)[real], atol=1e-3)  # the edit changed the output
     assert stats.layers == [LAYER] and stats.n_examples(LAYER) == 2
@@ -147,8 +147,8 @@ def test_nested_eah_and_recording_chain_in_either_order(model, inputs, threshold
 def test_two_edits_of_one_layer_run_in_stack_order(model, inputs, outer_source, inner_source):
     """Outer edit first: after copying head ``a`` onto every head, copying head ``b`` copies ``a`` again.
     So the result is the explicit layer with source ``a`` (the outer one), whatever ``b`` is."""
-    with hf.eah(model, EAHConfig(layers=(LAYER,), source=outer_source)) as outer, hf.eah(
-        model, EAHConfig(layers=(LAYER,), source=inner_source)
+    with hf.eah(model, EAH(layers=(LAYER,), source=outer_source)) as outer, hf.eah(
+        model, EAH(layers=(LAYER,), source=inner_source)
     ) as inner:
         got = logits(model, inputs)
     assert len(outer.records) == len(inner.records) == 1
@@ -164,7 +164,7 @@ def test_exception_inside_nested_contexts_restores_everything(model, inputs):
     impl = model.config.text_config._attn_implementation
     keys = set(AttentionInterface._global_mapping), set(AttentionMaskInterface._global_mapping)
     with pytest.raises(RuntimeError, match="boom"):
-        with hf.eah(model, EAHConfig.paper(threshold=0.0)), hf.record_attention(model, "all", stats=HeadStats()):
+        with hf.eah(model, EAH.paper(threshold=0.0)), hf.record_attention(model, "all", stats=HeadStats()):
             assert model.config.text_config._attn_implementation.startswith("eah_interp.dispatch.")
             assert len(hf.active_contexts(model)) == 2
             logits(model, inputs)
@@ -178,7 +178,7 @@ def test_exception_inside_nested_contexts_restores_everything(model, inputs):
 
 def test_one_dispatcher_is_registered_per_model(model, inputs):
     keys = set(AttentionInterface._global_mapping)
-    with hf.eah(model, EAHConfig.paper(threshold=0.0)), hf.record_attention(model, [0], stats=HeadStats()):
+    with hf.eah(model, EAH.paper(threshold=0.0)), hf.record_attention(model, [0], stats=HeadStats()):
         with hf.record_attention(model, [2], stats=HeadStats()):
             added = set(AttentionInterface._global_mapping) - keys
             assert len(added) == 1
@@ -187,7 +187,7 @@ def test_one_dispatcher_is_registered_per_model(model, inputs):
 
 
 def test_a_context_cannot_be_entered_twice(model):
-    context = hf.eah(model, EAHConfig.paper())
+    context = hf.eah(model, EAH.paper())
     with context, pytest.raises(RuntimeError, match="already active"):
         with context:
             pass
@@ -197,7 +197,7 @@ def test_a_context_cannot_be_entered_twice(model):
 @pytest.mark.parametrize("order", ["eah_outside", "record_outside"])
 def test_generate_under_nested_contexts(model, threshold, order):
     x = tiny_llava_inputs(model, prefix_lengths=(4,), seed=3)
-    config = EAHConfig.paper(threshold=threshold)
+    config = EAH.paper(threshold=threshold)
     with hf.eah(model, config) as alone, torch.no_grad():
         want = model.generate(**x, max_new_tokens=5, do_sample=False)
     stats = HeadStats(threshold=threshold)

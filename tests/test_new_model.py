@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 
-from eah_interp import EAHConfig, HeadStats, hf
+from eah_interp import EAH, HeadStats, hf
 from eah_interp.models import ADAPTERS, Adapter, adapter_for, check_model, describe, register_adapter
 from eah_interp.models.tiny import (
     tiny_mistral3,  # step 1: the model and a batch laid out as its processor does
@@ -56,7 +56,7 @@ def test_worked_example(registry):
     with hf.record_attention(model, "all", stats=stats), torch.no_grad():
         model(**inputs)
     assert stats.matrix("sink_count").shape == (3, 4)
-    with hf.eah(model, EAHConfig.paper(threshold=0.02)) as run, torch.no_grad():
+    with hf.eah(model, EAH.paper(threshold=0.02)) as run, torch.no_grad():
         model(**inputs)
     assert len(run.records) == 1 and run.records[0].layer == 1
 

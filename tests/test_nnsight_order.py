@@ -16,9 +16,9 @@ from nnsight import NNsight
 from nnsight.intervention.interleaver import OutOfOrderError
 
 import eah_interp.nnsight as ens
-from eah_interp import EAHConfig, HeadStats, TokenLayout, compat
-from eah_interp._testing import TINY_IMAGE_TOKEN_ID, sharp_tiny_llava, tiny_llava_inputs
+from eah_interp import EAH, HeadStats, TokenLayout, compat
 from eah_interp.interventions import PAI
+from eah_interp.models.tiny import TINY_IMAGE_TOKEN_ID, sharp_tiny_llava, tiny_llava_inputs
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def setup():
     return model, NNsight(model), inputs, layout
 
 
-EAH_2 = EAHConfig(layers=(2,), source=1, threshold=0.0)
+EAH_2 = EAH(layers=(2,), source=1, threshold=0.0)
 
 
 def run(nn_model, inputs, body):
@@ -40,14 +40,15 @@ def run(nn_model, inputs, body):
 @pytest.mark.parametrize(
     ("body", "call", "earlier"),
     [
-        (lambda nn, layout: (ens.apply_eah(nn, EAH_2, layout), ens.feed_head_stats(nn, HeadStats(threshold=0.01), layout, [0])),
-         "feed_head_stats", "apply_eah(layers=[2])"),
+        (lambda nn, layout: (ens.eah(nn, EAH_2, layout),
+                             ens.record_attention(nn, [0], stats=HeadStats(threshold=0.01), layout=layout)),
+         "record_attention", "intervene(layers=[2])"),
         (lambda nn, layout: (ens.intervene(nn, [PAI(layers=(2,))], layout),
-                             ens.apply_eah(nn, EAHConfig(layers=(0,), source=1, threshold=0.0), layout)),
-         "apply_eah", "intervene(layers=[2])"),
-        (lambda nn, layout: (ens.feed_head_stats(nn, HeadStats(threshold=0.01), layout, [2]),
+                             ens.eah(nn, EAH(layers=(0,), source=1, threshold=0.0), layout)),
+         "intervene", "intervene(layers=[2])"),
+        (lambda nn, layout: (ens.record_attention(nn, [2], stats=HeadStats(threshold=0.01), layout=layout),
                              ens.attention_probs(nn, 0).save()),
-         "attention_probs", "feed_head_stats(layers=[2])"),
+         "attention_probs", "record_attention(layers=[2])"),
         (lambda nn, layout: (ens.attention_probs(nn, 2).save(), ens.eager_attention_probs(nn, 0)),
          "eager_attention_probs", "attention_probs(layers=[2])"),
     ],
@@ -67,34 +68,35 @@ def test_out_of_order_call_names_itself_the_layer_and_the_earlier_call(setup, bo
 
 def test_a_later_read_of_the_users_own_is_named_without_earlier_calls(setup):
     _, nn_model, inputs, layout = setup
-    with pytest.raises(ens.TraceOrderError, match=r"apply_eah asked for decoder layer 1.*or run it in a second trace"):
+    with pytest.raises(ens.TraceOrderError, match=r"intervene asked for decoder layer 1.*or run it in a second trace"):
         run(nn_model, inputs, lambda: (nn_model.model.language_model.layers[2].output.save(),
-                                       ens.apply_eah(nn_model, EAHConfig(layers=(1,), source=1, threshold=0.0), layout)))
+                                       ens.eah(nn_model, EAH(layers=(1,), source=1, threshold=0.0), layout)))
 
 
 def test_forward_order_works_and_each_trace_starts_a_fresh_log(setup):
     model, nn_model, inputs, layout = setup
     stats = HeadStats(threshold=0.01)
     with torch.no_grad(), nn_model.trace(**inputs, use_cache=False):
-        ens.feed_head_stats(nn_model, stats, layout, [0])
-        records = ens.apply_eah(nn_model, EAH_2, layout)
-    assert [r.layer for r in records] == [2] and stats.n_examples(0) == 2
+        ens.record_attention(nn_model, [0], stats=stats, layout=layout)
+        records = ens.eah(nn_model, EAH_2, layout)
+    assert [r.layer for r in records.records] == [2] and stats.n_examples(0) == 2
     # a second trace may start at layer 0 again: the first trace's calls are not held against it
     with pytest.raises(ens.TraceOrderError) as caught:
-        run(nn_model, inputs, lambda: (ens.apply_eah(nn_model, EAHConfig(layers=(3,), source=1, threshold=0.0), layout),
-                                       ens.feed_head_stats(nn_model, HeadStats(threshold=0.01), layout, [1])))
-    assert "Earlier in this trace body: apply_eah(layers=[3])." in str(caught.value)
-    assert "feed_head_stats(layers=[0])" not in str(caught.value)
+        run(nn_model, inputs, lambda: (ens.eah(nn_model, EAH(layers=(3,), source=1, threshold=0.0), layout),
+                                       ens.record_attention(nn_model, [1], stats=HeadStats(threshold=0.01),
+                                                            layout=layout)))
+    assert "Earlier in this trace body: intervene(layers=[3])." in str(caught.value)
+    assert "record_attention(layers=[0])" not in str(caught.value)
 
 
 def test_a_generation_loop_that_outruns_the_run_still_ends_quietly(setup):
     """``tracer.iter[:]`` ends on nnsight's out-of-order error; ours is one, so the loop ends as before."""
     model, nn_model, inputs, layout = setup
-    config = EAHConfig(layers=(1,), source=2, threshold=0.0, apply_to_decode=True)
+    config = EAH(layers=(1,), source=2, threshold=0.0, phase="both")
     with torch.no_grad(), nn_model.trace(**inputs, fn=model.generate, max_new_tokens=3, do_sample=False) as tracer:
         records = nnsight.save([])
         for _ in tracer.iter[:]:
-            records += ens.apply_eah(nn_model, config, layout)
+            records += ens.eah(nn_model, config, layout).records
     assert [r.q_len for r in records] == [inputs["input_ids"].shape[1], 1, 1]
 
 

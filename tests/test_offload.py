@@ -17,10 +17,10 @@ from PIL import Image
 from skimage import data
 
 from eah_interp import hf
-from eah_interp.config import EAHConfig
 from eah_interp.experiments import generate_texts, scan_images
+from eah_interp.head_stats import STATISTICS
+from eah_interp.interventions import EAH
 from eah_interp.models import execution_device, load_model
-from eah_interp.stats import STATISTICS
 
 pytest.importorskip("accelerate")
 
@@ -68,10 +68,10 @@ def test_scan_statistics_equal_the_plain_load(pair):
 def test_generation_and_eah_equal_the_plain_load(pair):
     plain, offloaded = pair
     prompts = [plain.caption_prompt] * 3
-    config = EAHConfig.paper(threshold=0.0)  # every head ties at all-sinks: head 0 is broadcast (an active edit)
+    config = EAH.paper(threshold=0.0)  # every head ties at all-sinks: head 0 is broadcast (an active edit)
     results = [
         (generate_texts(b, prompts, images(), max_new_tokens=6, progress=False, batch_size=2),
-         generate_texts(b, prompts, images(), config=config, max_new_tokens=6, progress=False, batch_size=2))
+         generate_texts(b, prompts, images(), interventions=config, max_new_tokens=6, progress=False, batch_size=2))
         for b in pair
     ]
     assert results[1] == results[0]

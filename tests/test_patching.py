@@ -1,7 +1,8 @@
-"""Activation patching stacked with EAH: endpoints, hand-written HF-hook references, nnsight vs TransformerLens."""
+"""Activation patching of any treatment: endpoints, hand-written two-run hook swaps, hf = nnsight = lens."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import matplotlib
@@ -10,14 +11,18 @@ import pytest
 import torch
 from nnsight import NNsight
 
-import eah_interp.lens as lens
-from eah_interp import EAHConfig
-from eah_interp._testing import TINY_IMAGE_TOKEN_ID, sharp_tiny_llava
-from eah_interp.errors import LayoutError
+import eah_interp.transformer_lens as lens
+from eah_interp import hf, sink_scores
+from eah_interp.errors import LayoutError, UnsupportedModelError
+from eah_interp.interventions import EAH, PAI, VAF, VAR, Knockout
+from eah_interp.layout import TokenLayout
+from eah_interp.models.tiny import TINY_IMAGE_ID, TINY_IMAGE_TOKEN_ID, sharp_tiny_llava, tiny_qwen2_vl
 from eah_interp.patching import (
     COLUMNS,
     EXAMPLE_COLUMNS,
     LAYER_SITES,
+    SITES,
+    HFPatcher,
     LensPatcher,
     LogitDiff,
     NNsightPatcher,
@@ -26,7 +31,6 @@ from eah_interp.patching import (
     last_positions,
     plot_heads,
     plot_sites,
-    position_masks,
     run_with_patches,
     summarise,
     sweep,
@@ -41,10 +45,10 @@ N_LAYERS, N_HEADS = 4, 4
 
 @pytest.fixture(scope="module")
 def setup():
-    """Model, inputs, the EAH config and a metric whose value EAH moves (tokens chosen on the EAH change)."""
+    """Model, inputs, EAH and a metric whose value EAH moves (tokens chosen on the EAH change)."""
     model = sharp_tiny_llava()
     inputs = tiny_inputs(model)
-    config = preset("paper", model, inputs)
+    config = EAH.from_dict(preset("paper", model, inputs).to_dict())
     want, _ = hf_logits(model, inputs, config)
     change = (want[:, -1] - hf_logits(model, inputs)[:, -1]).mean(0)  # left padding: -1 is the last real token
     metric = LogitDiff(yes=int(change.argmax()), no=int(change.argmin()))
@@ -54,18 +58,24 @@ def setup():
 @pytest.fixture(scope="module")
 def patcher(setup):
     model, inputs, config, _ = setup
-    return NNsightPatcher(NNsight(model), inputs, config)
+    return HFPatcher(model, inputs, treatment=[config])
 
 
 @pytest.fixture(scope="module")
 def table(setup, patcher):
-    return sweep(patcher, setup[3])
+    return sweep(patcher, setup[3], progress=False)
 
 
 @pytest.fixture(scope="module")
 def lens_patcher(setup):
     _, inputs, config, _ = setup
-    return LensPatcher(lens.boot_bridge(sharp_tiny_llava()), inputs, config)
+    return LensPatcher(lens.boot_bridge(sharp_tiny_llava()), inputs, treatment=[config])
+
+
+@pytest.fixture(scope="module")
+def nnsight_patcher(setup):
+    model, inputs, config, _ = setup
+    return NNsightPatcher(NNsight(model), inputs, treatment=[config])
 
 
 def value(logits, inputs, metric):
@@ -81,13 +91,14 @@ def row(table, **where):
 
 
 # ---------------------------------------------------------------------------- endpoints
-@pytest.mark.parametrize("which", ["nnsight", "lens"])
-def test_patching_everything_gives_the_other_run_and_nothing_gives_its_own(setup, patcher, lens_patcher, which):
+@pytest.mark.parametrize("which", ["hf", "nnsight", "lens"])
+def test_patching_everything_gives_the_other_run_and_nothing_gives_its_own(setup, patcher, nnsight_patcher,
+                                                                           lens_patcher, which):
     model, inputs, config, _ = setup
-    p = patcher if which == "nnsight" else lens_patcher
+    p = {"hf": patcher, "nnsight": nnsight_patcher, "lens": lens_patcher}[which]
     baseline, (eah, _) = hf_logits(model, inputs), hf_logits(model, inputs, config)
     last = N_LAYERS - 1
-    for direction, own, other in (("eah_into_baseline", baseline, eah), ("baseline_into_eah", eah, baseline)):
+    for direction, own, other in (("treatment_into_baseline", baseline, eah), ("baseline_into_treatment", eah, baseline)):
         nothing = run_with_patches(p, [], direction)
         assert torch.allclose(real(nothing, inputs), real(own, inputs), atol=1e-5)
         resid = run_with_patches(p, [Patch("resid", last, positions="all")], direction)
@@ -107,10 +118,11 @@ def test_table_endpoints_and_layout(setup, table):
     assert list(table.columns) == list(COLUMNS)
     assert len(table) == 2 * (N_LAYERS * len(LAYER_SITES) + N_LAYERS * N_HEADS) * 4
     assert table.attrs["baseline_metric"] == pytest.approx(base, abs=1e-5)
-    assert table.attrs["eah_metric"] == pytest.approx(eah, abs=1e-5)
-    effect = (table.metric - table.baseline_metric) / (table.eah_metric - table.baseline_metric)
+    assert table.attrs["treatment_metric"] == pytest.approx(eah, abs=1e-5)
+    assert table.attrs["treatment"] == [config.to_dict()] and table.attrs["baseline"] == []
+    effect = (table.metric - table.baseline_metric) / (table.treatment_metric - table.baseline_metric)
     assert torch.allclose(torch.tensor(effect.values), torch.tensor(table.normalised_effect.values))
-    for direction, want in (("eah_into_baseline", 1.0), ("baseline_into_eah", 0.0)):
+    for direction, want in (("treatment_into_baseline", 1.0), ("baseline_into_treatment", 0.0)):
         assert row(table, direction=direction, site="resid", layer=N_LAYERS - 1, positions="all",
                    head=None).normalised_effect == pytest.approx(want, abs=1e-4)
         # layer 0 runs before the edited layer 1: patching it changes nothing
@@ -119,12 +131,12 @@ def test_table_endpoints_and_layout(setup, table):
     assert table[table.site != "head"]["head"].isna().all() and not table[table.site == "head"]["head"].isna().any()
 
 
-# ---------------------------------------------------------------------------- hand-written references
+# ---------------------------------------------------------------------------- EAH: hand-written references
 def test_one_layer_site_equals_a_hand_written_hf_hook_reference(setup, table):
     """mlp_out of layer 2 at the image tokens, EAH -> baseline, with plain torch hooks and hf.eah."""
     model, inputs, config, metric = setup
     mlp = model.model.language_model.layers[2].mlp
-    image = position_masks(tiny_layout(inputs))["image"][..., None]
+    image = (inputs["input_ids"] == TINY_IMAGE_TOKEN_ID)[..., None]
     cached = {}
     handle = mlp.register_forward_hook(lambda m, a, out: cached.setdefault("eah", out.detach().clone()))
     try:
@@ -136,7 +148,7 @@ def test_one_layer_site_equals_a_hand_written_hf_hook_reference(setup, table):
         want = value(hf_logits(model, inputs), inputs, metric)
     finally:
         handle.remove()
-    got = row(table, direction="eah_into_baseline", site="mlp_out", layer=2, positions="image", head=None)
+    got = row(table, direction="treatment_into_baseline", site="mlp_out", layer=2, positions="image", head=None)
     assert got.metric == pytest.approx(want, abs=1e-6)
     assert not math.isclose(want, got.baseline_metric, abs_tol=1e-6)  # the reference is not trivially the baseline
 
@@ -164,39 +176,204 @@ def test_one_head_equals_a_hand_written_hf_hook_reference(setup, table):
         want = value(hf_logits(model, inputs, config)[0], inputs, metric)
     finally:
         handle.remove()
-    got = row(table, direction="baseline_into_eah", site="head", layer=1, head=1, positions="last")
+    got = row(table, direction="baseline_into_treatment", site="head", layer=1, head=1, positions="last")
     assert got.metric == pytest.approx(want, abs=1e-6)
-    assert not math.isclose(want, got.eah_metric, abs_tol=1e-6)
+    assert not math.isclose(want, got.treatment_metric, abs_tol=1e-6)
 
 
-# ---------------------------------------------------------------------------- the two implementations agree
-def test_nnsight_and_transformer_lens_agree(setup, table, lens_patcher):
-    lens_table = sweep(lens_patcher, setup[3])
+# ---------------------------------------------------------------------------- any treatment: two-run hook swaps
+def _qwen():
+    model, inputs = tiny_qwen2_vl(seed=0)
+    with torch.no_grad():  # sharper attention, as sharp_tiny_llava does
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+    return model, inputs, TINY_IMAGE_ID
+
+
+@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
+def family(request):
+    if request.param == "llava":
+        model = sharp_tiny_llava()
+        return model, tiny_inputs(model), TINY_IMAGE_TOKEN_ID
+    return _qwen()
+
+
+def discriminative_eah(model, inputs, image_id):
+    """EAH.paper at layer 1 with a sink threshold under which the chosen source head differs between rows
+    or from head 0 (so EAH's head choice matters), from the layer's own sink scores."""
+    layout = TokenLayout.from_input_ids(inputs["input_ids"], image_id, inputs["attention_mask"])
+    with hf.record_attention(model, [1], keep_patterns=True) as rec, torch.no_grad():
+        model(**inputs, use_cache=False)
+    scores = sink_scores(rec.patterns[1][0], layout, "causal")
+    levels = scores[layout.image_mask[:, None, :].expand_as(scores)].unique().flip(0)
+    for threshold in (levels[1:] + levels[:-1]) / 2:
+        counts = ((scores > threshold) & layout.image_mask[:, None, :]).sum(-1)
+        if (counts.max(-1).values > 0).all() and (counts.argmax(-1) != 0).any():
+            return EAH.paper(threshold=float(threshold))
+    raise AssertionError("no discriminative threshold")
+
+
+#: VAR's sink dimensions and threshold of the two tiny models (their largest RMS-normalised dims at layer 1,
+#: as in tests/test_interventions.py), rho / summ loosened so that some heads qualify.
+VAR_SETTINGS = {TINY_IMAGE_TOKEN_ID: ((27, 51), 2.8), TINY_IMAGE_ID: ((15, 62), 2.5)}
+
+
+def treatments(model, inputs, image_id):
+    """``{case: (treatment, baseline)}``: EAH, PAI, VAR, a Knockout, a stack, and a stack over an EAH baseline."""
+    eah = discriminative_eah(model, inputs, image_id)
+    dims, tau = VAR_SETTINGS[image_id]
+    pai = PAI(alpha=0.5, layers=(1, 2))
+    return {
+        "EAH": ([eah], []),
+        "PAI": ([pai], []),
+        "VAR": ([VAR(dims=dims, tau=tau, rho=0.9, summ=0.05, layers=(1,))], []),
+        "Knockout": ([Knockout(queries="question", keys="image", layers=(0, 1))], []),
+        "EAH+PAI": ([eah, pai], []),
+        "EAH+PAI over EAH": ([eah, pai], [eah]),  # what PAI adds to EAH
+    }
+
+
+def _site_module(model, site, layer):
+    block = model.model.language_model.layers[layer]
+    return {"head": block.self_attn.o_proj, "attn_out": block.self_attn, "mlp_out": block.mlp, "resid": block}[site]
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _forward(model, inputs, items, hooks=()):
+    """Logits of the plain model (``items`` empty) or under `hf.intervene`, with plain torch hooks ``(module, kind, fn)``."""
+    handles = [module.register_forward_pre_hook(fn) if kind == "pre" else module.register_forward_hook(fn)
+               for module, kind, fn in hooks]
+    try:
+        with torch.no_grad(), (hf.intervene(model, items) if items else contextlib.nullcontext()):
+            return model(**inputs, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def capture(model, inputs, items, layer):
+    """Every site's activation of ``layer`` in the run with ``items`` (plain torch hooks; head: o_proj's input)."""
+    seen = {}
+
+    def keep(site, value):
+        seen[site] = value.detach().clone()  # returns None: the forward goes on unchanged
+
+    hooks = [(_site_module(model, "head", layer), "pre", lambda m, a: keep("head", a[0]))]
+    hooks += [(_site_module(model, site, layer), "post", lambda m, a, out, site=site: keep(site, _first(out)))
+              for site in LAYER_SITES]
+    _forward(model, inputs, items, hooks)
+    return seen
+
+
+def hook_swap(model, inputs, receiver, donor, site, layer, head, where, head_dim):
+    """The receiver run (``receiver`` interventions) with the donor's activation of ``site`` (``donor``: from
+    `capture`; o_proj's input columns of ``head``) copied in at the positions ``where`` (``Bool[batch, seq]``)."""
+    module, value = _site_module(model, site, layer), donor[site]
+    if site == "head":
+        cols = torch.zeros(value.shape[-1], dtype=torch.bool)
+        cols[head * head_dim:(head + 1) * head_dim] = True
+        chosen = where[..., None] & cols
+        return _forward(model, inputs, receiver, [(module, "pre", lambda m, a: (torch.where(chosen, value, a[0]), *a[1:]))])
+
+    def swap(m, a, out):
+        new = torch.where(where[..., None], value, _first(out))
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+
+    return _forward(model, inputs, receiver, [(module, "post", swap)])
+
+
+def hand_positions(inputs, image_id):
+    """``last``: each row's last real position (left padding: -1); ``question``: after the last image token,
+    the last position excluded; written from the ids."""
+    ids = inputs["input_ids"]
+    last, question = torch.zeros_like(ids, dtype=torch.bool), torch.zeros_like(ids, dtype=torch.bool)
+    last[:, -1] = True
+    for r in range(ids.shape[0]):
+        after = max(j for j in range(ids.shape[1]) if int(ids[r, j]) == image_id) + 1
+        question[r, after:-1] = True
+    return {"last": last, "question": question}
+
+
+@pytest.mark.filterwarnings("ignore:Module .* has a submodule named 'output'")
+@pytest.mark.parametrize("case", ["EAH", "PAI", "VAR", "Knockout", "EAH+PAI", "EAH+PAI over EAH"])
+def test_any_treatment_equals_a_two_run_hook_swap_on_hf_and_nnsight(family, case):
+    """Every site of layer 1 (one head), at the last position and the question, in both directions: the
+    HF and nnsight patchers' per-example metric equals a hand-written two-run swap with plain torch hooks."""
+    model, inputs, image_id = family
+    treatment, baseline = treatments(model, inputs, image_id)[case]
+    layer, head = 1, 2
+    head_dim = model.config.text_config.hidden_size // model.config.text_config.num_attention_heads
+    where = hand_positions(inputs, image_id)
+    last = torch.tensor([inputs["input_ids"].shape[1] - 1] * inputs["input_ids"].shape[0])
+    plain_base, plain_treated = _forward(model, inputs, baseline)[:, -1], _forward(model, inputs, treatment)[:, -1]
+    change = (plain_treated - plain_base).mean(0)
+    metric = LogitDiff(yes=int(change.argmax()), no=int(change.argmin()))
+    options = dict(sites=SITES, layers=[layer], heads=[head], positions=("last", "question"), per_example=True,
+                   progress=False)
+    frames = {
+        "hf": sweep(HFPatcher(model, inputs, treatment, baseline), metric, **options),
+        "nnsight": sweep(NNsightPatcher(NNsight(model), inputs, treatment=treatment, baseline=baseline), metric, **options),
+    }
+    moved = 0.0
+    for direction, receiver, donor in (("treatment_into_baseline", baseline, treatment),
+                                       ("baseline_into_treatment", treatment, baseline)):
+        donated, own = capture(model, inputs, donor, layer), metric(_forward(model, inputs, receiver), last)
+        for site in SITES:
+            for group, mask in where.items():
+                logits = hook_swap(model, inputs, receiver, donated, site, layer, head, mask, head_dim)
+                want = metric(logits, last).tolist()
+                moved = max(moved, float((torch.tensor(want) - own).abs().max()))
+                for name, frame in frames.items():
+                    sub = frame[(frame.direction == direction) & (frame.site == site) & (frame.positions == group)]
+                    assert sub.sort_values("example").metric.tolist() == pytest.approx(want, abs=1e-5), (
+                        name, direction, site, group)
+    assert moved > 1e-4, f"{case}: no patch moved the metric, the check would be empty"
+
+
+def test_lens_refuses_what_it_cannot_apply_yet(setup, lens_patcher):
+    """A bridge exposes no pre-mask scores (VAF) and no values (ValueEdit): refused before any forward."""
+    model, inputs, config, _ = setup
+    with pytest.raises(UnsupportedModelError, match="VAF edits at 'scores_premask'.*hf.intervene"):
+        LensPatcher(lens_patcher.bridge, inputs, treatment=[config, VAF()])
+
+
+# ---------------------------------------------------------------------------- hf = nnsight = lens
+def test_hf_nnsight_and_transformer_lens_agree(setup, table, nnsight_patcher, lens_patcher):
+    options = dict(layers=[1, 3], heads=[0, 2], positions=("image", "last"), progress=False)
     keys = ["direction", "site", "layer", "head", "positions"]
-    merged = table.merge(lens_table, on=keys, suffixes=("", "_lens"))
-    assert len(merged) == len(table) == len(lens_table)
-    assert torch.allclose(torch.tensor(merged.metric.values), torch.tensor(merged.metric_lens.values), atol=1e-5)
+    for other in (nnsight_patcher, lens_patcher):
+        frame = sweep(other, setup[3], **options)
+        merged = frame.merge(table, on=keys, suffixes=("", "_hf"))
+        assert len(merged) == len(frame) == 2 * 2 * (3 + 2) * 2
+        assert torch.allclose(torch.tensor(merged.metric.values), torch.tensor(merged.metric_hf.values), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- options, metrics, plots, errors
 def test_subsets_other_metrics_and_a_null_edit(setup, patcher):
     model, inputs, config, metric = setup
     logprob = sweep(patcher, TokenLogProb(metric.yes), sites=("resid",), layers=[1], positions=("all", "last"),
-                    directions=("eah_into_baseline",))
+                    directions=("treatment_into_baseline",), progress=False)
     assert len(logprob) == 2 and logprob.site.unique().tolist() == ["resid"]
     assert row(logprob, positions="all").normalised_effect == pytest.approx(1.0, abs=1e-4)
-    pair = sweep(patcher, (metric.yes, metric.no), sites=("attn_out",), layers=[1], positions=("all",))
+    pair = sweep(patcher, (metric.yes, metric.no), sites=("attn_out",), layers=[1], positions=("all",), progress=False)
     assert len(pair) == 2
-    null = NNsightPatcher(patcher.nn_model, inputs, EAHConfig(layers=(1,), source=2, target_heads=(2,)))
+    null = HFPatcher(model, inputs, [EAH(layers=(1,), source=2, target_heads=(2,))])
     with pytest.warns(UserWarning, match="does not change the metric"):
-        frame = sweep(null, metric, sites=("resid",), layers=[3], positions=("all",))
+        frame = sweep(null, metric, sites=("resid",), layers=[3], positions=("all",), progress=False)
     assert frame.normalised_effect.isna().all()
+    # the plain model on both sides of an explicit baseline list: the treatment is the difference of two lists
+    same = HFPatcher(model, inputs, treatment=[config], baseline=[config])
+    with pytest.warns(UserWarning, match="does not change the metric"):
+        sweep(same, metric, sites=("resid",), layers=[3], positions=("all",), progress=False)
 
 
 def test_plots(table):
-    fig = plot_sites(table, direction="eah_into_baseline", positions="all")
+    fig = plot_sites(table, direction="treatment_into_baseline", positions="all")
     assert fig.axes and fig.axes[0].get_xlabel() == "site"
-    fig = plot_heads(table, direction="baseline_into_eah", positions="image")
+    fig = plot_heads(table, direction="baseline_into_treatment", positions="image")
     assert fig.axes and fig.axes[0].get_xlabel() == "head"
 
 
@@ -208,69 +385,46 @@ def test_errors_name_the_problem(setup, patcher):
     with pytest.raises(ValueError, match="Unknown direction"):
         run_with_patches(patcher, [], "sideways")
     with pytest.raises(IndexError, match="out of range"):
-        run_with_patches(patcher, [Patch("resid", 9)], "eah_into_baseline")
-    with pytest.raises(ValueError, match="Unknown position group"):
-        sweep(patcher, setup[3], positions=("middle",))
+        run_with_patches(patcher, [Patch("resid", 9)], "treatment_into_baseline")
+    with pytest.raises(LayoutError, match="Unknown position group"):
+        sweep(patcher, setup[3], positions=("middle",), progress=False)
 
 
 # ---------------------------------------------------------------------------- position groups and masks
-def hand_question_mask(inputs):
-    """Positions after each row's last image token, the last (real) position excluded: written from the ids."""
-    ids = inputs["input_ids"]
-    mask = torch.zeros_like(ids, dtype=torch.bool)
-    for r in range(ids.shape[0]):
-        last_image = max(j for j in range(ids.shape[1]) if int(ids[r, j]) == TINY_IMAGE_TOKEN_ID)
-        for j in range(last_image + 1, ids.shape[1] - 1):  # left padding: the last real token is at -1
-            mask[r, j] = True
-    return mask
-
-
 def hooked_value(model, inputs, config, metric, where, receiver_eah):
     """The metric with layer 2's mlp_out copied from the other run at ``where`` (plain torch hooks)."""
-    mlp = model.model.language_model.layers[2].mlp
-    cached = {}
-
-    def forward(eah):
-        return hf_logits(model, inputs, config)[0] if eah else hf_logits(model, inputs)
-
-    handle = mlp.register_forward_hook(lambda m, a, out: cached.setdefault("donor", out.detach().clone()))
-    try:
-        forward(not receiver_eah)
-    finally:
-        handle.remove()
-    handle = mlp.register_forward_hook(lambda m, a, out: torch.where(where[..., None], cached["donor"], out))
-    try:
-        return metric(forward(receiver_eah), last_positions(tiny_layout(inputs))).float()
-    finally:
-        handle.remove()
+    receiver, donor = ([config], []) if receiver_eah else ([], [config])
+    logits = hook_swap(model, inputs, receiver, capture(model, inputs, donor, 2), "mlp_out", 2, None, where, None)
+    return metric(logits, last_positions(tiny_layout(inputs))).float()
 
 
 def test_question_group_and_a_user_mask_equal_a_hand_written_patch(setup, patcher):
-    """positions="question" and a Bool mask patch exactly the hand-picked positions (the old code refused both)."""
+    """positions="question" and a Bool mask patch exactly the hand-picked positions."""
     model, inputs, config, metric = setup
-    question = hand_question_mask(inputs)
+    question = hand_positions(inputs, TINY_IMAGE_TOKEN_ID)["question"]
     assert question.sum(-1).tolist() == [5, 2]  # 1 separator + suffixes of 5 and 2 tokens, the last one excluded
     one = torch.zeros_like(question)
     one[0, -3] = one[1, -4] = True  # any positions of one's choosing, one per row
-    frame = sweep(patcher, metric, sites=("mlp_out",), layers=[2], directions=("eah_into_baseline",),
+    frame = sweep(patcher, metric, sites=("mlp_out",), layers=[2], directions=("treatment_into_baseline",),
                   positions={"question": "question", "mine": one}, progress=False)
     for label, where in (("question", question), ("mine", one)):
         want = float(hooked_value(model, inputs, config, metric, where, receiver_eah=False).mean())
         assert row(frame, positions=label).metric == pytest.approx(want, abs=1e-6)
         assert not math.isclose(want, row(frame, positions=label).baseline_metric, abs_tol=1e-6)
-    logits = run_with_patches(patcher, [Patch("mlp_out", 2, positions=question)], "eah_into_baseline")
+    logits = run_with_patches(patcher, [Patch("mlp_out", 2, positions=question)], "treatment_into_baseline")
     assert value(logits, inputs, metric) == pytest.approx(row(frame, positions="question").metric, abs=1e-6)
 
 
 def test_bad_position_masks_are_refused_before_a_forward(setup, patcher):
     with pytest.raises(LayoutError, match="shape"):
         sweep(patcher, setup[3], positions=(torch.ones(2, 3, dtype=torch.bool),), progress=False)
-    with pytest.raises(ValueError, match="Bool"):
-        Patch("resid", 0, positions=torch.ones(2, 3))
+    with pytest.raises(LayoutError, match="torch.bool"):
+        run_with_patches(patcher, [Patch("resid", 0, positions=torch.ones(patcher.layout.attention_mask.shape))],
+                         "treatment_into_baseline")
     empty = torch.zeros(patcher.layout.attention_mask.shape, dtype=torch.bool)
     empty[0, -1] = True
     with pytest.raises(LayoutError, match=r"no position in row\(s\) \[1\]"):
-        run_with_patches(patcher, [Patch("resid", 0, positions=empty)], "eah_into_baseline")
+        run_with_patches(patcher, [Patch("resid", 0, positions=empty)], "treatment_into_baseline")
 
 
 # ---------------------------------------------------------------------------- per-example effects
@@ -280,17 +434,17 @@ def test_per_example_effects_equal_a_hand_computation(setup, patcher):
     last = last_positions(tiny_layout(inputs))
     base = metric(hf_logits(model, inputs), last).float()
     eah = metric(hf_logits(model, inputs, config)[0], last).float()
-    image = tiny_layout(inputs).image_mask
+    image = inputs["input_ids"] == TINY_IMAGE_TOKEN_ID
     kwargs = dict(sites=("mlp_out",), layers=[2], positions=("image",), progress=False)
     rows = sweep(patcher, metric, per_example=True, **kwargs)
     assert list(rows.columns) == list(EXAMPLE_COLUMNS) and len(rows) == 2 * 2  # 2 directions x 2 prompts
-    for direction, receiver_eah in (("eah_into_baseline", False), ("baseline_into_eah", True)):
+    for direction, receiver_eah in (("treatment_into_baseline", False), ("baseline_into_treatment", True)):
         want = hooked_value(model, inputs, config, metric, image, receiver_eah)
         sub = rows[rows.direction == direction].sort_values("example")
         assert sub.example.tolist() == [0, 1]
         assert sub.metric.tolist() == pytest.approx(want.tolist(), abs=1e-5)
         assert sub.baseline_metric.tolist() == pytest.approx(base.tolist(), abs=1e-5)
-        assert sub.eah_metric.tolist() == pytest.approx(eah.tolist(), abs=1e-5)
+        assert sub.treatment_metric.tolist() == pytest.approx(eah.tolist(), abs=1e-5)
         assert sub.effect.tolist() == pytest.approx((want - base).tolist(), abs=1e-5)
         assert sub.normalised_effect.tolist() == pytest.approx(((want - base) / (eah - base)).tolist(), abs=1e-4)
         summary = row(sweep(patcher, metric, directions=(direction,), **kwargs), direction=direction)
@@ -306,9 +460,9 @@ def test_summary_interval_from_examples():
 
     def table(effects):
         n = len(effects)
-        return pd.DataFrame({"direction": "eah_into_baseline", "site": "resid", "layer": 0, "head": pd.NA,
+        return pd.DataFrame({"direction": "treatment_into_baseline", "site": "resid", "layer": 0, "head": pd.NA,
                              "positions": "all", "example": range(n), "metric": effects, "baseline_metric": 0.0,
-                             "eah_metric": 2.0, "effect": effects, "normalised_effect": [e / 2 for e in effects]})
+                             "treatment_metric": 2.0, "effect": effects, "normalised_effect": [e / 2 for e in effects]})
 
     flat = summarise(table([1.0] * 12)).iloc[0]
     assert (flat.normalised_effect, flat.ci_low, flat.ci_high) == pytest.approx((0.5, 0.5, 0.5))
@@ -333,7 +487,7 @@ class Counting:
 
 
 def test_interrupted_sweep_resumes_to_the_uninterrupted_result_computing_nothing_twice(setup, patcher, tmp_path):
-    metric = setup[3]
+    model, inputs, config, metric = setup
     kwargs = dict(sites=("resid", "head"), layers=[1, 2], heads=[1], positions=("question", "last"), progress=False)
     n_patches = 2 * (2 + 2) * 2  # directions x (2 resid + 2 heads) x groups
     plain = Counting(metric)
@@ -345,10 +499,10 @@ def test_interrupted_sweep_resumes_to_the_uninterrupted_result_computing_nothing
         sweep(patcher, first, checkpoint=path, **kwargs)
     assert len(path.read_text().splitlines()) == 1 + 5  # header + the five finished patches
     with open(path, "a") as f:
-        f.write('{"key": ["eah_into_baseline", "re')  # a record cut off by a kill
+        f.write('{"key": ["treatment_into_baseline", "re')  # a record cut off by a kill
     second = Counting(metric)
     got = sweep(patcher, second, checkpoint=path, per_example=True, **kwargs)
-    assert second.calls == n_patches - 5  # the baseline, EAH and finished patches come from the file
+    assert second.calls == n_patches - 5  # the baseline, treatment and finished patches come from the file
     pd_testing.assert_frame_equal(got, want)
     third = Counting(metric)
     again = sweep(patcher, third, checkpoint=path, **kwargs)  # everything done: nothing computed
@@ -356,6 +510,10 @@ def test_interrupted_sweep_resumes_to_the_uninterrupted_result_computing_nothing
     pd_testing.assert_frame_equal(again, summarise(want))
     with pytest.raises(ValueError, match=r"other arguments \(layers"):
         sweep(patcher, metric, checkpoint=path, **{**kwargs, "layers": [1]})
+    # the header records both intervention lists: another baseline is other arguments
+    other_baseline = HFPatcher(model, inputs, treatment=[config], baseline=[PAI(layers=(2,))])
+    with pytest.raises(ValueError, match=r"other arguments \(baseline"):
+        sweep(other_baseline, metric, checkpoint=path, **kwargs)
     other = tmp_path / "other.jsonl"
     other.write_text('{"condition": "baseline"}\n')
     with pytest.raises(ValueError, match="is not a patching sweep log"):

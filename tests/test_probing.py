@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from eah_interp import probing as P
-from eah_interp._testing import TINY_IMAGE_TOKEN_ID, TinyProcessor, tiny_llava, tiny_llava_inputs
 from eah_interp.errors import ConfigError, LayoutError
 from eah_interp.interventions import EAH
 from eah_interp.metrics.probes import probe_scores
+from eah_interp.models.tiny import TINY_IMAGE_TOKEN_ID, TinyProcessor, tiny_llava, tiny_llava_inputs
 
 
 def _synthetic(n=240, d=16, k=3, seed=0):
@@ -89,8 +89,10 @@ def test_collect_residuals_matches_a_manual_forward():
     eah = P.collect_residuals(model, inputs, layers=[0, 2], interventions=[EAH(layers=(1,), threshold=0.01)])
     torch.testing.assert_close(eah[:, 0], image[:, 0])
     assert not torch.allclose(eah[:, 1], image[:, 1])
-    with pytest.raises(LayoutError, match="empty in rows"):
+    with pytest.raises(LayoutError, match="selects no position in row"):
         P.collect_residuals(model, inputs, positions=torch.zeros(2, inputs["input_ids"].shape[1], dtype=torch.bool))
+    with pytest.raises(LayoutError, match=r"'generated' is empty in rows \[0, 1\]"):  # a named group the rows lack
+        P.collect_residuals(model, inputs, positions=["image", "generated"])
 
 
 def test_collect_scenes_batches_like_one_forward_per_scene():

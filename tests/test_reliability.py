@@ -8,18 +8,20 @@ import pytest
 import torch
 
 from eah_interp import (
+    EAH,
     ConfigError,
-    EAHConfig,
     HeadIndexError,
     HeadStats,
+    LayerIndexError,
     LayoutError,
     TokenLayout,
+    UnsupportedModelError,
     hf,
     sink_scores,
 )
-from eah_interp._testing import TINY_IMAGE_TOKEN_ID, sharp_tiny_llava, tiny_llava, tiny_llava_inputs
+from eah_interp.models.tiny import TINY_IMAGE_TOKEN_ID, sharp_tiny_llava, tiny_llava, tiny_llava_inputs
 
-CONFIG = EAHConfig.paper(threshold=0.05)
+CONFIG = EAH.paper(threshold=0.05)
 
 
 def eah_logits(model, inputs, config=CONFIG):
@@ -40,7 +42,7 @@ def test_padded_batches_equal_rows_alone(side):
                  "pixel_values": inputs["pixel_values"][row : row + 1]}
         single, single_records = eah_logits(model, alone)
         assert single_records[0].source_head.tolist() == [records[0].source_head[row].item()]
-        assert torch.equal(single_records[0].sink_counts[0], records[0].sink_counts[row])
+        assert torch.equal(single_records[0].eah.sink_counts[0], records[0].eah.sink_counts[row])
         assert torch.allclose(single[0], batched[row, keep], atol=1e-5)
     with torch.no_grad():  # greedy generation too (left padding is what generate expects)
         if side == "left":
@@ -60,8 +62,8 @@ def test_several_images_per_prompt_form_one_layout():
     inputs = tiny_llava_inputs(model, prefix_lengths=(2, 3), images_per_row=2, seed=2)
     layout = TokenLayout.from_input_ids(inputs["input_ids"], TINY_IMAGE_TOKEN_ID, inputs["attention_mask"])
     assert layout.n_image_tokens.tolist() == [32, 32] and layout.describe().count("), [") == 2
-    _, records = eah_logits(model, inputs, EAHConfig.paper(threshold=0.03))
-    assert records[0].sink_counts.max() <= 32
+    _, records = eah_logits(model, inputs, EAH.paper(threshold=0.03))
+    assert records[0].eah.sink_counts.max() <= 32
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -70,8 +72,8 @@ def test_half_precision_models_edit_like_float32(dtype):
     model = sharp_tiny_llava().to(dtype)
     inputs = tiny_llava_inputs(model32, prefix_lengths=(3, 5), seed=3)
     half_inputs = {**inputs, "pixel_values": inputs["pixel_values"].to(dtype)}
-    want, want_records = eah_logits(model32, inputs, EAHConfig.paper(threshold=0.0, source=1))
-    got, got_records = eah_logits(model, half_inputs, EAHConfig.paper(threshold=0.0, source=1))
+    want, want_records = eah_logits(model32, inputs, EAH.paper(threshold=0.0, source=1))
+    got, got_records = eah_logits(model, half_inputs, EAH.paper(threshold=0.0, source=1))
     mask = inputs["attention_mask"].bool()
     assert got.dtype == dtype
     assert torch.allclose(got[mask].float(), want[mask], atol=5e-2)  # the precision of the dtype, not of eah-interp
@@ -85,7 +87,7 @@ def test_gqa_heads_use_their_own_values():
     """9 query heads over 3 KV heads (the organism's shape): EAH broadcasts maps, each head keeps its values."""
     model = tiny_llava(n_heads=6, n_kv_heads=2, hidden=48, seed=4)
     inputs = tiny_llava_inputs(model, prefix_lengths=(3,), seed=4)
-    identity, _ = eah_logits(model, inputs, EAHConfig(layers=(1,), source=5, target_heads=(5,)))
+    identity, _ = eah_logits(model, inputs, EAH(layers=(1,), source=5, target_heads=(5,)))
     with torch.no_grad():
         plain = model(**inputs, use_cache=False).logits
     assert torch.allclose(identity, plain, atol=1e-5)
@@ -96,7 +98,7 @@ def test_gqa_heads_use_their_own_values():
     captured = {}
     handle = attn.o_proj.register_forward_pre_hook(lambda m, a: captured.setdefault("z", a[0].detach().clone()))
     try:
-        eah_logits(model, inputs, EAHConfig(layers=(1,), source=4))
+        eah_logits(model, inputs, EAH(layers=(1,), source=4))
     finally:
         handle.remove()
     # recompute head 0's output by hand: head 4's map with head 0's KV group (group 0) values
@@ -117,10 +119,10 @@ def test_bad_input_errors_name_the_problem():
     model = tiny_llava()
     inputs = tiny_llava_inputs(model)
     with pytest.raises(ConfigError, match="alpha"):
-        EAHConfig(alpha=2.0)
+        EAH(alpha=2.0)
     with pytest.raises(HeadIndexError, match="4 heads"):
-        hf.eah(model, EAHConfig(layers=(1,), source=9))
-    with pytest.raises(hf.LayerIndexError, match="out of range"):
+        hf.eah(model, EAH(layers=(1,), source=9))
+    with pytest.raises(LayerIndexError, match="out of range"):
         hf.record_attention(model, [7], stats=HeadStats())
     wrong = TokenLayout.from_spans([(1, 5)], seq_len=9)
     with pytest.raises(LayoutError, match="does not fit"):
@@ -129,7 +131,7 @@ def test_bad_input_errors_name_the_problem():
     probs = torch.rand(1, 2, 4, 4)
     with pytest.raises(LayoutError, match="4 key positions"):
         sink_scores(probs, TokenLayout.from_spans([(1, 2)], seq_len=5))
-    with pytest.raises(hf.UnsupportedModelError, match="not an HF PreTrainedModel"):
+    with pytest.raises(UnsupportedModelError, match="not an HF PreTrainedModel"):
         hf.eah(torch.nn.Linear(2, 2), CONFIG)
     mismatch = dict(inputs)
     mismatch["input_ids"] = torch.cat([inputs["input_ids"], torch.full((1, 1), TINY_IMAGE_TOKEN_ID)], 1)
@@ -142,7 +144,7 @@ def test_bad_input_errors_name_the_problem():
 def test_threads_editing_two_models_do_not_share_state():
     a, b = sharp_tiny_llava(seed=0), sharp_tiny_llava(seed=1)
     inputs = tiny_llava_inputs(a, prefix_lengths=(3,), seed=0)
-    want = {name: eah_logits(m, inputs, cfg)[0] for name, m, cfg in (("a", a, CONFIG), ("b", b, EAHConfig(layers=(2,), threshold=0.05)))}
+    want = {name: eah_logits(m, inputs, cfg)[0] for name, m, cfg in (("a", a, CONFIG), ("b", b, EAH(layers=(2,), threshold=0.05)))}
     got, errors = {}, []
 
     def work(name, m, cfg):
@@ -152,7 +154,7 @@ def test_threads_editing_two_models_do_not_share_state():
         except Exception as err:  # pragma: no cover - reported below
             errors.append(err)
 
-    threads = [threading.Thread(target=work, args=("a", a, CONFIG)), threading.Thread(target=work, args=("b", b, EAHConfig(layers=(2,), threshold=0.05)))]
+    threads = [threading.Thread(target=work, args=("a", a, CONFIG)), threading.Thread(target=work, args=("b", b, EAH(layers=(2,), threshold=0.05)))]
     for t in threads:
         t.start()
     for t in threads:

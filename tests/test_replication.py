@@ -15,7 +15,7 @@ import pytest
 from eah_interp import evaluation
 from eah_interp.data import scene_dataset
 from eah_interp.errors import ConfigError
-from eah_interp.evaluation import Condition, ReplicationSplit, replication_table, run_experiment, summarise
+from eah_interp.evaluation import Arm, ReplicationSplit, replication_table, run_experiment, summarise_items
 from eah_interp.metrics.stats import holm
 from eah_interp.models import load_model
 
@@ -70,7 +70,7 @@ def test_an_empty_part_is_refused():
 
 
 def test_holm_is_within_each_part():
-    summary = summarise(hand_items(), n_resamples=2000)
+    summary = summarise_items(hand_items(), n_resamples=2000)
     for part in ("discovery", "replication"):
         rows = summary[summary["part"] == part]
         tested = rows[rows["p_value"].notna()]
@@ -81,7 +81,7 @@ def test_holm_is_within_each_part():
 
 
 def test_only_an_effect_significant_in_both_parts_with_one_sign_replicates():
-    table = replication_table(summarise(hand_items(), n_resamples=2000)).set_index(["condition", "metric"])
+    table = replication_table(summarise_items(hand_items(), n_resamples=2000)).set_index(["condition", "metric"])
     verdict = table["verdict"]
     assert verdict[("real", "probe_absent")] == "replicated"
     assert verdict[("fluke", "probe_absent")] == "not replicated"
@@ -92,8 +92,8 @@ def test_only_an_effect_significant_in_both_parts_with_one_sign_replicates():
 
 
 def test_a_raw_p_alone_never_replicates(monkeypatch):
-    monkeypatch.setattr(evaluation, "sign_flip_p_value", lambda *a, **k: 0.02)  # raw p < 0.05 everywhere
-    table = replication_table(summarise(hand_items(), n_resamples=200))
+    monkeypatch.setattr(evaluation.statistics, "sign_flip_p_value", lambda *a, **k: 0.02)  # raw p < 0.05 everywhere
+    table = replication_table(summarise_items(hand_items(), n_resamples=200))
     assert len(table) > 3 and (table["verdict"] == "null").all()
 
 
@@ -112,12 +112,12 @@ def test_mixed_results_with_and_without_a_part_are_refused():
     items = hand_items()
     items.loc[0, "part"] = None
     with pytest.raises(ConfigError, match="with and without a replication split"):
-        summarise(items, n_resamples=10)
+        summarise_items(items, n_resamples=10)
 
 
 def test_without_a_split_everything_is_one_family():
     items = hand_items().drop(columns="part")
-    summary = summarise(items, n_resamples=200)
+    summary = summarise_items(items, n_resamples=200)
     assert set(summary["part"]) == {"all"}
     with pytest.raises(ConfigError, match="no 'discovery' part"):
         replication_table(summary)
@@ -127,20 +127,20 @@ def test_runner_records_the_part_and_keeps_the_split_on_resume(tmp_path):
     bundle = load_model("tiny-llava")
     data = scene_dataset(4)
     split = ReplicationSplit(0.5, by="order")
-    path = run_experiment(bundle, data, tmp_path, conditions=[Condition("baseline")], tasks=("pope",), progress=False,
+    path = run_experiment(bundle, data, tmp_path, arms=[Arm("baseline")], tasks=("pope",), progress=False,
                           replication=split)
     records = [json.loads(line) for line in path.read_text().splitlines()]
     parts = {r["item"]: r["part"] for r in records}
     assert parts == {"scene 100000000": "discovery", "scene 100000001": "discovery",
                      "scene 100000002": "replication", "scene 100000003": "replication"}
     run = json.loads((tmp_path / "run.json").read_text())
-    assert run["settings"]["replication"] == {"fraction": 0.5, "by": "order", "salt": "eah-interp", "n_items": 4}
+    assert run["arguments"]["replication"] == {"fraction": 0.5, "by": "order", "salt": "eah-interp", "n_items": 4}
     assert run["replication"]["n"] == {"discovery": 2, "replication": 2}
     with pytest.raises(ConfigError, match="replication"):  # another split cannot be mixed in
-        run_experiment(bundle, data, tmp_path, conditions=[Condition("baseline")], tasks=("pope",), progress=False,
+        run_experiment(bundle, data, tmp_path, arms=[Arm("baseline")], tasks=("pope",), progress=False,
                        replication=ReplicationSplit(0.5))
     with pytest.raises(ConfigError, match="n_items"):  # by order, more items move the boundary: refused
-        run_experiment(bundle, scene_dataset(6), tmp_path, conditions=[Condition("baseline")], tasks=("pope",),
+        run_experiment(bundle, scene_dataset(6), tmp_path, arms=[Arm("baseline")], tasks=("pope",),
                        progress=False, replication=split)
 
 
@@ -149,7 +149,7 @@ def test_eval_cli_takes_a_replication_split(tmp_path):
 
     from eah_interp.cli import app
 
-    common = ["eval", "--model", "tiny-llava", "-n", "4", "--condition", "eah_paper", "--beams", "1", "--task", "pope"]
+    common = ["eval", "--model", "tiny-llava", "-n", "4", "--arm", "eah_paper", "--beams", "1", "--task", "pope"]
     bad = CliRunner().invoke(app, [*common, "--replication", "1.5", "--out", str(tmp_path / "bad")])
     assert bad.exit_code != 0 and "strictly between 0 and 1" in bad.output
     result = CliRunner().invoke(app, [*common, "--replication", "0.5", "--replicate-by", "order",

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from eah_interp import cli
 from eah_interp.errors import ConfigError
 from eah_interp.experiments import scan_images
+from eah_interp.head_stats import STATISTICS, HeadStats
 from eah_interp.models import load_model
-from eah_interp.stats import STATISTICS, HeadStats
 
 N, BATCH = 5, 2  # batches of the scan: [0, 1], [2, 3], [4]
 
@@ -74,7 +74,7 @@ def test_head_stats_load_rejects_other_files(tmp_path):
 def reference():
     """An uninterrupted scan of the same N images, computed by `scan_images` (not by the CLI)."""
     bundle = load_model("tiny-llava")
-    images = [image for _, image, _ in cli._images(N, [], [])]
+    images = [item.load_image() for item in cli._images(N, [], [])]
     return scan_images(bundle, images, batch_size=BATCH, progress=False)
 
 
@@ -90,7 +90,7 @@ def checkpoint_done(out) -> list[str]:
 
 
 def test_interrupted_scan_resumes_to_the_uninterrupted_statistics(tmp_path, monkeypatch, reference):
-    names = [name for name, _, _ in cli._images(N, [], [])]
+    names = [item.id for item in cli._images(N, [], [])]
     original = HeadStats.update_from_stats
     calls = []
 
@@ -138,11 +138,11 @@ def test_a_different_scan_config_is_an_error_and_no_resume_starts_over(tmp_path,
 
 
 def test_a_larger_n_extends_a_finished_scan(tmp_path):
-    names = [name for name, _, _ in cli._images(N, [], [])]
+    names = [item.id for item in cli._images(N, [], [])]
     first = CliRunner().invoke(cli.app, ["scan", "--model", "tiny-llava", "--n", "3", "--batch-size", "1", "--out", str(tmp_path)])
     assert first.exit_code == 0, first.output
     result = CliRunner().invoke(cli.app, ["scan", "--model", "tiny-llava", "--n", str(N), "--batch-size", "1", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert checkpoint_done(tmp_path) == names
-    one_by_one = scan_images(load_model("tiny-llava"), [image for _, image, _ in cli._images(N, [], [])], batch_size=1, progress=False)
+    one_by_one = scan_images(load_model("tiny-llava"), [item.load_image() for item in cli._images(N, [], [])], batch_size=1, progress=False)
     assert_same_state(HeadStats.load(tmp_path / cli.SCAN_CHECKPOINT), one_by_one)

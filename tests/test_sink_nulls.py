@@ -47,9 +47,9 @@ def test_hand_computed_nulls_under_each_normaliser():
     # 8 positions, image tokens 1, 2, 3; every row a query row
     layout = TokenLayout.from_spans([(1, 4)], 8)
     prev = {n: null_scores(layout, normalise=n)["previous"][0, 1:4].tolist() for n in ("causal", "official", "rows")}
-    # column j gets row j+1's whole attention; d(j): causal 7 - j, official 1 + 4 - j, rows 7
+    # column j gets row j+1's whole attention; d(j): causal 7 - j, official (1 + 1) + 4 - j from key 2 on, rows 7
     assert prev["causal"] == pytest.approx([1 / 6, 1 / 5, 1 / 4])
-    assert prev["official"] == pytest.approx([1 / 4, 1 / 3, 1 / 2])
+    assert prev["official"] == pytest.approx([0, 1 / 4, 1 / 3])
     assert prev["rows"] == pytest.approx([1 / 7] * 3)
     # uniform: row i gives 1/(i+1) to each key; column j sums it over i > j
     uniform = null_scores(layout, normalise="causal")["uniform"][0]

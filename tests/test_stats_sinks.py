@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from eah_interp import hf
-from eah_interp._testing import sharp_tiny_llava, tiny_llava_inputs
 from eah_interp.errors import ConfigError, LayoutError
+from eah_interp.head_stats import OVERLAP_STATISTICS, STATISTICS, HeadStats, head_statistics
 from eah_interp.layout import TokenLayout
-from eah_interp.stats import OVERLAP_STATISTICS, STATISTICS, HeadStats, head_statistics
+from eah_interp.models.tiny import sharp_tiny_llava, tiny_llava_inputs
 
 THRESHOLD = 0.02
 

@@ -19,7 +19,7 @@ MINED = {"n_layers": 30, "n_heads": 9, "var_dims": [507, 17],
 
 
 def test_organism_settings_follow_the_documented_rules():
-    arms = {c.name: list(c.config or []) for c in methods.conditions(0.01, MINED, hidden=576)}
+    arms = {a.name: list(a.interventions) for a in methods.arms_for(0.01, MINED, hidden=576)}
     assert list(arms)[0] == "baseline" and arms["baseline"] == []
     # 20 of 1024 heads on LLaVA-1.5-7B -> round(20 * 270 / 1024) = 5 of the organism's 30 x 9 heads
     assert arms["adhh_organism"] == [ADHH(heads=MINED["text_heads"][:5])]

@@ -59,7 +59,11 @@ class Item:
     questions: tuple[Question, ...] = ()
 
     def load_image(self) -> Image.Image:
-        """The image as an RGB PIL image (read from disk, or drawn, on every call: nothing is cached)."""
+        """The image as an RGB PIL image (read from disk, or drawn, on every call: nothing is cached).
+
+        Raises:
+            DataFormatError: the file does not exist or is not a readable image (corrupt, truncated).
+        """
         source = self.image
         if isinstance(source, Image.Image):
             return source.convert("RGB")
@@ -67,8 +71,11 @@ class Item:
             path = Path(source)
             if not path.is_file():
                 raise DataFormatError(f"item {self.id!r}: image file {path} does not exist.")
-            with Image.open(path) as image:
-                return image.convert("RGB")
+            try:
+                with Image.open(path) as image:
+                    return image.convert("RGB")
+            except (OSError, SyntaxError, ValueError) as err:  # PIL: unidentified, truncated, broken headers
+                raise DataFormatError(f"cannot read image {path} ({err}): replace or remove that file.") from None
         return source().convert("RGB")
 
 

@@ -20,15 +20,36 @@ from torch import Tensor
 
 from eah_interp.errors import ConfigError, HeadIndexError
 from eah_interp.interventions.base import Intervention, count
-from eah_interp.interventions.selectors import (
-    PHASES,
-    Site,
-    check_choice,
-    check_layers,
-    entries,
-    key_span,
-    query_rows,
-)
+from eah_interp.interventions.selectors import Site, check_layers, entries, key_span, query_rows
+
+
+@dataclass(frozen=True)
+class HeadList(Intervention, register=False):
+    """Base of the methods that edit listed ``(layer, head)`` pairs: their layers are those of the heads."""
+
+    heads: tuple[tuple[int, int], ...] = ()
+
+    def check(self) -> None:
+        name = type(self).__name__
+        if self.layers is not None:
+            raise ConfigError(f"{name} takes its layers from heads=((layer, head), ...); leave layers=None.")
+        object.__setattr__(self, "heads", as_heads(self.heads, name))
+
+    def layers_for(self, n_layers: int) -> tuple[int, ...]:
+        return tuple(sorted({layer for layer, _ in self.heads}))
+
+    def validate_for(
+        self, n_layers: int, n_heads: int, n_kv_heads: int | None = None, hidden_size: int | None = None
+    ) -> None:
+        name = type(self).__name__
+        check_layers(self.layers_for(n_layers), n_layers, name)
+        bad = [pair for pair in self.heads if pair[1] >= n_heads]
+        if bad:
+            raise HeadIndexError(f"{name}: heads {bad} out of range: the layers have {n_heads} heads (0..{n_heads - 1}).")
+
+    def heads_of(self, layer: int) -> list[int]:
+        """The listed heads of one layer."""
+        return [h for at, h in self.heads if at == layer]
 
 
 def as_heads(heads: object, what: str) -> tuple[tuple[int, int], ...]:
@@ -44,13 +65,6 @@ def as_heads(heads: object, what: str) -> tuple[tuple[int, int], ...]:
     return pairs
 
 
-def check_heads(heads: tuple[tuple[int, int], ...], n_layers: int, n_heads: int, what: str) -> None:
-    check_layers(tuple(sorted({layer for layer, _ in heads})), n_layers, what)
-    bad = [pair for pair in heads if pair[1] >= n_heads]
-    if bad:
-        raise HeadIndexError(f"{what}: heads {bad} out of range: the layers have {n_heads} heads (0..{n_heads - 1}).")
-
-
 #: LLaVA-1.5-7B's hallucination heads, (layer, head), from the official ``eval_caption_adhh.py``.
 LLAVA15_7B_HEADS = (
     (16, 29), (26, 9), (13, 31), (15, 10), (20, 12), (30, 9), (19, 18), (17, 0), (18, 9), (26, 28),
@@ -59,7 +73,7 @@ LLAVA15_7B_HEADS = (
 
 
 @dataclass(frozen=True)
-class ADHH(Intervention):
+class ADHH(HeadList):
     """Zero the last row's attention to the text after the image in listed heads when it reaches ``tau``.
 
     Args:
@@ -68,9 +82,7 @@ class ADHH(Intervention):
         phase: ``"both"``, ``"prefill"`` or ``"decode"``.
     """
 
-    heads: tuple[tuple[int, int], ...] = ()
     tau: float = 0.4
-    phase: str = "both"
 
     point: ClassVar[str] = "probs"
     last_row_only: ClassVar[bool] = True
@@ -80,21 +92,14 @@ class ADHH(Intervention):
         """The official head list and threshold for LLaVA-1.5-7B (``eval_caption_adhh.py``, ``decoding.sh``)."""
         return cls(**{"heads": LLAVA15_7B_HEADS, "tau": 0.4, **overrides})  # type: ignore[arg-type]
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "heads", as_heads(self.heads, "ADHH"))
+    def check(self) -> None:
+        super().check()
         if not isinstance(self.tau, (int, float)) or not 0 <= self.tau <= 1:
             raise ConfigError(f"ADHH.tau must be in [0, 1]; got {self.tau!r}.")
-        check_choice("ADHH.phase", self.phase, PHASES)
-
-    def layers_for(self, n_layers: int) -> tuple[int, ...]:
-        return tuple(sorted({layer for layer, _ in self.heads}))
-
-    def validate_for(self, n_layers: int, n_heads: int) -> None:
-        check_heads(self.heads, n_layers, n_heads, "ADHH")
 
     def edit(self, tensor: Tensor, site: Site) -> tuple[Tensor, int]:
         chosen = torch.zeros(tensor.shape[1], dtype=torch.bool, device=tensor.device)
-        chosen[[h for layer, h in self.heads if layer == site.layer]] = True
+        chosen[self.heads_of(site.layer)] = True
         text = entries(query_rows("last", site), key_span("after_image", site))  # [b, 1, q, k]
         mass = (tensor * text).sum(-1, keepdim=True)  # [b, h, q, 1]
         selected = text & (mass >= self.tau) & chosen[None, :, None, None]

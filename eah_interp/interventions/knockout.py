@@ -1,6 +1,6 @@
 """Attention knockout: block one position group from attending to another in a window of layers.
 
-The groups are names (`QUERY_GROUPS`, `KEY_GROUPS`; see `eah_interp.interventions.selectors`) or user
+The groups are span names (`SPANS`; see `eah_interp.interventions.selectors`) or user
 ``Bool[batch, seq]`` masks of the prompt's positions (kept as nested tuples, so the config stays JSON).
 
 As in attention-knockout studies (e.g. Geva et al., 2023, "Dissecting Recall of Factual Associations"):
@@ -19,22 +19,15 @@ from torch import Tensor
 from eah_interp.errors import ConfigError
 from eah_interp.interventions.base import Intervention, count
 from eah_interp.interventions.selectors import (
-    PHASES,
-    SPANS,
     Site,
+    UserMask,
     as_group,
-    as_layers,
-    check_choice,
     entries,
     group_keys,
     query_rows,
     visible,
 )
 from eah_interp.sinks import query_positions
-
-#: Query groups: ``"last"`` (the call's last row) or a span of `SPANS` (rows at those positions).
-QUERY_GROUPS = SPANS  # "last" here is the call's last row (`query_rows`): the last prompt position, or the new token
-Mask = tuple[tuple[bool, ...], ...]
 
 
 @dataclass(frozen=True)
@@ -44,25 +37,19 @@ class Knockout(Intervention):
     Args:
         queries: ``"last"`` (the call's last row), a span of `SPANS` (rows at those positions), or a
             ``Bool[batch, seq]`` mask of prompt positions (rows at those positions).
-        keys: a group of `KEY_GROUPS` or a ``Bool[batch, seq]`` mask of prompt positions.
+        keys: a span of `SPANS` or a ``Bool[batch, seq]`` mask of prompt positions.
         layers: the window (None = every layer).
         phase: ``"both"``, ``"prefill"`` or ``"decode"``.
     """
 
-    queries: str | Mask = "last"
-    keys: str | Mask = "image"
-    layers: tuple[int, ...] | None = None
-    phase: str = "both"
+    queries: str | UserMask = "last"
+    keys: str | UserMask = "image"
 
     point: ClassVar[str] = "scores"
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", as_layers(self.layers, "Knockout"))
-        if isinstance(self.queries, str):
-            check_choice("Knockout.queries", self.queries, QUERY_GROUPS)
+    def check(self) -> None:
         object.__setattr__(self, "queries", as_group(self.queries, "Knockout.queries"))
         object.__setattr__(self, "keys", as_group(self.keys, "Knockout.keys"))
-        check_choice("Knockout.phase", self.phase, PHASES)
         if self.queries == self.keys == "all":
             raise ConfigError("Knockout(queries='all', keys='all') blocks every edge: choose narrower groups.")
 
@@ -88,7 +75,7 @@ class Knockout(Intervention):
         )
 
 
-def _group_text(group: str | Mask) -> str:
+def _group_text(group: str | UserMask) -> str:
     if isinstance(group, str):
         return group
     return f"masked ({len(group)} x {len(group[0])} mask, {sum(map(sum, group))} positions)"

@@ -1,10 +1,14 @@
 """PAI (Liu et al., ECCV 2024, "Paying More Attention to Image"): amplify the last row's image scores.
 
-Official code: LALBJ/PAI, ``attention.py`` (``llama_new_forward``): after the mask is added,
+Official code: LALBJ/PAI@9bbd8bd, ``attention.py:90-94`` (``llama_new_forward``): after the mask is added,
 ``z[:, :, -1, img] = |z[:, :, -1, img]| * alpha + z[:, :, -1, img]`` in layers ``range(start_layer,
-end_layer)``; defaults in ``chair_eval.py``: ``alpha=0.2``, ``start_layer=2``, ``end_layer=32`` (layers
-2..31 of LLaVA-1.5-7B's 32). The edit runs at every forward (the prompt's last row and every decode step).
-Its contrastive text-only logits (``gamma``) are a separate part, not implemented here.
+end_layer)`` (``llama_modify``, ``attention.py:120-128``); defaults in ``chair_eval.py:50-55``: ``alpha=0.2``,
+``start_layer=2``, ``end_layer=32`` (layers 2..31 of LLaVA-1.5-7B's 32); the image span is
+``len(tokens before the image) + 1`` plus 576 (``model_loader.py:121-122``). The edit runs at every forward
+(the prompt's last row and every decode step) while ``use_cfg`` is off. Its contrastive text-only logits
+(``gamma``) are `eah_interp.hf.ContrastiveLogits`; with them on, the official scripts leave the prompt
+forward unedited (``llama_modify`` sets ``use_cfg=True``, ``CFG.py:48-49`` clears it only after the first
+token), so the official run of both parts is ``PAI(phase="decode")`` with ``ContrastiveLogits``.
 """
 
 from __future__ import annotations
@@ -18,16 +22,7 @@ from torch import Tensor
 
 from eah_interp.errors import ConfigError
 from eah_interp.interventions.base import Intervention, count
-from eah_interp.interventions.selectors import (
-    PHASES,
-    Site,
-    as_layers,
-    check_choice,
-    entries,
-    key_span,
-    query_rows,
-    visible,
-)
+from eah_interp.interventions.selectors import Site, entries, key_span, query_rows, visible
 
 
 def amplify_scores(
@@ -48,18 +43,14 @@ class PAI(Intervention):
     """
 
     alpha: float = 0.2
-    layers: tuple[int, ...] | None = None
-    phase: str = "both"
 
     point: ClassVar[str] = "scores"
     last_row_only: ClassVar[bool] = True
     default_layers: ClassVar[tuple[int, int] | None] = (2, 32)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", as_layers(self.layers, "PAI"))
+    def check(self) -> None:
         if not isinstance(self.alpha, (int, float)) or self.alpha < 0:
             raise ConfigError(f"PAI.alpha must be a number >= 0; got {self.alpha!r}.")
-        check_choice("PAI.phase", self.phase, PHASES)
 
     def edit(self, tensor: Tensor, site: Site) -> tuple[Tensor, int]:
         selected = entries(query_rows("last", site), key_span("image", site)) & visible(tensor)

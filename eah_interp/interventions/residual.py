@@ -15,7 +15,7 @@ values computed from the prompt's hidden states as they were, edited or not, in 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float
@@ -23,21 +23,8 @@ from torch import Tensor
 
 from eah_interp.errors import ConfigError
 from eah_interp.interventions.base import Intervention
-from eah_interp.interventions.selectors import (
-    PHASES,
-    SPANS,
-    Site,
-    UserMask,
-    as_group,
-    as_layers,
-    check_choice,
-    check_layers,
-    group_keys,
-    span_text,
-)
+from eah_interp.interventions.selectors import Site, UserMask, as_group, check_choice, group_keys, span_text
 
-#: Positions a residual edit can select: a key span of the layout, or the forward's last position.
-POSITIONS = SPANS
 WHERE = ("input", "output")
 
 
@@ -76,24 +63,16 @@ class ResidualEdit(Intervention):
         phase: ``"both"``, ``"prefill"`` or ``"decode"``.
     """
 
-    layers: tuple[int, ...] | None = None
     where: str = "output"
     positions: str | UserMask = "all"
     scale: float = 1.0
     add: tuple[float, ...] | None = None
-    phase: str = "both"
 
-    default_layers: ClassVar[tuple[int, int] | None] = None
-
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.layers is None:
             raise ConfigError("ResidualEdit needs layers=(...): the decoder layers whose residual stream is edited.")
-        object.__setattr__(self, "layers", as_layers(self.layers, "ResidualEdit"))
         check_choice("ResidualEdit.where", self.where, WHERE)
         object.__setattr__(self, "positions", as_group(self.positions, "ResidualEdit.positions"))
-        if isinstance(self.positions, str):
-            check_choice("ResidualEdit.positions", self.positions, POSITIONS)
-        check_choice("ResidualEdit.phase", self.phase, PHASES)
         if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
             raise ConfigError(f"ResidualEdit.scale must be a number; got {self.scale!r}.")
         if self.add is not None:
@@ -114,8 +93,10 @@ class ResidualEdit(Intervention):
         vector = torch.as_tensor(direction, dtype=torch.float64).flatten() * float(alpha)
         return cls(layers=layers, add=tuple(vector.tolist()), **kwargs)
 
-    def validate_model(self, n_layers: int, n_heads: int, n_kv_heads: int, hidden_size: int) -> None:
-        check_layers(self.layers_for(n_layers), n_layers, "ResidualEdit")
+    def validate_for(
+        self, n_layers: int, n_heads: int, n_kv_heads: int | None = None, hidden_size: int | None = None
+    ) -> None:
+        super().validate_for(n_layers, n_heads)
         if self.add is not None and hidden_size and len(self.add) != hidden_size:
             raise ConfigError(
                 f"ResidualEdit.add has {len(self.add)} entries but the language model's hidden size is {hidden_size}."

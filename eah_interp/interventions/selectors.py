@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -26,10 +27,9 @@ ROWS = ("all", "after_image", "last", "decode")
 #: "last", "generated", "text", "all", exactly as `TokenLayout.group_mask` defines them, so an intervention,
 #: a patch and a statistic mean the same positions by one name), plus "after_image": every real non-image
 #: position after the first image token (question + last + generated: AD-HH's "text after the image").
+#: Wherever a span names positions (`Knockout`, `ValueEdit`, `ResidualEdit`), a user ``Bool[batch, seq]``
+#: mask of the prompt's positions works too.
 SPANS = (*GROUPS, "after_image")
-#: Key groups (`Knockout`, `ValueEdit`, `ResidualEdit`): the `SPANS`; wherever a group is taken, a user
-#: ``Bool[batch, seq]`` mask of the prompt's positions works too.
-KEY_GROUPS = SPANS
 #: Phases: the prompt forward, decode steps with a KV cache, or both.
 PHASES = ("prefill", "decode", "both")
 
@@ -46,6 +46,8 @@ class Site:
         layout: the layout of the call's ``k`` key positions (generated positions appended as text).
         q_len, k_len: query rows and key positions of the call.
         prompt_len: positions of the prompt (keys at or after it are generated tokens).
+        key_flags: for an intervention that reads hidden states (``reads_hidden``): ``Bool[batch, k]``, its
+            `Intervention.hidden_flags` of the call's keys (found in the prompt; generated keys False).
     """
 
     layer: int
@@ -53,6 +55,7 @@ class Site:
     q_len: int
     k_len: int
     prompt_len: int
+    key_flags: Tensor | None = None
 
     @property
     def prefill(self) -> bool:
@@ -97,6 +100,13 @@ def check_layers(layers: tuple[int, ...], n_layers: int, what: str) -> None:
         )
 
 
+def chosen_layers(layers: str | Iterable[int] | None, n_layers: int, what: str = "record_attention") -> tuple[int, ...]:
+    """``"all"`` / None (every layer) or layer indices, checked against the model's depth (`check_layers`)."""
+    chosen = tuple(range(n_layers)) if layers is None or layers == "all" else tuple(dict.fromkeys(int(x) for x in layers))
+    check_layers(chosen, n_layers, what)
+    return chosen
+
+
 def as_layers(layers: object, what: str) -> tuple[int, ...] | None:
     """Normalise a ``layers`` argument: None, an int, a ``range`` or an iterable of non-negative ints."""
     if layers is None:
@@ -110,13 +120,13 @@ def as_layers(layers: object, what: str) -> tuple[int, ...] | None:
 
 
 def as_group(value: object, what: str) -> str | tuple[tuple[bool, ...], ...]:
-    """Normalise a position-group argument: a name of `KEY_GROUPS`, or a mask as a tuple of bool rows.
+    """Normalise a position-group argument: a name of `SPANS`, or a mask as a tuple of bool rows.
 
     A mask (a ``Bool[batch, seq]`` tensor or nested lists of bools) is stored as nested tuples, so the
     intervention stays hashable, comparable and JSON-serialisable.
     """
     if isinstance(value, str):
-        check_choice(what, value, KEY_GROUPS)
+        check_choice(what, value, SPANS)
         return value
     if isinstance(value, Tensor):
         if value.ndim != 2 or value.dtype != torch.bool:
@@ -127,14 +137,14 @@ def as_group(value: object, what: str) -> str | tuple[tuple[bool, ...], ...]:
     except TypeError:
         rows = ()
     if not rows or any(not isinstance(x, bool) for row in rows for x in row):
-        raise ConfigError(f"{what} must be one of {KEY_GROUPS} or a Bool[batch, seq] mask; got {value!r}.")
+        raise ConfigError(f"{what} must be one of {SPANS} or a Bool[batch, seq] mask; got {value!r}.")
     if len({len(r) for r in rows}) != 1 or not rows[0]:
         raise ConfigError(f"{what}: a mask needs rows of one non-zero length; got lengths {[len(r) for r in rows]}.")
     return rows
 
 
 def group_keys(group: str | tuple[tuple[bool, ...], ...] | Tensor, site: Site) -> Bool[Tensor, "batch k"]:
-    """``Bool[batch, k]``: the keys of a named group (`KEY_GROUPS`) or of a user mask, for one call.
+    """``Bool[batch, k]``: the keys of a named group (`SPANS`) or of a user mask, for one call.
 
     A mask covers the prompt (``seq`` = the prompt's length, or the call's ``k``); on a decode step
     the generated keys are appended as unselected, and rows are repeated when the call expands them
@@ -189,12 +199,12 @@ def query_rows(rows: str | tuple[tuple[bool, ...], ...] | Tensor, site: Site) ->
     """``Bool[batch, q]``: the query rows of each batch row selected by ``rows``, real only.
 
     ``rows`` is a selector of `ROWS` (``"last"``: the call's last row), or else a position group of
-    `KEY_GROUPS` or a user mask (`group_keys`): the rows at those positions.
+    `SPANS` or a user mask (`group_keys`): the rows at those positions.
     """
     layout = site.layout
     qpos = query_positions(site.q_len, site.k_len, layout.attention_mask.device)
     real = layout.attention_mask[:, qpos]
-    if not isinstance(rows, str) or (rows not in ROWS and rows in KEY_GROUPS):
+    if not isinstance(rows, str) or (rows not in ROWS and rows in SPANS):
         return real & group_keys(rows, site)[:, qpos]
     if rows == "all":
         return real

@@ -8,7 +8,7 @@ heads? Used by the explain study (`eah_interp.studies.explain`); the column sums
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -16,7 +16,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from eah_interp.interventions.base import Intervention
-from eah_interp.interventions.selectors import PHASES, Site, as_layers, check_choice
+from eah_interp.interventions.selectors import Site, check_choice
 from eah_interp.layout import TokenLayout
 from eah_interp.sinks import query_positions
 
@@ -41,15 +41,13 @@ class SyntheticMap(Intervention):
     """
 
     pattern: str = "previous_token"
-    layers: tuple[int, ...] | None = (1,)
-    phase: str = "prefill"
+    layers: tuple[int, ...] | None = field(default=(1,), kw_only=True)
+    phase: str = field(default="prefill", kw_only=True)
 
     point: ClassVar[str] = "probs"
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         check_choice("SyntheticMap.pattern", self.pattern, PATTERNS)
-        object.__setattr__(self, "layers", as_layers(self.layers, "SyntheticMap"))
-        check_choice("SyntheticMap.phase", self.phase, PHASES)
 
     def edit(self, tensor: Float[Tensor, "batch heads q k"], site: Site) -> tuple[Tensor, int]:
         if self.pattern == "previous_token":

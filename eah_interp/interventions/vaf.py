@@ -18,16 +18,7 @@ from torch import Tensor
 
 from eah_interp.errors import ConfigError
 from eah_interp.interventions.base import Intervention, count
-from eah_interp.interventions.selectors import (
-    PHASES,
-    Site,
-    as_layers,
-    check_choice,
-    entries,
-    key_span,
-    query_rows,
-    rows_after_image,
-)
+from eah_interp.interventions.selectors import Site, entries, key_span, query_rows, rows_after_image
 
 
 @dataclass(frozen=True)
@@ -43,19 +34,15 @@ class VAF(Intervention):
 
     image_scale: float = 1.15
     system_scale: float = 0.95
-    layers: tuple[int, ...] | None = None
-    phase: str = "both"
 
     point: ClassVar[str] = "scores_premask"
     default_layers: ClassVar[tuple[int, int] | None] = (9, 15)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", as_layers(self.layers, "VAF"))
+    def check(self) -> None:
         for name in ("image_scale", "system_scale"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"VAF.{name} must be a number >= 0; got {value!r}.")
-        check_choice("VAF.phase", self.phase, PHASES)
 
     def tail_rows(self, site: Site) -> int | None:
         return rows_after_image(site)  # only rows after the image are edited

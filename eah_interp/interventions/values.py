@@ -27,15 +27,11 @@ from torch import Tensor
 from eah_interp.errors import ConfigError, HeadIndexError
 from eah_interp.interventions.base import Intervention
 from eah_interp.interventions.selectors import (
-    PHASES,
     ROWS,
-    SPANS,
     Site,
     UserMask,
     as_group,
-    as_layers,
     check_choice,
-    check_layers,
     group_keys,
     query_rows,
     span_text,
@@ -91,19 +87,13 @@ class ValueEdit(Intervention):
     mode: str = "scale"
     heads: tuple[int, ...] | None = None
     rows: str = "all"
-    layers: tuple[int, ...] | None = None
-    phase: str = "both"
 
     point: ClassVar[str] = "values"
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", as_layers(self.layers, "ValueEdit"))
+    def check(self) -> None:
         object.__setattr__(self, "keys", as_group(self.keys, "ValueEdit.keys"))
-        if isinstance(self.keys, str):
-            check_choice("ValueEdit.keys", self.keys, SPANS)
         check_choice("ValueEdit.mode", self.mode, MODES)
         check_choice("ValueEdit.rows", self.rows, ROWS)
-        check_choice("ValueEdit.phase", self.phase, PHASES)
         if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
             raise ConfigError(f"ValueEdit.scale must be a number; got {self.scale!r}.")
         if self.mode == "scale" and self.scale == 1:
@@ -114,9 +104,11 @@ class ValueEdit(Intervention):
                 raise ConfigError(f"ValueEdit.heads must be None or distinct KV-head indices >= 0; got {self.heads!r}.")
             object.__setattr__(self, "heads", heads)
 
-    def validate_model(self, n_layers: int, n_heads: int, n_kv_heads: int, hidden_size: int) -> None:
-        check_layers(self.layers_for(n_layers), n_layers, "ValueEdit")
-        kv = n_kv_heads
+    def validate_for(
+        self, n_layers: int, n_heads: int, n_kv_heads: int | None = None, hidden_size: int | None = None
+    ) -> None:
+        super().validate_for(n_layers, n_heads)
+        kv = n_heads if n_kv_heads is None else n_kv_heads
         bad = [h for h in self.heads or () if h >= kv]
         if bad:
             raise HeadIndexError(

@@ -4,13 +4,20 @@ Sinks are prompt tokens whose RMS-normalised input hidden state exceeds ``tau`` 
 dimensions (`eah_interp.sinks.massive_activation_sinks`). In an image-centric head (share of its image
 attention on visual sinks <= ``rho`` and image attention >= ``summ``) each query row after the image
 gives up a fraction ``1 - p`` of its attention on every sink (image or text) and hands that mass to the
-non-sink image tokens in proportion to their attention. The last layer is skipped.
+non-sink image tokens in proportion to their attention.
 
-Official code: MICV-yonsei/VisAttnSink: ``src/logic/logic.py`` (``LogicEngine.activate``: ``tau=20,
-rho=0.5, summ=0.2, p=0.6, except_last_layer=True``, sinks from layer 2 on; ``DimProspector``,
-``HeadFork``, ``VARProcessor.attn_redist``), ``src/logic/constants.py`` (``DIM_SINK``: LLaMA-2-7B
-``[2533, 1415]``, 13B ``[2100, 4743]``), ``src/model/llava.py`` (sinks found on the prompt only, from
-each decoder layer's input; redistribution after the softmax), ``A_exps/lv1.5_7b.yml``.
+Official code: MICV-yonsei/VisAttnSink@98e62d6: ``src/logic/logic.py`` (``LogicEngine.activate``: ``tau=20,
+rho=0.5, summ=0.2, p=0.6``, sinks from layer 2 on: ``set_sink_select_layers`` takes ``range(n)[2:]``;
+``DimProspector``, ``HeadFork``, ``VARProcessor.attn_redist``), ``src/logic/constants.py`` (``DIM_SINK``:
+LLaMA-2-7B ``[2533, 1415]``, 13B ``[2100, 4743]``), ``src/model/llava.py`` (sinks found on the prompt only,
+from each decoder layer's input; redistribution after the softmax), ``A_exps/lv1.5_7b.yml``.
+
+Layers: the default is what the shipped code does, layers ``2 .. n - 1``, **the last layer included**.
+``A_exps/lv1.5_7b.yml:18`` sets ``except_last_layer: 1`` and ``src/inference.py:74`` passes it to
+``LogicEngine.activate``, which stores it on ``LogicEngine`` (``logic.py:46``); but ``VARProcessor``
+declares its own ``except_last_layer = False`` (``logic.py:148``), the attribute the check in
+``attn_redist`` reads (``logic.py:169``), and ``VARProcessor.config_last_layer`` is never called: the
+check never fires. ``VAR(except_last_layer=True)`` gives the YAML's intent (layers ``2 .. n - 2``).
 """
 
 from __future__ import annotations
@@ -24,16 +31,8 @@ from torch import Tensor
 
 from eah_interp.errors import ConfigError
 from eah_interp.interventions.base import Intervention, count
-from eah_interp.interventions.selectors import (
-    PHASES,
-    Site,
-    as_layers,
-    check_choice,
-    check_layers,
-    key_span,
-    query_rows,
-    rows_after_image,
-)
+from eah_interp.interventions.selectors import Site, key_span, query_rows, rows_after_image
+from eah_interp.sinks import massive_activation_sinks
 
 
 def redistribute(
@@ -79,8 +78,12 @@ class VAR(Intervention):
         rho: image-centric heads give at most this share of their image attention to visual sinks (0.5).
         summ: ... and at least this much attention to the image (0.2).
         p: the fraction of sink attention kept (0.6).
-        layers: None = the official rule on any depth: layers 2 .. n - 2 (from layer 2, last layer skipped).
+        layers: None = the shipped code's rule on any depth: layers 2 .. n - 1 (from layer 2, the last layer
+            included; see the module docstring).
         phase: ``"both"`` (official), ``"prefill"`` or ``"decode"``.
+        except_last_layer: skip the model's last layer (the intent of the official YAML's
+            ``except_last_layer: 1``, which the shipped code never applies): layers 2 .. n - 2 by default,
+            and the last layer dropped from explicit ``layers``.
     """
 
     dims: tuple[int, ...] = ()
@@ -88,11 +91,10 @@ class VAR(Intervention):
     rho: float = 0.5
     summ: float = 0.2
     p: float = 0.6
-    layers: tuple[int, ...] | None = None
-    phase: str = "both"
+    except_last_layer: bool = False
 
     point: ClassVar[str] = "probs"
-    needs_hidden: ClassVar[bool] = True
+    reads_hidden: ClassVar[bool] = True
 
     @classmethod
     def llava15_7b(cls, **overrides: object) -> VAR:
@@ -104,8 +106,7 @@ class VAR(Intervention):
         """The official settings for LLaVA-1.5-13B (LLaMA-2-13B sink dims 2100 and 4743)."""
         return cls(**{"dims": (2100, 4743), **overrides})  # type: ignore[arg-type]
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", as_layers(self.layers, "VAR"))
+    def check(self) -> None:
         dims = tuple(int(d) for d in self.dims)
         if not dims or any(d < 0 for d in dims):
             raise ConfigError(
@@ -119,22 +120,29 @@ class VAR(Intervention):
                 raise ConfigError(f"VAR.{name} must be in [{lo}, {hi}]; got {value!r}.")
         if not isinstance(self.tau, (int, float)) or self.tau < 0:
             raise ConfigError(f"VAR.tau must be a number >= 0; got {self.tau!r}.")
-        check_choice("VAR.phase", self.phase, PHASES)
+        if not isinstance(self.except_last_layer, bool):
+            raise ConfigError(f"VAR.except_last_layer must be True or False; got {self.except_last_layer!r}.")
 
     def layers_for(self, n_layers: int) -> tuple[int, ...]:
         if self.layers is not None:
-            return tuple(self.layers)
-        return tuple(range(min(2, n_layers - 1), n_layers - 1)) or (0,)
-
-    def validate_for(self, n_layers: int, n_heads: int) -> None:
-        check_layers(self.layers_for(n_layers), n_layers, "VAR")
+            layers = tuple(self.layers)
+        else:  # the shipped code: sinks (and so redistribution) from layer 2 to the last layer
+            layers = tuple(range(min(2, n_layers - 1), n_layers))
+        if self.except_last_layer:
+            layers = tuple(layer for layer in layers if layer != n_layers - 1)
+        return layers
 
     def tail_rows(self, site: Site) -> int | None:
         return rows_after_image(site)  # only rows after the image are edited
 
-    def edit(self, tensor: Tensor, site: Site, sinks: Tensor | None = None) -> tuple[Tensor, int]:
+    def hidden_flags(self, hidden: Tensor) -> Tensor:
+        """The massive-activation sinks of a layer's input hidden states (`massive_activation_sinks`)."""
+        return massive_activation_sinks(hidden, self.dims, self.tau)
+
+    def edit(self, tensor: Tensor, site: Site) -> tuple[Tensor, int]:
+        sinks = site.key_flags
         if sinks is None:
-            raise ConfigError("VAR.edit needs the sink mask of the call's keys (from the layer's hidden states).")
+            raise ConfigError("VAR.edit needs site.key_flags: the sinks of the call's keys (VAR.hidden_flags).")
         rows = query_rows("after_image", site)
         edited, chosen = redistribute(
             tensor, rows, key_span("image", site), sinks, rho=float(self.rho), summ=float(self.summ), p=float(self.p)
@@ -142,7 +150,9 @@ class VAR(Intervention):
         return edited, count(chosen)
 
     def describe(self) -> str:
-        layers = f"layers {list(self.layers)}" if self.layers is not None else "layers 2..n-2"
+        layers = f"layers {list(self.layers)}" if self.layers is not None else "layers 2..n-1"
+        if self.except_last_layer:
+            layers += " except the last layer"
         return (
             f"VAR: at {layers}, sinks = tokens with |RMS-normalised hidden| > {self.tau:g} in dims {list(self.dims)}; "
             f"in heads whose visual-sink share of image attention is <= {self.rho:g} and image attention >= "

@@ -9,9 +9,22 @@ from eah_interp.models.adapters import (
     describe,
     image_token_ids,
     register_adapter,
+    token_layout,
 )
-from eah_interp.models.bundle import ORGANISM_THRESHOLD, ModelBundle, default_threshold, load_model
-from eah_interp.models.introspect import attention_modules, execution_device, model_shape, text_config
+from eah_interp.models.bundle import (
+    ORGANISM_THRESHOLD,
+    ModelBundle,
+    bundle_for,
+    default_threshold,
+    load_model,
+)
+from eah_interp.models.introspect import (
+    attention_modules,
+    decoder_layers,
+    execution_device,
+    model_shape,
+    text_config,
+)
 from eah_interp.models.organism import load_organism
 from eah_interp.models.validate import ModelCheck, check_model
 
@@ -25,7 +38,9 @@ __all__ = [
     "ModelBundle",
     "adapter_for",
     "attention_modules",
+    "bundle_for",
     "check_model",
+    "decoder_layers",
     "default_threshold",
     "describe",
     "execution_device",
@@ -35,4 +50,5 @@ __all__ = [
     "model_shape",
     "register_adapter",
     "text_config",
+    "token_layout",
 ]

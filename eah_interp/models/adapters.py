@@ -1,6 +1,6 @@
 """Model-family adapters: where an LVLM keeps its language model, how it marks image positions, its quirks.
 
-EAH's official code hard-codes LLaVA-1.5's image span (positions 36..611) and 32 heads; eah-interp
+EAH's official code hard-codes a window on LLaVA-1.5's image span (keys 36..610) and 32 heads; eah-interp
 instead asks the model. Each supported family has an `Adapter` (a frozen dataclass): the config
 attributes that hold its visual placeholder ids, the dotted path of its text decoder and LM head, and
 the quirks a user must know before trusting a statistic (tiles, bidirectional image attention,
@@ -26,7 +26,7 @@ from typing import IO, Any
 from torch import Tensor, nn
 
 from eah_interp import compat
-from eah_interp.errors import UnsupportedModelError
+from eah_interp.errors import LayoutError, UnsupportedModelError
 from eah_interp.layout import TokenLayout
 from eah_interp.models.introspect import attention_modules, model_shape, text_config
 
@@ -52,7 +52,7 @@ class Adapter:
         quirks: sentences a user should read before trusting a statistic of this family.
         support: per backend (``"hf"``, ``"nnsight"``, ``"lens"``): ``"yes"`` (verified on the real class),
             ``"lm-only"`` (TransformerLens only: the bridge wraps the language model, fed the model's own
-            image embeddings through `eah_interp.lens.multimodal_embeds`), or the reason it is not supported.
+            image embeddings through `eah_interp.transformer_lens.multimodal_embeds`), or the reason it is not supported.
     """
 
     family: str
@@ -89,21 +89,36 @@ class Adapter:
         """The LM head module (``lm_head`` path)."""
         return _resolve(model, self.lm_head, "lm_head", self)
 
-    def layout(
-        self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, *, require_images: bool = True
-    ) -> TokenLayout:
-        """The `TokenLayout` of a batch: visual positions are those holding one of `visual_token_ids`."""
-        ids = self.visual_token_ids(model)
-        if not ids:
-            raise UnsupportedModelError(
-                f"{type(model).__name__}'s config has none of {self.image_token_attrs}: eah-interp cannot tell "
-                "image positions. Pass layout=TokenLayout.from_spans(...) or register an adapter (docs/new_model.md)."
-            )
-        return TokenLayout.from_input_ids(input_ids, ids, attention_mask, require_images=require_images)
-
     def supported(self, backend: str) -> bool:
         """Whether the backend is verified for this family (fully, or through the language model only)."""
         return self.support.get(backend, "not verified") in ("yes", "lm-only")
+
+
+def token_layout(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, *, require_images: bool = True
+) -> TokenLayout:
+    """The `TokenLayout` of a batch of ``model``'s inputs: the one rule every backend and analysis uses.
+
+    Visual positions are those of ``input_ids`` holding one of the family's placeholder ids
+    (`Adapter.visual_token_ids`: image, and video frames for Qwen), padding comes from ``attention_mask``.
+
+    Args:
+        model: an HF model (its family adapter: `adapter_for`).
+        input_ids: ``[batch, seq]`` ids with the image placeholders expanded.
+        attention_mask: ``[batch, seq]`` (1 = real token), or None (every position real).
+        require_images: raise `NoImageTokensError` when a row has no image token; without it, a model whose
+            config names no placeholder (a text-only LM) gets a layout without image positions.
+
+    Raises:
+        LayoutError: the config names no placeholder id and ``require_images``: pass a layout yourself.
+    """
+    ids = adapter_for(model).visual_token_ids(model)
+    if not ids and require_images:
+        raise LayoutError(
+            f"{type(model).__name__}'s config has no image token id, so eah-interp cannot tell image positions: pass "
+            "layout=TokenLayout(...) (e.g. TokenLayout.from_spans) or register an adapter (docs/new_model.md)."
+        )
+    return TokenLayout.from_input_ids(input_ids, ids, attention_mask, require_images=require_images)
 
 
 def _resolve(model: nn.Module, path: str, what: str, adapter: Adapter) -> nn.Module:
@@ -362,7 +377,7 @@ def describe(model: nn.Module, inputs: Mapping[str, Any] | None = None, *, file:
     if inputs is not None:
         if "input_ids" not in inputs:
             raise ValueError("describe(model, inputs) needs inputs['input_ids'] (the processor's output).")
-        layout = adapter.layout(model, inputs["input_ids"], inputs.get("attention_mask"), require_images=False)
+        layout = token_layout(model, inputs["input_ids"], inputs.get("attention_mask"), require_images=False)
     description = Description(
         family=adapter.family,
         architecture=type(model).__name__,

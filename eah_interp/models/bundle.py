@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from eah_interp.config import OFFICIAL_THRESHOLD
 from eah_interp.errors import EAHError, ModelLoadError, UnsupportedModelError
 from eah_interp.models.introspect import execution_device
+from eah_interp.sinks import OFFICIAL_THRESHOLD
 
 #: The paper's threshold 0.0008 is tuned for LLaVA-1.5's 576 image tokens. Sink scores are averages of
 #: attention shares, which scale roughly with 1 / prompt length, so for the organism's 49 image tokens
@@ -114,6 +114,11 @@ class ModelBundle:
             f"{self.image_tokens} image tokens, threshold {self.threshold:.3g}, device {self.device}, "
             f"{'trained' if self.trained else 'RANDOM weights'})"
         )
+
+    def intervention_defaults(self) -> dict[str, dict[str, Any]]:
+        """Model-aware defaults of the spec grammar (`eah_interp.interventions.parse`'s ``defaults``):
+        EAH's sink threshold scaled to this model's image tokens (`threshold`)."""
+        return {"EAH": {"threshold": self.threshold}}
 
     # ------------------------------------------------------------------ prompts
     def prompt(self, text: str) -> str:
@@ -281,8 +286,8 @@ def _registry_bundle(name: str) -> ModelBundle:
             ids["yes"], ids["no"], chat_prompt, caption_request=CAPTION_QUESTION, yes_no_suffix=YES_NO_SUFFIX,
             image_tokens=processor.num_image_tokens,
         )
-    from eah_interp._testing import TinyProcessor, tiny_llava
     from eah_interp.models.organism.processor import CAPTION_QUESTION, YES_NO_SUFFIX, chat_prompt
+    from eah_interp.models.tiny import TinyProcessor, tiny_llava
 
     model = tiny_llava()
     processor = TinyProcessor(model)
@@ -338,7 +343,7 @@ def _checkpoint_bundle(
     )
     model.eval()
     processor = _load_processor(name, source, trust_remote_code)
-    return _bundle_for(name, model, processor)
+    return bundle_for(name, model, processor)
 
 
 def _load_error(name: str, what: str, error: Exception) -> ModelLoadError:
@@ -461,8 +466,16 @@ def _plain_template(image_token: str) -> Callable[[str], str]:
     return wrap
 
 
-def _bundle_for(name: str, model: Any, processor: Any) -> ModelBundle:
-    """The bundle of a loaded HF model and processor: template, padding, yes/no ids, threshold."""
+def bundle_for(name: str, model: Any, processor: Any) -> ModelBundle:
+    """The bundle of an HF model and processor loaded by someone else (what `load_model` builds after loading).
+
+    It finds the chat template, the yes/no ids and the sink threshold (`default_threshold` of the image tokens
+    of a caption prompt with one 336 px image), and sets what generation needs: the tokenizer pads on the left
+    and has a pad token, and ``model.generation_config.pad_token_id`` is set.
+
+    Raises:
+        ModelLoadError: the model's config has no image token id (register an adapter, docs/new_model.md).
+    """
     from PIL import Image
 
     from eah_interp.metrics.probes import answer_token_ids

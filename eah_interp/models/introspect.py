@@ -1,4 +1,5 @@
-"""What eah-interp reads off an HF model: its text config, attention modules, shape and execution device.
+"""What eah-interp reads off an HF model: its text config, attention modules, decoder layers, shape and
+execution device.
 
 These are the lowest floor of ``eah_interp.models``: the family adapters, the loaders and every
 backend (`eah_interp.hf`, `eah_interp.nnsight`, ...) use them; they import nothing from a backend.
@@ -46,6 +47,22 @@ def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
             f"Found no attention modules with a layer_idx in {type(model).__name__}'s language model, so "
             "eah-interp cannot instrument it. It works with transformers models whose text decoder uses the "
             f"AttentionInterface; known families: {known_families()}. To add a model, see docs/new_model.md."
+        )
+    return found
+
+
+def decoder_layers(model: nn.Module) -> dict[int, nn.Module]:
+    """The language model's decoder layers by index: the modules whose ``self_attn`` is a layer's attention."""
+    attention = {id(module): layer for layer, module in attention_modules(model).items()}
+    found: dict[int, nn.Module] = {}
+    for module in model.modules():
+        layer = attention.get(id(getattr(module, "self_attn", None)))
+        if layer is not None:
+            found.setdefault(layer, module)
+    if len(found) != len(attention):
+        raise UnsupportedModelError(
+            f"Found decoder layers (modules with .self_attn) for layers {sorted(found)} of {sorted(attention)} in "
+            f"{type(model).__name__}; reading or editing a decoder layer's hidden states needs every one."
         )
     return found
 

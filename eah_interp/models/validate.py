@@ -6,7 +6,7 @@ Three checks, each against the model's own eager attention (transformers' ``outp
 2. **recording**: the probabilities eah-interp records in every layer equal the eager model's
    ``output_attentions`` (so the attention mask, bidirectional image blocks included, is right), and
    recording leaves the logits unchanged;
-3. **identity edit**: broadcasting a head onto itself (`EAHConfig` with ``source=h, target_heads=(h,)``)
+3. **identity edit**: broadcasting a head onto itself (`EAH` with ``source=h, target_heads=(h,)``)
    leaves the logits unchanged (so the edit path rebuilds ``P @ V`` with the right values and GQA groups).
 
 Tolerances follow the dtype. In bfloat16 / float16 two correct attention implementations already
@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from eah_interp import compat
-from eah_interp.config import EAHConfig
-from eah_interp.models.adapters import adapter_for
+from eah_interp.interventions import EAH
+from eah_interp.models.adapters import adapter_for, token_layout
 from eah_interp.models.introspect import text_config
 
 #: Multiple of the SDPA-vs-eager logit difference accepted as rounding (see the module docstring).
@@ -131,7 +131,7 @@ def check_model(
 
     adapter = adapter_for(model)
     mask = inputs["attention_mask"].bool()
-    layout = adapter.layout(model, inputs["input_ids"], inputs["attention_mask"], require_images=False)
+    layout = token_layout(model, inputs["input_ids"], inputs["attention_mask"], require_images=False)
     counts = layout.n_image_tokens.tolist()
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     dtype_name = str(dtype).removeprefix("torch.")
@@ -152,7 +152,7 @@ def check_model(
         with hf.record_attention(model, "all", keep_patterns=True) as rec:
             recorded_logits = model(**inputs, use_cache=False).logits
         normalise = "rows" if adapter.bidirectional_image_attention else "causal"  # no effect on an identity edit
-        identity = EAHConfig(layers=(layer,), threshold=0.0, source=head, target_heads=(head,), normalise=normalise, name="identity")
+        identity = EAH(layers=(layer,), threshold=0.0, source=head, target_heads=(head,), normalise=normalise, name="identity")
         with hf.eah(eager, identity):  # on the eager copy: SDPA-vs-eager rounding would blur the check
             edited = eager(**inputs, use_cache=False).logits
 

@@ -8,6 +8,9 @@ resumes) and returns the report's path. ``eah-interp study NAME --out DIR`` runs
 * ``explain``: why the broadcast changes the organism's answers (source head, visual evidence, where the
   change travels, controls), with a discovery and a replication split.
 * ``sinks``: the organism's heads against the sink null models, and EAH's sinks vs massive-activation sinks.
+
+They ship in the wheel with the organism they run on, so an installed copy regenerates ``docs/results``
+with one command; they are experiments on the public API, not API (their helpers may change).
 """
 
 from __future__ import annotations

@@ -52,14 +52,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from eah_interp.errors import ConfigError
-from eah_interp.experiments import _batches
+from eah_interp.experiments import batches
 from eah_interp.interventions import EAH
 from eah_interp.interventions.synthetic import PATTERNS, SyntheticMap, previous_token_map, uniform_map
 from eah_interp.layout import TokenLayout
-from eah_interp.resumable import recover_items
+from eah_interp.models.introspect import model_shape
+from eah_interp.resumable import atomic_write, recover_items
 from eah_interp.scenes import PAIR_STRENGTH
 from eah_interp.sinks import NORMALISE_CHOICES
-from eah_interp.stats import _atomic_write
 
 #: Significance level, applied to Holm-adjusted p-values only.
 ALPHA = 0.05
@@ -89,8 +89,8 @@ METRICS = {
 
 
 def image_mass(probs: Float[Tensor, "batch heads q k"], layout: TokenLayout, rows: str) -> Float[Tensor, " batch"]:
-    """Mean over heads of `eah_interp.stats.group_attention` from the group ``rows`` to the image (NaN: no such row)."""
-    from eah_interp.stats import group_attention
+    """Mean over heads of `eah_interp.head_stats.group_attention` from the group ``rows`` to the image (NaN: no such row)."""
+    from eah_interp.head_stats import group_attention
 
     return group_attention(probs, layout, rows, "image").mean(-1)
 
@@ -213,7 +213,7 @@ def _done(path: Path) -> bool:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    _atomic_write(path, json.dumps(data, indent=1, default=_jsonable).encode())
+    atomic_write(path, json.dumps(data, indent=1, default=_jsonable).encode())
 
 
 def _jsonable(value: Any) -> Any:
@@ -288,7 +288,7 @@ def section_source_head(bundle: Any, plan: Plan, out: Path, progress: bool | Non
         per: dict[str, list[Tensor]] = {}
         dens: dict[str, list[Tensor]] = {n: [] for n in NORMALISE_CHOICES}
         nulls: dict[str, list[Tensor]] = {}
-        for batch in _bar(_batches(exs, plan.batch_size), f"Q1 {split}", progress, leave=False):
+        for batch in _bar(batches(exs, plan.batch_size), f"Q1 {split}", progress, leave=False):
             inputs = encode(bundle, batch)
             with torch.no_grad(), hf.record_attention(bundle.model, [1], keep_patterns=True) as rec:
                 bundle.model(**inputs, use_cache=False)
@@ -421,13 +421,13 @@ def section_arms(bundle: Any, plan: Plan, out: Path, progress: bool | None = Non
     wanted = {(split, arm, e.id) for split in splits for e in split_examples(plan, split) for arm in plan_arms}
     rows = [r for r in recover_items(path) if (r["split"], r["arm"], r["id"]) in wanted]  # this plan's rows only
     done = {(r["split"], r["arm"], r["id"]) for r in rows}
-    n_layers = hf.model_shape(bundle.model)[0]
+    n_layers = model_shape(bundle.model)[0]
     jobs = [(split, arm) for split in splits for arm in plan_arms]
     started = time.perf_counter()
     n_prompts = 0
     for split, arm in _bar(jobs, "arms", progress):
         exs = [e for e in split_examples(plan, split) if (split, arm, e.id) not in done]
-        for batch in _batches(exs, plan.batch_size):
+        for batch in batches(exs, plan.batch_size):
             inputs = encode(bundle, batch)
             # the random head is drawn per row from a seed; the seed follows the batch's first scene, so that
             # draws differ between batches and a resumed run repeats them
@@ -771,7 +771,7 @@ def section_probe(bundle: Any, plan: Plan, out: Path, progress: bool | None = No
     exs = split_examples(plan, "discovery") + split_examples(plan, "replication")
     conditions = {"baseline": None, "eah_paper": [EAH.paper(threshold=bundle.threshold)]}
     feats: dict[str, dict[str, list[Tensor]]] = {c: {g: [] for g in PROBE_GROUPS} for c in conditions}
-    for batch in _bar(_batches(exs, plan.batch_size), "Q2 probe residuals", progress, leave=False):
+    for batch in _bar(batches(exs, plan.batch_size), "Q2 probe residuals", progress, leave=False):
         inputs = encode(bundle, batch)
         for condition, items in conditions.items():
             with torch.no_grad():
@@ -872,10 +872,10 @@ def section_patching(bundle: Any, plan: Plan, out: Path, progress: bool | None =
                 continue
             exs = [e for e in split_examples(plan, split) if e.label == label][: plan.patch_prompts]
             inputs = encode(bundle, exs)
-            patcher = NNsightPatcher(nnsight.NNsight(bundle.model), inputs, EAH.paper(threshold=bundle.threshold))
+            patcher = NNsightPatcher(nnsight.NNsight(bundle.model), inputs, [EAH.paper(threshold=bundle.threshold)])
             last = last_positions(patcher.layout)
-            base = metric(patcher.collect(eah=False)[1], last).tolist()
-            eah = metric(patcher.collect(eah=True)[1], last).tolist()
+            base = metric(patcher.collect("baseline")[1], last).tolist()
+            eah = metric(patcher.collect("treatment")[1], last).tolist()
             runs[key] = {"ids": [e.id for e in exs], "baseline": base, "eah": eah}
             _write_json(runs_path, runs)
             for site, layer, group, direction in _bar(todo, f"Q3 patching {key}", progress):
@@ -1051,7 +1051,7 @@ def section_attribution(bundle: Any, plan: Plan, out: Path, patch_rows: list[dic
     index = {i: n for n, i in enumerate(ids)}
     activation = pd.DataFrame([
         {"direction": r["direction"], "site": r["site"], "layer": r["layer"], "head": pd.NA, "positions": r["positions"],
-         "example": index[i], "label": _label_name(bool(r["label"])), "metric": m, "baseline_metric": b, "eah_metric": e}
+         "example": index[i], "label": _label_name(bool(r["label"])), "metric": m, "baseline_metric": b, "treatment_metric": e}
         for r in patch_rows if r["split"] == "discovery"
         for i, m, b, e in zip(r["ids"], r["metric"], r["baseline"], r["eah"], strict=True) if i in index
     ])
@@ -1142,7 +1142,7 @@ def section_dla(bundle: Any, plan: Plan, out: Path, progress: bool | None = None
         else:
             parts = []
             exs = split_examples(plan, split)
-            for batch in _bar(_batches(exs, plan.batch_size), f"Q3 DLA {split}", progress, leave=False):
+            for batch in _bar(batches(exs, plan.batch_size), f"Q3 DLA {split}", progress, leave=False):
                 frame_ = direct_logit_attribution(
                     bundle.model, encode(bundle, batch), (tuple(bundle.yes_ids), tuple(bundle.no_ids)),
                     interventions={"eah_paper": [EAH.paper(threshold=bundle.threshold)]}, per_example=True,

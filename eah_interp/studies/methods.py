@@ -33,17 +33,20 @@ import torch
 
 from eah_interp.data import Dataset, scene_dataset
 from eah_interp.evaluation import (
+    ALPHA,
     PARTS,
-    Condition,
+    Arm,
     ReplicationSplit,
+    effects_plot,
     load_items,
     replication_markdown,
     replication_table,
     run_experiment,
-    summarise,
+    summarise_items,
 )
 from eah_interp.interventions import ADHH, EAH, PAI, VAF, VAR, HeadScale, MiddleLayerBoost
 from eah_interp.interventions.selectors import REFERENCE_DEPTH
+from eah_interp.models.introspect import model_shape
 
 #: LLaVA-1.5-7B, the model every official default was set for: image tokens, hidden size, heads per layer.
 REFERENCE_IMAGE_TOKENS = 576
@@ -65,7 +68,7 @@ class Plan:
         n_caption: scenes captioned (half from each part).
         max_new_tokens: caption length budget.
         n_mine: discovery scenes used to mine head lists and sink dimensions.
-        arms: arm names to run (None = all of `conditions`).
+        arms: arm names to run (None = all of `arms_for`).
         bootstrap: bootstrap / permutation resamples.
         batch_size: the runner's batch size.
     """
@@ -159,7 +162,7 @@ def _scaled_count(total_heads: int) -> int:
     return max(1, round(REFERENCE_ADHH_HEADS * total_heads / (REFERENCE_DEPTH * REFERENCE_HEADS)))
 
 
-def conditions(threshold: float, mined: dict[str, Any], hidden: int) -> list[Condition]:
+def arms_for(threshold: float, mined: dict[str, Any], hidden: int) -> list[Arm]:
     """The study's arms: baseline, each method at its default and its organism setting, EAH + PAI.
 
     Defaults: the constructors' defaults (the official values for LLaVA-1.5-7B; layer ranges mapped to
@@ -172,26 +175,26 @@ def conditions(threshold: float, mined: dict[str, Any], hidden: int) -> list[Con
     tau = 20 * math.sqrt(hidden / REFERENCE_HIDDEN)
     eah = EAH.paper(threshold=threshold)
     return [
-        Condition("baseline"),
-        Condition("eah_default", [EAH.paper()]),
-        Condition("eah_organism", [eah]),
-        Condition("pai_default", [PAI()]),
-        Condition("pai_organism", [PAI(alpha=0.2 * DOSE)]),
-        Condition("var_default", [VAR(dims=dims)]),
-        Condition("var_organism", [VAR(dims=dims, tau=round(tau, 2))]),
-        Condition("vaf_default", [VAF()]),
-        Condition("vaf_organism", [VAF(image_scale=round(1 + DOSE * 0.15, 4), system_scale=round(1 - DOSE * 0.05, 4))]),
-        Condition("middle_default", [MiddleLayerBoost()]),
-        Condition("middle_organism", [MiddleLayerBoost(alpha=0.5 * DOSE)]),
-        Condition("adhh_default", [ADHH(heads=text[:REFERENCE_ADHH_HEADS])]),
-        Condition("adhh_organism", [ADHH(heads=text[:n_small])]),
-        Condition("headscale_default", [HeadScale(heads=sink[:REFERENCE_ADHH_HEADS])]),
-        Condition("headscale_organism", [HeadScale(heads=sink[:n_small])]),
-        Condition("eah_organism+pai_default", [eah, PAI()]),
+        Arm("baseline"),
+        Arm("eah_default", EAH.paper()),
+        Arm("eah_organism", eah),
+        Arm("pai_default", PAI()),
+        Arm("pai_organism", PAI(alpha=0.2 * DOSE)),
+        Arm("var_default", VAR(dims=dims)),
+        Arm("var_organism", VAR(dims=dims, tau=round(tau, 2))),
+        Arm("vaf_default", VAF()),
+        Arm("vaf_organism", VAF(image_scale=round(1 + DOSE * 0.15, 4), system_scale=round(1 - DOSE * 0.05, 4))),
+        Arm("middle_default", MiddleLayerBoost()),
+        Arm("middle_organism", MiddleLayerBoost(alpha=0.5 * DOSE)),
+        Arm("adhh_default", ADHH(heads=text[:REFERENCE_ADHH_HEADS])),
+        Arm("adhh_organism", ADHH(heads=text[:n_small])),
+        Arm("headscale_default", HeadScale(heads=sink[:REFERENCE_ADHH_HEADS])),
+        Arm("headscale_organism", HeadScale(heads=sink[:n_small])),
+        Arm("eah_organism+pai_default", [eah, PAI()]),
     ]
 
 
-def edit_counts(bundle: Any, arms: list[Condition], items: list[Any]) -> dict[str, dict[str, Any]]:
+def edit_counts(bundle: Any, arms: list[Arm], items: list[Any]) -> dict[str, dict[str, Any]]:
     """Whether each arm acts at all: entries each intervention changed in one yes/no forward of ``items``.
 
     Returns:
@@ -204,9 +207,9 @@ def edit_counts(bundle: Any, arms: list[Condition], items: list[Any]) -> dict[st
     inputs = bundle.encode([bundle.yes_no_prompt(question)] * len(items), [item.load_image() for item in items])
     counts: dict[str, dict[str, Any]] = {}
     for arm in arms:
-        if arm.config is None:
+        if not arm.interventions:
             continue
-        with torch.no_grad(), hf.intervene(bundle.model, arm.config) as run:
+        with torch.no_grad(), hf.intervene(bundle.model, arm.interventions) as run:
             bundle.model(**inputs, use_cache=False)
         changed = [r for r in run.records if r.changed > 0 or r.eah is not None]
         counts[arm.name] = {"changed": int(sum(r.changed for r in run.records)),
@@ -250,7 +253,7 @@ def _datasets(plan: Plan) -> tuple[Dataset, Dataset]:
     return pope, captions
 
 
-def main(out: Path, *, quick: bool = False, plan: Plan | None = None, progress: bool = True) -> Path:
+def main(out: Path, *, quick: bool = False, plan: Plan | None = None, progress: bool | None = None) -> Path:
     """Run (or resume) the study into ``out``; returns ``out/report.md``.
 
     Args:
@@ -259,9 +262,8 @@ def main(out: Path, *, quick: bool = False, plan: Plan | None = None, progress: 
             ``summary.json``, ``effects.png``, ``report.md``.
         quick: the smoke-test plan (`QUICK`) instead of the documented one (`FULL`).
         plan: an explicit `Plan` (overrides ``quick``).
-        progress: show progress bars.
+        progress: progress bars: on, off, or None (on only when stderr is a terminal).
     """
-    from eah_interp import hf
     from eah_interp.models import load_model
 
     plan = plan or (QUICK if quick else FULL)
@@ -269,7 +271,7 @@ def main(out: Path, *, quick: bool = False, plan: Plan | None = None, progress: 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     bundle = load_model("organism")
-    n_layers, n_heads = hf.model_shape(bundle.model)[:2]
+    n_layers, n_heads = model_shape(bundle.model)[:2]
     hidden = int(bundle.model.config.text_config.hidden_size)
     split = ReplicationSplit(0.5, by="order")
     pope, captions = _datasets(plan)
@@ -281,7 +283,7 @@ def main(out: Path, *, quick: bool = False, plan: Plan | None = None, progress: 
     if saved and saved.get("plan") != json.loads(json.dumps(dataclasses.asdict(plan))):
         raise ValueError(f"{out} holds a study run with another plan ({saved.get('plan')}); use another --out.")
     mined = saved.get("mined") or mine(bundle, discovery[: plan.n_mine], n_layers, n_heads)
-    arms = conditions(bundle.threshold, mined, hidden)
+    arms = arms_for(bundle.threshold, mined, hidden)
     if plan.arms is not None:
         arms = [a for a in arms if a.name in plan.arms]
     n_image = int((bundle.encode([bundle.caption_prompt], [pope.items[0].load_image()])["input_ids"]
@@ -294,10 +296,10 @@ def main(out: Path, *, quick: bool = False, plan: Plan | None = None, progress: 
         "plan": dataclasses.asdict(plan), "split": split.to_dict(), "rules": rules, "mined": mined, "acts": acts,
         "var_sinks": var_sinks,
         "arms": [a.to_dict() for a in arms],
-        "describe": {a.name: [i.describe() for i in a.config] for a in arms if a.config is not None},
+        "describe": {a.name: [i.describe() for i in a.interventions] for a in arms if a.interventions},
     }, indent=1, default=str))
 
-    common = dict(conditions=arms, replication=split, batch_size=plan.batch_size, progress=progress)
+    common = dict(arms=arms, replication=split, batch_size=plan.batch_size, progress=progress)
     run_experiment(bundle, pope, out / "pope", tasks=("pope",), **common)
     write(out, plan)  # the yes/no results are in: a first report
     run_experiment(bundle, captions, out / "captions", tasks=("caption",), max_new_tokens=plan.max_new_tokens,
@@ -318,7 +320,7 @@ def write(out: Path, plan: Plan) -> Path:
 
     meta = json.loads((out / "plan.json").read_text())
     items = _load(out)
-    summary = summarise(items, n_resamples=plan.bootstrap)
+    summary = summarise_items(items, n_resamples=plan.bootstrap)
     summary.to_csv(out / "results.csv", index=False)
     table = replication_table(summary) if set(PARTS) <= set(summary["part"]) else pd.DataFrame()
     if not table.empty:
@@ -329,9 +331,9 @@ def write(out: Path, plan: Plan) -> Path:
     direct = pd.DataFrame()
     if "eah_organism" in names and versus and len(items):
         sub = items[items["condition"].isin(["eah_organism", *versus])]
-        direct = summarise(sub, baseline="eah_organism", n_resamples=plan.bootstrap)
+        direct = summarise_items(sub, baseline="eah_organism", n_resamples=plan.bootstrap)
         direct.to_csv(out / "versus_eah.csv", index=False)
-    _plot(summary, out)
+    effects_plot(summary, out / "effects.png", metrics=list(MAIN), title="{metric}")
     (out / "summary.json").write_text(json.dumps({
         "n_items": {p: int(items.loc[items["part"] == p, "item"].nunique()) for p in PARTS if len(items)},
         "verdicts": table.to_dict("records") if not table.empty else [],
@@ -369,7 +371,7 @@ def _report(meta: dict, items, summary, table, direct) -> list[str]:
         f"replication part (items so far: discovery {n_items['discovery']}, replication {n_items['replication']}).",
         "", "Paired differences to the baseline on the same scenes, bootstrap 95% CI over scenes, sign-flip "
         f"permutation p ({plan['bootstrap']} resamples); Holm within each part over every arm x metric "
-        f"(discovery {n_tests['discovery']} tests, replication {n_tests['replication']}); `*` = Holm p < 0.05.",
+        f"(discovery {n_tests['discovery']} tests, replication {n_tests['replication']}); `*` = Holm p <= {ALPHA}.",
         "",
         "## Arms", "",
         "| arm | what it does | `changed` in its records, one yes/no forward of 4 discovery scenes (EAH: prompts "
@@ -401,14 +403,7 @@ def _report(meta: dict, items, summary, table, direct) -> list[str]:
                   for layer, row in counts["layers"].items()]
         lines.append("")
     if not table.empty:
-        counts = table["verdict"].value_counts()
-        lines += ["## Replication", "",
-                  f"{int(counts.get('replicated', 0))} of {int(counts.get('replicated', 0) + counts.get('not replicated', 0))}"
-                  " discoveries replicated (significant after Holm in both parts, same sign).", ""]
-        shown = table[table["verdict"] != "null"]
-        lines += replication_markdown(shown) if not shown.empty else ["(no arm x metric is significant in either part)", ""]
-        lines += [f"({int(counts.get('null', 0))} arm x metric tests significant in neither part are left out; "
-                  "all are in replication.csv.)", ""]
+        lines += replication_markdown(table, hide_null=True)
     for part in PARTS:
         rows = summary[summary["part"] == part]
         if rows.empty:
@@ -437,34 +432,4 @@ def _report(meta: dict, items, summary, table, direct) -> list[str]:
     return lines
 
 
-def _plot(summary, out: Path) -> None:
-    """``effects.png``: per arm, the difference to baseline with its 95% CI, discovery and replication side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plot = summary[(summary["condition"] != "baseline") & summary["metric"].isin(MAIN) & summary["ci_low"].notna()]
-    if plot.empty:
-        return
-    metrics = [m for m in MAIN if m in set(plot["metric"])]
-    conds = list(dict.fromkeys(plot["condition"]))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 1 + 0.3 * len(conds)), squeeze=False)
-    for ax, metric in zip(axes[0], metrics, strict=True):
-        for k, (part, colour) in enumerate(zip(PARTS, ("tab:blue", "tab:orange"), strict=True)):
-            g = plot[(plot["metric"] == metric) & (plot["part"] == part)]
-            y = np.array([conds.index(c) for c in g["condition"]]) + (k - 0.5) * 0.3
-            ax.errorbar(g["diff"], y, xerr=[g["diff"] - g["ci_low"], g["ci_high"] - g["diff"]], fmt="o", ms=3,
-                        color=colour, label=part)
-        ax.axvline(0, color="grey", lw=0.8)
-        ax.set_yticks(np.arange(len(conds)), conds if ax is axes[0][0] else [""] * len(conds))
-        ax.invert_yaxis()
-        ax.set_title(metric, fontsize=9)
-    axes[0][-1].legend(fontsize="small")
-    fig.suptitle("difference to baseline (95% CI), discovery vs replication", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out / "effects.png", dpi=110)
-    plt.close(fig)
-
-
-__all__ = ["FULL", "QUICK", "Plan", "conditions", "edit_counts", "main", "mine", "organism_rules"]
+__all__ = ["FULL", "QUICK", "Plan", "arms_for", "edit_counts", "main", "mine", "organism_rules"]

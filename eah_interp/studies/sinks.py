@@ -36,7 +36,8 @@ def main(out: Path, *, quick: bool = False, n: int | None = None, layer: int = 1
     from eah_interp import hf
     from eah_interp.data import scene_dataset
     from eah_interp.experiments import scan_images
-    from eah_interp.models import load_model
+    from eah_interp.head_stats import HeadStats
+    from eah_interp.models import image_token_ids, load_model
     from eah_interp.sinks import (
         DEFAULT_THRESHOLDS,
         curve_distance,
@@ -48,7 +49,6 @@ def main(out: Path, *, quick: bool = False, n: int | None = None, layer: int = 1
         plot_density_curve,
         previous_token_share,
     )
-    from eah_interp.stats import HeadStats
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +104,7 @@ def main(out: Path, *, quick: bool = False, n: int | None = None, layer: int = 1
             hidden = model(**first, output_hidden_states=True, use_cache=False).hidden_states
         pooled = torch.cat(hidden[1:-1])  # the decoder layers' inputs after the embeddings
         dims = massive_dims(pooled, top=2)
-        image = torch.isin(first["input_ids"], torch.tensor(hf.image_token_ids(model)))
+        image = torch.isin(first["input_ids"], torch.tensor(image_token_ids(model)))
         real = first["attention_mask"].bool()
         above = {}
         for tau in (20.0, round(20.0 * math.sqrt(pooled.shape[-1] / 4096), 2)):

@@ -1,19 +1,21 @@
-"""TransformerLens 4.x backend: EAH and head statistics as ``blocks.{l}.attn.hook_pattern`` hooks.
+"""TransformerLens 4.x backend: interventions and attention recording as bridge hooks.
 
-`boot_bridge` wraps an HF LVLM in a `TransformerBridge`, offline. The hooks are ordinary
-``(hook_name, fn)`` pairs for ``bridge.run_with_hooks(...)`` or ``with bridge.hooks(fwd_hooks=...)``;
-the bridge takes the processor's outputs as they are, and the hooks derive the token layout from each
-forward's ``input_ids`` unless given one (the calling convention shared with `eah_interp.hf` and
-`eah_interp.nnsight`: docs/backends.md)::
+`boot_bridge` wraps an HF LVLM in a `TransformerBridge`, offline. The verbs are those of `eah_interp.hf`
+and `eah_interp.nnsight`, returning ordinary ``(hook_name, fn)`` pairs for ``bridge.run_with_hooks(...)``
+or ``with bridge.hooks(fwd_hooks=...)`` beside the usual result: `intervene` (any list of
+`eah_interp.interventions`, each edit point reached by its hook: `LENS_POINTS`; `eah` is
+``intervene(bridge, [config])``) and `record_attention`. The bridge takes the processor's outputs as they
+are, and the hooks derive the token layout from each forward's ``input_ids`` unless given one (the
+calling convention shared with `eah_interp.hf` and `eah_interp.nnsight`: docs/backends.md)::
 
-    >>> bridge = eah_interp.lens.boot_bridge(hf_model)
-    >>> hooks, run = eah_interp.lens.eah(bridge, EAHConfig.paper())
+    >>> bridge = eah_interp.transformer_lens.boot_bridge(hf_model)
+    >>> hooks, run = eah_interp.transformer_lens.intervene(bridge, [EAH.paper(), PAI()])
     >>> logits = bridge.run_with_hooks(**inputs, fwd_hooks=hooks)   # input_ids, attention_mask, pixel_values
     >>> run.source_heads()
 
 For LLaVA-family bridges (LLaVA, LLaVA-NeXT, LLaVA-OneVision) the bridge recomputes attention from
-the hooked pattern, so an edited pattern changes the layer output (the tests check bridge + EAH
-against `eah_interp.hf.eah` to 1e-5). Bridges that fire ``hook_pattern`` after HF has computed the
+the hooked scores and pattern, so an edit changes the layer output (the tests check the bridge against
+`eah_interp.hf.intervene` to 1e-5). Bridges that fire the attention hooks after HF has computed the
 output (Qwen2.5-VL, Qwen3-VL) discard edits with a warning: use the HF or nnsight backend there.
 
 Instead of ``pixel_values`` you may pass the language model's input embeddings (a float tensor as
@@ -49,32 +51,37 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from eah_interp import compat
-from eah_interp.config import EAHConfig
-from eah_interp.edit import EditRecord, EditRecords, apply_eah_to_probs, should_edit
-from eah_interp.errors import LayerIndexError, LayoutError, UnsupportedModelError
+from eah_interp.errors import LayoutError, UnsupportedModelError
+from eah_interp.head_stats import HeadStats, Recording
+from eah_interp.interventions.base import Intervention, InterventionRun
+from eah_interp.interventions.compile import Plan
+from eah_interp.interventions.eah import EAH
+from eah_interp.interventions.selectors import chosen_layers
 from eah_interp.layout import TokenLayout
-from eah_interp.stats import HeadStats, head_statistics
+from eah_interp.models.adapters import token_layout
+from eah_interp.sites import lens_hook_name
 
 #: A TransformerLens forward hook: ``(hook_name, fn(activation, hook) -> activation | None)``.
 Hook = tuple[str, Callable[[Tensor, Any], Tensor | None]]
 
 __all__ = [
+    "LENS_POINTS",
     "Hook",
     "boot_bridge",
     "bridge_layout",
     "eah",
-    "eah_hooks",
-    "head_stats_hooks",
+    "intervene",
     "language_model_as_causal_lm",
     "lvlm_of",
     "multimodal_embeds",
     "pattern_hook_name",
+    "record_attention",
 ]
 
 
 def pattern_hook_name(layer: int) -> str:
     """The TransformerLens name of a layer's post-softmax attention pattern ``[batch, heads, q, k]``."""
-    return compat.lens_hook_name("pattern", layer)
+    return lens_hook_name("probs", layer)
 
 
 # ---------------------------------------------------------------------------- booting
@@ -224,8 +231,8 @@ def _accept_processor_outputs(bridge: Any, lvlm: Any, language_model_only: bool)
         ids = input if isinstance(input, Tensor) and not input.is_floating_point() and input.ndim == 2 else None
         if kwargs.get("past_key_values") is None:  # a prompt, not a cached decode step
             mask = kwargs.get("attention_mask")
-            state.layout = None if ids is None or not visual else TokenLayout.from_input_ids(
-                ids, visual, mask if isinstance(mask, Tensor) else None, require_images=False)
+            state.layout = None if ids is None or not visual else token_layout(
+                lvlm, ids, mask if isinstance(mask, Tensor) else None, require_images=False)
         if language_model_only:
             image = {name: kwargs.pop(name) for name in list(kwargs) if name in image_names}
             image = {name: value for name, value in image.items() if value is not None}
@@ -233,7 +240,7 @@ def _accept_processor_outputs(bridge: Any, lvlm: Any, language_model_only: bool)
                 raise LayoutError(
                     f"This bridge wraps only the language model and got image inputs ({', '.join(image)}) with "
                     "embeddings instead of input_ids: pass the processor's outputs as they are "
-                    "(bridge(**inputs)), or the embeddings alone (from eah_interp.lens.multimodal_embeds)."
+                    "(bridge(**inputs)), or the embeddings alone (from eah_interp.transformer_lens.multimodal_embeds)."
                 )
             if image:
                 extra = {k: v for k, v in image.items() if k != "pixel_values"}
@@ -281,7 +288,7 @@ def bridge_layout(bridge: Any, layout: TokenLayout | None = None) -> TokenLayout
     if state is None or state.layout is None:
         raise LayoutError(
             "No token layout: pass layout=TokenLayout.from_input_ids(input_ids, image_token_id, attention_mask). "
-            "It is derived only for bridges from eah_interp.lens.boot_bridge run on input_ids (with the image "
+            "It is derived only for bridges from eah_interp.transformer_lens.boot_bridge run on input_ids (with the image "
             "inputs), not on embeddings."
         )
     return state.layout
@@ -321,100 +328,157 @@ def multimodal_embeds(
 
 
 # ---------------------------------------------------------------------------- hooks
-def _check_layers(bridge: Any, layers: Iterable[int]) -> list[int]:
-    n_layers, _ = compat.bridge_shape(bridge)
-    chosen = sorted({int(x) for x in layers})
-    bad = [x for x in chosen if not 0 <= x < n_layers]
-    if bad:
-        raise LayerIndexError(f"Layers {bad} out of range: the bridge has {n_layers} blocks.")
-    hook_names = compat.bridge_hook_names(bridge)
-    missing = [pattern_hook_name(x) for x in chosen if pattern_hook_name(x) not in hook_names]
+#: The edit points a bridge reaches, by the `eah_interp.sites.LENS_HOOKS` entry that exposes them (checked on
+#: TransformerLens 4.3 LLaVA bridges: each fires and an edit changes the output). The others are refused:
+#: ``scores_premask`` (the bridge exposes scores only after the mask: ``hook_attn_scores``) and ``values``
+#: (``hook_v`` edits the values before they enter the KV cache and for every query row).
+LENS_POINTS = {
+    "scores": "scores",
+    "probs": "probs",
+    "output": "head",
+    "residual_input": "residual_input",
+    "residual_output": "residual_output",
+}
+
+
+def _check_hooks(bridge: Any, names: Iterable[str]) -> None:
+    hook_names = set(compat.bridge_hook_names(bridge))
+    missing = [name for name in names if name not in hook_names]
     if missing:
+        kind = missing[0].rsplit(".", 1)[-1]
         raise UnsupportedModelError(
-            f"The bridge has no hook {missing[0]!r}; pattern hooks available: "
-            f"{[n for n in hook_names if n.endswith('attn.hook_pattern')][:8]} ..."
+            f"The bridge has no hook {missing[0]!r}; {kind} hooks available: "
+            f"{[n for n in sorted(hook_names) if n.endswith(kind)][:8]} ..."
         )
-    return chosen
 
 
-def eah(
-    bridge: Any, config: EAHConfig, layout: TokenLayout | None = None
-) -> tuple[list[Hook], EditRecords]:
-    """EAH as hooks plus the records they fill: ``hooks, run = eah(bridge, config)``.
+def intervene(
+    bridge: Any, interventions: Intervention | Iterable[Intervention], layout: TokenLayout | None = None
+) -> tuple[list[Hook], InterventionRun]:
+    """Interventions as bridge hooks plus the run they fill: ``hooks, run = intervene(bridge, [EAH.paper(), PAI()])``.
 
-    ``run`` is `EditRecords` (``run.records``, ``run.config``, ``run.source_heads()``), as ``hf.eah``
-    yields and ``eah_interp.nnsight.apply_eah`` returns; it fills when the hooks run.
+    The list is compiled as in `eah_interp.hf.intervene` (`eah_interp.interventions.compile.Plan`), and each
+    edit point is reached by its hook (`LENS_POINTS`): scores after the mask at ``attn.hook_attn_scores``,
+    probabilities at ``attn.hook_pattern``, per-head outputs (before ``o_proj``) at ``attn.hook_z``, a
+    layer's input / output at ``hook_resid_pre`` / ``hook_resid_post`` (interventions that read hidden
+    states, VAR, read ``hook_resid_pre``). At one point the interventions edit in list order. Pre-mask score
+    edits (VAF) and value edits (`ValueEdit`) are refused with `UnsupportedModelError`: use the HF or nnsight
+    backend. LLaVA-family bridges recompute attention from these hooks (tests check them against
+    `eah_interp.hf.intervene`); bridges that fire them after HF computed the output (Qwen2.5-VL, Qwen3-VL)
+    discard the edits with TransformerLens's warning.
+
+    Args:
+        bridge: the `TransformerBridge` (sizes checked against it).
+        interventions: `eah_interp.interventions` objects (one or a list; empty: no hooks).
+        layout: the layout of the prompt the hooks will see (extended for decode steps); default: the
+            layout of each forward's ``input_ids`` (`bridge_layout`; bridges from `boot_bridge`).
+
+    Returns:
+        ``(hooks, run)``: ``[(hook_name, fn), ...]`` for ``run_with_hooks(fwd_hooks=...)`` / ``bridge.hooks(...)``,
+        and the `InterventionRun` the hooks fill (``run.records``, ``run.source_heads()``, ``run.summary()``).
 
     Example:
-        >>> hooks, run = eah_interp.lens.eah(bridge, EAHConfig.paper())
+        >>> hooks, run = eah_interp.transformer_lens.intervene(bridge, [EAH.paper()])
         >>> logits = bridge.run_with_hooks(**inputs, fwd_hooks=hooks)
         >>> run.source_heads()
     """
-    run = EditRecords(config)
-    return eah_hooks(bridge, config, layout, run), run
+    n_layers, n_heads, n_kv_heads, hidden_size = compat.bridge_shape(bridge)
+    plan = Plan(interventions, n_layers, n_heads, n_kv_heads, hidden_size)
+    refused = [(type(item).__name__, item.point) for item in plan.items if item.point not in LENS_POINTS]
+    if refused:
+        name, point = refused[0]
+        raise UnsupportedModelError(
+            f"{name} edits at {point!r}, which a TransformerLens bridge does not expose (it reaches "
+            f"{sorted(LENS_POINTS)}). Use eah_interp.hf.intervene or eah_interp.nnsight.intervene."
+        )
+    k_len: dict[int, int] = {}  # per layer: keys of the current call (read at the pattern, used at hook_z)
 
+    def fit(batch: int, q: int, k: int) -> TokenLayout:
+        return bridge_layout(bridge, layout).fit(batch, q, k)
 
-def eah_hooks(
-    bridge: Any, config: EAHConfig, layout: TokenLayout | None = None, records: list[EditRecord] | None = None
-) -> list[Hook]:
-    """Hooks applying EAH at ``blocks.{l}.attn.hook_pattern`` for each layer of ``config``.
-
-    Each hook calls `apply_eah_to_probs` on the pattern when `should_edit` says so (prefill; decode
-    steps too with ``config.apply_to_decode``) and returns the edited pattern.
-
-    Args:
-        bridge: the `TransformerBridge` (its layer and head counts are checked).
-        config: the edit.
-        layout: the layout of the prompt the hooks will see (extended for decode steps); default: the
-            layout of each forward's ``input_ids`` (`bridge_layout`; bridges from `boot_bridge`).
-        records: optional list receiving one `EditRecord` per edited call.
-
-    Returns:
-        ``[(hook_name, fn), ...]`` for ``run_with_hooks(fwd_hooks=...)`` / ``bridge.hooks(...)``.
-    """
-    if not isinstance(config, EAHConfig):
-        raise TypeError(f"config must be an EAHConfig; got {type(config).__name__}.")
-    config.validate_for(*compat.bridge_shape(bridge))
-    _check_layers(bridge, config.layers)
-
-    def make(layer: int):
-        def hook(pattern: Float[Tensor, "batch heads q k"], hook: Any) -> Tensor:
-            b, _, q, k = pattern.shape
-            if not should_edit(config, layer, q, k):
-                return pattern
-            edited, record = apply_eah_to_probs(pattern, bridge_layout(bridge, layout).fit(b, q, k), config, layer)
-            if records is not None:
-                records.append(record)
-            return edited
+    def attention_hook(point: str, layer: int) -> Callable:
+        def hook(tensor: Tensor, hook: Any) -> Tensor:
+            if point == "output":  # [batch, q, heads, d]
+                q, k = tensor.shape[1], k_len.get(layer, tensor.shape[1])
+            else:  # [batch, heads, q, k]
+                q, k = tensor.shape[-2:]
+                k_len[layer] = k
+            return plan.edit_at(point, layer, tensor, fit, q, k, bridge_layout(bridge, layout).seq_len)
 
         return hook
 
-    return [(pattern_hook_name(layer), make(layer)) for layer in sorted(config.layers)]
+    def residual_hook(point: str, layer: int) -> Callable:
+        def hook(hidden: Tensor, hook: Any) -> Tensor:
+            prompt = bridge_layout(bridge, layout)
+            if hidden.shape[1] != prompt.seq_len:
+                raise UnsupportedModelError(
+                    f"Layer {layer}: residual edits and hidden-state reads reach a bridge on prompt forwards only "
+                    "(this forward is a decode step); use eah_interp.hf.intervene for generation."
+                )
+            total = hidden.shape[1]
+            edited = plan.edit_residual(layer, point, hidden, fit, total, prompt.seq_len)
+            hidden = hidden if edited is None else edited
+            if point == "residual_input":
+                plan.note_hidden(layer, hidden)
+            return hidden
+
+        return hook
+
+    points_at: dict[int, set[str]] = {}
+    for item in plan.items:
+        for layer in item.layers_for(n_layers):
+            points_at.setdefault(layer, set()).add(item.point)
+    for layer in plan.hidden_layers:
+        points_at.setdefault(layer, set()).add("residual_input")
+    hooks: list[Hook] = []
+    for layer in sorted(points_at):
+        points = points_at[layer]
+        if "output" in points:
+            points.add("probs")  # the pattern hook notes the call's key count for hook_z
+        for point in ("residual_input", "scores", "probs", "output", "residual_output"):  # the forward's order
+            if point in points:
+                make = residual_hook if point.startswith("residual") else attention_hook
+                hooks.append((lens_hook_name(LENS_POINTS[point], layer), make(point, layer)))
+    _check_hooks(bridge, [name for name, _ in hooks])
+    return hooks, plan.run
 
 
-def head_stats_hooks(
-    bridge: Any, stats: HeadStats, layout: TokenLayout | None = None, layers: Iterable[int] | None = None
-) -> list[Hook]:
-    """Hooks feeding `HeadStats` from each layer's prompt pattern, without caching any pattern.
+def eah(bridge: Any, config: EAH, layout: TokenLayout | None = None) -> tuple[list[Hook], InterventionRun]:
+    """One EAH edit as hooks: ``intervene(bridge, [config], layout)``."""
+    return intervene(bridge, [config], layout)
 
-    Decode steps (``q != k``) are skipped. The hooks return nothing, so the forward is unchanged.
-    The earlier form ``head_stats_hooks(stats, layout, layers)`` (no bridge, no index check) is accepted.
+
+def record_attention(
+    bridge: Any,
+    layers: str | Iterable[int] = "all",
+    *,
+    stats: HeadStats | None = None,
+    keep_patterns: bool = False,
+    layout: TokenLayout | None = None,
+) -> tuple[list[Hook], Recording]:
+    """Hooks recording prompt statistics (into ``stats``) and/or patterns: ``hooks, rec = record_attention(bridge)``.
+
+    The verb, arguments and result of `eah_interp.hf.record_attention`, as hooks at
+    ``blocks.{l}.attn.hook_pattern`` (and ``hook_resid_pre`` for a `HeadStats` with ``sink_dims``). Decode
+    steps (``q != k``) are skipped. The hooks return nothing, so the forward is unchanged.
 
     Args:
         bridge: the `TransformerBridge` (layer indices are checked against it).
-        stats: the accumulator (its ``threshold`` / ``normalise`` are used).
+        layers: ``"all"`` or block indices.
+        stats: a `HeadStats` to feed (its ``threshold`` / ``normalise``).
+        keep_patterns: keep each prompt's probabilities (on CPU) per layer.
         layout: the layout of the prompt the hooks will see; default: each forward's (`bridge_layout`).
-        layers: blocks to read (default: all).
     """
-    if isinstance(bridge, HeadStats):  # head_stats_hooks(stats, layout, layers)
-        bridge, stats, layout, layers = None, bridge, stats, layout  # type: ignore[assignment]
-        if layout is None or layers is None:
-            raise TypeError("head_stats_hooks(stats, layout, layers) without a bridge needs a layout and the layers.")
-    if layers is None:
-        layers = range(compat.bridge_shape(bridge)[0])
-    chosen = _check_layers(bridge, layers) if bridge is not None else sorted({int(x) for x in layers})
+    recording = Recording(chosen_layers(layers, compat.bridge_shape(bridge)[0]), stats, keep_patterns)
+    hidden: dict[int, Tensor] = {}
 
-    def make(layer: int):
+    def note(layer: int) -> Callable:
+        def hook(resid: Tensor, hook: Any) -> None:
+            hidden[layer] = resid.detach()
+
+        return hook
+
+    def record(layer: int) -> Callable:
         def hook(pattern: Float[Tensor, "batch heads q k"], hook: Any) -> None:
             b, _, q, k = pattern.shape
             if q != k:
@@ -423,13 +487,18 @@ def head_stats_hooks(
             if fitted.batch_size != b or fitted.seq_len != k:
                 raise LayoutError(
                     f"The layout ({fitted.batch_size} x {fitted.seq_len}) does not fit the pattern of "
-                    f"{hook.name if hasattr(hook, 'name') else pattern_hook_name(layer)} ({b} x {k})."
+                    f"{pattern_hook_name(layer)} ({b} x {k})."
                 )
             with torch.no_grad():
-                values = head_statistics(pattern.detach(), fitted, stats.threshold, stats.normalise)  # type: ignore[arg-type]
-            stats.update_from_stats(layer, values)
+                recording.add(layer, pattern, fitted, hidden=hidden.pop(layer, None))
             return None
 
         return hook
 
-    return [(pattern_hook_name(layer), make(layer)) for layer in chosen]
+    hooks: list[Hook] = []
+    for layer in sorted(recording.layers):
+        if stats is not None and stats.sink_dims:
+            hooks.append((lens_hook_name("residual_input", layer), note(layer)))
+        hooks.append((pattern_hook_name(layer), record(layer)))
+    _check_hooks(bridge, [name for name, _ in hooks])
+    return hooks, recording

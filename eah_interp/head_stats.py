@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,11 +12,12 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from eah_interp.chunked import AttentionSums, text_rows_after_image
-from eah_interp.config import OFFICIAL_THRESHOLD
 from eah_interp.errors import ConfigError, LayoutError
 from eah_interp.layout import TokenLayout
+from eah_interp.resumable import atomic_write
 from eah_interp.sinks import (
     MASSIVE_TAU,
+    OFFICIAL_THRESHOLD,
     QUERY_CHUNK,
     Normalise,
     column_sums,
@@ -48,17 +49,6 @@ OVERLAP_STATISTICS = ("eah_sinks", "massive_sinks", "both", "jaccard", "eah_in_m
 #: The running sums of one statistic of one layer (`HeadStats.state_dict` keys end in these).
 _STATE_PARTS = ("n", "mean", "m2")
 _STATE_FORMAT = "eah_interp.HeadStats/1"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def head_statistics(
@@ -705,7 +695,7 @@ class HeadStats:
             meta["sink_dims"] = json.dumps(list(self.sink_dims))
             meta["tau"] = repr(self.tau)
         path = Path(path)
-        _atomic_write(path, save(self.state_dict(), metadata=meta))
+        atomic_write(path, save(self.state_dict(), metadata=meta))
         return path
 
     @classmethod
@@ -740,6 +730,50 @@ class HeadStats:
             extra += f", sink_dims={self.sink_dims}, tau={self.tau:g}"
         return (f"HeadStats(layers={self.layers}, examples={n}, threshold={self.threshold}, "
                 f"normalise={self.normalise!r}{model}{extra})")
+
+
+@dataclass
+class Recording:
+    """What ``record_attention`` collected, in every backend: the fed `HeadStats` and the kept prompt patterns.
+
+    Attributes:
+        layers: the recorded decoder layers.
+        stats: the `HeadStats` fed once per prompt forward and layer, or None.
+        keep_patterns: whether each prompt's probabilities are kept.
+        patterns: per layer, each prompt forward's probabilities ``[batch, heads, q, k]`` (on CPU).
+        layouts: each prompt forward's layout, once per forward.
+    """
+
+    layers: tuple[int, ...]
+    stats: HeadStats | None = None
+    keep_patterns: bool = False
+    patterns: dict[int, list[Tensor]] = field(default_factory=dict)
+    layouts: list[TokenLayout] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.stats is None and not self.keep_patterns:
+            raise ConfigError("record_attention needs stats=HeadStats(...) and/or keep_patterns=True.")
+
+    def add(self, layer: int, probs: Float[Tensor, "batch heads q k"], layout: TokenLayout,
+            hidden: Tensor | None = None) -> None:
+        """Record one prompt forward's probabilities of one layer (``hidden``: its input, for ``sink_dims``)."""
+        if self.stats is not None:
+            self.stats.update(layer, probs.detach(), layout, hidden=hidden)
+        if self.keep_patterns:
+            self.patterns.setdefault(layer, []).append(probs.detach().to("cpu"))
+        self._note(layout)
+
+    def add_sums(self, layer: int, sums: AttentionSums, layout: TokenLayout, q_len: int,
+                 hidden: Tensor | None = None) -> None:
+        """Record one prompt forward of one layer from running sums (statistics only)."""
+        assert self.stats is not None
+        self.stats.update_from_sums(layer, sums, layout, q_len, hidden=hidden)
+        self._note(layout)
+
+    def _note(self, layout: TokenLayout) -> None:
+        """Keep each prompt's layout once (the layers of one forward share it)."""
+        if not self.layouts or self.layouts[-1] is not layout:
+            self.layouts.append(layout)
 
 
 def _merge_welfords(
