@@ -55,6 +55,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from eah_interp.errors import ConfigError, HeadIndexError, LayerIndexError, UnsupportedModelError
+from eah_interp.interventions.compile import as_interventions
 from eah_interp.layout import TokenLayout
 from eah_interp.models.introspect import model_shape, text_config
 from eah_interp.patching import (
@@ -71,7 +72,7 @@ from eah_interp.patching import (
     last_positions,
     summarise,
 )
-from eah_interp.sites import _as_list, check_sites, hf_hooks, hf_intervened, hf_module, resolve_positions
+from eah_interp.sites import check_sites, hf_hooks, hf_intervened, hf_module, resolve_positions
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -225,7 +226,7 @@ def attribution_patching(
         from eah_interp.models import default_threshold
 
         treatment = [EAH.paper(threshold=default_threshold(int(layout.n_image_tokens.max())))]
-    treatment, baseline = _as_list(treatment), _as_list(baseline)
+    treatment, baseline = as_interventions(treatment), as_interventions(baseline)
     last = last_positions(layout)
     keys = [(site, layer) for site in sites for layer in layer_list]
     base = _run(model, inputs, baseline, metric, last, keys, layout, grad="treatment_into_baseline" in directions)
@@ -490,7 +491,7 @@ def _direction(
 
 
 def _condition_label(interventions: Any) -> str:
-    return "+".join(type(i).__name__ for i in _as_list(interventions))
+    return "+".join(type(i).__name__ for i in as_interventions(interventions))
 
 
 def direct_logit_attribution(
@@ -548,7 +549,7 @@ def direct_logit_attribution(
     rows: list[dict[str, Any]] = []
     residual = 0.0
     for condition, items in conditions.items():
-        parts, metric = _dla_condition(model, inputs, _as_list(items), layout, at, norm, vector, offset, ids)
+        parts, metric = _dla_condition(model, inputs, as_interventions(items), layout, at, norm, vector, offset, ids)
         total = sum(value for component, _, _, value in parts if component in ("embed", "attn", "mlp", "bias"))
         gap = float((metric - total).abs().max())
         residual = max(residual, gap)

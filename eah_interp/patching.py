@@ -56,12 +56,12 @@ from tqdm.auto import tqdm
 
 from eah_interp import compat
 from eah_interp.errors import ConfigError, HeadIndexError, LayerIndexError, LayoutError, UnsupportedModelError
-from eah_interp.interventions.compile import Plan
+from eah_interp.interventions.compile import Plan, as_interventions
 from eah_interp.layout import TokenLayout
 from eah_interp.models.adapters import token_layout
 from eah_interp.models.introspect import model_shape
 from eah_interp.resumable import ResumableLog, tensor_digest
-from eah_interp.sites import LAYER_SITES, READ_ORDER, SITES, _as_list, check_sites, resolve_positions
+from eah_interp.sites import LAYER_SITES, READ_ORDER, SITES, check_sites, resolve_positions
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -226,7 +226,7 @@ class Patcher:
     def _setup(self, model: Any, inputs: Mapping[str, Tensor], treatment: Any, baseline: Any,
                layout: TokenLayout | None) -> None:
         """Sizes, layout and both lists from the HF model (checked against it: fails before any forward)."""
-        self.inputs, self.treatment, self.baseline = dict(inputs), _as_list(treatment), _as_list(baseline)
+        self.inputs, self.treatment, self.baseline = dict(inputs), as_interventions(treatment), as_interventions(baseline)
         self.n_layers, self.n_heads, _ = model_shape(model)
         self.layout = _default_layout(model, self.inputs, layout)
         Plan.for_model(self.treatment + self.baseline, model)  # checks both lists against the model
