@@ -471,21 +471,11 @@ def compare_sink_definitions(
     from eah_interp.sinks import detect_sinks, massive_activation_sinks, sink_agreement
 
     dims = tuple(int(d) for d in dims)
-    hidden: dict[int, Tensor] = {}
-    hooks = []
-    try:
-        with record_attention(model, layers, keep_patterns=True, layout=layout) as rec:
-            decoders = decoder_layers(model)
-            for layer in rec.layers:
-                def note(module, args, kwargs, layer=layer):
-                    hidden[layer] = kwargs.get("hidden_states", args[0] if args else None).detach()
-
-                hooks.append(decoders[layer].register_forward_pre_hook(note, with_kwargs=True))
-            with torch.no_grad():
-                model(**inputs, use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    hidden: dict[int, Tensor] = {}  # each recorded layer's input hidden states
+    recorder = record_attention(model, layers, keep_patterns=True, layout=layout)
+    with recorder as rec, torch.no_grad():
+        recorder._hook_layers([(layer, recorder._note_hidden(layer, hidden.__setitem__), True) for layer in rec.layers])
+        model(**inputs, use_cache=False)
     rows = []
     for layer in rec.layers:
         probs, prompt_layout = rec.patterns[layer][-1], rec.layouts[-1]
