@@ -69,6 +69,7 @@ from eah_interp.patching import (
     _as_metric,
     _default_layout,
     _describe,
+    _per_example_frame,
     last_positions,
     summarise,
 )
@@ -204,8 +205,6 @@ def attribution_patching(
         per-example table (``effect = metric - baseline_metric`` and ``normalised_effect`` per row, as
         in patching). ``frame.attrs`` holds the two runs' mean metrics, both intervention lists and the metric.
     """
-    import pandas as pd
-
     if metric is None:
         raise ConfigError("attribution_patching needs a metric: LogitDiff(yes=..., no=...), TokenLogProb(...) or (yes_id, no_id).")
     metric = _as_metric(metric)
@@ -232,42 +231,23 @@ def attribution_patching(
     base = _run(model, inputs, baseline, metric, last, keys, layout, grad="treatment_into_baseline" in directions)
     treated = _run(model, inputs, treatment, metric, last, keys, layout, grad="baseline_into_treatment" in directions)
 
-    device = base.metric.device
-    group_masks = {label: mask.to(device) for label, mask in masks.items()}
-    batch = base.metric.shape[0]
-    columns: dict[str, list] = {c: [] for c in ATTRIBUTION_EXAMPLE_COLUMNS}
-    base_rows, treated_rows = base.metric.tolist(), treated.metric.tolist()
-    change = treated.metric - base.metric
-    flat_rows = torch.isclose(treated.metric, base.metric, rtol=1e-6, atol=1e-6)
-    scale = torch.where(flat_rows, torch.full_like(change, math.nan), change)
-
-    def add(direction: str, site: str, layer: int, head: int | None, group: str, estimate: Tensor) -> None:
-        estimate = estimate.to(base.metric)
-        value = (base.metric if direction == "treatment_into_baseline" else treated.metric) + estimate
-        for name, v in (("direction", direction), ("site", site), ("layer", layer), ("head", head),
-                        ("positions", group), ("method", "attribution")):
-            columns[name] += [v] * batch
-        columns["example"] += list(range(batch))
-        columns["metric"] += value.tolist()
-        columns["baseline_metric"] += base_rows
-        columns["treatment_metric"] += treated_rows
-        columns["effect"] += (value - base.metric).tolist()
-        columns["normalised_effect"] += ((value - base.metric) / scale).tolist()
-
+    tasks: list[tuple] = []  # (direction, site, layer, head, positions) of each estimated patch
+    values: list[list[float]] = []  # its estimated metric per example: the receiving run's plus the estimate
     for direction in directions:
         receiver, donor = (base, treated) if direction == "treatment_into_baseline" else (treated, base)
         for site, layer in keys:
             per_pos = _per_position(donor.acts[(site, layer)], receiver.acts[(site, layer)], receiver.grads[(site, layer)])
-            for group, where in group_masks.items():
+            for group, where in masks.items():
                 weight = where.to(per_pos.device, per_pos.dtype)  # sites may sit on other devices
                 if site == "head":
                     estimate = torch.einsum("bsh,bs->bh", per_pos, weight)
-                    for head in head_list:
-                        add(direction, site, layer, head, group, estimate[:, head])
+                    estimates = [(head, estimate[:, head]) for head in head_list]
                 else:
-                    add(direction, site, layer, None, group, (per_pos * weight).sum(-1))
-    frame = pd.DataFrame(columns)[list(ATTRIBUTION_EXAMPLE_COLUMNS)]
-    frame["head"] = frame["head"].astype("Int64")
+                    estimates = [(None, (per_pos * weight).sum(-1))]
+                for head, change in estimates:
+                    tasks.append((direction, site, layer, head, group))
+                    values.append((receiver.metric + change.to(receiver.metric)).tolist())
+    frame = _per_example_frame(tasks, values, base.metric.tolist(), treated.metric.tolist()).assign(method="attribution")
     baseline_mean, treatment_mean = float(base.metric.mean()), float(treated.metric.mean())
     if not per_example:
         frame = summarise(frame).assign(method="attribution")
