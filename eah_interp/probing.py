@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from eah_interp.errors import ConfigError, LayoutError
 from eah_interp.logit_lens import residual_stream
-from eah_interp.metrics.stats import auroc, bootstrap_weights
+from eah_interp.metrics.stats import _interval, auroc, bootstrap_weights
 from eah_interp.sites import resolve_positions
 
 if TYPE_CHECKING:
@@ -308,15 +308,6 @@ def _metrics(logits: np.ndarray, y: np.ndarray, weights: np.ndarray) -> dict[str
         "auroc": auroc(logits.ravel(), y.ravel(), pair_w),
         "auroc_macro": macro,
     }
-
-
-def _interval(draws: np.ndarray, ci: float) -> tuple[float, float]:
-    draws = draws[~np.isnan(draws)]
-    if len(draws) == 0:
-        return float("nan"), float("nan")
-    tail = (1 - ci) / 2 * 100
-    low, high = np.percentile(draws, [tail, 100 - tail])
-    return float(low), float(high)
 
 
 def _wald_p(estimate: float, draws: np.ndarray) -> float:
