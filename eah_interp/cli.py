@@ -92,10 +92,15 @@ def _dtype(name: str | None):
 
 
 def _load(
-    name: str, *, fallback: bool = False, dtype: str | None = None, device: str | None = None,
-    device_map: str | None = None, trust_remote_code: bool = False,
+    name: str, *, prompt: str | None = None, fallback: bool = False, dtype: str | None = None,
+    device: str | None = None, device_map: str | None = None, trust_remote_code: bool = False,
 ):
-    """`load_model` with the CLI's options; any `EAHError` while loading is a one-line usage error (exit 2)."""
+    """`load_model` with the CLI's options; any `EAHError` while loading is a one-line usage error (exit 2).
+
+    ``prompt``: the caption request instead of the model's own (wrapped by its chat template: scan, generate, eval).
+    """
+    import dataclasses
+
     import torch
 
     from eah_interp.errors import EAHError
@@ -120,18 +125,7 @@ def _load(
         console.print("[bold red]Falling back to a tiny RANDOM-WEIGHT LLaVA: the captions below are noise.[/]")
         bundle = load_model("tiny-llava", device=_OPTIONS["device"])
     console.print(f"[bold]model:[/] {bundle.note}")
-    return bundle
-
-
-def _with_prompt(bundle, prompt: str | None):
-    """The bundle, or a copy whose caption request is ``prompt`` (wrapped by its chat template: scan, generate)."""
-    if prompt is None:
-        return bundle
-    import dataclasses
-
-    if not dataclasses.is_dataclass(bundle) or "caption_request" not in {f.name for f in dataclasses.fields(bundle)}:
-        raise typer.BadParameter(f"model {bundle.name!r} cannot wrap a custom prompt; drop --prompt.", param_hint="--prompt")
-    return dataclasses.replace(bundle, caption_request=prompt)
+    return bundle if prompt is None else dataclasses.replace(bundle, caption_request=prompt)
 
 
 def _dataset(
@@ -291,8 +285,8 @@ def scan(
                                  param_hint="--sink-dims") from err
     with _usage():
         dataset = _dataset(images=images, coco_instances=coco_instances, pope=pope, n=n, seed=seed, default_scenes=32)
-    bundle = _with_prompt(_load(model, dtype=dtype, device=device, device_map=device_map,
-                                trust_remote_code=trust_remote_code), prompt)
+    bundle = _load(model, prompt=prompt, dtype=dtype, device=device, device_map=device_map,
+                   trust_remote_code=trust_remote_code)
     console.print(f"[bold]data:[/] {dataset.describe()}")
     items = [(item.id, item.load_image) for item in dataset]  # loaders: a shard reads only its own images
     with _usage("--out"):
@@ -360,8 +354,8 @@ def generate(
     if not items:
         raise typer.BadParameter("no images to caption: pass --scenes N (at least 1), --image FILE, --photo NAME or "
                                  "--images DIR.", param_hint="--scenes")
-    bundle = _with_prompt(_load(model, dtype=dtype, device=device, device_map=device_map,
-                                trust_remote_code=trust_remote_code), prompt)
+    bundle = _load(model, prompt=prompt, dtype=dtype, device=device, device_map=device_map,
+                   trust_remote_code=trust_remote_code)
     with _usage("--interventions"):
         _caption_table(bundle, interventions, parse(interventions, defaults=bundle.intervention_defaults()), items,
                        max_new_tokens)
@@ -512,8 +506,8 @@ def evaluate(
                 param_hint="--replicate-by",
             )
         console.print(f"[bold]replication:[/] {split.describe()}")
-    bundle = _with_prompt(_load(model, dtype=dtype, device=device, device_map=device_map,
-                                trust_remote_code=trust_remote_code), prompt)
+    bundle = _load(model, prompt=prompt, dtype=dtype, device=device, device_map=device_map,
+                   trust_remote_code=trust_remote_code)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         arms = default_arms(bundle, beams=beams)
