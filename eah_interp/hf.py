@@ -198,9 +198,13 @@ class _AttentionOverride:
             dispatch.pop(self)
 
     # hooks -----------------------------------------------------------
-    def _pre_forward(self, module, args, kwargs) -> None:
+    def _paused(self) -> bool:
+        """Inside `paused`: every context's edits and recordings are off."""
         dispatcher = dispatch.dispatcher_for(self.config)
-        if dispatcher is not None and dispatcher.paused:
+        return dispatcher is not None and bool(dispatcher.paused)
+
+    def _pre_forward(self, module, args, kwargs) -> None:
+        if self._paused():
             return  # a forward inside `paused`: not this context's prompt
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self.state.past = _past_length(input_ids, kwargs)
@@ -315,10 +319,6 @@ class intervene(_AttentionOverride):  # noqa: N801
         finally:
             super().__exit__(*exc)
 
-    def _paused(self) -> bool:
-        dispatcher = dispatch.dispatcher_for(self.config)
-        return dispatcher is not None and bool(dispatcher.paused)
-
     def _edit_input(self, layer: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             if "hidden_states" in kwargs:
@@ -400,6 +400,7 @@ class record_attention(_AttentionOverride):  # noqa: N801
             self.adapter.family, self.adapter.bidirectional_image_attention, stats.normalise)
         if message:
             warnings.warn(message, stacklevel=2)
+
     def __enter__(self) -> Recording:  # type: ignore[override]
         super().__enter__()
         stats = self.recording.stats
