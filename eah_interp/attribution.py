@@ -69,6 +69,7 @@ from eah_interp.patching import (
     _as_metric,
     _default_layout,
     _describe,
+    _heatmap,
     _per_example_frame,
     last_positions,
     summarise,
@@ -625,8 +626,6 @@ def plot_dla(frame: pd.DataFrame, *, against: str = "baseline") -> Figure:
         A figure: left, contribution per layer (lines: condition x attn/mlp); right, layer x head heatmap.
     """
     import matplotlib.pyplot as plt
-    import numpy as np
-    from matplotlib.colors import TwoSlopeNorm
 
     if "example" in frame.columns:
         frame = frame.groupby(["condition", "component", "layer", "head"], sort=False, dropna=False)[
@@ -654,15 +653,9 @@ def plot_dla(frame: pd.DataFrame, *, against: str = "baseline") -> Figure:
     else:
         data = table[conditions[0]]
         title = f"head contribution: {conditions[0]}"
-    values = data.to_numpy()
-    limit = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
-    im = right.imshow(values, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -max(limit, 1e-9), max(limit, 1e-9)))
-    right.set_xticks(range(values.shape[1]), [str(c) for c in data.columns])
-    right.set_yticks(range(values.shape[0]), [str(r) for r in data.index])
-    right.set_xlabel("head")
-    right.set_ylabel("layer")
-    right.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=right, label="contribution")
+    _heatmap(data.to_numpy(), list(data.index), list(data.columns), "head", title, right, label="contribution",
+             min_limit=1e-9)
+    right.title.set_fontsize(9)
     fig.tight_layout()
     return fig
 

@@ -588,7 +588,9 @@ def summarise(per_example: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------- plots
-def _heatmap(data, row_labels, col_labels, xlabel: str, title: str, ax=None) -> Figure:
+def _heatmap(data, row_labels, col_labels, xlabel: str, title: str, ax=None, *, label: str = "normalised effect",
+             min_limit: float = 1.0) -> Figure:
+    """Layer (rows) x ``col_labels`` heatmap on a diverging scale centred on 0, ``±max(min_limit, max |data|)``."""
     import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib.colors import TwoSlopeNorm
@@ -598,14 +600,14 @@ def _heatmap(data, row_labels, col_labels, xlabel: str, title: str, ax=None) -> 
     else:
         fig = ax.figure
     finite = np.abs(data[np.isfinite(data)])
-    limit = max(1.0, float(finite.max())) if finite.size else 1.0
+    limit = max(min_limit, float(finite.max())) if finite.size else 1.0
     im = ax.imshow(data, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -limit, limit))
     ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels])
     ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels])
     ax.set_xlabel(xlabel)
     ax.set_ylabel("layer")
     ax.set_title(title)
-    fig.colorbar(im, ax=ax, label="normalised effect")
+    fig.colorbar(im, ax=ax, label=label)
     fig.tight_layout()
     return fig
 
