@@ -33,7 +33,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,7 +45,9 @@ from torch import Tensor, nn
 
 from eah_interp.errors import ConfigError, LayoutError
 from eah_interp.logit_lens import residual_stream
-from eah_interp.metrics.stats import _interval, auroc, bootstrap_weights
+from eah_interp.metrics.stats import auroc, bootstrap_weights
+from eah_interp.metrics.stats import bootstrap_wald_p_value as _wald_p
+from eah_interp.metrics.stats import percentile_interval as _interval
 from eah_interp.sites import resolve_positions
 
 if TYPE_CHECKING:
@@ -308,17 +309,6 @@ def _metrics(logits: np.ndarray, y: np.ndarray, weights: np.ndarray) -> dict[str
         "auroc": auroc(logits.ravel(), y.ravel(), pair_w),
         "auroc_macro": macro,
     }
-
-
-def _wald_p(estimate: float, draws: np.ndarray) -> float:
-    """Two-sided p-value of ``estimate`` against 0 with the bootstrap draws' standard error (NaN without draws)."""
-    draws = draws[~np.isnan(draws)]
-    if len(draws) < 2 or np.isnan(estimate):
-        return float("nan")
-    se = float(draws.std(ddof=1))
-    if se == 0.0:
-        return 1.0 if estimate == 0 else 0.0
-    return float(math.erfc(abs(estimate) / (se * math.sqrt(2.0))))
 
 
 def evaluate_probe(

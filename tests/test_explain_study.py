@@ -162,20 +162,28 @@ def test_quick_study_writes_every_section_and_resumes(organism, tmp_path, monkey
     out = tmp_path / "explain"
     report = explain.main(out, quick=True, bundle=organism, progress=False)
     text = report.read_text()
-    for heading in ("## Q1", "## Q2", "## Q3", "## Q4", "### discovery", "### replication"):
+    for heading in ("## Q1", "## Q2", "## Q3", "## Q4", "### discovery", "### replication", "### confirmation"):
         assert heading in text
     for name in ("q1_source_head.json", "q2_image_mass.json", "q4_tests.json", "q1_density_vs_threshold.png",
                  "q2_image_mass_by_layer.png", "q3_patching_resid.png", "q4_controls.png", "q2_probe.json",
-                 "q2_probe.png", "q3_attribution.json", "q3_attribution.png", "q3_dla.json", "q3_dla.png"):
+                 "q2_probe.png", "q3_attribution.json", "q3_attribution.png", "q3_dla.json", "q3_dla.png",
+                 "q2_layer_tests.json", "q2_layer_tests.png", "q4_versus_eah.json", "q3_patching.csv",
+                 "q3_patching_labels.json"):
         assert (out / name).exists(), name
     rows = [json.loads(line) for line in (out / "arms.jsonl").read_text().splitlines()]
     plan = explain.Plan.quick()
-    assert len(rows) == 2 * 2 * plan.n_scenes * len(plan.arms)  # splits x questions x scenes x arms
+    assert len(rows) == len(plan.splits) * 2 * plan.n_scenes * len(plan.arms)  # splits x questions x scenes x arms
+    # patching ran on both question types
+    patched = [json.loads(line) for line in (out / "patching.jsonl").read_text().splitlines()]
+    assert {r["label"] for r in patched} == {False, True}
+    assert json.loads((out / "q3_attribution.json").read_text())["agreement"]["matched"] > 0
     assert all(r["source_heads"] == [] for r in rows if r["arm"] == "baseline")
     assert all(len(r["source_heads"]) == 1 for r in rows if r["arm"] == "eah_paper")
     q1 = json.loads((out / "q1_source_head.json").read_text())
     shares = q1["splits"]["discovery"]["previous_token_share"]
     assert len(shares) == 9 and all(0 <= s <= 1 for s in shares)
+    distance = q1["splits"]["discovery"]["pattern_distance_previous"]
+    assert distance == pytest.approx([1 - x for x in shares], abs=1e-6)  # the two views of one null
     # a previous-token map under the causal normaliser: every image key's score is 1 / (rows after it) > 0.01
     assert q1["splits"]["discovery"]["null_density"]["previous/causal"][q1["thresholds"].index(0.01)] == 1.0
     patches = (out / "patching.jsonl").read_text().splitlines()
@@ -219,3 +227,61 @@ def test_unknown_options_are_named(tmp_path):
     with pytest.raises(ConfigError, match="baseline"):
         explain.arms(explain.Plan(arms=("eah_paper",)), 0.01)
 
+
+
+def test_paired_tests_cluster_by_scene():
+    """Two questions per scene that move together: the clustered test sees 4 scenes, not 8 independent questions."""
+    from eah_interp.metrics.stats import cluster_bootstrap, sign_flip_p_value
+
+    ids = [f"{100020000 + s}:{kind}:x" for s in range(4) for kind in ("present", "absent")]
+    diffs = [1.0, 1.2, 0.8, 0.9, 1.1, 1.0, 0.7, 0.8]
+    rows = [{"split": "discovery", "arm": arm, "id": i, "label": False, "probe": d if arm == "arm" else 0.0,
+             "correct": 1.0, "question_mass": [0.1] * 3, "last_mass": [0.1] * 3, "question_mass_after": 0.1,
+             "last_mass_after": 0.1} for arm in ("baseline", "arm") for i, d in zip(ids, diffs, strict=True)]
+    found = {t["metric"]: t for t in explain.paired_tests(rows)}["probe_absent"]
+    scenes = [i.split(":")[0] for i in ids]
+    assert found["n_scenes"] == 4 and found["n"] == 8
+    assert found["p"] == pytest.approx(sign_flip_p_value(diffs, clusters=scenes, n_resamples=explain.N_RESAMPLES))
+    assert found["p"] > 1 / 16  # 4 scenes: at best 2 of 16 sign patterns are as extreme
+    ci = cluster_bootstrap(diffs, scenes, n_resamples=explain.N_RESAMPLES)
+    assert (found["low"], found["high"]) == pytest.approx((ci.low, ci.high))
+
+
+def test_layer_tests_and_versus_tests_by_hand():
+    """An arm that adds 0.02 to the question's image mass at layer 1 only; a control that moves the probe half as far."""
+    labels = [False] * 6
+    rows = _rows("discovery", "baseline", [0.0] * 6, labels)
+    shifted = _rows("discovery", "eah_paper", [2.0] * 6, labels)
+    for r in shifted:
+        r["question_mass"] = [0.1, 0.07] + [0.1] * 3
+    rows += shifted + _rows("discovery", "control", [1.0] * 6, labels)
+    layers = {(t["arm"], t["group"], t["layer"]): t for t in explain.layer_tests(rows)}
+    hit = layers[("eah_paper", "question", 1)]
+    assert hit["diff"] == pytest.approx(0.02) and hit["relative"] == pytest.approx(0.02 / 0.05)
+    assert layers[("eah_paper", "question", 2)]["diff"] == 0 and layers[("eah_paper", "question", "2-29")]["diff"] == 0
+    block = [t for t in explain.layer_tests(rows)]
+    assert [t["p_holm"] for t in block] == pytest.approx(holm([t["p"] for t in block]))
+    versus = {t["metric"]: t for t in explain.versus_tests(rows)}
+    assert versus["probe_absent"]["diff"] == pytest.approx(-1.0) and versus["probe_absent"]["arm"] == "control"
+
+
+def test_patching_table_shares_and_label_difference():
+    """Share carried = ratio of means; the necessity direction reports the share undone (one minus the effect)."""
+    from eah_interp.patching import DIRECTIONS
+
+    ids = [f"{100020000 + s}:{kind}:x" for s in range(3) for kind in ("absent",)]
+    rows = [
+        {"split": "discovery", "label": False, "site": "resid", "layer": 2, "positions": "question",
+         "direction": DIRECTIONS[0], "ids": ids, "metric": [1.0, 2.0, 3.0], "baseline": [0.0] * 3, "eah": [2.0, 4.0, 4.0]},
+        {"split": "discovery", "label": False, "site": "resid", "layer": 2, "positions": "question",
+         "direction": DIRECTIONS[1], "ids": ids, "metric": [0.5, 1.0, 1.0], "baseline": [0.0] * 3, "eah": [2.0, 4.0, 4.0]},
+    ]
+    table = explain.patching_table(rows)
+    assert table.effect_mean[0] == pytest.approx(6 / 10) and table.moved[0] == pytest.approx(0.6)
+    assert table.effect_mean[1] == pytest.approx(2.5 / 10) and table.moved[1] == pytest.approx(0.75)  # undone
+    assert table.moved_low[1] <= 0.75 <= table.moved_high[1]
+    present = [{**r, "label": True, "ids": [i.replace("absent", "present") for i in ids],
+                "metric": [m * 0.5 for m in r["metric"]]} for r in rows]
+    tests = {t["direction"]: t for t in explain.patching_label_tests(rows + present)}
+    assert tests[DIRECTIONS[0]]["diff"] == pytest.approx(0.3 - 0.6)  # carried: half as much on present objects
+    assert tests[DIRECTIONS[0]]["n_scenes"] == 3

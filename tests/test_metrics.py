@@ -249,3 +249,24 @@ def test_one_auroc_implementation():
 
     assert eah_interp.probing.auroc is auroc and eah_interp.metrics.probes.auroc is auroc
     assert float(auroc([2.0, 1.0, -1.0, 1.0], [True, True, False, False])[0]) == pytest.approx(3.5 / 4)
+
+
+def test_percentile_interval_and_wald_p_by_hand():
+    import numpy as np
+
+    from eah_interp.metrics.stats import bootstrap_wald_p_value, percentile_interval
+
+    draws = np.array([0.0, 1.0, 2.0, 3.0, 4.0, np.nan])
+    assert percentile_interval(draws, ci=0.5) == pytest.approx((1.0, 3.0))  # the 25th and 75th percentiles
+    assert all(math.isnan(x) for x in percentile_interval([np.nan]))
+    se = float(np.std([0.0, 1.0, 2.0, 3.0, 4.0], ddof=1))  # sqrt(2.5)
+    assert bootstrap_wald_p_value(2.0, draws) == pytest.approx(math.erfc(2.0 / (se * math.sqrt(2.0))))
+    assert bootstrap_wald_p_value(0.0, [1.0, 1.0]) == 1.0 and bootstrap_wald_p_value(0.5, [1.0, 1.0]) == 0.0
+    assert math.isnan(bootstrap_wald_p_value(1.0, [2.0]))
+
+
+def test_probing_uses_the_shared_interval_and_wald_p():
+    import eah_interp.probing as probing
+    from eah_interp.metrics import stats
+
+    assert probing._interval is stats.percentile_interval and probing._wald_p is stats.bootstrap_wald_p_value

@@ -209,13 +209,35 @@ class BootstrapResult:
                 "n_clusters": self.n_clusters}
 
 
-def _interval(draws: np.ndarray, ci: float) -> tuple[float, float]:
-    kept = draws[~np.isnan(draws)]
+def percentile_interval(draws: Sequence[float] | np.ndarray, ci: float = 0.95) -> tuple[float, float]:
+    """The percentile interval of resampled statistics (NaN draws dropped; ``(nan, nan)`` without any)."""
+    d = np.asarray(draws, dtype=float)
+    kept = d[~np.isnan(d)]
     if len(kept) == 0:
         return float("nan"), float("nan")
     tail = (1 - ci) / 2 * 100
     low, high = np.percentile(kept, [tail, 100 - tail])
     return float(low), float(high)
+
+
+_interval = percentile_interval
+
+
+def bootstrap_wald_p_value(estimate: float, draws: Sequence[float] | np.ndarray) -> float:
+    """Two-sided p-value of ``estimate`` against 0 with the bootstrap draws' standard error: ``erfc(|d| / (se sqrt 2))``.
+
+    Unlike `bootstrap_p_value` it has no floor of ``2 / (1 + B)``, so Holm over many tests can still reject; it
+    assumes the draws are roughly normal. NaN with fewer than two draws; with a zero standard error, 1 for an
+    estimate of 0 and 0 otherwise.
+    """
+    d = np.asarray(draws, dtype=float)
+    d = d[~np.isnan(d)]
+    if len(d) < 2 or np.isnan(estimate):
+        return float("nan")
+    se = float(d.std(ddof=1))
+    if se == 0.0:
+        return 1.0 if estimate == 0 else 0.0
+    return float(math.erfc(abs(estimate) / (se * math.sqrt(2.0))))
 
 
 def cluster_bootstrap(

@@ -30,8 +30,9 @@ import torch
 
 
 def main(out: Path, *, quick: bool = False, n: int | None = None, layer: int = 1, threshold: float | None = None,
-         batch_size: int = 8) -> Path:
-    """Run the study into ``out`` and return the path of its ``report.md``."""
+         batch_size: int = 8, progress: bool | None = None) -> Path:
+    """Run the study into ``out`` and return the path of its ``report.md`` (``progress``: the scans' bars; None =
+    tqdm's rule, on only when stderr is a terminal)."""
     from eah_interp import hf
     from eah_interp.data import scene_dataset
     from eah_interp.experiments import scan_images
@@ -123,7 +124,7 @@ def main(out: Path, *, quick: bool = False, n: int | None = None, layer: int = 1
             scans[tau] = HeadStats.load(path)
             continue
         stats = HeadStats(threshold=threshold, model=bundle.name, keep_examples=True, sink_dims=dims, tau=tau)
-        scan_images(bundle, images, stats=stats, ids=ids, batch_size=batch_size)
+        scan_images(bundle, images, stats=stats, ids=ids, batch_size=batch_size, progress=progress)
         stats.save(path)
         scans[tau] = stats
         stats.layer_frame().to_csv(out / f"layer_sinks_tau{tau:g}.csv", index=False)
