@@ -1,4 +1,4 @@
-"""The ``eah-interp`` console script: ``scan``, ``generate``, ``demo``, ``eval``, ``merge`` and ``study``."""
+"""The ``eah-interp`` console script: ``scan``, ``generate``, ``demo``, ``eval`` and ``merge`` (the studies behind docs/results.md run with ``python -m studies NAME`` from a checkout)."""
 
 from __future__ import annotations
 
@@ -584,21 +584,6 @@ def merge(
     n = max(stats.n_examples(layer) for layer in stats.layers) if stats.layers else 0
     console.print(_write_scan(stats, target, f"{stats.model or 'model'}: sink density (n={n})"))
     console.print(f"merged {n} images into {target / 'head_stats.csv'} (checkpoint: {target / SCAN_CHECKPOINT})")
-
-
-@app.command()
-def study(
-    name: Annotated[str, typer.Argument(help="'methods' (EAH among its peers), 'explain' (why the broadcast works) or 'sinks' (sinks vs null models)")],
-    out: Annotated[Path | None, typer.Option(help="output folder (default: docs/results/NAME; rerun to resume)")] = None,
-    quick: Annotated[bool, typer.Option(help="a small, fast run (smoke test), not the documented numbers")] = False,
-) -> None:
-    """Run a scripted study on the organism that regenerates one section of docs/results.md."""
-    from eah_interp.studies import STUDIES, run_study
-
-    if name not in STUDIES:
-        raise typer.BadParameter(f"unknown study {name!r}; choose one of {sorted(STUDIES)}.", param_hint="NAME")
-    report = run_study(name, out or Path("docs/results") / name, quick=quick)
-    console.print(f"wrote {report}")
 
 
 def main() -> None:  # pragma: no cover
