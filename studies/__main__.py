@@ -9,7 +9,7 @@ from studies import STUDIES, run_study
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m studies", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m studies", description="Run one study: it regenerates a section of docs/results.md (rerun to resume).")
     parser.add_argument("name", choices=sorted(STUDIES), help="the study")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: docs/results/NAME; rerun to resume)")
     parser.add_argument("--quick", action="store_true", help="a small, fast run (smoke test), not the documented numbers")
