@@ -55,6 +55,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from eah_interp.errors import ConfigError, HeadIndexError, LayerIndexError, UnsupportedModelError
+from eah_interp.interventions.compile import as_interventions
 from eah_interp.layout import TokenLayout
 from eah_interp.models.introspect import model_shape, text_config
 from eah_interp.patching import (
@@ -68,10 +69,12 @@ from eah_interp.patching import (
     _as_metric,
     _default_layout,
     _describe,
+    _heatmap,
+    _per_example_frame,
     last_positions,
     summarise,
 )
-from eah_interp.sites import _as_list, check_sites, hf_hooks, hf_intervened, hf_module, resolve_positions
+from eah_interp.sites import check_sites, hf_hooks, hf_intervened, hf_module, resolve_positions
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -203,8 +206,6 @@ def attribution_patching(
         per-example table (``effect = metric - baseline_metric`` and ``normalised_effect`` per row, as
         in patching). ``frame.attrs`` holds the two runs' mean metrics, both intervention lists and the metric.
     """
-    import pandas as pd
-
     if metric is None:
         raise ConfigError("attribution_patching needs a metric: LogitDiff(yes=..., no=...), TokenLogProb(...) or (yes_id, no_id).")
     metric = _as_metric(metric)
@@ -225,48 +226,29 @@ def attribution_patching(
         from eah_interp.models import default_threshold
 
         treatment = [EAH.paper(threshold=default_threshold(int(layout.n_image_tokens.max())))]
-    treatment, baseline = _as_list(treatment), _as_list(baseline)
+    treatment, baseline = as_interventions(treatment), as_interventions(baseline)
     last = last_positions(layout)
     keys = [(site, layer) for site in sites for layer in layer_list]
     base = _run(model, inputs, baseline, metric, last, keys, layout, grad="treatment_into_baseline" in directions)
     treated = _run(model, inputs, treatment, metric, last, keys, layout, grad="baseline_into_treatment" in directions)
 
-    device = base.metric.device
-    group_masks = {label: mask.to(device) for label, mask in masks.items()}
-    batch = base.metric.shape[0]
-    columns: dict[str, list] = {c: [] for c in ATTRIBUTION_EXAMPLE_COLUMNS}
-    base_rows, treated_rows = base.metric.tolist(), treated.metric.tolist()
-    change = treated.metric - base.metric
-    flat_rows = torch.isclose(treated.metric, base.metric, rtol=1e-6, atol=1e-6)
-    scale = torch.where(flat_rows, torch.full_like(change, math.nan), change)
-
-    def add(direction: str, site: str, layer: int, head: int | None, group: str, estimate: Tensor) -> None:
-        estimate = estimate.to(base.metric)
-        value = (base.metric if direction == "treatment_into_baseline" else treated.metric) + estimate
-        for name, v in (("direction", direction), ("site", site), ("layer", layer), ("head", head),
-                        ("positions", group), ("method", "attribution")):
-            columns[name] += [v] * batch
-        columns["example"] += list(range(batch))
-        columns["metric"] += value.tolist()
-        columns["baseline_metric"] += base_rows
-        columns["treatment_metric"] += treated_rows
-        columns["effect"] += (value - base.metric).tolist()
-        columns["normalised_effect"] += ((value - base.metric) / scale).tolist()
-
+    tasks: list[tuple] = []  # (direction, site, layer, head, positions) of each estimated patch
+    values: list[list[float]] = []  # its estimated metric per example: the receiving run's plus the estimate
     for direction in directions:
         receiver, donor = (base, treated) if direction == "treatment_into_baseline" else (treated, base)
         for site, layer in keys:
             per_pos = _per_position(donor.acts[(site, layer)], receiver.acts[(site, layer)], receiver.grads[(site, layer)])
-            for group, where in group_masks.items():
+            for group, where in masks.items():
                 weight = where.to(per_pos.device, per_pos.dtype)  # sites may sit on other devices
                 if site == "head":
                     estimate = torch.einsum("bsh,bs->bh", per_pos, weight)
-                    for head in head_list:
-                        add(direction, site, layer, head, group, estimate[:, head])
+                    estimates = [(head, estimate[:, head]) for head in head_list]
                 else:
-                    add(direction, site, layer, None, group, (per_pos * weight).sum(-1))
-    frame = pd.DataFrame(columns)[list(ATTRIBUTION_EXAMPLE_COLUMNS)]
-    frame["head"] = frame["head"].astype("Int64")
+                    estimates = [(None, (per_pos * weight).sum(-1))]
+                for head, change in estimates:
+                    tasks.append((direction, site, layer, head, group))
+                    values.append((receiver.metric + change.to(receiver.metric)).tolist())
+    frame = _per_example_frame(tasks, values, base.metric.tolist(), treated.metric.tolist()).assign(method="attribution")
     baseline_mean, treatment_mean = float(base.metric.mean()), float(treated.metric.mean())
     if not per_example:
         frame = summarise(frame).assign(method="attribution")
@@ -490,7 +472,7 @@ def _direction(
 
 
 def _condition_label(interventions: Any) -> str:
-    return "+".join(type(i).__name__ for i in _as_list(interventions))
+    return "+".join(type(i).__name__ for i in as_interventions(interventions))
 
 
 def direct_logit_attribution(
@@ -548,7 +530,7 @@ def direct_logit_attribution(
     rows: list[dict[str, Any]] = []
     residual = 0.0
     for condition, items in conditions.items():
-        parts, metric = _dla_condition(model, inputs, _as_list(items), layout, at, norm, vector, offset, ids)
+        parts, metric = _dla_condition(model, inputs, as_interventions(items), layout, at, norm, vector, offset, ids)
         total = sum(value for component, _, _, value in parts if component in ("embed", "attn", "mlp", "bias"))
         gap = float((metric - total).abs().max())
         residual = max(residual, gap)
@@ -644,8 +626,6 @@ def plot_dla(frame: pd.DataFrame, *, against: str = "baseline") -> Figure:
         A figure: left, contribution per layer (lines: condition x attn/mlp); right, layer x head heatmap.
     """
     import matplotlib.pyplot as plt
-    import numpy as np
-    from matplotlib.colors import TwoSlopeNorm
 
     if "example" in frame.columns:
         frame = frame.groupby(["condition", "component", "layer", "head"], sort=False, dropna=False)[
@@ -673,15 +653,9 @@ def plot_dla(frame: pd.DataFrame, *, against: str = "baseline") -> Figure:
     else:
         data = table[conditions[0]]
         title = f"head contribution: {conditions[0]}"
-    values = data.to_numpy()
-    limit = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
-    im = right.imshow(values, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -max(limit, 1e-9), max(limit, 1e-9)))
-    right.set_xticks(range(values.shape[1]), [str(c) for c in data.columns])
-    right.set_yticks(range(values.shape[0]), [str(r) for r in data.index])
-    right.set_xlabel("head")
-    right.set_ylabel("layer")
-    right.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=right, label="contribution")
+    _heatmap(data.to_numpy(), list(data.index), list(data.columns), "head", title, right, label="contribution",
+             min_limit=1e-9)
+    right.title.set_fontsize(9)
     fig.tight_layout()
     return fig
 

@@ -1,4 +1,4 @@
-"""The ``eah-interp`` console script: ``scan``, ``generate``, ``demo``, ``eval``, ``merge`` and ``study``."""
+"""The ``eah-interp`` console script: ``scan``, ``generate``, ``demo``, ``eval`` and ``merge`` (the studies behind docs/results.md run with ``python -m studies NAME`` from a checkout)."""
 
 from __future__ import annotations
 
@@ -92,10 +92,15 @@ def _dtype(name: str | None):
 
 
 def _load(
-    name: str, *, fallback: bool = False, dtype: str | None = None, device: str | None = None,
-    device_map: str | None = None, trust_remote_code: bool = False,
+    name: str, *, prompt: str | None = None, fallback: bool = False, dtype: str | None = None,
+    device: str | None = None, device_map: str | None = None, trust_remote_code: bool = False,
 ):
-    """`load_model` with the CLI's options; any `EAHError` while loading is a one-line usage error (exit 2)."""
+    """`load_model` with the CLI's options; any `EAHError` while loading is a one-line usage error (exit 2).
+
+    ``prompt``: the caption request instead of the model's own (wrapped by its chat template: scan, generate, eval).
+    """
+    import dataclasses
+
     import torch
 
     from eah_interp.errors import EAHError
@@ -120,18 +125,7 @@ def _load(
         console.print("[bold red]Falling back to a tiny RANDOM-WEIGHT LLaVA: the captions below are noise.[/]")
         bundle = load_model("tiny-llava", device=_OPTIONS["device"])
     console.print(f"[bold]model:[/] {bundle.note}")
-    return bundle
-
-
-def _with_prompt(bundle, prompt: str | None):
-    """The bundle, or a copy whose caption request is ``prompt`` (wrapped by its chat template: scan, generate)."""
-    if prompt is None:
-        return bundle
-    import dataclasses
-
-    if not dataclasses.is_dataclass(bundle) or "caption_request" not in {f.name for f in dataclasses.fields(bundle)}:
-        raise typer.BadParameter(f"model {bundle.name!r} cannot wrap a custom prompt; drop --prompt.", param_hint="--prompt")
-    return dataclasses.replace(bundle, caption_request=prompt)
+    return bundle if prompt is None else dataclasses.replace(bundle, caption_request=prompt)
 
 
 def _dataset(
@@ -291,8 +285,8 @@ def scan(
                                  param_hint="--sink-dims") from err
     with _usage():
         dataset = _dataset(images=images, coco_instances=coco_instances, pope=pope, n=n, seed=seed, default_scenes=32)
-    bundle = _with_prompt(_load(model, dtype=dtype, device=device, device_map=device_map,
-                                trust_remote_code=trust_remote_code), prompt)
+    bundle = _load(model, prompt=prompt, dtype=dtype, device=device, device_map=device_map,
+                   trust_remote_code=trust_remote_code)
     console.print(f"[bold]data:[/] {dataset.describe()}")
     items = [(item.id, item.load_image) for item in dataset]  # loaders: a shard reads only its own images
     with _usage("--out"):
@@ -360,8 +354,8 @@ def generate(
     if not items:
         raise typer.BadParameter("no images to caption: pass --scenes N (at least 1), --image FILE, --photo NAME or "
                                  "--images DIR.", param_hint="--scenes")
-    bundle = _with_prompt(_load(model, dtype=dtype, device=device, device_map=device_map,
-                                trust_remote_code=trust_remote_code), prompt)
+    bundle = _load(model, prompt=prompt, dtype=dtype, device=device, device_map=device_map,
+                   trust_remote_code=trust_remote_code)
     with _usage("--interventions"):
         _caption_table(bundle, interventions, parse(interventions, defaults=bundle.intervention_defaults()), items,
                        max_new_tokens)
@@ -512,8 +506,8 @@ def evaluate(
                 param_hint="--replicate-by",
             )
         console.print(f"[bold]replication:[/] {split.describe()}")
-    bundle = _with_prompt(_load(model, dtype=dtype, device=device, device_map=device_map,
-                                trust_remote_code=trust_remote_code), prompt)
+    bundle = _load(model, prompt=prompt, dtype=dtype, device=device, device_map=device_map,
+                   trust_remote_code=trust_remote_code)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         arms = default_arms(bundle, beams=beams)
@@ -590,21 +584,6 @@ def merge(
     n = max(stats.n_examples(layer) for layer in stats.layers) if stats.layers else 0
     console.print(_write_scan(stats, target, f"{stats.model or 'model'}: sink density (n={n})"))
     console.print(f"merged {n} images into {target / 'head_stats.csv'} (checkpoint: {target / SCAN_CHECKPOINT})")
-
-
-@app.command()
-def study(
-    name: Annotated[str, typer.Argument(help="'methods' (EAH among its peers), 'explain' (why the broadcast works) or 'sinks' (sinks vs null models)")],
-    out: Annotated[Path | None, typer.Option(help="output folder (default: docs/results/NAME; rerun to resume)")] = None,
-    quick: Annotated[bool, typer.Option(help="a small, fast run (smoke test), not the documented numbers")] = False,
-) -> None:
-    """Run a scripted study on the organism that regenerates one section of docs/results.md."""
-    from eah_interp.studies import STUDIES, run_study
-
-    if name not in STUDIES:
-        raise typer.BadParameter(f"unknown study {name!r}; choose one of {sorted(STUDIES)}.", param_hint="NAME")
-    report = run_study(name, out or Path("docs/results") / name, quick=quick)
-    console.print(f"wrote {report}")
 
 
 def main() -> None:  # pragma: no cover

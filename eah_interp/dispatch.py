@@ -43,11 +43,6 @@ COMPATIBLE = ("eager", "sdpa")
 
 
 # ---------------------------------------------------------------------------- the family's eager attention
-def eager_function(module: nn.Module) -> Callable:
-    """The model family's own ``eager_attention_forward`` for an attention module (Llama's as a fallback)."""
-    return compat.family_eager_attention(module)
-
-
 def additive_mask(
     attention_mask: Tensor | None, q_len: int, k_len: int, dtype: torch.dtype, device: torch.device | None = None
 ) -> Float[Tensor, "batch 1 q k"] | None:
@@ -83,16 +78,8 @@ def eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor
     chosen layer, and the function `eah_interp.nnsight` points a layer's attention call at in a trace.
     """
     mask = additive_mask(attention_mask, query.shape[-2], key.shape[-2], query.dtype, query.device)
-    family = eager_function(module)
+    family = compat.family_eager_attention(module)
     return family(module, query, key, value, mask, **kwargs)
-
-
-def _plain_attention(module: nn.Module, kwargs: dict[str, Any]) -> bool:
-    """Softmax of scaled ``Q K^T`` + mask, nothing else: what `eah_interp.chunked` reproduces exactly."""
-    if any(kwargs.get(name) is not None for name in ("softcap", "s_aux", "sinks")):
-        return False
-    return not (module.training and kwargs.get("dropout", 0.0))
-
 
 
 # ---------------------------------------------------------------------------- one attention call, its edits
@@ -182,6 +169,8 @@ def _same_layout(a: TokenLayout, b: TokenLayout) -> bool:
 
 
 def _not_plain_reason(module: nn.Module, kwargs: dict[str, Any]) -> str:
+    """What the call computes beyond softmax of scaled ``Q K^T`` + mask (what `eah_interp.chunked` reproduces
+    exactly), or ``""`` when nothing."""
     extras = [name for name in ("softcap", "s_aux", "sinks") if kwargs.get(name) is not None]
     if module.training and kwargs.get("dropout", 0.0):
         extras.append("dropout (the module is in training mode)")
@@ -327,7 +316,7 @@ def _tail_rows(
     if fallback is None or call.q_len == 1 or any(s.tail is None for s in steps):
         return None
     tail = max(int(s.tail) for s in steps)  # type: ignore[arg-type]
-    if tail >= call.q_len or not _plain_attention(call.module, call.kwargs):
+    if tail >= call.q_len or _not_plain_reason(call.module, call.kwargs):
         return None
     out, _ = fallback(call.module, call.query, call.key, call.value, call.mask, **call.kwargs)
     if tail == 0:
@@ -342,7 +331,7 @@ def _tail_rows(
 
 def _map_free(call: AttentionCall, steps: list[AttentionStep]) -> tuple[Tensor, None] | None:
     """The layer without a ``[batch, heads, q, k]`` map, when the steps allow it (else None)."""
-    if not _plain_attention(call.module, call.kwargs):
+    if _not_plain_reason(call.module, call.kwargs):
         return None
     records = [s for s in steps if s.point == "record"]
     edits = [s for s in steps if s.point != "record"]
@@ -392,13 +381,13 @@ class _Dispatcher:
 
     def attention(self, module, query, key, value, attention_mask, **kwargs):
         layer = getattr(module, "layer_idx", None)
+        own = self.previous_fn or compat.family_eager_attention(module)
         if not self.paused and isinstance(layer, int) and getattr(module, "config", None) is self.config:
             call = AttentionCall(module, layer, query, key, value, attention_mask, kwargs)
             steps = [step for context in tuple(self.stack) for step in context.steps(call)]
             if steps:
-                return run_steps(call, steps, self.previous_fn or eager_function(module))
-        fn = self.previous_fn or eager_function(module)
-        return fn(module, query, key, value, attention_mask, **kwargs)
+                return run_steps(call, steps, own)
+        return own(module, query, key, value, attention_mask, **kwargs)
 
 
 class Context(Protocol):
@@ -448,7 +437,6 @@ def pop(context: Context) -> None:
         if not dispatcher.stack:
             dispatcher.uninstall()
             del _DISPATCHERS[id(context.config)]
-
 
 
 def dispatcher_for(config: Any) -> _Dispatcher | None:

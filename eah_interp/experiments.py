@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -12,6 +11,7 @@ from tqdm.auto import tqdm
 from eah_interp import hf
 from eah_interp.head_stats import HeadStats
 from eah_interp.models.bundle import ModelBundle
+from eah_interp.sites import hf_intervened
 
 
 def progress_bar(iterable: Iterable[Any], progress: bool | None, **kwargs: Any) -> tqdm:
@@ -19,19 +19,9 @@ def progress_bar(iterable: Iterable[Any], progress: bool | None, **kwargs: Any) 
     return tqdm(iterable, disable=None if progress is None else not progress, **kwargs)
 
 
-@contextlib.contextmanager
-def treated(model: Any, interventions: Any) -> Iterator[list[Any]]:
-    """Apply ``interventions`` (one or a list; empty: the plain model) through `hf.intervene`; yields its records."""
-    if not interventions:
-        yield []
-        return
-    with hf.intervene(model, interventions) as run:
-        yield run.records
-
-
 def check_fits(model: Any, interventions: Any) -> None:
     """Raise now if an intervention does not fit the model (`LayerIndexError`: a layer it lacks), not mid-run."""
-    with treated(model, interventions):
+    with hf_intervened(model, interventions):
         pass
 
 
@@ -116,9 +106,9 @@ def generate_texts(
     for chunk in progress_bar(batches(pairs, batch_size), progress, desc=desc, total=-(-len(pairs) // batch_size)):
         inputs = bundle.encode([p for p, _ in chunk], [i for _, i in chunk])
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams)
-        with torch.no_grad(), treated(model, interventions) as records:
+        with torch.no_grad(), hf_intervened(model, interventions) as run:
             out = model.generate(**inputs, **kwargs)
-        prefill = [r.eah for r in records if r.eah is not None and r.q_len == r.k_len]
+        prefill = [r.eah for r in run.records if r.eah is not None and r.q_len == r.k_len]
         per_layer = [r.source_head.view(len(chunk), -1)[:, 0].tolist() for r in prefill]
         heads += [[layer_heads[i] for layer_heads in per_layer] for i in range(len(chunk))]
         texts += bundle.decode(out, inputs)

@@ -25,6 +25,7 @@ from eah_interp.sinks import (
     massive_activation_sinks,
     null_densities,
     query_positions,
+    sink_agreement,
     sink_counts_from_scores,
     sink_scores_from_column_sums,
 )
@@ -142,20 +143,17 @@ def sink_overlap(
 
     Returns a dict with (each ``Float[batch]``): ``eah_sinks``: image tokens that are an EAH sink
     (`detect_sinks`) in at least one head; ``massive_sinks``: image tokens with a massive activation
-    (`massive_activation_sinks`); ``both``; ``jaccard`` = both / either; ``eah_in_massive`` = both /
-    eah_sinks, the fraction of EAH's sinks that are massive-activation sinks (each NaN where its
-    denominator is 0: skipped by `HeadStats`).
+    (`massive_activation_sinks`); ``both``; ``jaccard`` = both / either (the counts of
+    `eah_interp.sinks.sink_agreement`); ``eah_in_massive`` = both / eah_sinks, the fraction of EAH's sinks
+    that are massive-activation sinks (each NaN where its denominator is 0: skipped by `HeadStats`).
     """
-    image = layout.image_mask.to(massive.device)
-    eah = column_sinks.to(massive.device).any(1) & image
-    mas = massive & image
-    n_eah, n_mas = eah.sum(-1).float(), mas.sum(-1).float()
-    both, either = (eah & mas).sum(-1).float(), (eah | mas).sum(-1).float()
+    agreement = sink_agreement(column_sinks.to(massive.device), massive, layout.image_mask)
+    n_eah, both = agreement["eah"], agreement["both"]
     return {
         "eah_sinks": n_eah,
-        "massive_sinks": n_mas,
+        "massive_sinks": agreement["massive"],
         "both": both,
-        "jaccard": torch.where(either > 0, both / either.clamp_min(1), torch.nan),
+        "jaccard": agreement["jaccard"],
         "eah_in_massive": torch.where(n_eah > 0, both / n_eah.clamp_min(1), torch.nan),
     }
 

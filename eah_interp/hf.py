@@ -198,9 +198,13 @@ class _AttentionOverride:
             dispatch.pop(self)
 
     # hooks -----------------------------------------------------------
-    def _pre_forward(self, module, args, kwargs) -> None:
+    def _paused(self) -> bool:
+        """Inside `paused`: every context's edits and recordings are off."""
         dispatcher = dispatch.dispatcher_for(self.config)
-        if dispatcher is not None and dispatcher.paused:
+        return dispatcher is not None and bool(dispatcher.paused)
+
+    def _pre_forward(self, module, args, kwargs) -> None:
+        if self._paused():
             return  # a forward inside `paused`: not this context's prompt
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self.state.past = _past_length(input_ids, kwargs)
@@ -315,10 +319,6 @@ class intervene(_AttentionOverride):  # noqa: N801
         finally:
             super().__exit__(*exc)
 
-    def _paused(self) -> bool:
-        dispatcher = dispatch.dispatcher_for(self.config)
-        return dispatcher is not None and bool(dispatcher.paused)
-
     def _edit_input(self, layer: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             if "hidden_states" in kwargs:
@@ -400,6 +400,7 @@ class record_attention(_AttentionOverride):  # noqa: N801
             self.adapter.family, self.adapter.bidirectional_image_attention, stats.normalise)
         if message:
             warnings.warn(message, stacklevel=2)
+
     def __enter__(self) -> Recording:  # type: ignore[override]
         super().__enter__()
         stats = self.recording.stats
@@ -471,21 +472,11 @@ def compare_sink_definitions(
     from eah_interp.sinks import detect_sinks, massive_activation_sinks, sink_agreement
 
     dims = tuple(int(d) for d in dims)
-    hidden: dict[int, Tensor] = {}
-    hooks = []
-    try:
-        with record_attention(model, layers, keep_patterns=True, layout=layout) as rec:
-            decoders = decoder_layers(model)
-            for layer in rec.layers:
-                def note(module, args, kwargs, layer=layer):
-                    hidden[layer] = kwargs.get("hidden_states", args[0] if args else None).detach()
-
-                hooks.append(decoders[layer].register_forward_pre_hook(note, with_kwargs=True))
-            with torch.no_grad():
-                model(**inputs, use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    hidden: dict[int, Tensor] = {}  # each recorded layer's input hidden states
+    recorder = record_attention(model, layers, keep_patterns=True, layout=layout)
+    with recorder as rec, torch.no_grad():
+        recorder._hook_layers([(layer, recorder._note_hidden(layer, hidden.__setitem__), True) for layer in rec.layers])
+        model(**inputs, use_cache=False)
     rows = []
     for layer in rec.layers:
         probs, prompt_layout = rec.patterns[layer][-1], rec.layouts[-1]

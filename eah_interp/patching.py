@@ -56,12 +56,12 @@ from tqdm.auto import tqdm
 
 from eah_interp import compat
 from eah_interp.errors import ConfigError, HeadIndexError, LayerIndexError, LayoutError, UnsupportedModelError
-from eah_interp.interventions.compile import Plan
+from eah_interp.interventions.compile import Plan, as_interventions
 from eah_interp.layout import TokenLayout
 from eah_interp.models.adapters import token_layout
 from eah_interp.models.introspect import model_shape
 from eah_interp.resumable import ResumableLog, tensor_digest
-from eah_interp.sites import LAYER_SITES, READ_ORDER, SITES, _as_list, check_sites, resolve_positions
+from eah_interp.sites import LAYER_SITES, READ_ORDER, SITES, check_sites, resolve_positions
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -226,7 +226,7 @@ class Patcher:
     def _setup(self, model: Any, inputs: Mapping[str, Tensor], treatment: Any, baseline: Any,
                layout: TokenLayout | None) -> None:
         """Sizes, layout and both lists from the HF model (checked against it: fails before any forward)."""
-        self.inputs, self.treatment, self.baseline = dict(inputs), _as_list(treatment), _as_list(baseline)
+        self.inputs, self.treatment, self.baseline = dict(inputs), as_interventions(treatment), as_interventions(baseline)
         self.n_layers, self.n_heads, _ = model_shape(model)
         self.layout = _default_layout(model, self.inputs, layout)
         Plan.for_model(self.treatment + self.baseline, model)  # checks both lists against the model
@@ -588,7 +588,9 @@ def summarise(per_example: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------- plots
-def _heatmap(data, row_labels, col_labels, xlabel: str, title: str, ax=None) -> Figure:
+def _heatmap(data, row_labels, col_labels, xlabel: str, title: str, ax=None, *, label: str = "normalised effect",
+             min_limit: float = 1.0) -> Figure:
+    """Layer (rows) x ``col_labels`` heatmap on a diverging scale centred on 0, ``±max(min_limit, max |data|)``."""
     import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib.colors import TwoSlopeNorm
@@ -598,14 +600,14 @@ def _heatmap(data, row_labels, col_labels, xlabel: str, title: str, ax=None) -> 
     else:
         fig = ax.figure
     finite = np.abs(data[np.isfinite(data)])
-    limit = max(1.0, float(finite.max())) if finite.size else 1.0
+    limit = max(min_limit, float(finite.max())) if finite.size else 1.0
     im = ax.imshow(data, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -limit, limit))
     ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels])
     ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels])
     ax.set_xlabel(xlabel)
     ax.set_ylabel("layer")
     ax.set_title(title)
-    fig.colorbar(im, ax=ax, label="normalised effect")
+    fig.colorbar(im, ax=ax, label=label)
     fig.tight_layout()
     return fig
 

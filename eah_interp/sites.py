@@ -45,6 +45,8 @@ from torch import Tensor, nn
 
 from eah_interp import dispatch
 from eah_interp.errors import ConfigError, LayoutError, UnsupportedModelError
+from eah_interp.interventions.base import InterventionRun
+from eah_interp.interventions.compile import as_interventions
 from eah_interp.layout import TokenLayout
 from eah_interp.models.introspect import decoder_layers, model_shape
 
@@ -221,22 +223,15 @@ def hf_hooks(model: nn.Module, fns: Mapping[tuple[str, int], Callable[[Tensor], 
             handle.remove()
 
 
-def _as_list(interventions: Any) -> tuple[Any, ...]:
-    """An intervention list: None or ``[]`` (the plain model), one intervention, or a list of them."""
-    if interventions is None:
-        return ()
-    return tuple(interventions) if isinstance(interventions, (list, tuple)) else (interventions,)
-
-
 def hf_intervened(model: nn.Module, interventions: Any, layout: TokenLayout | None = None):
-    """The context applying interventions (one, a list; None or ``[]``: the plain model) at their edit points
-    of an HF model (`eah_interp.hf.intervene`)."""
-    items = _as_list(interventions)
+    """The context applying interventions (one, a list; None or ``[]``: the plain model, left untouched) at their
+    edit points of an HF model (`eah_interp.hf.intervene`); it yields their `InterventionRun` (empty for none)."""
+    items = as_interventions(interventions)
     if not items:
-        return contextlib.nullcontext()
+        return contextlib.nullcontext(InterventionRun(()))
     from eah_interp.hf import intervene
 
-    return intervene(model, list(items), layout=layout)
+    return intervene(model, items, layout=layout)
 
 
 # ---------------------------------------------------------------------------- nnsight

@@ -483,12 +483,7 @@ def record_attention(
             b, _, q, k = pattern.shape
             if q != k:
                 return None
-            fitted = bridge_layout(bridge, layout)
-            if fitted.batch_size != b or fitted.seq_len != k:
-                raise LayoutError(
-                    f"The layout ({fitted.batch_size} x {fitted.seq_len}) does not fit the pattern of "
-                    f"{pattern_hook_name(layer)} ({b} x {k})."
-                )
+            fitted = bridge_layout(bridge, layout).fit(b, q, k)  # as every backend fits it (LayoutError if it cannot)
             with torch.no_grad():
                 recording.add(layer, pattern, fitted, hidden=hidden.pop(layer, None))
             return None

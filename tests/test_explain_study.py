@@ -15,7 +15,7 @@ from eah_interp.errors import ConfigError
 from eah_interp.layout import TokenLayout
 from eah_interp.metrics.stats import holm
 from eah_interp.models.tiny import TINY_IMAGE_TOKEN_ID, sharp_tiny_llava, tiny_llava_inputs
-from eah_interp.studies import explain
+from studies import explain
 
 # two rows, left padding on row 0: [pad, sys, img, img, q, q, last] and [sys, sys, img, img, q, last, last']
 ATTENTION = torch.tensor([[0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
@@ -201,11 +201,9 @@ def test_quick_study_writes_every_section_and_resumes(organism, tmp_path, monkey
         explain.main(out, quick=True, bundle=organism, progress=False, n_scenes=2)
 
 
-def test_cli_runs_the_study(tmp_path, monkeypatch):
-    """``eah-interp study explain --quick --out DIR`` reaches `explain.main` (whose quick run is tested above)."""
-    from typer.testing import CliRunner
-
-    from eah_interp.cli import app
+def test_python_m_studies_runs_the_study(tmp_path, monkeypatch):
+    """``python -m studies explain --quick --out DIR`` reaches `explain.main` (whose quick run is tested above)."""
+    from studies.__main__ import main as run_study_command
 
     calls = []
 
@@ -216,8 +214,7 @@ def test_cli_runs_the_study(tmp_path, monkeypatch):
         return out / "report.md"
 
     monkeypatch.setattr(explain, "main", fake_main)
-    result = CliRunner().invoke(app, ["study", "explain", "--quick", "--out", str(tmp_path / "cli")])
-    assert result.exit_code == 0, result.output
+    assert run_study_command(["explain", "--quick", "--out", str(tmp_path / "cli")]) == tmp_path / "cli" / "report.md"
     assert calls == [(tmp_path / "cli", True, {})]
 
 

@@ -85,11 +85,20 @@ FLOORS = (
     ("interventions, dispatch, models", ("edit", "interventions", "dispatch", "models")),
     ("backends and their sites", ("hf", "nnsight", "transformer_lens", "sites")),
     ("analysis and experiments", ("patching", "attribution", "logit_lens", "probing", "experiments", "evaluation",
-                                  "distributed", "studies")),
+                                  "distributed")),
     ("CLI and integrations", ("cli", "integrations")),
 )
 #: Imports inside a function that reach up, on purpose: ``check_model`` runs the HF backend on a new model.
 UPWARD_ALLOWED = {("eah_interp.models.validate", "eah_interp.hf")}
+
+
+def test_the_studies_sit_outside_the_package():
+    """The studies are repository scripts beside benchmarks/ (not in the wheel): nothing in eah_interp imports them."""
+    import re
+
+    assert not (PACKAGE / "studies").exists() and (PACKAGE.parent / "studies" / "__main__.py").exists()
+    importers = [p.name for p in PACKAGE.rglob("*.py") if re.search(r"^\s*(from|import) studies\b", p.read_text(), re.M)]
+    assert importers == []
 
 
 def _modules() -> dict[str, Path]:

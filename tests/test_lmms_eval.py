@@ -183,7 +183,6 @@ def test_logged_records_equal_hf_intervene_on_the_same_prompt(task_manager, llav
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from eah_interp import hf
-    from eah_interp.integrations.lmms_eval import _summary
     from eah_interp.interventions import EAH, PAI
     from eah_interp.layout import TokenLayout
 
@@ -207,7 +206,7 @@ def test_logged_records_equal_hf_intervene_on_the_same_prompt(task_manager, llav
             again = model.generate(**inputs)
         assert torch.equal(again, out)
         assert sample["resps"][0][0] == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        assert logged[sample["doc_id"]]["calls"] == [json.loads(json.dumps(_summary(run)))]
+        assert logged[sample["doc_id"]]["calls"] == [json.loads(json.dumps(run.summary()))]
     if gen_kwargs:  # each EAH prompt record covers both beams: two source heads counted per call
         for note in logged.values():
             assert sum(note["calls"][0]["interventions"][0]["source_heads"]["1"].values()) == 2

@@ -104,6 +104,7 @@ def test_format_spec_round_trips_every_method():
     assert parse(format_spec(CASES)) == tuple(CASES)
     assert format_spec([]) == "none"
     assert format_spec([PAI()]) == "PAI"
+    assert format_spec([PAI(alpha=0.5, layers=(1, 2))]) == "PAI(alpha=0.5, layers=(1, 2))"  # base fields last
 
 
 @pytest.mark.parametrize(("spec", "message"), [

@@ -7,11 +7,10 @@ import math
 
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
 
-from eah_interp.cli import app
 from eah_interp.interventions import ADHH, EAH, PAI, VAF, VAR, HeadScale, MiddleLayerBoost
-from eah_interp.studies import methods
+from studies import methods
+from studies.__main__ import main as run_study_command
 
 MINED = {"n_layers": 30, "n_heads": 9, "var_dims": [507, 17],
          "sink_heads": [[1, 2], [0, 3], [2, 1], [5, 5], [7, 0], [9, 1]] + [[10 + k, 0] for k in range(20)],
@@ -40,12 +39,11 @@ def test_organism_settings_follow_the_documented_rules():
 
 
 @pytest.mark.slow
-def test_quick_study_runs_through_the_cli_mines_on_discovery_only_and_resumes(tmp_path, monkeypatch):
+def test_quick_study_runs_through_python_m_studies_mines_on_discovery_only_and_resumes(tmp_path, monkeypatch):
     seen = []
     real_mine = methods.mine
     monkeypatch.setattr(methods, "mine", lambda bundle, items, *a: seen.extend(i.id for i in items) or real_mine(bundle, items, *a))
-    result = CliRunner().invoke(app, ["study", "methods", "--quick", "--out", str(tmp_path)])
-    assert result.exit_code == 0, result.output
+    assert run_study_command(["methods", "--quick", "--out", str(tmp_path)]) == tmp_path / "report.md"
     assert seen == ["scene 100000000"]  # QUICK: 2 scenes, the first is discovery, the second replication
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert [a["name"] for a in plan["arms"]] == ["baseline", "eah_organism", "pai_default"]
@@ -59,6 +57,6 @@ def test_quick_study_runs_through_the_cli_mines_on_discovery_only_and_resumes(tm
     assert (tmp_path / "effects.png").exists()
     before = {p: (tmp_path / p / "items.jsonl").read_text() for p in ("pope", "captions")}
     seen.clear()
-    assert CliRunner().invoke(app, ["study", "methods", "--quick", "--out", str(tmp_path)]).exit_code == 0
+    run_study_command(["methods", "--quick", "--out", str(tmp_path)])
     assert seen == []  # resumed: the mined heads come from plan.json, nothing is recomputed
     assert {p: (tmp_path / p / "items.jsonl").read_text() for p in ("pope", "captions")} == before

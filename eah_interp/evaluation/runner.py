@@ -25,9 +25,10 @@ from eah_interp.distributed import item_key
 from eah_interp.errors import ConfigError
 from eah_interp.evaluation.arms import Arm, default_arms
 from eah_interp.evaluation.statistics import PARTS, ReplicationSplit
-from eah_interp.experiments import batches, check_fits, generate_texts, progress_bar, treated
+from eah_interp.experiments import batches, check_fits, generate_texts, progress_bar
 from eah_interp.models.introspect import model_shape
 from eah_interp.resumable import ResumableLog
+from eah_interp.sites import hf_intervened
 
 #: The kind of the results log (``run.json``'s ``"kind"``).
 KIND = "evaluation"
@@ -42,7 +43,7 @@ def first_token_answers(
     from eah_interp.metrics import yes_no_logit_diff
 
     inputs = bundle.encode(prompts, images)
-    with torch.no_grad(), treated(bundle.model, interventions):
+    with torch.no_grad(), hf_intervened(bundle.model, interventions):
         logits = bundle.model(**inputs, use_cache=False).logits[:, -1]
     answers = bundle.processor.batch_decode(logits.argmax(-1)[:, None].cpu(), skip_special_tokens=True)
     diffs = yes_no_logit_diff(logits.float(), bundle.yes_ids, bundle.no_ids)

@@ -212,11 +212,6 @@ def _processor_of(base: Any) -> Any:
     return None
 
 
-def _summary(run: Any) -> dict[str, Any]:
-    """``run.summary()``: per intervention, edits / changed entries per phase and layer, EAH's source heads."""
-    return run.summary()
-
-
 # ---------------------------------------------------------------------------------------------- the model
 @dataclass
 class NotedTokenCounts(TokenCounts):
@@ -402,11 +397,11 @@ class InterventionModel(lmms):
                     if self.items:
                         with hf.intervene(model, list(self.items)) as run:
                             out = getattr(self.base, method)(chunk)
-                        summaries.append(_summary(run))
+                        summaries.append(run.summary())
                         del run
                     else:
                         out = getattr(self.base, method)(chunk)
-                        summaries.append(_summary(InterventionRun(())))
+                        summaries.append(InterventionRun(()).summary())
             except (KeyboardInterrupt, EvaluationAborted):
                 raise
             except BaseException as err:

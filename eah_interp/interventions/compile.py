@@ -32,8 +32,10 @@ from eah_interp.layout import TokenLayout
 Fit = Callable[[int, int, int], TokenLayout]
 
 
-def as_interventions(interventions: Intervention | Iterable[Intervention]) -> tuple[Intervention, ...]:
-    """A tuple of interventions from one or a list (an empty list: the plain model)."""
+def as_interventions(interventions: Intervention | Iterable[Intervention] | None) -> tuple[Intervention, ...]:
+    """A tuple of interventions from one or a list (None or an empty list: the plain model)."""
+    if interventions is None:
+        return ()
     items = (interventions,) if isinstance(interventions, Intervention) else tuple(interventions)
     for item in items:
         if not isinstance(item, Intervention):

@@ -287,7 +287,8 @@ def format_spec(items: Iterable[Intervention]) -> str:
     for item in items:
         cls = type(item)
         changed = []
-        for f in dataclasses.fields(item):
+        own_first = sorted(dataclasses.fields(item), key=lambda f: f.kw_only)  # the method's fields, then layers / phase
+        for f in own_first:
             if not f.init or not f.compare:
                 continue
             value = getattr(item, f.name)

@@ -2,7 +2,7 @@
 
 A pure previous-token map and a uniform causal map, built from the layout (`previous_token_map`,
 `uniform_map`): does broadcasting a local pattern reproduce EAH's effect, does any homogenisation of the
-heads? Used by the explain study (`eah_interp.studies.explain`); the column sums these maps give are
+heads? Used by the explain study (`studies.explain`); the column sums these maps give are
 `eah_interp.sinks.null_column_sums` (the sink null models).
 """
 

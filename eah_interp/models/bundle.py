@@ -273,10 +273,10 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
 
 def _registry_bundle(name: str) -> ModelBundle:
     from eah_interp.metrics.probes import answer_token_ids
+    from eah_interp.models.organism.processor import CAPTION_QUESTION, YES_NO_SUFFIX, chat_prompt
 
-    if name == "organism":
+    if name == "organism":  # both registry models take the organism's chat format
         from eah_interp.models.organism import load_organism
-        from eah_interp.models.organism.processor import CAPTION_QUESTION, YES_NO_SUFFIX, chat_prompt
 
         model, processor = load_organism()
         ids = answer_token_ids(processor.tokenizer)
@@ -286,7 +286,6 @@ def _registry_bundle(name: str) -> ModelBundle:
             ids["yes"], ids["no"], chat_prompt, caption_request=CAPTION_QUESTION, yes_no_suffix=YES_NO_SUFFIX,
             image_tokens=processor.num_image_tokens,
         )
-    from eah_interp.models.organism.processor import CAPTION_QUESTION, YES_NO_SUFFIX, chat_prompt
     from eah_interp.models.tiny import TinyProcessor, tiny_llava
 
     model = tiny_llava()

@@ -67,17 +67,18 @@ def _rows(prefix_lengths: Sequence[int], middle: Callable[[int], list[int]], see
     return rows
 
 
-def _pad_left(rows: list[list[int]], **per_token: list[list[int]]) -> dict[str, Tensor]:
-    """Left-pad rows to one width: ``input_ids``, ``attention_mask`` (and per-token extras, padded with 0)."""
+def _pad(rows: list[list[int]], side: str = "left", **per_token: list[list[int]]) -> dict[str, Tensor]:
+    """Pad rows to one width on ``side``: ``input_ids``, ``attention_mask`` (and per-token extras, padded with 0)."""
     width = max(len(r) for r in rows)
     out = {"input_ids": torch.full((len(rows), width), TINY_PAD_ID), "attention_mask": torch.zeros(len(rows), width, dtype=torch.long)}
     for name in per_token:
         out[name] = torch.zeros(len(rows), width, dtype=torch.long)
     for i, r in enumerate(rows):
-        out["input_ids"][i, width - len(r) :] = torch.tensor(r)
-        out["attention_mask"][i, width - len(r) :] = 1
+        where = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        out["input_ids"][i, where] = torch.tensor(r)
+        out["attention_mask"][i, where] = 1
         for name, values in per_token.items():
-            out[name][i, width - len(r) :] = torch.tensor(values[i])
+            out[name][i, where] = torch.tensor(values[i])
     return out
 
 
@@ -169,21 +170,13 @@ def tiny_llava_inputs(
     n_img = n_image_tokens(model)
     rows = []
     for pre, suf in zip(prefix_lengths, suffix_lengths, strict=True):
-        parts = [torch.tensor([TINY_BOS_ID]), torch.randint(3, 100, (pre,), generator=g)]
+        row = [TINY_BOS_ID, *torch.randint(3, 100, (pre,), generator=g).tolist()]
         for _ in range(images_per_row):
-            parts += [torch.full((n_img,), TINY_IMAGE_TOKEN_ID), torch.randint(3, 100, (1,), generator=g)]
-        parts.append(torch.randint(3, 100, (suf,), generator=g))
-        rows.append(torch.cat(parts))
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), TINY_PAD_ID)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
-        ids[i, sl] = r
-        mask[i, sl] = 1
+            row += [TINY_IMAGE_TOKEN_ID] * n_img + torch.randint(3, 100, (1,), generator=g).tolist()
+        rows.append(row + torch.randint(3, 100, (suf,), generator=g).tolist())
     v = model.config.vision_config
     pixels = torch.randn(len(rows) * images_per_row, 3, v.image_size, v.image_size, generator=g)
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels.to(model.dtype)}
+    return {**_pad(rows, padding_side), "pixel_values": pixels.to(model.dtype)}
 
 
 class TinyProcessor:
@@ -212,14 +205,7 @@ class TinyProcessor:
 
         texts = [text] if isinstance(text, str) else list(text)
         imgs = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
-        rows = [self.encode_text(t) for t in texts]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), TINY_PAD_ID)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r) :] = torch.tensor(r)
-            mask[i, width - len(r) :] = 1
-        out = {"input_ids": ids, "attention_mask": mask}
+        out = _pad([self.encode_text(t) for t in texts])
         if imgs:
             from PIL import Image
 
@@ -276,7 +262,7 @@ def tiny_llava_next(seed: int = 0, attn_implementation: str = "sdpa", prefix_len
     with torch.no_grad():
         features = model.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes)
     counts = [f.shape[0] for f in getattr(features, "pooler_output", features)]
-    inputs = _pad_left(_rows(prefix_lengths, lambda i: [TINY_IMAGE_ID] * counts[i], seed))
+    inputs = _pad(_rows(prefix_lengths, lambda i: [TINY_IMAGE_ID] * counts[i], seed))
     return model, {**inputs, "pixel_values": pixel_values, "image_sizes": image_sizes}
 
 
@@ -307,7 +293,7 @@ def _qwen(kind: str, seed: int, attn_implementation: str, prefix_lengths: Sequen
     n_tokens = t * h * w // 4
     rows = _rows(prefix_lengths, lambda i: [TINY_BOI_ID, *[TINY_IMAGE_ID] * n_tokens, TINY_EOI_ID], seed)
     types = [[1 if x == TINY_IMAGE_ID else 0 for x in r] for r in rows]
-    inputs = _pad_left(rows, mm_token_type_ids=types)
+    inputs = _pad(rows, mm_token_type_ids=types)
     return model, {**inputs, "pixel_values": pixel_values, "image_grid_thw": grid}
 
 
@@ -343,7 +329,7 @@ def tiny_instructblip(seed: int = 0, attn_implementation: str = "sdpa", prefix_l
     g = torch.Generator().manual_seed(seed)
     # InstructBLIP's processor puts the query placeholders first, then the text.
     rows = [[*[TINY_IMAGE_ID] * n_query, *r] for r in _rows(prefix_lengths, lambda i: [], seed)]
-    inputs = _pad_left(rows)
+    inputs = _pad(rows)
     qformer_ids = torch.randint(3, 100, (batch, 5), generator=g)
     return model, {
         **inputs,
@@ -380,7 +366,7 @@ def tiny_paligemma(seed: int = 0, attn_implementation: str = "sdpa", prefix_leng
     g = torch.Generator().manual_seed(seed)
     # PaliGemma's processor: image tokens first, then bos + prompt; token_type_ids 0 on the prefix.
     rows = [[*[TINY_IMAGE_ID] * 16, *r] for r in _rows(prefix_lengths, lambda i: [], seed)]
-    inputs = _pad_left(rows, token_type_ids=[[0] * len(r) for r in rows])
+    inputs = _pad(rows, token_type_ids=[[0] * len(r) for r in rows])
     return model, {**inputs, "pixel_values": torch.randn(batch, 3, 28, 28, generator=g)}
 
 
@@ -409,7 +395,7 @@ def tiny_gemma3(seed: int = 0, attn_implementation: str = "sdpa", prefix_lengths
     batch = len(prefix_lengths)
     g = torch.Generator().manual_seed(seed)
     rows = _rows(prefix_lengths, lambda i: [TINY_BOI_ID, *[TINY_IMAGE_ID] * n_image, TINY_EOI_ID], seed)
-    inputs = _pad_left(rows, token_type_ids=[[1 if x == TINY_IMAGE_ID else 0 for x in r] for r in rows])
+    inputs = _pad(rows, token_type_ids=[[1 if x == TINY_IMAGE_ID else 0 for x in r] for r in rows])
     return model, {**inputs, "pixel_values": torch.randn(batch, 3, 28, 28, generator=g)}
 
 
@@ -434,7 +420,7 @@ def _idefics(kind: str, seed: int, attn_implementation: str, prefix_lengths: Seq
     g = torch.Generator().manual_seed(seed)
     # The processor wraps each image as <fake_token_around_image><global-img><image>*n<fake_token_around_image>.
     rows = _rows(prefix_lengths, lambda i: [TINY_BOI_ID, TINY_GLOBAL_IMG_ID, *[TINY_IMAGE_ID] * n_image, TINY_BOI_ID], seed)
-    inputs = _pad_left(rows)
+    inputs = _pad(rows)
     pixel_values = torch.randn(batch, 1, 3, 56, 56, generator=g)  # [batch, images, C, H, W]
     return model, {**inputs, "pixel_values": pixel_values, "pixel_attention_mask": torch.ones(batch, 1, 56, 56, dtype=torch.bool)}
 
@@ -478,7 +464,7 @@ def tiny_mistral3(seed: int = 0, attn_implementation: str = "sdpa"):
     image: list[int] = []
     for row in range(4):
         image += [TINY_IMAGE_ID] * 4 + [TINY_VIDEO_ID if row < 3 else TINY_EOI_ID]  # [IMG_BREAK] / [IMG_END]
-    inputs = _pad_left(_rows((3, 6), lambda i: image, seed))
+    inputs = _pad(_rows((3, 6), lambda i: image, seed))
     g = torch.Generator().manual_seed(seed)
     return model, {**inputs, "pixel_values": torch.randn(2, 3, 56, 56, generator=g), "image_sizes": torch.tensor([[56, 56]] * 2)}
 

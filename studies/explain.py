@@ -1,6 +1,6 @@
 """Why the broadcast changes the organism's answers: source head, visual evidence, where the change travels, controls.
 
-``eah-interp study explain --out docs/results/explain`` (or `main`) answers four questions on the bundled
+``python -m studies explain --out docs/results/explain`` (or `main`) answers four questions on the bundled
 organism with the library's tools, on a **discovery** split of held-out scenes, a pre-registered
 **replication** split and a **confirmation** split (three ranges of held-out scene indices, `SPLITS`), all
 reported:
@@ -1339,7 +1339,7 @@ def write_report(out: Path, plan: Plan, q1: dict[str, Any], rows: list[dict[str,
 
     table = frame(rows)
     lines = ["# Why the broadcast changes the organism's answers", "",
-             "Written by `eah-interp study explain` (`eah_interp/studies/explain.py`).", "",
+             "Written by `python -m studies explain` (`studies/explain.py`).", "",
              f"Plan: {json.dumps(asdict(plan))}", "",
              f"Splits (held-out scene indices `get_scene('heldout', i)`, pair strength {PAIR_STRENGTH}): "
              + ", ".join(f"{s}: indices {start}-{start + plan.n_scenes - 1} (seeds {scene_seed('heldout', start)}-"

@@ -1,6 +1,6 @@
 """EAH among its peers: every training-free attention intervention on the bundled organism, paired and replicated.
 
-``eah-interp study methods --out docs/results/methods`` (or `main`) runs, on held-out synthetic scenes:
+``python -m studies methods --out docs/results/methods`` (or `main`) runs, on held-out synthetic scenes:
 
 * every method of `eah_interp.interventions` (EAH paper preset, PAI, VAR, VAF, MiddleLayerBoost, ADHH,
   HeadScale) at its **default** and at one **organism setting** (`organism_rules` says how each is

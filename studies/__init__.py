@@ -1,16 +1,17 @@
-"""Studies: scripted experiments on a model that regenerate one section of ``docs/results.md``.
+"""Studies: scripted experiments on the organism that regenerate one section of ``docs/results.md``.
 
 Each study is a module of this package with a ``main(out: Path, *, quick: bool = False, **options) -> Path``
 function that writes its report (``report.md``, tables, figures, JSON) into ``out`` incrementally (a rerun
-resumes) and returns the report's path. ``eah-interp study NAME --out DIR`` runs one.
+resumes) and returns the report's path. ``python -m studies NAME --out DIR`` runs one, from a checkout.
 
 * ``methods``: EAH among its peers (PAI, VAR, VAF, middle-layer boost, AD-HH, head scaling) on the organism.
 * ``explain``: why the broadcast changes the organism's answers (source head, visual evidence, where the
   change travels, controls), with a discovery and a replication split.
 * ``sinks``: the organism's heads against the sink null models, and EAH's sinks vs massive-activation sinks.
 
-They ship in the wheel with the organism they run on, so an installed copy regenerates ``docs/results``
-with one command; they are experiments on the public API, not API (their helpers may change).
+They live in the repository beside ``benchmarks/``, not in the wheel: like the benchmarks they regenerate the
+project's own documented numbers (into ``docs/``), and they are experiments on eah-interp's public API, not
+part of it (their helpers may change). Nothing in ``eah_interp`` imports them.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 STUDIES: dict[str, str] = {
-    "methods": "eah_interp.studies.methods",
-    "explain": "eah_interp.studies.explain",
-    "sinks": "eah_interp.studies.sinks",
+    "methods": "studies.methods",
+    "explain": "studies.explain",
+    "sinks": "studies.sinks",
 }
 
 

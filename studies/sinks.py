@@ -1,6 +1,6 @@
 """Sinks or local patterns? The organism's heads against the null models, and the two sink definitions.
 
-``eah-interp study sinks --out docs/results/sinks`` (``--quick``: 4 scenes) writes into ``out``:
+``python -m studies sinks --out docs/results/sinks`` (``--quick``: 4 scenes) writes into ``out``:
 
 * ``density_curve_layer<L>.png`` / ``curves.json``: sink density against the threshold for every head of
   layer ``L`` (default 1, EAH's layer), with the densities a pure previous-token and a pure uniform
@@ -144,7 +144,7 @@ def _report(curves: dict, stats: Any, scans: dict, taus: tuple, found: dict, thr
     lines = [
         "# Sinks or local patterns? (organism)",
         "",
-        f"Regenerate: `eah-interp study sinks --out docs/results/sinks`. {curves['n']} held-out scenes, caption "
+        f"Regenerate: `python -m studies sinks --out docs/results/sinks`. {curves['n']} held-out scenes, caption "
         f"prompt, causal normaliser, threshold {threshold:g}.",
         "",
         f"## Layer {layer}: density against the null models",
