@@ -563,12 +563,12 @@ def summarise(per_example: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
     Returns:
         One row per patch with `COLUMNS`, in the order of the per-example table.
     """
-    import numpy as np
     import pandas as pd
+
+    from eah_interp.metrics.stats import ratio_ci
 
     groups = per_example.groupby(list(KEY), sort=False, dropna=False)
     n = int(groups.size().max()) if len(per_example) else 0
-    resamples = np.random.default_rng(seed).integers(0, n, size=(N_BOOTSTRAP, n)) if n >= MIN_CI_EXAMPLES else None
     rows = []
     for key, sub in groups:
         sub = sub.sort_values("example")
@@ -578,9 +578,9 @@ def summarise(per_example: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
         no_effect = math.isclose(e, b, rel_tol=1e-6, abs_tol=1e-6)
         effect = float("nan") if no_effect else (m - b) / denominator
         low = high = float("nan")
-        if resamples is not None and not no_effect and len(sub) == n:
-            boot = (metric - base)[resamples].mean(1) / (treated - base)[resamples].mean(1)
-            low, high = (float(x) for x in np.nanpercentile(boot, [2.5, 97.5]))
+        if n >= MIN_CI_EXAMPLES and not no_effect and len(sub) == n:  # the same seed: the same resamples for every patch
+            interval = ratio_ci(metric - base, treated - base, n_resamples=N_BOOTSTRAP, seed=seed)
+            low, high = interval.low, interval.high
         rows.append((*key, m, effect, b, e, len(sub), low, high))
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
     frame["head"] = frame["head"].astype("Int64")
