@@ -118,7 +118,7 @@ def collect_scenes(
     layers: int | Iterable[int] | None = None,
     interventions: Any = None,
     batch_size: int = 8,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> Float[Tensor, "scene layer d_model"] | dict[str, Float[Tensor, "scene layer d_model"]]:
     """`collect_residuals` over scenes (or any items with ``.image``), in batches, with a progress bar.
 
@@ -129,18 +129,18 @@ def collect_scenes(
         prompt: the full prompt given with every image; the bundle's caption prompt when None.
         positions, layers, interventions: as in `collect_residuals`.
         batch_size: scenes per forward.
-        progress: show a tqdm bar.
+        progress: a tqdm bar: on, off, or None (tqdm's rule: on only when stderr is a terminal).
 
     Returns:
         ``Float[scene, layer, d_model]``; for a list of groups, ``{group: that tensor}`` (one forward per batch).
     """
-    from tqdm.auto import tqdm
+    from eah_interp.experiments import progress_bar
 
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1; got {batch_size}.")
     prompt = bundle.caption_prompt if prompt is None else prompt
     chunks = []
-    for start in tqdm(range(0, len(scenes), batch_size), desc="residuals", disable=not progress, leave=False):
+    for start in progress_bar(range(0, len(scenes), batch_size), progress, desc="residuals", leave=False):
         part = scenes[start : start + batch_size]
         inputs = bundle.encode([prompt] * len(part), [s.image for s in part])
         chunks.append(collect_residuals(bundle.model, inputs, positions=positions, layers=layers, interventions=interventions))

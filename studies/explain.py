@@ -49,10 +49,9 @@ import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from eah_interp.errors import ConfigError
-from eah_interp.experiments import batches
+from eah_interp.experiments import batches, progress_bar
 from eah_interp.interventions import EAH
 from eah_interp.interventions.synthetic import PATTERNS, SyntheticMap, previous_token_map, uniform_map
 from eah_interp.layout import TokenLayout
@@ -236,11 +235,6 @@ def _nan_to_none(values: Iterable[float]) -> list[float | None]:
     return [None if (v is None or (isinstance(v, float) and math.isnan(v))) else float(v) for v in values]
 
 
-def _bar(iterable: Iterable[Any], desc: str, progress: bool | None, **kwargs: Any) -> Any:
-    """tqdm with the house rule: ``progress=None`` shows a bar only when stderr is a terminal."""
-    return tqdm(iterable, desc=desc, disable=None if progress is None else not progress, **kwargs)
-
-
 def split_examples(plan: Plan, split: str) -> list[Example]:
     """The examples of one of ``plan.splits``."""
     return examples(split, plan.n_scenes, plan.split_starts()[split])
@@ -288,7 +282,7 @@ def section_source_head(bundle: Any, plan: Plan, out: Path, progress: bool | Non
         per: dict[str, list[Tensor]] = {}
         dens: dict[str, list[Tensor]] = {n: [] for n in NORMALISE_CHOICES}
         nulls: dict[str, list[Tensor]] = {}
-        for batch in _bar(batches(exs, plan.batch_size), f"Q1 {split}", progress, leave=False):
+        for batch in progress_bar(batches(exs, plan.batch_size), progress, desc=f"Q1 {split}", leave=False):
             inputs = encode(bundle, batch)
             with torch.no_grad(), hf.record_attention(bundle.model, [1], keep_patterns=True) as rec:
                 bundle.model(**inputs, use_cache=False)
@@ -425,7 +419,7 @@ def section_arms(bundle: Any, plan: Plan, out: Path, progress: bool | None = Non
     jobs = [(split, arm) for split in splits for arm in plan_arms]
     started = time.perf_counter()
     n_prompts = 0
-    for split, arm in _bar(jobs, "arms", progress):
+    for split, arm in progress_bar(jobs, progress, desc="arms"):
         exs = [e for e in split_examples(plan, split) if (split, arm, e.id) not in done]
         for batch in batches(exs, plan.batch_size):
             inputs = encode(bundle, batch)
@@ -771,7 +765,7 @@ def section_probe(bundle: Any, plan: Plan, out: Path, progress: bool | None = No
     exs = split_examples(plan, "discovery") + split_examples(plan, "replication")
     conditions = {"baseline": None, "eah_paper": [EAH.paper(threshold=bundle.threshold)]}
     feats: dict[str, dict[str, list[Tensor]]] = {c: {g: [] for g in PROBE_GROUPS} for c in conditions}
-    for batch in _bar(batches(exs, plan.batch_size), "Q2 probe residuals", progress, leave=False):
+    for batch in progress_bar(batches(exs, plan.batch_size), progress, desc="Q2 probe residuals", leave=False):
         inputs = encode(bundle, batch)
         for condition, items in conditions.items():
             with torch.no_grad():
@@ -878,7 +872,7 @@ def section_patching(bundle: Any, plan: Plan, out: Path, progress: bool | None =
             eah = metric(patcher.collect("treatment")[1], last).tolist()
             runs[key] = {"ids": [e.id for e in exs], "baseline": base, "eah": eah}
             _write_json(runs_path, runs)
-            for site, layer, group, direction in _bar(todo, f"Q3 patching {key}", progress):
+            for site, layer, group, direction in progress_bar(todo, progress, desc=f"Q3 patching {key}"):
                 values = metric(run_with_patches(patcher, [Patch(site, layer, None, group)], direction), last).tolist()
                 row = {"split": split, "label": label, "site": site, "layer": layer, "positions": group,
                        "direction": direction, "ids": [e.id for e in exs], "metric": values, "baseline": base, "eah": eah}
@@ -1142,7 +1136,7 @@ def section_dla(bundle: Any, plan: Plan, out: Path, progress: bool | None = None
         else:
             parts = []
             exs = split_examples(plan, split)
-            for batch in _bar(batches(exs, plan.batch_size), f"Q3 DLA {split}", progress, leave=False):
+            for batch in progress_bar(batches(exs, plan.batch_size), progress, desc=f"Q3 DLA {split}", leave=False):
                 frame_ = direct_logit_attribution(
                     bundle.model, encode(bundle, batch), (tuple(bundle.yes_ids), tuple(bundle.no_ids)),
                     interventions={"eah_paper": [EAH.paper(threshold=bundle.threshold)]}, per_example=True,
