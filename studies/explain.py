@@ -51,6 +51,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from eah_interp.errors import ConfigError
+from eah_interp.evaluation.statistics import ALPHA, holm_family, verdict
 from eah_interp.experiments import batches, progress_bar
 from eah_interp.interventions import EAH
 from eah_interp.interventions.synthetic import PATTERNS, SyntheticMap, previous_token_map, uniform_map
@@ -60,8 +61,6 @@ from eah_interp.resumable import atomic_write, recover_items
 from eah_interp.scenes import PAIR_STRENGTH
 from eah_interp.sinks import NORMALISE_CHOICES
 
-#: Significance level, applied to Holm-adjusted p-values only.
-ALPHA = 0.05
 #: Held-out scene *index* (`eah_interp.scenes.get_scene("heldout", i)`, seed 10**8 + i) where each split
 #: starts: discovery, a pre-registered replication, and a confirmation range added after the first run (the
 #: corrections of issue 27 are checked on it); docs/results.md's evaluation used held-out indices 0..199.
@@ -77,7 +76,7 @@ ATTRIBUTION_GROUPS = ("system", "image", "question", "last")
 #: The attribution section's per-example table (gzip-compressed CSV; `pandas.read_csv` reads it as it is).
 ATTRIBUTION_CSV = "q3_attribution.csv.gz"
 #: Metrics of the paired tests: name -> (per-example column, which questions, what "worse" means).
-METRICS = {
+ARM_METRICS = {
     "probe_absent": ("probe", False, "higher = more 'yes' to an absent object"),
     "probe_present": ("probe", True, "lower = less 'yes' to a present object"),
     "correct": ("correct", None, "first answer token right (1) or wrong (0)"),
@@ -532,11 +531,10 @@ def _test(diff: np.ndarray, clusters: Sequence[str], seed: int) -> dict[str, Any
 
 
 def _holm_block(block: list[dict[str, Any]]) -> None:
-    from eah_interp.metrics.stats import holm
-
-    for entry, adjusted in zip(block, holm([e["p"] for e in block]), strict=True):
-        entry["p_holm"] = adjusted
-        entry["significant"] = bool(adjusted <= ALPHA)
+    """``p_holm`` and ``significant`` of one family of tests (evaluation's one rule: Holm p <= `ALPHA`)."""
+    adjusted, significant = holm_family([e["p"] for e in block])
+    for entry, p_holm, is_significant in zip(block, adjusted, significant, strict=True):
+        entry["p_holm"], entry["significant"] = p_holm, is_significant
 
 
 def _verdicts(results: list[dict[str, Any]], key: Sequence[str]) -> None:
@@ -544,15 +542,15 @@ def _verdicts(results: list[dict[str, Any]], key: Sequence[str]) -> None:
     discovery, with the same sign."""
     discovered = {tuple(e[k] for k in key): e for e in results if e["split"] == "discovery"}
     for entry in results:
-        verdict = {"replication": "replicates", "confirmation": "confirms"}.get(entry["split"])
-        if verdict:
+        field = {"replication": "replicates", "confirmation": "confirms"}.get(entry["split"])
+        if field:
             first = discovered.get(tuple(entry[k] for k in key))
-            entry[verdict] = bool(first and first["significant"] and entry["significant"]
-                                  and np.sign(first["diff"]) == np.sign(entry["diff"]))
+            entry[field] = bool(first) and verdict(first["significant"], entry["significant"], first["diff"],
+                                                   entry["diff"]) == "replicated"
 
 
 def paired_tests(rows: list[dict[str, Any]], baseline: str = "baseline", seed: int = 0) -> list[dict[str, Any]]:
-    """Paired differences of every arm against the baseline, per split and metric (`METRICS`), Holm within a split.
+    """Paired differences of every arm against the baseline, per split and metric (`ARM_METRICS`), Holm within a split.
 
     The two questions of a scene are not independent: CIs are cluster bootstraps over scenes and p-values
     clustered sign flips (`eah_interp.metrics.stats`), `N_RESAMPLES` resamples.
@@ -571,7 +569,7 @@ def paired_tests(rows: list[dict[str, Any]], baseline: str = "baseline", seed: i
         block = []
         for arm in [a for a in dict.fromkeys(sub.arm) if a != baseline]:
             treated = sub[sub.arm == arm].set_index("id")
-            for metric, (column, label, _) in METRICS.items():
+            for metric, (column, label, _) in ARM_METRICS.items():
                 ids = [i for i in treated.index if i in base.index and (label is None or bool(base.loc[i, "label"]) == label)]
                 if not ids:
                     continue
@@ -606,7 +604,7 @@ def versus_tests(rows: list[dict[str, Any]], reference: str = "eah_paper", seed:
         for arm in [a for a in dict.fromkeys(sub.arm) if a not in (reference, "baseline")]:
             other = sub[sub.arm == arm].set_index("id")
             for metric in VERSUS_METRICS:
-                column, label, _ = METRICS[metric]
+                column, label, _ = ARM_METRICS[metric]
                 ids = [i for i in other.index if i in ref.index and (label is None or bool(ref.loc[i, "label"]) == label)]
                 if not ids:
                     continue
@@ -712,7 +710,7 @@ def section_tests(rows: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]
     for ax, (metric, title) in zip(axes, (("probe_absent", "probe change, absent objects (nats)"),
                                           ("probe_present", "probe change, present objects (nats)"),
                                           ("question_image_mass", "question->image mass change")), strict=True):
-        column, label, _ = METRICS[metric]
+        column, label, _ = ARM_METRICS[metric]
         for k, arm in enumerate(names):
             for n, split in enumerate(splits):
                 offset = (n - (len(splits) - 1) / 2) * 0.2
@@ -1120,7 +1118,7 @@ def section_dla(bundle: Any, plan: Plan, out: Path, progress: bool | None = None
         return None
     import pandas as pd
 
-    from eah_interp.metrics.stats import holm, sign_flip_p_value
+    from eah_interp.metrics.stats import sign_flip_p_value
 
     path = out / "q3_dla.json"
     if _done(path):
@@ -1157,9 +1155,7 @@ def section_dla(bundle: Any, plan: Plan, out: Path, progress: bool | None = None
                             "layer": None if layer < 0 else int(layer), "n": len(group),
                             "baseline": float(group["baseline"].mean()), "change": float(group["change"].mean()),
                             "p": sign_flip_p_value(group["change"].to_numpy())})
-        for entry, adjusted in zip(entries, holm([e["p"] for e in entries]), strict=True):
-            entry["p_holm"] = adjusted
-            entry["significant"] = bool(adjusted <= ALPHA)
+        _holm_block(entries)
         blocks = {}
         for label, group in wide.groupby("label"):
             for component in ("attn", "mlp"):
@@ -1323,7 +1319,7 @@ def _report_patching(ptable: Any, labels: list[dict[str, Any]], patch_rows: list
     return lines
 
 
-def write_report(out: Path, plan: Plan, q1: dict[str, Any], rows: list[dict[str, Any]], evidence: dict[str, Any],
+def _write_report(out: Path, plan: Plan, q1: dict[str, Any], rows: list[dict[str, Any]], evidence: dict[str, Any],
                  tests: list[dict[str, Any]], patch_rows: list[dict[str, Any]], missing: dict[str, str],
                  attribution: dict[str, Any] | None = None, dla: dict[str, Any] | None = None,
                  probe: dict[str, Any] | None = None, layers: list[dict[str, Any]] | None = None,
@@ -1418,14 +1414,14 @@ def write_report(out: Path, plan: Plan, q1: dict[str, Any], rows: list[dict[str,
     # Q4
     lines += ["## Q4 The controls (paired differences vs baseline, 95% cluster-bootstrap CI over scenes, clustered "
               "sign-flip p, Holm within split)", "",
-              "Metrics: " + "; ".join(f"`{m}`: {v[2]}" for m, v in METRICS.items()) + ". Bold: Holm-adjusted p <= 0.05.", ""]
+              "Metrics: " + "; ".join(f"`{m}`: {v[2]}" for m, v in ARM_METRICS.items()) + ". Bold: Holm-adjusted p <= 0.05.", ""]
     for split in plan.split_starts():
         sub = [e for e in tests if e["split"] == split]
-        lines += [f"### {split}", "", "| arm | " + " | ".join(METRICS) + " |", "| --- " * (1 + len(METRICS)) + "|"]
+        lines += [f"### {split}", "", "| arm | " + " | ".join(ARM_METRICS) + " |", "| --- " * (1 + len(ARM_METRICS)) + "|"]
         for arm in dict.fromkeys(e["arm"] for e in sub):
             cells = {e["metric"]: _fmt_test(e) + (" (replicates)" if e.get("replicates") else "")
                      + (" (confirms)" if e.get("confirms") else "") for e in sub if e["arm"] == arm}
-            lines.append(f"| {arm} | " + " | ".join(cells.get(m, "") for m in METRICS) + " |")
+            lines.append(f"| {arm} | " + " | ".join(cells.get(m, "") for m in ARM_METRICS) + " |")
         base = table[(table.split == split) & (table.arm == "baseline")]
         lines += ["", f"Baseline ({split}): probe on absent {base[~base.label.astype(bool)].probe.mean():+.2f}, on present "
                   f"{base[base.label.astype(bool)].probe.mean():+.2f}, accuracy {base.correct.mean():.3f}.", ""]
@@ -1487,7 +1483,7 @@ def main(out: Path, *, quick: bool = False, bundle: Any = None, progress: bool |
     missing = _missing_tools()
     layers = json.loads((out / "q2_layer_tests.json").read_text())
     versus = json.loads((out / "q4_versus_eah.json").read_text())
-    return write_report(out, plan, q1, rows, evidence, tests, patch_rows, missing, attribution, dla, probe, layers,
+    return _write_report(out, plan, q1, rows, evidence, tests, patch_rows, missing, attribution, dla, probe, layers,
                         versus, patch_labels)
 
 
@@ -1510,7 +1506,7 @@ def _missing_tools() -> dict[str, str]:
 
 
 __all__ = [
-    "METRICS",
+    "ARM_METRICS",
     "SPLITS",
     "THRESHOLDS",
     "Example",
