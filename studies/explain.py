@@ -40,7 +40,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -549,6 +549,18 @@ def _verdicts(results: list[dict[str, Any]], key: Sequence[str]) -> None:
                                                    entry["diff"]) == "replicated"
 
 
+def _against(rows: list[dict[str, Any]], reference: str, skip: Sequence[str] = ()) -> Iterator[tuple[str, Any, list]]:
+    """Per split: ``(split, the reference arm's rows by id, [(arm, its rows by id), ...])`` for every other arm
+    (and not those in ``skip``); splits without the reference are left out."""
+    table = frame(rows)
+    for split in dict.fromkeys(table.split):
+        sub = table[table.split == split]
+        ref = sub[sub.arm == reference].set_index("id")
+        if not ref.empty:
+            others = [a for a in dict.fromkeys(sub.arm) if a != reference and a not in skip]
+            yield split, ref, [(arm, sub[sub.arm == arm].set_index("id")) for arm in others]
+
+
 def paired_tests(rows: list[dict[str, Any]], baseline: str = "baseline", seed: int = 0) -> list[dict[str, Any]]:
     """Paired differences of every arm against the baseline, per split and metric (`ARM_METRICS`), Holm within a split.
 
@@ -561,14 +573,10 @@ def paired_tests(rows: list[dict[str, Any]], baseline: str = "baseline", seed: i
         metrics), ``significant`` (``p_holm <= ALPHA``); replication rows get ``replicates`` and confirmation
         rows ``confirms`` (significant there and in discovery with the same sign).
     """
-    table = frame(rows)
     results = []
-    for split in dict.fromkeys(table.split):
-        sub = table[table.split == split]
-        base = sub[sub.arm == baseline].set_index("id")
+    for split, base, arms in _against(rows, baseline):
         block = []
-        for arm in [a for a in dict.fromkeys(sub.arm) if a != baseline]:
-            treated = sub[sub.arm == arm].set_index("id")
+        for arm, treated in arms:
             for metric, (column, label, _) in ARM_METRICS.items():
                 ids = [i for i in treated.index if i in base.index and (label is None or bool(base.loc[i, "label"]) == label)]
                 if not ids:
@@ -593,16 +601,10 @@ def versus_tests(rows: list[dict[str, Any]], reference: str = "eah_paper", seed:
     Same statistics as `paired_tests` (cluster bootstrap over scenes, clustered sign flips). A control that
     "does the same" as EAH in direction can still differ in magnitude: this is the test of the magnitude.
     """
-    table = frame(rows)
     results = []
-    for split in dict.fromkeys(table.split):
-        sub = table[table.split == split]
-        ref = sub[sub.arm == reference].set_index("id")
-        if ref.empty:
-            continue
+    for split, ref, arms in _against(rows, reference, skip=("baseline",)):
         block = []
-        for arm in [a for a in dict.fromkeys(sub.arm) if a not in (reference, "baseline")]:
-            other = sub[sub.arm == arm].set_index("id")
+        for arm, other in arms:
             for metric in VERSUS_METRICS:
                 column, label, _ = ARM_METRICS[metric]
                 ids = [i for i in other.index if i in ref.index and (label is None or bool(ref.loc[i, "label"]) == label)]
@@ -631,14 +633,10 @@ def layer_tests(rows: list[dict[str, Any]], baseline: str = "baseline", seed: in
     bootstrap CI over scenes and a clustered sign-flip p; ``relative`` = diff / baseline mean. Holm within a
     split over arms x groups x layers (the layer means included).
     """
-    table = frame(rows)
     results = []
-    for split in dict.fromkeys(table.split):
-        sub = table[table.split == split]
-        base = sub[sub.arm == baseline].set_index("id")
+    for split, base, arms in _against(rows, baseline):
         block = []
-        for arm in [a for a in dict.fromkeys(sub.arm) if a != baseline]:
-            treated = sub[sub.arm == arm].set_index("id")
+        for arm, treated in arms:
             ids = [i for i in treated.index if i in base.index]
             clusters = [scene_of(i) for i in ids]
             for group in LAYER_GROUPS:
