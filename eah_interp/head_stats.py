@@ -68,7 +68,9 @@ def head_statistics(
         ``previous_null_density`` / ``uniform_null_density``: the density a pure previous-token / uniform
         pattern gets on the row's layout at this threshold and normaliser (`eah_interp.sinks.null_densities`;
         the same for every head); ``explained_by_null``: 1.0 where the head's density is explained by
-        either null (`eah_interp.sinks.explained_by_null`), else 0.0.
+        either null (`eah_interp.sinks.explained_by_null`), else 0.0. Where both nulls saturate (density 1 at
+        a low threshold) this flags any dense head, local or broad: tell those apart with
+        `eah_interp.sinks.previous_token_share` and `eah_interp.sinks.null_pattern_distance`, per null.
     """
     return head_statistics_from_sums(attention_sums(probs, layout), layout, probs.shape[-2], threshold, normalise)
 
