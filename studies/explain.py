@@ -101,7 +101,7 @@ class Plan:
     n_scenes: int = 24
     batch_size: int = 8
     splits: tuple[tuple[str, int], ...] = tuple(SPLITS.items())
-    patch_splits: tuple[str, ...] = ("discovery", "confirmation")
+    patch_splits: tuple[str, ...] = ("discovery", "replication", "confirmation")
     patch_prompts: int = 24
     resid_layers: tuple[int, ...] = (2, 4, 8, 16)
     block_layers: tuple[int, ...] = (1,)
@@ -878,7 +878,8 @@ def section_patching(bundle: Any, plan: Plan, out: Path, progress: bool | None =
     if n:
         _write_json(out / "throughput_patching.json", {"patched_runs": n, "seconds": time.perf_counter() - started,
                                                        "threads": torch.get_num_threads()})
-    return rows
+    order = {split: i for i, split in enumerate(plan.patch_splits)}  # a split added to a finished run goes in its place
+    return sorted(rows, key=lambda r: order.get(r["split"], len(order)))
 
 
 def patching_table(rows: list[dict[str, Any]], seed: int = 0):
