@@ -40,7 +40,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -210,6 +210,16 @@ def _done(path: Path) -> bool:
     return path.exists() and path.stat().st_size > 0
 
 
+def _finished(path: Path, figure: Path, plot: Callable[[Any, Path], None]) -> Any:
+    """A finished section's JSON (None when ``path`` is not written yet), its ``figure`` redrawn if missing."""
+    if not _done(path):
+        return None
+    result = json.loads(path.read_text())
+    if not figure.exists():
+        plot(result, figure)
+    return result
+
+
 def _write_json(path: Path, data: Any) -> None:
     atomic_write(path, json.dumps(data, indent=1, default=_jsonable).encode())
 
@@ -269,11 +279,8 @@ def section_source_head(bundle: Any, plan: Plan, out: Path, progress: bool | Non
     )
 
     path = out / "q1_source_head.json"
-    if _done(path):
-        result = json.loads(path.read_text())
-        if not (out / "q1_density_vs_threshold.png").exists():
-            _plot_source_head(result, out / "q1_density_vs_threshold.png")
-        return result
+    if (finished := _finished(path, out / "q1_density_vs_threshold.png", _plot_source_head)) is not None:
+        return finished
     result: dict[str, Any] = {"thresholds": list(THRESHOLDS), "normalisers": list(NORMALISE_CHOICES), "splits": {},
                               "model_threshold": bundle.threshold, "pattern_tolerance": PATTERN_TOLERANCE}
     for split in plan.split_starts():
@@ -1120,11 +1127,8 @@ def section_dla(bundle: Any, plan: Plan, out: Path, progress: bool | None = None
     from eah_interp.metrics.stats import sign_flip_p_value
 
     path = out / "q3_dla.json"
-    if _done(path):
-        result = json.loads(path.read_text())
-        if not (out / "q3_dla.png").exists():
-            _plot_dla(result, out / "q3_dla.png")
-        return result
+    if (finished := _finished(path, out / "q3_dla.png", _plot_dla)) is not None:
+        return finished
     result: dict[str, Any] = {}
     for split in plan.split_starts():
         csv = out / f"q3_dla_{split}.csv"

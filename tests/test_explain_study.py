@@ -193,7 +193,11 @@ def test_quick_study_writes_every_section_and_resumes(organism, tmp_path, monkey
         raise AssertionError("a finished section ran the model again")
 
     monkeypatch.setattr(explain, "encode", no_forward)
+    redrawn = ("q1_density_vs_threshold.png", "q3_dla.png")  # a finished section redraws a missing figure
+    for name in redrawn:
+        (out / name).unlink()
     explain.main(out, quick=True, bundle=organism, progress=False)
+    assert all((out / name).exists() for name in redrawn)
     assert len((out / "arms.jsonl").read_text().splitlines()) == len(rows)
     assert (out / "patching.jsonl").read_text().splitlines() == patches
     monkeypatch.undo()
