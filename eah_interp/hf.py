@@ -348,11 +348,8 @@ class intervene(_AttentionOverride):  # noqa: N801
         return self.plan.edit_residual(layer, point, hidden, self._layout_for, total, self.state.prompt_len or total)
 
     def steps(self, call: AttentionCall) -> list[AttentionStep]:
-        if not self.plan.applies(call.layer, call.q_len, call.k_len):
-            return []
-        layout = self._layout_for(call.query.shape[0], call.q_len, call.k_len)
         prompt_len = call.k_len if call.prefill else (self.state.prompt_len or call.k_len) - self._window_start(call)
-        return self.plan.steps(call, layout, prompt_len, self._total_len(call.q_len, call.k_len))
+        return self.plan.steps(call, self._layout_for, prompt_len, self._total_len(call.q_len, call.k_len))
 
 
 def eah(model: nn.Module, config: EAH, layout: TokenLayout | None = None) -> intervene:

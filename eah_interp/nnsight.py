@@ -340,9 +340,9 @@ def intervene(nn_model: Any, interventions: Intervention | Iterable[Intervention
     def attention(module, query, key, value, attention_mask, **kwargs):
         call = dispatch.AttentionCall(module, module.layer_idx, query, key, value, attention_mask, kwargs)
         own = fallback or compat.family_eager_attention(module)
-        if not plan.applies(call.layer, call.q_len, call.k_len):
+        steps = plan.steps(call, layout.fit, layout.seq_len)
+        if not steps:
             return own(module, query, key, value, attention_mask, **kwargs)
-        steps = plan.steps(call, layout.fit(query.shape[0], call.q_len, call.k_len), layout.seq_len)
         return dispatch.run_steps(call, steps, own)
 
     visited = sorted(attention_layers | inputs | outputs | readers)

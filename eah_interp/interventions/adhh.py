@@ -20,7 +20,7 @@ from torch import Tensor
 
 from eah_interp.errors import ConfigError, HeadIndexError
 from eah_interp.interventions.base import Intervention, count
-from eah_interp.interventions.selectors import Site, check_layers, entries, key_span, query_rows
+from eah_interp.interventions.selectors import Site, entries, key_span, query_rows
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,8 @@ class HeadList(Intervention, register=False):
     def validate_for(
         self, n_layers: int, n_heads: int, n_kv_heads: int | None = None, hidden_size: int | None = None
     ) -> None:
+        super().validate_for(n_layers, n_heads, n_kv_heads, hidden_size)
         name = type(self).__name__
-        check_layers(self.layers_for(n_layers), n_layers, name)
         bad = [pair for pair in self.heads if pair[1] >= n_heads]
         if bad:
             raise HeadIndexError(f"{name}: heads {bad} out of range: the layers have {n_heads} heads (0..{n_heads - 1}).")

@@ -40,6 +40,7 @@ from eah_interp.interventions.selectors import (
     check_choice,
     check_layers,
     phase_matches,
+    scaled_range,
 )
 
 if TYPE_CHECKING:
@@ -96,8 +97,6 @@ class Intervention:
     # ------------------------------------------------------------------ where
     def layers_for(self, n_layers: int) -> tuple[int, ...]:
         """The decoder layers this intervention edits in a model with ``n_layers`` layers."""
-        from eah_interp.interventions.selectors import scaled_range
-
         if self.layers is not None:
             return tuple(self.layers)
         if self.default_layers is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 from eah_interp.dispatch import AttentionCall, AttentionStep
 from eah_interp.errors import LayoutError, UnsupportedModelError
 from eah_interp.interventions.base import RESIDUAL_POINTS, Intervention, InterventionRecord, InterventionRun
-from eah_interp.interventions.selectors import Site
+from eah_interp.interventions.selectors import Site, phase_matches
 from eah_interp.layout import TokenLayout
 
 #: ``fit(batch, q_len, k_len) -> TokenLayout``: the prompt layout fitted to one call (extended for decode steps).
@@ -87,46 +88,43 @@ class Plan:
         return sorted({layer for item, layers in zip(self.items, self._layers, strict=True) if test(item)
                        for layer in layers})
 
-    @property
+    @cached_property
     def attention_layers(self) -> list[int]:
         """Layers with an edit inside the attention call."""
         return self._where(lambda item: item.point not in RESIDUAL_POINTS)
 
-    @property
+    @cached_property
     def input_layers(self) -> list[int]:
         """Layers whose input hidden states are edited (``residual_input``)."""
         return self._where(lambda item: item.point == "residual_input")
 
-    @property
+    @cached_property
     def output_layers(self) -> list[int]:
         """Layers whose output hidden states are edited (``residual_output``)."""
         return self._where(lambda item: item.point == "residual_output")
 
-    @property
+    @cached_property
     def hidden_layers(self) -> list[int]:
         """Layers whose input hidden states an intervention reads (``reads_hidden``: `note_hidden`)."""
         return self._where(lambda item: item.reads_hidden)
 
-    def points(self) -> set[str]:
-        """The edit points the interventions use."""
-        return {item.point for item in self.items}
+    @cached_property
+    def _hidden_set(self) -> frozenset[int]:
+        return frozenset(self.hidden_layers)
 
     def _active(self, point: str | None, layer: int, q_len: int, k_len: int) -> list[tuple[int, Intervention]]:
-        """``(index, intervention)`` editing at ``point`` (None: any attention point) in this call, in list order."""
+        """``(index, intervention)`` editing at ``point`` (None: any attention point) in this call, in list order:
+        `Intervention.applies` (its layer and phase) with each intervention's layers computed once."""
         return [
             (index, item) for index, item in enumerate(self.items)
             if (item.point == point if point is not None else item.point not in RESIDUAL_POINTS)
-            and layer in self._layers[index] and item.applies(layer, q_len, k_len, self.n_layers)
+            and layer in self._layers[index] and phase_matches(item.phase, q_len, k_len)
         ]
-
-    def applies(self, layer: int, q_len: int, k_len: int) -> bool:
-        """Whether any intervention edits this attention call."""
-        return bool(self._active(None, layer, q_len, k_len))
 
     # ------------------------------------------------------------------ hidden states read by interventions
     def note_hidden(self, layer: int, hidden: Tensor) -> None:
         """A decoder layer's input hidden states ``[batch, q, d]`` at this forward (after residual input edits)."""
-        if layer in self.hidden_layers:
+        if layer in self._hidden_set:
             self._hidden[layer] = hidden.detach()
 
     def _key_flags(self, index: int, item: Intervention, layer: int, batch: int, q_len: int, k_len: int,
@@ -178,18 +176,23 @@ class Plan:
                  if item.reads_hidden else None)
         return Site(layer=layer, layout=layout, q_len=q_len, k_len=k_len, prompt_len=prompt_len, key_flags=flags)
 
-    def steps(self, call: AttentionCall, layout: TokenLayout, prompt_len: int, total: int | None = None) -> list[AttentionStep]:
-        """The dispatcher steps of one attention call (`eah_interp.dispatch.run_steps` runs them).
+    def steps(self, call: AttentionCall, fit: Fit, prompt_len: int, total: int | None = None) -> list[AttentionStep]:
+        """The dispatcher steps of one attention call (`eah_interp.dispatch.run_steps` runs them); empty when
+        no intervention edits the call (its layer and phase), without fitting a layout.
 
         Args:
             call: the attention call.
-            layout: the prompt layout fitted to the call's keys.
+            fit: ``fit(batch, q_len, k_len)``: the prompt layout fitted to the call's keys.
             prompt_len: positions of the prompt among the call's keys (later ones are generated).
             total: positions of the sequence so far (more than ``call.k_len`` at a decode step of a
                 sliding-window layer); default ``call.k_len``.
         """
+        active = self._active(None, call.layer, call.q_len, call.k_len)
+        if not active:
+            return []
+        layout = fit(call.query.shape[0], call.q_len, call.k_len)
         steps = []
-        for index, item in self._active(None, call.layer, call.q_len, call.k_len):
+        for index, item in active:
             site = self._site(index, item, call.layer, layout, call.q_len, call.k_len, prompt_len, total or call.k_len)
             steps.append(self._step(index, item, call, site))
         return steps

@@ -16,8 +16,8 @@ from torch import Tensor
 from eah_interp.broadcast import REGION_CHOICES
 from eah_interp.edit import EditRecord, apply_eah_to_probs, is_plain_copy, map_free_eah
 from eah_interp.errors import ConfigError, HeadIndexError
-from eah_interp.interventions.base import Intervention, MapFree
-from eah_interp.interventions.selectors import Site
+from eah_interp.interventions.base import Intervention, MapFree, count
+from eah_interp.interventions.selectors import Site, check_choice
 from eah_interp.sinks import NORMALISE_CHOICES, OFFICIAL_THRESHOLD, normaliser_warning
 
 SOURCE_CHOICES = ("auto", "fewest", "random")
@@ -73,10 +73,8 @@ class EAH(Intervention):
             object.__setattr__(self, "target_heads", tuple(self.target_heads))
         if not isinstance(self.threshold, (int, float)) or self.threshold < 0:
             raise ConfigError(f"EAH.threshold must be a number >= 0; got {self.threshold!r}.")
-        if self.normalise not in NORMALISE_CHOICES:
-            raise ConfigError(f"EAH.normalise must be one of {NORMALISE_CHOICES}; got {self.normalise!r}.")
-        if self.region not in REGION_CHOICES:
-            raise ConfigError(f"EAH.region must be one of {REGION_CHOICES}; got {self.region!r}.")
+        check_choice("EAH.normalise", self.normalise, NORMALISE_CHOICES)
+        check_choice("EAH.region", self.region, REGION_CHOICES)
         if not 0.0 < float(self.alpha) <= 1.0:
             raise ConfigError(f"EAH.alpha must be in (0, 1]; got {self.alpha!r}.")
         if isinstance(self.source, bool) or not (
@@ -141,7 +139,7 @@ class EAH(Intervention):
 
     def edit_with_detail(self, tensor: Tensor, site: Site) -> tuple[Tensor, int, EditRecord]:
         edited, record = apply_eah_to_probs(tensor, site.layout, self, site.layer)
-        return edited, int(record.edited.sum()), record
+        return edited, count(record.edited), record
 
     def map_free(self, site: Site) -> MapFree | None:
         if not (site.prefill and is_plain_copy(self)):
@@ -152,7 +150,7 @@ class EAH(Intervention):
                 call.query, call.key, call.value, call.mask, call.scaling, layout, self, call.layer,
                 statistics=statistics,
             )
-            return out, int(record.edited.sum()), record, sums
+            return out, count(record.edited), record, sums
 
         return run
 
