@@ -55,6 +55,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from eah_interp.errors import ConfigError, HeadIndexError, LayerIndexError, UnsupportedModelError
+from eah_interp.hf import intervene
 from eah_interp.interventions.compile import as_interventions
 from eah_interp.layout import TokenLayout
 from eah_interp.models.introspect import model_shape, text_config
@@ -74,7 +75,7 @@ from eah_interp.patching import (
     last_positions,
     summarise,
 )
-from eah_interp.sites import check_sites, hf_hooks, hf_intervened, hf_module, resolve_positions
+from eah_interp.sites import check_sites, hf_hooks, hf_module, resolve_positions
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -144,7 +145,7 @@ def _run(
     visits = {key: keep(key) for key in keys}
     if grad:  # the graph starts at layer 0's input (parameters need no gradient)
         visits = {("residual_input", 0): lambda hidden: hidden.detach().requires_grad_(True), **visits}
-    with _frozen_parameters(model), hf_intervened(model, interventions, layout), torch.set_grad_enabled(grad), \
+    with _frozen_parameters(model), intervene(model, interventions, layout), torch.set_grad_enabled(grad), \
             hf_hooks(model, visits):
         logits = model(**inputs, use_cache=False).logits
         values = metric(logits, last.to(logits.device))
@@ -567,7 +568,7 @@ def _dla_condition(
         return lambda value: store.__setitem__(key, value.detach())
 
     keys = [("residual_input", 0)] + [(site, layer) for layer in range(n_layers) for site in SITES]
-    with torch.no_grad(), hf_intervened(model, items, layout), hf_hooks(model, {key: keep(key) for key in keys}):
+    with torch.no_grad(), intervene(model, items, layout), hf_hooks(model, {key: keep(key) for key in keys}):
         logits = model(**inputs, use_cache=False).logits
     rows = torch.arange(layout.batch_size)
 

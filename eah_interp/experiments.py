@@ -11,7 +11,6 @@ from tqdm.auto import tqdm
 from eah_interp import hf
 from eah_interp.head_stats import HeadStats
 from eah_interp.models.bundle import ModelBundle
-from eah_interp.sites import hf_intervened
 
 
 def progress_bar(iterable: Iterable[Any], progress: bool | None, **kwargs: Any) -> tqdm:
@@ -21,7 +20,7 @@ def progress_bar(iterable: Iterable[Any], progress: bool | None, **kwargs: Any) 
 
 def check_fits(model: Any, interventions: Any) -> None:
     """Raise now if an intervention does not fit the model (`LayerIndexError`: a layer it lacks), not mid-run."""
-    with hf_intervened(model, interventions):
+    with hf.intervene(model, interventions):
         pass
 
 
@@ -106,7 +105,7 @@ def generate_texts(
     for chunk in progress_bar(batches(pairs, batch_size), progress, desc=desc, total=-(-len(pairs) // batch_size)):
         inputs = bundle.encode([p for p, _ in chunk], [i for _, i in chunk])
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams)
-        with torch.no_grad(), hf_intervened(model, interventions) as run:
+        with torch.no_grad(), hf.intervene(model, interventions) as run:
             out = model.generate(**inputs, **kwargs)
         prefill = [r.eah for r in run.records if r.eah is not None and r.q_len == r.k_len]
         per_layer = [r.source_head.view(len(chunk), -1)[:, 0].tolist() for r in prefill]

@@ -117,13 +117,13 @@ class _State:
 class _AttentionOverride:
     """A context on the model's dispatcher: tracks the prompt layout; subclasses say which steps to run."""
 
-    def __init__(self, model: nn.Module, layout: TokenLayout | None, *, needs_layout: bool = True) -> None:
+    def __init__(self, model: nn.Module, layout: TokenLayout | None) -> None:
         self.model = model
         self.config = text_config(model)
         attention_modules(model)  # raises UnsupportedModelError when the decoder cannot be instrumented
         self.adapter = adapter_for(model)
         self.state = _State(user_layout=layout)
-        if needs_layout and layout is None and not self.adapter.visual_token_ids(model):
+        if layout is None and not self.adapter.visual_token_ids(model):
             raise LayoutError(
                 f"{type(model).__name__} has no image_token_id in its config: pass layout=TokenLayout(...) "
                 "(e.g. TokenLayout.from_spans) so eah-interp knows which positions are image tokens."
@@ -276,8 +276,9 @@ class intervene(_AttentionOverride):  # noqa: N801
     `ResidualEdit`), then the attention call's `EDIT_POINTS` in the dispatcher's order (score edits,
     softmax, probability edits, value edits, ``P @ V``, output edits; see
     `eah_interp.dispatch.run_steps`), then the layer's output hidden states (``residual_output``).
-    The list is compiled once (`eah_interp.interventions.compile.Plan`); an empty list runs the plain
-    model. Stacks with other ``intervene`` / ``record_attention`` contexts like any context.
+    The list is compiled once (`eah_interp.interventions.compile.Plan`); an empty list (or None) runs the
+    plain model and leaves it untouched (no dispatcher, no hooks, no layout: a prompt without image tokens
+    is fine). Stacks with other ``intervene`` / ``record_attention`` contexts like any context.
 
     Args:
         model: an HF LVLM (or LM) whose language model uses the AttentionInterface.
@@ -300,12 +301,18 @@ class intervene(_AttentionOverride):  # noqa: N801
     def __init__(self, model: nn.Module, interventions: Intervention | Iterable[Intervention],
                  layout: TokenLayout | None = None) -> None:
         items = as_interventions(interventions)
-        super().__init__(model, layout, needs_layout=bool(items))
+        if not items:  # the plain model: nothing to check, compile or instrument
+            self.plan = Plan((), n_layers=0, n_heads=0)
+            self._entered = False
+            return
+        super().__init__(model, layout)
         self.plan = Plan.for_model(items, model)
 
     def __enter__(self) -> InterventionRun:  # type: ignore[override]
-        super().__enter__()
         plan = self.plan
+        if not plan.items:  # the plain model: nothing to instrument (and __exit__ has nothing to undo)
+            return plan.run
+        super().__enter__()
         self._hook_layers(  # residual input edits before the hidden-state note: VAR reads the (edited) input
             [(layer, self._edit_input(layer), True) for layer in plan.input_layers]
             + [(layer, self._edit_output(layer), False) for layer in plan.output_layers]

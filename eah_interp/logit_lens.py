@@ -49,8 +49,9 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from eah_interp.errors import ConfigError, LayerIndexError, LayoutError, UnsupportedModelError
+from eah_interp.hf import intervene
 from eah_interp.layout import TokenLayout
-from eah_interp.sites import hf_hooks, hf_intervened, resolve_positions
+from eah_interp.sites import hf_hooks, resolve_positions
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -194,7 +195,7 @@ def residual_stream(
     def keep(layer: int) -> Callable[[Tensor], None]:
         return lambda hidden: seen.__setitem__(layer, hidden.detach())
 
-    with torch.no_grad(), hf_intervened(model, interventions), hf_hooks(model, {("resid", la): keep(la) for la in chosen}):
+    with torch.no_grad(), intervene(model, interventions), hf_hooks(model, {("resid", la): keep(la) for la in chosen}):
         model(**inputs)
     missing = [layer for layer in chosen if layer not in seen]
     if missing:

@@ -292,10 +292,11 @@ class HFPatcher(Patcher):
         self._setup(model, inputs, treatment, baseline, layout)
 
     def _forward(self, side: str, visits: dict[tuple[str, int], Visit]) -> Tensor:
-        from eah_interp.sites import hf_hooks, hf_intervened
+        from eah_interp.hf import intervene
+        from eah_interp.sites import hf_hooks
 
         items = self.interventions(side)
-        with torch.no_grad(), hf_intervened(self.model, items, self.layout), hf_hooks(self.model, visits):
+        with torch.no_grad(), intervene(self.model, items, self.layout), hf_hooks(self.model, visits):
             return self.model(**self.inputs, use_cache=False).logits
 
 

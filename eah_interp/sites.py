@@ -16,7 +16,7 @@ layer (after ``residual_input``, the layer's input hidden states, which the HF a
 
 **Edit points** (`EDIT_POINTS`) are where interventions edit: the layer's input hidden states, the
 attention call's points (`eah_interp.dispatch.EDIT_POINTS`, in the dispatcher's order) and the layer's
-output. Each backend applies an intervention list there: `hf_intervened` (HF: `eah_interp.hf.intervene`),
+output. Each backend applies an intervention list there: `eah_interp.hf.intervene` (HF),
 `eah_interp.nnsight.intervene` (in a trace) and TransformerLens hooks at `LENS_HOOKS` names.
 
 **Positions** are where along the sequence: a name of `eah_interp.layout.GROUPS` (``"system"``,
@@ -45,8 +45,6 @@ from torch import Tensor, nn
 
 from eah_interp import dispatch
 from eah_interp.errors import ConfigError, LayoutError, UnsupportedModelError
-from eah_interp.interventions.base import InterventionRun
-from eah_interp.interventions.compile import as_interventions
 from eah_interp.layout import TokenLayout
 from eah_interp.models.introspect import decoder_layers, model_shape
 
@@ -59,7 +57,6 @@ __all__ = [
     "NNsightSites",
     "check_sites",
     "hf_hooks",
-    "hf_intervened",
     "hf_module",
     "lens_hook_name",
     "resolve_positions",
@@ -221,17 +218,6 @@ def hf_hooks(model: nn.Module, fns: Mapping[tuple[str, int], Callable[[Tensor], 
     finally:
         for handle in handles:
             handle.remove()
-
-
-def hf_intervened(model: nn.Module, interventions: Any, layout: TokenLayout | None = None):
-    """The context applying interventions (one, a list; None or ``[]``: the plain model, left untouched) at their
-    edit points of an HF model (`eah_interp.hf.intervene`); it yields their `InterventionRun` (empty for none)."""
-    items = as_interventions(interventions)
-    if not items:
-        return contextlib.nullcontext(InterventionRun(()))
-    from eah_interp.hf import intervene
-
-    return intervene(model, items, layout=layout)
 
 
 # ---------------------------------------------------------------------------- nnsight

@@ -435,14 +435,10 @@ def section_arms(bundle: Any, plan: Plan, out: Path, progress: bool | None = Non
                 replace(i, seed=batch[0].seed) if isinstance(i, EAH) and i.source == "random" else i
                 for i in plan_arms[arm]
             ]
-            with torch.no_grad(), hf.record_attention(bundle.model, "all", keep_patterns=True) as rec:
-                if items:
-                    with hf.intervene(bundle.model, items) as run:
-                        logits = bundle.model(**inputs, use_cache=False).logits[:, -1].float()
-                    records = run.records
-                else:
-                    logits = bundle.model(**inputs, use_cache=False).logits[:, -1].float()
-                    records = []
+            with torch.no_grad(), hf.record_attention(bundle.model, "all", keep_patterns=True) as rec, \
+                    hf.intervene(bundle.model, items) as run:  # an empty list: the plain model
+                logits = bundle.model(**inputs, use_cache=False).logits[:, -1].float()
+            records = run.records
             layout = rec.layouts[-1].to("cpu")
             q_mass = torch.stack([image_mass(rec.patterns[layer][-1], layout, "question") for layer in range(n_layers)], 1)
             l_mass = torch.stack([image_mass(rec.patterns[layer][-1], layout, "last") for layer in range(n_layers)], 1)

@@ -191,3 +191,18 @@ def test_an_empty_list_is_the_plain_model(model, inputs):
         got = model(**inputs, use_cache=False).logits
     assert torch.equal(got, want) and run.records == [] and isinstance(run, InterventionRun)
     assert run.summary() == {"interventions": []}
+
+
+def test_an_empty_list_leaves_the_model_untouched_even_without_image_tokens(model, inputs):
+    """No dispatcher, no hooks, no layout: a text-only prompt (which has no image layout) runs as it would
+    alone, and ``generate`` stays the model's own (was: NoImageTokensError from the layout of every prompt)."""
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    text = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    assert not (text["input_ids"] == model.config.image_token_id).any()
+    with torch.no_grad():
+        want = model(**text, use_cache=False).logits
+    generate = vars(model).get("generate")
+    with hf.intervene(model, None) as run, torch.no_grad():
+        assert vars(model).get("generate") is generate and not model._forward_pre_hooks
+        got = model(**text, use_cache=False).logits
+    assert torch.equal(got, want) and run.records == []

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from eah_interp import hf
 from eah_interp.data import Dataset, Item, Question
 from eah_interp.distributed import item_key
 from eah_interp.errors import ConfigError
@@ -28,7 +29,6 @@ from eah_interp.evaluation.statistics import PARTS, ReplicationSplit
 from eah_interp.experiments import batches, check_fits, generate_texts, progress_bar
 from eah_interp.models.introspect import model_shape
 from eah_interp.resumable import ResumableLog
-from eah_interp.sites import hf_intervened
 
 #: The kind of the results log (``run.json``'s ``"kind"``).
 KIND = "evaluation"
@@ -43,7 +43,7 @@ def first_token_answers(
     from eah_interp.metrics import yes_no_logit_diff
 
     inputs = bundle.encode(prompts, images)
-    with torch.no_grad(), hf_intervened(bundle.model, interventions):
+    with torch.no_grad(), hf.intervene(bundle.model, interventions):
         logits = bundle.model(**inputs, use_cache=False).logits[:, -1]
     answers = bundle.processor.batch_decode(logits.argmax(-1)[:, None].cpu(), skip_special_tokens=True)
     diffs = yes_no_logit_diff(logits.float(), bundle.yes_ids, bundle.no_ids)

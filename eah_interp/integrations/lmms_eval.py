@@ -49,7 +49,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from eah_interp.errors import ConfigError, UnsupportedModelError
-from eah_interp.interventions import InterventionRun
 
 try:
     from lmms_eval.api.instance import TokenCounts
@@ -313,11 +312,10 @@ class InterventionModel(lmms):
             defaults = _LazyDefaults(lambda: model_defaults(model, processor, str(kwargs.get("pretrained", base))))
         self.base_name = base
         self.items = parse_interventions(spec, defaults)
-        from eah_interp import hf
+        from eah_interp.experiments import check_fits
         from eah_interp.interventions import format_spec
 
-        if self.items:
-            hf.intervene(model, list(self.items))  # validates layers / heads against the model now, not at request 1
+        check_fits(model, self.items)  # layers / heads against the model now, not at request 1
         self.spec = format_spec(self.items)
         self.is_simple = self.base.is_simple  # the tasks build simple or chat requests as the base needs
         self._rank = getattr(self.base, "rank", 0)
@@ -393,15 +391,10 @@ class InterventionModel(lmms):
         summaries: list = []
         with _Watch(model) as watch:
             try:
-                with _quiet_progress(self.base):
-                    if self.items:
-                        with hf.intervene(model, list(self.items)) as run:
-                            out = getattr(self.base, method)(chunk)
-                        summaries.append(run.summary())
-                        del run
-                    else:
-                        out = getattr(self.base, method)(chunk)
-                        summaries.append(InterventionRun(()).summary())
+                with _quiet_progress(self.base), hf.intervene(model, self.items) as run:  # none: the base alone
+                    out = getattr(self.base, method)(chunk)
+                summaries.append(run.summary())
+                del run
             except (KeyboardInterrupt, EvaluationAborted):
                 raise
             except BaseException as err:
