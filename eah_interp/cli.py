@@ -342,6 +342,7 @@ def generate(
     The images: a dataset (--images DIR, with --coco-instances or --pope for their file names; --n of
     them drawn with --seed), or else --scenes held-out scenes plus any --photo / --image.
     """
+    from eah_interp.experiments import check_fits
     from eah_interp.interventions import parse
 
     with _usage():
@@ -356,19 +357,21 @@ def generate(
                                  "--images DIR.", param_hint="--scenes")
     bundle = _load(model, prompt=prompt, dtype=dtype, device=device, device_map=device_map,
                    trust_remote_code=trust_remote_code)
-    with _usage("--interventions"):
-        _caption_table(bundle, interventions, parse(interventions, defaults=bundle.intervention_defaults()), items,
-                       max_new_tokens)
+    with _usage("--interventions"):  # a bad spec, or a layer the model lacks: refused before anything runs
+        chosen = parse(interventions, defaults=bundle.intervention_defaults())
+        check_fits(bundle.model, chosen)
+    with _usage():  # an unreadable image names its file
+        _caption_table(bundle, interventions, chosen, items, max_new_tokens)
 
 
 def _caption_table(bundle, label: str, interventions, items, max_new_tokens: int):
-    """Caption `Item`s with the plain model and (when ``interventions`` is not empty) with them; print a table."""
+    """Caption `Item`s with the plain model and (when ``interventions`` is not empty, checked with
+    `check_fits` by the caller) with them; print a table."""
     from eah_interp.data import LazyImages
     from eah_interp.evaluation.arms import Arm, edits_text
-    from eah_interp.experiments import check_fits, generate_texts
+    from eah_interp.experiments import generate_texts
     from eah_interp.models import model_shape
 
-    check_fits(bundle.model, interventions)  # a layer the model lacks: refused before anything runs
     console.print(f"[bold]{label}:[/] {edits_text(Arm(label, interventions).edits(model_shape(bundle.model)[0]))}")
     prompts = [bundle.caption_prompt] * len(items)
     base, _ = generate_texts(bundle, prompts, LazyImages(items), max_new_tokens=max_new_tokens, desc="baseline")
@@ -402,14 +405,17 @@ def demo(
 ) -> None:
     """The main job: head scan + EAH vs baseline captions (with CHAIR) on the bundled model."""
     from eah_interp.data import LazyImages
-    from eah_interp.experiments import scan_images
+    from eah_interp.experiments import check_fits, scan_images
     from eah_interp.interventions import parse
 
     bundle = _load(model, fallback=True)
+    with _usage("--model"):  # the eah preset's layer on a model too shallow for it
+        eah = parse("eah", defaults=bundle.intervention_defaults())
+        check_fits(bundle.model, eah)
     stats = scan_images(bundle, LazyImages(_images(n_scan, [], [])))
     console.print(_write_scan(stats, out, f"{bundle.name}: sink density (n={n_scan})"))
     items = _images(n_captions, ["chelsea"], [])
-    base, edited = _caption_table(bundle, "eah", parse("eah", defaults=bundle.intervention_defaults()), items, 30)
+    base, edited = _caption_table(bundle, "eah", eah, items, 30)
     summary: dict = {"model": bundle.name, "trained": bundle.trained, "n_captions": n_captions}
     if bundle.trained:
         from eah_interp.metrics import chair_scores
@@ -534,7 +540,8 @@ def evaluate(
     if items is None:
         hint = ("rank 0 merges" if part.launched else f"when all {part.count} shards are done, rerun this command "
                 "without --shard: it merges them, runs anything missing and writes the report")
-        console.print(f"shard {part} done: {distributed.items_path(out, part)} ({hint})")
+        mine = distributed.items_path(out, part)
+        console.print(f"shard {part} done: {mine if mine.exists() else 'no items fell to it'} ({hint})")
         return
     title = " vs ".join(a.name for a in arms) if arm_specs else "baseline vs EAH vs controls"
     summary = write_report(items, out, title=f"{bundle.name}: {title}", n_resamples=bootstrap)

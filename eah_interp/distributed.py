@@ -452,7 +452,11 @@ def run_sharded(run: Callable[[Sequence[T], str], Any], items: Sequence[T], out:
     out = Path(out)
     if shard.count > 1:
         with process_group(shard) as barrier:
-            run(shard.select(items), items_path(out, shard).name)
+            mine = shard.select(items)
+            if len(mine):
+                run(mine, items_path(out, shard).name)
+            else:  # fewer items than shards: nothing to run here (the merge runs whatever is missing)
+                log(f"shard {shard}: no items of the {len(items)} fall to this shard")
             barrier()
         if not (shard.launched and shard.index == 0):
             return None

@@ -98,12 +98,15 @@ def generate_texts(
         ``(texts, source_heads)``: the decoded continuations and, per item, the source head EAH used
         in each edited layer (empty lists without EAH).
     """
+    if len(prompts) != len(images):
+        raise ValueError(f"generate_texts: {len(prompts)} prompts but {len(images)} images.")
     model = bundle.model
     texts: list[str] = []
     heads: list[list[int]] = []
-    pairs = list(zip(prompts, images, strict=True))
-    for chunk in progress_bar(batches(pairs, batch_size), progress, desc=desc, total=-(-len(pairs) // batch_size)):
-        inputs = bundle.encode([p for p, _ in chunk], [i for _, i in chunk])
+    chunks = zip(batches(prompts, batch_size), batches(images, batch_size), strict=True)  # lazy images: a batch at a time
+    for chunk_prompts, chunk_images in progress_bar(chunks, progress, desc=desc, total=-(-len(prompts) // batch_size)):
+        chunk = list(chunk_prompts)
+        inputs = bundle.encode(chunk, list(chunk_images))
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams)
         with torch.no_grad(), hf.intervene(model, interventions) as run:
             out = model.generate(**inputs, **kwargs)

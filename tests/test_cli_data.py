@@ -177,6 +177,7 @@ def test_a_corrupt_image_is_one_line_naming_it_and_the_scan_keeps_the_batches_be
     for command in (["generate", "--max-new-tokens", "1"], ["eval", "--task", "caption", "--out", tmp_path / "e"]):
         result = invoke(command[0], "--model", "tiny-llava", "--images", folder, *command[1:])
         assert result.exit_code == 2 and "Traceback" not in result.output and "zz_broken.jpg" in flat(result.output)
+        assert "--interventions" not in flat(result.output)  # the image is the problem, not the spec
 
 
 @pytest.mark.parametrize("command", ["scan", "generate", "eval"])

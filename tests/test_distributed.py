@@ -117,6 +117,17 @@ def test_shard_selection_parse_env_and_errors():
     assert distributed.items_path("o", Shard(1, 4)) == Path("o/items.shard-1-of-4.jsonl")
 
 
+def test_a_shard_without_items_runs_nothing_and_leaves_the_merge_to_another_process(tmp_path):
+    """Fewer items than shards: the empty shard does not call the runner (which refuses an empty dataset)."""
+    calls, said = [], []
+    got = distributed.run_sharded(lambda chosen, name: calls.append((list(chosen), name)), ["a", "b"], tmp_path,
+                                  distributed.Shard(3, 4), log=said.append)
+    assert got is None and calls == [] and said == ["shard 3/4: no items of the 2 fall to this shard"]
+    distributed.run_sharded(lambda chosen, name: calls.append((list(chosen), name)), ["a", "b"], tmp_path,
+                            distributed.Shard(1, 4), log=said.append)
+    assert calls == [(["b"], distributed.items_path(tmp_path, distributed.Shard(1, 4)).name)]
+
+
 def test_a_launched_shard_without_a_rendezvous_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     monkeypatch.delenv("MASTER_PORT", raising=False)
