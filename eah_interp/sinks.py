@@ -322,13 +322,10 @@ def null_column_sums(layout: TokenLayout, kind: str, q_len: int | None = None) -
         weight = torch.where(query, 1.0 / seen.clamp_min(1), torch.zeros_like(seen))
         after = weight.flip(-1).cumsum(-1).flip(-1) - weight  # sum over rows strictly after j
         return torch.where(real, after, torch.zeros_like(after))
+    previous = _previous_real(layout).to(real.device)  # row i attends previous[i]
+    attends = query & (previous >= 0)
     sums = torch.zeros(real.shape, dtype=torch.float32, device=real.device)
-    for row in range(real.shape[0]):
-        positions = real[row].nonzero().flatten()
-        source, target = positions[:-1], positions[1:]  # row `target` attends `source`
-        keep = query[row, target]
-        sums[row, source[keep]] = 1.0
-    return sums
+    return sums.scatter_add_(-1, previous.clamp_min(0), attends.float())
 
 
 def null_scores(
@@ -541,7 +538,7 @@ def previous_token_share(
     previous = _previous_real(layout.to(attn.device))[:, qpos]  # [b, q]
     use = query & (previous >= 0)
     index = previous.clamp_min(0)[:, None, :, None].expand(-1, attn.shape[1], -1, 1)  # [b, h, q, 1]
-    on_previous = attn.float().gather(-1, index)[..., 0]  # [b, h, q]
+    on_previous = attn.gather(-1, index)[..., 0].float()  # [b, h, q]: one value per row, then float32
     weights = use[:, None, :].float()
     count = weights.sum(-1)
     return torch.where(count > 0, (on_previous * weights).sum(-1) / count.clamp_min(1), torch.nan)

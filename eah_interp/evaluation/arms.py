@@ -8,6 +8,7 @@ from typing import Any
 
 from eah_interp.errors import ConfigError
 from eah_interp.interventions import EAH, Intervention
+from eah_interp.interventions.compile import as_interventions
 from eah_interp.models.introspect import model_shape
 
 
@@ -24,8 +25,7 @@ class Arm:
     num_beams: int = 1
 
     def __post_init__(self) -> None:
-        items = self.interventions
-        object.__setattr__(self, "interventions", (items,) if hasattr(items, "to_dict") else tuple(items))
+        object.__setattr__(self, "interventions", as_interventions(self.interventions))
 
     @classmethod
     def from_spec(cls, spec: str, *, defaults: dict[str, dict[str, Any]] | None = None, num_beams: int = 1) -> Arm:

@@ -117,10 +117,7 @@ def effects_plot(summary, path: Path, *, baseline: str = "baseline", metrics: li
     ``metrics``: the panels (default: CHAIR_i, recall, the first POPE split's accuracy, the absent-object
     probe). Nothing is written when no arm has a CI for them.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the caller's backend stays as it is (the figure is saved and closed)
 
     if metrics is None:
         first_split = next(iter(dict.fromkeys(summary.loc[summary["task"] == "pope", "split"].dropna())), None)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from eah_interp.errors import ConfigError
-from eah_interp.metrics.stats import bootstrap_weights, holm, sign_flip_p_value
+from eah_interp.metrics.stats import bootstrap_weights, holm, percentile_interval, sign_flip_p_value
 
 #: Significance level, applied to Holm-adjusted p-values only.
 ALPHA = 0.05
@@ -337,7 +337,7 @@ def _summarise_part(items, baseline: str, n_resamples: int, seed: int, alpha: fl
                 with np.errstate(invalid="ignore", divide="ignore"):
                     diffs = (counts @ a_num) / (counts @ a_den) - (counts @ b_num) / (counts @ b_den)
                     per_item = a_num / a_den - b_num / b_den
-                row["ci_low"], row["ci_high"] = (float(x) for x in np.nanpercentile(diffs, [2.5, 97.5]))
+                row["ci_low"], row["ci_high"] = percentile_interval(diffs)
                 row["p_value"] = sign_flip_p_value(per_item, n_resamples=n_resamples, seed=seed)
     frame = pd.DataFrame(rows, columns=[c for c in SUMMARY_COLUMNS if c not in ("part", "p_holm", "significant")])
     frame["p_holm"], frame["significant"] = holm_family(frame["p_value"].tolist(), alpha)

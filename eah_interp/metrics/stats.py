@@ -220,9 +220,6 @@ def percentile_interval(draws: Sequence[float] | np.ndarray, ci: float = 0.95) -
     return float(low), float(high)
 
 
-_interval = percentile_interval
-
-
 def bootstrap_wald_p_value(estimate: float, draws: Sequence[float] | np.ndarray) -> float:
     """Two-sided p-value of ``estimate`` against 0 with the bootstrap draws' standard error: ``erfc(|d| / (se sqrt 2))``.
 
@@ -282,7 +279,7 @@ def cluster_bootstrap(
     else:
         draws = np.array([statistic(x, w) for w in weights], dtype=float)
         estimate = float(statistic(x, np.ones(len(x))))
-    low, high = _interval(draws, ci)
+    low, high = percentile_interval(draws, ci)
     return BootstrapResult(estimate, low, high, len(x), int(cluster_codes(clusters, len(x)).max()) + 1, draws)
 
 
@@ -319,7 +316,7 @@ def ratio_ci(
         top, bottom = weights @ num, weights @ den
         draws = np.where(bottom != 0, top / np.where(bottom != 0, bottom, 1.0), np.nan)
     estimate = float(num.sum() / den.sum()) if den.sum() != 0 else float("nan")
-    low, high = _interval(draws, ci)
+    low, high = percentile_interval(draws, ci)
     return BootstrapResult(estimate, low, high, len(num), int(cluster_codes(labels, len(num)).max()) + 1, draws)
 
 
