@@ -1322,8 +1322,10 @@ def _write_report(out: Path, plan: Plan, q1: dict[str, Any], rows: list[dict[str
                  tests: list[dict[str, Any]], patch_rows: list[dict[str, Any]], missing: dict[str, str],
                  attribution: dict[str, Any] | None = None, dla: dict[str, Any] | None = None,
                  probe: dict[str, Any] | None = None, layers: list[dict[str, Any]] | None = None,
-                 versus: list[dict[str, Any]] | None = None, patch_labels: list[dict[str, Any]] | None = None) -> Path:
-    """``report.md`` from the sections' results (every number in it comes from the JSON files beside it)."""
+                 versus: list[dict[str, Any]] | None = None, patch_labels: list[dict[str, Any]] | None = None,
+                 ptable: Any = None) -> Path:
+    """``report.md`` from the sections' results (every number in it comes from the JSON files beside it;
+    ``ptable``: `patching_table` of ``patch_rows``, as written to ``q3_patching.csv``)."""
     from eah_interp.scenes import scene_seed
 
     table = frame(rows)
@@ -1366,7 +1368,7 @@ def _write_report(out: Path, plan: Plan, q1: dict[str, Any], rows: list[dict[str
     # Q3
     lines += ["## Q3 Where does the change travel?", ""]
     if patch_rows:
-        lines += _report_patching(patching_table(patch_rows), patch_labels or [], patch_rows)
+        lines += _report_patching(patching_table(patch_rows) if ptable is None else ptable, patch_labels or [], patch_rows)
     if attribution is not None and "error" in attribution:
         lines += ["### Attribution patching", "",
                   f"**Failed** in this version of the library: `{attribution['error']}` (rerun the command after a fix: "
@@ -1483,7 +1485,7 @@ def main(out: Path, *, quick: bool = False, bundle: Any = None, progress: bool |
     layers = json.loads((out / "q2_layer_tests.json").read_text())
     versus = json.loads((out / "q4_versus_eah.json").read_text())
     return _write_report(out, plan, q1, rows, evidence, tests, patch_rows, missing, attribution, dla, probe, layers,
-                        versus, patch_labels)
+                        versus, patch_labels, ptable)
 
 
 def _missing_tools() -> dict[str, str]:
