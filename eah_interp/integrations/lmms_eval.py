@@ -154,25 +154,6 @@ class _LazyDefaults(Mapping):
         return 1
 
 
-def parse_interventions(spec: str, defaults: Mapping[str, Mapping[str, Any]] | None) -> tuple[Any, ...]:
-    """`eah_interp.interventions.parse` with the plugin's messages (VAR without its dims)."""
-    from eah_interp.interventions import parse
-
-    try:
-        return parse(spec, defaults=defaults)
-    except ConfigError as err:
-        if "VAR" in str(err) and "dims" in str(err):
-            raise ConfigError(
-                f"interventions={spec!r}: VAR needs the model's massive-activation dimensions, and they are "
-                "model-specific: write them in the spec, interventions=var(dims=[2533,1415]) (LLaVA-1.5-7B; the "
-                "presets var-llava15-7b and var-llava15-13b carry the official ones). For another model, find them "
-                "with eah_interp.sinks.massive_dims(hidden_states) on a prompt and check them with "
-                "`eah-interp scan --model PATH --images DIR --sink-dims D1,D2` (its table shows the massive-"
-                f"activation sinks per layer beside EAH's). ({err})"
-            ) from None
-        raise
-
-
 def model_defaults(model: Any, processor: Any, name: str) -> dict[str, dict[str, Any]]:
     """Model-aware defaults of the spec grammar for a model loaded by someone else (an lmms-eval base).
 
@@ -311,10 +292,10 @@ class InterventionModel(lmms):
             processor = _processor_of(self.base)
             defaults = _LazyDefaults(lambda: model_defaults(model, processor, str(kwargs.get("pretrained", base))))
         self.base_name = base
-        self.items = parse_interventions(spec, defaults)
         from eah_interp.experiments import check_fits
-        from eah_interp.interventions import format_spec
+        from eah_interp.interventions import format_spec, parse
 
+        self.items = parse(spec, defaults=defaults)  # VAR without dims: its message says how to find them
         check_fits(model, self.items)  # layers / heads against the model now, not at request 1
         self.spec = format_spec(self.items)
         self.is_simple = self.base.is_simple  # the tasks build simple or chat requests as the base needs

@@ -110,8 +110,12 @@ class VAR(Intervention):
         dims = tuple(int(d) for d in self.dims)
         if not dims or any(d < 0 for d in dims):
             raise ConfigError(
-                "VAR needs the model's sink dimensions: VAR(dims=(...)); find them with "
-                "eah_interp.sinks.massive_dims(hidden_states)."
+                "VAR needs the model's sink dimensions (its massive-activation dimensions, model-specific): "
+                "VAR(dims=(2533, 1415)) in Python, var(dims=[2533,1415]) in a spec (LLaVA-1.5-7B; the presets "
+                "var-llava15-7b and var-llava15-13b carry the official ones). For another model, find them with "
+                "eah_interp.sinks.massive_dims(hidden_states) on a prompt and check them with `eah-interp scan "
+                "--model PATH --images DIR --sink-dims D1,D2` (its table shows the massive-activation sinks per "
+                "layer beside EAH's)."
             )
         object.__setattr__(self, "dims", dims)
         for name, lo, hi in (("rho", 0, 1), ("summ", 0, 1), ("p", 0, 1)):
