@@ -384,6 +384,7 @@ def intervene(
     """
     n_layers, n_heads, n_kv_heads, hidden_size = compat.bridge_shape(bridge)
     plan = Plan(interventions, n_layers, n_heads, n_kv_heads, hidden_size)
+    plan.warn_for(lvlm_of(bridge))  # the family's warnings, as hf and nnsight give them
     refused = [(type(item).__name__, item.point) for item in plan.items if item.point not in LENS_POINTS]
     if refused:
         name, point = refused[0]

@@ -285,6 +285,16 @@ def test_causal_normaliser_on_bidirectional_family_warns(name):
         hf.record_attention(model, [1], stats=HeadStats())
 
 
+def test_the_lens_backend_gives_the_family_warning_too():
+    """TransformerLens compiles the plan from the bridge's sizes; it warns as hf and nnsight do (it did not)."""
+    import eah_interp.transformer_lens as lens
+
+    model, _ = tiny_family("gemma3")
+    bridge = lens.boot_bridge(model, copy=True)
+    with pytest.warns(UserWarning, match="normalise='rows'"):
+        lens.intervene(bridge, [EAH.paper()])
+
+
 def test_generate_under_eah_edits_the_prompt_once(ref):
     """`generate` works under EAH for every family (M-RoPE, bidirectional masks, tiles): the prompt forward
     is edited once, decode steps are not, and the first new token is the argmax of the edited prompt logits."""

@@ -71,17 +71,23 @@ class Plan:
     @classmethod
     def for_model(cls, interventions: Intervention | Iterable[Intervention], model: nn.Module) -> Plan:
         """The plan for an HF model (its sizes from the text config; each intervention's `warnings_for` its family)."""
-        from eah_interp.models.adapters import adapter_for
         from eah_interp.models.introspect import model_shape, text_config
 
         n_layers, n_heads, n_kv_heads = model_shape(model)
         hidden_size = int(getattr(text_config(model), "hidden_size", 0) or 0) or None
         plan = cls(interventions, n_layers, n_heads, n_kv_heads, hidden_size)
-        adapter = adapter_for(model)
-        for item in plan.items:
-            for message in item.warnings_for(adapter):
-                warnings.warn(message, stacklevel=3)
+        plan.warn_for(model, stacklevel=4)
         return plan
+
+    def warn_for(self, model: nn.Module, stacklevel: int = 3) -> None:
+        """Warn what each intervention says a user should know about the model's family
+        (`Intervention.warnings_for`, e.g. EAH's causal normaliser on bidirectional image attention)."""
+        from eah_interp.models.adapters import adapter_for
+
+        adapter = adapter_for(model)
+        for item in self.items:
+            for message in item.warnings_for(adapter):
+                warnings.warn(message, stacklevel=stacklevel)
 
     # ------------------------------------------------------------------ which layers need what
     def _where(self, test: Callable[[Intervention], bool]) -> list[int]:
