@@ -54,7 +54,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from eah_interp.errors import ConfigError, HeadIndexError, LayerIndexError, UnsupportedModelError
+from eah_interp.errors import ConfigError, UnsupportedModelError
 from eah_interp.hf import intervene
 from eah_interp.interventions.compile import as_interventions
 from eah_interp.layout import TokenLayout
@@ -71,6 +71,7 @@ from eah_interp.patching import (
     _default_layout,
     _describe,
     _heatmap,
+    _layers_and_heads,
     _per_example_frame,
     last_positions,
     summarise,
@@ -216,12 +217,7 @@ def attribution_patching(
     layout = _default_layout(model, inputs, layout)
     masks = resolve_positions(layout, positions)
     n_layers, n_heads, _ = model_shape(model)
-    layer_list = list(range(n_layers)) if layers is None else sorted({int(x) for x in layers})
-    head_list = list(range(n_heads)) if heads is None else sorted({int(x) for x in heads})
-    if bad := [x for x in layer_list if not 0 <= x < n_layers]:
-        raise LayerIndexError(f"Layers {bad} out of range: the language model has {n_layers} layers (0..{n_layers - 1}).")
-    if bad := [x for x in head_list if not 0 <= x < n_heads]:
-        raise HeadIndexError(f"Heads {bad} out of range: the language model has {n_heads} heads (0..{n_heads - 1}).")
+    layer_list, head_list = _layers_and_heads(layers, heads, n_layers, n_heads)
     if treatment is None:
         from eah_interp.interventions import EAH
         from eah_interp.models import default_threshold

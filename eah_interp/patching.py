@@ -384,6 +384,18 @@ class LensPatcher(Patcher):
 
 
 # ---------------------------------------------------------------------------- the sweep
+def _layers_and_heads(layers: Iterable[int] | None, heads: Iterable[int] | None, n_layers: int,
+                      n_heads: int) -> tuple[list[int], list[int]]:
+    """Sorted layer and head lists (None: all), refused before any forward when one is out of range."""
+    layer_list = list(range(n_layers)) if layers is None else sorted({int(x) for x in layers})
+    head_list = list(range(n_heads)) if heads is None else sorted({int(x) for x in heads})
+    if bad := [x for x in layer_list if not 0 <= x < n_layers]:
+        raise LayerIndexError(f"Layers {bad} out of range: the language model has {n_layers} layers (0..{n_layers - 1}).")
+    if bad := [x for x in head_list if not 0 <= x < n_heads]:
+        raise HeadIndexError(f"Heads {bad} out of range: the language model has {n_heads} heads (0..{n_heads - 1}).")
+    return layer_list, head_list
+
+
 def _check_direction(direction: str) -> None:
     if direction not in DIRECTIONS:
         raise ConfigError(f"Unknown direction {direction!r}; choose from {DIRECTIONS}.")
@@ -474,8 +486,7 @@ def sweep(
     masks = resolve_positions(patcher.layout, positions)
     for direction in directions:
         _check_direction(direction)
-    layer_list = list(range(patcher.n_layers)) if layers is None else sorted({int(x) for x in layers})
-    head_list = list(range(patcher.n_heads)) if heads is None else sorted({int(x) for x in heads})
+    layer_list, head_list = _layers_and_heads(layers, heads, patcher.n_layers, patcher.n_heads)
     last = last_positions(patcher.layout)
 
     def score(logits: Tensor) -> list[float]:

@@ -13,7 +13,7 @@ from nnsight import NNsight
 
 import eah_interp.transformer_lens as lens
 from eah_interp import hf, sink_scores
-from eah_interp.errors import LayoutError, UnsupportedModelError
+from eah_interp.errors import HeadIndexError, LayerIndexError, LayoutError, UnsupportedModelError
 from eah_interp.interventions import EAH, PAI, VAF, VAR, Knockout
 from eah_interp.layout import TokenLayout
 from eah_interp.models.tiny import TINY_IMAGE_ID, TINY_IMAGE_TOKEN_ID, sharp_tiny_llava, tiny_qwen2_vl
@@ -412,6 +412,15 @@ def test_errors_name_the_problem(setup, patcher):
         run_with_patches(patcher, [Patch("resid", 9)], "treatment_into_baseline")
     with pytest.raises(LayoutError, match="Unknown position group"):
         sweep(patcher, setup[3], positions=("middle",), progress=False)
+
+
+def test_a_sweep_refuses_layers_and_heads_out_of_range_before_any_forward(setup, patcher, monkeypatch):
+    """As attribution patching does (was: the two collecting forwards ran first, then run_with_patches failed)."""
+    monkeypatch.setattr(patcher, "collect", lambda *a, **k: pytest.fail("a forward ran before the check"))
+    with pytest.raises(LayerIndexError, match=r"Layers \[9\] out of range.*4 layers"):
+        sweep(patcher, setup[3], layers=[1, 9], progress=False)
+    with pytest.raises(HeadIndexError, match=r"Heads \[7\] out of range.*4 heads"):
+        sweep(patcher, setup[3], heads=[7], progress=False)
 
 
 # ---------------------------------------------------------------------------- position groups and masks
