@@ -46,7 +46,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -558,21 +558,26 @@ def _dla_condition(
 ) -> tuple[list[tuple[str, int | None, int | None, Float[Tensor, " batch"]]], Float[Tensor, " batch"]]:
     """One run's direct contributions ``(component, layer, head, [batch])`` and its metric ``[batch]``."""
     n_layers, n_heads, _ = model_shape(model)
-    store: dict[tuple[str, int], Tensor] = {}
+    rows = torch.arange(layout.batch_size)
+    store: dict[tuple[str, int], Tensor] = {}  # each site at each row's position only: [batch, ...]
 
-    def keep(key: tuple[str, int]):
-        return lambda value: store.__setitem__(key, value.detach())
+    def keep(key: tuple[str, int]) -> Callable[[Tensor], None]:
+        def at_position(value: Tensor) -> None:
+            store[key] = value.detach()[rows.to(value.device), at.to(value.device)]
 
-    keys = [("residual_input", 0)] + [(site, layer) for layer in range(n_layers) for site in SITES]
+        return at_position
+
+    last = n_layers - 1  # the residual stream is read after the last layer only
+    keys = [("residual_input", 0)] + [(site, layer) for layer in range(n_layers) for site in SITES
+                                      if site != "resid" or layer == last]
     with torch.no_grad(), intervene(model, items, layout), hf_hooks(model, {key: keep(key) for key in keys}):
         logits = model(**inputs, use_cache=False).logits
-    rows = torch.arange(layout.batch_size)
 
     def pick(key: tuple[str, int]) -> Tensor:  # [batch, features] at each row's position
-        return _wide(store[key][rows, at.to(store[key].device)])
+        return _wide(store[key])
 
-    x = pick(("resid", n_layers - 1))
-    frozen = _frozen_norm(norm, store[("resid", n_layers - 1)][rows, at.to(x.device)])
+    x = pick(("resid", last))
+    frozen = _frozen_norm(norm, store[("resid", last)])
     read = frozen.gain * vector.to(x.device)  # [batch, d_model]: d metric / d part with the scale frozen
 
     def contribution(part: Tensor) -> Tensor:  # [batch, ..., d_model] -> [batch, ...]
