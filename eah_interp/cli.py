@@ -488,7 +488,14 @@ def evaluate(
     import warnings
 
     from eah_interp import distributed
-    from eah_interp.evaluation import Arm, ReplicationSplit, default_arms, run_experiment, write_report
+    from eah_interp.evaluation import (
+        Arm,
+        ArmWarning,
+        ReplicationSplit,
+        default_arms,
+        run_experiment,
+        write_report,
+    )
     from eah_interp.experiments import scan_images
     from eah_interp.resumable import read_items
 
@@ -517,14 +524,18 @@ def evaluate(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         arms = default_arms(bundle, beams=beams)
+    notes = {w.message.arm: w.message for w in caught if isinstance(w.message, ArmWarning)}
     if arm_specs:
         named = {a.name: a for a in arms}
+        if left_out := [spec for spec in arm_specs if spec in notes and spec not in named]:
+            raise typer.BadParameter(str(notes[left_out[0]]), param_hint="--arm")
         with _usage("--arm"):
             chosen = [named.get(spec) or Arm.from_spec(spec, defaults=bundle.intervention_defaults())
                       for spec in arm_specs]
         arms = list({a.name: a for a in [arms[0], *chosen] if a.interventions or a.num_beams > 1 or a is arms[0]}.values())
-    for w in caught:  # the default arms' warnings: about an arm that runs
-        if not arm_specs or str(w.message).split()[0] in {a.name for a in arms}:
+    running = {a.name for a in arms}
+    for w in caught:  # the default arms' notes: about an arm that runs
+        if not arm_specs or (isinstance(w.message, ArmWarning) and w.message.arm in running):
             console.print(f"[yellow]{w.message}[/]")
     chosen_tasks = tuple(tasks or ("caption", "pope"))
     if "pope" in chosen_tasks and not dataset.n_questions:

@@ -225,6 +225,16 @@ def test_eval_arms_are_specs_with_the_models_defaults(tmp_path):
     assert bad.exit_code == 2 and "--arm" in flat(bad.output) and "Traceback" not in bad.output
 
 
+def test_asking_for_a_default_arm_the_model_cannot_have_says_why(idefics3_checkpoint, tmp_path):
+    """On a 3-layer model no deep layer is left for control_deep_layer: --arm control_deep_layer gives the
+    reason default_arms noted (was: 'unknown intervention', the note never printed)."""
+    result = invoke("eval", "--model", idefics3_checkpoint, "--dtype", "float32", "-n", "1",
+                    "--arm", "control_deep_layer", "--out", tmp_path / "e")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "control_deep_layer left out" in flat(result.output) and "--arm" in flat(result.output)
+    assert not (tmp_path / "e" / "items.jsonl").exists()
+
+
 def test_generate_takes_an_intervention_spec(tmp_path):
     result = invoke("generate", "--model", "tiny-llava", "--scenes", "1", "--max-new-tokens", "2", "-i", "pai(alpha=0.5)")
     assert result.exit_code == 0, result.output

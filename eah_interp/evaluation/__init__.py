@@ -14,7 +14,7 @@ The experiment layer sits above the toolkit: it knows nothing about where items 
 (`eah_interp.data`), and data-parallel runs shard it through `eah_interp.distributed.run_sharded`.
 """
 
-from eah_interp.evaluation.arms import Arm, deep_control_layer, default_arms
+from eah_interp.evaluation.arms import Arm, ArmWarning, deep_control_layer, default_arms
 from eah_interp.evaluation.report import effects_plot, load_items, replication_markdown, write_report
 from eah_interp.evaluation.runner import CHAIR_PROTOCOLS, first_token_answers, run_experiment
 from eah_interp.evaluation.statistics import (
@@ -31,7 +31,7 @@ from eah_interp.evaluation.statistics import (
 )
 
 __all__ = [
-    "ALPHA", "CHAIR_PROTOCOLS", "PARTS", "Arm", "RatioMetric", "ReplicationSplit", "deep_control_layer", "default_arms",
+    "ALPHA", "CHAIR_PROTOCOLS", "PARTS", "Arm", "ArmWarning", "RatioMetric", "ReplicationSplit", "deep_control_layer", "default_arms",
     "effects_plot", "first_token_answers", "holm_family", "item_table", "load_items", "metrics_for",
     "replication_markdown", "replication_table", "run_experiment", "summarise_items", "verdict", "write_report",
 ]

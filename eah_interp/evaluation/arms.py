@@ -86,6 +86,15 @@ def deep_control_layer(n_layers: int, treatment_layers: Any, shallow_layers: Any
     return min(candidates, key=lambda layer: (abs(layer - target), -layer))
 
 
+class ArmWarning(UserWarning):
+    """A default arm changed or left out on this model; ``arm`` names it (the CLI shows the note of the
+    arms it runs, and the note of a left-out arm when one asks for it)."""
+
+    def __init__(self, arm: str, message: str) -> None:
+        super().__init__(message)
+        self.arm = arm
+
+
 def default_arms(bundle: Any, *, beams: int = 3) -> list[Arm]:
     """Baseline, EAH (paper and reference presets) and the controls that separate the hypotheses.
 
@@ -102,8 +111,9 @@ def default_arms(bundle: Any, *, beams: int = 3) -> list[Arm]:
     reference = EAH.reference(threshold=t)
     if max(reference.layers) >= n_layers:
         reference = EAH.reference(threshold=t, layers=(n_layers - 1,))
-        warnings.warn(f"eah_reference edits layer {n_layers - 1} (this model's last): the reference preset's layer 15 "
-                      f"does not exist in a model of {n_layers} decoder layers.", stacklevel=2)
+        warnings.warn(ArmWarning("eah_reference", f"eah_reference edits layer {n_layers - 1} (this model's last): the "
+                                 f"reference preset's layer 15 does not exist in a model of {n_layers} decoder layers."),
+                      stacklevel=2)
     arms = [
         Arm("baseline"),
         Arm("eah_paper", paper),
@@ -115,7 +125,7 @@ def default_arms(bundle: Any, *, beams: int = 3) -> list[Arm]:
         deep = deep_control_layer(n_layers, paper.layers + reference.layers, paper.layers)
         arms.append(Arm("control_deep_layer", EAH.paper(threshold=t, layers=(deep,))))
     except ConfigError as err:
-        warnings.warn(f"control_deep_layer left out: {err}", stacklevel=2)
+        warnings.warn(ArmWarning("control_deep_layer", f"control_deep_layer left out: {err}"), stacklevel=2)
     arms.append(Arm("control_sink_free", EAH.paper(threshold=t, drop_sinks=True)))
     if beams > 1:
         arms += [Arm(f"baseline_beam{beams}", (), beams), Arm(f"eah_paper_beam{beams}", paper, beams)]
