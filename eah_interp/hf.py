@@ -48,7 +48,7 @@ from eah_interp.interventions.compile import Plan, as_interventions
 from eah_interp.interventions.eah import EAH
 from eah_interp.interventions.selectors import chosen_layers
 from eah_interp.layout import TokenLayout
-from eah_interp.models.adapters import adapter_for, token_layout
+from eah_interp.models.adapters import adapter_for, require_visual_token_ids, token_layout
 from eah_interp.models.introspect import attention_modules, decoder_layers, model_shape, text_config
 from eah_interp.sinks import Normalise, normaliser_warning
 
@@ -123,11 +123,8 @@ class _AttentionOverride:
         attention_modules(model)  # raises UnsupportedModelError when the decoder cannot be instrumented
         self.adapter = adapter_for(model)
         self.state = _State(user_layout=layout)
-        if layout is None and not self.adapter.visual_token_ids(model):
-            raise LayoutError(
-                f"{type(model).__name__} has no image_token_id in its config: pass layout=TokenLayout(...) "
-                "(e.g. TokenLayout.from_spans) so eah-interp knows which positions are image tokens."
-            )
+        if layout is None:
+            require_visual_token_ids(model)  # a LayoutError now, not at the first forward
         self._hook = None
         self._previous_generate: Any = None
         self._entered = False

@@ -94,6 +94,18 @@ class Adapter:
         return self.support.get(backend, "not verified") in ("yes", "lm-only")
 
 
+def require_visual_token_ids(model: nn.Module) -> tuple[int, ...]:
+    """The family's image placeholder ids (`Adapter.visual_token_ids`); a `LayoutError` when the config names
+    none (a layout cannot be derived from ``input_ids``: pass one yourself, or register an adapter)."""
+    ids = adapter_for(model).visual_token_ids(model)
+    if not ids:
+        raise LayoutError(
+            f"{type(model).__name__}'s config has no image token id, so eah-interp cannot tell image positions: pass "
+            "layout=TokenLayout(...) (e.g. TokenLayout.from_spans) or register an adapter (docs/new_model.md)."
+        )
+    return tuple(ids)
+
+
 def token_layout(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, *, require_images: bool = True
 ) -> TokenLayout:
@@ -112,12 +124,7 @@ def token_layout(
     Raises:
         LayoutError: the config names no placeholder id and ``require_images``: pass a layout yourself.
     """
-    ids = adapter_for(model).visual_token_ids(model)
-    if not ids and require_images:
-        raise LayoutError(
-            f"{type(model).__name__}'s config has no image token id, so eah-interp cannot tell image positions: pass "
-            "layout=TokenLayout(...) (e.g. TokenLayout.from_spans) or register an adapter (docs/new_model.md)."
-        )
+    ids = require_visual_token_ids(model) if require_images else adapter_for(model).visual_token_ids(model)
     return TokenLayout.from_input_ids(input_ids, ids, attention_mask, require_images=require_images)
 
 
