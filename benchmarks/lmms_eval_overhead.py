@@ -37,13 +37,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-
-def rss_mb() -> float:
-    """This process's resident set size in MB (Linux /proc)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+from benchmarks.run import rss_mb  # noqa: E402  (this process's resident set size in MB)
 
 
 def alive(*types: type) -> int:
