@@ -49,8 +49,9 @@ from eah_interp.interventions.eah import EAH
 from eah_interp.interventions.selectors import chosen_layers
 from eah_interp.layout import TokenLayout
 from eah_interp.models.adapters import adapter_for, require_visual_token_ids, token_layout
-from eah_interp.models.introspect import attention_modules, decoder_layers, model_shape, text_config
+from eah_interp.models.introspect import attention_modules, model_shape, text_config
 from eah_interp.sinks import Normalise, normaliser_warning
+from eah_interp.sites import hf_hooks
 
 __all__ = [
     "ContrastiveLogits",
@@ -128,28 +129,19 @@ class _AttentionOverride:
         self._hook = None
         self._previous_generate: Any = None
         self._entered = False
-        # decoder-layer hooks a subclass adds (layer inputs it reads, residual edits), removed on exit
+        # decoder-layer sites a subclass hooks (layer inputs it reads, residual edits), unhooked on exit
         self._hidden: dict[int, Tensor] = {}
-        self._hidden_hooks: list[Any] = []
+        self._site_hooks = contextlib.ExitStack()
 
-    def _note_hidden(self, layer: int, keep: Callable[[int, Tensor], None] | None = None) -> Callable:
-        """A forward pre-hook handing ``layer``'s input hidden states (detached) to ``keep`` (default: ``self._hidden``)."""
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            if isinstance(hidden, Tensor):
-                (keep or self._hidden.__setitem__)(layer, hidden.detach())
+    def _note_hidden(self, layer: int, keep: Callable[[int, Tensor], None] | None = None) -> Callable[[Tensor], None]:
+        """A site function handing ``layer``'s input hidden states (detached) to ``keep`` (default: ``self._hidden``)."""
+        store = keep or self._hidden.__setitem__
+        return lambda hidden: store(layer, hidden.detach())
 
-        return hook
-
-    def _hook_layers(self, hooks: list[tuple[int, Callable, bool]]) -> None:
-        """Register decoder-layer hooks ``(layer, hook, before the layer)``, removed on exit (on failure: now)."""
+    def _hook_sites(self, fns: dict[tuple[str, int], Callable[[Tensor], Tensor | None]]) -> None:
+        """Hook decoder-layer sites with `eah_interp.sites.hf_hooks` until exit (on failure: exit now)."""
         try:
-            layers = decoder_layers(self.model) if hooks else {}
-            for layer, hook, before in hooks:
-                module = layers[layer]
-                self._hidden_hooks.append(
-                    module.register_forward_pre_hook(hook, with_kwargs=True) if before else module.register_forward_hook(hook)
-                )
+            self._site_hooks.enter_context(hf_hooks(self.model, fns))
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -179,9 +171,7 @@ class _AttentionOverride:
             return
         self._entered = False
         try:
-            for hook in self._hidden_hooks:  # decoder-layer hooks, and the hidden states they kept
-                hook.remove()
-            self._hidden_hooks.clear()
+            self._site_hooks.close()  # decoder-layer hooks, and the hidden states they kept
             self._hidden.clear()
             if self._hook is not None:
                 self._hook.remove()
@@ -264,6 +254,17 @@ class _AttentionOverride:
         return self._total_len(call.q_len, call.k_len) - call.k_len
 
 
+def _then_note(edit: Callable[[Tensor], Tensor | None] | None,
+               note: Callable[[Tensor], None]) -> Callable[[Tensor], Tensor | None]:
+    """A site function: ``edit`` (if any), then ``note`` of the value the layer goes on with."""
+    def fn(hidden: Tensor) -> Tensor | None:
+        edited = None if edit is None else edit(hidden)
+        note(hidden if edited is None else edited)
+        return edited
+
+    return fn
+
+
 # ---------------------------------------------------------------------------- interventions
 class intervene(_AttentionOverride):  # noqa: N801
     """Apply interventions to an HF LVLM inside the ``with`` block (``forward`` and ``generate``).
@@ -310,11 +311,14 @@ class intervene(_AttentionOverride):  # noqa: N801
         if not plan.items:  # the plain model: nothing to instrument (and __exit__ has nothing to undo)
             return plan.run
         super().__enter__()
-        self._hook_layers(  # residual input edits before the hidden-state note: VAR reads the (edited) input
-            [(layer, self._edit_input(layer), True) for layer in plan.input_layers]
-            + [(layer, self._edit_output(layer), False) for layer in plan.output_layers]
-            + [(layer, self._note_hidden(layer, plan.note_hidden), True) for layer in plan.hidden_layers]
-        )
+        fns: dict[tuple[str, int], Callable[[Tensor], Tensor | None]] = {
+            ("residual_input", layer): self._residual_edit(layer, "residual_input") for layer in plan.input_layers
+        }
+        for layer in plan.hidden_layers:  # after the layer's input edits: VAR reads the (edited) input
+            fns[("residual_input", layer)] = _then_note(fns.get(("residual_input", layer)),
+                                                        self._note_hidden(layer, plan.note_hidden))
+        fns.update({("resid", layer): self._residual_edit(layer, "residual_output") for layer in plan.output_layers})
+        self._hook_sites(fns)
         return plan.run
 
     def __exit__(self, *exc) -> None:
@@ -323,27 +327,9 @@ class intervene(_AttentionOverride):  # noqa: N801
         finally:
             super().__exit__(*exc)
 
-    def _edit_input(self, layer: int) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            if "hidden_states" in kwargs:
-                edited = self._edit_residual(layer, "residual_input", kwargs["hidden_states"])
-                return None if edited is None else (args, {**kwargs, "hidden_states": edited})
-            if args and isinstance(args[0], Tensor):
-                edited = self._edit_residual(layer, "residual_input", args[0])
-                return None if edited is None else ((edited, *args[1:]), kwargs)
-            return None
-
-        return hook
-
-    def _edit_output(self, layer: int) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-            hidden = output[0] if isinstance(output, tuple) else output
-            edited = self._edit_residual(layer, "residual_output", hidden) if isinstance(hidden, Tensor) else None
-            if edited is None:
-                return None
-            return (edited, *output[1:]) if isinstance(output, tuple) else edited
-
-        return hook
+    def _residual_edit(self, layer: int, point: str) -> Callable[[Tensor], Tensor | None]:
+        """The site function of ``layer``'s residual edits at ``point`` (None: nothing edited)."""
+        return lambda hidden: self._edit_residual(layer, point, hidden)
 
     def _edit_residual(self, layer: int, point: str, hidden: Tensor) -> Tensor | None:
         if self._paused():
@@ -406,7 +392,7 @@ class record_attention(_AttentionOverride):  # noqa: N801
         super().__enter__()
         stats = self.recording.stats
         if stats is not None and stats.sink_dims:  # sinks compared with massive activations: the layers' inputs
-            self._hook_layers([(layer, self._note_hidden(layer), True) for layer in self.recording.layers])
+            self._hook_sites({("residual_input", layer): self._note_hidden(layer) for layer in self.recording.layers})
         return self.recording
 
     def _prompt_hidden(self, call: AttentionCall) -> Tensor | None:
@@ -475,8 +461,9 @@ def compare_sink_definitions(
     dims = tuple(int(d) for d in dims)
     hidden: dict[int, Tensor] = {}  # each recorded layer's input hidden states
     recorder = record_attention(model, layers, keep_patterns=True, layout=layout)
-    with recorder as rec, torch.no_grad():
-        recorder._hook_layers([(layer, recorder._note_hidden(layer, hidden.__setitem__), True) for layer in rec.layers])
+    reads = {("residual_input", layer): (lambda value, layer=layer: hidden.__setitem__(layer, value.detach()))
+             for layer in recorder.recording.layers}
+    with recorder as rec, hf_hooks(model, reads), torch.no_grad():
         model(**inputs, use_cache=False)
     rows = []
     for layer in rec.layers:
